@@ -1,0 +1,53 @@
+# flux — developer entry points.  `make run` and `make test` are the two commands a newcomer
+# needs: both install what is missing (system packages, the virtualenv, the compiled engine),
+# start what is not running, and are safe to repeat.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+VAR    := .var
+PYTEST_ARGS ?=
+
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: run test lint system deps build bench fuzz clean
+
+## System packages (etcd, Docker engine, iptables, busybox-static...) — installed only if missing.
+system:
+	@scripts/setup-system.sh
+
+## The virtualenv with the project (editable) and its test extras; redone when packaging changes.
+$(STAMP): pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+deps: system $(STAMP)
+
+## Compile the Cython engine in place (a no-op when nothing changed).
+build: deps
+	@$(BIN)/python setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log >&2; exit 1; }
+	@$(BIN)/python -c 'import flux._splice' || { echo "make: the compiled engine flux._splice does not import" >&2; exit 1; }
+
+## Set up, start etcd and dockerd if needed, and run fluxd in the foreground.
+run: build
+	@scripts/ensure-dockerd.sh
+	@scripts/ensure-etcd.sh
+	$(BIN)/fluxd $(ARGS)
+
+## Set up and run every test against the real parts (etcd, Docker, iptables).
+test: build
+	@scripts/ensure-dockerd.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: build
+	$(BIN)/python -m pytest tests/test_sourcecode.py
+
+bench: build
+	@scripts/ensure-dockerd.sh
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf build src/flux/_splice.c src/flux/*.so src/*.egg-info

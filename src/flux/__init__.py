@@ -1,0 +1,5 @@
+"""flux: a service router for Docker hosts."""
+
+__all__ = ["__version__"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+# HDR-style histogram: filled in by the histogram work.

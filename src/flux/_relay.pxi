@@ -1,0 +1,1 @@
+# Relay engine: filled in by the data-path work.

@@ -1,0 +1,13 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""flux's compiled data path.
+
+One extension module so the relay engine can record into histograms without crossing a
+module boundary.  The parts live in include files, each owning one concern:
+
+- ``_histogram.pxi``: the HDR-style log-linear latency histogram (fixed memory, O(1) record
+  without the GIL) that the metrics collectors turn into Prometheus summaries.
+- ``_relay.pxi``: the relay engine (native thread, epoll, splice(2) through pooled pipes).
+"""
+
+include "_histogram.pxi"
+include "_relay.pxi"
