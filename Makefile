@@ -28,7 +28,8 @@ deps: system $(STAMP)
 
 ## Compile the Cython engine in place (a no-op when nothing changed).
 build: deps
-	@$(BIN)/python setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log >&2; exit 1; }
+	@mkdir -p $(VAR)
+	@flock $(VAR)/build.lock $(BIN)/python setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log >&2; exit 1; }
 	@$(BIN)/python -c 'import flux._splice' || { echo "make: the compiled engine flux._splice does not import" >&2; exit 1; }
 
 ## Set up, start etcd and dockerd if needed, and run fluxd in the foreground.
