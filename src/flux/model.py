@@ -1,0 +1,257 @@
+"""Records kept in etcd: services, rules, instances and hosts.
+
+Theory of operation
+-------------------
+Every record that crosses the store boundary is one of the frozen pydantic models below.  The
+JSON field names are exactly the original flux's (``address``, ``instancePort``, ``protocol``,
+``selector``, ``containerRule``, ``labels``, ``host``), so records written by either can be read
+by the other.  Two rules from the original are kept on output:
+
+- empty fields are omitted (``instancePort`` of 0, an empty ``protocol``, an absent address), and
+- readers tolerate unknown fields (a newer writer may add some).
+
+Validation happens here and only here: a name, an address or a port that reaches the store,
+iptables or a log line has passed through one of these models.  Decoding a record from etcd
+raises :class:`RecordError` with one line that names the record and what is wrong, so a bad
+record can be logged and skipped without stopping anything else.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "NAME_PATTERN",
+    "Address",
+    "Host",
+    "HostRef",
+    "Instance",
+    "InstanceState",
+    "Protocol",
+    "RecordError",
+    "Rule",
+    "Service",
+    "ServiceInfo",
+    "decode_record",
+    "encode_record",
+    "format_address",
+    "parse_address",
+    "validate_name",
+]
+
+# Names become key segments in etcd (``/weave-flux/service/<S>/rules/<R>``), so `/` is out
+# (the original accepted it and broke its own key parsing); a leading letter or digit keeps
+# names from looking like flags on a command line.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+Protocol = Literal["tcp", "http"]
+
+
+class RecordError(ValueError):
+    """A record or a value that fails validation; the message is one line for people."""
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a valid service or rule name, else raise :class:`RecordError`."""
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise RecordError(
+            f"invalid {what} {name!r}: use 1-63 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _check_port(port: int, text: str) -> int:
+    if not 1 <= port <= 65535:
+        raise RecordError(f"invalid address {text!r}: port must be 1-65535")
+    return port
+
+
+def parse_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """Parse ``IP:port`` (IPv6 as ``[IP]:port``) into an address and a port.
+
+    The IP must be a literal and not unspecified (a floating service address names one
+    destination; ``0.0.0.0:80`` would match nothing useful).
+    """
+    if not isinstance(text, str):
+        raise RecordError(f"invalid address {text!r}: expected text of the form IP:port")
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise RecordError(f"invalid address {text!r}: expected IP:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise RecordError(f"invalid address {text!r}: write IPv6 addresses as [IP]:port")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise RecordError(f"invalid address {text!r}: {host!r} is not an IP address") from None
+    if ip.is_unspecified:
+        raise RecordError(f"invalid address {text!r}: the IP must not be unspecified")
+    if not port_text.isdigit():
+        raise RecordError(f"invalid address {text!r}: port {port_text!r} is not a number")
+    return ip, _check_port(int(port_text), text)
+
+
+def format_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str, port: int) -> str:
+    """Render an address the way the original did: ``IP:port``, IPv6 in brackets."""
+    ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _normalise_address(text: str) -> str:
+    ip, port = parse_address(text)
+    return format_address(ip, port)
+
+
+def _normalise_ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise RecordError(f"invalid host address {text!r}: not an IP address") from None
+
+
+# An ``IP:port`` kept as its canonical text form: that is what goes to etcd and iptables.
+Address = Annotated[str, AfterValidator(_normalise_address)]
+IPText = Annotated[str, AfterValidator(_normalise_ip)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Record(BaseModel):
+    # extra="ignore": readers tolerate fields added by newer writers (SPEC §2).
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+
+class Service(_Record):
+    """A service's definition (``service/<S>/spec``)."""
+
+    address: Address | None = None
+    instance_port: Port = Field(default=0, alias="instancePort")
+    protocol: Protocol | Literal[""] = ""
+
+    @property
+    def effective_protocol(self) -> Protocol:
+        """The protocol to proxy with: the original treated an empty protocol as TCP."""
+        return "http" if self.protocol == "http" else "tcp"
+
+
+class Rule(_Record):
+    """A named selector attached to a service (``service/<S>/rules/<R>``)."""
+
+    selector: dict[str, str] = Field(default_factory=dict)
+    instance_port: Port = Field(default=0, alias="instancePort")
+
+    @field_validator("selector")
+    @classmethod
+    def _keys_non_empty(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key in selector:
+            if not key:
+                raise ValueError("selector keys must not be empty")
+        return selector
+
+
+class InstanceState(enum.StrEnum):
+    """Where an instance is in its lifecycle; only ``live`` instances get new connections."""
+
+    LIVE = "live"
+    NO_ADDRESS = "no address"
+    PAUSED = "paused"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+class HostRef(_Record):
+    """The ``host`` field of an instance: which fluxd enrolled it."""
+
+    address: str = ""
+
+
+class Instance(_Record):
+    """A container enrolled in a service (``service/<S>/instances/<container ID>``)."""
+
+    host: HostRef = Field(default_factory=HostRef)
+    container_rule: str = Field(default="", alias="containerRule")
+    address: Address | None = None
+    labels: dict[str, str] | None = None
+    state: InstanceState | None = None
+
+    @property
+    def effective_state(self) -> InstanceState:
+        """The state, derived as the original did when a record carries none."""
+        if self.state is not None:
+            return self.state
+        return InstanceState.LIVE if self.address else InstanceState.NO_ADDRESS
+
+    @property
+    def receives_connections(self) -> bool:
+        return self.address is not None and self.effective_state is InstanceState.LIVE
+
+
+class Host(_Record):
+    """A running fluxd (``host/<HOST_IP>``)."""
+
+    address: IPText
+    version: str = ""
+    started: str = ""
+
+
+class ServiceInfo(_Record):
+    """A service with, as asked for, its rules and its instances."""
+
+    name: str
+    spec: Service
+    rules: dict[str, Rule] = Field(default_factory=dict)
+    instances: dict[str, Instance] = Field(default_factory=dict)
+
+
+_R = TypeVar("_R", bound=BaseModel)
+
+
+def encode_record(record: BaseModel) -> str:
+    """Serialise a record as compact JSON with the original's field names, empties omitted."""
+    data = record.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    if isinstance(record, Instance):
+        # The original always wrote these three, even when empty.
+        data.setdefault("host", {"address": record.host.address})
+        data["host"].setdefault("address", "")
+        data.setdefault("containerRule", record.container_rule)
+        data.setdefault("labels", record.labels)
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    # Only the field's own name: pydantic appends union/literal branch names after it.
+    where = str(first["loc"][0]) if first["loc"] else "record"
+    message = str(first["msg"])
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{where}: {message}"
+
+
+def decode_record(cls: type[_R], text: str | bytes, key: str = "record") -> _R:
+    """Parse a record from JSON; raise :class:`RecordError` naming ``key`` on any problem."""
+    try:
+        data: Any = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{key}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{key}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise RecordError(f"{key}: {_describe(exc)}") from None
+
