@@ -1,0 +1,38 @@
+"""Shared fixtures: the real parts the suite runs against.
+
+etcd: one private member per test session, on free loopback ports (``etcd_server``); each test
+that uses ``etcd`` starts from an empty keyspace.  A missing etcd fails the tests that need it
+(never skips): `make test` installs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.etcd_server import EtcdServer
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd(etcd_server: EtcdServer) -> EtcdServer:
+    """The session's etcd, running and empty."""
+    etcd_server.start()
+    etcd_server.wipe()
+    return etcd_server
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
