@@ -57,12 +57,10 @@ class EtcdServer:
                 "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"flux-test={peer}",
                 "--log-level", "warn",
-                # Small compaction retention is set per test with `etcdctl compact`; keep the
-                # server's own automatic compaction off so tests control it.
+                # Automatic compaction stays off: fault tests compact explicitly.
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -166,7 +166,12 @@ def test_env_values_keep_everything_after_the_first_equals(entries: list) -> Non
         assert labels[f"env.{name}"] == value
 
 
-@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]*", fullmatch=True), st.from_regex(r"[a-z0-9 =>]*", fullmatch=True)))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_.]*", fullmatch=True),
+        st.from_regex(r"[a-z0-9 =>]*", fullmatch=True),
+    )
+)
 def test_parse_pairs_round_trips(pairs: dict) -> None:
     text = ",".join(f"{k}={v}" for k, v in pairs.items())
     assert parse_pairs(text) == pairs

@@ -62,7 +62,9 @@ async def test_failing_component_is_restarted_with_backoff_and_logged(
     assert fake.sleeps == [1, 2, 4, 4, 4]
     status = supervisor.status["lease"]
     assert (status.state, status.restarts) == ("running", 5)
-    assert status.last_error == "ConnectionError: etcd unreachable at http://127.0.0.1:1 (attempt 5)"
+    assert status.last_error == (
+        "ConnectionError: etcd unreachable at http://127.0.0.1:1 (attempt 5)"
+    )
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == (
         "component lease failed: ConnectionError: etcd unreachable at http://127.0.0.1:1 "

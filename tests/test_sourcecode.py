@@ -1,0 +1,36 @@
+"""Lint and types run as tests (like uvloop's test_sourcecode): ruff, mypy, cython-lint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ruff() -> None:
+    result = run("ruff", "check", "src", "tests", "benchmarks")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_on_the_pure_core() -> None:
+    # Files are listed in pyproject.toml ([tool.mypy] files).
+    result = run("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cython_lint() -> None:
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "src/flux").glob("*.p[yx][xid]"))
+    assert "src/flux/_splice.pyx" in sources
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "cython-lint"), "--max-line-length", "100", *sources],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
