@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+BIN = Path(sys.executable).parent
+# cython-lint finds pycodestyle on PATH: put the virtualenv's bin first.
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
 
 
@@ -30,7 +41,11 @@ def test_cython_lint() -> None:
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "src/flux").glob("*.p[yx][xid]"))
     assert "src/flux/_splice.pyx" in sources
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "cython-lint"), "--max-line-length", "100", *sources],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [str(BIN / "cython-lint"), "--max-line-length", "100", *sources],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert result.returncode == 0, result.stdout + result.stderr
