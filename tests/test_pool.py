@@ -331,12 +331,12 @@ class PoolMachine(RuleBasedStateMachine):
             due = self.pool.health()
             retry_at = next(h.retry_at for h in due if h.name == name)
             assert retry_at is not None and self.clock.now < retry_at <= self.clock.now + 30
-            # While others are ready and its retry is not due, it is never picked.
-            others_ready = self.pool.ready
-            if others_ready:
-                for _ in range(10):
-                    choice = self.pool.pick()
-                    assert choice is not None and choice.name != name
+            # While others are ready and its retry is not due, it is not picked.  (One pick
+            # only: picking an instance on probation sends it back to the queue, and with
+            # nothing ready a pick may then come from the queue, this one included.)
+            if self.pool.ready:
+                choice = self.pool.pick()
+                assert choice is not None and choice.name != name
 
     @rule(name=NAMES)
     def succeeded(self, name: str) -> None:

@@ -28,7 +28,7 @@ are logged and skipped by every read; they never fail a whole read or stop a wat
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from flux.model import Host, Instance, Rule, Service, ServiceInfo
@@ -172,9 +172,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def watch_services(
         self, *, rules: bool = False, instances: bool = False
-    ) -> AsyncIterator[ServiceUpdate]:
+    ) -> AsyncGenerator[ServiceUpdate, None]:
         """Yield a reset snapshot, then per-service deltas (see the module docstring).
 
         Changes to rules (instances) produce updates only when ``rules`` (``instances``) is
-        set, and the services yielded then carry them.
+        set, and the services yielded then carry them.  Closing the generator (``aclose()``,
+        or cancelling the task iterating it) closes the watch.
         """

@@ -1,0 +1,288 @@
+"""The balancer: services in etcd become listeners and iptables rules on this host.
+
+Theory of operation
+-------------------
+The balancer watches every service with its instances (snapshot, then deltas).  For each update
+it asks the pure state machine (:mod:`flux.balancer.services`) what to do, then applies the
+actions in phase order:
+
+- *prepare*: open listeners (filled pools first), replace listeners, update pools in place;
+- *install* and *remove*: the rule changes of every service in the update, applied together as
+  ONE ``iptables-restore`` batch computed from the new states (additions before deletions in
+  the batch, so no service is ever without a rule);
+- *retire*: close listeners whose rule is gone.  Connections they already handed to the relay
+  carry on.
+
+The state survives a broken watch: when etcd goes away the watch fails, the supervisor restarts
+it with backoff, and the balancer keeps forwarding with what it knows until a fresh snapshot
+arrives (the original's behaviour, reference §1.8).  A listener that cannot be opened is logged
+and the service is left absent, to be tried again on its next update.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+from flux.balancer.iptables import IPTables
+from flux.balancer.listener import ConnectionInfo, Listener
+from flux.balancer.pool import Balance, Pool
+from flux.balancer.rules import Interception, desired_rules
+from flux.balancer.services import (
+    ABSENT,
+    Action,
+    ActionKind,
+    Endpoint,
+    Phase,
+    ServiceState,
+    ServiceView,
+    State,
+    in_phase_order,
+    reset,
+    transition,
+    why_ignored,
+)
+from flux.model import ServiceInfo, parse_address
+from flux.relay import Relay, RelayResult
+from flux.store.base import ServiceUpdate, Store
+
+__all__ = ["Balancer", "BridgeError"]
+
+log = logging.getLogger("flux.balancer")
+
+
+class BridgeError(RuntimeError):
+    """The bridge device has no IPv4 address to bind listeners to."""
+
+
+class Balancer:
+    """Listeners, pools and iptables rules for every service with an address."""
+
+    name = "balancer"
+
+    def __init__(
+        self,
+        store: Store,
+        relay: Relay,
+        iptables: IPTables,
+        *,
+        bind_ip: Callable[[], str | None],
+        bridge: str = "docker0",
+        connect_timeout: float = 3.0,
+        balance: Balance = "random",
+        on_connection: Callable[[ConnectionInfo], None] | None = None,
+        on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
+        on_connect_failure: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.relay = relay
+        self.iptables = iptables
+        self._bind_ip_source = bind_ip
+        self._bridge = bridge
+        self._connect_timeout = connect_timeout
+        self._balance = balance
+        self.on_connection = on_connection
+        self.on_done = on_done
+        self.on_connect_failure = on_connect_failure
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.states: dict[str, ServiceState] = {}
+        self.listeners: dict[str, tuple[Endpoint, Listener]] = {}
+        self._retiring: dict[tuple[str, Endpoint], Listener] = {}
+        self._bind_ip: str | None = None
+        self._relay_started = False
+        self._chains_ready = False
+        self.snapshots = 0  # reset snapshots applied (for /healthz and tests)
+
+    # -- the plug-in surface the daemon uses ------------------------------------------------
+
+    def components(self) -> Sequence[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
+        return [("balancer", self.run)]
+
+    async def stop_accepting(self) -> None:
+        for _, listener in self.listeners.values():
+            listener.close()
+        for listener in self._retiring.values():
+            listener.close()
+
+    async def remove_rules(self) -> None:
+        await self.iptables.stop()
+        self._chains_ready = False
+
+    async def drain(self, grace: float) -> None:
+        if self._relay_started:
+            await self.relay.close(grace)
+
+    @property
+    def ready(self) -> bool:
+        """Chains installed and a snapshot of the services applied."""
+        return self._chains_ready and self.snapshots > 0
+
+    # -- the component ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Set up (once), then follow the service watch; raises for the supervisor to retry."""
+        if self._bind_ip is None:
+            address = self._bind_ip_source()
+            if address is None:
+                raise BridgeError(f"no IPv4 address found on bridge device {self._bridge!r}")
+            self._bind_ip = address
+            log.info("listeners bind to %s (bridge %s)", address, self._bridge)
+        if not self._relay_started:
+            await self.relay.start()
+            self._relay_started = True
+        if not self._chains_ready:
+            await self.iptables.start()
+            self._chains_ready = True
+            log.info("iptables chain %s installed (nat and filter)", self.iptables.chain)
+        async for update in self.store.watch_services(instances=True):
+            await self.apply(update)
+
+    async def apply(self, update: ServiceUpdate) -> None:
+        """Bring listeners, pools and rules in line with one watch update."""
+        views = {name: self._view(name, info) for name, info in update.services.items()}
+        if update.reset:
+            states, actions = reset(self.states, views)
+        else:
+            states = dict(self.states)
+            actions = []
+            for name, view in views.items():
+                step = transition(name, self.states.get(name, ABSENT), view)
+                states[name] = step.state
+                actions.extend(step.actions)
+        failed: set[str] = set()
+        rules_changed = False
+        for action in in_phase_order(actions):
+            if action.service in failed:
+                continue
+            if action.kind.phase is Phase.PREPARE:
+                if not self._prepare(action):
+                    failed.add(action.service)
+            elif action.kind.phase in (Phase.INSTALL, Phase.REMOVE):
+                rules_changed = True
+            else:
+                self._retire(action)
+        for name in failed:
+            states[name] = ABSENT
+        self.states = {name: state for name, state in states.items() if state.state != State.ABSENT}
+        if rules_changed or failed or update.reset:
+            await self.iptables.sync(self._desired_rules())
+        if update.reset:
+            self.snapshots += 1
+
+    def _view(self, name: str, info: ServiceInfo | None) -> ServiceView | None:
+        if info is None:
+            return None
+        reason = why_ignored(info)
+        if reason is not None:
+            log.debug("%s", reason)
+            return None
+        return ServiceView.from_info(info)
+
+    def _new_listener(self, service: str, endpoint: Endpoint, pool: Pool) -> Listener | None:
+        assert self._bind_ip is not None
+        listener = Listener(
+            service,
+            endpoint.protocol,
+            self._bind_ip,
+            pool,
+            self.relay,
+            connect_timeout=self._connect_timeout,
+            on_connection=self.on_connection,
+            on_done=self.on_done,
+            on_connect_failure=self.on_connect_failure,
+        )
+        try:
+            port = listener.open()
+        except OSError as exc:
+            log.error(
+                "service %s: cannot open a listener on %s: %s", service, self._bind_ip, exc
+            )
+            return None
+        log.info(
+            "service %s: forwarding %s (%s) through %s:%d",
+            service,
+            endpoint.address,
+            endpoint.protocol,
+            self._bind_ip,
+            port,
+        )
+        return listener
+
+    def _prepare(self, action: Action) -> bool:
+        service = action.service
+        if action.kind is ActionKind.UPDATE_POOL:
+            self.listeners[service][1].pool.update(action.instances or {})
+            return True
+        if action.kind is ActionKind.OPEN_LISTENER:
+            pool = Pool(now=self._clock, rng=self._rng, balance=self._balance)
+            pool.update(action.instances or {})
+        else:  # REPLACE_LISTENER: the new listener inherits the pool (instances keep health)
+            pool = self.listeners[service][1].pool
+        listener = self._new_listener(service, action.endpoint, pool)
+        if listener is None:
+            return False
+        if action.kind is ActionKind.REPLACE_LISTENER and action.previous is not None:
+            old_endpoint, old = self.listeners[service]
+            self._retiring[(service, old_endpoint)] = old
+        self.listeners[service] = (action.endpoint, listener)
+        return True
+
+    def _retire(self, action: Action) -> None:
+        key = (action.service, action.endpoint)
+        listener = self._retiring.pop(key, None)
+        if listener is None:
+            current = self.listeners.get(action.service)
+            if current is None or current[0] != action.endpoint:
+                return
+            listener = current[1]
+            del self.listeners[action.service]
+        listener.close()
+        log.info("service %s: closed listener for %s", action.service, action.endpoint.address)
+
+    def _desired_rules(self) -> Any:
+        assert self._bind_ip is not None
+        interceptions = []
+        for name, state in sorted(self.states.items()):
+            if state.endpoint is None:
+                continue
+            ip, port = parse_address(state.endpoint.address)
+            listener_port = None
+            if state.state is State.FORWARDING:
+                listener_port = self.listeners[name][1].port
+            interceptions.append(Interception(name, str(ip), port, listener_port))
+        return desired_rules(self.iptables.chain, self._bind_ip, interceptions)
+
+    def status(self) -> Mapping[str, Any]:
+        """What ``/status`` shows of the balancer: each service's state and pool health."""
+        services: dict[str, Any] = {}
+        for name, state in sorted(self.states.items()):
+            entry: dict[str, Any] = {
+                "state": str(state.state),
+                "address": state.endpoint.address if state.endpoint else None,
+                "protocol": state.endpoint.protocol if state.endpoint else None,
+            }
+            if name in self.listeners:
+                _, listener = self.listeners[name]
+                entry["listener"] = f"{listener.bind_ip}:{listener.port}"
+                entry["instances"] = [
+                    {
+                        "name": h.name,
+                        "address": h.address,
+                        "ready": h.ready,
+                        "failures": h.failures,
+                        "retry_in": None
+                        if h.retry_at is None
+                        else max(0.0, h.retry_at - self._clock()),
+                        "active": h.active,
+                    }
+                    for h in listener.pool.health()
+                ]
+            services[name] = entry
+        return {"services": services, "relay_active": self.relay.active}
+

@@ -1,0 +1,249 @@
+"""Listeners: accept a service's intercepted connections, pick an instance, hand over.
+
+Theory of operation
+-------------------
+Each forwarding service has one listening socket on the bridge's IPv4 address and an
+ephemeral port; the service's DNAT rule sends its floating address there.  The accept path is
+a plain reader callback on the event loop: it accepts every pending connection (up to a batch
+per wake-up, so one busy service cannot starve the loop) and starts, for each, a small task
+that does the slow part off the accept path:
+
+1. pick an instance from the pool (never one already tried for this connection);
+2. connect to it with a timeout (``-connect-timeout``);
+3. on failure, mark the instance failed (the pool backs it off) and try another, up to five
+   attempts; when none is left, reset the client's connection at once, so it fails fast instead
+   of waiting on a connection that will never be served;
+4. on success, hand both sockets to the relay (the Cython splice engine by default).  From there
+   no Python runs per byte.
+
+Running out of descriptors (EMFILE/ENFILE) or kernel memory while accepting pauses accepting for
+a moment instead of failing: pending connections wait in the kernel's backlog and are accepted
+when descriptors free up.
+
+Closing a listener closes only the listening socket: connections it already handed to the
+relay carry on until they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flux.balancer.pool import Pool
+from flux.model import parse_address
+from flux.relay import Relay, RelayResult
+
+__all__ = ["ConnectionInfo", "Listener"]
+
+log = logging.getLogger("flux.balancer")
+
+ATTEMPTS = 5
+ACCEPT_BATCH = 128
+PAUSE_SECONDS = 0.1
+BACKLOG = 4096
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A proxied connection, as the metrics see it when it starts and ends."""
+
+    service: str
+    protocol: str
+    instance: str
+    instance_address: str
+    client_address: str
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST: the client learns at once that nothing will serve it."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def _split(address: str) -> tuple[int, tuple[str, int]]:
+    ip, port = parse_address(address)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, (str(ip), port)
+
+
+class Listener:
+    """One service's listening socket and its connection hand-over."""
+
+    def __init__(
+        self,
+        service: str,
+        protocol: str,
+        bind_ip: str,
+        pool: Pool,
+        relay: Relay,
+        *,
+        connect_timeout: float = 3.0,
+        on_connection: Callable[[ConnectionInfo], None] | None = None,
+        on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
+        on_connect_failure: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.protocol = protocol
+        self.bind_ip = bind_ip
+        self.pool = pool
+        self._relay = relay
+        self._connect_timeout = connect_timeout
+        self._on_connection = on_connection
+        self._on_done = on_done
+        self._on_connect_failure = on_connect_failure
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused = False
+        self._pending: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    def open(self) -> int:
+        """Bind and listen on ``bind_ip`` with an ephemeral port; return the port."""
+        self._loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.bind_ip, 0))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._loop.add_reader(sock.fileno(), self._accept)
+        return self.port
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        """Stop accepting.  Connections already handed to the relay carry on."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._loop is not None and not self._paused:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+
+    async def wait_pending(self) -> None:
+        """Wait for connections still being connected to an instance (tests, shutdown)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def _accept(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._pause(exc)
+                    return
+                raise
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._forward(conn, peer[0]))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _pause(self, exc: OSError) -> None:
+        assert self._loop is not None and self._sock is not None
+        if not self._paused:
+            log.warning(
+                "%s: cannot accept connections (%s); pausing accepts until descriptors free up",
+                self.service,
+                errno.errorcode.get(exc.errno or 0, exc.strerror),
+            )
+        self._paused = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._loop.call_later(PAUSE_SECONDS, self._resume)
+
+    def _resume(self) -> None:
+        if self._sock is None or not self._paused or self._loop is None:
+            return
+        self._paused = False
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._accept()
+
+    async def _forward(self, client: socket.socket, client_ip: str) -> None:
+        loop = asyncio.get_running_loop()
+        tried: set[str] = set()
+        for _ in range(ATTEMPTS):
+            choice = self.pool.pick(exclude=tried)
+            if choice is None:
+                break
+            tried.add(choice.name)
+            try:
+                family, target = _split(choice.address)
+                upstream = socket.socket(family, socket.SOCK_STREAM)
+            except (ValueError, OSError) as exc:
+                log.warning("%s: cannot connect to %s: %s", self.service, choice.address, exc)
+                self.pool.failed(choice.name)
+                continue
+            upstream.setblocking(False)
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await loop.sock_connect(upstream, target)
+            except (OSError, TimeoutError) as exc:
+                upstream.close()
+                reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+                log.info("%s: connecting to %s: %s", self.service, choice.address, reason)
+                self.pool.failed(choice.name)
+                if self._on_connect_failure is not None:
+                    self._on_connect_failure(self.service, choice.name)
+                continue
+            except asyncio.CancelledError:
+                upstream.close()
+                _reset(client)
+                raise
+            self.pool.succeeded(choice.name)
+            self._hand_over(client, upstream, choice.name, choice.address, client_ip)
+            return
+        log.warning(
+            "%s: no instance could take the connection from %s (tried %d); resetting it",
+            self.service,
+            client_ip,
+            len(tried),
+        )
+        _reset(client)
+
+    def _hand_over(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        name: str,
+        address: str,
+        client_ip: str,
+    ) -> None:
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
+        self.pool.acquired(name)
+        if self._on_connection is not None:
+            self._on_connection(info)
+        future = self._relay.submit(client, upstream)
+        pool = self.pool
+        on_done = self._on_done
+
+        def finished(fut: asyncio.Future[RelayResult]) -> None:
+            pool.released(name)
+            if on_done is not None and not fut.cancelled() and fut.exception() is None:
+                on_done(info, fut.result())
+
+        future.add_done_callback(finished)

@@ -1,0 +1,894 @@
+"""fluxctl against a real etcd: every command's output, errors and what it leaves in the store.
+
+Most cases call ``main(argv)`` in-process (fast); a handful run ``python -m flux.fluxctl`` and the
+installed ``fluxctl`` script in a subprocess to prove the entry points and exit statuses.
+Instances and hosts are written straight into etcd with etcdctl, as a fluxd agent would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import flux
+from flux import fluxctl
+from flux.fluxctl import main
+from flux.selector import make_selector
+from tests.etcd_server import EtcdServer, free_port
+
+PREFIX = "/weave-flux/"
+SERVICE = PREFIX + "service/"
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    out: str
+    err: str
+
+
+class Ctl:
+    """Runs fluxctl in-process against the test etcd and captures what it prints."""
+
+    def __init__(self, etcd: EtcdServer, capsys: pytest.CaptureFixture[str]) -> None:
+        self.etcd = etcd
+        self.endpoint = etcd.endpoint
+        self._capsys = capsys
+
+    def __call__(self, *argv: str) -> Result:
+        self._capsys.readouterr()
+        status = main(list(argv))
+        captured = self._capsys.readouterr()
+        return Result(status, captured.out, captured.err)
+
+    def ok(self, *argv: str) -> str:
+        """Run a command that must succeed silently on stderr; return its stdout."""
+        result = self(*argv)
+        assert (result.status, result.err) == (0, ""), result
+        return result.out
+
+    def put(self, key: str, record: object) -> None:
+        self.etcd.etcdctl("put", key, json.dumps(record))
+
+    def record(self, key: str) -> object:
+        value = self.etcd.get(key)
+        assert value is not None, f"{key} is missing"
+        return json.loads(value)
+
+    def snapshot(self) -> tuple[int, dict[str, str]]:
+        """The store's revision (bumped by every write, even of an equal value) and every key
+        and value, in one etcdctl call."""
+        out = json.loads(self.etcd.etcdctl("get", "", "--from-key", "-w", "json"))
+        values = {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
+            for kv in out.get("kvs", [])
+        }
+        return int(out["header"]["revision"]), values
+
+    def refused(self, status: int, *argv: str) -> str:
+        """Run a command that must fail with ``status``, one stderr line, no stdout and no
+        change to the store; return the stderr line."""
+        before = self.snapshot()
+        result = self(*argv)
+        assert result.status == status, result
+        assert result.out == ""
+        lines = result.err.splitlines()
+        assert len(lines) == 1, result.err
+        assert lines[0].startswith("fluxctl: ")
+        assert "Traceback" not in result.err
+        assert self.snapshot() == before
+        return lines[0]
+
+
+def use_etcd(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point fluxctl at ``endpoint`` with no TLS or authentication settings."""
+    monkeypatch.setenv("ETCD_ADDRESS", endpoint)
+    for name in ("CA_FILE", "CERT_FILE", "KEY_FILE", "USERNAME", "PASSWORD"):
+        monkeypatch.delenv(f"ETCD_{name}", raising=False)
+
+
+@pytest.fixture
+def ctl(
+    etcd: EtcdServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Ctl:
+    use_etcd(monkeypatch, etcd.endpoint)
+    return Ctl(etcd, capsys)
+
+
+def unreachable_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def instance(
+    host: str,
+    address: str | None = None,
+    *,
+    rule: str = "",
+    labels: dict[str, str] | None = None,
+    state: str | None = None,
+) -> dict[str, object]:
+    record: dict[str, object] = {"host": {"address": host}, "containerRule": rule, "labels": labels}
+    if address is not None:
+        record["address"] = address
+    if state is not None:
+        record["state"] = state
+    return record
+
+
+# -- the original's tests (reference §5.10) ----------------------------------------------------
+
+
+class TestList:
+    def test_one_service(self, ctl: Ctl) -> None:
+        ctl.ok("service", "foo")
+        assert ctl("list") == Result(0, "foo\n", "")
+
+
+class TestSelect:
+    def test_select_and_deselect(self, ctl: Ctl) -> None:
+        line = ctl.refused(1, "select", "foo-svc", "ok-rule", "--image", "foo/bar")
+        assert line == 'fluxctl: no service named "foo-svc"'
+
+        ctl.ok("service", "foo-svc")
+        line = ctl.refused(2, "select", "foo-svc", "empty-rule")
+        assert line == "fluxctl: Nothing will be selected by empty rule"
+
+        result = ctl("select", "foo-svc", "ok-rule", "--image", "foo/bar")
+        assert result == Result(0, "ok-rule\n", "")
+        assert ctl.record(SERVICE + "foo-svc/rules/ok-rule") == {"selector": {"image": "foo/bar"}}
+        assert ctl.etcd.keys(SERVICE + "foo-svc/rules/") == [SERVICE + "foo-svc/rules/ok-rule"]
+
+        assert ctl("deselect", "foo-svc", "ok-rule") == Result(0, "ok-rule\n", "")
+        assert ctl.etcd.keys(SERVICE + "foo-svc/rules/") == []
+
+
+class TestMakeSelector:
+    @pytest.mark.parametrize(
+        ("flags", "selector"),
+        [
+            ({}, {}),
+            ({"image": "foo/bar"}, {"image": "foo/bar"}),
+            ({"tag": "1.0"}, {"tag": "1.0"}),
+            ({"labels": "foo=bar"}, {"foo": "bar"}),
+            ({"env": "foo=bar"}, {"env.foo": "bar"}),
+            ({"labels": "foo=bar,boo=baz"}, {"foo": "bar", "boo": "baz"}),
+            ({"env": "foo=bar,boo=baz"}, {"env.foo": "bar", "env.boo": "baz"}),
+            ({"labels": ",,foop=barp,"}, {"foop": "barp"}),
+            ({"labels": "image=bar", "image": "foo"}, {"image": "foo"}),
+            ({"env": "SERVICE=pages=>borp"}, {"env.SERVICE": "pages=>borp"}),
+            ({"labels": ", foo= bar ,"}, {"foo": " bar "}),
+            ({"labels": "bare"}, {"bare": "bare"}),
+            ({"labels": "a=1", "env": "a=2"}, {"a": "1", "env.a": "2"}),
+        ],
+    )
+    def test_make_selector(self, flags: dict[str, str], selector: dict[str, str]) -> None:
+        assert make_selector(**flags) == selector
+
+
+class TestService:
+    def test_no_argument(self, ctl: Ctl) -> None:
+        line = ctl.refused(2, "service")
+        assert "required: name" in line
+
+
+class TestMinimal:
+    def test_creates_exactly_one_service(self, ctl: Ctl) -> None:
+        assert ctl("service", "foo") == Result(0, "foo\n", "")
+        assert ctl.etcd.keys("") == [SERVICE + "foo/spec"]
+        assert ctl.record(SERVICE + "foo/spec") == {}
+
+
+class TestParseAddress:
+    def test_address_without_port(self, ctl: Ctl) -> None:
+        line = ctl.refused(2, "service", "foo", "--address", "10.3.4.5")
+        assert line == (
+            'fluxctl: Did not understand the address supplied "10.3.4.5"; '
+            "expected to be ipaddress:port"
+        )
+
+    def test_address_with_port(self, ctl: Ctl) -> None:
+        ctl.ok("service", "foo", "--address", "192.168.45.76:8000")
+        assert ctl.record(SERVICE + "foo/spec") == {
+            "address": "192.168.45.76:8000",
+            "instancePort": 8000,
+        }
+
+
+class TestServiceAddress:
+    def test_address_and_instance_port(self, ctl: Ctl) -> None:
+        ctl.ok("service", "foo", "--address", "10.3.4.5:8000", "--instance-port", "7777")
+        spec = ctl.record(SERVICE + "foo/spec")
+        assert spec == {"address": "10.3.4.5:8000", "instancePort": 7777}
+
+
+class TestServiceSelect:
+    def test_selector_flags_make_the_default_rule(self, ctl: Ctl) -> None:
+        ctl.ok("service", "svc", "--image", "repo/image")
+        assert ctl.record(SERVICE + "svc/rules/default") == {"selector": {"image": "repo/image"}}
+
+
+# -- service ------------------------------------------------------------------------------------
+
+
+def test_service_with_every_flag(ctl: Ctl) -> None:
+    out = ctl.ok(
+        "service", "web", "--address", "10.128.0.1:80", "-p", "http", "--instance-port", "8080",
+        "--image", "nginx", "--tag", "1.25", "--labels", "tier=front,team=a",
+        "--env", "MODE=prod,URL=http://x/?a=b",
+    )
+    assert out == "web\n"
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.1:80",
+        "instancePort": 8080,
+        "protocol": "http",
+    }
+    assert ctl.record(SERVICE + "web/rules/default") == {
+        "selector": {
+            "image": "nginx",
+            "tag": "1.25",
+            "tier": "front",
+            "team": "a",
+            "env.MODE": "prod",
+            "env.URL": "http://x/?a=b",
+        }
+    }
+
+
+def test_service_ipv6_address(ctl: Ctl) -> None:
+    ctl.ok("service", "v6", "--address", "[fd00::1]:443", "--protocol", "tcp")
+    assert ctl.record(SERVICE + "v6/spec") == {
+        "address": "[fd00::1]:443",
+        "instancePort": 443,
+        "protocol": "tcp",
+    }
+
+
+def test_service_replaces_the_spec_and_keeps_rules(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--address", "10.128.0.1:80", "-p", "http", "--image", "nginx")
+    ctl.ok("service", "web")
+    assert ctl.record(SERVICE + "web/spec") == {}
+    assert ctl.record(SERVICE + "web/rules/default") == {"selector": {"image": "nginx"}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["service", "bad/name"], "invalid service name 'bad/name'"),
+        (["service", "-lead"], "required: name"),
+        (["service", "x" * 64], "invalid service name"),
+        (["service", "web", "--address", "10.3.4.5:0"], "port must be 1-65535"),
+        (["service", "web", "--address", "10.3.4.5:99999"], "port must be 1-65535"),
+        (["service", "web", "--address", "web:80"], "'web' is not an IP address"),
+        (["service", "web", "--address", "0.0.0.0:80"], "must not be unspecified"),
+        (["service", "web", "--address", ":80"], 'address supplied ":80"'),
+        (["service", "web", "-p", "udp"], "invalid choice: 'udp'"),
+        (["service", "web", "--instance-port", "0"], "invalid port '0': must be 1-65535"),
+        (["service", "web", "--instance-port", "65536"], "invalid port '65536'"),
+        (["service", "web", "--instance-port", "http"], "invalid port 'http': not a number"),
+        (["service", "web", "--labels", "=x"], "--labels '=x': every item needs a name"),
+        (["service", "web", "--env", "a=1,=2"], "--env 'a=1,=2': every item needs a name"),
+        (["service", "web", "extra"], "unrecognized arguments: extra"),
+        (["service", "web", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_service_refuses_bad_input(ctl: Ctl, argv: list[str], message: str) -> None:
+    ctl.ok("service", "keep", "--address", "10.0.0.1:80")
+    assert message in ctl.refused(2, *argv)
+
+
+# -- select / deselect --------------------------------------------------------------------------
+
+
+def test_select_default_rule_with_instance_port_and_env(ctl: Ctl) -> None:
+    ctl.ok("service", "web")
+    assert ctl.ok("select", "web", "--env", "ROLE=web", "--instance-port", "8080") == "default\n"
+    assert ctl.record(SERVICE + "web/rules/default") == {
+        "selector": {"env.ROLE": "web"},
+        "instancePort": 8080,
+    }
+    # Selecting again replaces the rule wholesale.
+    ctl.ok("select", "web", "--tag", "2")
+    assert ctl.record(SERVICE + "web/rules/default") == {"selector": {"tag": "2"}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["select", "web", "bad rule", "--image", "x"], "invalid rule name 'bad rule'"),
+        (["select", "web", "r", "--labels", ","], "Nothing will be selected by empty rule"),
+        (["select", "web", "r", "--image", "x", "--instance-port", "-1"], "invalid port '-1'"),
+        (["select"], "required: service"),
+        (["deselect", "web", "a/b"], "invalid rule name 'a/b'"),
+        (["deselect"], "required: service"),
+    ],
+)
+def test_select_refuses_bad_input(ctl: Ctl, argv: list[str], message: str) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    assert message in ctl.refused(2, *argv)
+
+
+def test_deselect_default_rule(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    assert ctl("deselect", "web") == Result(0, "default\n", "")
+    assert ctl.etcd.keys(SERVICE + "web/rules/") == []
+    assert ctl.etcd.keys(SERVICE) == [SERVICE + "web/spec"]
+
+
+def test_deselect_unknown_rule_or_service(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    line = ctl.refused(1, "deselect", "web", "other")
+    assert line == 'fluxctl: service "web" has no rule named "other"'
+    line = ctl.refused(1, "deselect", "api", "default")
+    assert line == 'fluxctl: no service named "api"'
+
+
+# -- rm -----------------------------------------------------------------------------------------
+
+
+def test_rm_one_service_with_its_rules_and_instances(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    ctl.ok("service", "api")
+    ctl.put(SERVICE + "web/instances/c1", instance("10.0.0.2", "10.0.0.2:3000"))
+    assert ctl("rm", "web") == Result(0, "", "")
+    assert ctl.etcd.keys("") == [SERVICE + "api/spec"]
+
+
+def test_rm_all(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    ctl.ok("service", "api")
+    ctl.put(PREFIX + "host/10.0.0.2", {"address": "10.0.0.2"})
+    assert ctl("rm", "--all") == Result(0, "", "")
+    assert ctl.etcd.keys(SERVICE) == []
+    # Only services go; hosts belong to their fluxd.
+    assert ctl.etcd.keys("") == [PREFIX + "host/10.0.0.2"]
+    assert ctl("rm", "--all") == Result(0, "", "")
+
+
+def test_rm_refusals(ctl: Ctl) -> None:
+    ctl.ok("service", "web")
+    assert ctl.refused(1, "rm", "api") == 'fluxctl: no service named "api"'
+    line = ctl.refused(2, "rm")
+    assert line.startswith('fluxctl: Please supply either a service name, or "--all"')
+    assert "not allowed with" in ctl.refused(2, "rm", "web", "--all")
+    assert "unrecognized arguments: api" in ctl.refused(2, "rm", "web", "api")
+    assert "invalid service name" in ctl.refused(2, "rm", "a/b")
+
+
+# -- list ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def services(ctl: Ctl) -> Ctl:
+    """Three services, created out of order, with rules."""
+    ctl.ok("service", "web", "--address", "10.128.0.1:80", "-p", "http", "--image", "nginx")
+    ctl.ok("select", "web", "canary", "--image", "nginx", "--tag", "next", "--instance-port", "81")
+    ctl.ok("service", "api", "--address", "10.128.0.2:8080", "--instance-port", "9000")
+    ctl.ok("service", "db")
+    ctl.ok("select", "db", "--labels", "role=db")
+    return ctl
+
+
+def test_list_is_sorted(services: Ctl) -> None:
+    assert services.ok("list") == "api\ndb\nweb\n"
+
+
+def test_list_verbose(services: Ctl) -> None:
+    assert services.ok("list", "-v") == (
+        "api\n"
+        "  Address: 10.128.0.2:8080\n"
+        "  Instance port: 9000\n"
+        "db\n"
+        '  Rule: default {"role":"db"}\n'
+        "web\n"
+        "  Address: 10.128.0.1:80\n"
+        "  Instance port: 80\n"
+        "  Protocol: http\n"
+        '  Rule: canary {"image":"nginx","tag":"next"}\n'
+        '  Rule: default {"image":"nginx"}\n'
+    )
+
+
+def test_list_empty(ctl: Ctl) -> None:
+    assert ctl("list") == Result(0, "", "")
+    assert ctl("list", "-o", "json") == Result(0, '{\n  "services": {}\n}\n', "")
+
+
+def test_list_format(services: Ctl) -> None:
+    out = services.ok("list", "--format", "{name}|{address}|{instancePort}|{protocol}")
+    assert out == "api|10.128.0.2:8080|9000|\ndb||0|\nweb|10.128.0.1:80|80|http\n"
+    out = services.ok("list", "-f", "{name:>4} {address!j} {rules}")
+    assert out == (
+        ' api "10.128.0.2:8080" {}\n'
+        '  db "" {"default":{"selector":{"role":"db"}}}\n'
+        ' web "10.128.0.1:80" {"canary":{"instancePort":81,"selector":{"image":"nginx",'
+        '"tag":"next"}},"default":{"selector":{"image":"nginx"}}}\n'
+    )
+
+
+def test_list_format_index_depends_on_the_data(ctl: Ctl) -> None:
+    ctl.ok("service", "database")
+    assert ctl.ok("list", "-f", "{name[0]}{name[4]}") == "db\n"
+    ctl.ok("service", "web")
+    line = ctl.refused(2, "list", "-f", "{name[4]}")
+    assert line == "fluxctl: --format '{name[4]}': string index out of range"
+
+
+def test_list_format_instances(ctl: Ctl) -> None:
+    ctl.ok("service", "web")
+    ctl.put(SERVICE + "web/instances/c1", instance("10.0.0.2", "10.0.0.2:80"))
+    assert ctl.ok("list", "-f", "{name} {instances}") == (
+        'web {"c1":{"address":"10.0.0.2:80","containerRule":"","host":{"address":"10.0.0.2"},'
+        '"labels":null,"state":"live"}}\n'
+    )
+    assert ctl.ok("list", "-f", "{instances[c1][host][address]}") == "10.0.0.2\n"
+
+
+def test_list_format_rule(services: Ctl) -> None:
+    out = services.ok(
+        "list", "-f", "{name}", "--format-rule", "  {service}/{name} {selector} {instancePort}"
+    )
+    assert out == (
+        "api\n"
+        "db\n"
+        '  db/default {"role":"db"} 0\n'
+        "web\n"
+        '  web/canary {"image":"nginx","tag":"next"} 81\n'
+        '  web/default {"image":"nginx"} 0\n'
+    )
+    # A missing selector entry renders as empty; --format-rule alone implies -v.
+    out = services.ok("list", "--format-rule", "{name}:{selector[tag]}")
+    assert out.splitlines()[-3:] == ["  Protocol: http", "canary:next", "default:"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["list", "-f", "{nope}"], 'unknown field "nope"; fields are name, address,'),
+        (["list", "-f", "{name} {Name}"], 'unknown field "Name"'),
+        (["list", "--format-rule", "{address}"], 'unknown field "address"; fields are service,'),
+        (["list", "-f", "{name"], "expected '}' before end of string"),
+        (["list", "-f", "name}"], "Single '}' encountered"),
+        (["list", "-f", "{}"], "positional fields are not allowed"),
+        (["list", "-f", "{0}"], 'unknown field "0"'),
+        (["list", "-f", "{name:d}"], "Unknown format code 'd'"),
+        (["list", "-f", "{name!x}"], "unknown conversion !x"),
+        (["list", "-f", "{name.nope}"], "has no attribute 'nope'"),
+        (["list", "-f", "{name:{nope}}"], 'unknown field "nope"'),
+        (["list", "-o", "json", "-f", "{name}"], "-o json cannot be combined"),
+        (["list", "-o", "yaml"], "invalid choice: 'yaml'"),
+    ],
+)
+def test_list_bad_format(services: Ctl, argv: list[str], message: str) -> None:
+    line = services.refused(2, *argv)
+    assert message in line
+    assert line.startswith("fluxctl: ")
+
+
+def test_list_json(services: Ctl) -> None:
+    out = services.ok("list", "-o", "json")
+    assert list(json.loads(out)["services"]) == ["api", "db", "web"]
+    assert json.loads(out) == {
+        "services": {
+            "api": {"spec": {"address": "10.128.0.2:8080", "instancePort": 9000}, "rules": {}},
+            "db": {"spec": {}, "rules": {"default": {"selector": {"role": "db"}}}},
+            "web": {
+                "spec": {"address": "10.128.0.1:80", "instancePort": 80, "protocol": "http"},
+                "rules": {
+                    "canary": {"selector": {"image": "nginx", "tag": "next"}, "instancePort": 81},
+                    "default": {"selector": {"image": "nginx"}},
+                },
+            },
+        }
+    }
+
+
+# -- info and query (instances and hosts written as fluxd would) -------------------------------
+
+
+@pytest.fixture
+def enrolled(services: Ctl) -> Ctl:
+    services.put(PREFIX + "host/10.0.0.10", {"address": "10.0.0.10", "version": "0.1.0"})
+    services.put(PREFIX + "host/10.0.0.9", {"address": "10.0.0.9"})
+    services.put(
+        SERVICE + "web/instances/bbb222",
+        instance("10.0.0.9", "10.0.0.9:32768", rule="default", labels={"app": "w"}, state="live"),
+    )
+    services.put(
+        SERVICE + "web/instances/aaa111",
+        instance("10.0.0.10", "10.0.0.10:32770", rule="canary", labels={"app": "w"},
+                 state="draining"),
+    )
+    services.put(
+        SERVICE + "web/instances/ccc333",
+        instance(
+            "10.0.0.9",
+            None,
+            rule="default",
+            labels={"app": "w", "v": "2", "image": "nginx", "env.ROLE": "front"},
+        ),
+    )
+    # An original-style record: no state, so it is derived from the address (live).
+    services.put(SERVICE + "db/instances/ddd444", instance("10.0.0.10", "10.0.0.10:5432"))
+    services.put(
+        SERVICE + "db/instances/eee555",
+        instance("10.0.0.9", "10.0.0.9:5432", rule="default", state="unhealthy"),
+    )
+    return services
+
+
+INFO = """\
+HOSTS
+10.0.0.9
+10.0.0.10
+
+SERVICES
+api
+  Address: 10.128.0.2:8080
+  Instance port: 9000
+  RULES
+  INSTANCES
+db
+  RULES
+    default {"role":"db"}
+  INSTANCES
+    ddd444 10.0.0.10:5432 live
+    eee555 10.0.0.9:5432 unhealthy
+web
+  Address: 10.128.0.1:80
+  Instance port: 80
+  Protocol: http
+  RULES
+    canary {"image":"nginx","tag":"next"}
+    default {"image":"nginx"}
+  INSTANCES
+    aaa111 10.0.0.10:32770 draining
+    bbb222 10.0.0.9:32768 live
+    ccc333 <nil> no address
+"""
+
+
+def test_info(enrolled: Ctl) -> None:
+    assert enrolled.ok("info") == INFO
+
+
+def test_info_one_service(enrolled: Ctl) -> None:
+    assert enrolled.ok("info", "-s", "db") == (
+        "HOSTS\n10.0.0.9\n10.0.0.10\n\nSERVICES\n"
+        "db\n"
+        "  RULES\n"
+        '    default {"role":"db"}\n'
+        "  INSTANCES\n"
+        "    ddd444 10.0.0.10:5432 live\n"
+        "    eee555 10.0.0.9:5432 unhealthy\n"
+    )
+    assert enrolled.refused(1, "info", "--service", "nope") == 'fluxctl: no service named "nope"'
+
+
+def test_info_empty(ctl: Ctl) -> None:
+    assert ctl.ok("info") == "HOSTS\n\nSERVICES\n"
+
+
+def test_info_json(enrolled: Ctl) -> None:
+    document = json.loads(enrolled.ok("info", "-o", "json", "-s", "db"))
+    assert document == {
+        "hosts": {
+            "10.0.0.10": {"address": "10.0.0.10", "version": "0.1.0"},
+            "10.0.0.9": {"address": "10.0.0.9"},
+        },
+        "services": {
+            "db": {
+                "spec": {},
+                "rules": {"default": {"selector": {"role": "db"}}},
+                "instances": {
+                    "ddd444": {
+                        "host": {"address": "10.0.0.10"},
+                        "address": "10.0.0.10:5432",
+                        "containerRule": "",
+                        "labels": None,
+                        "state": "live",
+                    },
+                    "eee555": {
+                        "host": {"address": "10.0.0.9"},
+                        "address": "10.0.0.9:5432",
+                        "containerRule": "default",
+                        "labels": None,
+                        "state": "unhealthy",
+                    },
+                },
+            }
+        },
+    }
+    assert list(json.loads(enrolled.ok("info", "-o", "json"))["services"]) == ["api", "db", "web"]
+
+
+def test_query_table(enrolled: Ctl) -> None:
+    assert enrolled.ok("query") == (
+        "SERVICE  INSTANCE  ADDRESS          STATE\n"
+        "db       ddd444    10.0.0.10:5432   live\n"
+        "db       eee555    10.0.0.9:5432    unhealthy\n"
+        "web      aaa111    10.0.0.10:32770  draining\n"
+        "web      bbb222    10.0.0.9:32768   live\n"
+        "web      ccc333    <nil>            no address\n"
+    )
+
+
+def test_query_nothing_found(enrolled: Ctl) -> None:
+    assert enrolled.ok("query", "--image", "nope") == "SERVICE  INSTANCE  ADDRESS  STATE\n"
+    assert enrolled.ok("query", "-q", "--image", "nope") == ""
+
+
+QUERY_FILTERS = [
+    ([], ["ddd444", "eee555", "aaa111", "bbb222", "ccc333"]),
+    (["-s", "web"], ["aaa111", "bbb222", "ccc333"]),
+    (["--host", "10.0.0.9"], ["eee555", "bbb222", "ccc333"]),
+    (["--state", "live"], ["ddd444", "bbb222"]),
+    (["--state", "no address"], ["ccc333"]),
+    (["--state", "draining"], ["aaa111"]),
+    (["--state", "unhealthy"], ["eee555"]),
+    (["--state", "paused"], []),
+    (["--rule", "default"], ["eee555", "bbb222", "ccc333"]),
+    (["--rule", "canary", "-s", "web"], ["aaa111"]),
+    (["--labels", "app=w"], ["aaa111", "bbb222", "ccc333"]),
+    (["--labels", "app=w,v=2"], ["ccc333"]),
+    (["--labels", "v="], ["ddd444", "eee555", "aaa111", "bbb222"]),
+    (["--host", "10.0.0.9", "--state", "live", "--rule", "default"], ["bbb222"]),
+    (["-s", "db", "--host", "10.0.0.10"], ["ddd444"]),
+    (["--image", "nginx"], ["ccc333"]),
+    (["--env", "ROLE=front"], ["ccc333"]),
+    (["--env", "ROLE=back"], []),
+    (["--labels", "ROLE=front"], []),
+]
+
+
+def test_query_filters(enrolled: Ctl) -> None:
+    # One table over one set of records: building the records is the slow part.
+    for filters, names in QUERY_FILTERS:
+        assert enrolled.ok("query", "-q", *filters).splitlines() == names, filters
+
+
+def test_query_format(enrolled: Ctl) -> None:
+    out = enrolled.ok(
+        "query", "-s", "web", "--format",
+        "{service} {name} {state} {host} {containerRule} {address} {labels} [{labels[v]}]",
+    )
+    assert out == (
+        'web aaa111 draining 10.0.0.10 canary 10.0.0.10:32770 {"app":"w"} []\n'
+        'web bbb222 live 10.0.0.9 default 10.0.0.9:32768 {"app":"w"} []\n'
+        'web ccc333 no address 10.0.0.9 default  {"app":"w","env.ROLE":"front","image":"nginx",'
+        '"v":"2"} [2]\n'
+    )
+
+
+def test_query_json(enrolled: Ctl) -> None:
+    document = json.loads(enrolled.ok("query", "-o", "json", "--host", "10.0.0.9"))
+    assert document == {
+        "instances": [
+            {
+                "service": "db",
+                "name": "eee555",
+                "host": {"address": "10.0.0.9"},
+                "address": "10.0.0.9:5432",
+                "containerRule": "default",
+                "labels": None,
+                "state": "unhealthy",
+            },
+            {
+                "service": "web",
+                "name": "bbb222",
+                "host": {"address": "10.0.0.9"},
+                "address": "10.0.0.9:32768",
+                "containerRule": "default",
+                "labels": {"app": "w"},
+                "state": "live",
+            },
+            {
+                "service": "web",
+                "name": "ccc333",
+                "host": {"address": "10.0.0.9"},
+                "containerRule": "default",
+                "labels": {"app": "w", "v": "2", "image": "nginx", "env.ROLE": "front"},
+                "state": "no address",
+            },
+        ]
+    }
+
+
+QUERY_REFUSALS = [
+    (["query", "-q", "-f", "{name}"], 2, "not allowed with argument"),
+    (["query", "-o", "json", "-q"], 2, "not allowed with argument"),
+    (["query", "-f", "{nope}"], 2, 'unknown field "nope"; fields are service, name, state'),
+    (["query", "-f", "{address"], 2, "expected '}'"),
+    (["query", "--state", "dead"], 2, "invalid choice: 'dead'"),
+    (["query", "--host", "host1"], 2, "invalid --host 'host1': not an IP address"),
+    (["query", "--rule", "a/b"], 2, "invalid rule name 'a/b'"),
+    (["query", "--labels", "=v"], 2, "every item needs a name"),
+    (["query", "-s", "nope"], 1, 'no service named "nope"'),
+]
+
+
+def test_query_refusals(enrolled: Ctl) -> None:
+    for argv, status, message in QUERY_REFUSALS:
+        assert message in enrolled.refused(status, *argv), argv
+
+
+def test_bad_records_are_skipped_with_a_warning(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--image", "nginx")
+    ctl.etcd.etcdctl("put", SERVICE + "junk/spec", "{not json")
+    ctl.put(SERVICE + "odd/spec", {"protocol": "udp"})
+    ctl.put(SERVICE + "web/rules/broken", {"selector": {"": "x"}})
+    result = ctl("list", "-v")
+    assert (result.status, result.out) == (0, 'web\n  Rule: default {"image":"nginx"}\n')
+    warnings = result.err.splitlines()
+    assert len(warnings) == 3, result.err
+    assert all(line.startswith("fluxctl: warning: ") for line in warnings)
+    for key in ("junk/spec", "odd/spec", "web/rules/broken"):
+        assert any(key in line for line in warnings), (key, warnings)
+
+
+# -- version, help, usage -----------------------------------------------------------------------
+
+
+class NoEtcd(Ctl):
+    """fluxctl pointed at a loopback port nothing listens on."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.endpoint = unreachable_endpoint()
+        self._capsys = capsys
+
+
+@pytest.fixture
+def no_etcd(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Ctl:
+    ctl = NoEtcd(capsys)
+    use_etcd(monkeypatch, ctl.endpoint)
+    return ctl
+
+
+def test_version_without_etcd(no_etcd: Ctl) -> None:
+    banner = f"fluxctl version {flux.__version__}\n"
+    assert no_etcd("version") == Result(0, banner, "")
+    assert no_etcd("--version") == Result(0, banner, "")
+
+
+def test_help_without_etcd(no_etcd: Ctl) -> None:
+    result = no_etcd("--help")
+    assert (result.status, result.err) == (0, "")
+    for command in ("service", "select", "deselect", "rm", "list", "info", "query", "version"):
+        assert command in result.out
+    result = no_etcd("query", "--help")
+    assert (result.status, result.err) == (0, "")
+    assert "--quiet" in result.out and "--env" in result.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["version", "extra"], "unrecognized arguments: extra"),
+        ([], "missing command"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_without_etcd(no_etcd: Ctl, argv: list[str], message: str) -> None:
+    result = no_etcd(*argv)
+    assert result.status == 2 and result.out == ""
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxctl: ") and message in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["list"],
+        ["info"],
+        ["query"],
+        ["service", "web"],
+        ["rm", "--all"],
+        ["select", "web", "--tag", "1"],
+    ],
+)
+def test_unreachable_etcd_is_one_line_naming_it(no_etcd: Ctl, argv: list[str]) -> None:
+    started = time.monotonic()
+    result = no_etcd(*argv)
+    assert time.monotonic() - started < 10
+    assert (result.status, result.out) == (1, "")
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("fluxctl: ")
+    assert no_etcd.endpoint in lines[0]
+
+
+def test_several_endpoints_fail_over(ctl: Ctl, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = unreachable_endpoint()
+    monkeypatch.setenv("ETCD_ADDRESS", f"{dead}, {ctl.endpoint},")
+    assert ctl.ok("service", "web") == "web\n"
+    assert ctl.etcd.keys("") == [SERVICE + "web/spec"]
+
+
+def test_default_endpoint() -> None:
+    assert fluxctl._endpoints({}) == ["http://127.0.0.1:2379"]
+    assert fluxctl._endpoints({"ETCD_ADDRESS": ""}) == ["http://127.0.0.1:2379"]
+    assert fluxctl._endpoints({"ETCD_ADDRESS": "a:1, b:2"}) == ["a:1", "b:2"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ETCD_ADDRESS": "ftp://127.0.0.1:2379"}, "invalid etcd endpoint 'ftp://127.0.0.1:2379'"),
+        ({"ETCD_CA_FILE": "/nonexistent/ca.pem"}, "cannot load the etcd TLS files"),
+        ({"ETCD_PASSWORD": "secret"}, "an etcd password needs a user name too"),
+    ],
+)
+def test_bad_etcd_configuration(
+    no_etcd: Ctl, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = no_etcd("list")
+    assert (result.status, result.out) == (1, "")
+    assert len(result.err.splitlines()) == 1 and message in result.err, result.err
+    assert "secret" not in result.err
+
+
+# -- the entry points, in a subprocess ----------------------------------------------------------
+
+
+def run_fluxctl(
+    *argv: str, endpoint: str, command: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+    env["ETCD_ADDRESS"] = endpoint
+    return subprocess.run(
+        [*(command or [sys.executable, "-m", "flux.fluxctl"]), *argv],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_module_entry_point(etcd: EtcdServer) -> None:
+    result = run_fluxctl("service", "web", "--address", "10.0.0.1:80", endpoint=etcd.endpoint)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "web\n", "")
+    result = run_fluxctl("list", "-v", endpoint=etcd.endpoint)
+    assert (result.returncode, result.stdout) == (
+        0, "web\n  Address: 10.0.0.1:80\n  Instance port: 80\n"
+    )
+    result = run_fluxctl("deselect", "web", endpoint=etcd.endpoint)
+    assert result.returncode == 1
+    assert result.stderr == 'fluxctl: service "web" has no rule named "default"\n'
+
+
+def test_module_entry_point_usage_error(etcd: EtcdServer) -> None:
+    result = run_fluxctl("service", "web", "--address", "10.0.0.1", endpoint=etcd.endpoint)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        'fluxctl: Did not understand the address supplied "10.0.0.1"; '
+        "expected to be ipaddress:port\n"
+    )
+    assert etcd.keys("") == []
+
+
+def test_module_entry_point_without_etcd() -> None:
+    endpoint = unreachable_endpoint()
+    result = run_fluxctl("version", endpoint=endpoint)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"fluxctl version {flux.__version__}\n", ""
+    )
+    result = run_fluxctl("list", endpoint=endpoint)
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and endpoint in result.stderr
+
+
+def test_console_script(etcd: EtcdServer) -> None:
+    script = Path(sys.executable).parent / "fluxctl"
+    result = run_fluxctl("service", "api", endpoint=etcd.endpoint, command=[str(script)])
+    assert (result.returncode, result.stdout, result.stderr) == (0, "api\n", "")
+    result = run_fluxctl("rm", "nope", endpoint=etcd.endpoint, command=[str(script)])
+    assert (result.returncode, result.stderr) == (1, 'fluxctl: no service named "nope"\n')
+    assert etcd.keys("") == [SERVICE + "api/spec"]

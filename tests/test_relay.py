@@ -1,0 +1,698 @@
+"""One behaviour suite, two relays: the compiled splice engine and the pure-Python fallback.
+
+Every scenario runs against both implementations on the uvloop event loop, over real loopback
+sockets.  The test drives both ends of a relayed connection itself: ``client`` is the test's end
+of the client connection, ``server`` the test's end of the upstream connection, so it can
+half-close, reset, read slowly or stop reading on either side.  Each scenario runs under a
+deadline, and its teardown checks that no descriptor, pipe or task outlived it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import resource
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvloop
+
+from flux.relay import PythonRelay, RelayResult, SpliceRelay, make_relay
+
+KINDS = ["splice", "python"]
+LOOPBACK = "127.0.0.1"
+MiB = 1 << 20
+RESET_LINGER = struct.pack("ii", 1, 0)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def describe(fds: set[int]) -> list[str]:
+    out = []
+    for fd in sorted(fds):
+        try:
+            out.append(f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            out.append(f"{fd} -> ?")
+    return out
+
+
+@dataclass
+class Link:
+    """One relayed connection, seen from the test's two ends."""
+
+    client: socket.socket
+    server: socket.socket
+    result: asyncio.Future[RelayResult]
+
+
+class Harness:
+    """A started relay plus front/back listeners; tracks every socket the test opens."""
+
+    def __init__(self, kind: str, options: dict[str, Any]) -> None:
+        self.kind = kind
+        self.relay = make_relay(kind, **options)  # type: ignore[arg-type]
+        self.sockets: list[socket.socket] = []
+        self.links: list[Link] = []
+        # Concurrent accepts on one listener may take each other's connections: one at a time.
+        self.opening = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.relay.start()
+        self.front = self.listener()
+        self.back = self.listener()
+
+    def listener(self) -> socket.socket:
+        sock = socket.create_server((LOOPBACK, 0), backlog=4096)
+        sock.setblocking(False)
+        self.sockets.append(sock)
+        return sock
+
+    async def pair(self, listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+        near = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        near.setblocking(False)
+        try:
+            await self.loop.sock_connect(near, listener.getsockname())
+            far, _ = await self.loop.sock_accept(listener)
+        except BaseException:
+            near.close()
+            raise
+        far.setblocking(False)
+        return near, far
+
+    async def open(self, *, buffers: int | None = None) -> Link:
+        """A client connected through the relay to the test's server end.
+
+        ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
+        buffers is bounded and what the relay buffers can be told apart.
+        """
+        async with self.opening:
+            client, relay_client = await self.pair(self.front)
+            self.sockets.append(client)
+            relay_upstream, server = await self.pair(self.back)
+            self.sockets.append(server)
+        if buffers is not None:
+            for sock in (client, relay_client, relay_upstream, server):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        link = Link(client, server, self.relay.submit(relay_client, relay_upstream))
+        self.links.append(link)
+        return link
+
+    async def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        await self.relay.close(grace=5.0)
+
+
+def run(
+    kind: str,
+    scenario: Callable[[Harness], Awaitable[None]],
+    *,
+    deadline: float = 60.0,
+    **options: Any,
+) -> Harness:
+    """Run a scenario on a fresh uvloop loop and check that it leaked nothing."""
+    # uvloop opens one process-wide pipe with its first loop; let that happen outside the count.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.sleep(0))
+    fds_before = open_fds()
+    harness: Harness | None = None
+
+    async def main() -> None:
+        nonlocal harness
+        harness = Harness(kind, options)
+        await harness.start()
+        try:
+            async with asyncio.timeout(deadline):
+                await scenario(harness)
+        finally:
+            await harness.close()
+        leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert leftover == [], f"tasks outlived the scenario: {leftover}"
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert harness is not None
+    leaked = open_fds() - fds_before
+    assert not leaked, f"descriptors leaked: {describe(leaked)}"
+    assert harness.relay.active == 0
+    if isinstance(harness.relay, SpliceRelay):
+        stats = harness.relay.engine.stats()
+        assert stats["active"] == 0, stats
+        assert stats["sockets_owned"] == 0, stats
+        assert stats["pipes_lent"] == 0, stats
+        assert stats["pipes_open"] == 0, stats
+        assert stats["inflight_bytes"] == 0, stats
+    return harness
+
+
+# ---- endpoint helpers (the test's two ends) -----------------------------------------------------
+
+
+async def send(sock: socket.socket, data: bytes) -> None:
+    await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, min(65536, n - len(out)))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+async def recv_to_eof(sock: socket.socket, size: int = 65536) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while chunk := await loop.sock_recv(sock, size):
+        out += chunk
+    return bytes(out)
+
+
+async def expect_reset(sock: socket.socket) -> None:
+    """Read until the socket reports a reset; an orderly EOF fails the test."""
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ConnectionResetError):
+        while await loop.sock_recv(sock, 65536):
+            pass
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+    sock.close()
+
+
+class Pattern:
+    """A non-periodic byte stream (slices of a random block at shifting offsets) and its hash."""
+
+    block = os.urandom(4 * MiB)
+
+    def __init__(self, total: int, seed: int) -> None:
+        self.total = total
+        self.seed = seed
+
+    def chunks(self, size: int = MiB - 4099) -> Any:
+        sent = 0
+        k = self.seed
+        while sent < self.total:
+            n = min(size, self.total - sent)
+            start = (k * 7919) % (len(self.block) - n)
+            yield self.block[start : start + n]
+            sent += n
+            k += 1
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for chunk in self.chunks():
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def blocking(sock: socket.socket) -> socket.socket:
+    sock.setblocking(True)
+    sock.settimeout(30.0)
+    return sock
+
+
+def send_pattern(sock: socket.socket, pattern: Pattern, progress: list[int] | None = None) -> str:
+    h = hashlib.sha256()
+    for chunk in pattern.chunks():
+        sock.sendall(chunk)
+        h.update(chunk)
+        if progress is not None:
+            progress[0] += len(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    return h.hexdigest()
+
+
+def receive_digest(sock: socket.socket) -> tuple[int, str]:
+    h = hashlib.sha256()
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    total = 0
+    while n := sock.recv_into(buf):
+        h.update(view[:n])
+        total += n
+    return total, h.hexdigest()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# ---- the suite ----------------------------------------------------------------------------------
+
+
+def test_small_messages_round_trip(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        for i in range(200):
+            request = b"ping %d " % i * (1 + i % 7)
+            await send(link.client, request)
+            assert await recv_exactly(link.server, len(request)) == request
+            response = b"pong %d\n" % i
+            await send(link.server, response)
+            assert await recv_exactly(link.client, len(response)) == response
+        # Partial reads: many tiny writes arrive intact and in order.
+        for i in range(100):
+            await send(link.server, bytes([i]))
+        assert await recv_exactly(link.client, 100) == bytes(range(100))
+
+    run(kind, scenario)
+
+
+def test_half_close_from_client_keeps_the_reply_flowing(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        await send(link.client, b"request body")
+        link.client.shutdown(socket.SHUT_WR)
+        # The server sees the request and then EOF ...
+        assert await recv_to_eof(link.server) == b"request body"
+        # ... and can still answer over the half-open connection.
+        for _ in range(3):
+            await send(link.server, b"reply part;")
+            await asyncio.sleep(0.01)
+        link.server.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.client) == b"reply part;" * 3
+        result = await link.result
+        assert result.error is None
+        assert (result.to_upstream, result.to_client) == (12, 33)
+
+    run(kind, scenario)
+
+
+def test_half_close_from_server_keeps_the_request_flowing(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        await send(link.server, b"banner")
+        link.server.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.client) == b"banner"
+        for _ in range(4):
+            await send(link.client, b"late data;")
+            await asyncio.sleep(0.01)
+        link.client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.server) == b"late data;" * 4
+        result = await link.result
+        assert result.error is None
+        assert (result.to_upstream, result.to_client) == (40, 6)
+
+    run(kind, scenario)
+
+
+def test_eof_both_ways_closes_both_sockets_and_reports_the_bytes(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        await send(link.client, b"x" * 1000)
+        await send(link.server, b"y" * 777)
+        assert await recv_exactly(link.server, 1000) == b"x" * 1000
+        assert await recv_exactly(link.client, 777) == b"y" * 777
+        before = len(open_fds())
+        link.client.shutdown(socket.SHUT_WR)
+        link.server.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.client) == b""
+        assert await recv_to_eof(link.server) == b""
+        result = await link.result
+        assert (result.to_upstream, result.to_client, result.error) == (1000, 777, None)
+        assert result.duration > 0
+        # The relay's two sockets are gone once the result is in.
+        assert len(open_fds()) == before - 2
+        assert h.relay.active == 0
+
+    run(kind, scenario)
+
+
+def test_reset_from_server_reaches_the_client(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        await send(link.client, b"hello")
+        assert await recv_exactly(link.server, 5) == b"hello"
+        reset(link.server)
+        await expect_reset(link.client)
+        result = await link.result
+        assert result.error == "ECONNRESET"
+        assert result.to_upstream == 5
+
+    run(kind, scenario)
+
+
+def test_reset_from_client_reaches_the_server(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        await send(link.server, b"welcome")
+        assert await recv_exactly(link.client, 7) == b"welcome"
+        reset(link.client)
+        await expect_reset(link.server)
+        result = await link.result
+        assert result.error == "ECONNRESET"
+        assert result.to_client == 7
+
+    run(kind, scenario)
+
+
+def test_reset_after_half_close_still_propagates(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        link.client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.server) == b""
+        # The client direction is finished; a reset from the server must still reach it.
+        reset(link.server)
+        await expect_reset(link.client)
+        assert (await link.result).error == "ECONNRESET"
+
+    run(kind, scenario)
+
+
+def test_large_transfer_both_ways_with_checksums(kind: str) -> None:
+    size = 128 * MiB
+
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        up, down = Pattern(size, 1), Pattern(size, 2)
+        client, server = blocking(link.client), blocking(link.server)
+        sent_up, sent_down, got_up, got_down = await asyncio.gather(
+            asyncio.to_thread(send_pattern, client, up),
+            asyncio.to_thread(send_pattern, server, down),
+            asyncio.to_thread(receive_digest, server),
+            asyncio.to_thread(receive_digest, client),
+        )
+        assert got_up == (size, sent_up)
+        assert got_down == (size, sent_down)
+        result = await link.result
+        assert (result.to_upstream, result.to_client, result.error) == (size, size, None)
+        if isinstance(h.relay, SpliceRelay):
+            stats = h.relay.engine.stats()
+            # Bulk flows go through pipes, and at most one pipe per direction is in use.
+            assert stats["bytes_spliced"] > 0.9 * 2 * size, stats
+            assert stats["pipes_created"] <= 2, stats
+
+    run(kind, scenario)
+
+
+def test_slow_reader_stalls_the_writer_with_bounded_buffering(kind: str) -> None:
+    total = 48 * MiB
+    kernel_buffer = 128 * 1024
+
+    async def scenario(h: Harness) -> None:
+        link = await h.open(buffers=kernel_buffer)
+        pattern = Pattern(total, 3)
+        progress = [0]
+        server = blocking(link.server)
+        sender = asyncio.create_task(asyncio.to_thread(send_pattern, server, pattern, progress))
+        loop = asyncio.get_running_loop()
+        received = 0
+        h_recv = hashlib.sha256()
+        max_inflight = 0
+        max_pipes = 0
+        # Phase 1: a reader that takes 64 KiB every 10 ms (about 6 MiB/s).
+        slow_until = time.monotonic() + 1.0
+        while time.monotonic() < slow_until:
+            chunk = await loop.sock_recv(link.client, 65536)
+            h_recv.update(chunk)
+            received += len(chunk)
+            max_inflight = max(max_inflight, h.relay.inflight_bytes)
+            if isinstance(h.relay, SpliceRelay):
+                max_pipes = max(max_pipes, h.relay.engine.pipes_lent)
+            await asyncio.sleep(0.01)
+        ahead = progress[0] - received
+        # The writer is held back: only kernel buffers (four sockets of 128 KiB, doubled by
+        # the kernel) and the relay's own bounded buffer sit between the two ends.
+        assert progress[0] < total / 2, f"writer got {progress[0]} bytes ahead of a slow reader"
+        assert ahead < 6 * MiB, f"{ahead} bytes buffered between writer and reader"
+        assert max_inflight <= 2 * MiB + 64 * 1024, max_inflight
+        assert max_pipes <= 2
+        # Phase 2: read the rest at full speed; nothing was lost or reordered.
+        while chunk := await loop.sock_recv(link.client, MiB):
+            h_recv.update(chunk)
+            received += len(chunk)
+        assert await sender == h_recv.hexdigest()
+        assert received == total
+        link.client.shutdown(socket.SHUT_WR)
+        result = await link.result
+        assert (result.to_client, result.error) == (total, None)
+
+    run(kind, scenario)
+
+
+def test_many_concurrent_connections(kind: str) -> None:
+    count = 800
+
+    async def converse(link: Link, i: int) -> None:
+        for round_ in range(3):
+            request = b"req %d.%d\n" % (i, round_)
+            await send(link.client, request)
+            assert await recv_exactly(link.server, len(request)) == request
+            await send(link.server, request.upper() * 10)
+            assert await recv_exactly(link.client, 10 * len(request)) == request.upper() * 10
+        link.client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.server) == b""
+        link.server.close()
+        assert await recv_to_eof(link.client) == b""
+        result = await link.result
+        assert result.error is None
+        assert result.to_client == 10 * result.to_upstream > 0
+
+    async def scenario(h: Harness) -> None:
+        links = [await h.open() for _ in range(count)]
+        await asyncio.sleep(0.05)
+        assert h.relay.active == count
+        await asyncio.gather(*(converse(link, i) for i, link in enumerate(links)))
+        assert h.relay.active == 0
+
+    run(kind, scenario)
+
+
+def test_connection_churn(kind: str) -> None:
+    total, parallel = 3000, 64
+
+    async def one(h: Harness, i: int) -> None:
+        link = await h.open()
+        request = b"GET /%d\r\n" % i
+        await send(link.client, request)
+        if i % 2:
+            # Client half-closes first: the upstream side sees the second EOF.
+            link.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.server) == request
+            await send(link.server, b"ok")
+            link.server.shutdown(socket.SHUT_WR)
+        else:
+            # Server answers and closes first: the client side sees the second EOF.
+            assert await recv_exactly(link.server, len(request)) == request
+            await send(link.server, b"ok")
+            link.server.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0)
+            link.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.server) == b""
+        assert await recv_to_eof(link.client) == b"ok"
+        result = await link.result
+        assert (result.to_upstream, result.to_client, result.error) == (len(request), 2, None)
+        link.client.close()
+        link.server.close()
+        h.sockets.remove(link.client)
+        h.sockets.remove(link.server)
+        h.links.remove(link)
+
+    async def scenario(h: Harness) -> None:
+        gate = asyncio.Semaphore(parallel)
+
+        async def bounded(i: int) -> None:
+            async with gate:
+                await one(h, i)
+
+        started = time.monotonic()
+        await asyncio.gather(*(bounded(i) for i in range(total)))
+        assert h.relay.active == 0
+        assert time.monotonic() - started < 45
+
+    run(kind, scenario)
+
+
+def test_idle_connections_hold_no_pipes_or_buffers(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        idle = [await h.open() for _ in range(1000)]
+        busy = [await h.open() for _ in range(50)]
+        payload = os.urandom(2 * MiB)
+
+        async def bulk(link: Link) -> None:
+            await asyncio.gather(send(link.server, payload), send(link.client, payload))
+            got_client, got_server = await asyncio.gather(
+                recv_exactly(link.client, len(payload)), recv_exactly(link.server, len(payload))
+            )
+            assert got_client == got_server == payload
+
+        await asyncio.gather(*(bulk(link) for link in busy))
+        await wait_until(lambda: h.relay.inflight_bytes == 0, 5.0, "buffers to drain")
+        if isinstance(h.relay, SpliceRelay):
+            engine = h.relay.engine
+            assert engine.pipes_lent == 0
+            # Pipes were used while bytes were in flight, and pooled (not kept) afterwards.
+            assert engine.stats()["pipes_created"] > 0
+            assert engine.pipes_idle <= 64
+        assert h.relay.active == 1050
+        # Idle connections still work afterwards.
+        for link in idle[:10] + busy[:10]:
+            await send(link.client, b"still there?")
+            assert await recv_exactly(link.server, 12) == b"still there?"
+
+    run(kind, scenario)
+
+
+def test_close_lets_transfers_finish_within_grace_then_cuts_the_rest(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        finishing = await h.open()
+        stuck = await h.open()
+        await send(stuck.client, b"hanging")
+
+        async def serve_slowly() -> None:
+            for _ in range(8):
+                await send(finishing.server, b"z" * 65536)
+                await asyncio.sleep(0.05)
+            finishing.server.shutdown(socket.SHUT_WR)
+            finishing.client.shutdown(socket.SHUT_WR)
+
+        server_task = asyncio.create_task(serve_slowly())
+        reader = asyncio.create_task(recv_to_eof(finishing.client))
+        started = time.monotonic()
+        grace = 1.5
+        closing = asyncio.create_task(h.relay.close(grace=grace))
+        await asyncio.sleep(0)
+        with socket.socket() as a, socket.socket() as b, pytest.raises(RuntimeError):
+            h.relay.submit(a, b)
+        assert len(await reader) == 8 * 65536
+        await server_task
+        done = await finishing.result
+        assert done.error is None and done.to_client == 8 * 65536
+        assert time.monotonic() - started < grace
+        await closing
+        elapsed = time.monotonic() - started
+        assert grace <= elapsed < grace + 2.0, elapsed
+        cut = await stuck.result
+        assert cut.error == "ECANCELED"
+        assert cut.to_upstream == 7
+        await expect_reset(stuck.client)
+        await expect_reset(stuck.server)
+
+    run(kind, scenario)
+
+
+def test_descriptor_exhaustion_degrades_to_copying(kind: str) -> None:
+    size = 16 * MiB
+
+    async def scenario(h: Harness) -> None:
+        link = await h.open()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        limit = max(open_fds()) + 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            # Take every free descriptor below the limit: the relay cannot create a pipe now.
+            while True:
+                try:
+                    fillers.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            up = Pattern(size, 4)
+            payload = b"".join(up.chunks())
+            got, _ = await asyncio.gather(
+                recv_exactly(link.server, size), send(link.client, payload)
+            )
+            assert hashlib.sha256(got).hexdigest() == up.digest()
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if isinstance(h.relay, SpliceRelay):
+            stats = h.relay.engine.stats()
+            assert stats["pipe_failures"] > 0, stats
+            assert stats["pipes_created"] == 0, stats
+        # With descriptors back, the same connection goes on (and may splice again).
+        await send(link.client, b"after")
+        assert await recv_exactly(link.server, 5) == b"after"
+
+    run(kind, scenario)
+
+
+# ---- engine specifics ---------------------------------------------------------------------------
+
+
+def test_engine_copies_small_messages_and_splices_bulk() -> None:
+    async def scenario(h: Harness) -> None:
+        assert isinstance(h.relay, SpliceRelay)
+        engine = h.relay.engine
+        link = await h.open()
+        for _ in range(50):
+            await send(link.client, b"q" * 100)
+            await recv_exactly(link.server, 100)
+            await send(link.server, b"r" * 300)
+            await recv_exactly(link.client, 300)
+        stats = engine.stats()
+        assert stats["calls_splice"] == 0 and stats["pipes_created"] == 0, stats
+        payload = os.urandom(32 * MiB)
+        got, _ = await asyncio.gather(recv_exactly(link.client, len(payload)),
+                                      send(link.server, payload))
+        assert got == payload
+        stats = engine.stats()
+        assert stats["bytes_spliced"] > 0.9 * len(payload), stats
+        # After the bulk flow goes quiet, small messages are copied again.
+        await wait_until(lambda: engine.pipes_lent == 0, 5.0, "the pipe to be returned")
+        for _ in range(3):
+            await send(link.server, b"r" * 300)
+            await recv_exactly(link.client, 300)
+        calls = engine.stats()["calls_splice"]
+        for _ in range(20):
+            await send(link.server, b"r" * 300)
+            await recv_exactly(link.client, 300)
+        assert engine.stats()["calls_splice"] == calls
+
+    run("splice", scenario)
+
+
+def test_engine_rejects_bad_settings_and_misuse() -> None:
+    from flux._splice import SpliceEngine
+
+    with pytest.raises(ValueError, match="pipe_size"):
+        SpliceEngine(pipe_size=100)
+    with pytest.raises(ValueError, match="small_buffer"):
+        SpliceEngine(small_buffer=1)
+    engine = SpliceEngine()
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.add(0, 1, 1)
+    engine.start()
+    try:
+        with pytest.raises(ValueError, match="distinct"):
+            engine.add(5, 5, 1)
+        with pytest.raises(RuntimeError):
+            engine.start()
+    finally:
+        engine.stop()
+    engine.stop()
+    assert engine.eventfd == -1
+    assert engine.drain() == []
+
+
+def test_make_relay_defaults_to_the_engine() -> None:
+    assert isinstance(make_relay(), SpliceRelay)
+    assert isinstance(make_relay("python"), PythonRelay)
+    with pytest.raises(ValueError, match="'splice' or 'python', got 'copy'"):
+        make_relay("copy")  # type: ignore[arg-type]
