@@ -25,6 +25,8 @@ from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.etcd_server import EtcdServer
 
 HOST = "127.0.0.1"
+# nat: PREROUTING and OUTPUT; filter: FORWARD, INPUT and OUTPUT.
+EXPECTED_JUMPS = ["FORWARD", "INPUT", "OUTPUT", "OUTPUT", "PREROUTING"]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
@@ -143,7 +145,7 @@ def test_start_registers_host_and_sigterm_cleans_up(
     assert daemon.logged("effective configuration:")
     daemon.wait_logged("installed (nat and filter)")
     jumps = [line for line in chain_lines(daemon.chain) if line.startswith("-A ")]
-    assert sorted(line.split()[1] for line in jumps) == ["FORWARD", "INPUT", "OUTPUT", "PREROUTING"]
+    assert sorted(line.split()[1] for line in jumps) == EXPECTED_JUMPS
     # fluxctl sees the host.
     info = subprocess.run(
         [sys.executable, "-m", "flux.fluxctl", "info"],
@@ -173,7 +175,7 @@ def test_sigkill_leaves_host_until_ttl_and_restart_leaves_one_set_of_rules(
     again = fluxd_factory("-host-ttl", "2", chain=daemon.chain)
     again.wait_logged("installed (nat and filter)")
     jumps = [line for line in chain_lines(daemon.chain) if line.startswith("-A ")]
-    assert sorted(line.split()[1] for line in jumps) == ["FORWARD", "INPUT", "OUTPUT", "PREROUTING"]
+    assert sorted(line.split()[1] for line in jumps) == EXPECTED_JUMPS
     assert again.signal(signal.SIGTERM) == 0
     assert chain_lines(daemon.chain) == []
 

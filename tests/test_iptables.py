@@ -247,7 +247,7 @@ async def test_start_removes_a_messy_leftover(chain: str) -> None:
     assert lines("nat", chain) == [f"-N {chain}"]
     assert lines("filter", chain) == [f"-N {chain}"]
     assert_hooked_once_at_top(chain)
-    assert len(mentions(chain)) == 4  # the four jumps, nothing else
+    assert len(mentions(chain)) == 5  # the five jumps, nothing else
 
 
 async def test_start_rereads_when_the_tables_change_under_it(chain: str) -> None:

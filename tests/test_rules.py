@@ -238,7 +238,7 @@ class FakeTables:
     state after every commit.
     """
 
-    BUILTIN = {"nat": ("PREROUTING", "OUTPUT"), "filter": ("FORWARD", "INPUT")}
+    BUILTIN = {"nat": ("PREROUTING", "OUTPUT"), "filter": ("FORWARD", "INPUT", "OUTPUT")}
 
     def __init__(self) -> None:
         self.tables: dict[str, dict[str, list[tuple[str, ...]]]] = {
@@ -314,13 +314,14 @@ def test_sync_from_nothing_creates_chains_jumps_and_rules() -> None:
             ":FLUX - [0:0]",
             "-I FORWARD 1 -j FLUX",
             "-I INPUT 1 -j FLUX",
+            "-I OUTPUT 1 -j FLUX",
             "-A FLUX " + " ".join(REJECT_B),
             "COMMIT",
             "",
         ]
     )
     assert plan.added == desired and plan.deleted == RuleSet()
-    assert len(plan.repaired) == 6
+    assert len(plan.repaired) == 7
 
 
 def test_sync_that_changes_nothing_does_nothing() -> None:
@@ -335,8 +336,10 @@ def test_sync_reads_back_quoted_comments_as_equal() -> None:
     # iptables-save quotes some comments ("web.b") and not others (hello).
     plan = plan_sync(CHAIN, parse_save(SAVE, CHAIN), RuleSet(nat=(DNAT_A,), filter=(REJECT_B,)))
     assert plan.changes == 0
-    assert plan.repaired == ("nat jump from OUTPUT",)
-    assert plan.batch == "*nat\n-I OUTPUT 1 -j FLUX\nCOMMIT\n"
+    assert plan.repaired == ("nat jump from OUTPUT", "filter jump from OUTPUT")
+    assert plan.batch == (
+        "*nat\n-I OUTPUT 1 -j FLUX\nCOMMIT\n*filter\n-I OUTPUT 1 -j FLUX\nCOMMIT\n"
+    )
 
 
 def test_switching_a_service_adds_before_it_deletes() -> None:
@@ -400,6 +403,7 @@ def test_setup_replaces_a_messy_leftover() -> None:
             '-D DOCKER-USER -m comment --comment "unbalanced \\" quote" -g FLUX',
             "-I FORWARD 1 -j FLUX",
             "-I INPUT 1 -j FLUX",
+            "-I OUTPUT 1 -j FLUX",
             "COMMIT",
             "",
         ]

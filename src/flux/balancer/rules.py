@@ -14,7 +14,10 @@ flux owns one chain, named by ``-chain`` (default ``FLUX``), in two tables:
   "connection refused" at once instead of waiting for a SYN that nobody answers.  The chain is
   jumped to from the top of **INPUT**, which sees packets to a local destination — a host
   client's VIP in 127.0.0.0/8 or a VIP routed as local — and of **FORWARD**, which sees
-  containers' packets to a non-local VIP that the host would otherwise route onwards.  REJECT
+  containers' packets to a non-local VIP that the host would otherwise route onwards, and
+  (beyond the original) of **OUTPUT**, which sees a host process's packets to a non-local VIP
+  before they are routed out of the host: without it such a client's SYN would leave the
+  machine instead of being refused.  REJECT
   is only valid in filter, and filter runs after nat, so a forwarding service's packets (already
   rewritten to the listener) never meet a REJECT for their VIP.
 
@@ -79,7 +82,9 @@ class Table(enum.StrEnum):
 # Which built-in chains jump to ours, per table (see the module docstring for why these).
 HOOKS: dict[Table, tuple[str, ...]] = {
     Table.NAT: ("PREROUTING", "OUTPUT"),
-    Table.FILTER: ("FORWARD", "INPUT"),
+    # OUTPUT too (beyond the original): a host process connecting to a rejecting service whose
+    # address is not local would otherwise send its SYN out of the host instead of being refused.
+    Table.FILTER: ("FORWARD", "INPUT", "OUTPUT"),
 }
 
 # The arguments of one rule after ``-A <chain>``, as iptables-save prints them.
