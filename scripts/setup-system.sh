@@ -15,6 +15,7 @@ have_cmd ip        || need+=(iproute2)
 have_pkg busybox-static || need+=(busybox-static)
 have_cmd cc        || need+=(gcc)
 have_cmd curl      || need+=(curl)
+have_cmd promtool  || need+=(prometheus)
 if [ "${FLUX_BENCH_TOOLS:-0}" = 1 ]; then
   have_cmd wrk     || need+=(wrk)
   have_cmd iperf3  || need+=(iperf3)

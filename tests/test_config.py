@@ -105,6 +105,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.http_header_timeout == 10.0
     assert s.http_idle_timeout == 60.0
     assert s.balance == "random"
+    assert s.relay == "splice"
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)
     assert s.docker_host == "unix:///var/run/docker.sock"
     assert s.etcd_ca_file is None and s.etcd_cert_file is None and s.etcd_key_file is None
@@ -165,6 +166,8 @@ FLAG_CASES = [
     ("http-idle-timeout", ".5", "http_idle_timeout", 0.5, []),
     ("balance", "p2c", "balance", "p2c", []),
     ("balance", "random", "balance", "random", []),
+    ("relay", "python", "relay", "python", []),
+    ("relay", "splice", "relay", "splice", []),
 ]
 
 
@@ -251,6 +254,7 @@ ENV_CASES = [
     ("FLUX_HTTP_HEADER_TIMEOUT", "2", "http_header_timeout", 2.0),
     ("FLUX_HTTP_IDLE_TIMEOUT", "90", "http_idle_timeout", 90.0),
     ("FLUX_BALANCE", "p2c", "balance", "p2c"),
+    ("FLUX_RELAY", "python", "relay", "python"),
     (
         "ETCD_ADDRESS",
         "http://10.0.0.1:2379",
@@ -646,6 +650,7 @@ BAD_FLAG_VALUES = [
     ("network-mode", "Global", 'must be "local" or "global"'),
     ("network-mode", "", 'must be "local" or "global"'),
     ("balance", "roundrobin", 'must be "random" or "p2c"'),
+    ("relay", "copy", 'must be "splice" or "python"'),
     ("chain", "", CHAIN_REASON),
     ("chain", "x" * 29, CHAIN_REASON),
     ("chain", "-X", CHAIN_REASON),
@@ -1142,6 +1147,7 @@ def valid_raw_settings(draw: st.DrawFn) -> dict[str, str]:
         "http_header_timeout": _duration(3600),
         "http_idle_timeout": _duration(86400),
         "balance": st.sampled_from(["random", "p2c"]),
+        "relay": st.sampled_from(["splice", "python"]),
     }  # fmt: skip
     for field, strategy in optional.items():
         if draw(st.booleans()):

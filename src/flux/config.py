@@ -168,6 +168,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("balance",              "balance",              "FLUX_BALANCE",              "string",
            'how to pick an instance: "random" (uniform) or "p2c" (power of two choices: the'
            " one with fewer active connections of two picked at random)"),
+    Option("relay",                "relay",                "FLUX_RELAY",                "string",
+           'what carries proxied bytes: "splice" (the compiled engine) or "python" (the'
+           " pure-Python fallback, for comparison and debugging)"),
     Option("etcd_endpoints",       None,                   "ETCD_ADDRESS",         "url[,url...]",
            "etcd endpoint URL, or a comma-separated list of them (http:// or https://, with a"
            " port)",
@@ -642,6 +645,7 @@ class Settings(BaseSettings):
     http_header_timeout: float = Field(default=10.0, validation_alias=_env("http_header_timeout"))
     http_idle_timeout: float = Field(default=60.0, validation_alias=_env("http_idle_timeout"))
     balance: Literal["random", "p2c"] = Field(default="random", validation_alias=_env("balance"))
+    relay: Literal["splice", "python"] = Field(default="splice", validation_alias=_env("relay"))
     etcd_endpoints: tuple[EtcdEndpoint, ...] = Field(
         default=_parse_etcd_endpoints(DEFAULT_ETCD_ADDRESS), validation_alias=_env("etcd_endpoints")
     )
@@ -690,6 +694,11 @@ class Settings(BaseSettings):
     @classmethod
     def _v_balance(cls, raw: object) -> str:
         return _parse_choice(raw, ("random", "p2c"))
+
+    @field_validator("relay", mode="before")
+    @classmethod
+    def _v_relay(cls, raw: object) -> str:
+        return _parse_choice(raw, ("splice", "python"))
 
     @field_validator("bridge", mode="before")
     @classmethod

@@ -184,20 +184,26 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
     from flux.balancer.balancer import Balancer
     from flux.balancer.iptables import IPTables
     from flux.config import interface_ipv4
+    from flux.metrics import Metrics, MetricsPlugin
     from flux.relay import make_relay
 
     def bridge_ip() -> str | None:
         address = interface_ipv4(settings.bridge)
         return None if address is None else str(address)
 
+    # Without a listener nobody could read the counters: skip the hooks altogether.
+    metrics = Metrics() if settings.listen_prometheus is not None else None
     balancer = Balancer(
         store,
-        make_relay(),
-        IPTables(settings.chain),
+        make_relay(settings.relay),
+        IPTables(settings.chain, on_sync=metrics.on_iptables_sync if metrics else None),
         bind_ip=bridge_ip,
         bridge=settings.bridge,
         connect_timeout=settings.connect_timeout,
         balance=settings.balance,
+        on_connection=metrics.on_connection if metrics else None,
+        on_done=metrics.on_done if metrics else None,
+        on_connect_failure=metrics.on_connect_failure if metrics else None,
     )
     agent = Agent(
         store,
@@ -206,7 +212,21 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
         network_mode=settings.network_mode,
         reconcile_interval=settings.reconcile_interval,
     )
-    return [agent, balancer]
+    plugins: list[Plugin] = [agent, balancer]
+    if metrics is not None:
+        advertise = settings.advertise_prometheus
+        plugins.append(
+            MetricsPlugin(
+                metrics,
+                listen=settings.listen_prometheus,
+                host_address=str(settings.host_ip),
+                advertise=None if advertise is None else str(advertise),
+                store=store,
+                balancer=balancer,
+                agent=agent,
+            )
+        )
+    return plugins
 
 
 async def _serve(settings: Any) -> int:

@@ -527,8 +527,11 @@ class EtcdStore(Store):
                     self._drop_lease()
                     continue
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that races the event, and shutdown would wait on this keeper forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
                 self._wake.clear()
                 lease = self._lease
                 if lease is None:

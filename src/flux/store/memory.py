@@ -446,8 +446,9 @@ class MemoryStore(Store):
                 self._drop_lease()
                 continue
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), ttl / 3)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see EtcdStore
+                    async with asyncio.timeout(ttl / 3):
+                        await self._wake.wait()
                 self._wake.clear()
                 await self._enter()
                 lease = self._lease

@@ -1,0 +1,375 @@
+"""What fluxd counts, and the Prometheus collector that exports it at scrape time.
+
+Theory of operation
+-------------------
+The balancer, the iptables adapter and (soon) the relay engine report events through plain
+callables: :meth:`Metrics.on_connection`, :meth:`Metrics.on_done`,
+:meth:`Metrics.on_connect_failure`, :meth:`Metrics.on_iptables_sync` and
+:meth:`Metrics.record_exchange`.  Each one updates Python dicts of integers (or one
+:class:`~flux.metrics.summary.SlidingSummary` per HTTP label set): no prometheus_client object,
+no lock and no string formatting on the connection path.  All of them, and the scrape, run on
+the event loop's thread, so the dicts need no lock either.
+
+:class:`FluxCollector` is a prometheus_client custom collector: at scrape time it builds metric
+families from those dicts (and quantiles from the summaries, one merge and one pass per label
+set).  So the cost of a metric is paid once per scrape, not once per connection.
+
+Labels are those of the original (reference §4.9) plus ``service``: ``individual`` is the
+instance name (the container ID), ``src`` the client's IP, ``dst`` the instance's IP without
+its port.  Label sets are never forgotten (as in the original): a series for an instance that
+is gone keeps its last value until fluxd restarts, which is what a Prometheus counter promises.
+
+``flux_instances{service,state}`` comes from the agent's view of *this host's* instances (every
+state, not only live ones): each fluxd exports its own containers, so summing the gauge over
+hosts gives the cluster's numbers.  The balancer's watch sees every host's instances but keeps
+only live ones, and exporting the whole cluster from every host would count each instance once
+per host.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from flux.balancer.listener import ConnectionInfo
+from flux.metrics.summary import (
+    DEFAULT_AGE_BUCKETS,
+    DEFAULT_WINDOW,
+    SUMMARY_DIGITS,
+    SlidingSummary,
+    scratch_histogram,
+)
+from flux.model import Instance, InstanceState
+from flux.relay import RelayResult
+
+__all__ = [
+    "HTTP_DURATION_BUCKETS",
+    "IPTABLES_SYNC_BUCKETS",
+    "QUANTILES",
+    "BucketCounts",
+    "FluxCollector",
+    "Metrics",
+]
+
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+# iptables-restore of a small batch takes a few ms; thousands of rules or a held xtables lock
+# take seconds (the adapter waits up to 10 s for the lock).
+IPTABLES_SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+HTTP_DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+CONNECTION_LABELS = ("individual", "src", "dst", "protocol", "service")
+HTTP_LABELS = ("individual", "src", "dst", "method", "code", "service")
+HTTP_DURATION_LABELS = ("service", "method", "code")
+
+
+class BucketCounts:
+    """A cumulative Prometheus histogram kept as plain counters (``le`` bucket bounds)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(float(b) for b in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` in the first bucket whose bound is >= it."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """``(le, cumulative count)`` pairs, ending with ``+Inf``, as Prometheus wants."""
+        pairs = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            pairs.append((_label_float(bound), float(running)))
+        return pairs
+
+
+def _label_float(value: float) -> str:
+    """A float as Prometheus label values spell it (``1.0``, ``0.005``, ``+Inf``)."""
+    return "+Inf" if value == math.inf else repr(float(value))
+
+
+@dataclass(slots=True)
+class _Exchanges:
+    roundtrip: SlidingSummary
+    total: SlidingSummary
+
+
+def _host_of(address: str) -> str:
+    """``10.0.0.2:8080`` → ``10.0.0.2``, ``[fd00::2]:80`` → ``fd00::2``."""
+    host, sep, _ = address.rpartition(":")
+    if not sep:
+        return address
+    return host[1:-1] if host.startswith("[") else host
+
+
+class Metrics:
+    """fluxd's counters, fed by the hooks below; exported by :class:`FluxCollector`."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        summary_window: float = DEFAULT_WINDOW,
+        summary_age_buckets: int = DEFAULT_AGE_BUCKETS,
+        summary_digits: int = SUMMARY_DIGITS,
+    ) -> None:
+        self._clock = clock
+        self._summary_window = summary_window
+        self._summary_age_buckets = summary_age_buckets
+        self._summary_digits = summary_digits
+        # One scratch histogram for every summary's scrape-time merge (all on one thread).
+        self._scratch = scratch_histogram(summary_digits)
+        self.connections: dict[tuple[str, str, str, str, str], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.active: dict[str, int] = {}
+        self.connect_failures: dict[tuple[str, str], int] = {}
+        self.iptables_sync = BucketCounts(IPTABLES_SYNC_BUCKETS)
+        self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
+        self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
+
+    # -- hooks (called on the event loop, once per event) -----------------------------------
+
+    def on_connection(self, info: ConnectionInfo) -> None:
+        """A connection was handed to the relay: count it (once) and as active."""
+        key = (
+            info.instance,
+            info.client_address,
+            _host_of(info.instance_address),
+            info.protocol,
+            info.service,
+        )
+        self.connections[key] = self.connections.get(key, 0) + 1
+        self.active[info.service] = self.active.get(info.service, 0) + 1
+
+    def on_done(self, info: ConnectionInfo, result: RelayResult) -> None:
+        """A relayed connection ended: its bytes each way, and one fewer active."""
+        service = info.service
+        self.active[service] = max(0, self.active.get(service, 0) - 1)
+        to_instance = (service, "to_instance")
+        to_client = (service, "to_client")
+        self.bytes[to_instance] = self.bytes.get(to_instance, 0) + result.to_upstream
+        self.bytes[to_client] = self.bytes.get(to_client, 0) + result.to_client
+
+    def on_connect_failure(self, service: str, instance: str) -> None:
+        """Connecting to ``instance`` failed (refused, unreachable or timed out)."""
+        key = (service, instance)
+        self.connect_failures[key] = self.connect_failures.get(key, 0) + 1
+
+    def on_iptables_sync(self, seconds: float) -> None:
+        """One iptables sync (read, plan, apply) took ``seconds``."""
+        self.iptables_sync.observe(seconds)
+
+    def record_exchange(
+        self,
+        connection: ConnectionInfo,
+        method: str,
+        code: int | str,
+        roundtrip_us: int,
+        total_us: int,
+    ) -> None:
+        """One HTTP request/response exchange on ``connection``.
+
+        ``roundtrip_us``: request head read → response head read; ``total_us``: request head
+        read → response fully written to the client (microseconds).
+        """
+        code_text = str(code)
+        roundtrip = max(0, int(roundtrip_us))
+        total = max(0, int(total_us))
+        key = (
+            connection.instance,
+            connection.client_address,
+            _host_of(connection.instance_address),
+            method,
+            code_text,
+            connection.service,
+        )
+        exchanges = self.exchanges.get(key)
+        if exchanges is None:
+            exchanges = self.exchanges[key] = _Exchanges(self._summary(), self._summary())
+        exchanges.roundtrip.observe(roundtrip)
+        exchanges.total.observe(total)
+        duration_key = (connection.service, method, code_text)
+        durations = self.http_durations.get(duration_key)
+        if durations is None:
+            durations = self.http_durations[duration_key] = BucketCounts(HTTP_DURATION_BUCKETS)
+        durations.observe(total / 1e6)
+
+    def _summary(self) -> SlidingSummary:
+        return SlidingSummary(
+            window=self._summary_window,
+            age_buckets=self._summary_age_buckets,
+            clock=self._clock,
+            significant_digits=self._summary_digits,
+            scratch=self._scratch,
+        )
+
+
+InstancesSource = Callable[[], Mapping[tuple[str, str], Instance]]
+
+
+class FluxCollector(Collector):
+    """Builds flux's metric families from a :class:`Metrics` at scrape time."""
+
+    def __init__(self, metrics: Metrics, instances: InstancesSource | None = None) -> None:
+        self.metrics = metrics
+        self.instances = instances
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples: lets a registry refuse a duplicate name."""
+        return list(_Families().all())
+
+    def collect(self) -> Iterator[Metric]:
+        """Every family, filled from the current counters."""
+        m = self.metrics
+        f = _Families()
+        for connection, count in m.connections.items():
+            f.connections.add_metric(connection, count)
+        for direction, count in m.bytes.items():
+            f.bytes.add_metric(direction, count)
+        for service, active in m.active.items():
+            f.active.add_metric((service,), active)
+        for target, count in m.connect_failures.items():
+            f.connect_failures.add_metric(target, count)
+        if self.instances is not None:
+            for service_state, count in _count_instances(self.instances()):
+                f.instances.add_metric(service_state, count)
+        f.iptables_sync.add_metric((), m.iptables_sync.buckets(), m.iptables_sync.sum)
+        quantile_names = [_label_float(q) for q in QUANTILES]
+        for exchange, summaries in m.exchanges.items():
+            f.http_total.add_metric(exchange, summaries.roundtrip.count)
+            base = dict(zip(HTTP_LABELS, exchange, strict=True))
+            for family, summary in (
+                (f.http_roundtrip, summaries.roundtrip),
+                (f.http_total_usec, summaries.total),
+            ):
+                values = summary.quantiles(QUANTILES)
+                for name, value in zip(quantile_names, values, strict=True):
+                    family.add_sample(family.name, {**base, "quantile": name}, value)
+                family.add_metric(exchange, summary.count, summary.sum)
+        for duration, buckets in m.http_durations.items():
+            f.http_duration.add_metric(duration, buckets.buckets(), buckets.sum)
+        return iter(f.all())
+
+
+def _count_instances(
+    instances: Mapping[tuple[str, str], Instance],
+) -> list[tuple[tuple[str, str], int]]:
+    """``((service, state), count)`` with every state listed for every service seen."""
+    counts: dict[str, dict[str, int]] = {}
+    for (service, _), instance in instances.items():
+        per_state = counts.get(service)
+        if per_state is None:
+            per_state = counts[service] = {str(state): 0 for state in InstanceState}
+        per_state[str(instance.effective_state)] += 1
+    return [
+        ((service, state), value)
+        for service, per_state in sorted(counts.items())
+        for state, value in per_state.items()
+    ]
+
+
+class _Families:
+    """One scrape's metric families (fresh each time: families accumulate samples)."""
+
+    def __init__(self) -> None:
+        self.connections = CounterMetricFamily(
+            "flux_connections_total",
+            "Connections proxied to an instance, counted once when handed to the relay.",
+            labels=CONNECTION_LABELS,
+        )
+        self.bytes = CounterMetricFamily(
+            "flux_bytes_total",
+            "Bytes relayed, per direction (counted when a connection ends).",
+            labels=("service", "direction"),
+        )
+        self.active = GaugeMetricFamily(
+            "flux_active_connections",
+            "Connections being relayed now.",
+            labels=("service",),
+        )
+        self.connect_failures = CounterMetricFamily(
+            "flux_connect_failures_total",
+            "Failed attempts to connect to an instance (refused, unreachable, timed out).",
+            labels=("service", "instance"),
+        )
+        self.instances = GaugeMetricFamily(
+            "flux_instances",
+            "This host's instances, per service and state.",
+            labels=("service", "state"),
+        )
+        self.iptables_sync = HistogramMetricFamily(
+            "flux_iptables_sync_seconds",
+            "Time to bring the iptables chains in line (read, plan, apply).",
+            labels=(),
+        )
+        self.http_total = CounterMetricFamily(
+            "flux_http_total",
+            "HTTP request/response exchanges.",
+            labels=HTTP_LABELS,
+        )
+        self.http_roundtrip = SummaryMetricFamily(
+            "flux_http_roundtrip_usec",
+            "Microseconds from request head read to response head read"
+            " (quantiles over a sliding window).",
+            labels=HTTP_LABELS,
+        )
+        self.http_total_usec = SummaryMetricFamily(
+            "flux_http_total_usec",
+            "Microseconds from request head read to response fully written to the client"
+            " (quantiles over a sliding window).",
+            labels=HTTP_LABELS,
+        )
+        self.http_duration = HistogramMetricFamily(
+            "flux_http_request_duration_seconds",
+            "Seconds from request head read to response fully written to the client.",
+            labels=HTTP_DURATION_LABELS,
+        )
+
+    def all(self) -> list[Metric]:
+        return [
+            self.connections,
+            self.bytes,
+            self.active,
+            self.connect_failures,
+            self.instances,
+            self.iptables_sync,
+            self.http_total,
+            self.http_roundtrip,
+            self.http_total_usec,
+            self.http_duration,
+        ]

@@ -1,0 +1,880 @@
+"""Metrics: sliding summaries, collectors, the HTTP endpoint, advertisement, and the real path.
+
+Collectors are read from a fresh registry per test with ``get_sample_value``.  The sliding
+summary is checked against the `hdrhistogram` oracle (same answers) and against exact
+quantiles (within the histogram's precision), with a fake clock for the window.  The endpoint
+runs on 127.0.0.1 with an ephemeral port; its exposition must pass ``promtool check metrics``
+(Debian's `prometheus` package: the test fails when promtool is missing).  The end-to-end tests
+drive a real balancer (memory store, real iptables, own chain, VIPs in 127.42.0.0/16) and a
+real fluxd process against the session's etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import aiohttp
+import pytest
+from hdrh.histogram import HdrHistogram
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from flux.balancer.balancer import Balancer
+from flux.balancer.iptables import IPTables
+from flux.balancer.listener import ConnectionInfo
+from flux.config import Settings
+from flux.daemon import _build_plugins
+from flux.metrics import (
+    FluxCollector,
+    Metrics,
+    MetricsListenError,
+    MetricsPlugin,
+    SlidingSummary,
+    build_registry,
+)
+from flux.metrics.counters import BucketCounts
+from flux.metrics.summary import SUMMARY_HIGHEST_US
+from flux.model import HostRef, Instance, InstanceState, Service
+from flux.relay import RelayResult, make_relay
+from flux.store.memory import MemoryBackend, MemoryStore
+from tests.etcd_server import EtcdServer
+
+QS = (0.5, 0.9, 0.99, 0.999)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def conn(
+    service: str = "web",
+    instance: str = "c0ffee",
+    address: str = "10.0.0.2:8080",
+    client: str = "192.168.1.9",
+    protocol: str = "tcp",
+) -> ConnectionInfo:
+    return ConnectionInfo(service, protocol, instance, address, client)
+
+
+def exact_quantile(values: list[int], q: float) -> int:
+    """The value HdrHistogram's rank rule picks, from the sorted raw values."""
+    ordered = sorted(values)
+    rank = max(1, int(q * 100.0 * len(ordered) / 100.0 + 0.5))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# -- the sliding summary ------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=SUMMARY_HIGHEST_US), min_size=1, max_size=300))
+def test_summary_quantiles_match_the_oracle_and_exact_values(values: list[int]) -> None:
+    clock = FakeClock()
+    summary = SlidingSummary(clock=clock)
+    oracle = HdrHistogram(1, SUMMARY_HIGHEST_US, 2)
+    for i, value in enumerate(values):
+        # Spread over the window's slices: the merge must give what one histogram would.
+        clock.now = 1000.0 + (i % 5) * 120.0
+        summary.observe(value)
+        oracle.record_value(value)
+    answers = summary.quantiles(QS)
+    assert answers == [float(oracle.get_value_at_percentile(q * 100)) for q in QS]
+    for q, answer in zip(QS, answers, strict=True):
+        exact = exact_quantile(values, q)
+        # 2 significant digits: a counter is at most 1/128 of the values it holds wide.
+        assert exact <= answer <= exact * (1 + 1 / 128) + 1, (q, exact, answer)
+    assert summary.count == len(values)
+    assert summary.sum == sum(values)
+
+
+def test_summary_window_expires_slice_by_slice() -> None:
+    clock = FakeClock(0.0)
+    summary = SlidingSummary(window=600.0, age_buckets=5, clock=clock)
+    summary.observe(1000)  # slice 0: [0, 120)
+    clock.now = 130.0
+    summary.observe(5000)  # slice 1
+    assert summary.window_histogram().count == 2
+    clock.now = 599.9  # slice 4: both still in the window
+    assert summary.window_histogram().count == 2
+    assert summary.quantiles([0.0])[0] == pytest.approx(1000, rel=0.01)
+    clock.now = 600.0  # slice 5 reuses slice 0's bucket: the 1000 is gone
+    assert summary.window_histogram().count == 1
+    assert summary.quantiles([0.5]) == [pytest.approx(5000, rel=0.01)]
+    clock.now = 720.0  # slice 6: the 5000 is gone too
+    assert all(math.isnan(v) for v in summary.quantiles(QS))
+    assert summary.memory_bytes == 0  # aged-out buckets are freed
+    # _sum and _count never slide.
+    assert (summary.count, summary.sum) == (2, 6000)
+
+
+def test_summary_jump_past_the_whole_window_clears_everything() -> None:
+    clock = FakeClock(0.0)
+    summary = SlidingSummary(window=10.0, age_buckets=5, clock=clock)
+    for i in range(10):
+        clock.now = i * 1.0
+        summary.observe(100 + i)
+    assert summary.window_histogram().count == 10
+    clock.now = 9.0 + 10.0 * 7  # seven windows later, in the middle of a slice
+    assert summary.window_histogram().count == 0
+    summary.observe(42)
+    assert summary.quantiles([0.5, 1.0]) == [42.0, 42.0]
+    assert summary.count == 11 and summary.sum == sum(range(100, 110)) + 42
+
+
+def test_summary_sum_is_exact_for_clamped_values_and_empty_window_is_nan() -> None:
+    summary = SlidingSummary(clock=FakeClock())
+    assert all(math.isnan(v) for v in summary.quantiles(QS))
+    huge = 10 * SUMMARY_HIGHEST_US
+    summary.observe(huge)
+    summary.observe(7)
+    assert summary.sum == huge + 7 and summary.count == 2
+    assert summary.window_histogram().clamped == 1
+    assert summary.quantiles([1.0])[0] >= SUMMARY_HIGHEST_US
+
+
+def test_summary_memory_at_two_and_three_digits() -> None:
+    summary = SlidingSummary(clock=FakeClock())
+    summary.observe(1)
+    one_bucket = summary.memory_bytes
+    assert 20_000 < one_bucket < 40_000  # 2 digits over 1 µs .. 1 h: about 26 KB
+    three = SlidingSummary(clock=FakeClock(), significant_digits=3)
+    three.observe(1)
+    assert three.memory_bytes > 6 * one_bucket
+
+
+def test_summary_refuses_bad_configuration() -> None:
+    from flux.metrics.summary import scratch_histogram
+
+    with pytest.raises(ValueError, match="window must be positive"):
+        SlidingSummary(window=0)
+    with pytest.raises(ValueError, match="age buckets must be at least 1"):
+        SlidingSummary(age_buckets=0)
+    with pytest.raises(ValueError, match="does not match"):
+        SlidingSummary(significant_digits=2, scratch=scratch_histogram(3))
+
+
+# -- the collectors ------------------------------------------------------------------------------
+
+
+class FakeBalancer:
+    def __init__(self) -> None:
+        self.ready = True
+
+    def status(self) -> Mapping[str, Any]:
+        return {
+            "services": {
+                "web": {
+                    "state": "forwarding",
+                    "address": "10.128.0.1:80",
+                    "protocol": "tcp",
+                    "listener": "172.17.0.1:40000",
+                    "instances": [
+                        {
+                            "name": "c1",
+                            "address": "10.0.0.2:80",
+                            "ready": True,
+                            "failures": 0,
+                            "retry_in": None,
+                            "active": 1,
+                        },
+                        {
+                            "name": "c2",
+                            "address": "10.0.0.3:80",
+                            "ready": False,
+                            "failures": 2,
+                            "retry_in": 1.5,
+                            "active": 0,
+                        },
+                    ],
+                }
+            },
+            "relay_active": 1,
+        }
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.docker_connected = True
+        host = HostRef(address="10.0.0.1")
+        self.instances: dict[tuple[str, str], Instance] = {
+            ("web", "c1"): Instance(host=host, address="10.0.0.1:32768", container_rule="r1"),
+            ("web", "c2"): Instance(host=host, address="10.0.0.1:32769",
+                                    state=InstanceState.DRAINING),
+            ("web", "c3"): Instance(host=host),  # no address
+            ("db", "c4"): Instance(host=host, address="10.0.0.1:5432",
+                                   state=InstanceState.UNHEALTHY),
+        }  # fmt: skip
+
+
+def test_connections_are_counted_once_with_the_original_labels() -> None:
+    metrics = Metrics()
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    first, second = conn(), conn(client="192.168.1.10", protocol="http")
+    for info in (first, first, second):
+        metrics.on_connection(info)
+    labels = {"individual": "c0ffee", "src": "192.168.1.9", "dst": "10.0.0.2",
+              "protocol": "tcp", "service": "web"}  # fmt: skip
+    assert registry.get_sample_value("flux_connections_total", labels) == 2
+    assert (
+        registry.get_sample_value(
+            "flux_connections_total", {**labels, "src": "192.168.1.10", "protocol": "http"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("flux_active_connections", {"service": "web"}) == 3
+    # Ending a connection adds its bytes and never counts it again.
+    metrics.on_done(first, RelayResult(100, 2000, None, 0.5))
+    metrics.on_done(second, RelayResult(7, 0, "ECONNRESET", 0.1))
+    assert registry.get_sample_value("flux_connections_total", labels) == 2
+    assert registry.get_sample_value("flux_active_connections", {"service": "web"}) == 1
+    assert (
+        registry.get_sample_value(
+            "flux_bytes_total", {"service": "web", "direction": "to_instance"}
+        )
+        == 107
+    )
+    assert (
+        registry.get_sample_value("flux_bytes_total", {"service": "web", "direction": "to_client"})
+        == 2000
+    )
+
+
+def test_ipv6_instance_address_gives_a_bare_dst() -> None:
+    metrics = Metrics()
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    metrics.on_connection(conn(address="[fd00::2]:80", client="fd00::9"))
+    assert registry.get_sample_value(
+        "flux_connections_total",
+        {"individual": "c0ffee", "src": "fd00::9", "dst": "fd00::2", "protocol": "tcp",
+         "service": "web"},
+    ) == 1  # fmt: skip
+
+
+def test_connect_failures_and_iptables_sync_histogram() -> None:
+    metrics = Metrics()
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    for _ in range(3):
+        metrics.on_connect_failure("web", "c1")
+    metrics.on_connect_failure("web", "c2")
+    assert (
+        registry.get_sample_value(
+            "flux_connect_failures_total", {"service": "web", "instance": "c1"}
+        )
+        == 3
+    )
+    assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 0
+    for seconds in (0.0008, 0.003, 0.003, 2.0, 30.0):
+        metrics.on_iptables_sync(seconds)
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value("flux_iptables_sync_seconds_bucket", {"le": le})
+
+    assert (bucket("0.001"), bucket("0.0025"), bucket("0.005")) == (1, 1, 3)
+    assert (bucket("1.0"), bucket("2.5"), bucket("10.0"), bucket("+Inf")) == (3, 4, 4, 5)
+    assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 5
+    assert registry.get_sample_value("flux_iptables_sync_seconds_sum") == pytest.approx(32.0068)
+
+
+def test_bucket_bounds_are_inclusive() -> None:
+    counts = BucketCounts((0.1, 1.0))
+    for value in (0.1, 0.10001, 1.0, 5.0):
+        counts.observe(value)
+    assert counts.buckets() == [("0.1", 1.0), ("1.0", 3.0), ("+Inf", 4.0)]
+
+
+def test_instances_gauge_counts_this_hosts_instances_per_state() -> None:
+    agent = FakeAgent()
+    registry = build_registry(Metrics(), agent, process=False)
+
+    def gauge(service: str, state: str) -> float | None:
+        return registry.get_sample_value("flux_instances", {"service": service, "state": state})
+
+    assert gauge("web", "live") == 1
+    assert gauge("web", "draining") == 1
+    assert gauge("web", "no address") == 1
+    assert gauge("web", "paused") == 0  # every state is listed, so series do not vanish
+    assert gauge("db", "unhealthy") == 1 and gauge("db", "live") == 0
+    del agent.instances[("web", "c2")]
+    assert gauge("web", "draining") == 0  # read at scrape time
+
+
+def test_http_exchanges_give_counters_summaries_and_a_histogram() -> None:
+    clock = FakeClock()
+    metrics = Metrics(clock=clock)
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    info = conn(protocol="http")
+    roundtrips = list(range(1000, 101_000, 1000))  # 100 exchanges, 1 ms .. 100 ms
+    for roundtrip in roundtrips:
+        metrics.record_exchange(info, "GET", 200, roundtrip, roundtrip + 500)
+    metrics.record_exchange(info, "POST", "503", 40, 90)
+    labels = {"individual": "c0ffee", "src": "192.168.1.9", "dst": "10.0.0.2",
+              "method": "GET", "code": "200", "service": "web"}  # fmt: skip
+    assert registry.get_sample_value("flux_http_total", labels) == 100
+    assert (
+        registry.get_sample_value("flux_http_total", {**labels, "method": "POST", "code": "503"})
+        == 1
+    )
+    assert registry.get_sample_value("flux_http_roundtrip_usec_count", labels) == 100
+    assert registry.get_sample_value("flux_http_roundtrip_usec_sum", labels) == sum(roundtrips)
+    assert registry.get_sample_value("flux_http_total_usec_sum", labels) == sum(roundtrips) + 50_000
+    for q in QS:
+        value = registry.get_sample_value(
+            "flux_http_roundtrip_usec", {**labels, "quantile": str(q)}
+        )
+        exact = exact_quantile(roundtrips, q)
+        assert value is not None and exact <= value <= exact * 1.01, (q, value)
+    # Ten minutes later the window is empty: NaN quantiles, sums unchanged.
+    clock.now += 601
+    value = registry.get_sample_value("flux_http_total_usec", {**labels, "quantile": "0.5"})
+    assert value is not None and math.isnan(value)
+    assert registry.get_sample_value("flux_http_total_usec_count", labels) == 100
+    # The aggregatable histogram, in seconds, per service, method and code.
+    duration = {"service": "web", "method": "GET", "code": "200"}
+    assert (
+        registry.get_sample_value(
+            "flux_http_request_duration_seconds_bucket", {**duration, "le": "0.01"}
+        )
+        == 9
+    )  # totals 1.5 ms .. 9.5 ms
+    assert registry.get_sample_value("flux_http_request_duration_seconds_count", duration) == 100
+
+
+def test_registry_has_the_standard_collectors() -> None:
+    registry = build_registry(Metrics())
+    assert registry.get_sample_value("process_cpu_seconds_total") is not None
+    assert registry.get_sample_value("process_open_fds") is not None
+    text = generate_latest(registry).decode()
+    assert "python_info{" in text
+    assert "python_gc_objects_collected_total" in text
+
+
+def busy_metrics() -> Metrics:
+    metrics = Metrics()
+    for i in range(3):
+        info = conn(instance=f"c{i}", protocol="http")
+        metrics.on_connection(info)
+        metrics.on_done(info, RelayResult(10 * i, 20 * i, None, 0.1))
+        metrics.record_exchange(info, "GET", 200, 1000 + i, 2000 + i)
+    metrics.on_connect_failure("web", "c9")
+    metrics.on_iptables_sync(0.004)
+    return metrics
+
+
+def promtool_check(exposition: bytes) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool is not None, (
+        "promtool is missing: install Debian's 'prometheus' package (scripts/setup-system.sh)"
+    )
+    return subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exposition.decode(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_exposition_passes_promtool() -> None:
+    registry = build_registry(busy_metrics(), FakeAgent())
+    result = promtool_check(generate_latest(registry))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_catches_what_it_should() -> None:
+    # The check above could pass vacuously if promtool accepted anything.
+    bad = b"# TYPE flux_bad counter\nflux_bad 1\n"
+    assert promtool_check(bad).returncode != 0
+
+
+# -- the HTTP endpoint ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[MetricsPlugin, FakeBalancer, FakeAgent]]:
+    balancer, agent = FakeBalancer(), FakeAgent()
+    plugin = MetricsPlugin(
+        busy_metrics(),
+        listen=("127.0.0.1", 0),
+        host_address="10.0.0.1",
+        balancer=balancer,
+        agent=agent,
+        version="9.9.9",
+    )
+    await plugin.start()
+    try:
+        yield plugin, balancer, agent
+    finally:
+        await plugin.close()
+
+
+async def fetch(
+    port: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,  # trust_env=False: no proxy
+        session.get(f"http://127.0.0.1:{port}{path}", headers=headers or {}) as response,
+    ):
+        return response.status, response.headers.get("Content-Type", ""), await response.text()
+
+
+async def test_metrics_endpoint_serves_the_registry(endpoint) -> None:
+    plugin, _, _ = endpoint
+    assert plugin.port
+    status, content_type, body = await fetch(plugin.port, "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    assert 'flux_connections_total{dst="10.0.0.2",individual="c1",protocol="http"' in body
+    assert 'flux_bytes_total{direction="to_client",service="web"} 60.0' in body
+    assert "process_cpu_seconds_total" in body
+    # Hooks called after a scrape show in the next one.
+    plugin.metrics.on_connect_failure("web", "c9")
+    _, _, body = await fetch(plugin.port, "/metrics")
+    assert 'flux_connect_failures_total{instance="c9",service="web"} 2.0' in body
+    result = promtool_check(body.encode())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_metrics_endpoint_speaks_openmetrics_when_asked(endpoint) -> None:
+    plugin, _, _ = endpoint
+    status, content_type, body = await fetch(
+        plugin.port, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    assert "# TYPE flux_http_roundtrip_usec summary" in body
+
+
+async def test_healthz_follows_the_chain_and_the_event_stream(endpoint) -> None:
+    plugin, balancer, agent = endpoint
+    assert await fetch(plugin.port, "/healthz") == (200, "text/plain; charset=utf-8", "ok\n")
+    agent.docker_connected = False
+    status, _, body = await fetch(plugin.port, "/healthz")
+    assert status == 503 and body == "Docker event stream is down\n"
+    balancer.ready = False
+    status, _, body = await fetch(plugin.port, "/healthz")
+    assert status == 503 and body.count("\n") == 1
+    assert "iptables chain not installed" in body and "Docker event stream is down" in body
+    agent.docker_connected = True
+    balancer.ready = True
+    assert (await fetch(plugin.port, "/healthz"))[0] == 200
+
+
+async def test_status_is_json_with_services_pools_and_instances(endpoint) -> None:
+    plugin, balancer, _ = endpoint
+    status, content_type, body = await fetch(plugin.port, "/status")
+    assert status == 200 and content_type.startswith("application/json")
+    document = json.loads(body)
+    assert document["host"] == "10.0.0.1" and document["version"] == "9.9.9"
+    assert document["healthy"] is True and document["problems"] == []
+    assert document["balancer"]["ready"] is True
+    pool = document["balancer"]["services"]["web"]["instances"]
+    assert [(i["name"], i["ready"], i["retry_in"]) for i in pool] == [
+        ("c1", True, None),
+        ("c2", False, 1.5),
+    ]
+    assert document["agent"]["docker_connected"] is True
+    assert document["agent"]["instances"] == [
+        {"service": "db", "instance": "c4", "state": "unhealthy", "address": "10.0.0.1:5432",
+         "rule": None},
+        {"service": "web", "instance": "c1", "state": "live", "address": "10.0.0.1:32768",
+         "rule": "r1"},
+        {"service": "web", "instance": "c2", "state": "draining", "address": "10.0.0.1:32769",
+         "rule": None},
+        {"service": "web", "instance": "c3", "state": "no address", "address": None,
+         "rule": None},
+    ]  # fmt: skip
+    balancer.ready = False
+    document = json.loads((await fetch(plugin.port, "/status"))[2])
+    assert document["healthy"] is False and len(document["problems"]) == 1
+
+
+async def test_a_port_in_use_is_one_clear_error_and_retried() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        plugin = MetricsPlugin(Metrics(), listen=("127.0.0.1", port), host_address="10.0.0.1")
+        with pytest.raises(MetricsListenError) as caught:
+            await plugin.serve()
+        message = str(caught.value)
+        assert (
+            message == f"cannot listen for Prometheus on 127.0.0.1:{port}: Address already in use"
+        )
+        assert plugin.port is None
+    finally:
+        holder.close()
+    # The supervisor runs serve() again; with the port free it comes up.
+    task = asyncio.create_task(plugin.serve())
+    try:
+        async with asyncio.timeout(5):
+            while plugin.port is None:
+                await asyncio.sleep(0.01)
+        assert (await fetch(port, "/healthz"))[0] == 200
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await fetch(port, "/healthz")
+
+
+async def test_stop_accepting_closes_the_listener(endpoint) -> None:
+    plugin, _, _ = endpoint
+    port = plugin.port
+    assert (await fetch(port, "/"))[0] == 200
+    await plugin.stop_accepting()
+    await plugin.remove_rules()
+    await plugin.drain(1.0)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await fetch(port, "/metrics")
+    await plugin.close()  # twice is fine
+
+
+def test_no_listen_address_means_no_component() -> None:
+    plugin = MetricsPlugin(Metrics(), listen=None, host_address="10.0.0.1")
+    assert plugin.components() == []
+    listening = MetricsPlugin(Metrics(), listen=("", 9000), host_address="10.0.0.1")
+    assert [name for name, _ in listening.components()] == ["metrics"]
+
+
+# -- advertisement -------------------------------------------------------------------------------
+
+
+async def run_until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_target_is_advertised_on_the_lease_and_rewritten_after_a_loss() -> None:
+    backend = MemoryBackend()
+    store = MemoryStore(backend)
+    lease = asyncio.create_task(store.run_lease(30))
+    plugin = MetricsPlugin(
+        Metrics(), listen=("127.0.0.1", 0), host_address="127.0.0.1", store=store
+    )
+    server = asyncio.create_task(plugin.serve())
+    try:
+        await store.wait_lease()
+
+        async def advertised() -> bool:
+            return await store.get_prometheus_targets() == {"127.0.0.1": f"127.0.0.1:{plugin.port}"}
+
+        await run_until(advertised)
+        key = "/weave-flux/prometheus-targets/127.0.0.1"
+        assert backend.lease_of(key) == store.lease_id
+        # The lease is lost (etcd outage longer than the TTL): the keeper rewrites the target.
+        old = store.lease_id
+        assert old is not None
+        backend.expire_lease(old)
+        await run_until(advertised)
+        assert backend.lease_of(key) not in (0, old)
+        # Revoking the lease at shutdown (after the keeper stopped, as the daemon does) takes
+        # the target with it.
+        lease.cancel()
+        await asyncio.gather(lease, return_exceptions=True)
+        await store.revoke_lease()
+        assert await store.get_prometheus_targets() == {}
+    finally:
+        for task in (server, lease):
+            task.cancel()
+        await asyncio.gather(server, lease, return_exceptions=True)
+
+
+async def test_explicit_advertise_address_and_store_errors_do_not_stop_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    lease = asyncio.create_task(store.run_lease(30))
+    await store.wait_lease()
+    plugin = MetricsPlugin(
+        Metrics(), listen=("127.0.0.1", 0), host_address="10.1.2.3",
+        advertise="192.168.42.221:9000", store=store,
+    )  # fmt: skip
+    named = MetricsPlugin(
+        Metrics(), listen=("127.0.0.1", 0), host_address="10.1.2.4",
+        advertise="metrics.example:9000", store=store,
+    )  # fmt: skip
+    try:
+        for p in (plugin, named):
+            await p.start()
+            await p.advertise()
+        assert await store.get_prometheus_targets() == {"10.1.2.3": "192.168.42.221:9000"}
+        assert plugin.advertised == "192.168.42.221:9000" and named.advertised is None
+        assert "cannot advertise the metrics endpoint metrics.example:9000" in caplog.text
+        store.inject_error()
+        await plugin.advertise()  # etcd down: logged, not raised
+        assert "is delayed" in caplog.text
+        assert (await fetch(named.port, "/healthz"))[0] == 200
+    finally:
+        store.clear_error()
+        for p in (plugin, named):
+            await p.close()
+        lease.cancel()
+        await asyncio.gather(lease, return_exceptions=True)
+
+
+# -- the daemon's wiring -------------------------------------------------------------------------
+
+
+def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
+    store = MemoryStore()
+    settings = Settings(host_ip="10.1.2.3", chain="FLUXTW", listen_prometheus=":9100")
+    agent, balancer, plugin = _build_plugins(settings, store)
+    assert isinstance(plugin, MetricsPlugin) and plugin.name == "metrics"
+    metrics = plugin.metrics
+    assert isinstance(balancer, Balancer)
+    assert balancer.on_connection == metrics.on_connection
+    assert balancer.on_done == metrics.on_done
+    assert balancer.on_connect_failure == metrics.on_connect_failure
+    assert balancer.iptables._on_sync == metrics.on_iptables_sync
+    assert plugin._listen == ("", 9100)
+    assert plugin._advertise == "10.1.2.3:9100"  # derived: host IP + listen port
+    assert plugin._balancer is balancer and plugin._agent is agent
+    quiet = _build_plugins(Settings(host_ip="10.1.2.3", chain="FLUXTW"), store)
+    assert [p.name for p in quiet] == ["agent", "balancer"]
+    assert quiet[1].on_connection is None and quiet[1].iptables._on_sync is None
+
+
+# -- end to end: the real balancer ---------------------------------------------------------------
+
+
+class EchoBackend:
+    """Echoes whatever a client sends until the client half-closes, then closes."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> EchoBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def exchange(vip: str, port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), 5)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nat_rules(chain: str) -> str:
+    return subprocess.run(
+        ["iptables", "-w", "-t", "nat", "-S", chain], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+@pytest.mark.iptables
+async def test_real_connections_through_the_balancer_are_counted() -> None:
+    chain = "FLUXT" + secrets.token_hex(3).upper()
+    backend = MemoryBackend()
+    admin, host = MemoryStore(backend), MemoryStore(backend)
+    metrics = Metrics()
+    balancer = Balancer(
+        MemoryStore(backend),
+        make_relay(),
+        IPTables(chain, on_sync=metrics.on_iptables_sync),
+        bind_ip=lambda: "127.0.0.1",
+        bridge="lo",
+        connect_timeout=1.0,
+        on_connection=metrics.on_connection,
+        on_done=metrics.on_done,
+        on_connect_failure=metrics.on_connect_failure,
+    )
+    plugin = MetricsPlugin(
+        metrics, listen=("127.0.0.1", 0), host_address="127.0.0.1", balancer=balancer
+    )
+    echo = await EchoBackend().start()
+    n = secrets.randbelow(200)
+    vip, dead_vip = f"127.42.77.{n + 1}", f"127.42.78.{n + 1}"
+    tasks = [asyncio.create_task(host.run_lease(30)), asyncio.create_task(balancer.run())]
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not predicate():
+                for task in tasks:
+                    if task.done():
+                        task.result()
+                await asyncio.sleep(0.01)
+
+    try:
+        await plugin.start()
+        await host.wait_lease()
+        await until(lambda: balancer.ready)
+        await admin.add_service("echo", Service(address=f"{vip}:7000"))
+        await admin.add_service("dead", Service(address=f"{dead_vip}:7000"))
+        live = Instance(host=HostRef(address="127.0.0.1"), address=f"127.0.0.1:{echo.port}")
+        gone = Instance(host=HostRef(address="127.0.0.1"), address=f"127.0.0.1:{closed_port()}")
+        await host.add_instance("echo", "e0", live)
+        await host.add_instance("dead", "d0", gone)
+        await until(
+            lambda: f"-d {vip}/32" in nat_rules(chain) and f"-d {dead_vip}/32" in nat_rules(chain)
+        )
+        sizes = [1, 1000, 65536, 300_000, 17, 4096, 0, 123_456]
+        replies = await asyncio.gather(*(exchange(vip, 7000, b"x" * s) for s in sizes))
+        assert [len(r) for r in replies] == sizes
+        await until(lambda: metrics.active.get("echo") == 0)
+        with pytest.raises(OSError):
+            await exchange(dead_vip, 7000, b"hello")
+        await until(lambda: metrics.connect_failures.get(("dead", "d0"), 0) >= 1)
+
+        _, _, body = await fetch(plugin.port, "/metrics")
+        registry = plugin.registry
+        labels = {"individual": "e0", "src": "127.0.0.1", "dst": "127.0.0.1",
+                  "protocol": "tcp", "service": "echo"}  # fmt: skip
+        assert registry.get_sample_value("flux_connections_total", labels) == len(sizes)
+        total = sum(value for key, value in metrics.connections.items() if key[-1] == "echo")
+        assert total == len(sizes)
+        for direction in ("to_instance", "to_client"):
+            assert registry.get_sample_value(
+                "flux_bytes_total", {"service": "echo", "direction": direction}
+            ) == sum(sizes)
+        assert (
+            registry.get_sample_value(
+                "flux_connect_failures_total", {"service": "dead", "instance": "d0"}
+            )
+            >= 1
+        )
+        assert registry.get_sample_value("flux_iptables_sync_seconds_count") >= 2
+        assert 'flux_connections_total{dst="127.0.0.1",individual="e0"' in body
+        assert (await fetch(plugin.port, "/healthz"))[0] == 200
+        document = json.loads((await fetch(plugin.port, "/status"))[2])
+        assert document["balancer"]["services"]["echo"]["state"] == "forwarding"
+    finally:
+        await plugin.close()
+        await balancer.stop_accepting()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await balancer.remove_rules()
+        await balancer.drain(1.0)
+        await echo.stop()
+        await IPTables(chain).cleanup()
+
+
+# -- end to end: a fluxd process -----------------------------------------------------------------
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http(url: str) -> tuple[int, str]:
+    try:
+        with _OPENER.open(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture
+def fluxd(etcd: EtcdServer) -> Iterator[tuple[subprocess.Popen[str], int, list[str], str]]:
+    port = closed_port()
+    chain = "FLUXT" + secrets.token_hex(3).upper()
+    args = ["-host-ip", "127.0.0.1", "-bridge", "lo", "-chain", chain, "-host-ttl", "10",
+            "-listen-prometheus", f"127.0.0.1:{port}"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flux", *args],
+        env={**os.environ, "ETCD_ADDRESS": etcd.endpoint},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        yield process, port, lines, chain
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        subprocess.run(
+            [sys.executable, "-m", "flux", "cleanup", "-chain", chain, "-host-ip", "127.0.0.1"],
+            capture_output=True,
+            timeout=60,
+        )
+
+
+@pytest.mark.etcd
+@pytest.mark.docker
+@pytest.mark.iptables
+def test_fluxd_serves_metrics_health_and_advertises(etcd: EtcdServer, fluxd) -> None:
+    process, port, lines, _ = fluxd
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    health: tuple[int, str] = (0, "")
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError):
+            health = http(base + "/healthz")
+            if health[0] == 200:
+                break
+        time.sleep(0.1)
+    assert health == (200, "ok\n"), "\n".join(lines[-30:])
+    key = "/weave-flux/prometheus-targets/127.0.0.1"
+    assert etcd.get(key) == json.dumps(f"127.0.0.1:{port}")
+    status, body = http(base + "/metrics")
+    assert status == 200
+    assert "flux_iptables_sync_seconds_count" in body and "process_open_fds" in body
+    document = json.loads(http(base + "/status")[1])
+    assert document["healthy"] is True and document["agent"]["docker_connected"] is True
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert etcd.get(key) is None  # on the lease, which shutdown revokes
+    with pytest.raises(OSError):
+        http(base + "/healthz")
