@@ -65,6 +65,7 @@ from pydantic_settings import (
 )
 
 from flux import __version__
+from flux.balancer.rules import CHAIN_PATTERN, RESERVED_CHAINS
 
 __all__ = [
     "OPTIONS",
@@ -254,24 +255,9 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _DURATION_RE = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_CHAIN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,27}")
 _TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 
-# Names iptables refuses for a new chain ("chain name may not clash with target name") or that
-# belong to someone else: the built-in chains, the verdicts and target extensions, and Docker's
-# chains -- fluxd flushes and deletes its chain at start and stop, so pointing it at DOCKER
-# would wipe Docker's rules.
-# fmt: off
-_RESERVED_CHAINS = frozenset({
-    "INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING",
-    "ACCEPT", "DROP", "QUEUE", "RETURN", "ERROR", "STANDARD",
-    "AUDIT", "CHECKSUM", "CLASSIFY", "CLUSTERIP", "CONNMARK", "CONNSECMARK", "CT", "DNAT",
-    "DSCP", "ECN", "HL", "HMARK", "IDLETIMER", "LED", "LOG", "MARK", "MASQUERADE", "NAT",
-    "NETMAP", "NFLOG", "NFQUEUE", "NOTRACK", "RATEEST", "REDIRECT", "REJECT", "SECMARK", "SET",
-    "SNAT", "SYNPROXY", "TCPMSS", "TCPOPTSTRIP", "TEE", "TOS", "TPROXY", "TRACE", "TTL", "ULOG",
-})
-# fmt: on
 
 HOST_TTL_RANGE = (1, 3600)
 # (lowest, lowest allowed itself?, highest) in seconds, per duration setting.
@@ -342,11 +328,12 @@ def _parse_bridge(raw: object) -> str:
 
 
 def _parse_chain(raw: object) -> str:
-    if not isinstance(raw, str) or not _CHAIN_RE.fullmatch(raw):
+    # One definition of a safe chain name, shared with the rules that render it.
+    if not isinstance(raw, str) or not CHAIN_PATTERN.fullmatch(raw):
         raise ValueError(
             "not an iptables chain name (1-28 of A-Z a-z 0-9 _ -, not starting with '-')"
         )
-    if raw.upper() in _RESERVED_CHAINS:
+    if raw.upper() in RESERVED_CHAINS:
         raise ValueError("is a built-in iptables chain or target")
     if raw.upper().startswith("DOCKER"):
         raise ValueError("belongs to Docker's iptables chains")

@@ -52,7 +52,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CHAIN_PATTERN",
     "HOOKS",
+    "RESERVED_CHAINS",
     "InstalledRule",
     "Interception",
     "Rule",
@@ -92,11 +94,12 @@ Rule = tuple[str, ...]
 
 # iptables allows 28 characters; the same pattern as the -chain flag (flux.config), so a name
 # the configuration accepts is never refused here.
-_CHAIN_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,27}")
-# Names that belong to the kernel, to target extensions or to Docker: setup flushes our chain
-# and cleanup deletes it, which would wreck any of these.
+CHAIN_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,27}")
+# Names iptables refuses for a new chain ("chain name may not clash with target name") or that
+# belong to the kernel, to target extensions or to Docker: setup flushes our chain and cleanup
+# deletes it, which would wreck any of these (the -chain flag is checked against the same set).
 # fmt: off
-_RESERVED_CHAINS = frozenset({
+RESERVED_CHAINS = frozenset({
     "INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING",
     "ACCEPT", "DROP", "QUEUE", "RETURN", "ERROR", "STANDARD",
     "AUDIT", "CHECKSUM", "CLASSIFY", "CLUSTERIP", "CONNMARK", "CONNSECMARK", "CT", "DNAT",
@@ -113,12 +116,12 @@ _MAX_COMMENT = 64
 
 def validate_chain(name: str) -> str:
     """Return ``name`` if it can serve as flux's chain, else raise ValueError saying why."""
-    if not isinstance(name, str) or _CHAIN_PATTERN.fullmatch(name) is None:
+    if not isinstance(name, str) or CHAIN_PATTERN.fullmatch(name) is None:
         raise ValueError(
             f"invalid chain name {name!r}: use 1-28 letters, digits, '_' or '-', "
             "not starting with '-'"
         )
-    if name.upper() in _RESERVED_CHAINS or name.upper().startswith("DOCKER"):
+    if name.upper() in RESERVED_CHAINS or name.upper().startswith("DOCKER"):
         raise ValueError(f"invalid chain name {name!r}: it belongs to iptables or Docker")
     return name
 
