@@ -46,9 +46,31 @@ test: build
 lint: build
 	$(BIN)/python -m pytest tests/test_sourcecode.py
 
+## Benchmarks: fluxd against direct, HAProxy and nginx (benchmarks/README.md), about 12 minutes;
+## results in benchmarks/results/.  `make bench BENCH_ARGS=--quick` is a two-minute smoke run.
+BENCH_ARGS ?=
 bench: build
+	@FLUX_BENCH_TOOLS=1 scripts/setup-system.sh
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || flock $(VAR)/build.lock $(BIN)/python -m pip install -q -e '.[test,bench]'
 	@scripts/ensure-dockerd.sh
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf build src/flux/_splice.c src/flux/*.so src/*.egg-info
+
+## fluxd's production image (Dockerfile), tagged $(IMAGE), on $(BASE_IMAGE).  Where no registry
+## is reachable: `make image BASE_IMAGE=flux-base:bookworm` (builds that base first).
+IMAGE            ?= fluxd:latest
+BASE_IMAGE       ?= python:3.11-slim-bookworm
+LOCAL_BASE_IMAGE := flux-base:bookworm
+
+.PHONY: image base-image
+
+image: $(if $(filter $(LOCAL_BASE_IMAGE),$(BASE_IMAGE)),base-image)
+	@scripts/ensure-dockerd.sh
+	@IMAGE='$(IMAGE)' BASE_IMAGE='$(BASE_IMAGE)' scripts/build-image.sh
+
+## A local Debian bookworm base image (debootstrap + docker import), built once and cached.
+base-image:
+	@scripts/ensure-dockerd.sh
+	@scripts/build-base-image.sh '$(LOCAL_BASE_IMAGE)'

@@ -15,12 +15,15 @@ have_cmd ip        || need+=(iproute2)
 have_pkg busybox-static || need+=(busybox-static)
 have_cmd cc        || need+=(gcc)
 have_cmd curl      || need+=(curl)
+have_cmd debootstrap     || need+=(debootstrap)   # the local base of the image tests
+have_cmd systemd-analyze || need+=(systemd)       # checks deploy/fluxd.service
 have_cmd promtool  || need+=(prometheus)
 if [ "${FLUX_BENCH_TOOLS:-0}" = 1 ]; then
   have_cmd wrk     || need+=(wrk)
   have_cmd iperf3  || need+=(iperf3)
   have_cmd haproxy || need+=(haproxy)
   have_cmd nginx   || need+=(nginx-light)
+  have_pkg libnginx-mod-stream || need+=(libnginx-mod-stream)  # nginx's stream proxy
 fi
 
 if [ ${#need[@]} -eq 0 ]; then
