@@ -46,8 +46,8 @@ test: build
 lint: build
 	$(BIN)/python -m pytest tests/test_sourcecode.py
 
-## Benchmarks: fluxd against direct, HAProxy and nginx (benchmarks/README.md), about 12 minutes;
-## results in benchmarks/results/.  `make bench BENCH_ARGS=--quick` is a two-minute smoke run.
+## Benchmarks: fluxd against direct, HAProxy and nginx (benchmarks/README.md), about 13 minutes;
+## results in benchmarks/results/.  `make bench BENCH_ARGS=--quick` is a three-minute smoke run.
 BENCH_ARGS ?=
 bench: build
 	@FLUX_BENCH_TOOLS=1 scripts/setup-system.sh

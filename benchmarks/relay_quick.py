@@ -30,6 +30,7 @@ from flux.relay import Relay, make_relay
 
 LOOPBACK = "127.0.0.1"
 STATS = False
+OPTIONS: dict[str, dict[str, int]] = {}
 BODY = "x" * 90  # with the status line and headers, a response of about 250 bytes
 
 
@@ -51,7 +52,7 @@ async def relayed(kind: str | None, backend_port: int) -> Any:
         yield backend_port, None
         return
     loop = asyncio.get_running_loop()
-    relay: Relay = make_relay(kind)  # type: ignore[arg-type]
+    relay: Relay = make_relay(kind, **OPTIONS.get(kind, {}))  # type: ignore[arg-type]
     await relay.start()
     listener = socket.create_server((LOOPBACK, 0), backlog=1024)
     listener.setblocking(False)
@@ -173,9 +174,11 @@ async def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--skip", nargs="*", default=[], choices=["bulk", "small"])
     parser.add_argument("--stats", action="store_true", help="print the engine's counters")
+    parser.add_argument("--pipe-size", type=int, default=1 << 20, help="splice engine pipes")
     args = parser.parse_args()
     global STATS
     STATS = args.stats
+    OPTIONS["splice"] = {"pipe_size": args.pipe_size}
     for tool in ("iperf3", "wrk", "nginx"):
         if shutil.which(tool) is None:
             raise SystemExit(f"relay_quick: {tool} is not installed (make system installs it)")

@@ -321,6 +321,25 @@ def test_half_close_from_server_keeps_the_request_flowing(kind: str) -> None:
     run(kind, scenario)
 
 
+def test_bytes_and_eof_sent_before_the_hand_over_are_relayed(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        client, relay_client = await h.pair(h.front)
+        h.sockets.append(client)
+        relay_upstream, server = await h.pair(h.back)
+        h.sockets.append(server)
+        await send(client, b"early request")
+        client.shutdown(socket.SHUT_WR)
+        await send(server, b"early banner")
+        server.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        result = h.relay.submit(relay_client, relay_upstream)
+        assert await recv_to_eof(server) == b"early request"
+        assert await recv_to_eof(client) == b"early banner"
+        assert (await result).error is None
+
+    run(kind, scenario)
+
+
 def test_eof_both_ways_closes_both_sockets_and_reports_the_bytes(kind: str) -> None:
     async def scenario(h: Harness) -> None:
         link = await h.open()
@@ -451,6 +470,33 @@ def test_slow_reader_stalls_the_writer_with_bounded_buffering(kind: str) -> None
         link.client.shutdown(socket.SHUT_WR)
         result = await link.result
         assert (result.to_client, result.error) == (total, None)
+
+    run(kind, scenario)
+
+
+def test_a_bulk_flow_does_not_starve_small_exchanges(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        bulk = await h.open()
+        chat = await h.open()
+        pattern = Pattern(256 * MiB, 5)
+        transfer = asyncio.gather(
+            asyncio.to_thread(send_pattern, blocking(bulk.server), pattern),
+            asyncio.to_thread(receive_digest, blocking(bulk.client)),
+        )
+        await asyncio.sleep(0.05)
+        rounds, worst = 0, 0.0
+        while not transfer.done() and rounds < 2000:
+            started = time.monotonic()
+            await send(chat.client, b"?" * 100)
+            await recv_exactly(chat.server, 100)
+            await send(chat.server, b"!" * 100)
+            await recv_exactly(chat.client, 100)
+            worst = max(worst, time.monotonic() - started)
+            rounds += 1
+        sent, received = await transfer
+        assert received == (pattern.total, sent)
+        assert rounds >= 10, f"only {rounds} round trips during the transfer"
+        assert worst < 0.25, f"a round trip took {worst:.3f} s next to a bulk flow"
 
     run(kind, scenario)
 

@@ -10,7 +10,11 @@ tests and benchmarks can check that it stays 0).
 A reset (:meth:`Publisher.sync`) does not trust the memory: it reads what the store holds for
 this host, rewrites each instance that is missing or different, and removes each of this
 host's instances that is no longer wanted: leftovers from a previous run, or records changed
-behind our back.  Records of other hosts are never touched (reference §3.6,
+behind our back.  A record that is identical to what we want but was not written by this
+publisher (a previous fluxd on this host wrote it, before a crash and a quick restart) is
+rewritten all the same: it sits on the old process's lease and would vanish when that lease
+expires.  So the first reset after start writes every instance once; later resets with
+nothing changed write nothing.  Records of other hosts are never touched (reference §3.6,
 TestSetInstancesCleanup); a record that is already gone counts as removed (§8.7).
 
 Instances are host-owned records: the store writes them on this host's lease, so they vanish
@@ -48,6 +52,8 @@ class Publisher:
         self._store = store
         self.host_ip = _normal_ip(host_ip)
         self._written: dict[InstanceKey, Instance] = {}
+        # Keys this publisher wrote through its store (so they are on this process's lease).
+        self._owned: set[InstanceKey] = set()
         self.adds = 0
         self.removes = 0
         self.syncs = 0
@@ -71,9 +77,10 @@ class Publisher:
             for instance_id, instance in info.instances.items()
             if _normal_ip(instance.host.address) == self.host_ip
         }
-        self._written = existing
+        self._written = {key: value for key, value in existing.items() if key in self._owned}
         self.syncs += 1
         for key in sorted(existing.keys() - wanted.keys()):
+            self._written.setdefault(key, existing[key])
             await self._remove(key)
         for key in sorted(wanted):
             await self._put(key, wanted[key])
@@ -95,6 +102,7 @@ class Publisher:
         await self._store.add_instance(service, instance_id, instance)
         self.adds += 1
         self._written[key] = instance
+        self._owned.add(key)
         where = instance.address or "no address"
         log.info(
             "Registering service '%s' instance '%s' at %s (%s)",
@@ -106,4 +114,5 @@ class Publisher:
         await self._store.remove_instance(service, instance_id)
         self.removes += 1
         del self._written[key]
+        self._owned.discard(key)
         log.info("Deregistering service '%s' instance '%s'", service, instance_id[:12])

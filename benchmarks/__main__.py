@@ -1,0 +1,128 @@
+"""``python -m benchmarks``: fluxd against direct, HAProxy and nginx on this machine.
+
+See benchmarks/README.md.  Needs root (fluxd installs iptables rules), wrk, iperf3, haproxy,
+nginx with its stream module and etcd; ``make bench`` installs them and runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "idle"]
+SUBJECTS = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice",
+            "haproxy-tcp-2t", "nginx"]  # fmt: skip
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark fluxd (TCP service) against direct connections, HAProxy 2.6 "
+        "(mode tcp, with and without splice) and nginx stream: iperf3 bulk, wrk keep-alive and "
+        "Connection: close, and idle connections.  Writes benchmarks/results/latest.md, "
+        "latest.png and latest.raw (the samples).",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 3-second loads")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs of each workload per subject (default 3; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--bulk-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="iperf3 duration (default 6; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--wrk-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wrk duration (default 6; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=64, metavar="N", help="wrk connections (default 64)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, metavar="N", help="wrk threads (default 2)"
+    )
+    parser.add_argument(
+        "--idle",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="idle connections to hold through each proxy (default 5000)",
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=WORKLOADS,
+        default=WORKLOADS,
+        metavar="W",
+        help=f"workloads to run (default all: {' '.join(WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        choices=SUBJECTS,
+        default=SUBJECTS,
+        metavar="S",
+        help=f"what to measure (default all: {' '.join(SUBJECTS)})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where to write the results (default benchmarks/results)",
+    )
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild latest.md and latest.png from latest.raw, measuring nothing",
+    )
+    args = parser.parse_args(argv)
+    for name in ("repeat", "connections", "threads", "idle"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("bulk_seconds", "wrk_seconds"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= 600:
+            parser.error(f"--{name.replace('_', '-')} must be 1 to 600 seconds, got {value:g}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    # Heavy imports (flux, matplotlib) only once the arguments are known good.
+    from benchmarks.suite import RESULTS, Settings, command_line, report_only, run
+
+    quick = args.quick
+    settings = Settings(
+        repeat=args.repeat or (1 if quick else 3),
+        bulk_seconds=args.bulk_seconds or (3.0 if quick else 6.0),
+        wrk_seconds=args.wrk_seconds or (3.0 if quick else 6.0),
+        connections=args.connections,
+        threads=args.threads,
+        idle_count=args.idle,
+        workloads=list(dict.fromkeys(args.workloads)),
+        subjects=list(dict.fromkeys(args.subjects)),
+        out=args.out or RESULTS,
+        chart=not args.no_chart,
+        command=command_line(argv),
+    )
+    if args.report_only:
+        return report_only(settings)
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

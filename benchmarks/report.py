@@ -1,0 +1,384 @@
+"""From samples to the report: medians with spreads, ratios, targets, Markdown and a chart.
+
+Pure functions over a list of samples (``{"subject", "workload", "repeat", "values"}``), so the
+report can be rebuilt from a saved ``latest.raw`` without measuring again
+(``python -m benchmarks --report-only``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.subjects import SUBJECTS
+
+__all__ = [
+    "METRICS",
+    "WORKLOADS",
+    "Summary",
+    "Target",
+    "render_chart",
+    "render_markdown",
+    "summarise",
+    "targets",
+]
+
+# workload -> what the report calls it
+WORKLOADS: dict[str, str] = {
+    "bulk1": "iperf3 bulk, 1 stream",
+    "bulk4": "iperf3 bulk, 4 streams",
+    "keepalive": "wrk keep-alive, 100-byte responses",
+    "close": "wrk `Connection: close` (new connection per request)",
+    "idle": "idle connections held",
+}
+
+
+TIMES = "\N{MULTIPLICATION SIGN}"
+DASH = "\N{EN DASH}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    digits: int
+
+
+METRICS: dict[str, list[Metric]] = {
+    "bulk1": [
+        Metric("gbit_s", "Gbit/s", True, 2),
+        Metric("cpu_s_per_gb", "proxy CPU s/GB", False, 3),
+    ],
+    "bulk4": [
+        Metric("gbit_s", "Gbit/s", True, 2),
+        Metric("cpu_s_per_gb", "proxy CPU s/GB", False, 3),
+    ],
+    "keepalive": [
+        Metric("rate", "req/s", True, 0),
+        Metric("p50_ms", "p50 ms", False, 3),
+        Metric("p99_ms", "p99 ms", False, 3),
+        Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
+        Metric("errors", "socket errors", False, 0),
+    ],
+    "close": [
+        Metric("rate", "connections/s", True, 0),
+        Metric("p99_ms", "p99 ms", False, 3),
+        Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
+        Metric("errors", "socket errors", False, 0),
+    ],
+    "idle": [
+        Metric("held", "connections held", True, 0),
+        Metric("kib_per_conn", "proxy RSS KiB/conn (after one request)", False, 2),
+        Metric("kib_per_conn_open", "proxy RSS KiB/conn (never used)", False, 2),
+        Metric("errors", "errors", False, 0),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One metric of one subject on one workload, over the repeats."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+Table = dict[tuple[str, str, str], Summary]  # (workload, subject, metric key) -> summary
+
+
+def summarise(samples: Sequence[dict[str, Any]]) -> Table:
+    """Medians and min-max spreads of every numeric value, per workload, subject and metric."""
+    grouped: dict[tuple[str, str, str], list[float]] = {}
+    for sample in samples:
+        for key, value in sample["values"].items():
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if numeric and math.isfinite(value):
+                grouped.setdefault((sample["workload"], sample["subject"], key), []).append(
+                    float(value)
+                )
+    return {
+        key: Summary(statistics.median(values), min(values), max(values), len(values))
+        for key, values in grouped.items()
+    }
+
+
+def _fmt(value: float, digits: int) -> str:
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _cell(summary: Summary | None, digits: int) -> str:
+    if summary is None:
+        return "—"
+    text = _fmt(summary.median, digits)
+    if summary.n > 1 and summary.low != summary.high:
+        text += f" ({_fmt(summary.low, digits)}{DASH}{_fmt(summary.high, digits)})"
+    return text
+
+
+def _ratio(table: Table, workload: str, metric: str, a: str, b: str) -> float | None:
+    top, bottom = table.get((workload, a, metric)), table.get((workload, b, metric))
+    if top is None or bottom is None or bottom.median == 0:
+        return None
+    return top.median / bottom.median
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets, checked on the medians of this run."""
+
+    name: str
+    measured: str
+    threshold: str
+    met: bool | None  # None: not measured in this run
+
+
+def _better_peer(table: Table, workload: str, metric: str, peers: Sequence[str]) -> str | None:
+    present = [p for p in peers if (workload, p, metric) in table]
+    return max(present, key=lambda p: table[(workload, p, metric)].median) if present else None
+
+
+# "The Cython engine beats the pure-Python fallback relay on every workload."
+ENGINE_CHECKS = [
+    ("bulk1", "gbit_s", "bulk 1 stream Gbit/s", True),
+    ("bulk4", "gbit_s", "bulk 4 streams Gbit/s", True),
+    ("keepalive", "rate", "keep-alive req/s", True),
+    ("close", "rate", "new connections/s", True),
+    ("idle", "kib_per_conn", "RSS per idle connection", False),
+]
+
+
+def targets(table: Table, idle_count: int) -> list[Target]:
+    """The data-path issue's targets, as ratios of medians from this run."""
+    out: list[Target] = []
+
+    def ratio_target(
+        name: str, workload: str, metric: str, peer: str | None, bound: float, at_least: bool
+    ) -> None:
+        value = None if peer is None else _ratio(table, workload, metric, "fluxd", peer)
+        sign = "≥" if at_least else "≤"
+        threshold = f"{sign} {bound:.2f}{TIMES} {SUBJECTS.get(peer or '', peer or '?')}"
+        if value is None:
+            out.append(Target(name, "not measured", threshold, None))
+        else:
+            met = value >= bound if at_least else value <= bound
+            out.append(Target(name, f"{value:.2f}{TIMES}", threshold, met))
+
+    ratio_target("bulk 1 stream: Gbit/s", "bulk1", "gbit_s", "haproxy-splice", 1.35, True)
+    ratio_target(
+        "bulk 1 stream: proxy CPU per GB", "bulk1", "cpu_s_per_gb", "haproxy-splice", 0.55, False
+    )
+    ratio_target("bulk 4 streams: Gbit/s", "bulk4", "gbit_s", "haproxy-splice", 1.35, True)
+    best = _better_peer(table, "keepalive", "rate", ["haproxy-tcp", "nginx"])
+    ratio_target(
+        "keep-alive: req/s vs the better of HAProxy tcp and nginx",
+        "keepalive",
+        "rate",
+        best,
+        1.0,
+        True,
+    )
+    ratio_target("keep-alive: p99 vs that peer", "keepalive", "p99_ms", best, 1.0, False)
+    ratio_target("new connection per request: conn/s", "close", "rate", "haproxy-tcp-2t", 1.0, True)
+    held = table.get(("idle", "fluxd", "held"))
+    errors = table.get(("idle", "fluxd", "errors"))
+    per_conn = table.get(("idle", "fluxd", "kib_per_conn"))
+    if held is None or errors is None:
+        out.append(Target(f"{idle_count:,} idle connections", "not measured", "", None))
+    else:
+        rss = "" if per_conn is None else f", {per_conn.median:.1f} KiB/conn"
+        out.append(
+            Target(
+                f"{idle_count:,} idle connections held, no errors",
+                f"{held.low:,.0f} held (worst run), {errors.high:.0f} errors{rss}",
+                f"{idle_count:,} held, 0 errors",
+                held.low >= idle_count and errors.high == 0,
+            )
+        )
+    for workload, metric, label, higher in ENGINE_CHECKS:
+        name = f"engine vs Python relay: {label}"
+        value = _ratio(table, workload, metric, "fluxd", "fluxd-python")
+        if value is None:
+            out.append(Target(name, "not measured", "", None))
+            continue
+        met = value > 1.0 if higher else value < 1.0
+        out.append(
+            Target(
+                name, f"{value:.2f}{TIMES}", f"> 1.00{TIMES}" if higher else f"< 1.00{TIMES}", met
+            )
+        )
+    return out
+
+
+def noise(samples: Sequence[dict[str, Any]]) -> list[str]:
+    """What the machine did besides the suite, as notes for the report."""
+    notes = []
+    other = [
+        (s["values"]["other_cpu_s"], s["workload"], s["subject"])
+        for s in samples
+        if "other_cpu_s" in s["values"]
+    ]
+    if other:
+        worst = max(other)
+        notes.append(
+            "CPU used by anything but the suite's processes during a run (other work on the "
+            "machine, kernel threads such as ksoftirqd): median "
+            f"{statistics.median(o[0] for o in other):.2f} CPU s per run, most "
+            f"{worst[0]:.2f} s ({worst[1]} through {worst[2]})"
+        )
+    drops = [
+        (s["values"]["conntrack_drops"], s["workload"], s["subject"])
+        for s in samples
+        if s["values"].get("conntrack_drops")
+    ]
+    if drops:
+        runs = ", ".join(f"{w} through {n}: {d:.0f}" for d, w, n in drops)
+        notes.append(f"connection tracking dropped packets (table full?) in: {runs}")
+    return notes
+
+
+def _subjects_present(table: Table) -> list[str]:
+    present = {subject for (_w, subject, _m) in table}
+    return [name for name in SUBJECTS if name in present]
+
+
+def render_markdown(
+    table: Table,
+    machine: dict[str, str],
+    settings: dict[str, Any],
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole report as Markdown (``notes`` should include :func:`noise`)."""
+    subjects = _subjects_present(table)
+    lines = [
+        "# flux benchmarks",
+        "",
+        f"Run {machine.get('date', '?')}: `{settings.get('command', 'python -m benchmarks')}`",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in machine.items() if key != "date"),
+        "",
+        "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "command") + ".",
+        "",
+        f"Every figure is the median of the repeats, with the spread (min{DASH}max) in brackets. "
+        "CPU and RSS are the proxy's own processes (fluxd: the whole process, engine thread "
+        "included); load generators and backends share the same cores for every subject.",
+        "",
+        "## Results",
+        "",
+        "| workload | metric | " + " | ".join(SUBJECTS[s] for s in subjects) + " |",
+        "|---|---|" + "---:|" * len(subjects),
+    ]
+    for workload, metrics in METRICS.items():
+        for metric in metrics:
+            if not any((workload, s, metric.key) in table for s in subjects):
+                continue
+            cells = [_cell(table.get((workload, s, metric.key)), metric.digits) for s in subjects]
+            lines.append(f"| {WORKLOADS[workload]} | {metric.label} | " + " | ".join(cells) + " |")
+    peers = [s for s in subjects if s != "fluxd"]
+    lines += [
+        "",
+        "## fluxd relative to each peer (ratio of medians)",
+        "",
+        "Above 1 is better for rates; below 1 is better for CPU, latency and memory.",
+        "",
+        "| workload | metric | " + " | ".join(f"÷ {SUBJECTS[p]}" for p in peers) + " |",
+        "|---|---|" + "---:|" * len(peers),
+    ]
+    for workload, metrics in METRICS.items():
+        for metric in metrics:
+            if metric.key in ("errors", "held"):
+                continue
+            if (workload, "fluxd", metric.key) not in table:
+                continue
+            cells = []
+            for peer in peers:
+                value = _ratio(table, workload, metric.key, "fluxd", peer)
+                cells.append("—" if value is None else f"{value:.2f}{TIMES}")
+            lines.append(f"| {WORKLOADS[workload]} | {metric.label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", "| target | measured | wanted | |", "|---|---:|---|---|"]
+    for target in targets(table, int(settings.get("idle connections", 5000))):
+        mark = {True: "PASS", False: "MISS", None: "—"}[target.met]
+        lines.append(f"| {target.name} | {target.measured} | {target.threshold} | {mark} |")
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+CHART_CAP = 4.0  # ratios above this are drawn clipped, labelled with their value
+
+
+def render_chart(table: Table, path: Path, title: str) -> None:
+    """A grouped bar chart of every subject relative to HAProxy tcp, per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = "haproxy-tcp"
+    subjects = [s for s in _subjects_present(table) if s != reference]
+    panels: list[tuple[str, list[tuple[str, str, str]]]] = [
+        (
+            "throughput ÷ HAProxy tcp (higher is better)",
+            [
+                ("bulk1", "gbit_s", "bulk 1 stream"),
+                ("bulk4", "gbit_s", "bulk 4 streams"),
+                ("keepalive", "rate", "keep-alive req/s"),
+                ("close", "rate", "new conn/s"),
+            ],
+        ),
+        (
+            "cost ÷ HAProxy tcp (lower is better)",
+            [
+                ("bulk1", "cpu_s_per_gb", "CPU/GB, 1 stream"),
+                ("bulk4", "cpu_s_per_gb", "CPU/GB, 4 streams"),
+                ("keepalive", "cpu_ms_per_1k", "CPU/req, keep-alive"),
+                ("keepalive", "p99_ms", "p99, keep-alive"),
+                ("close", "cpu_ms_per_1k", "CPU/conn, close"),
+                ("idle", "kib_per_conn", "RSS/idle conn"),
+            ],
+        ),
+    ]
+    figure, axes = plt.subplots(2, 1, figsize=(12, 9))
+    colours = plt.get_cmap("tab10")
+    for axis, (panel_title, groups) in zip(axes, panels, strict=True):
+        width = 0.8 / max(1, len(subjects))
+        for index, subject in enumerate(subjects):
+            xs, ys = [], []
+            for position, (workload, metric, _label) in enumerate(groups):
+                value = _ratio(table, workload, metric, subject, reference)
+                if value is not None:
+                    xs.append(position + (index - (len(subjects) - 1) / 2) * width)
+                    ys.append(value)
+            # An outlier (a p99 hit by a stall) would flatten every other bar: clip, keep label.
+            shown = [min(value, CHART_CAP) for value in ys]
+            bars = axis.bar(xs, shown, width, label=SUBJECTS[subject], color=colours(index))
+            for bar, value in zip(bars, ys, strict=True):
+                axis.annotate(
+                    f"{value:.2f}" + ("+" if value > CHART_CAP else ""),
+                    (bar.get_x() + bar.get_width() / 2, min(value, CHART_CAP)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    rotation=90,
+                )
+        axis.set_ylim(0, CHART_CAP * 1.12)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(groups)), [label for _w, _m, label in groups])
+        axis.set_title(panel_title)
+        axis.set_ylabel("ratio")
+        axis.legend(fontsize=8, ncol=3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,482 @@
+"""The backends and the proxies measured, each a real process on this machine.
+
+Backends (shared by every subject, so each competes for the same two cores in the same way):
+
+- HTTP: nginx, one worker, answering every request with a 100-byte body over keep-alive
+  (``keepalive_requests`` raised: nginx 1.22 otherwise closes a connection after 1,000 requests).
+- bulk: ``iperf3 -s``.
+
+Subjects, each with one front address per backend:
+
+- ``direct``: the backends themselves (the ceiling);
+- ``fluxd`` / ``fluxd-python``: a real fluxd (``python -m flux``) with the Cython splice engine,
+  or with the pure-Python fallback relay (``-relay python``), each against its own private
+  etcd.  Services get floating addresses in 127.42.0.0/16 and the backends are registered as
+  instances *of another host* (127.0.0.2, on that host's own lease), the way a remote fluxd's
+  agent would write them, so neither Docker nor its userland proxy is in the path;
+- ``haproxy-tcp`` / ``haproxy-splice`` / ``haproxy-tcp-2t``: HAProxy in ``mode tcp``, one thread
+  without and with ``option splice-auto``, and two threads without splice;
+- ``nginx``: nginx ``stream`` proxy, one worker.
+
+Every listener is on 127.0.0.1 (fluxd's on ``lo``'s address, reached through its DNAT rule)
+with a backlog of 4,096, like fluxd's.  Configurations are written to a temporary directory,
+every process runs in the foreground as a child of the suite and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.system import LOOPBACK, free_port, process_tree
+
+__all__ = [
+    "BODY",
+    "SUBJECTS",
+    "Backends",
+    "Subject",
+    "start_backends",
+    "start_subject",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = "x" * 100
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+HOST_IP = "127.0.0.1"
+REMOTE_HOST = "127.0.0.2"  # the "other host" that owns the backend instances
+START_TIMEOUT = 30.0
+# Floating addresses are 127.42.<net>.1 and .2; one random <net> per run, the next for the fallback.
+_VIP_NET = 20 + secrets.randbelow(200)
+
+# name -> how the report labels it
+SUBJECTS: dict[str, str] = {
+    "direct": "direct",
+    "fluxd": "fluxd",
+    "fluxd-python": "fluxd (Python relay)",
+    "haproxy-tcp": "HAProxy tcp",
+    "haproxy-splice": "HAProxy splice",
+    "haproxy-tcp-2t": "HAProxy tcp, 2 threads",
+    "nginx": "nginx stream",
+}
+
+
+class Child:
+    """A foreground child process with its output in a log file."""
+
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self._log_start = 0  # where this run's output begins (the log outlives restarts)
+
+    async def start(self) -> Child:
+        with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def logged(self, text: str) -> bool:
+        """Whether the current run of the process has written ``text``."""
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            return text in log.read().decode(errors="replace")
+        return False
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        """Signal the process, wait up to ``timeout`` s, then kill it."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signum)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await asyncio.wait_for(self.process.wait(), 10)
+
+
+async def wait_for(
+    what: str,
+    predicate: Callable[[], object],
+    child: Child | None = None,
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Poll ``predicate`` (a callable) until true; fail with the child's log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited while waiting for {what}:\n{child.log_tail()}")
+        if time.monotonic() > deadline:
+            tail = f":\n{child.log_tail()}" if child is not None else ""
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")
+        await asyncio.sleep(0.1)
+
+
+def _accepts(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+# No proxy from the environment: requests go straight to the loopback address.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _serves_http(address: tuple[str, int]) -> bool:
+    try:
+        with _OPENER.open(f"http://{address[0]}:{address[1]}/", timeout=2.0) as response:
+            return bool(response.read() == BODY.encode())
+    except OSError:
+        return False
+
+
+@dataclass
+class Backends:
+    """Where the HTTP and the bulk (iperf3) backends listen."""
+
+    http: tuple[str, int]
+    bulk: tuple[str, int]
+    children: list[Child] = field(default_factory=list)
+
+    async def restart_bulk(self) -> None:
+        """A fresh iperf3 server on the same port (after a run that left it confused)."""
+        old = next(child for child in self.children if child.name == "backend-iperf3")
+        await old.stop()
+        await old.start()
+        await wait_for("iperf3 to listen again", lambda: _accepts_quietly(old), old)
+
+
+def _accepts_quietly(child: Child) -> bool:
+    # iperf3 logs every connection that is not a test; look for the listening socket instead.
+    port = int(child.argv[child.argv.index("-p") + 1])
+    with open("/proc/net/tcp") as table:
+        return any(
+            line.split()[3] == "0A" and int(line.split()[1].rsplit(":", 1)[1], 16) == port
+            for line in list(table)[1:]
+        )
+
+
+BACKEND_NGINX = """\
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {dir}/backend-nginx.pid;
+error_log stderr error;
+events {{ worker_connections 16000; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    client_header_timeout 600s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+}}
+"""
+
+
+async def start_backends(stack: AsyncExitStack, workdir: Path) -> Backends:
+    """Start nginx (HTTP) and iperf3 (bulk) on free loopback ports; stopped with ``stack``."""
+    http_port, bulk_port = free_port(), free_port()
+    conf = workdir / "backend-nginx.conf"
+    conf.write_text(BACKEND_NGINX.format(dir=workdir, host=LOOPBACK, port=http_port, body=BODY))
+    nginx = Child(
+        "backend-nginx", ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)], workdir
+    )
+    iperf = Child("backend-iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(bulk_port)], workdir)
+    backends = Backends((LOOPBACK, http_port), (LOOPBACK, bulk_port), [nginx, iperf])
+    for child in backends.children:
+        await child.start()
+        stack.push_async_callback(child.stop)
+    await wait_for("the HTTP backend", lambda: _serves_http(backends.http), nginx)
+    await wait_for("the iperf3 backend", lambda: _accepts_quietly(iperf), iperf)
+    return backends
+
+
+@dataclass
+class Subject:
+    """One thing measured: where clients connect, and which processes to account."""
+
+    name: str
+    http: tuple[str, int]
+    bulk: tuple[str, int]
+    root_pid: int | None = None  # None: nothing in between (direct)
+    # Start the proxy afresh (same addresses): memory figures need a process that has not
+    # pooled the memory of earlier runs.
+    restart: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def label(self) -> str:
+        return SUBJECTS[self.name]
+
+    def pids(self) -> list[int]:
+        return [] if self.root_pid is None else process_tree(self.root_pid)
+
+    def front(self, kind: str) -> tuple[str, int]:
+        return self.http if kind == "http" else self.bulk
+
+
+# -- HAProxy and nginx --------------------------------------------------------------------------
+
+HAPROXY = """\
+global
+    nbthread {threads}
+    maxconn 8000
+    # Two descriptors per pipe: the default (maxconn / 4 pipes) would not fit the 20,000 cap.
+    maxpipes 1000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    maxconn 8000
+    backlog 4096
+{splice}
+frontend http_in
+    bind {host}:{http_front}
+    default_backend http_out
+backend http_out
+    server http1 {host}:{http_port}
+frontend bulk_in
+    bind {host}:{bulk_front}
+    default_backend bulk_out
+backend bulk_out
+    server bulk1 {host}:{bulk_port}
+"""
+
+NGINX_STREAM = """\
+load_module {module};
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {dir}/{name}.pid;
+error_log stderr error;
+events {{ worker_connections 16000; }}
+stream {{
+    proxy_timeout 600s;
+    tcp_nodelay on;
+    server {{ listen {host}:{http_front} backlog=4096; proxy_pass {host}:{http_port}; }}
+    server {{ listen {host}:{bulk_front} backlog=4096; proxy_pass {host}:{bulk_port}; }}
+}}
+"""
+
+
+async def _start_config_proxy(
+    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends
+) -> Subject:
+    ports = {
+        "host": LOOPBACK,
+        "http_front": free_port(),
+        "bulk_front": free_port(),
+        "http_port": backends.http[1],
+        "bulk_port": backends.bulk[1],
+    }
+    conf = workdir / f"{name}.conf"
+    if name.startswith("haproxy"):
+        threads = 2 if name.endswith("-2t") else 1
+        splice = "    option splice-auto" if name == "haproxy-splice" else ""
+        conf.write_text(HAPROXY.format(threads=threads, splice=splice, **ports))
+        child = Child(name, ["haproxy", "-db", "-f", str(conf)], workdir)
+    else:
+        if not Path(NGINX_STREAM_MODULE).exists():
+            raise RuntimeError(
+                f"nginx stream module {NGINX_STREAM_MODULE} is missing: install libnginx-mod-stream"
+                " (make bench does)"
+            )
+        conf.write_text(
+            NGINX_STREAM.format(module=NGINX_STREAM_MODULE, dir=workdir, name=name, **ports)
+        )
+        child = Child(name, ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)], workdir)
+    await child.start()
+    stack.push_async_callback(child.stop)
+    subject = Subject(
+        name, (LOOPBACK, ports["http_front"]), (LOOPBACK, ports["bulk_front"]), child.pid
+    )
+
+    async def ready() -> None:
+        await wait_for(f"{name} to serve HTTP", lambda: _serves_http(subject.http), child)
+        await wait_for(f"{name} to listen", lambda: _accepts(subject.bulk), child)
+
+    async def restart() -> None:
+        await child.stop()
+        await child.start()
+        subject.root_pid = child.pid
+        await ready()
+
+    await ready()
+    subject.restart = restart
+    return subject
+
+
+# -- fluxd --------------------------------------------------------------------------------------
+
+
+def _chain_has_dnat(chain: str, vips: list[str]) -> bool:
+    result = subprocess.run(
+        ["iptables", "-w", "-t", "nat", "-S", chain],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    return all(f"-d {vip}/32" in result.stdout and "DNAT" in result.stdout for vip in vips)
+
+
+@asynccontextmanager
+async def _instances(
+    endpoint: str, backends: Backends, services: dict[str, str]
+) -> AsyncIterator[None]:
+    """Define the services and register the backends as another host's instances."""
+    from flux.model import Host, HostRef, Instance, InstanceState, Service
+    from flux.store.etcd import EtcdStore
+
+    admin = EtcdStore(endpoint)
+    remote = EtcdStore(endpoint)
+    keeper = asyncio.create_task(remote.run_lease(60))
+    try:
+        await asyncio.wait_for(remote.wait_lease(), START_TIMEOUT)
+        await remote.register_host(Host(address=REMOTE_HOST, version="bench"))
+        for kind, address in services.items():
+            name = f"bench-{kind}"
+            await admin.add_service(name, Service(address=address, protocol="tcp"))
+            ip, port = backends.http if kind == "http" else backends.bulk
+            await remote.add_instance(
+                name,
+                f"bench-{kind}-backend",
+                Instance(
+                    host=HostRef(address=REMOTE_HOST),
+                    address=f"{ip}:{port}",
+                    state=InstanceState.LIVE,
+                ),
+            )
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await keeper
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(remote.revoke_lease(), 5)
+        for store in (admin, remote):
+            with contextlib.suppress(Exception):
+                await store.close()
+
+
+async def _start_fluxd(
+    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends, vip_net: int
+) -> Subject:
+    sys.path.insert(0, str(ROOT))  # the test helper that runs a private etcd
+    from tests.etcd_server import EtcdServer
+
+    data = workdir / f"{name}-etcd"
+    data.mkdir()
+    etcd = EtcdServer(data)
+    await asyncio.to_thread(etcd.start)
+    stack.callback(etcd.stop)
+
+    chain = "FLUXB" + secrets.token_hex(3).upper()
+    relay = "python" if name == "fluxd-python" else "splice"
+    env = {**os.environ, "ETCD_ADDRESS": etcd.endpoint}
+    env.pop("FLUX_RELAY", None)  # the flag below decides
+    argv = [sys.executable, "-m", "flux", "-host-ip", HOST_IP, "-bridge", "lo", "-chain", chain,
+            "-host-ttl", "30", "-relay", relay]  # fmt: skip
+    child = Child(name, argv, workdir, env)
+
+    async def stop_and_clean() -> None:
+        await child.stop(signal.SIGTERM, timeout=30)
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "flux", "cleanup", "-chain", chain, "-host-ip", HOST_IP],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    async def boot() -> None:
+        await child.start()
+        await wait_for(
+            f"{name} to install its chain",
+            lambda: child.logged("installed (nat and filter)"),
+            child,
+        )
+        if not child.logged(f"relay={relay}"):
+            raise RuntimeError(f"{name}: fluxd does not report relay={relay} in its configuration")
+
+    vips = {"http": f"127.42.{vip_net}.1", "bulk": f"127.42.{vip_net}.2"}
+    services = {"http": f"{vips['http']}:80", "bulk": f"{vips['bulk']}:5201"}
+    subject = Subject(name, (vips["http"], 80), (vips["bulk"], 5201))
+
+    async def ready() -> None:
+        subject.root_pid = child.pid
+        await wait_for(
+            f"{name}'s DNAT rules", lambda: _chain_has_dnat(chain, list(vips.values())), child
+        )
+        await wait_for(
+            f"{name} to serve HTTP on {services['http']}", lambda: _serves_http(subject.http), child
+        )
+
+    async def restart() -> None:
+        # The services and the other host's instances stay in etcd, as across a real restart.
+        await stop_and_clean()
+        await boot()
+        await ready()
+
+    stack.push_async_callback(stop_and_clean)
+    await boot()
+    await stack.enter_async_context(_instances(etcd.endpoint, backends, services))
+    await ready()
+    subject.restart = restart
+    return subject
+
+
+async def start_subject(
+    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends
+) -> Subject:
+    """Start one subject (its processes are stopped, and fluxd's rules removed, with ``stack``)."""
+    if name == "direct":
+        return Subject(name, backends.http, backends.bulk)
+    if name.startswith("fluxd"):
+        vip_net = _VIP_NET + (0 if name == "fluxd" else 1)
+        return await _start_fluxd(stack, name, workdir, backends, vip_net)
+    return await _start_config_proxy(stack, name, workdir, backends)

@@ -1,0 +1,292 @@
+"""The run: start backends and subjects once, measure in rotating order, write the report.
+
+All subjects run side by side for the whole suite (an idle proxy costs nothing measurable), so a
+repeat is a pass over every workload and every subject, and the order of subjects rotates from
+one repeat to the next: drift on the machine (another process waking up, the page cache, the
+conntrack table filling) spreads over all of them instead of landing on one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report, workloads
+from benchmarks.subjects import (
+    NGINX_STREAM_MODULE,
+    SUBJECTS,
+    Backends,
+    Subject,
+    start_backends,
+    start_subject,
+)
+from benchmarks.system import Counters, describe_machine, raise_nofile, sysctls
+
+__all__ = ["WORKLOAD_SUBJECTS", "Settings", "check_tools", "run"]
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Which subjects each workload measures: HAProxy with two threads is the churn target's peer
+# only; "direct" has no proxy to hold idle connections in.
+_ALL = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"]
+WORKLOAD_SUBJECTS: dict[str, list[str]] = {
+    "bulk1": _ALL,
+    "bulk4": _ALL,
+    "keepalive": _ALL,
+    "close": [*_ALL, "haproxy-tcp-2t"],
+    "idle": [s for s in _ALL if s != "direct"],
+}
+
+# Kernel settings for the run, put back afterwards.  Under connection churn TIME_WAIT fills the
+# ephemeral port range; tcp_tw_reuse=2 (loopback only) lets connects reuse those ports.
+_SYSCTLS_IF_OFF = {"net.ipv4.tcp_tw_reuse": "2"}
+
+
+@dataclass
+class Settings:
+    """What to run and for how long (see ``python -m benchmarks --help``)."""
+
+    repeat: int = 3
+    bulk_seconds: float = 6.0
+    wrk_seconds: float = 6.0
+    connections: int = 64
+    threads: int = 2
+    idle_count: int = 5000
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOAD_SUBJECTS))
+    subjects: list[str] = field(default_factory=lambda: list(SUBJECTS))
+    out: Path = RESULTS
+    chart: bool = True
+    command: str = "python -m benchmarks"
+
+    def described(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "repeats": self.repeat,
+            "iperf3 seconds": f"{self.bulk_seconds:g}",
+            "wrk seconds": f"{self.wrk_seconds:g}",
+            "wrk connections": self.connections,
+            "wrk threads": self.threads,
+            "idle connections": self.idle_count,
+        }
+
+
+def check_tools(settings: Settings) -> None:
+    """Fail at once, with one line, when something the run needs is missing."""
+    missing = [t for t in ("wrk", "iperf3", "haproxy", "nginx", "etcd", "iptables")
+               if shutil.which(t) is None]  # fmt: skip
+    if missing:
+        raise SystemExit(
+            f"benchmarks: missing tools: {', '.join(missing)} "
+            "(make bench installs them: FLUX_BENCH_TOOLS=1 scripts/setup-system.sh)"
+        )
+    if "nginx" in settings.subjects and not Path(NGINX_STREAM_MODULE).exists():
+        raise SystemExit(
+            f"benchmarks: nginx stream module {NGINX_STREAM_MODULE} is missing "
+            "(install libnginx-mod-stream; make bench does)"
+        )
+    if settings.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "benchmarks: matplotlib is missing for the chart (pip install -e '.[bench]'; "
+                "make bench does), or pass --no-chart"
+            ) from None
+    need = settings.idle_count + 200
+    limit = raise_nofile()
+    if limit < need:
+        raise SystemExit(f"benchmarks: descriptor limit {limit} is below the {need} needed")
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _brief(workload: str, values: dict[str, Any]) -> str:
+    parts = []
+    for metric in report.METRICS[workload]:
+        if metric.key in values:
+            parts.append(f"{metric.label} {values[metric.key]:.{metric.digits}f}")
+    return ", ".join(parts)
+
+
+async def _measure(
+    workload: str, subject: Subject, backends: Backends, settings: Settings, workdir: Path
+) -> dict[str, Any]:
+    if workload in ("bulk1", "bulk4"):
+        streams = 1 if workload == "bulk1" else 4
+        return await workloads.bulk(subject, backends, streams, settings.bulk_seconds)
+    if workload == "keepalive":
+        return await workloads.keepalive(
+            subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
+        )
+    if workload == "close":
+        return await workloads.close(
+            subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
+        )
+    return await workloads.idle(subject, backends, settings.idle_count)
+
+
+async def _wait_quiet(threshold: float = 0.25, patience: float = 5.0) -> float:
+    """Wait (at most ``patience`` s) until other work on the machine uses < ``threshold`` cores.
+
+    Between runs the suite's own processes are idle, so what keeps the machine busy is someone
+    else's; a burst of it (a compiler, a test run) would land on whichever subject runs next.
+    Returns the cores in use by others when the run starts.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        counters = Counters()
+        await asyncio.sleep(0.3)
+        cores = counters.read()["other_cpu_s"] / 0.3
+        if cores < threshold or time.monotonic() > deadline:
+            return max(0.0, cores)
+
+
+def _rotated(names: Sequence[str], by: int) -> list[str]:
+    if not names:
+        return []
+    by %= len(names)
+    return [*names[by:], *names[:by]]
+
+
+async def measure_all(settings: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Start everything, run every workload ``repeat`` times; the samples and any notes."""
+    samples: list[dict[str, Any]] = []
+    notes: list[str] = []
+    wanted = {s for w in settings.workloads for s in WORKLOAD_SUBJECTS[w]} & set(settings.subjects)
+    async with AsyncExitStack() as stack:
+        backends = await start_backends(stack, workdir)
+        running: dict[str, Subject] = {}
+        for name in SUBJECTS:
+            if name in wanted:
+                _progress(f"starting {name}")
+                running[name] = await start_subject(stack, name, workdir, backends)
+        # One short keep-alive run each first: connection pools, page cache, CPU frequency.
+        for subject in running.values():
+            with contextlib.suppress(workloads.RunError):
+                await workloads.keepalive(
+                    subject, workdir, 1, settings.connections, settings.threads
+                )
+        for repeat in range(settings.repeat):
+            for workload in settings.workloads:
+                names = [s for s in WORKLOAD_SUBJECTS[workload] if s in running]
+                for name in _rotated(names, repeat):
+                    subject = running[name]
+                    started = time.monotonic()
+                    if workload == "idle" and subject.restart is not None:
+                        await subject.restart()  # memory pooled by earlier runs would hide growth
+                    quiet = await _wait_quiet()
+                    counters = Counters()
+                    try:
+                        values = await _measure(workload, subject, backends, settings, workdir)
+                        values.update(counters.read())
+                        values["other_cores_before"] = quiet
+                    except workloads.RunError as exc:
+                        note = f"{workload} through {name} (repeat {repeat + 1}) failed: {exc}"
+                        _progress(note)
+                        notes.append(note)
+                        continue
+                    samples.append(
+                        {"subject": name, "workload": workload, "repeat": repeat, "values": values}
+                    )
+                    _progress(
+                        f"[{repeat + 1}/{settings.repeat}] {workload:9} {name:15} "
+                        f"{_brief(workload, values)}  ({time.monotonic() - started:.1f} s)"
+                    )
+                    await asyncio.sleep(0.5)  # let the last connections close
+    return samples, notes
+
+
+def write_report(
+    samples: list[dict[str, Any]],
+    notes: list[str],
+    machine: dict[str, str],
+    settings: Settings,
+) -> str:
+    """Write latest.md (and latest.png) under ``settings.out``; return the Markdown."""
+    settings.out.mkdir(parents=True, exist_ok=True)
+    table = report.summarise(samples)
+    markdown = report.render_markdown(
+        table, machine, settings.described(), [*notes, *report.noise(samples)]
+    )
+    (settings.out / "latest.md").write_text(markdown)
+    if settings.chart:
+        report.render_chart(
+            table,
+            settings.out / "latest.png",
+            f"fluxd and peers relative to HAProxy tcp — {machine['date']}",
+        )
+    return markdown
+
+
+def run(settings: Settings) -> int:
+    """The whole suite; exit status 0 when every run produced a figure."""
+    check_tools(settings)
+    machine = describe_machine()
+    changes = {k: v for k, v in _SYSCTLS_IF_OFF.items()
+               if Path("/proc/sys", *k.split(".")).read_text().strip() == "0"}  # fmt: skip
+    began = time.monotonic()
+    with sysctls(changes) as changed, tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
+        notes = [f"kernel setting for the run: {k} {v}" for k, v in changed.items()]
+        import uvloop
+
+        try:
+            samples, failures = uvloop.run(measure_all(settings, Path(tmp)))
+        except RuntimeError as exc:  # a subject or backend that would not start
+            _progress(f"benchmarks: {exc}")
+            return 1
+    notes += failures
+    notes.append(f"whole run took {(time.monotonic() - began) / 60:.1f} minutes")
+    raw = settings.out / "latest.raw"
+    settings.out.mkdir(parents=True, exist_ok=True)
+    raw.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "settings": settings.described(),
+                "notes": notes,
+                "samples": samples,
+            },
+            indent=1,
+        )
+    )
+    markdown = write_report(samples, notes, machine, settings)
+    print(markdown)
+    _progress(
+        f"wrote {settings.out / 'latest.md'}"
+        + (" and latest.png" if settings.chart else "")
+        + f" (raw samples: {raw})"
+    )
+    return 1 if failures else 0
+
+
+def report_only(settings: Settings) -> int:
+    """Rebuild latest.md / latest.png from latest.raw without measuring."""
+    raw = json.loads((settings.out / "latest.raw").read_text())
+    settings.command = raw["settings"].get("command", settings.command)
+    described = raw["settings"]
+
+    class Saved(Settings):
+        def described(self) -> dict[str, Any]:
+            return described
+
+    saved = Saved(out=settings.out, chart=settings.chart)
+    print(write_report(raw["samples"], raw["notes"], raw["machine"], saved))
+    return 0
+
+
+def command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["python", "-m", "benchmarks", *argv])

@@ -1,0 +1,255 @@
+"""The workloads: one bounded run each, returning a flat dict of numbers.
+
+- ``bulk``: ``iperf3 -c`` for a fixed time with 1 or N parallel streams (client to server);
+  Gbit/s as the receiver counted it, and the proxy's CPU seconds per GB moved.
+- ``keepalive``: ``wrk`` over keep-alive connections for a fixed time, 100-byte responses;
+  requests/s, p50 and p99 latency (from wrk's own histogram, printed by a ``done`` hook), the
+  proxy's CPU milliseconds per 1,000 requests.
+- ``close``: the same with ``Connection: close``, so every request is a new connection
+  (through a proxy: two handshakes); connections/s.
+- ``idle``: N connections opened through the proxy and held; once the proxy has an upstream
+  connection for each (counted in ``/proc/net/tcp``), the proxy's RSS growth per connection is
+  taken (``kib_per_conn_open``: never used), then one request is exchanged on every one of them
+  (so each is known to work end to end) and the RSS growth is taken again while they sit idle
+  (``kib_per_conn``: what a connection that has carried traffic costs at rest, the figure the
+  report leads with).  Every connect, wait and exchange has a timeout.
+
+CPU and RSS are those of the proxy's processes only (``Subject.pids``); the direct subject has
+none, so those figures are absent for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.subjects import BODY, Backends, Subject
+from benchmarks.system import cpu_seconds, rss_kib, tcp_established
+
+__all__ = ["bulk", "close", "idle", "keepalive"]
+
+# Printed by wrk when the run ends: wrk's own figures, with latency percentiles in microseconds.
+WRK_DONE = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, " ..
+    "\\"connect\\": %d, \\"read\\": %d, \\"write\\": %d, \\"status\\": %d, \\"timeout\\": %d}\\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+class RunError(RuntimeError):
+    """A load generator failed or produced no result."""
+
+
+async def _run(argv: list[str], timeout: float) -> str:
+    """Run a load generator to completion (killed after ``timeout`` s); its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise RunError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = (out + err).decode(errors="replace")[-400:]
+        raise RunError(f"{argv[0]} exited with status {proc.returncode}: {tail}")
+    return out.decode(errors="replace")
+
+
+async def bulk(
+    subject: Subject, backends: Backends, streams: int, seconds: float
+) -> dict[str, Any]:
+    """iperf3 through the subject for ``seconds`` with ``streams`` parallel streams."""
+    host, port = subject.front("bulk")
+    pids = subject.pids()
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", f"{seconds:g}", "-P", str(streams), "-J"]
+    cpu0, wall0 = cpu_seconds(pids), time.monotonic()
+    try:
+        report = json.loads(await _run(argv, seconds + 30))
+    except (RunError, json.JSONDecodeError):
+        await backends.restart_bulk()  # a failed test can leave the server waiting
+        raise
+    cpu, wall = cpu_seconds(pids) - cpu0, time.monotonic() - wall0
+    if "error" in report:
+        await backends.restart_bulk()
+        raise RunError(f"iperf3: {report['error']}")
+    received = report["end"]["sum_received"]
+    gbytes = received["bytes"] / 1e9
+    result: dict[str, Any] = {
+        "gbit_s": received["bits_per_second"] / 1e9,
+        "gbytes": gbytes,
+        "wall_s": wall,
+        "retransmits": report["end"].get("sum_sent", {}).get("retransmits", 0),
+    }
+    if pids:
+        result["proxy_cpu_s"] = cpu
+        result["cpu_s_per_gb"] = cpu / gbytes if gbytes > 0 else float("nan")
+    return result
+
+
+async def _wrk(
+    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int, close: bool
+) -> dict[str, Any]:
+    script = workdir / "wrk-done.lua"
+    if not script.exists():
+        script.write_text(WRK_DONE)
+    host, port = subject.front("http")
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
+            "-s", str(script)]  # fmt: skip
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{host}:{port}/")
+    pids = subject.pids()
+    cpu0 = cpu_seconds(pids)
+    out = await _run(argv, seconds + 30)
+    cpu = cpu_seconds(pids) - cpu0
+    match = re.search(r"^WRKJSON (\{.*\})$", out, re.MULTILINE)
+    if match is None:
+        raise RunError(f"wrk printed no summary: {out[-400:]}")
+    raw = json.loads(match.group(1))
+    duration = raw["duration_us"] / 1e6
+    requests = raw["requests"]
+    errors = sum(raw[key] for key in ("connect", "read", "write", "status", "timeout"))
+    result: dict[str, Any] = {
+        "rate": requests / duration,
+        "requests": requests,
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "errors": errors,
+        "error_detail": {k: raw[k] for k in ("connect", "read", "write", "status", "timeout")},
+    }
+    if pids:
+        result["proxy_cpu_s"] = cpu
+        result["cpu_ms_per_1k"] = 1e6 * cpu / requests if requests else float("nan")
+    return result
+
+
+async def keepalive(
+    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int
+) -> dict[str, Any]:
+    """wrk over keep-alive connections: small responses, requests/s and latency."""
+    return await _wrk(subject, workdir, seconds, connections, threads, close=False)
+
+
+async def close(
+    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int
+) -> dict[str, Any]:
+    """wrk with ``Connection: close``: one new connection per request."""
+    return await _wrk(subject, workdir, seconds, connections, threads, close=True)
+
+
+_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+async def _exchange(sock: socket.socket, timeout: float) -> None:
+    """One request and its whole response on an open connection."""
+    loop = asyncio.get_running_loop()
+
+    async def go() -> None:
+        await loop.sock_sendall(sock, _REQUEST)
+        data = b""
+        while True:
+            chunk = await loop.sock_recv(sock, 4096)
+            if not chunk:
+                raise ConnectionError("closed before the whole response")
+            data += chunk
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep and len(body) >= len(BODY):
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise ConnectionError(f"unexpected status {head[:20]!r}")
+                return
+
+    await asyncio.wait_for(go(), timeout)
+
+
+async def idle(
+    subject: Subject, backends: Backends, count: int, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Hold ``count`` connections through the subject; RSS per connection and errors."""
+    loop = asyncio.get_running_loop()
+    pids = subject.pids()
+    backend_port = backends.http[1]
+    upstream0 = tcp_established(backend_port)
+    rss0 = rss_kib(pids)
+    errors: dict[str, int] = {}
+    socks: list[socket.socket] = []
+    gate = asyncio.Semaphore(256)  # connects in flight at once: stay inside every backlog
+
+    def failed(what: str, exc: BaseException) -> None:
+        key = f"{what}: {type(exc).__name__}"
+        errors[key] = errors.get(key, 0) + 1
+
+    async def open_one() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        async with gate:
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, subject.front("http")), timeout)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                failed("connect", exc)
+                return
+        socks.append(sock)
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(open_one() for _ in range(count)))
+        opened = time.monotonic() - started
+        # A connect returns once the proxy's kernel accepted it; wait until the proxy itself has
+        # an upstream connection for each (bounded), so the memory of all of them is counted.
+        deadline = time.monotonic() + timeout
+        while tcp_established(backend_port) - upstream0 < len(socks):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        upstream = tcp_established(backend_port) - upstream0
+        if upstream < len(socks):
+            errors["upstream missing"] = len(socks) - upstream
+        await asyncio.sleep(0.5)
+        rss_open = rss_kib(pids)
+
+        async def use(sock: socket.socket) -> None:
+            async with gate:
+                try:
+                    await _exchange(sock, timeout)
+                except (OSError, TimeoutError) as exc:
+                    failed("exchange", exc)
+
+        await asyncio.gather(*(use(sock) for sock in socks))
+        await asyncio.sleep(1.0)  # let the proxy return buffers and pipes it lent for the request
+        rss1 = rss_kib(pids)
+        alive = tcp_established(backend_port) - upstream0
+    finally:
+        for sock in socks:
+            sock.close()
+    result: dict[str, Any] = {
+        "requested": count,
+        "held": min(len(socks), alive),
+        "errors": sum(errors.values()),
+        "error_detail": errors,
+        "open_s": opened,
+    }
+    if pids:
+        result["rss_before_kib"] = rss0
+        result["rss_open_kib"] = rss_open
+        result["rss_after_kib"] = rss1
+        result["kib_per_conn_open"] = (rss_open - rss0) / max(1, len(socks))
+        result["kib_per_conn"] = (rss1 - rss0) / max(1, len(socks))
+    # Let the proxy close its side before the next run measures anything.
+    deadline = time.monotonic() + timeout
+    while tcp_established(backend_port) > upstream0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return result
