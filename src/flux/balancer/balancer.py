@@ -115,6 +115,11 @@ class Balancer:
         self._chains_ready = False
 
     async def drain(self, grace: float) -> None:
+        # Clients still waiting for an instance connection are not going to be served.
+        for _, listener in self.listeners.values():
+            listener.abort_connecting()
+        for listener in self._retiring.values():
+            listener.abort_connecting()
         if self._relay_started:
             await self.relay.close(grace)
 

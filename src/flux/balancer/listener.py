@@ -5,8 +5,8 @@ Theory of operation
 Each forwarding service has one listening socket on the bridge's IPv4 address and an
 ephemeral port; the service's DNAT rule sends its floating address there.  The accept path is
 a plain reader callback on the event loop: it accepts every pending connection (up to a batch
-per wake-up, so one busy service cannot starve the loop) and starts, for each, a small task
-that does the slow part off the accept path:
+per wake-up, so one busy service cannot starve the loop) and starts, for each, a non-blocking
+connect whose completion (or timeout) arrives as a callback, so the accept path never waits:
 
 1. pick an instance from the pool (never one already tried for this connection);
 2. connect to it with a timeout (``-connect-timeout``);
@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -51,6 +53,21 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+class _Connecting:
+    """A client connection on its way to an instance."""
+
+    __slots__ = ("address", "client", "client_ip", "name", "timer", "tried", "upstream")
+
+    def __init__(self, client: socket.socket, client_ip: str) -> None:
+        self.client = client
+        self.client_ip = client_ip
+        self.tried: set[str] = set()
+        self.upstream: socket.socket | None = None
+        self.name = ""
+        self.address = ""
+        self.timer: asyncio.TimerHandle | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """A proxied connection, as the metrics see it when it starts and ends."""
@@ -69,7 +86,9 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def _split(address: str) -> tuple[int, tuple[str, int]]:
+    # Cached: parsing with ipaddress on every connection showed in profiles of connection churn.
     ip, port = parse_address(address)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     return family, (str(ip), port)
@@ -103,7 +122,7 @@ class Listener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
-        self._pending: set[asyncio.Task[None]] = set()
+        self._connecting: set[_Connecting] = set()
         self.port = 0
 
     def open(self) -> int:
@@ -136,11 +155,6 @@ class Listener:
             self._loop.remove_reader(sock.fileno())
         sock.close()
 
-    async def wait_pending(self) -> None:
-        """Wait for connections still being connected to an instance (tests, shutdown)."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
-
     def _accept(self) -> None:
         sock = self._sock
         if sock is None:
@@ -158,9 +172,7 @@ class Listener:
                     return
                 raise
             conn.setblocking(False)
-            task = asyncio.ensure_future(self._forward(conn, peer[0]))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._attempt(_Connecting(conn, peer[0]))
 
     def _pause(self, exc: OSError) -> None:
         assert self._loop is not None and self._sock is not None
@@ -181,47 +193,91 @@ class Listener:
         self._loop.add_reader(self._sock.fileno(), self._accept)
         self._accept()
 
-    async def _forward(self, client: socket.socket, client_ip: str) -> None:
-        loop = asyncio.get_running_loop()
-        tried: set[str] = set()
-        for _ in range(ATTEMPTS):
-            choice = self.pool.pick(exclude=tried)
+    # Connecting is a chain of callbacks rather than a task per connection: a non-blocking
+    # connect, a writer callback when it completes and a timer for the timeout.  Under
+    # connection churn a task, a future and a timeout context per connection were a visible
+    # share of fluxd's CPU.
+
+    def _attempt(self, c: _Connecting) -> None:
+        """Start connecting ``c`` to the next untried instance, or give up on it."""
+        loop = self._loop
+        assert loop is not None
+        while len(c.tried) < ATTEMPTS:
+            choice = self.pool.pick(exclude=c.tried)
             if choice is None:
                 break
-            tried.add(choice.name)
+            c.tried.add(choice.name)
             try:
                 family, target = _split(choice.address)
                 upstream = socket.socket(family, socket.SOCK_STREAM)
             except (ValueError, OSError) as exc:
-                log.warning("%s: cannot connect to %s: %s", self.service, choice.address, exc)
-                self.pool.failed(choice.name)
+                self._failed(choice.name, choice.address, str(exc))
                 continue
             upstream.setblocking(False)
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await loop.sock_connect(upstream, target)
-            except (OSError, TimeoutError) as exc:
+            code = upstream.connect_ex(target)
+            if code == 0:
+                self.pool.succeeded(choice.name)
+                self._hand_over(c.client, upstream, choice.name, choice.address, c.client_ip)
+                return
+            if code != errno.EINPROGRESS:
                 upstream.close()
-                reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-                log.info("%s: connecting to %s: %s", self.service, choice.address, reason)
-                self.pool.failed(choice.name)
-                if self._on_connect_failure is not None:
-                    self._on_connect_failure(self.service, choice.name)
+                self._failed(choice.name, choice.address, os.strerror(code))
                 continue
-            except asyncio.CancelledError:
-                upstream.close()
-                _reset(client)
-                raise
-            self.pool.succeeded(choice.name)
-            self._hand_over(client, upstream, choice.name, choice.address, client_ip)
+            c.upstream, c.name, c.address = upstream, choice.name, choice.address
+            loop.add_writer(upstream.fileno(), self._connected, c)
+            c.timer = loop.call_later(self._connect_timeout, self._timed_out, c)
+            self._connecting.add(c)
             return
         log.warning(
             "%s: no instance could take the connection from %s (tried %d); resetting it",
             self.service,
-            client_ip,
-            len(tried),
+            c.client_ip,
+            len(c.tried),
         )
-        _reset(client)
+        _reset(c.client)
+
+    def _settle(self, c: _Connecting) -> socket.socket:
+        assert self._loop is not None and c.upstream is not None
+        upstream, c.upstream = c.upstream, None
+        self._loop.remove_writer(upstream.fileno())
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        self._connecting.discard(c)
+        return upstream
+
+    def _connected(self, c: _Connecting) -> None:
+        if c.upstream is None:
+            return
+        upstream = self._settle(c)
+        code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            upstream.close()
+            self._failed(c.name, c.address, os.strerror(code))
+            self._attempt(c)
+            return
+        self.pool.succeeded(c.name)
+        self._hand_over(c.client, upstream, c.name, c.address, c.client_ip)
+
+    def _timed_out(self, c: _Connecting) -> None:
+        if c.upstream is None:
+            return
+        c.timer = None
+        self._settle(c).close()
+        self._failed(c.name, c.address, "timed out")
+        self._attempt(c)
+
+    def _failed(self, name: str, address: str, reason: str) -> None:
+        log.info("%s: connecting to %s: %s", self.service, address, reason)
+        self.pool.failed(name)
+        if self._on_connect_failure is not None:
+            self._on_connect_failure(self.service, name)
+
+    def abort_connecting(self) -> None:
+        """Reset clients whose instance connection is still being made (shutdown)."""
+        for c in list(self._connecting):
+            self._settle(c).close()
+            _reset(c.client)
 
     def _hand_over(
         self,
@@ -233,11 +289,16 @@ class Listener:
     ) -> None:
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            future = self._relay.submit(client, upstream)
+        except RuntimeError:  # the relay is shutting down
+            _reset(client)
+            _reset(upstream)
+            return
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
         self.pool.acquired(name)
         if self._on_connection is not None:
             self._on_connection(info)
-        future = self._relay.submit(client, upstream)
         pool = self.pool
         on_done = self._on_done
 
