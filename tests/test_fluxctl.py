@@ -21,7 +21,6 @@ import pytest
 import flux
 from flux import fluxctl
 from flux.fluxctl import main
-from flux.selector import make_selector
 from tests.etcd_server import EtcdServer, free_port
 
 PREFIX = "/weave-flux/"
@@ -148,29 +147,6 @@ class TestSelect:
 
         assert ctl("deselect", "foo-svc", "ok-rule") == Result(0, "ok-rule\n", "")
         assert ctl.etcd.keys(SERVICE + "foo-svc/rules/") == []
-
-
-class TestMakeSelector:
-    @pytest.mark.parametrize(
-        ("flags", "selector"),
-        [
-            ({}, {}),
-            ({"image": "foo/bar"}, {"image": "foo/bar"}),
-            ({"tag": "1.0"}, {"tag": "1.0"}),
-            ({"labels": "foo=bar"}, {"foo": "bar"}),
-            ({"env": "foo=bar"}, {"env.foo": "bar"}),
-            ({"labels": "foo=bar,boo=baz"}, {"foo": "bar", "boo": "baz"}),
-            ({"env": "foo=bar,boo=baz"}, {"env.foo": "bar", "env.boo": "baz"}),
-            ({"labels": ",,foop=barp,"}, {"foop": "barp"}),
-            ({"labels": "image=bar", "image": "foo"}, {"image": "foo"}),
-            ({"env": "SERVICE=pages=>borp"}, {"env.SERVICE": "pages=>borp"}),
-            ({"labels": ", foo= bar ,"}, {"foo": " bar "}),
-            ({"labels": "bare"}, {"bare": "bare"}),
-            ({"labels": "a=1", "env": "a=2"}, {"a": "1", "env.a": "2"}),
-        ],
-    )
-    def test_make_selector(self, flags: dict[str, str], selector: dict[str, str]) -> None:
-        assert make_selector(**flags) == selector
 
 
 class TestService:
