@@ -55,6 +55,15 @@ bench: build
 	@scripts/ensure-dockerd.sh
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+## Fuzz the HTTP/1.x framer against h11 (atheris: fuzz/fuzz_http_framer.py), ten minutes by
+## default (`make fuzz FUZZ_TIME=60`); the corpus grows in .var/fuzz/, failing inputs land there.
+FUZZ_TIME ?= 600
+FUZZ_ARGS ?=
+fuzz: build
+	@mkdir -p $(VAR)/fuzz/http-framer
+	$(BIN)/python fuzz/fuzz_http_framer.py -max_total_time=$(FUZZ_TIME) -timeout=10 \
+		-artifact_prefix=$(VAR)/fuzz/ $(FUZZ_ARGS) $(VAR)/fuzz/http-framer
+
 clean:
 	rm -rf build src/flux/_splice.c src/flux/*.so src/*.egg-info
 

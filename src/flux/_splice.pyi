@@ -1,7 +1,7 @@
 """Type stubs for the compiled extension flux._splice."""
 
 from collections.abc import Iterable
-from typing import SupportsFloat, SupportsIndex
+from typing import Literal, NamedTuple, SupportsFloat, SupportsIndex
 
 # ---- Histogram (src/flux/_histogram.pxi) -----------------------------------------------------
 
@@ -78,3 +78,55 @@ class SpliceEngine:
     def stats(self) -> dict[str, int]: ...
 
 # ---- end of Relay engine ---------------------------------------------------------------------
+
+# ---- HTTP framer (src/flux/_http.pxi) --------------------------------------------------------
+
+
+_Side = Literal["request", "response"]
+_Bytes = bytes | bytearray | memoryview
+
+HTTP_METHODS: tuple[str, ...]
+"""Method labels by the framer's method number; methods it does not know are "OTHER"."""
+
+HTTP_ERROR_RESPONSES: dict[int, bytes]
+"""The answers to a malformed request (400) or an oversized head (431), Connection: close."""
+
+
+class HttpEvent(NamedTuple):
+    """One event of the HTTP framer: kind is "request", "exchange", "malformed", "reject" or
+    "opaque"; pos is a stream offset (see _http.pxi for each kind's fields)."""
+
+    kind: str
+    method: str
+    status: int
+    t_request_head: int
+    t_response_head: int
+    t_response_end: int
+    pos: int
+    close: bool
+    switched: bool
+    speculative: bool
+    reason: str
+
+
+class HttpFramerProbe:
+    """The relay engine's HTTP/1.x framer, driven from Python (tests, fuzzing)."""
+
+    def __init__(self) -> None: ...
+    def feed_once(self, side: _Side, data: _Bytes, now: int = 0) -> tuple[int, list[HttpEvent]]: ...
+    def feed(self, side: _Side, data: _Bytes, now: int = 0) -> list[HttpEvent]: ...
+    def skip(self, side: _Side, n: int, now: int = 0) -> list[HttpEvent]: ...
+    def eof(self, side: _Side, now: int = 0) -> list[HttpEvent]: ...
+    def body_remaining(self, side: _Side) -> int: ...
+    def position(self, side: _Side) -> int: ...
+    def lenient(self, side: _Side) -> frozenset[str]: ...
+    @property
+    def phase(self) -> Literal["idle", "head", "busy", "opaque"]: ...
+    @property
+    def head_started(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def observing(self) -> bool: ...
+
+# ---- end of HTTP framer ----------------------------------------------------------------------

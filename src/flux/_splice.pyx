@@ -11,3 +11,4 @@ module boundary.  The parts live in include files, each owning one concern:
 
 include "_histogram.pxi"
 include "_relay.pxi"
+include "_http.pxi"

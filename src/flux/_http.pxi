@@ -1,0 +1,1266 @@
+# HTTP/1.x framing for the relay engine (included by _splice.pyx).
+#
+# Theory of operation
+# ===================
+#
+# What it is.  A sans-I/O observer of one proxied HTTP/1.x connection.  The relay engine forwards
+# the bytes itself, verbatim; it shows the framer what it forwards, in each direction, and the
+# framer finds message boundaries and the facts the metrics need (method, status, when a request
+# head and a response head completed, when a response ended).  A framing mistake can therefore
+# cost a metric, never payload.  Everything here is pure: bytes and a caller-supplied monotonic
+# "now" go in, events come out; no allocation, no system call, no GIL (`noexcept nogil`).
+#
+# Calling protocol (the engine's side).
+#   hf_init(f)                          once per connection (f is fixed-size: no allocation)
+#   k = hf_feed(f, side, p, n, now, ev) show bytes; returns how many were taken (< n only when
+#                                       `ev` is nearly full: drain it and call again with the rest)
+#   hf_body_remaining(f, side)          bytes that may be forwarded *without* showing them (a
+#                                       Content-Length body, the rest of a chunk, or everything
+#                                       once the connection is opaque): the engine may splice them
+#   hf_skip(f, side, n, now, ev)        account for n <= hf_body_remaining() spliced bytes
+#   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response)
+#   hf_request_phase(f), f.side[HF_REQUEST].t_head_start
+#                                       what the idle / header-read timeouts need
+# `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
+# bytes must be shown before they are forwarded, so that a response can never be seen before
+# the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
+#
+# Events (HfEvent, appended to HfEvents):
+#   REQUEST    a request message ended (pos = request-stream offset just after it); informative
+#   EXCHANGE   a response ended: method, status, t_request_head, t_response_head, t_response_end
+#              (the `now` of the call that showed its last byte), pos = response-stream offset
+#              just after it (the engine knows the response is fully written to the client once
+#              it has written that many bytes), CLOSE (the connection is expected to close
+#              after it), SWITCHED (101 to an Upgrade, or 2xx to CONNECT: both directions are
+#              opaque from here on, the engine may relay blindly)
+#   MALFORMED  the client sent a malformed request (pos = offset of the offending byte; status
+#              = the error to answer: 400, or 431 for a head over HF_MAX_HEAD).  Stop forwarding
+#              client bytes from pos on.
+#   REJECT     now write the error response (status) to the client and close; status 0 means
+#              close without writing (the response stream cannot take it: close-delimited or
+#              unobserved).  Comes once the responses to the requests before the malformed one
+#              have ended (pos = response-stream offset after which the answer goes).
+#   OPAQUE     observation stopped (reason): bytes keep flowing, metrics for the rest of the
+#              connection are lost.  Malformed responses, responses nobody asked for, more than
+#              HF_RING pipelined requests, a broken hf_skip contract.
+#
+# Layers.  Two byte-level lexers (one per direction) share the field-line and chunked-body
+# states; decisions about messages (which body, when an exchange completes, when to switch
+# protocols) live in the *_done functions, which are the message-level state machine.
+#
+# Byte-level states (a head is parsed as it streams, so nothing is buffered: the few facts
+# needed are kept in fixed fields -- the first 8 bytes of the method, a 20-byte field name or
+# list element, the 20 digits of the first Content-Length):
+#
+#   state         byte                 next / action
+#   LINE_START    CR | LF              LINE_START(_CR)   empty lines before a start line ignored
+#                 other                request: METHOD; response: STATUS_VERSION (needs a
+#                                      pending request, else OPAQUE "unsolicited")
+#   METHOD        tchar / SP           METHOD / TARGET
+#   TARGET        VCHAR / SP           TARGET / VERSION
+#   VERSION       "HTTP/" DIGIT "." DIGIT              START_END
+#   STATUS_VERSION "HTTP/" DIGIT "." DIGIT SP         STATUS
+#   STATUS        3 DIGIT              STATUS_END (status >= 100)
+#   STATUS_END    SP / CR / LF         REASON / START_CR / FIELD_START
+#   REASON        SP HT field-vchar    REASON; CR / LF -> START_CR / FIELD_START
+#   START_END     CR / LF              START_CR / FIELD_START
+#   FIELD_START   CR / LF              FIELD_END_CR / section done
+#                 SP HT (obs-fold)     request: malformed; response: FOLD unless the field
+#                                      folded is one the framer reads (then OPAQUE)
+#                 tchar                FIELD_NAME
+#   FIELD_NAME    tchar / ":"          FIELD_NAME / FIELD_OWS (field identified)
+#   FIELD_OWS     SP HT / field-vchar  FIELD_OWS / FIELD_VALUE
+#   FIELD_VALUE   SP HT field-vchar    FIELD_VALUE (list elements of read fields scanned)
+#   (any of them) CR -> FIELD_CR (LF must follow), LF -> field done, FIELD_START
+#   CHUNK_SIZE    HEXDIG (1..20)       CHUNK_SIZE; ";" -> CHUNK_EXT; SP HT -> CHUNK_WS; CR
+#   CHUNK_EXT     not CR, not LF       CHUNK_EXT; CR -> CHUNK_SIZE_LF
+#   CHUNK_SIZE_LF LF                   CHUNK_DATA, or (size 0) the trailer section: FIELD_START
+#   CHUNK_DATA    (skippable)          CHUNK_DATA_CR "\r" CHUNK_DATA_LF "\n" CHUNK_SIZE
+#   BODY_LENGTH   (skippable)          message done when the Content-Length is used up
+#   UNTIL_CLOSE   (skippable)          response body delimited by EOF
+#   OPAQUE, DEAD, CLOSED               everything taken, nothing observed
+# Any other byte is an error: malformed request, or OPAQUE on the response side.  A head
+# (start line through the empty line), a trailer section and a chunk-size line may each be
+# at most HF_MAX_HEAD bytes.
+#
+# Message-level decisions (RFC 9112 sections 6 and 9, RFC 9110 section 7.8):
+#
+#   request head done    Host: exactly one for HTTP/1.1, at most one otherwise
+#                        Content-Length: digits (<= 20), comma lists and repeats must agree
+#                        Transfer-Encoding: codings ending in a single "chunked"; not with
+#                        Content-Length (smuggling), not in HTTP/1.0
+#                        -> chunked | Content-Length | no body; the exchange is queued in a
+#                        ring of HF_RING (overflow: OPAQUE)
+#   response head done   1xx: 101 after an Upgrade request -> EXCHANGE + SWITCHED;
+#                        101 otherwise -> OPAQUE; other 1xx are interim (100 Continue too)
+#                        final: CONNECT + 2xx -> EXCHANGE + SWITCHED
+#                        HEAD request, 204, 304 -> no body
+#                        Transfer-Encoding ending in chunked (HTTP/1.1) -> chunked;
+#                        other Transfer-Encoding -> until close
+#                        Content-Length -> that many (invalid: OPAQUE); none -> until close
+#   keep-alive           HTTP/1.1 persists unless "Connection: close"; HTTP/1.0 closes unless
+#                        "Connection: keep-alive"; either message closing closes (EXCHANGE CLOSE)
+# "Expect: 100-continue" needs nothing of its own: the 100 is an interim response like any 1xx
+# (the exchange's roundtrip ends at the final head), and the request body keeps its framing
+# whatever the server answers first -- a server that answers early reads the body or closes.
+#
+# Pipelining and protocol switches.  Request heads push onto the ring, responses pop from it
+# in order; a response with nothing pending is unsolicited (OPAQUE).  After a request that may
+# switch protocols (CONNECT, Upgrade), the bytes that follow are either the new protocol or the
+# next request, and only the response tells which.  The request side parses on
+# *speculatively* instead of buffering: a switch makes both sides opaque (the speculation is
+# dropped), a refusal confirms it.  An error found while speculating is held back until the
+# refusal confirms it, so new-protocol bytes never earn a 400.
+#
+# Deliberate differences from h11 (which the tests use as the oracle): empty lines before a
+# start line are ignored (RFC 9112 section 2.2; h11 rejects them); obs-fold in a request is
+# rejected (RFC 9112 section 5.2 allows either; h11 unfolds); Transfer-Encoding with Content-
+# Length or in HTTP/1.0 is rejected (h11 lets Transfer-Encoding win); codings before a final
+# "chunked" and Transfer-Encoding split over several lines are accepted (h11 only takes exactly
+# "chunked"); a CR inside a chunk extension is rejected (h11 takes it); trailer fields, and the
+# framing fields of responses that cannot have a body, are not judged.  `lenient` records
+# which of the h11-stricter cases a side met, so that the differential tests can tell a
+# deliberate difference from a bug.
+
+from libc.stdint cimport UINT64_MAX, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+from collections import namedtuple as _namedtuple
+
+cdef extern from "<string.h>" nogil:
+    const char *strchr(const char *s, int c)
+
+
+cdef enum:
+    HF_REQUEST = 0
+    HF_RESPONSE = 1
+    HF_RING = 32                # pipelined requests awaiting their response
+    HF_MAX_HEAD = 65536         # bytes in a head, a trailer section or a chunk-size line
+    HF_EVENTS_MAX = 16
+    HF_EVENTS_RESERVE = 4       # one byte emits at most 3 events
+    HF_WORD = 20                # field names and list elements kept for matching
+
+    # character classes (hf_class)
+    HC_TCHAR = 1                # token: methods, field names, transfer codings
+    HC_VCHAR = 2                # visible ASCII: request targets
+    HC_FIELD = 4                # field-vchar: any octet but NUL, SP, HT, CR, LF, VT, FF
+    HC_DIGIT = 8
+    HC_HEX = 16
+    HC_WS = 32                  # SP, HT
+
+    # events
+    HF_EV_REQUEST = 1
+    HF_EV_EXCHANGE = 2
+    HF_EV_MALFORMED = 3
+    HF_EV_REJECT = 4
+    HF_EV_OPAQUE = 5
+
+    # event flags
+    HFE_CLOSE = 1
+    HFE_SWITCHED = 2
+    HFE_SPECULATIVE = 4
+
+    # methods (label values; anything else is HF_M_OTHER)
+    HF_M_OTHER = 0
+    HF_M_GET
+    HF_M_HEAD
+    HF_M_POST
+    HF_M_PUT
+    HF_M_DELETE
+    HF_M_CONNECT
+    HF_M_OPTIONS
+    HF_M_TRACE
+    HF_M_PATCH
+
+    # reasons (MALFORMED, OPAQUE)
+    HF_ERR_NONE = 0
+    HF_ERR_START_LINE           # request line or status line
+    HF_ERR_FIELD                # field line syntax
+    HF_ERR_OBS_FOLD
+    HF_ERR_HEAD_TOO_LARGE
+    HF_ERR_HOST                 # missing (HTTP/1.1) or repeated Host
+    HF_ERR_CONTENT_LENGTH
+    HF_ERR_TRANSFER_ENCODING
+    HF_ERR_TE_WITH_CL
+    HF_ERR_TE_HTTP10
+    HF_ERR_CHUNK                # chunk-size line or the CRLF after chunk data
+    HF_ERR_CHUNK_EXT_CR
+    HF_ERR_UNSOLICITED          # a response with no request pending
+    HF_ERR_UNEXPECTED_101
+    HF_ERR_TOO_MANY_PIPELINED
+    HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
+
+    # request phases (timeouts)
+    HF_PHASE_IDLE = 0           # between requests, nothing pending: idle timeout
+    HF_PHASE_HEAD = 1           # inside a request head: header-read timeout from t_head_start
+    HF_PHASE_BUSY = 2           # a body is arriving or a response is awaited
+    HF_PHASE_OPAQUE = 3         # not observed (switched, opaque, malformed, closed)
+
+    # `lenient` bits: where the framer accepted what h11 rejects
+    HFL_EMPTY_LINE = 1          # empty line(s) before a start line
+    HFL_TE_LIST = 2             # Transfer-Encoding other than exactly one "chunked" field
+    HFL_TRAILER_FRAMING = 4     # Content-Length / Transfer-Encoding inside trailers
+    HFL_TE_FRAMING = 8          # response: Transfer-Encoding not ending in chunked, or 1.0
+    HFL_UNUSED_FRAMING = 16     # response: invalid framing fields where no body can follow
+
+# Byte-level states.  The skippable ones come last (hf_feed takes them in bulk).
+cdef enum:
+    HS_LINE_START = 0
+    HS_LINE_START_CR
+    HS_METHOD
+    HS_TARGET
+    HS_VERSION
+    HS_STATUS_VERSION
+    HS_STATUS
+    HS_STATUS_END
+    HS_REASON
+    HS_START_END
+    HS_START_CR
+    HS_FIELD_START
+    HS_FIELD_END_CR
+    HS_FIELD_NAME
+    HS_FIELD_OWS
+    HS_FIELD_VALUE
+    HS_FIELD_CR
+    HS_FOLD
+    HS_CHUNK_SIZE
+    HS_CHUNK_EXT
+    HS_CHUNK_WS
+    HS_CHUNK_SIZE_LF
+    HS_CHUNK_DATA_CR
+    HS_CHUNK_DATA_LF
+    HS_BODY_LENGTH              # skippable from here on
+    HS_CHUNK_DATA
+    HS_UNTIL_CLOSE
+    HS_OPAQUE
+    HS_DEAD
+    HS_CLOSED
+
+# Fields the framer reads (0: no field yet in this section).
+cdef enum:
+    HF_F_NONE = 0
+    HF_F_OTHER
+    HF_F_CONTENT_LENGTH
+    HF_F_TRANSFER_ENCODING
+    HF_F_CONNECTION
+    HF_F_HOST
+    HF_F_UPGRADE
+
+# Facts gathered from one head (HfSide.facts).
+cdef enum:
+    HFF_CL = 1 << 0             # a valid Content-Length
+    HFF_CL_BAD = 1 << 1         # an invalid or conflicting one
+    HFF_TE = 1 << 2
+    HFF_TE_BAD = 1 << 3
+    HFF_TE_CHUNKED_LAST = 1 << 4
+    HFF_TE_CHUNKED_SEEN = 1 << 5
+    HFF_TE_CHUNKED_TWICE = 1 << 6
+    HFF_CLOSE = 1 << 7
+    HFF_KEEP_ALIVE = 1 << 8
+    HFF_UPGRADE = 1 << 9
+    HFF_HOST = 1 << 10
+    HFF_HOST_TWICE = 1 << 11
+
+# List-element scanner flags (HfSide.el_flags).
+cdef enum:
+    HFE_L_WS = 1                # whitespace after the element's first octets
+    HFE_L_BAD = 2               # inner whitespace, or a non-token octet in a coding
+    HFE_L_PARAMS = 4            # after ";" in a transfer coding
+    HFE_L_NONDIGIT = 8
+    HFE_L_COMMA = 16            # the field value held a comma
+
+# Exchange flags (HfExchange.flags).
+cdef enum:
+    HFX_CLOSE = 1               # the request asked to close after the response
+    HFX_UPGRADE = 2             # the request proposed an Upgrade
+    HFX_CONNECT = 4
+
+cdef enum:
+    HF_MODE_OBSERVING = 0
+    HF_MODE_OPAQUE = 1          # switched protocols or gave up
+    HF_MODE_DONE = 2            # REJECT sent
+
+
+cdef struct HfSide:
+    uint64_t pos                # stream offset: bytes shown or skipped
+    uint64_t remaining          # body bytes left (Content-Length body, current chunk)
+    uint64_t length             # the Content-Length of the current head
+    uint64_t t_head_start       # `now` when the current head's first byte was shown
+    uint32_t head_bytes
+    uint32_t facts
+    uint16_t status
+    uint8_t state
+    uint8_t idx                 # position in a literal, digits of a status or chunk size
+    uint8_t field
+    uint8_t prev_field
+    uint8_t trailer             # the field section being read is a trailer section
+    uint8_t version             # 10 * major + minor
+    uint8_t method
+    uint8_t word_len            # bytes of a name / element seen (saturates at 255)
+    uint8_t el_flags
+    uint8_t cl_len
+    uint8_t lenient
+    char word[HF_WORD]
+    char cl[HF_WORD]
+
+
+cdef struct HfExchange:
+    uint64_t t_request_head
+    uint8_t method
+    uint8_t flags
+
+
+cdef struct HttpFramer:
+    HfSide side[2]
+    HfExchange ring[HF_RING]
+    uint64_t n_requests         # request heads queued
+    uint64_t n_decided          # exchanges whose final response head was seen
+    uint64_t n_answered         # exchanges whose response ended
+    uint64_t spec_until         # request side speculative while n_decided < spec_until
+    uint64_t t_response_head    # of the exchange being answered
+    uint64_t deferred_pos
+    uint16_t status             # final status of the exchange being answered
+    uint16_t reject_status
+    uint8_t response_close
+    uint8_t mode
+    uint8_t reject              # REJECT owed once the ring is empty
+    uint8_t deferred_reason     # an error found while speculating
+
+
+cdef struct HfEvent:
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint64_t t_response_end
+    uint64_t pos
+    uint16_t status
+    uint8_t kind
+    uint8_t method
+    uint8_t flags
+    uint8_t reason
+
+
+cdef struct HfEvents:
+    int count
+    HfEvent ev[HF_EVENTS_MAX]
+
+
+# ---- character classes ---------------------------------------------------------------------
+
+cdef uint8_t hf_class[256]
+cdef const char *HF_HTTP_NAME = b"HTTP/"
+
+
+cdef uint8_t hf_class_of(int c) noexcept:
+    cdef uint8_t k = 0
+    cdef bint digit = 0x30 <= c <= 0x39
+    cdef bint alpha = (0x41 <= c <= 0x5a) or (0x61 <= c <= 0x7a)
+    if 0x21 <= c <= 0x7e:
+        k |= HC_VCHAR
+    if c != 0 and c != 9 and c != 10 and c != 11 and c != 12 and c != 13 and c != 32:
+        k |= HC_FIELD
+    if digit or alpha or (c != 0 and c < 128 and strchr(b"!#$%&'*+-.^_`|~", c) != NULL):
+        k |= HC_TCHAR
+    if digit:
+        k |= HC_DIGIT
+    if digit or (0x41 <= c <= 0x46) or (0x61 <= c <= 0x66):
+        k |= HC_HEX
+    if c == 0x20 or c == 0x09:
+        k |= HC_WS
+    return k
+
+
+cdef int _hf_c
+for _hf_c in range(256):
+    hf_class[_hf_c] = hf_class_of(_hf_c)
+
+
+cdef inline uint8_t hf_lower(uint8_t c) noexcept nogil:
+    if 0x41 <= c <= 0x5a:
+        return c + 32
+    return c
+
+
+cdef inline uint64_t hf_mul_add(uint64_t v, uint64_t base, uint64_t d) noexcept nogil:
+    # Saturating: a length past 2**64 - 1 can never be used up anyway.
+    if v > (UINT64_MAX - d) // base:
+        return UINT64_MAX
+    return v * base + d
+
+
+cdef inline bint hf_is(const char *w, uint8_t n, const char *lit, uint8_t m) noexcept nogil:
+    return n == m and memcmp(w, lit, m) == 0
+
+
+cdef uint8_t hf_method_id(const char *w, uint8_t n) noexcept nogil:
+    if hf_is(w, n, b"GET", 3):
+        return HF_M_GET
+    if hf_is(w, n, b"HEAD", 4):
+        return HF_M_HEAD
+    if hf_is(w, n, b"POST", 4):
+        return HF_M_POST
+    if hf_is(w, n, b"PUT", 3):
+        return HF_M_PUT
+    if hf_is(w, n, b"DELETE", 6):
+        return HF_M_DELETE
+    if hf_is(w, n, b"CONNECT", 7):
+        return HF_M_CONNECT
+    if hf_is(w, n, b"OPTIONS", 7):
+        return HF_M_OPTIONS
+    if hf_is(w, n, b"TRACE", 5):
+        return HF_M_TRACE
+    if hf_is(w, n, b"PATCH", 5):
+        return HF_M_PATCH
+    return HF_M_OTHER
+
+
+# ---- events --------------------------------------------------------------------------------
+
+cdef inline HfEvent *hf_event(HfEvents *out, uint8_t kind) noexcept nogil:
+    cdef HfEvent *e = &out.ev[out.count]
+    out.count += 1
+    memset(e, 0, sizeof(HfEvent))
+    e.kind = kind
+    return e
+
+
+cdef inline void hf_begin_message(HfSide *s) noexcept nogil:
+    s.remaining = 0
+    s.length = 0
+    s.t_head_start = 0
+    s.head_bytes = 0
+    s.facts = 0
+    s.status = 0
+    s.idx = 0
+    s.field = HF_F_NONE
+    s.prev_field = HF_F_NONE
+    s.trailer = 0
+    s.version = 0
+    s.method = HF_M_OTHER
+    s.word_len = 0
+    s.el_flags = 0
+    s.cl_len = 0
+
+
+cdef void hf_init(HttpFramer *f) noexcept nogil:
+    """Start observing a new connection."""
+    memset(f, 0, sizeof(HttpFramer))
+    hf_begin_message(&f.side[HF_REQUEST])
+    hf_begin_message(&f.side[HF_RESPONSE])
+
+
+cdef void hf_reject(HttpFramer *f, uint16_t status, HfEvents *out) noexcept nogil:
+    cdef HfEvent *e = hf_event(out, HF_EV_REJECT)
+    e.status = status
+    e.pos = f.side[HF_RESPONSE].pos
+    f.reject = 0
+    f.mode = HF_MODE_DONE
+    f.side[HF_REQUEST].state = HS_DEAD
+    f.side[HF_RESPONSE].state = HS_DEAD
+
+
+cdef void hf_opaque(HttpFramer *f, uint8_t reason, HfEvents *out) noexcept nogil:
+    cdef HfEvent *e = hf_event(out, HF_EV_OPAQUE)
+    e.reason = reason
+    e.pos = f.side[HF_RESPONSE].pos
+    f.mode = HF_MODE_OPAQUE
+    f.side[HF_REQUEST].state = HS_OPAQUE
+    f.side[HF_RESPONSE].state = HS_OPAQUE
+    if f.reject:
+        # The malformed request is still owed an answer, but the response stream can no
+        # longer be followed: the engine closes instead.
+        hf_reject(f, 0, out)
+        f.mode = HF_MODE_OPAQUE
+
+
+cdef void hf_malformed(HttpFramer *f, uint8_t reason, uint64_t pos, HfEvents *out) noexcept nogil:
+    cdef HfEvent *e = hf_event(out, HF_EV_MALFORMED)
+    e.reason = reason
+    e.pos = pos
+    e.status = 431 if reason == HF_ERR_HEAD_TOO_LARGE else 400
+    f.side[HF_REQUEST].state = HS_DEAD
+    f.reject = 1
+    f.reject_status = e.status
+    if f.n_answered == f.n_requests:
+        hf_reject(f, f.reject_status, out)
+
+
+cdef void hf_fail(HttpFramer *f, int side, uint8_t reason, HfEvents *out) noexcept nogil:
+    """The byte just shown on `side` breaks the grammar (or a head breaks a rule)."""
+    cdef HfSide *s = &f.side[side]
+    if side == HF_RESPONSE:
+        hf_opaque(f, reason, out)
+    elif f.n_decided < f.spec_until:
+        # Speculating past a CONNECT / Upgrade: these may be the new protocol's bytes.
+        s.state = HS_DEAD
+        if f.deferred_reason == HF_ERR_NONE:
+            f.deferred_reason = reason
+            f.deferred_pos = s.pos - 1
+    else:
+        hf_malformed(f, reason, s.pos - 1, out)
+
+
+# ---- message-level decisions ---------------------------------------------------------------
+
+cdef void hf_request_done(HttpFramer *f, HfEvents *out) noexcept nogil:
+    """The request message ended (head, body and trailers)."""
+    cdef HfSide *s = &f.side[HF_REQUEST]
+    cdef uint64_t seq = f.n_requests - 1
+    cdef HfExchange *x = &f.ring[seq % HF_RING]
+    cdef HfEvent *e = hf_event(out, HF_EV_REQUEST)
+    e.method = x.method
+    e.pos = s.pos
+    e.t_request_head = x.t_request_head
+    if f.n_decided < f.spec_until:
+        e.flags |= HFE_SPECULATIVE
+    if (x.flags & (HFX_UPGRADE | HFX_CONNECT)) and seq >= f.n_decided:
+        f.spec_until = seq + 1
+    hf_begin_message(s)
+    s.state = HS_LINE_START
+
+
+cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexcept nogil:
+    cdef HfSide *s = &f.side[HF_REQUEST]
+    cdef uint32_t facts = s.facts
+    cdef HfExchange *x
+    cdef uint8_t flags = 0
+    if facts & HFF_CL_BAD:
+        hf_fail(f, HF_REQUEST, HF_ERR_CONTENT_LENGTH, out)
+        return
+    if facts & HFF_HOST_TWICE or (s.version == 11 and not facts & HFF_HOST):
+        hf_fail(f, HF_REQUEST, HF_ERR_HOST, out)
+        return
+    if facts & HFF_TE:
+        if (facts & HFF_TE_BAD or facts & HFF_TE_CHUNKED_TWICE
+                or not facts & HFF_TE_CHUNKED_LAST):
+            hf_fail(f, HF_REQUEST, HF_ERR_TRANSFER_ENCODING, out)
+            return
+        if facts & HFF_CL:
+            hf_fail(f, HF_REQUEST, HF_ERR_TE_WITH_CL, out)
+            return
+        if s.version < 11:
+            hf_fail(f, HF_REQUEST, HF_ERR_TE_HTTP10, out)
+            return
+    if f.n_requests - f.n_answered >= HF_RING:
+        hf_opaque(f, HF_ERR_TOO_MANY_PIPELINED, out)
+        return
+    if facts & HFF_CLOSE or (s.version < 11 and not facts & HFF_KEEP_ALIVE):
+        flags |= HFX_CLOSE
+    if facts & HFF_UPGRADE:
+        flags |= HFX_UPGRADE
+    if s.method == HF_M_CONNECT:
+        flags |= HFX_CONNECT
+    x = &f.ring[f.n_requests % HF_RING]
+    x.t_request_head = now
+    x.method = s.method
+    x.flags = flags
+    f.n_requests += 1
+    if facts & HFF_TE:
+        s.state = HS_CHUNK_SIZE
+        s.head_bytes = 0
+        s.idx = 0
+        s.remaining = 0
+    elif facts & HFF_CL and s.length > 0:
+        s.remaining = s.length
+        s.state = HS_BODY_LENGTH
+    else:
+        hf_request_done(f, out)
+
+
+cdef void hf_exchange_done(HttpFramer *f, uint64_t now, uint8_t flags,
+                           HfEvents *out) noexcept nogil:
+    """The response to the oldest pending request ended."""
+    cdef HfSide *s = &f.side[HF_RESPONSE]
+    cdef HfExchange *x = &f.ring[f.n_answered % HF_RING]
+    cdef HfEvent *e = hf_event(out, HF_EV_EXCHANGE)
+    e.method = x.method
+    e.status = f.status
+    e.t_request_head = x.t_request_head
+    e.t_response_head = f.t_response_head
+    e.t_response_end = now
+    e.pos = s.pos
+    if f.response_close or x.flags & HFX_CLOSE:
+        flags |= HFE_CLOSE
+    e.flags = flags
+    f.n_answered += 1
+    hf_begin_message(s)
+    s.state = HS_LINE_START
+    if flags & HFE_SWITCHED:
+        f.mode = HF_MODE_OPAQUE
+        f.side[HF_REQUEST].state = HS_OPAQUE
+        s.state = HS_OPAQUE
+        if f.reject:
+            hf_reject(f, 0, out)    # a request body broke before the switch: just close
+            f.mode = HF_MODE_OPAQUE
+    elif f.reject and f.n_answered == f.n_requests:
+        hf_reject(f, f.reject_status, out)
+
+
+cdef void hf_response_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexcept nogil:
+    cdef HfSide *s = &f.side[HF_RESPONSE]
+    cdef uint32_t facts = s.facts
+    cdef HfExchange *x = &f.ring[f.n_answered % HF_RING]
+    cdef uint16_t status = s.status
+    cdef bint no_body = (status < 200 or status == 204 or status == 304
+                         or x.method == HF_M_HEAD or (x.flags & HFX_CONNECT and status < 300))
+    if no_body and (facts & (HFF_CL_BAD | HFF_TE_BAD | HFF_TE_CHUNKED_TWICE)
+                    or (facts & HFF_TE and not facts & HFF_TE_CHUNKED_LAST)):
+        s.lenient |= HFL_UNUSED_FRAMING     # framing fields that frame nothing are not judged
+    if status < 200:
+        if status != 101:
+            # Interim (100 Continue, 103 Early Hints...): the final response follows.
+            hf_begin_message(s)
+            s.state = HS_LINE_START
+            return
+        if not x.flags & HFX_UPGRADE:
+            hf_opaque(f, HF_ERR_UNEXPECTED_101, out)
+            return
+        f.n_decided += 1
+        f.status = status
+        f.t_response_head = now
+        f.response_close = 0
+        hf_exchange_done(f, now, HFE_SWITCHED, out)
+        return
+    f.n_decided += 1
+    f.status = status
+    f.t_response_head = now
+    f.response_close = (facts & HFF_CLOSE or (s.version < 11 and not facts & HFF_KEEP_ALIVE))
+    if x.flags & HFX_CONNECT and status < 300:
+        hf_exchange_done(f, now, HFE_SWITCHED, out)
+        return
+    if f.deferred_reason != HF_ERR_NONE and f.n_decided >= f.spec_until:
+        # The switch was refused: what the client sent after it was HTTP after all.
+        hf_malformed(f, f.deferred_reason, f.deferred_pos, out)
+        f.deferred_reason = HF_ERR_NONE
+    if no_body:
+        hf_exchange_done(f, now, 0, out)
+    elif facts & HFF_TE:
+        if facts & HFF_CL_BAD:
+            s.lenient |= HFL_UNUSED_FRAMING     # Transfer-Encoding overrides Content-Length
+        if (s.version >= 11 and facts & HFF_TE_CHUNKED_LAST and not facts & HFF_TE_BAD
+                and not facts & HFF_TE_CHUNKED_TWICE):
+            s.state = HS_CHUNK_SIZE
+            s.head_bytes = 0
+            s.idx = 0
+            s.remaining = 0
+        else:
+            # RFC 9112 section 6.3: without a final chunked the body runs until close.
+            s.lenient |= HFL_TE_FRAMING
+            f.response_close = 1
+            s.state = HS_UNTIL_CLOSE
+    elif facts & HFF_CL_BAD:
+        hf_opaque(f, HF_ERR_CONTENT_LENGTH, out)
+    elif facts & HFF_CL:
+        if s.length == 0:
+            hf_exchange_done(f, now, 0, out)
+        else:
+            s.remaining = s.length
+            s.state = HS_BODY_LENGTH
+    else:
+        f.response_close = 1
+        s.state = HS_UNTIL_CLOSE
+
+
+cdef void hf_body_done(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil:
+    if side == HF_REQUEST:
+        hf_request_done(f, out)
+    else:
+        hf_exchange_done(f, now, 0, out)
+
+
+cdef void hf_section_done(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil:
+    """The empty line ending a head or a trailer section."""
+    cdef HfSide *s = &f.side[side]
+    if s.trailer:
+        hf_body_done(f, side, now, out)
+    elif side == HF_REQUEST:
+        hf_request_head_done(f, now, out)
+    else:
+        hf_response_head_done(f, now, out)
+
+
+# ---- field values --------------------------------------------------------------------------
+
+cdef void hf_element_done(HfSide *s) noexcept nogil:
+    """One element of a comma-separated list in a field the framer reads."""
+    cdef uint8_t n = s.word_len
+    cdef uint8_t i
+    cdef uint64_t v = 0
+    if s.field == HF_F_CONTENT_LENGTH:
+        if n == 0 or n > HF_WORD or s.el_flags & (HFE_L_BAD | HFE_L_NONDIGIT):
+            s.facts |= HFF_CL_BAD
+        elif s.facts & HFF_CL:
+            if not hf_is(s.word, n, s.cl, s.cl_len):
+                s.facts |= HFF_CL_BAD
+        else:
+            memcpy(s.cl, s.word, n)
+            s.cl_len = n
+            for i in range(n):
+                v = hf_mul_add(v, 10, <uint8_t>s.word[i] - 0x30)
+            s.length = v
+            s.facts |= HFF_CL
+    elif s.field == HF_F_TRANSFER_ENCODING:
+        if n == 0 and not s.el_flags & HFE_L_PARAMS:
+            return                  # empty list element
+        if n == 0 or s.el_flags & HFE_L_BAD:
+            s.facts |= HFF_TE_BAD
+        elif hf_is(s.word, n, b"chunked", 7):
+            if s.facts & HFF_TE_CHUNKED_SEEN:
+                s.facts |= HFF_TE_CHUNKED_TWICE
+            s.facts |= HFF_TE_CHUNKED_SEEN | HFF_TE_CHUNKED_LAST
+        else:
+            s.facts &= ~HFF_TE_CHUNKED_LAST
+            s.lenient |= HFL_TE_LIST
+        if s.el_flags & HFE_L_PARAMS:
+            s.lenient |= HFL_TE_LIST
+    elif s.field == HF_F_CONNECTION:
+        if s.el_flags & HFE_L_BAD:
+            return
+        if hf_is(s.word, n, b"close", 5):
+            s.facts |= HFF_CLOSE
+        elif hf_is(s.word, n, b"keep-alive", 10):
+            s.facts |= HFF_KEEP_ALIVE
+    elif s.field == HF_F_UPGRADE:
+        if n > 0:
+            s.facts |= HFF_UPGRADE
+
+
+cdef inline void hf_element_reset(HfSide *s) noexcept nogil:
+    s.word_len = 0
+    s.el_flags &= HFE_L_COMMA
+
+
+cdef void hf_value_octet(HfSide *s, uint8_t c) noexcept nogil:
+    """An octet of a read field's value (leading whitespace already skipped)."""
+    if c == 0x2c:                   # ","
+        hf_element_done(s)
+        hf_element_reset(s)
+        s.el_flags |= HFE_L_COMMA
+    elif c == 0x20 or c == 0x09:
+        if s.word_len > 0:
+            s.el_flags |= HFE_L_WS
+    elif s.field == HF_F_TRANSFER_ENCODING and (c == 0x3b or s.el_flags & HFE_L_PARAMS):
+        s.el_flags |= HFE_L_PARAMS  # transfer-parameters are not needed
+    else:
+        if s.el_flags & HFE_L_WS:
+            s.el_flags |= HFE_L_BAD
+        if not hf_class[c] & HC_DIGIT:
+            s.el_flags |= HFE_L_NONDIGIT
+        if s.field == HF_F_TRANSFER_ENCODING and not hf_class[c] & HC_TCHAR:
+            s.el_flags |= HFE_L_BAD
+        if s.word_len < HF_WORD:
+            s.word[s.word_len] = <char>hf_lower(c)
+        if s.word_len < 255:
+            s.word_len += 1
+
+
+cdef void hf_field_start(HfSide *s, int side) noexcept nogil:
+    """The field name ended (at ":"): decide whether its value matters."""
+    cdef uint8_t n = s.word_len
+    cdef uint8_t field = HF_F_OTHER
+    if hf_is(s.word, n, b"content-length", 14):
+        field = HF_F_CONTENT_LENGTH
+    elif hf_is(s.word, n, b"transfer-encoding", 17):
+        field = HF_F_TRANSFER_ENCODING
+    elif hf_is(s.word, n, b"connection", 10):
+        field = HF_F_CONNECTION
+    elif side == HF_REQUEST:
+        if hf_is(s.word, n, b"host", 4):
+            field = HF_F_HOST
+        elif hf_is(s.word, n, b"upgrade", 7):
+            field = HF_F_UPGRADE
+    if s.trailer:
+        if field == HF_F_CONTENT_LENGTH or field == HF_F_TRANSFER_ENCODING:
+            s.lenient |= HFL_TRAILER_FRAMING
+        field = HF_F_OTHER
+    elif field == HF_F_TRANSFER_ENCODING:
+        if s.facts & HFF_TE:
+            s.lenient |= HFL_TE_LIST
+        s.facts |= HFF_TE
+    s.field = field
+    s.word_len = 0
+    s.el_flags = 0
+
+
+cdef void hf_field_done(HfSide *s) noexcept nogil:
+    if s.field >= HF_F_CONTENT_LENGTH:
+        hf_element_done(s)
+        if s.field == HF_F_TRANSFER_ENCODING and s.el_flags & HFE_L_COMMA:
+            s.lenient |= HFL_TE_LIST
+        elif s.field == HF_F_HOST:
+            if s.facts & HFF_HOST:
+                s.facts |= HFF_HOST_TWICE
+            s.facts |= HFF_HOST
+    s.prev_field = s.field
+    s.field = HF_F_NONE
+    s.state = HS_FIELD_START
+
+
+# ---- the byte-level lexer ------------------------------------------------------------------
+
+cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
+                  HfEvents *out) noexcept nogil:
+    """Take one octet of a head, a chunk-size line or a trailer section."""
+    cdef HfSide *s = &f.side[side]
+    cdef uint8_t st = s.state
+    cdef uint8_t k = hf_class[c]
+    cdef uint8_t err = HF_ERR_START_LINE
+
+    if st == HS_LINE_START or st == HS_LINE_START_CR:
+        if c == 0x0a:
+            s.state = HS_LINE_START
+            s.lenient |= HFL_EMPTY_LINE
+            return
+        if st == HS_LINE_START and c == 0x0d:
+            s.state = HS_LINE_START_CR
+            s.lenient |= HFL_EMPTY_LINE
+            return
+        if st == HS_LINE_START_CR:
+            hf_fail(f, side, HF_ERR_START_LINE, out)
+            return
+        hf_begin_message(s)
+        s.t_head_start = now
+        if side == HF_REQUEST:
+            s.state = HS_METHOD
+        else:
+            if f.n_requests == f.n_answered:
+                hf_opaque(f, HF_ERR_UNSOLICITED, out)
+                return
+            s.state = HS_STATUS_VERSION
+        st = s.state
+
+    s.head_bytes += 1
+    if s.head_bytes > HF_MAX_HEAD:
+        hf_fail(f, side, HF_ERR_HEAD_TOO_LARGE, out)
+        return
+
+    if st == HS_METHOD:
+        if k & HC_TCHAR:
+            if s.word_len < 8:
+                s.word[s.word_len] = <char>c
+            if s.word_len < 255:
+                s.word_len += 1
+            return
+        if c == 0x20 and s.word_len > 0:
+            s.method = hf_method_id(s.word, s.word_len)
+            s.word_len = 0
+            s.state = HS_TARGET
+            return
+    elif st == HS_TARGET:
+        if k & HC_VCHAR:
+            s.idx = 1
+            return
+        if c == 0x20 and s.idx:
+            s.idx = 0
+            s.state = HS_VERSION
+            return
+    elif st == HS_VERSION or st == HS_STATUS_VERSION:
+        if s.idx < 5:
+            if c == <uint8_t>HF_HTTP_NAME[s.idx]:
+                s.idx += 1
+                return
+        elif s.idx == 5 or s.idx == 7:
+            if k & HC_DIGIT:
+                s.version = s.version * 10 + (c - 0x30)
+                s.idx += 1
+                if s.idx == 8 and st == HS_VERSION:
+                    s.state = HS_START_END
+                return
+        elif s.idx == 6:
+            if c == 0x2e:
+                s.idx += 1
+                return
+        elif c == 0x20:
+            s.idx = 0
+            s.state = HS_STATUS
+            return
+    elif st == HS_STATUS:
+        if k & HC_DIGIT:
+            s.status = s.status * 10 + (c - 0x30)
+            s.idx += 1
+            if s.idx == 3:
+                if s.status < 100:
+                    hf_fail(f, side, HF_ERR_START_LINE, out)
+                    return
+                s.state = HS_STATUS_END
+            return
+    elif st == HS_STATUS_END or st == HS_REASON or st == HS_START_END:
+        if c == 0x0d:
+            s.state = HS_START_CR
+            return
+        if c == 0x0a:
+            s.state = HS_FIELD_START
+            return
+        if st == HS_STATUS_END and c == 0x20:
+            s.state = HS_REASON
+            return
+        if st == HS_REASON and (k & HC_FIELD or c == 0x20 or c == 0x09):
+            return
+    elif st == HS_START_CR:
+        if c == 0x0a:
+            s.state = HS_FIELD_START
+            return
+    else:
+        err = HF_ERR_FIELD
+        if st == HS_FIELD_START:
+            if c == 0x0d:
+                s.state = HS_FIELD_END_CR
+                return
+            if c == 0x0a:
+                hf_section_done(f, side, now, out)
+                return
+            if k & HC_TCHAR:
+                s.word[0] = <char>hf_lower(c)
+                s.word_len = 1
+                s.state = HS_FIELD_NAME
+                return
+            if (c == 0x20 or c == 0x09) and s.prev_field != HF_F_NONE:
+                # obs-fold: a continuation of the previous field line.
+                if side == HF_RESPONSE and s.prev_field == HF_F_OTHER:
+                    s.field = HF_F_OTHER
+                    s.state = HS_FOLD
+                    return
+                err = HF_ERR_OBS_FOLD
+        elif st == HS_FIELD_END_CR:
+            if c == 0x0a:
+                hf_section_done(f, side, now, out)
+                return
+        elif st == HS_FIELD_NAME:
+            if k & HC_TCHAR:
+                if s.word_len < HF_WORD:
+                    s.word[s.word_len] = <char>hf_lower(c)
+                if s.word_len < 255:
+                    s.word_len += 1
+                return
+            if c == 0x3a:
+                hf_field_start(s, side)
+                s.state = HS_FIELD_OWS
+                return
+        elif st == HS_FIELD_OWS or st == HS_FIELD_VALUE or st == HS_FOLD:
+            if c == 0x0d:
+                s.state = HS_FIELD_CR
+                return
+            if c == 0x0a:
+                hf_field_done(s)
+                return
+            if c == 0x20 or c == 0x09:
+                if st == HS_FIELD_VALUE and s.field >= HF_F_CONTENT_LENGTH:
+                    hf_value_octet(s, c)
+                return
+            if k & HC_FIELD:
+                if st == HS_FIELD_OWS:
+                    s.state = HS_FIELD_VALUE
+                if s.field >= HF_F_CONTENT_LENGTH:
+                    hf_value_octet(s, c)
+                return
+        elif st == HS_FIELD_CR:
+            if c == 0x0a:
+                hf_field_done(s)
+                return
+        else:
+            err = HF_ERR_CHUNK
+            if st == HS_CHUNK_SIZE:
+                if k & HC_HEX and s.idx < 20:
+                    s.idx += 1
+                    s.remaining = hf_mul_add(s.remaining, 16,
+                                             (c - 0x30) if k & HC_DIGIT else (hf_lower(c) - 0x57))
+                    return
+                if s.idx > 0:
+                    if c == 0x3b:
+                        s.state = HS_CHUNK_EXT
+                        return
+                    if c == 0x20 or c == 0x09:
+                        s.state = HS_CHUNK_WS
+                        return
+                    if c == 0x0d:
+                        s.idx = 0
+                        s.state = HS_CHUNK_SIZE_LF
+                        return
+            elif st == HS_CHUNK_EXT:
+                if c == 0x0d:
+                    s.idx = 1       # remembered: a CR inside an extension, if no LF follows
+                    s.state = HS_CHUNK_SIZE_LF
+                    return
+                if c != 0x0a:
+                    return
+            elif st == HS_CHUNK_WS:
+                if c == 0x20 or c == 0x09:
+                    return
+                if c == 0x0d:
+                    s.idx = 0
+                    s.state = HS_CHUNK_SIZE_LF
+                    return
+            elif st == HS_CHUNK_SIZE_LF:
+                if c == 0x0a:
+                    s.head_bytes = 0
+                    if s.remaining == 0:
+                        s.trailer = 1
+                        s.prev_field = HF_F_NONE
+                        s.state = HS_FIELD_START
+                    else:
+                        s.state = HS_CHUNK_DATA
+                    return
+                if s.idx:
+                    err = HF_ERR_CHUNK_EXT_CR
+            elif st == HS_CHUNK_DATA_CR:
+                if c == 0x0d:
+                    s.state = HS_CHUNK_DATA_LF
+                    return
+            elif st == HS_CHUNK_DATA_LF:
+                if c == 0x0a:
+                    s.state = HS_CHUNK_SIZE
+                    s.head_bytes = 0
+                    s.idx = 0
+                    return
+    hf_fail(f, side, err, out)
+
+
+cdef inline void hf_account_body(HttpFramer *f, int side, uint64_t n, uint64_t now,
+                                 HfEvents *out) noexcept nogil:
+    """n body octets (n <= remaining) went by, shown or skipped."""
+    cdef HfSide *s = &f.side[side]
+    s.remaining -= n
+    if s.remaining == 0:
+        if s.state == HS_CHUNK_DATA:
+            s.state = HS_CHUNK_DATA_CR
+        else:
+            hf_body_done(f, side, now, out)
+
+
+cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_t now,
+                    HfEvents *out) noexcept nogil:
+    """Show n bytes of `side`'s stream; returns how many were taken (all, unless `out` filled).
+    """
+    cdef HfSide *s = &f.side[side]
+    cdef size_t i = 0
+    cdef size_t j, end
+    cdef uint64_t k
+    cdef uint8_t st, mask
+    while i < n:
+        if out.count > HF_EVENTS_MAX - HF_EVENTS_RESERVE:
+            break
+        st = s.state
+        if st >= HS_BODY_LENGTH:
+            if st == HS_BODY_LENGTH or st == HS_CHUNK_DATA:
+                k = n - i
+                if k > s.remaining:
+                    k = s.remaining
+                i += k
+                s.pos += k
+                hf_account_body(f, side, k, now, out)
+            else:
+                s.pos += n - i
+                i = n
+            continue
+        if (st == HS_TARGET or st == HS_REASON or st == HS_FOLD
+                or (st == HS_FIELD_VALUE and s.field == HF_F_OTHER)):
+            # Most of a head: octets that change nothing but the head's size, taken in a
+            # tight loop up to the first one that matters (or the size limit).
+            mask = HC_VCHAR if st == HS_TARGET else HC_FIELD | HC_WS
+            end = n if n - i <= HF_MAX_HEAD - s.head_bytes else i + HF_MAX_HEAD - s.head_bytes
+            j = i
+            while j < end and hf_class[<uint8_t>data[j]] & mask:
+                j += 1
+            if j > i:
+                if st == HS_TARGET:
+                    s.idx = 1
+                s.head_bytes += <uint32_t>(j - i)
+                s.pos += j - i
+                i = j
+                if i == n:
+                    break
+        s.pos += 1
+        hf_step(f, side, <uint8_t>data[i], now, out)
+        i += 1
+    return i
+
+
+cdef uint64_t hf_body_remaining(const HttpFramer *f, int side) noexcept nogil:
+    """Bytes of `side` that may be forwarded without showing them to hf_feed."""
+    cdef const HfSide *s = &f.side[side]
+    if s.state == HS_BODY_LENGTH or s.state == HS_CHUNK_DATA:
+        return s.remaining
+    if s.state > HS_CHUNK_DATA:
+        return UINT64_MAX
+    return 0
+
+
+cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now,
+                  HfEvents *out) noexcept nogil:
+    """n bytes of `side` were forwarded unseen (n <= hf_body_remaining)."""
+    cdef HfSide *s = &f.side[side]
+    if n == 0:
+        return
+    s.pos += n
+    if s.state > HS_CHUNK_DATA:
+        return
+    if (s.state != HS_BODY_LENGTH and s.state != HS_CHUNK_DATA) or n > s.remaining:
+        hf_opaque(f, HF_ERR_SKIP, out)
+        return
+    hf_account_body(f, side, n, now, out)
+
+
+cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil:
+    """`side`'s source reached end of file."""
+    cdef HfSide *s = &f.side[side]
+    if side == HF_RESPONSE and f.mode == HF_MODE_OBSERVING:
+        if s.state == HS_UNTIL_CLOSE:
+            # Nothing can follow a close-delimited body: a REJECT owed becomes a plain close.
+            f.reject_status = 0
+            hf_exchange_done(f, now, 0, out)
+        if f.reject:
+            hf_reject(f, 0, out)
+    if s.state != HS_OPAQUE and s.state != HS_DEAD:
+        s.state = HS_CLOSED
+
+
+cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
+    """Which timeout applies to the client now (HF_PHASE_*)."""
+    cdef uint8_t st = f.side[HF_REQUEST].state
+    if f.mode != HF_MODE_OBSERVING or st >= HS_OPAQUE:
+        return HF_PHASE_OPAQUE
+    if st == HS_LINE_START or st == HS_LINE_START_CR:
+        if f.n_requests == f.n_answered:
+            return HF_PHASE_IDLE
+        return HF_PHASE_BUSY
+    if st < HS_FIELD_START or (st <= HS_FOLD and not f.side[HF_REQUEST].trailer):
+        return HF_PHASE_HEAD
+    return HF_PHASE_BUSY
+
+
+# ---- Python surface: names, canned answers, and a probe for tests --------------------------
+
+HTTP_METHODS = ("OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                "PATCH")
+
+_HF_EVENT_KINDS = (None, "request", "exchange", "malformed", "reject", "opaque")
+_HF_REASONS = (
+    "", "start-line", "field", "obs-fold", "head-too-large", "host", "content-length",
+    "transfer-encoding", "te-with-content-length", "te-http10", "chunk", "chunk-ext-cr",
+    "unsolicited", "unexpected-101", "too-many-pipelined", "skip",
+)
+_HF_PHASES = ("idle", "head", "busy", "opaque")
+_HF_LENIENT = ((HFL_EMPTY_LINE, "empty-line"), (HFL_TE_LIST, "te-list"),
+               (HFL_TRAILER_FRAMING, "trailer-framing"), (HFL_TE_FRAMING, "te-framing"),
+               (HFL_UNUSED_FRAMING, "unused-framing"))
+
+HTTP_ERROR_RESPONSES = {
+    400: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
+          b"Connection: close\r\n\r\nBad Request\n"),
+    431: (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+          b"Content-Length: 32\r\nConnection: close\r\n\r\n"
+          b"Request Header Fields Too Large\n"),
+}
+
+HttpEvent = _namedtuple(
+    "HttpEvent",
+    "kind method status t_request_head t_response_head t_response_end pos close switched "
+    "speculative reason",
+)
+HttpEvent.__doc__ = "One event of the HTTP framer (see HttpFramerProbe)."
+
+
+cdef int _hf_side(str side) except -1:
+    if side == "request":
+        return HF_REQUEST
+    if side == "response":
+        return HF_RESPONSE
+    raise ValueError(f"side must be 'request' or 'response', not {side!r}")
+
+
+cdef class HttpFramerProbe:
+    """The relay engine's HTTP/1.x framer, driven from Python (tests, fuzzing).
+
+    Shows bytes of the client's stream ("request") or the instance's ("response") to the
+    framer and returns its events as HttpEvent tuples.
+    """
+
+    cdef HttpFramer f
+    cdef HfEvents ev
+
+    def __cinit__(self):
+        hf_init(&self.f)
+        self.ev.count = 0
+
+    cdef list _events(self):
+        cdef list result = []
+        cdef int i
+        cdef HfEvent *e
+        for i in range(self.ev.count):
+            e = &self.ev.ev[i]
+            result.append(HttpEvent(
+                _HF_EVENT_KINDS[e.kind], HTTP_METHODS[e.method], e.status, e.t_request_head,
+                e.t_response_head, e.t_response_end, e.pos, bool(e.flags & HFE_CLOSE),
+                bool(e.flags & HFE_SWITCHED), bool(e.flags & HFE_SPECULATIVE),
+                _HF_REASONS[e.reason],
+            ))
+        self.ev.count = 0
+        return result
+
+    def feed_once(self, str side, const unsigned char[::1] data, uint64_t now=0):
+        """One hf_feed call: (bytes taken, events).  Fewer than len(data) only when the event
+        buffer filled up."""
+        cdef int sd = _hf_side(side)
+        cdef size_t taken = 0
+        self.ev.count = 0
+        if data.shape[0] > 0:
+            taken = hf_feed(&self.f, sd, <const char *>&data[0], data.shape[0], now, &self.ev)
+        return taken, self._events()
+
+    def feed(self, str side, const unsigned char[::1] data, uint64_t now=0):
+        """Show all of `data`; returns the events, in order."""
+        cdef int sd = _hf_side(side)
+        cdef size_t off = 0
+        cdef size_t n = data.shape[0]
+        cdef list result = []
+        while off < n:
+            self.ev.count = 0
+            off += hf_feed(&self.f, sd, <const char *>&data[off], n - off, now, &self.ev)
+            result.extend(self._events())
+        return result
+
+    def skip(self, str side, uint64_t n, uint64_t now=0):
+        """Account for n bytes forwarded unseen (spliced); returns the events."""
+        cdef int sd = _hf_side(side)
+        self.ev.count = 0
+        hf_skip(&self.f, sd, n, now, &self.ev)
+        return self._events()
+
+    def eof(self, str side, uint64_t now=0):
+        """End of `side`'s stream; returns the events."""
+        cdef int sd = _hf_side(side)
+        self.ev.count = 0
+        hf_eof(&self.f, sd, now, &self.ev)
+        return self._events()
+
+    def body_remaining(self, str side):
+        """Bytes that may be forwarded without showing them (2**64 - 1: everything)."""
+        return hf_body_remaining(&self.f, _hf_side(side))
+
+    def position(self, str side):
+        """Bytes of `side`'s stream shown or skipped so far."""
+        return self.f.side[_hf_side(side)].pos
+
+    def lenient(self, str side):
+        """Where `side` accepted what h11 would reject: a frozenset of names."""
+        cdef uint8_t bits = self.f.side[_hf_side(side)].lenient
+        return frozenset(name for bit, name in _HF_LENIENT if bits & bit)
+
+    @property
+    def phase(self):
+        """'idle', 'head' (header-read timeout), 'busy' or 'opaque'."""
+        return _HF_PHASES[hf_request_phase(&self.f)]
+
+    @property
+    def head_started(self):
+        """`now` when the request head being read began (0 outside a head)."""
+        return self.f.side[HF_REQUEST].t_head_start
+
+    @property
+    def pending(self):
+        """Requests whose response has not ended."""
+        return self.f.n_requests - self.f.n_answered
+
+    @property
+    def observing(self):
+        """False once the connection is opaque (switched, given up) or rejected."""
+        return self.f.mode == HF_MODE_OBSERVING
