@@ -94,7 +94,13 @@ class Harness:
         far.setblocking(False)
         return near, far
 
-    async def open(self, *, buffers: int | None = None) -> Link:
+    async def open(
+        self,
+        *,
+        buffers: int | None = None,
+        http: bool = False,
+        observe: Callable[[str, int, int, int], None] | None = None,
+    ) -> Link:
         """A client connected through the relay to the test's server end.
 
         ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
@@ -109,7 +115,11 @@ class Harness:
             for sock in (client, relay_client, relay_upstream, server):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
-        link = Link(client, server, self.relay.submit(relay_client, relay_upstream))
+        link = Link(
+            client,
+            server,
+            self.relay.submit(relay_client, relay_upstream, http=http, observe=observe),
+        )
         self.links.append(link)
         return link
 

@@ -35,7 +35,7 @@
 #              opaque from here on, the engine may relay blindly)
 #   MALFORMED  the client sent a malformed request (pos = offset of the offending byte; status
 #              = the error to answer: 400, or 431 for a head over HF_MAX_HEAD).  Stop forwarding
-#              client bytes from pos on.
+#              client bytes from side[HF_REQUEST].msg_start on (where that request began).
 #   REJECT     now write the error response (status) to the client and close; status 0 means
 #              close without writing (the response stream cannot take it: close-delimited or
 #              unobserved).  Comes once the responses to the requests before the malformed one
@@ -283,6 +283,7 @@ cdef enum:
 
 cdef struct HfSide:
     uint64_t pos                # stream offset: bytes shown or skipped
+    uint64_t msg_start          # request side: offset where the current message began
     uint64_t remaining          # body bytes left (Content-Length body, current chunk)
     uint64_t length             # the Content-Length of the current head
     uint64_t t_head_start       # `now` when the current head's first byte was shown
@@ -515,6 +516,7 @@ cdef void hf_request_done(HttpFramer *f, HfEvents *out) noexcept nogil:
     if (x.flags & (HFX_UPGRADE | HFX_CONNECT)) and seq >= f.n_decided:
         f.spec_until = seq + 1
     hf_begin_message(s)
+    s.msg_start = s.pos
     s.state = HS_LINE_START
 
 
@@ -1149,6 +1151,8 @@ HTTP_ERROR_RESPONSES = {
     431: (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
           b"Content-Length: 32\r\nConnection: close\r\n\r\n"
           b"Request Header Fields Too Large\n"),
+    408: (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n"
+          b"Connection: close\r\n\r\nRequest Timeout\n"),
 }
 
 HttpEvent = _namedtuple(
@@ -1239,6 +1243,11 @@ cdef class HttpFramerProbe:
     def position(self, str side):
         """Bytes of `side`'s stream shown or skipped so far."""
         return self.f.side[_hf_side(side)].pos
+
+    @property
+    def request_start(self):
+        """Request-stream offset where the current (or malformed) request began."""
+        return self.f.side[HF_REQUEST].msg_start
 
     def lenient(self, str side):
         """Where `side` accepted what h11 would reject: a frozenset of names."""

@@ -94,12 +94,20 @@ cdef enum:
     RC_CALLS_SEND
     RC_WAITS
     RC_BULK_SWITCHES
+    RC_HTTP_EXCHANGES       # exchanges timed (published or dropped)
+    RC_HTTP_ANSWERED        # requests the engine answered itself (400, 431, 408)
+    RC_HTTP_HEADER_TIMEOUTS
+    RC_HTTP_IDLE_CLOSED
+    RC_HTTP_OPAQUE          # connections whose framing was given up (bytes still relayed)
+    RC_EXCHANGES_DROPPED    # exchange records lost because nobody drained them
     RC_COUNT
 
 _RELAY_COUNTER_NAMES = (
     "submitted", "completed", "sockets_closed", "pipes_created", "pipes_closed", "pipes_lent",
     "pipes_idle", "pipe_failures", "pipe_size_refused", "inflight_bytes", "bytes_spliced",
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
+    "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
+    "exchanges_dropped",
 )
 
 cdef enum:
@@ -136,6 +144,8 @@ cdef struct RelayConn:
     int64_t started_ns
     int64_t duration_ns
     int err
+    RelayHttp *http         # NULL unless the connection belongs to an HTTP service
+    uint16_t answered       # status the engine answered itself (HTTP), 0 when none
     RelayConn *prev         # live list
     RelayConn *next
     RelayConn *link         # submission, finished or completion queue
@@ -162,6 +172,19 @@ cdef struct RelayEngine:
     size_t pipe_size
     size_t small_buffer
     int budget
+    # HTTP (see _relay_http.pxi).  ex_local is the engine thread's; ex_shared is guarded by lock.
+    RelayExchange *ex_local
+    size_t ex_local_len
+    size_t ex_local_cap
+    RelayExchange *ex_shared
+    size_t ex_shared_len
+    size_t ex_shared_cap
+    int64_t header_timeout_ns   # 0: none
+    int64_t idle_timeout_ns     # 0: none
+    int64_t sweep_ns
+    int64_t next_sweep_ns
+    int http_live
+    HfEvents ev                 # the framer's event scratch (engine thread only)
     int64_t counters[RC_COUNT]
 
 
@@ -259,6 +282,8 @@ cdef void relay_retire(RelayEngine *e, RelayConn *c, int err) noexcept nogil:
     c.closed = 1
     c.err = err
     c.duration_ns = relay_now_ns() - c.started_ns
+    if c.http != NULL:
+        http_release(e, c)
     if c.prev != NULL:
         c.prev.next = c.next
     elif e.live == c:
@@ -311,6 +336,8 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef epoll_event ev
     cdef int one = 1
     cdef int s
+    if c.http != NULL:
+        e.http_live += 1
     for s in range(2):
         # The caller may hand over blocking sockets; the engine must never block.
         if ioctl(c.fd[s], FIONBIO, &one) < 0:
@@ -336,9 +363,9 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     """Hand the batch's finished connections to the asyncio side; wake it once per burst."""
     cdef RelayConn *c = e.finished_head
     cdef int64_t n = 0
-    cdef bint was_empty
+    cdef bint wake = False
     cdef uint64_t one = 1
-    if c == NULL:
+    if c == NULL and e.ex_local_len == 0:
         return
     while c != NULL:
         n += 1
@@ -346,16 +373,21 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     # Count before publishing so that a drained completion is always reflected in `active`.
     relay_count(e, RC_COMPLETED, n)
     pthread_mutex_lock(&e.lock)
-    was_empty = e.done_head == NULL
-    if e.done_tail != NULL:
-        e.done_tail.link = e.finished_head
-    else:
-        e.done_head = e.finished_head
-    e.done_tail = e.finished_tail
+    # Exchanges first, in the same critical section: a connection's exchanges are never seen
+    # after its completion.
+    if e.ex_local_len:
+        wake = http_publish_exchanges(e)
+    if e.finished_head != NULL:
+        wake = wake or e.done_head == NULL
+        if e.done_tail != NULL:
+            e.done_tail.link = e.finished_head
+        else:
+            e.done_head = e.finished_head
+        e.done_tail = e.finished_tail
     pthread_mutex_unlock(&e.lock)
     e.finished_head = NULL
     e.finished_tail = NULL
-    if was_empty:
+    if wake:
         write(e.done_fd, &one, sizeof(one))
 
 
@@ -372,8 +404,12 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
     cdef int dst = c.fd[1 - d]
     cdef int budget = e.budget
     cdef ssize_t n
+    cdef size_t limit
+    cdef uint64_t body
     if p.done:
         return 0
+    if c.http != NULL and c.http.lingering and d == 0:
+        return http_linger(e, c, budget)
     while True:
         budget -= 1
         if budget < 0:
@@ -395,6 +431,8 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             p.bytes += <uint64_t>n
             relay_count(e, RC_INFLIGHT, -n)
             relay_count(e, RC_BYTES_COPIED, n)
+            if d == 1 and c.http != NULL and c.http.npending:
+                http_written(e, c)
             continue
         if p.in_pipe:
             if not c.writable[1 - d]:
@@ -412,8 +450,17 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             p.bytes += <uint64_t>n
             relay_count(e, RC_INFLIGHT, -n)
             relay_count(e, RC_BYTES_SPLICED, n)
+            if d == 1 and c.http != NULL and c.http.npending:
+                http_written(e, c)
             continue
         # Nothing of this direction is in flight from here on.
+        if c.http != NULL and c.http.halted[d]:
+            # HTTP: the framer stopped this source (a malformed request, or the engine's own
+            # answer is due once the responses before it are out).
+            relay_return_pipe(e, p)
+            if d == 1 and c.http.rejecting:
+                return http_answer(e, c)
+            return 0
         if p.eof:
             relay_return_pipe(e, p)
             free(p.buf)
@@ -426,18 +473,32 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             relay_return_pipe(e, p)
             return 0
         if p.bulk:
+            limit = e.pipe_size
+            if c.http != NULL:
+                # Only bytes the framer need not see (a body of known length, the rest of a
+                # chunk, an opaque stream) may bypass it.
+                body = hf_body_remaining(&c.http.f, d)
+                if body == 0:
+                    p.bulk = 0
+                    continue
+                if body < limit:
+                    limit = <size_t>body
             if p.pipe_r < 0 and relay_borrow_pipe(e, p) < 0:
                 p.bulk = 0
                 continue
-            n = splice(src, NULL, p.pipe_w, NULL, e.pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(src, NULL, p.pipe_w, NULL, limit, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             relay_count(e, RC_CALLS_SPLICE, 1)
             if n > 0:
                 p.in_pipe = <size_t>n
                 p.burst += <size_t>n
                 relay_count(e, RC_INFLIGHT, n)
+                if c.http != NULL:
+                    http_skipped(e, c, d, <uint64_t>n)
                 continue
             if n == 0:
                 p.eof = 1
+                if c.http != NULL:
+                    http_source_eof(e, c, d)
                 continue
             if errno == EAGAIN:
                 # The pipe is empty here, so EAGAIN means the socket is.
@@ -457,18 +518,24 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
         n = recv(src, p.buf, e.small_buffer, MSG_DONTWAIT)
         relay_count(e, RC_CALLS_RECV, 1)
         if n > 0:
-            p.off = 0
-            p.length = <uint32_t>n
-            relay_count(e, RC_INFLIGHT, n)
-            if <size_t>n == e.small_buffer:
+            if <size_t>n < e.small_buffer and not c.rdhup[d]:
+                c.readable[d] = 0
+            elif <size_t>n == e.small_buffer and (
+                    c.http == NULL or hf_body_remaining(&c.http.f, d) >= e.small_buffer):
                 p.bulk = 1
                 p.burst = 0
                 relay_count(e, RC_BULK_SWITCHES, 1)
-            elif not c.rdhup[d]:
-                c.readable[d] = 0
+            if c.http != NULL:
+                # Shown before forwarding: a response can never be seen before its request.
+                n = <ssize_t>http_observe(e, c, d, p.buf, <size_t>n)
+            p.off = 0
+            p.length = <uint32_t>n
+            relay_count(e, RC_INFLIGHT, n)
             continue
         if n == 0:
             p.eof = 1
+            if c.http != NULL:
+                http_source_eof(e, c, d)
             continue
         if errno == EAGAIN:
             c.readable[d] = 0
@@ -562,10 +629,17 @@ cdef void *relay_main(void *arg) noexcept nogil:
     cdef epoll_event events[RELAY_MAX_EVENTS]
     cdef int n, i
     cdef int stop = 0
+    cdef int timeout
     cdef uint64_t tag
     cdef RelayConn *c
     while not stop:
-        n = epoll_wait(e.epfd, events, RELAY_MAX_EVENTS, 0 if e.ready != NULL else -1)
+        if e.ready != NULL:
+            timeout = 0
+        elif e.http_live > 0 and e.sweep_ns > 0:
+            timeout = http_sweep_wait_ms(e)
+        else:
+            timeout = -1
+        n = epoll_wait(e.epfd, events, RELAY_MAX_EVENTS, timeout)
         relay_count(e, RC_WAITS, 1)
         if n < 0:
             n = 0   # EINTR; nothing else can fail on a valid epoll fd with a valid buffer
@@ -578,6 +652,8 @@ cdef void *relay_main(void *arg) noexcept nogil:
             if not c.closed:
                 relay_on_event(e, c, <int>(tag & 1), events[i].events)
         relay_run_ready(e)
+        if e.http_live > 0 and e.sweep_ns > 0:
+            http_sweep(e)
         relay_publish(e)
     return NULL
 
@@ -596,7 +672,15 @@ cdef class SpliceEngine:
     ``add()`` hands over two connected sockets (by descriptor; the engine owns and closes them).
     When a relayed connection ends, a completion is queued and :attr:`eventfd` becomes readable;
     ``drain()`` returns the queued completions as
-    ``(token, bytes client->upstream, bytes upstream->client, errno or 0, duration ns)``.
+    ``(token, bytes client->upstream, bytes upstream->client, errno or 0, duration ns,
+    HTTP status the engine answered itself or 0)``.
+
+    A connection added with ``http=True`` is observed by the HTTP/1.x framer: its exchanges
+    (with ``observe=True``) are queued as ``(token, method index, status, roundtrip ns,
+    total ns)`` for ``drain_exchanges()`` / ``drain_all()``; a malformed request is answered
+    with 400 (431 for an oversized head) and the connection closed; ``header_timeout`` and
+    ``idle_timeout`` (seconds, 0 for none) bound a request head's arrival and an idle
+    keep-alive connection.
     """
 
     cdef RelayEngine *e
@@ -610,7 +694,8 @@ cdef class SpliceEngine:
         self._stopped = False
 
     def __init__(self, size_t pipe_size=1 << 20, int max_idle_pipes=64,
-                 size_t small_buffer=16384, int budget=32):
+                 size_t small_buffer=16384, int budget=32, double header_timeout=0.0,
+                 double idle_timeout=0.0):
         cdef RelayEngine *e
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be 4096..1073741824 bytes, got {pipe_size}")
@@ -620,6 +705,10 @@ cdef class SpliceEngine:
             raise ValueError(f"max_idle_pipes must be >= 0, got {max_idle_pipes}")
         if budget < 4:
             raise ValueError(f"budget must be >= 4 syscalls, got {budget}")
+        if not 0.0 <= header_timeout <= 86400.0:
+            raise ValueError(f"header_timeout must be 0..86400 seconds, got {header_timeout}")
+        if not 0.0 <= idle_timeout <= 86400.0:
+            raise ValueError(f"idle_timeout must be 0..86400 seconds, got {idle_timeout}")
         if self.e != NULL:
             raise RuntimeError("SpliceEngine is already initialised")
         e = <RelayEngine *>calloc(1, sizeof(RelayEngine))
@@ -636,6 +725,7 @@ cdef class SpliceEngine:
         e.pipe_size = pipe_size
         e.small_buffer = small_buffer
         e.budget = budget
+        http_configure(e, header_timeout, idle_timeout)
         pthread_mutex_init(&e.lock, NULL)
         self.e = e
 
@@ -692,10 +782,13 @@ cdef class SpliceEngine:
         pthread_mutex_unlock(&self.e.lock)
         write(self.e.wake_fd, &one, sizeof(one))
 
-    def add(self, int client_fd, int upstream_fd, uint64_t token):
+    def add(self, int client_fd, int upstream_fd, uint64_t token, bint http=False,
+            bint observe=True):
         """Relay between two connected sockets; the engine now owns (and will close) both.
 
-        ``token`` comes back in the completion.  Thread-safe; never blocks on the engine.
+        ``token`` comes back in the completion (and in exchange records).  ``http``: follow
+        HTTP/1.x framing (answer malformed requests, enforce the HTTP timeouts, and with
+        ``observe`` queue one record per exchange).  Thread-safe; never blocks on the engine.
         """
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
@@ -716,6 +809,9 @@ cdef class SpliceEngine:
         c.dir[1].pipe_r = c.dir[1].pipe_w = -1
         c.token = token
         c.started_ns = relay_now_ns()
+        if http and http_attach(c, observe) < 0:
+            free(c)
+            raise MemoryError()
         relay_count(e, RC_SUBMITTED, 1)
         pthread_mutex_lock(&e.lock)
         was_empty = e.submit_head == NULL
@@ -729,10 +825,25 @@ cdef class SpliceEngine:
             write(e.wake_fd, &one, sizeof(one))
 
     def drain(self):
-        """Take every queued completion: a list of (token, up, down, errno, duration_ns)."""
+        """Take every queued completion: a list of
+        (token, up, down, errno, duration_ns, answered)."""
+        return self.drain_all()[1]
+
+    def drain_exchanges(self):
+        """Take every queued exchange: a list of (token, method, status, roundtrip_ns,
+        total_ns); ``method`` indexes ``HTTP_METHODS``."""
+        return self.drain_all()[0]
+
+    def drain_all(self):
+        """Take every queued exchange and completion at once: ``(exchanges, completions)``.
+
+        A connection's exchanges are always queued before its completion, so handling the
+        exchanges first never meets a connection that is already gone."""
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
         cdef RelayConn *nxt
+        cdef RelayExchange *x
+        cdef size_t count, i
         cdef uint64_t value
         if e.done_fd >= 0:
             read(e.done_fd, &value, sizeof(value))
@@ -740,14 +851,25 @@ cdef class SpliceEngine:
         c = e.done_head
         e.done_head = NULL
         e.done_tail = NULL
+        x = e.ex_shared
+        count = e.ex_shared_len
+        e.ex_shared = NULL
+        e.ex_shared_len = 0
+        e.ex_shared_cap = 0
         pthread_mutex_unlock(&e.lock)
+        exchanges = [None] * count
+        for i in range(count):
+            exchanges[i] = (x[i].token, x[i].method, x[i].status, x[i].roundtrip_ns,
+                            x[i].total_ns)
+        free(x)
         out = []
         while c != NULL:
             nxt = c.link
-            out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns))
+            out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns,
+                        c.answered))
             free(c)
             c = nxt
-        return out
+        return exchanges, out
 
     def close_all(self):
         """Reset every relayed connection now (completions carry ECANCELED); keep running."""
@@ -834,6 +956,8 @@ cdef class SpliceEngine:
             free(c)
             c = nxt
         pthread_mutex_destroy(&e.lock)
+        free(e.ex_local)
+        free(e.ex_shared)
         free(e.pool)
         free(e)
         self.e = NULL

@@ -46,6 +46,12 @@ class Histogram:
 # ---- Relay engine (src/flux/_relay.pxi) ------------------------------------------------------
 
 
+# (token, bytes client->upstream, bytes upstream->client, errno, duration ns, status answered)
+_Completion = tuple[int, int, int, int, int, int]
+# (token, method index into HTTP_METHODS, status, roundtrip ns, total ns)
+_Exchange = tuple[int, int, int, int, int]
+
+
 class SpliceEngine:
     """The native relay: one thread relaying many socket pairs with epoll and splice(2)."""
 
@@ -55,10 +61,14 @@ class SpliceEngine:
         max_idle_pipes: int = 64,
         small_buffer: int = 16384,
         budget: int = 32,
+        header_timeout: float = 0.0,
+        idle_timeout: float = 0.0,
     ) -> None: ...
     def start(self) -> None: ...
-    def add(self, client_fd: int, upstream_fd: int, token: int) -> None: ...
-    def drain(self) -> list[tuple[int, int, int, int, int]]: ...
+    def add(self, client_fd: int, upstream_fd: int, token: int, http: bool = ..., observe: bool = ...) -> None: ...  # noqa: E501
+    def drain(self) -> list[_Completion]: ...
+    def drain_exchanges(self) -> list[_Exchange]: ...
+    def drain_all(self) -> tuple[list[_Exchange], list[_Completion]]: ...
     def close_all(self) -> None: ...
     def stop(self) -> None: ...
     @property
@@ -89,7 +99,8 @@ HTTP_METHODS: tuple[str, ...]
 """Method labels by the framer's method number; methods it does not know are "OTHER"."""
 
 HTTP_ERROR_RESPONSES: dict[int, bytes]
-"""The answers to a malformed request (400) or an oversized head (431), Connection: close."""
+"""The relay's own answers: malformed request (400), oversized head (431), head not received in
+time (408); each with Connection: close."""
 
 
 class HttpEvent(NamedTuple):
@@ -124,6 +135,8 @@ class HttpFramerProbe:
     def phase(self) -> Literal["idle", "head", "busy", "opaque"]: ...
     @property
     def head_started(self) -> int: ...
+    @property
+    def request_start(self) -> int: ...
     @property
     def pending(self) -> int: ...
     @property

@@ -20,6 +20,7 @@ cdef extern from "<errno.h>" nogil:
         ENOMEM
         ECANCELED
         EBADF
+        ETIMEDOUT
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -97,6 +98,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_LINGER
         SO_ERROR
         SHUT_WR
+        SHUT_RDWR
         MSG_NOSIGNAL
         MSG_DONTWAIT
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)

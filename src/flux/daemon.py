@@ -193,9 +193,16 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
 
     # Without a listener nobody could read the counters: skip the hooks altogether.
     metrics = Metrics() if settings.listen_prometheus is not None else None
+    relay = make_relay(
+        settings.relay,
+        http_header_timeout=settings.http_header_timeout,
+        http_idle_timeout=settings.http_idle_timeout,
+    )
+    if metrics is not None:
+        metrics.sources.append(relay.flush)
     balancer = Balancer(
         store,
-        make_relay(settings.relay),
+        relay,
         IPTables(settings.chain, on_sync=metrics.on_iptables_sync if metrics else None),
         bind_ip=bridge_ip,
         bridge=settings.bridge,
@@ -204,6 +211,7 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
         on_connection=metrics.on_connection if metrics else None,
         on_done=metrics.on_done if metrics else None,
         on_connect_failure=metrics.on_connect_failure if metrics else None,
+        on_exchange=metrics.exchange_observer if metrics else None,
     )
     agent = Agent(
         store,

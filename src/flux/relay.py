@@ -17,6 +17,18 @@ have ended.  An error or reset on one side resets the other (``SO_LINGER {1, 0}`
 reader stalls its writer: each direction buffers a bounded amount.  ``close(grace)`` lets
 relayed connections finish for up to ``grace`` seconds, then resets the rest (their results
 carry the error ``ECANCELED``).
+
+HTTP (``submit(..., http=True)``): the bytes are still relayed verbatim, but an HTTP/1.x framer
+watches them.  Each request/response exchange is reported to the ``observe`` callable given
+with the connection, as ``(method, status, roundtrip_us, total_us)``: roundtrip from the
+request head read to the response head read, total from the request head read to the response
+fully written to the client.  A malformed request is answered ``400 Bad Request`` (``431`` for
+a head over 64 KiB) once the responses to the requests before it are written, and the
+connection is closed; a request head that takes longer than ``http_header_timeout`` gets
+``408 Request Timeout``; a keep-alive connection idle for ``http_idle_timeout`` is closed
+(0 disables either).  ``RelayResult.answered`` names the status the relay answered itself.
+Observations are delivered in batches on the event loop (at least every second, and at once
+on :meth:`Relay.flush`, which a metrics scrape calls first).
 """
 
 from __future__ import annotations
@@ -40,9 +52,17 @@ __all__ = [
     "make_relay",
 ]
 
+ExchangeObserver = Callable[[str, int, int, int], None]
+"""Called once per HTTP exchange with (method, status, roundtrip_us, total_us)."""
+
 _RESET_LINGER = struct.pack("ii", 1, 0)
 # Completions of connections cut by close() must still arrive; this bounds the wait for them.
 _CUT_TIMEOUT = 5.0
+# Exchange observations wait at most this long for a batch (a scrape flushes them at once).
+_FLUSH_INTERVAL = 1.0
+# After answering a request itself, how long the relay reads (and drops) what the client still
+# sends before closing: closing with unread bytes would reset the answer away.
+_LINGER_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +71,15 @@ class RelayResult:
 
     ``to_upstream`` / ``to_client``: bytes delivered each way.  ``error``: ``None`` when both
     directions ended with EOF, else the errno name (``"ECONNRESET"``, ``"EPIPE"``; ``"ECANCELED"``
-    when ``close()`` cut it).  ``duration``: seconds from submission to close.
+    when ``close()`` cut it).  ``duration``: seconds from submission to close.  ``answered``:
+    for HTTP, the status the relay answered the client itself (400, 431, 408), else 0.
     """
 
     to_upstream: int
     to_client: int
     error: str | None
     duration: float
+    answered: int = 0
 
 
 class Relay(Protocol):
@@ -74,8 +96,21 @@ class Relay(Protocol):
     async def start(self) -> None:
         """Get ready to relay; call once from the event loop that will use the relay."""
 
-    def submit(self, client: socket.socket, upstream: socket.socket) -> asyncio.Future[RelayResult]:
-        """Relay between two connected sockets; the relay owns (and will close) both."""
+    def submit(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+    ) -> asyncio.Future[RelayResult]:
+        """Relay between two connected sockets; the relay owns (and will close) both.
+
+        ``http``: follow HTTP/1.x framing and report each exchange to ``observe``.
+        """
+
+    def flush(self) -> None:
+        """Deliver the exchange observations and completions waiting now."""
 
     async def close(self, grace: float) -> None:
         """Refuse new work, let active connections finish for ``grace`` s, reset the rest."""
@@ -105,16 +140,25 @@ class SpliceRelay:
         pipe_size: int = 1 << 20,
         max_idle_pipes: int = 64,
         small_buffer: int = 16384,
+        http_header_timeout: float = 10.0,
+        http_idle_timeout: float = 60.0,
     ) -> None:
-        from flux._splice import SpliceEngine
+        from flux._splice import HTTP_METHODS, SpliceEngine
 
         self._engine = SpliceEngine(
-            pipe_size=pipe_size, max_idle_pipes=max_idle_pipes, small_buffer=small_buffer
+            pipe_size=pipe_size,
+            max_idle_pipes=max_idle_pipes,
+            small_buffer=small_buffer,
+            header_timeout=http_header_timeout,
+            idle_timeout=http_idle_timeout,
         )
+        self._methods: tuple[str, ...] = HTTP_METHODS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
+        self._observers: dict[int, ExchangeObserver] = {}
         self._next_token = 1
         self._closing = False
+        self._flusher: asyncio.TimerHandle | None = None
 
     @property
     def engine(self) -> Any:
@@ -135,28 +179,61 @@ class SpliceRelay:
             raise RuntimeError("SpliceRelay.start() was already called")
         self._loop = asyncio.get_running_loop()
         self._engine.start()
-        self._loop.add_reader(self._engine.eventfd, self._on_completions)
+        self._loop.add_reader(self._engine.eventfd, self.flush)
 
-    def submit(self, client: socket.socket, upstream: socket.socket) -> asyncio.Future[RelayResult]:
+    def submit(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+    ) -> asyncio.Future[RelayResult]:
         """Hand both sockets to the engine (they are detached: the engine closes them)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
         self._next_token += 1
         future: asyncio.Future[RelayResult] = self._loop.create_future()
-        self._engine.add(client.fileno(), upstream.fileno(), token)
+        self._engine.add(client.fileno(), upstream.fileno(), token, http, observe is not None)
         # From here the engine owns the descriptors; the socket objects must not close them.
         client.detach()
         upstream.detach()
         self._pending[token] = future
+        if http and observe is not None:
+            self._observers[token] = observe
+            if self._flusher is None:
+                self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
         return future
 
-    def _on_completions(self) -> None:
-        for token, up, down, code, duration_ns in self._engine.drain():
+    def _tick(self) -> None:
+        self._flusher = None
+        self.flush()
+        if self._observers and self._loop is not None and not self._loop.is_closed():
+            self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+
+    def flush(self) -> None:
+        """Deliver queued exchanges to their observers, then complete finished connections."""
+        exchanges, completions = self._engine.drain_all()
+        if exchanges:
+            observers = self._observers
+            methods = self._methods
+            for token, method, status, roundtrip_ns, total_ns in exchanges:
+                observe = observers.get(token)
+                if observe is not None:
+                    observe(methods[method], status, roundtrip_ns // 1000, total_ns // 1000)
+        for token, up, down, code, duration_ns, answered in completions:
+            self._observers.pop(token, None)
             future = self._pending.pop(token, None)
             if future is not None and not future.done():
                 future.set_result(
-                    RelayResult(up, down, _errno_name(code) if code else None, duration_ns / 1e9)
+                    RelayResult(
+                        up,
+                        down,
+                        _errno_name(code) if code else None,
+                        duration_ns / 1e9,
+                        answered,
+                    )
                 )
 
     async def close(self, grace: float) -> None:
@@ -170,8 +247,11 @@ class SpliceRelay:
             self._engine.close_all()
             await _wait_bounded(list(self._pending.values()), _CUT_TIMEOUT)
         self._loop.remove_reader(self._engine.eventfd)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
         self._engine.stop()
-        self._on_completions()
+        self.flush()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("the relay engine stopped without a completion"))
@@ -209,6 +289,70 @@ class _Side(asyncio.Protocol):
         self.flow.lost(self.index, exc)
 
 
+class _HttpWatch:
+    """The HTTP framer's view of one Python-relayed connection (the engine's, from Python).
+
+    :meth:`show` is called with bytes just read and returns the part that may be forwarded;
+    the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
+    """
+
+    __slots__ = ("answer", "exchanges", "last_active", "observe", "probe", "stop")
+
+    _SIDES = ("request", "response")
+
+    def __init__(self, observe: ExchangeObserver | None) -> None:
+        from flux._splice import HttpFramerProbe
+
+        self.probe = HttpFramerProbe()
+        self.observe = observe
+        self.stop: list[int | None] = [None, None]
+        self.answer: int | None = None  # what to answer once the responses owed are out
+        self.exchanges: list[Any] = []
+        self.last_active = time.monotonic_ns()
+
+    def _events(self, events: list[Any]) -> None:
+        for ev in events:
+            if ev.kind == "exchange":
+                self.exchanges.append(ev)
+            elif ev.kind == "malformed":
+                self.stop[0] = self.probe.request_start
+            elif ev.kind == "reject":
+                self.stop[1] = ev.pos
+                self.answer = ev.status
+
+    def show(self, index: int, data: bytes) -> bytes:
+        side = self._SIDES[index]
+        base = self.probe.position(side)
+        self.last_active = now = time.monotonic_ns()
+        self._events(self.probe.feed(side, data, now))
+        limit = self.stop[index]
+        if limit is not None and limit < base + len(data):
+            return data[: max(0, limit - base)]
+        return data
+
+    def eof(self, index: int) -> None:
+        self._events(self.probe.eof(self._SIDES[index], time.monotonic_ns()))
+
+    def written(self) -> None:
+        """Response bytes shown so far are written: their exchanges are complete."""
+        if not self.exchanges:
+            return
+        self.last_active = now = time.monotonic_ns()
+        observe = self.observe
+        if observe is not None:
+            for ev in self.exchanges:
+                observe(
+                    ev.method,
+                    ev.status,
+                    max(0, ev.t_response_head - ev.t_request_head) // 1000,
+                    max(0, now - ev.t_request_head) // 1000,
+                )
+        self.exchanges.clear()
+
+    def halted(self, index: int) -> bool:
+        return self.stop[index] is not None
+
+
 class _Flow:
     """One client <-> upstream connection relayed by Python Protocols (index 0 = client).
 
@@ -217,11 +361,19 @@ class _Flow:
     by ``start()``.
     """
 
-    __slots__ = ("bytes", "closing", "early", "eofs", "error", "future", "gone", "held",
-                 "on_done", "ready", "sides", "started")
+    __slots__ = ("answered", "bytes", "closing", "early", "eofs", "error", "future", "gone",
+                 "held", "http", "lingering", "on_done", "ready", "sides", "started")
 
-    def __init__(self, future: asyncio.Future[RelayResult], on_done: Callable[[_Flow], None]):
+    def __init__(
+        self,
+        future: asyncio.Future[RelayResult],
+        on_done: Callable[[_Flow], None],
+        http: _HttpWatch | None = None,
+    ) -> None:
         self.future = future
+        self.http = http
+        self.answered = 0
+        self.lingering = False
         self.on_done = on_done
         self.sides = (_Side(self, 0), _Side(self, 1))
         self.bytes = [0, 0]
@@ -268,13 +420,75 @@ class _Flow:
             self.early.append((index, data))
             self.transport(index).pause_reading()
             return
-        self.bytes[index] += len(data)
-        self.transport(1 - index).write(data)
+        http = self.http
+        if http is not None:
+            if self.lingering or self.closing:
+                return  # answered already: the client's bytes are read and dropped
+            data = http.show(index, data)
+        if data:
+            self.bytes[index] += len(data)
+            self.transport(1 - index).write(data)
+        if http is not None:
+            if index == 1:
+                http.written()
+            self._http_progress()
+
+    def _http_progress(self) -> None:
+        """Stop halted sources; answer once every response owed is written."""
+        http = self.http
+        assert http is not None
+        for index in (0, 1):
+            if http.halted(index) and not self.eofs[index]:
+                self.held[index] = True
+                transport = self.sides[index].transport
+                if transport is not None and not transport.is_closing():
+                    transport.pause_reading()
+        if http.answer is not None:
+            self.answer(http.answer)
+
+    def answer(self, status: int) -> None:
+        """Write the relay's own answer (0: none), close the instance side, linger on the
+        client until it closes (or for a moment), so it reads the answer, not a reset."""
+        from flux._splice import HTTP_ERROR_RESPONSES
+
+        if self.lingering or self.closing:
+            return
+        self.lingering = True
+        client, upstream = self.transport(0), self.transport(1)
+        upstream.close()
+        if status:
+            self.answered = status
+            client.write(HTTP_ERROR_RESPONSES[status])
+        if status and not self.eofs[0]:
+            client.write_eof()
+            self.held[0] = False
+            client.resume_reading()
+            loop = asyncio.get_running_loop()
+            loop.call_later(_LINGER_SECONDS, self._end_linger)
+        else:
+            self.closing = True
+            client.close()
+
+    def _end_linger(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport(0).close()
 
     def eof(self, index: int) -> None:
         if not self.ready:
             self.early.append((index, None))
             return
+        if self.http is not None:
+            if self.lingering:
+                if index == 0:
+                    self._end_linger()
+                return
+            self.http.eof(index)
+            self.http.written()
+            if self.http.answer is not None:
+                self.eofs[index] = True
+                self.answer(self.http.answer)
+                return
         self.eofs[index] = True
         if not self.eofs[1 - index]:
             self.transport(1 - index).write_eof()
@@ -306,6 +520,8 @@ class _Flow:
             if other is not None:
                 if exc is not None:
                     self.reset(other)
+                elif self.lingering and index == 1:
+                    pass  # the instance side is closed; the client's lingers on its own
                 elif not self.closing:
                     self.closing = True
                     other.close()
@@ -316,6 +532,7 @@ class _Flow:
                     self.bytes[1],
                     self.error,
                     (time.monotonic_ns() - self.started) / 1e9,
+                    self.answered,
                 )
             )
             self.on_done(self)
@@ -352,11 +569,16 @@ def _same(side: _Side) -> _Side:
 class PythonRelay:
     """The pure-Python fallback relay on asyncio Protocols (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, http_header_timeout: float = 10.0, http_idle_timeout: float = 60.0):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flows: set[_Flow] = set()
         self._setups: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._header_ns = int(http_header_timeout * 1e9)
+        self._idle_ns = int(http_idle_timeout * 1e9)
+        shortest = min((t for t in (self._header_ns, self._idle_ns) if t > 0), default=4e9)
+        self._sweep_every = min(max(shortest / 8e9, 0.01), 0.5)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def active(self) -> int:
@@ -372,7 +594,14 @@ class PythonRelay:
             raise RuntimeError("PythonRelay.start() was already called")
         self._loop = asyncio.get_running_loop()
 
-    def submit(self, client: socket.socket, upstream: socket.socket) -> asyncio.Future[RelayResult]:
+    def submit(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+    ) -> asyncio.Future[RelayResult]:
         """Wrap both sockets in transports (which then own them) and relay between them."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
@@ -381,7 +610,9 @@ class PythonRelay:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         future: asyncio.Future[RelayResult] = self._loop.create_future()
-        flow = _Flow(future, self._flows.discard)
+        flow = _Flow(future, self._flows.discard, _HttpWatch(observe) if http else None)
+        if http and self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self._flows.add(flow)
         task = self._loop.create_task(self._attach(flow, client, upstream))
         self._setups.add(task)
@@ -407,9 +638,45 @@ class PythonRelay:
             return
         flow.start()
 
+    def flush(self) -> None:
+        """Nothing waits: the Python relay reports each exchange as its bytes are written."""
+
+    def _sweep(self) -> None:
+        """Enforce the HTTP header-read and idle timeouts (see the module docstring)."""
+        self._sweeper = None
+        now = time.monotonic_ns()
+        watched = False
+        for flow in list(self._flows):
+            http = flow.http
+            if http is None:
+                continue
+            watched = True
+            if not flow.ready or flow.lingering or flow.closing:
+                continue
+            if http.halted(0) or http.halted(1):
+                continue
+            phase = http.probe.phase
+            if (phase == "head" and self._header_ns
+                    and now - http.probe.head_started >= self._header_ns):
+                if http.probe.pending == 0 and flow.buffered == 0:
+                    flow.answer(408)
+                else:
+                    flow.error = "ETIMEDOUT"
+                    flow.cut()
+            elif (phase == "idle" and self._idle_ns and flow.buffered == 0
+                  and now - http.last_active >= self._idle_ns):
+                flow.closing = True
+                flow.transport(0).close()
+                flow.transport(1).close()
+        if watched and self._loop is not None and not self._closing:
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for active connections, then reset the rest."""
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._setups:
             await asyncio.wait(set(self._setups), timeout=_CUT_TIMEOUT)
         await _wait_bounded([flow.future for flow in self._flows], grace)
@@ -424,7 +691,8 @@ def make_relay(kind: Literal["splice", "python"] = "splice", **options: Any) -> 
     if kind == "splice":
         return SpliceRelay(**options)
     if kind == "python":
-        if options:
-            raise TypeError(f"the python relay takes no options, got {sorted(options)}")
-        return PythonRelay()
+        extra = set(options) - {"http_header_timeout", "http_idle_timeout"}
+        if extra:
+            raise TypeError(f"the python relay takes only the HTTP timeouts, got {sorted(extra)}")
+        return PythonRelay(**options)
     raise ValueError(f"relay kind must be 'splice' or 'python', got {kind!r}")

@@ -46,7 +46,7 @@ from flux.balancer.services import (
     why_ignored,
 )
 from flux.model import ServiceInfo, parse_address
-from flux.relay import Relay, RelayResult
+from flux.relay import ExchangeObserver, Relay, RelayResult
 from flux.store.base import ServiceUpdate, Store
 
 __all__ = ["Balancer", "BridgeError"]
@@ -76,6 +76,7 @@ class Balancer:
         on_connection: Callable[[ConnectionInfo], None] | None = None,
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
+        on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -89,6 +90,7 @@ class Balancer:
         self.on_connection = on_connection
         self.on_done = on_done
         self.on_connect_failure = on_connect_failure
+        self.on_exchange = on_exchange
         self._clock = clock
         self._rng = rng or random.Random()
         self.states: dict[str, ServiceState] = {}
@@ -201,6 +203,7 @@ class Balancer:
             on_connection=self.on_connection,
             on_done=self.on_done,
             on_connect_failure=self.on_connect_failure,
+            on_exchange=self.on_exchange,
         )
         try:
             port = listener.open()

@@ -14,7 +14,8 @@ connect whose completion (or timeout) arrives as a callback, so the accept path 
    attempts; when none is left, reset the client's connection at once, so it fails fast instead
    of waiting on a connection that will never be served;
 4. on success, hand both sockets to the relay (the Cython splice engine by default).  From there
-   no Python runs per byte.
+   no Python runs per byte.  For an ``http`` service the relay also follows HTTP/1.x framing
+   and reports each exchange to an observer made for the connection (``on_exchange``).
 
 Running out of descriptors (EMFILE/ENFILE) or kernel memory while accepting pauses accepting for
 a moment instead of failing: pending connections wait in the kernel's backlog and are accepted
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 
 from flux.balancer.pool import Pool
 from flux.model import parse_address
-from flux.relay import Relay, RelayResult
+from flux.relay import ExchangeObserver, Relay, RelayResult
 
 __all__ = ["ConnectionInfo", "Listener"]
 
@@ -109,6 +110,7 @@ class Listener:
         on_connection: Callable[[ConnectionInfo], None] | None = None,
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
+        on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
     ) -> None:
         self.service = service
         self.protocol = protocol
@@ -119,6 +121,8 @@ class Listener:
         self._on_connection = on_connection
         self._on_done = on_done
         self._on_connect_failure = on_connect_failure
+        self._on_exchange = on_exchange if protocol == "http" else None
+        self._http = protocol == "http"
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
@@ -289,13 +293,14 @@ class Listener:
     ) -> None:
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
+        observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:
-            future = self._relay.submit(client, upstream)
+            future = self._relay.submit(client, upstream, http=self._http, observe=observe)
         except RuntimeError:  # the relay is shutting down
             _reset(client)
             _reset(upstream)
             return
-        info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
         self.pool.acquired(name)
         if self._on_connection is not None:
             self._on_connection(info)

@@ -1,0 +1,429 @@
+# HTTP services in the relay engine (included by _splice.pyx after _relay.pxi).
+#
+# Theory of operation
+# -------------------
+# A connection added with http=True carries a RelayHttp: the framer of _http.pxi plus what the
+# engine needs around it.  The data path of _relay.pxi stays the same (copy small reads, splice
+# bulk ones); these hooks only watch it:
+#
+# - Every byte read into a copy buffer is shown to the framer (http_observe) *before* it is
+#   forwarded, so a response is never seen before the request head it answers.  A spliced
+#   direction may only splice what the framer says it need not see (hf_body_remaining: a body of
+#   known length, the rest of a chunk, or everything once the connection is opaque), and the
+#   spliced count is reported with hf_skip (http_skipped).  Bodies of known length therefore
+#   still go through pipes; heads and chunk-size lines are copied.
+# - An EXCHANGE event (a response ended, in the response stream) is held in a small FIFO until
+#   the bytes up to its end have been *written to the client* (http_written): that instant ends
+#   the "total" time.  Roundtrip is request head read -> response head read, both from the
+#   framer's timestamps (the `now` of the read that completed each head).  The finished record
+#   goes into the engine's local exchange buffer, which relay_publish() moves to the shared one
+#   under the same lock as completions (a connection's exchanges always precede its completion).
+# - A MALFORMED request stops the client's stream where that request began: the requests
+#   before it are still forwarded (pipelining), nothing of it or after it is (unless an earlier
+#   read already forwarded its first bytes).  The framer's REJECT says
+#   when the responses owed before the error have ended; the response direction then stops at
+#   that offset, and once everything before it is written the engine writes its own answer
+#   (400, or 431 for an oversized head), half-closes the client and the instance, and
+#   *lingers*: it reads and discards what the client still sends until EOF or for at most
+#   HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused by unread data.
+# - Timeouts are enforced by a sweep of the live list every sweep_ns (an eighth of the shorter
+#   timeout, 10 ms..500 ms), so no timer structure is kept per connection:
+#     header timeout  the client started a request head and has not finished it: answer 408
+#                     when nothing else is owed on the response stream, else reset;
+#     idle timeout    nothing pending in either direction (between requests, responses all
+#                     written) since the last activity: close both sides quietly;
+#     linger          the answer was written and the client has not closed: close.
+# - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response) it takes
+#   every byte without looking and body_remaining is unlimited: the connection is plain TCP.
+
+from libc.stdint cimport UINT64_MAX
+from libc.stdlib cimport realloc
+
+
+cdef enum:
+    HTTP_PENDING = 8                    # exchanges waiting for their last byte to be written
+    HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
+    HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
+    HTTP_ANSWERS = 3
+
+cdef int64_t HTTP_LINGER_NS = 2000000000
+cdef int64_t HTTP_SWEEP_MIN_NS = 10000000
+cdef int64_t HTTP_SWEEP_MAX_NS = 500000000
+
+
+cdef inline int http_answer_index(uint16_t status) noexcept nogil:
+    if status == 400:
+        return 0
+    if status == 431:
+        return 1
+    if status == 408:
+        return 2
+    return -1
+
+
+cdef struct RelayExchange:
+    uint64_t token
+    uint64_t roundtrip_ns
+    uint64_t total_ns
+    uint16_t status
+    uint8_t method
+
+
+cdef struct HttpPending:
+    uint64_t end_pos                    # response-stream offset just after the response
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint16_t status
+    uint8_t method
+
+
+cdef struct RelayHttp:
+    HttpFramer f
+    HttpPending pending[HTTP_PENDING]
+    uint64_t stop_pos[2]                # forward side d's stream only below this offset
+    int64_t last_active_ns
+    int64_t linger_until_ns
+    uint16_t reject_status              # what to answer (0: close without answering)
+    uint8_t npending
+    uint8_t pending_head
+    uint8_t halted[2]                   # stop reading side d
+    uint8_t rejecting                   # an answer is due once side 1 is written up to stop_pos
+    uint8_t lingering                   # answered: discarding the client's bytes
+    uint8_t observe                     # queue exchange records
+
+
+# The engine's canned answers, copied from HTTP_ERROR_RESPONSES (one source for the bytes).
+cdef char *http_answer_text[HTTP_ANSWERS]
+cdef size_t http_answer_len[HTTP_ANSWERS]
+
+
+cdef void _http_load_answers() except *:
+    cdef int i
+    cdef bytes text
+    for status in (400, 431, 408):
+        i = http_answer_index(status)
+        text = HTTP_ERROR_RESPONSES[status]
+        http_answer_text[i] = <char *>malloc(len(text))
+        if http_answer_text[i] == NULL:
+            raise MemoryError()
+        memcpy(http_answer_text[i], <const char *>text, len(text))
+        http_answer_len[i] = len(text)
+
+
+_http_load_answers()
+
+
+# ---- set-up and tear-down -----------------------------------------------------------------------
+
+cdef void http_configure(RelayEngine *e, double header_timeout, double idle_timeout) noexcept:
+    cdef int64_t shortest = HTTP_SWEEP_MAX_NS * 8
+    e.header_timeout_ns = <int64_t>(header_timeout * 1e9)
+    e.idle_timeout_ns = <int64_t>(idle_timeout * 1e9)
+    if 0 < e.header_timeout_ns < shortest:
+        shortest = e.header_timeout_ns
+    if 0 < e.idle_timeout_ns < shortest:
+        shortest = e.idle_timeout_ns
+    # Lingering connections need the sweep even when both timeouts are off.
+    e.sweep_ns = min(max(shortest // 8, HTTP_SWEEP_MIN_NS), HTTP_SWEEP_MAX_NS)
+
+
+cdef int http_attach(RelayConn *c, bint observe) noexcept nogil:
+    cdef RelayHttp *h = <RelayHttp *>calloc(1, sizeof(RelayHttp))
+    if h == NULL:
+        return -1
+    hf_init(&h.f)
+    h.stop_pos[0] = UINT64_MAX
+    h.stop_pos[1] = UINT64_MAX
+    h.last_active_ns = c.started_ns
+    h.observe = observe
+    c.http = h
+    return 0
+
+
+cdef void http_release(RelayEngine *e, RelayConn *c) noexcept nogil:
+    free(c.http)
+    c.http = NULL
+    e.http_live -= 1
+
+
+# ---- exchanges ----------------------------------------------------------------------------------
+
+cdef void http_record(RelayEngine *e, RelayConn *c, const HttpPending *x,
+                      uint64_t end) noexcept nogil:
+    cdef RelayExchange *r
+    cdef size_t cap
+    relay_count(e, RC_HTTP_EXCHANGES, 1)
+    if not c.http.observe:
+        return
+    if e.ex_local_len == e.ex_local_cap:
+        cap = 256 if e.ex_local_cap == 0 else 2 * e.ex_local_cap
+        r = <RelayExchange *>realloc(e.ex_local, cap * sizeof(RelayExchange))
+        if r == NULL:
+            relay_count(e, RC_EXCHANGES_DROPPED, 1)
+            return
+        e.ex_local = r
+        e.ex_local_cap = cap
+    r = &e.ex_local[e.ex_local_len]
+    e.ex_local_len += 1
+    r.token = c.token
+    r.method = x.method
+    r.status = x.status
+    r.roundtrip_ns = (x.t_response_head - x.t_request_head
+                      if x.t_response_head > x.t_request_head else 0)
+    r.total_ns = end - x.t_request_head if end > x.t_request_head else 0
+
+
+cdef bint http_publish_exchanges(RelayEngine *e) noexcept nogil:
+    """Move the local records to the shared queue (the caller holds the lock).
+
+    Returns whether the asyncio side should be woken: the queue grew past the wake mark.
+    """
+    cdef size_t n = e.ex_local_len
+    cdef size_t before = e.ex_shared_len
+    cdef size_t cap
+    cdef RelayExchange *grown
+    if before + n > HTTP_EXCHANGES_MAX:
+        relay_count(e, RC_EXCHANGES_DROPPED, <int64_t>(before + n - HTTP_EXCHANGES_MAX))
+        n = HTTP_EXCHANGES_MAX - before
+    if before == 0:
+        # The usual case (the asyncio side took the last queue): hand the buffer over whole.
+        free(e.ex_shared)
+        e.ex_shared = e.ex_local
+        e.ex_shared_cap = e.ex_local_cap
+        e.ex_shared_len = n
+        e.ex_local = NULL
+        e.ex_local_cap = 0
+    elif n:
+        if before + n > e.ex_shared_cap:
+            cap = 2 * (before + n)
+            grown = <RelayExchange *>realloc(e.ex_shared, cap * sizeof(RelayExchange))
+            if grown == NULL:
+                relay_count(e, RC_EXCHANGES_DROPPED, <int64_t>n)
+                n = 0
+            else:
+                e.ex_shared = grown
+                e.ex_shared_cap = cap
+        if n:
+            memcpy(&e.ex_shared[before], e.ex_local, n * sizeof(RelayExchange))
+            e.ex_shared_len = before + n
+    e.ex_local_len = 0
+    return before < HTTP_EXCHANGES_WAKE <= e.ex_shared_len
+
+
+cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """Response bytes reached the client: finish the exchanges they complete."""
+    cdef RelayHttp *h = c.http
+    cdef uint64_t delivered = c.dir[1].bytes
+    cdef uint64_t now
+    if h.npending == 0 or delivered < h.pending[h.pending_head].end_pos:
+        return
+    now = <uint64_t>relay_now_ns()
+    h.last_active_ns = <int64_t>now
+    while h.npending and delivered >= h.pending[h.pending_head].end_pos:
+        http_record(e, c, &h.pending[h.pending_head], now)
+        h.pending_head = (h.pending_head + 1) % HTTP_PENDING
+        h.npending -= 1
+
+
+cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """Act on what the framer reported, then clear its event buffer."""
+    cdef RelayHttp *h = c.http
+    cdef HfEvent *ev
+    cdef HttpPending *x
+    cdef HttpPending direct
+    cdef int i
+    for i in range(e.ev.count):
+        ev = &e.ev.ev[i]
+        if ev.kind == HF_EV_EXCHANGE:
+            if h.npending == HTTP_PENDING:
+                # More finished responses in flight than slots (tiny pipelined responses):
+                # end this one when it was read rather than when it was written.
+                direct.method = ev.method
+                direct.status = ev.status
+                direct.t_request_head = ev.t_request_head
+                direct.t_response_head = ev.t_response_head
+                http_record(e, c, &direct, ev.t_response_end)
+                continue
+            x = &h.pending[(h.pending_head + h.npending) % HTTP_PENDING]
+            h.npending += 1
+            x.end_pos = ev.pos
+            x.method = ev.method
+            x.status = ev.status
+            x.t_request_head = ev.t_request_head
+            x.t_response_head = ev.t_response_head
+        elif ev.kind == HF_EV_MALFORMED:
+            # Forward nothing of the malformed request (what of it was forwarded by an
+            # earlier read stays forwarded: the instance then sees it cut short).
+            h.stop_pos[0] = h.f.side[HF_REQUEST].msg_start
+            h.halted[0] = 1
+        elif ev.kind == HF_EV_REJECT:
+            h.stop_pos[1] = ev.pos
+            h.halted[0] = 1
+            h.halted[1] = 1
+            h.rejecting = 1
+            h.reject_status = ev.status
+        elif ev.kind == HF_EV_OPAQUE:
+            relay_count(e, RC_HTTP_OPAQUE, 1)
+    e.ev.count = 0
+
+
+cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
+                         size_t n) noexcept nogil:
+    """Show n bytes just read from side d; returns how many of them may be forwarded."""
+    cdef RelayHttp *h = c.http
+    cdef uint64_t base = h.f.side[d].pos
+    cdef uint64_t now = <uint64_t>relay_now_ns()
+    cdef size_t off = 0
+    h.last_active_ns = <int64_t>now
+    while off < n:
+        off += hf_feed(&h.f, d, buf + off, n - off, now, &e.ev)
+        http_events(e, c)
+    if h.stop_pos[d] < base + n:
+        return <size_t>(h.stop_pos[d] - base) if h.stop_pos[d] > base else 0
+    return n
+
+
+cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil:
+    """n bytes of side d were spliced past the framer (n <= hf_body_remaining)."""
+    cdef uint64_t now = <uint64_t>relay_now_ns()
+    c.http.last_active_ns = <int64_t>now
+    hf_skip(&c.http.f, d, n, now, &e.ev)
+    http_events(e, c)
+
+
+cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
+    hf_eof(&c.http.f, d, <uint64_t>relay_now_ns(), &e.ev)
+    http_events(e, c)
+    if d == 1:
+        # A close-delimited response ends here, and all of it was already written.
+        http_written(e, c)
+
+
+# ---- the engine's own answers -------------------------------------------------------------------
+
+cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """Every response owed before the error is written: answer, then close (lingering).
+
+    Returns 0 (the relay_pump_dir convention); both directions of the record end here, the
+    client's one carrying on as a discarding reader until the client closes.
+    """
+    cdef RelayHttp *h = c.http
+    cdef RelayDir *up = &c.dir[0]
+    cdef int i
+    h.rejecting = 0
+    c.dir[1].done = 1
+    # Nothing more goes to the instance: drop what is still buffered for it.
+    relay_drop_pipe(e, up)
+    if up.length:
+        relay_count(e, RC_INFLIGHT, -<int64_t>up.length)
+        up.length = 0
+    shutdown(c.fd[1], SHUT_WR)
+    if h.reject_status == 0:
+        up.done = 1
+        shutdown(c.fd[0], SHUT_WR)
+        return 0
+    i = http_answer_index(h.reject_status)
+    if i >= 0:
+        # A few hundred bytes into a socket whose responses were all written: the send
+        # buffer has room; if it does not, the client was not reading anyway.
+        send(c.fd[0], http_answer_text[i], http_answer_len[i], MSG_NOSIGNAL | MSG_DONTWAIT)
+    c.answered = h.reject_status
+    relay_count(e, RC_HTTP_ANSWERED, 1)
+    shutdown(c.fd[0], SHUT_WR)
+    h.lingering = 1
+    h.linger_until_ns = relay_now_ns() + HTTP_LINGER_NS
+    c.readable[0] = 1
+    return http_linger(e, c, e.budget)
+
+
+cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
+    """Read and discard the client's bytes until it closes (the answer is already written)."""
+    cdef RelayDir *p = &c.dir[0]
+    cdef ssize_t n
+    if p.buf == NULL:
+        p.buf = <char *>malloc(e.small_buffer)
+        if p.buf == NULL:
+            p.done = 1
+            return 0
+    while budget > 0:
+        budget -= 1
+        if not c.readable[0]:
+            return 0
+        n = recv(c.fd[0], p.buf, e.small_buffer, MSG_DONTWAIT)
+        relay_count(e, RC_CALLS_RECV, 1)
+        if n > 0:
+            continue
+        if n < 0 and errno == EAGAIN:
+            c.readable[0] = 0
+            return 0
+        if n < 0 and errno == EINTR:
+            continue
+        # EOF, or the client reset: either way it is done with us.
+        p.done = 1
+        return 0
+    return -1
+
+
+cdef void http_start_answer(RelayEngine *e, RelayConn *c, uint16_t status) noexcept nogil:
+    """Answer `status` now (the response stream is at a message boundary)."""
+    cdef RelayHttp *h = c.http
+    h.halted[0] = 1
+    h.halted[1] = 1
+    h.rejecting = 1
+    h.reject_status = status
+    h.stop_pos[1] = c.dir[1].bytes
+    relay_pump(e, c)
+
+
+# ---- timeouts -----------------------------------------------------------------------------------
+
+cdef int http_sweep_wait_ms(RelayEngine *e) noexcept nogil:
+    cdef int64_t left = e.next_sweep_ns - relay_now_ns()
+    if left <= 0:
+        return 0
+    return <int>((left + 999999) // 1000000)
+
+
+cdef inline bint http_quiet(RelayConn *c) noexcept nogil:
+    """Nothing of either direction is buffered and every finished response is written."""
+    return (c.dir[0].length == 0 and c.dir[0].in_pipe == 0 and c.dir[1].length == 0
+            and c.dir[1].in_pipe == 0 and c.http.npending == 0)
+
+
+cdef void http_sweep(RelayEngine *e) noexcept nogil:
+    cdef int64_t now = relay_now_ns()
+    cdef RelayConn *c
+    cdef RelayConn *nxt
+    cdef RelayHttp *h
+    cdef int phase
+    if now < e.next_sweep_ns:
+        return
+    e.next_sweep_ns = now + e.sweep_ns
+    c = e.live
+    while c != NULL:
+        nxt = c.next
+        h = c.http
+        if h == NULL or c.closed:
+            c = nxt
+            continue
+        if h.lingering:
+            if now >= h.linger_until_ns:
+                relay_finish(e, c)
+            c = nxt
+            continue
+        if h.halted[0] or h.halted[1]:
+            c = nxt
+            continue
+        phase = hf_request_phase(&h.f)
+        if phase == HF_PHASE_HEAD and e.header_timeout_ns > 0 and (
+                now - <int64_t>h.f.side[HF_REQUEST].t_head_start >= e.header_timeout_ns):
+            relay_count(e, RC_HTTP_HEADER_TIMEOUTS, 1)
+            if h.f.n_requests == h.f.n_answered and http_quiet(c):
+                http_start_answer(e, c, 408)
+            else:
+                relay_abort(e, c, ETIMEDOUT)
+        elif phase == HF_PHASE_IDLE and e.idle_timeout_ns > 0 and http_quiet(c) and (
+                now - h.last_active_ns >= e.idle_timeout_ns):
+            relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+            relay_finish(e, c)
+        c = nxt

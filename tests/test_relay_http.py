@@ -1,0 +1,391 @@
+"""HTTP connections through both relays: verbatim bytes, exchange timing, the relay's answers.
+
+The scenarios drive both ends themselves (see tests/test_relay.py): the test is the client and
+the instance, so it decides exactly which bytes each side sends and when, and checks what the
+other side received, what the relay reported per exchange, and what it answered itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from flux._splice import HTTP_ERROR_RESPONSES
+from flux.relay import SpliceRelay
+from tests.test_relay import (
+    KINDS,
+    Harness,
+    Link,
+    MiB,
+    Pattern,
+    recv_exactly,
+    recv_to_eof,
+    run,
+    send,
+)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@dataclass
+class Exchanges:
+    """What the relay reported, one tuple per exchange."""
+
+    seen: list[tuple[str, int, int, int]] = field(default_factory=list)
+
+    def __call__(self, method: str, status: int, roundtrip_us: int, total_us: int) -> None:
+        self.seen.append((method, status, roundtrip_us, total_us))
+
+    def labels(self) -> list[tuple[str, int]]:
+        return [(method, status) for method, status, _, _ in self.seen]
+
+
+def response(status: int = 200, body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    reason = {200: b"OK", 201: b"Created", 204: b"No Content", 404: b"Not Found"}[status]
+    head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if status == 204:
+        return head + extra + b"\r\n"
+    return head + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+
+
+def request(method: bytes = b"GET", path: bytes = b"/", body: bytes = b"",
+            extra: bytes = b"") -> bytes:
+    head = b"%s %s HTTP/1.1\r\nHost: svc\r\n" % (method, path)
+    if body:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + extra + b"\r\n" + body
+
+
+async def flushed(h: Harness, obs: Exchanges, count: int, timeout: float = 5.0) -> None:
+    """Wait until ``count`` exchanges were reported (a flush delivers the engine's at once)."""
+    deadline = time.monotonic() + timeout
+    while len(obs.seen) < count:
+        h.relay.flush()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(obs.seen)} of {count} exchanges reported: {obs.seen}")
+        await asyncio.sleep(0.01)
+
+
+async def open_http(h: Harness, obs: Exchanges | None = None) -> Link:
+    return await h.open(http=True, observe=obs)
+
+
+def test_keep_alive_exchanges_are_relayed_verbatim_and_reported_in_order(kind: str) -> None:
+    calls = [(b"GET", b"", 200), (b"POST", b"payload", 201), (b"HEAD", b"", 200),
+             (b"DELETE", b"", 204), (b"BREW", b"", 404)]
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        for method, body, status in calls:
+            sent = request(method, b"/x", body)
+            await send(link.client, sent)
+            assert await recv_exactly(link.server, len(sent)) == sent
+            answer = response(status, b"body!" if status != 204 else b"")
+            if method == b"HEAD":
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+            await send(link.server, answer)
+            assert await recv_exactly(link.client, len(answer)) == answer
+        await flushed(h, obs, len(calls))
+        assert obs.labels() == [("GET", 200), ("POST", 201), ("HEAD", 200), ("DELETE", 204),
+                                ("OTHER", 404)]
+        assert all(0 <= rt <= total for _, _, rt, total in obs.seen)
+        link.client.close()
+        link.server.close()
+        result = await link.result
+        assert result.answered == 0
+
+    run(kind, scenario)
+
+
+def test_roundtrip_and_total_measure_the_instance_and_the_body(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        body = b"x" * 1000
+        started = time.monotonic()
+        await send(link.client, request())
+        await recv_exactly(link.server, len(request()))
+        await asyncio.sleep(0.05)
+        await send(link.server, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        await asyncio.sleep(0.1)
+        await send(link.server, body)
+        await recv_exactly(link.client, 38 + 1000)
+        elapsed_us = (time.monotonic() - started) * 1e6
+        await flushed(h, obs, 1)
+        (_, _, roundtrip, total), = obs.seen
+        # Event-loop timers may fire up to a millisecond early.
+        assert 48_000 <= roundtrip < 150_000, obs.seen
+        assert roundtrip + 98_000 <= total <= elapsed_us, (obs.seen, elapsed_us)
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    run(kind, scenario)
+
+
+def test_pipelined_requests_are_answered_and_counted_in_order(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        burst = request(b"GET", b"/1") + request(b"PUT", b"/2", b"abc") + request(b"GET", b"/3")
+        await send(link.client, burst)
+        assert await recv_exactly(link.server, len(burst)) == burst
+        answers = response(200, b"one") + response(201, b"two") + response(404, b"three")
+        await send(link.server, answers)
+        assert await recv_exactly(link.client, len(answers)) == answers
+        await flushed(h, obs, 3)
+        assert obs.labels() == [("GET", 200), ("PUT", 201), ("GET", 404)]
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    run(kind, scenario)
+
+
+def test_large_bodies_both_ways_arrive_intact_and_the_connection_stays_framed(
+    kind: str,
+) -> None:
+    size = 16 * MiB
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        pattern = Pattern(size, seed=3)
+        upload = b"".join(pattern.chunks())
+        head = b"PUT /big HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n" % size
+        sender = asyncio.ensure_future(send(link.client, head + upload))
+        got = await recv_exactly(link.server, len(head) + size)
+        await sender
+        assert hashlib.sha256(got[len(head):]).digest() == hashlib.sha256(upload).digest()
+        reply_head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+        sender = asyncio.ensure_future(send(link.server, reply_head + upload))
+        got = await recv_exactly(link.client, len(reply_head) + size)
+        await sender
+        assert got == reply_head + upload
+        # Chunked, in big chunks, with a trailer; then one more small exchange.
+        chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + b"%x\r\n" % (2 * MiB) + upload[: 2 * MiB] + b"\r\n"
+                   + b"5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n")
+        await send(link.client, request(b"GET", b"/chunked"))
+        await recv_exactly(link.server, len(request(b"GET", b"/chunked")))
+        sender = asyncio.ensure_future(send(link.server, chunked))
+        assert await recv_exactly(link.client, len(chunked)) == chunked
+        await sender
+        await send(link.client, request(b"GET", b"/last"))
+        await recv_exactly(link.server, len(request(b"GET", b"/last")))
+        await send(link.server, response(204, b""))
+        await recv_exactly(link.client, len(response(204, b"")))
+        await flushed(h, obs, 3)
+        assert obs.labels() == [("PUT", 200), ("GET", 200), ("GET", 204)]
+        link.client.close()
+        link.server.close()
+        await link.result
+        if isinstance(h.relay, SpliceRelay):
+            stats = h.relay.engine.stats()
+            assert stats["bytes_spliced"] > size, stats  # bodies of known length were spliced
+            assert stats["http_opaque"] == 0, stats
+
+    run(kind, scenario)
+
+
+def test_a_malformed_request_is_answered_400_after_the_responses_owed(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        good = request(b"GET", b"/ok")
+        await send(link.client, good + b"GET /bad HTTP/1.1\r\nBad Header\r\n\r\n")
+        assert await recv_exactly(link.server, len(good)) == good
+        await send(link.server, response(200, b"fine"))
+        received = await recv_to_eof(link.client)
+        assert received == response(200, b"fine") + HTTP_ERROR_RESPONSES[400]
+        # The instance got the good request only, then the end of the stream.
+        assert await recv_to_eof(link.server) == b""
+        link.client.close()
+        link.server.close()
+        result = await link.result
+        assert result.answered == 400
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("GET", 200)]
+
+    run(kind, scenario)
+
+
+def test_an_oversized_request_head_is_answered_431(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        link = await open_http(h, Exchanges())
+        head = b"GET / HTTP/1.1\r\nHost: svc\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        sender = asyncio.ensure_future(send(link.client, head))
+        assert await recv_to_eof(link.client) == HTTP_ERROR_RESPONSES[431]
+        link.client.close()
+        sender.cancel()
+        upstream = await recv_to_eof(link.server)
+        assert len(upstream) < 65536 + 16384  # forwarded up to the limit at most, then ended
+        link.server.close()
+        assert (await link.result).answered == 431
+
+    run(kind, scenario)
+
+
+def test_a_slow_request_head_gets_408_and_an_idle_connection_is_closed(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        slow = await open_http(h, obs)
+        idle = await open_http(h, obs)
+        busy = await open_http(h, obs)
+        started = time.monotonic()
+        await send(slow.client, b"GET / HTTP/1.1\r\nHost:")
+        await send(idle.client, request())
+        await recv_exactly(idle.server, len(request()))
+        await send(idle.server, response())
+        await recv_exactly(idle.client, len(response()))
+        # A request waiting on a slow instance is not idle, however long it waits.
+        await send(busy.client, request())
+        await recv_exactly(busy.server, len(request()))
+        assert await recv_to_eof(slow.client) == HTTP_ERROR_RESPONSES[408]
+        assert time.monotonic() - started >= 0.3
+        assert await recv_to_eof(idle.client) == b""
+        assert time.monotonic() - started >= 0.5
+        await asyncio.sleep(0.3)
+        await send(busy.server, response())
+        assert await recv_exactly(busy.client, len(response())) == response()
+        for link in (slow, idle, busy):
+            link.client.close()
+            link.server.close()
+        assert (await slow.result).answered == 408
+        assert (await idle.result).answered == 0
+        await busy.result
+
+    run(kind, scenario, http_header_timeout=0.3, http_idle_timeout=0.5)
+
+
+def test_an_upgrade_switches_to_plain_relaying(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        upgrade = request(extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        await send(link.client, upgrade)
+        assert await recv_exactly(link.server, len(upgrade)) == upgrade
+        switched = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: websocket\r\n\r\n")
+        await send(link.server, switched)
+        assert await recv_exactly(link.client, len(switched)) == switched
+        # Not HTTP any more: bytes that would be malformed requests pass untouched.
+        for blob in (b"\x81\x05hello", b"GET nonsense\r\n\r\n", b"\x00" * 100_000):
+            await send(link.client, blob)
+            assert await recv_exactly(link.server, len(blob)) == blob
+            await send(link.server, blob[::-1])
+            assert await recv_exactly(link.client, len(blob)) == blob[::-1]
+        link.client.close()
+        link.server.close()
+        result = await link.result
+        assert result.answered == 0
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("GET", 101)]
+
+    run(kind, scenario, http_idle_timeout=0.2)
+
+
+def test_a_close_delimited_response_ends_at_eof(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        ask = b"GET / HTTP/1.0\r\n\r\n"
+        await send(link.client, ask)
+        assert await recv_exactly(link.server, len(ask)) == ask
+        await send(link.server, b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+        link.server.close()
+        assert await recv_to_eof(link.client) == b"HTTP/1.0 200 OK\r\n\r\nuntil the end"
+        link.client.close()
+        await link.result
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("GET", 200)]
+
+    run(kind, scenario)
+
+
+def test_100_continue_counts_once_with_the_final_status(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        head = (b"POST /upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n"
+                b"Expect: 100-continue\r\n\r\n")
+        await send(link.client, head)
+        assert await recv_exactly(link.server, len(head)) == head
+        await send(link.server, b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert await recv_exactly(link.client, 25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await send(link.client, b"data")
+        assert await recv_exactly(link.server, 4) == b"data"
+        await send(link.server, response(201, b"ok"))
+        assert await recv_exactly(link.client, len(response(201, b"ok"))) == response(201, b"ok")
+        await flushed(h, obs, 1)
+        await asyncio.sleep(0.05)
+        h.relay.flush()
+        assert obs.labels() == [("POST", 201)]
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    run(kind, scenario)
+
+
+def test_without_an_observer_http_rules_still_apply() -> None:
+    async def scenario(h: Harness) -> None:
+        link = await open_http(h, None)
+        await send(link.client, request())
+        await recv_exactly(link.server, len(request()))
+        await send(link.server, response())
+        await recv_exactly(link.client, len(response()))
+        await send(link.client, b"NOT HTTP AT ALL\r\n\r\n")
+        assert await recv_to_eof(link.client) == HTTP_ERROR_RESPONSES[400]
+        link.client.close()
+        link.server.close()
+        assert (await link.result).answered == 400
+        assert isinstance(h.relay, SpliceRelay)
+        stats = h.relay.engine.stats()
+        assert (stats["http_exchanges"], stats["http_answered"]) == (1, 1), stats
+        assert stats["exchanges_dropped"] == 0, stats
+
+    run("splice", scenario)
+
+
+def test_many_http_connections_at_once_are_each_counted(kind: str) -> None:
+    connections, rounds = 40, 25
+
+    async def one(h: Harness, obs: Exchanges, index: int) -> None:
+        link = await open_http(h, obs)
+        for i in range(rounds):
+            ask = request(b"GET", b"/%d/%d" % (index, i))
+            await send(link.client, ask)
+            await recv_exactly(link.server, len(ask))
+            await send(link.server, response(200, b"r%d" % i))
+            await recv_exactly(link.client, len(response(200, b"r%d" % i)))
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        await asyncio.gather(*(one(h, obs, i) for i in range(connections)))
+        h.relay.flush()
+        assert len(obs.seen) == connections * rounds
+        assert set(obs.labels()) == {("GET", 200)}
+
+    run(kind, scenario)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, 90000.0])
+def test_engine_refuses_bad_http_timeouts(timeout: float) -> None:
+    from flux._splice import SpliceEngine
+
+    with pytest.raises(ValueError, match=r"timeout must be 0\.\.86400 seconds"):
+        SpliceEngine(header_timeout=timeout)
+    with pytest.raises(ValueError, match=r"timeout must be 0\.\.86400 seconds"):
+        SpliceEngine(idle_timeout=timeout)
