@@ -878,3 +878,57 @@ def test_fluxd_serves_metrics_health_and_advertises(etcd: EtcdServer, fluxd) -> 
     assert etcd.get(key) is None  # on the lease, which shutdown revokes
     with pytest.raises(OSError):
         http(base + "/healthz")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200_000_000), min_size=1, max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_batched_exchanges_equal_one_by_one(values: list[int]) -> None:
+    """The relay's batches (per connection and label set) record what single calls record."""
+    info = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.0.0.9")
+    one_by_one, batched = Metrics(clock=lambda: 0.0), Metrics(clock=lambda: 0.0)
+    for value in values:
+        one_by_one.record_exchange(info, "GET", 200, value // 2, value)
+    observe = batched.exchange_observer(info)
+    observe("GET", 200, [value // 2 for value in values[:7]], values[:7])
+    observe("GET", 200, [value // 2 for value in values[7:]], values[7:])
+    (a,), (b,) = one_by_one.exchanges.values(), batched.exchanges.values()
+    for x, y in ((a.roundtrip, b.roundtrip), (a.total, b.total)):
+        assert (x.count, x.sum) == (y.count, y.sum)
+        assert x.count == len(values)
+        assert x.quantiles(QS) == y.quantiles(QS)
+    (da,), (db,) = one_by_one.http_durations.values(), batched.http_durations.values()
+    assert da.counts == db.counts
+    assert da.count == db.count == len(values)
+    assert math.isclose(da.sum, db.sum, rel_tol=1e-9)
+
+
+def test_scrape_pulls_from_the_sources_first() -> None:
+    metrics = Metrics()
+    info = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.0.0.9")
+    observe = metrics.exchange_observer(info)
+    queued = [("GET", 200, [10, 20], [30, 40])]
+    metrics.sources.append(lambda: [observe(*batch) for batch in queued] and queued.clear())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    text = generate_latest(registry).decode()
+    assert "flux_http_roundtrip_usec_count" in text
+    assert registry.get_sample_value(
+        "flux_http_total",
+        {"individual": "c1", "src": "10.0.0.9", "dst": "10.0.0.2", "method": "GET",
+         "code": "200", "service": "web"},
+    ) == 2.0
+
+
+def test_requests_answered_by_fluxd_are_counted_per_code() -> None:
+    metrics = Metrics()
+    info = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.0.0.9")
+    for answered in (400, 400, 431, 408, 0):
+        metrics.on_connection(info)
+        metrics.on_done(info, RelayResult(10, 20, None, 0.1, answered))
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    value = registry.get_sample_value
+    assert value("flux_http_rejected_total", {"service": "web", "code": "400"}) == 2.0
+    assert value("flux_http_rejected_total", {"service": "web", "code": "431"}) == 1.0
+    assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
+    assert value("flux_http_rejected_total", {"service": "web", "code": "0"}) is None

@@ -40,8 +40,12 @@ class Exchanges:
 
     seen: list[tuple[str, int, int, int]] = field(default_factory=list)
 
-    def __call__(self, method: str, status: int, roundtrip_us: int, total_us: int) -> None:
-        self.seen.append((method, status, roundtrip_us, total_us))
+    def __call__(
+        self, method: str, status: int, roundtrips_us: list[int], totals_us: list[int]
+    ) -> None:
+        assert len(roundtrips_us) == len(totals_us) > 0
+        for roundtrip, total in zip(roundtrips_us, totals_us, strict=True):
+            self.seen.append((method, status, roundtrip, total))
 
     def labels(self) -> list[tuple[str, int]]:
         return [(method, status) for method, status, _, _ in self.seen]

@@ -497,6 +497,20 @@ cdef class Histogram:
             raise
         hist_record_n(&self._data, c_value, c_count)
 
+    def record_many(self, list values not None):
+        """Record each of `values` (a list of ints in [0, 2**64)) once: one call per batch."""
+        cdef object value
+        cdef uint64_t c_value
+        for value in values:
+            if type(value) is not int:
+                value = _hist_uint64_arg("histogram value", value)
+            try:
+                c_value = value
+            except OverflowError:
+                _hist_uint64_arg("histogram value", value)
+                raise
+            hist_record_n(&self._data, c_value, 1)
+
     def add(self, Histogram other not None):
         """Merge `other`, which must have the same lowest, highest and significant digits."""
         if not hist_same_config(&self._data, &other._data):

@@ -20,7 +20,8 @@ carry the error ``ECANCELED``).
 
 HTTP (``submit(..., http=True)``): the bytes are still relayed verbatim, but an HTTP/1.x framer
 watches them.  Each request/response exchange is reported to the ``observe`` callable given
-with the connection, as ``(method, status, roundtrip_us, total_us)``: roundtrip from the
+with the connection, batched per label set as ``(method, status, [roundtrip_us, ...],
+[total_us, ...])``: roundtrip from the
 request head read to the response head read, total from the request head read to the response
 fully written to the client.  A malformed request is answered ``400 Bad Request`` (``431`` for
 a head over 64 KiB) once the responses to the requests before it are written, and the
@@ -52,8 +53,9 @@ __all__ = [
     "make_relay",
 ]
 
-ExchangeObserver = Callable[[str, int, int, int], None]
-"""Called once per HTTP exchange with (method, status, roundtrip_us, total_us)."""
+ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
+"""Called with HTTP exchanges of one connection and label set, in batches:
+(method, status, [roundtrip_us, ...], [total_us, ...])."""
 
 _RESET_LINGER = struct.pack("ii", 1, 0)
 # Completions of connections cut by close() must still arrive; this bounds the wait for them.
@@ -218,10 +220,10 @@ class SpliceRelay:
         if exchanges:
             observers = self._observers
             methods = self._methods
-            for token, method, status, roundtrip_ns, total_ns in exchanges:
+            for token, method, status, roundtrips, totals in exchanges:
                 observe = observers.get(token)
                 if observe is not None:
-                    observe(methods[method], status, roundtrip_ns // 1000, total_ns // 1000)
+                    observe(methods[method], status, roundtrips, totals)
         for token, up, down, code, duration_ns, answered in completions:
             self._observers.pop(token, None)
             future = self._pending.pop(token, None)
@@ -344,8 +346,8 @@ class _HttpWatch:
                 observe(
                     ev.method,
                     ev.status,
-                    max(0, ev.t_response_head - ev.t_request_head) // 1000,
-                    max(0, now - ev.t_request_head) // 1000,
+                    [max(0, ev.t_response_head - ev.t_request_head) // 1000],
+                    [max(0, now - ev.t_request_head) // 1000],
                 )
         self.exchanges.clear()
 

@@ -96,10 +96,12 @@ HTTP_DURATION_LABELS = ("service", "method", "code")
 class BucketCounts:
     """A cumulative Prometheus histogram kept as plain counters (``le`` bucket bounds)."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("_bounds_us", "bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(sorted(float(b) for b in bounds))
+        # The same bounds in whole microseconds, for batches of integer microseconds.
+        self._bounds_us = tuple(round(b * 1e6) for b in self.bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.count = 0
         self.sum = 0.0
@@ -109,6 +111,15 @@ class BucketCounts:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
+
+    def observe_us(self, values_us: list[int]) -> None:
+        """Count a batch of durations given in integer microseconds (bounds in seconds)."""
+        counts = self.counts
+        bounds = self._bounds_us
+        for value in values_us:
+            counts[bisect.bisect_left(bounds, value)] += 1
+        self.count += len(values_us)
+        self.sum += sum(values_us) / 1e6
 
     def buckets(self) -> list[tuple[str, float]]:
         """``(le, cumulative count)`` pairs, ending with ``+Inf``, as Prometheus wants."""
@@ -220,12 +231,14 @@ class Metrics:
         ``roundtrip_us``: request head read → response head read; ``total_us``: request head
         read → response fully written to the client (microseconds).
         """
-        self.exchange_observer(connection)(method, int(code), roundtrip_us, total_us)
+        self.exchange_observer(connection)(
+            method, int(code), [max(0, int(roundtrip_us))], [max(0, int(total_us))]
+        )
 
     def exchange_observer(self, connection: ConnectionInfo) -> ExchangeObserver:
-        """A callable recording ``connection``'s exchanges ``(method, status, roundtrip_us,
-        total_us)``; it keeps its label sets at hand, so an exchange costs two dict lookups
-        fewer than :meth:`record_exchange`."""
+        """A callable recording batches of ``connection``'s exchanges ``(method, status,
+        [roundtrip_us, ...], [total_us, ...])``; it keeps its label sets at hand, so a batch
+        costs one dict lookup and three native calls."""
         base = (
             connection.instance,
             connection.client_address,
@@ -234,14 +247,13 @@ class Metrics:
         service = connection.service
         slots: dict[tuple[str, int], tuple[_Exchanges, BucketCounts]] = {}
 
-        def observe(method: str, status: int, roundtrip_us: int, total_us: int) -> None:
+        def observe(method: str, status: int, roundtrips: list[int], totals: list[int]) -> None:
             slot = slots.get((method, status))
             if slot is None:
                 slot = slots[(method, status)] = self._exchange_slot(base, service, method, status)
-            total = total_us if total_us > 0 else 0
-            slot[0].roundtrip.observe(roundtrip_us if roundtrip_us > 0 else 0)
-            slot[0].total.observe(total)
-            slot[1].observe(total / 1e6)
+            slot[0].roundtrip.observe_many(roundtrips)
+            slot[0].total.observe_many(totals)
+            slot[1].observe_us(totals)
 
         return observe
 

@@ -142,6 +142,18 @@ class SlidingSummary:
         self.count += 1
         self.sum += value
 
+    def observe_many(self, values: list[int]) -> None:
+        """Record a batch of observations made now (one rotation and one native call)."""
+        if not values:
+            return
+        index = self._rotate()
+        bucket = self._buckets[index]
+        if bucket is None:
+            bucket = self._buckets[index] = Histogram(1, self._highest, self._digits)
+        bucket.record_many(values)
+        self.count += len(values)
+        self.sum += sum(values)
+
     def _merge_into(self, target: Histogram) -> Histogram:
         self._rotate()
         target.reset()
