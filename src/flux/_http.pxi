@@ -1053,7 +1053,23 @@ cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_
                 s.pos += n - i
                 i = n
             continue
-        if (st == HS_TARGET or st == HS_REASON or st == HS_FOLD
+        if st == HS_FIELD_NAME:
+            # A field name: token octets kept (lower-cased) only as far as the word holds.
+            end = n if n - i <= HF_MAX_HEAD - s.head_bytes else i + HF_MAX_HEAD - s.head_bytes
+            j = i
+            while j < end and hf_class[<uint8_t>data[j]] & HC_TCHAR:
+                if s.word_len < HF_WORD:
+                    s.word[s.word_len] = <char>hf_lower(<uint8_t>data[j])
+                if s.word_len < 255:
+                    s.word_len += 1
+                j += 1
+            if j > i:
+                s.head_bytes += <uint32_t>(j - i)
+                s.pos += j - i
+                i = j
+                if i == n:
+                    break
+        elif (st == HS_TARGET or st == HS_REASON or st == HS_FOLD
                 or (st == HS_FIELD_VALUE and s.field == HF_F_OTHER)):
             # Most of a head: octets that change nothing but the head's size, taken in a
             # tight loop up to the first one that matters (or the size limit).
