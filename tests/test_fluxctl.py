@@ -868,3 +868,18 @@ def test_console_script(etcd: EtcdServer) -> None:
     result = run_fluxctl("rm", "nope", endpoint=etcd.endpoint, command=[str(script)])
     assert (result.returncode, result.stderr) == (1, 'fluxctl: no service named "nope"\n')
     assert etcd.keys("") == [SERVICE + "api/spec"]
+
+
+def test_targets_lists_advertised_endpoints_and_writes_file_sd(ctl: Ctl) -> None:
+    assert ctl.ok("targets") == ""
+    assert json.loads(ctl.ok("targets", "-o", "file-sd")) == []
+    for host, target in (("10.0.0.10", "10.0.0.10:9000"), ("10.0.0.9", "10.0.0.9:9000"),
+                         ("10.0.0.2", "10.0.0.2:9100")):
+        ctl.put(f"/weave-flux/prometheus-targets/{host}", target)
+    ctl.etcd.etcdctl("put", "/weave-flux/prometheus-targets/10.0.0.3", "not json")
+    ordered = ["10.0.0.2:9100", "10.0.0.9:9000", "10.0.0.10:9000"]
+    result = ctl("targets")
+    assert (result.status, result.out.splitlines()) == (0, ordered)
+    assert "10.0.0.3" in result.err  # the bad record is named, the rest still listed
+    document = json.loads(ctl("targets", "-o", "file-sd").out)
+    assert document == [{"targets": ordered, "labels": {}}]

@@ -382,6 +382,11 @@ def _host_order(address: str) -> tuple[int, int, str]:
     return (ip.version, int(ip), address)
 
 
+def _target_order(target: str) -> tuple[tuple[int, int, str], int]:
+    host, _, port = target.rpartition(":")
+    return _host_order(host.strip("[]")), int(port) if port.isdigit() else 0
+
+
 # -- rendering (pure) ---------------------------------------------------------------------------
 
 
@@ -573,6 +578,18 @@ def _cmd_list(args: argparse.Namespace) -> _Run:
     return run
 
 
+def _cmd_targets(args: argparse.Namespace) -> _Run:
+    async def run(store: Store) -> str:
+        targets = sorted(set((await store.get_prometheus_targets()).values()), key=_target_order)
+        if args.output == "file-sd":
+            # Prometheus's file-based discovery format: one group, the job's label left to
+            # the scrape config.
+            return _dump([{"targets": targets, "labels": {}}] if targets else [])
+        return "".join(f"{target}\n" for target in targets)
+
+    return run
+
+
 async def _get_service(store: Store, name: str, **what: bool) -> ServiceInfo:
     try:
         return await store.get_service(name, **what)
@@ -749,6 +766,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("-q", "--quiet", action="store_true", help="print instance names only")
     output.add_argument("-o", "--output", choices=("json",), help="print a JSON document")
+
+    sub = command(
+        "targets", _cmd_targets, "list the metrics endpoints fluxd daemons advertise"
+    )
+    sub.add_argument(
+        "-o", "--output", choices=("file-sd",),
+        help="print them as a Prometheus file_sd_configs document (JSON)",
+    )
 
     command("version", _cmd_version, "print the version")
     return parser
