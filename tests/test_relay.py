@@ -168,6 +168,7 @@ def run(
         assert stats["pipes_lent"] == 0, stats
         assert stats["pipes_open"] == 0, stats
         assert stats["inflight_bytes"] == 0, stats
+        assert stats["buffers_lent"] == 0, stats
     return harness
 
 
@@ -602,6 +603,9 @@ def test_idle_connections_hold_no_pipes_or_buffers(kind: str) -> None:
         if isinstance(h.relay, SpliceRelay):
             engine = h.relay.engine
             assert engine.pipes_lent == 0
+            # Copy buffers, too, are held only while bytes are in them.
+            assert engine.stats()["buffers_lent"] == 0, engine.stats()
+            assert 0 < engine.stats()["buffers_idle"] <= 256
             # Pipes were used while bytes were in flight, and pooled (not kept) afterwards.
             assert engine.stats()["pipes_created"] > 0
             assert engine.pipes_idle <= 64

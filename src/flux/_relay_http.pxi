@@ -317,6 +317,7 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     if up.length:
         relay_count(e, RC_INFLIGHT, -<int64_t>up.length)
         up.length = 0
+    relay_return_buf(e, up)
     shutdown(c.fd[1], SHUT_WR)
     if h.reject_status == 0:
         up.done = 1
@@ -340,14 +341,13 @@ cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
     """Read and discard the client's bytes until it closes (the answer is already written)."""
     cdef RelayDir *p = &c.dir[0]
     cdef ssize_t n
-    if p.buf == NULL:
-        p.buf = <char *>malloc(e.small_buffer)
-        if p.buf == NULL:
-            p.done = 1
-            return 0
+    if relay_borrow_buf(e, p) == NULL:
+        p.done = 1
+        return 0
     while budget > 0:
         budget -= 1
         if not c.readable[0]:
+            relay_return_buf(e, p)
             return 0
         n = recv(c.fd[0], p.buf, e.small_buffer, MSG_DONTWAIT)
         relay_count(e, RC_CALLS_RECV, 1)
@@ -355,10 +355,12 @@ cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
             continue
         if n < 0 and errno == EAGAIN:
             c.readable[0] = 0
+            relay_return_buf(e, p)
             return 0
         if n < 0 and errno == EINTR:
             continue
         # EOF, or the client reset: either way it is done with us.
+        relay_return_buf(e, p)
         p.done = 1
         return 0
     return -1
