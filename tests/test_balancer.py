@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -284,3 +285,42 @@ async def test_address_change_moves_the_rule(cluster: Cluster) -> None:
         assert (await request(vip2, 84)).startswith("m:")
     finally:
         await backend.stop()
+
+
+async def test_an_instance_that_never_answers_times_out_and_the_next_one_serves(
+    cluster: Cluster,
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+    # hangs (on loopback too) until the balancer's -connect-timeout (1 s here).
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    fillers: list[socket.socket] = []
+    good = await Backend("good").start()
+    vip = fresh_vip()
+    try:
+        for _ in range(4):  # fill the queue (backlog 0 still admits one or two)
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(silent.getsockname())
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        await cluster.admin.add_service("slow", Service(address=f"{vip}:82"))
+        await cluster.add_instance("slow", "silent", "%s:%d" % silent.getsockname())
+        await cluster.add_instance("slow", "good", good.address)
+        await cluster.forwarding("slow", vip, 2)
+        pool = cluster.balancer.listeners["slow"][1].pool
+        slowest = 0.0
+        for i in range(30):  # the pick is random: until one request has met the silent one
+            started = time.monotonic()
+            assert (await request(vip, 82, str(i))).startswith("good:")
+            slowest = max(slowest, time.monotonic() - started)
+            if "silent" not in pool.ready:
+                break
+        assert "silent" not in pool.ready
+        # That request waited out the timeout, then was served by the other instance.
+        assert 0.9 <= slowest < 3.0
+    finally:
+        await good.stop()
+        for sock in (*fillers, silent):
+            sock.close()

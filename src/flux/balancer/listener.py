@@ -57,7 +57,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _Connecting:
     """A client connection on its way to an instance."""
 
-    __slots__ = ("address", "client", "client_ip", "name", "timer", "tried", "upstream")
+    __slots__ = ("address", "client", "client_ip", "deadline", "name", "tried", "upstream")
 
     def __init__(self, client: socket.socket, client_ip: str) -> None:
         self.client = client
@@ -66,7 +66,7 @@ class _Connecting:
         self.upstream: socket.socket | None = None
         self.name = ""
         self.address = ""
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +127,7 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
         self._connecting: set[_Connecting] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.port = 0
 
     def open(self) -> int:
@@ -175,7 +176,8 @@ class Listener:
                     self._pause(exc)
                     return
                 raise
-            conn.setblocking(False)
+            # Left blocking: the relay makes both sockets non-blocking (and sets TCP_NODELAY)
+            # itself, and nothing here reads or writes the client.
             self._attempt(_Connecting(conn, peer[0]))
 
     def _pause(self, exc: OSError) -> None:
@@ -198,7 +200,8 @@ class Listener:
         self._accept()
 
     # Connecting is a chain of callbacks rather than a task per connection: a non-blocking
-    # connect, a writer callback when it completes and a timer for the timeout.  Under
+    # connect and a writer callback when it completes; timeouts are found by one sweep over the
+    # connections still connecting (every quarter of the timeout), not a timer each.  Under
     # connection churn a task, a future and a timeout context per connection were a visible
     # share of fluxd's CPU.
 
@@ -229,8 +232,10 @@ class Listener:
                 continue
             c.upstream, c.name, c.address = upstream, choice.name, choice.address
             loop.add_writer(upstream.fileno(), self._connected, c)
-            c.timer = loop.call_later(self._connect_timeout, self._timed_out, c)
+            c.deadline = loop.time() + self._connect_timeout
             self._connecting.add(c)
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
             return
         log.warning(
             "%s: no instance could take the connection from %s (tried %d); resetting it",
@@ -244,11 +249,23 @@ class Listener:
         assert self._loop is not None and c.upstream is not None
         upstream, c.upstream = c.upstream, None
         self._loop.remove_writer(upstream.fileno())
-        if c.timer is not None:
-            c.timer.cancel()
-            c.timer = None
         self._connecting.discard(c)
         return upstream
+
+    def _sweep_every(self) -> float:
+        return max(self._connect_timeout / 4, 0.01)
+
+    def _sweep(self) -> None:
+        """Time out connects past their deadline; come back while any is pending."""
+        self._sweeper = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        for c in [c for c in self._connecting if c.deadline <= now]:
+            self._timed_out(c)
+        if self._connecting:
+            self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
 
     def _connected(self, c: _Connecting) -> None:
         if c.upstream is None:
@@ -266,7 +283,6 @@ class Listener:
     def _timed_out(self, c: _Connecting) -> None:
         if c.upstream is None:
             return
-        c.timer = None
         self._settle(c).close()
         self._failed(c.name, c.address, "timed out")
         self._attempt(c)
@@ -282,6 +298,9 @@ class Listener:
         for c in list(self._connecting):
             self._settle(c).close()
             _reset(c.client)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def _hand_over(
         self,
@@ -291,8 +310,6 @@ class Listener:
         address: str,
         client_ip: str,
     ) -> None:
-        for sock in (client, upstream):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:
