@@ -306,7 +306,8 @@ async def test_an_instance_that_never_answers_times_out_and_the_next_one_serves(
             fillers.append(filler)
         await asyncio.sleep(0.2)
         await cluster.admin.add_service("slow", Service(address=f"{vip}:82"))
-        await cluster.add_instance("slow", "silent", "%s:%d" % silent.getsockname())
+        host, port = silent.getsockname()
+        await cluster.add_instance("slow", "silent", f"{host}:{port}")
         await cluster.add_instance("slow", "good", good.address)
         await cluster.forwarding("slow", vip, 2)
         pool = cluster.balancer.listeners["slow"][1].pool
