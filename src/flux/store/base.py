@@ -179,3 +179,4 @@ class Store(abc.ABC):
         set, and the services yielded then carry them.  Closing the generator (``aclose()``,
         or cancelling the task iterating it) closes the watch.
         """
+

@@ -50,9 +50,9 @@ from typing import Any, TypeVar
 import aiohttp
 from etcd3.errors import ErrInvalidAuthToken, ErrLeaseNotFound, Etcd3Exception, Etcd3StreamError
 
-from flux.model import Host, Instance, Rule, Service, ServiceInfo, encode_record
+from flux.model import Host, Rule, Service, ServiceInfo, encode_record
 from flux.store._etcd3_compat import AioClient
-from flux.store.base import NotFound, ServiceUpdate, Store, StoreError, StoreUnavailable
+from flux.store.base import NotFound, ServiceUpdate, StoreError, StoreUnavailable
 from flux.store.keys import (
     HOSTS,
     PREFIX,
@@ -63,14 +63,11 @@ from flux.store.keys import (
     ServiceWatch,
     decode_hosts,
     decode_targets,
-    encode_target,
-    host_key,
-    instance_key,
-    prometheus_key,
     rule_key,
     service_dir,
     spec_key,
 )
+from flux.store.leased import LeasedStore
 
 __all__ = ["EtcdStore"]
 
@@ -192,7 +189,7 @@ def _key_events(events: Iterable[Any]) -> list[list[KeyEvent]]:
     return groups
 
 
-class EtcdStore(Store):
+class EtcdStore(LeasedStore):
     """Services, rules, instances and hosts in etcd v3, with this host's lease.
 
     ``endpoints`` is a list (or a comma-separated string) of ``http(s)://HOST:PORT``.  TLS uses
@@ -390,25 +387,9 @@ class EtcdStore(Store):
 
     # -- host-owned records ------------------------------------------------------------------
 
-    async def add_instance(self, service: str, instance_id: str, instance: Instance) -> None:
-        await self._keep(instance_key(service, instance_id), encode_record(instance))
-
-    async def remove_instance(self, service: str, instance_id: str) -> bool:
-        await self._forget(instance_key(service, instance_id))
-        return True
-
-    async def register_host(self, host: Host) -> None:
-        await self._keep(host_key(host.address), encode_record(host))
-
-    async def deregister_host(self, address: str) -> None:
-        await self._forget(host_key(address))
-
     async def get_hosts(self) -> dict[str, Host]:
         response = await self._rpc(lambda c: c.range(HOSTS, prefix=True))
         return decode_hosts((kv.key, kv.value or b"") for kv in response.kvs or [])
-
-    async def set_prometheus_target(self, host_address: str, target: str) -> None:
-        await self._keep(prometheus_key(host_address), encode_target(target))
 
     async def get_prometheus_targets(self) -> dict[str, str]:
         response = await self._rpc(lambda c: c.range(PROMETHEUS_TARGETS, prefix=True))
@@ -443,17 +424,6 @@ class EtcdStore(Store):
             self._stale.discard(key)
 
     # -- the lease ----------------------------------------------------------------------------
-
-    @property
-    def lease_id(self) -> int | None:
-        return self._lease
-
-    async def wait_lease(self) -> None:
-        await self._ready.wait()
-
-    def _drop_lease(self) -> None:
-        self._lease = None
-        self._ready.clear()
 
     async def _keepalive(self, lease: int, timeout: float) -> int:
         """Refresh the lease once; its remaining TTL, 0 if etcd no longer has it."""

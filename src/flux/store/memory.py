@@ -33,8 +33,8 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from flux.model import Host, Instance, Rule, Service, ServiceInfo, encode_record
-from flux.store.base import NotFound, ServiceUpdate, Store, StoreUnavailable
+from flux.model import Host, Rule, Service, ServiceInfo, encode_record
+from flux.store.base import NotFound, ServiceUpdate, StoreUnavailable
 from flux.store.keys import (
     HOSTS,
     PROMETHEUS_TARGETS,
@@ -44,14 +44,11 @@ from flux.store.keys import (
     ServiceWatch,
     decode_hosts,
     decode_targets,
-    encode_target,
-    host_key,
-    instance_key,
-    prometheus_key,
     rule_key,
     service_dir,
     spec_key,
 )
+from flux.store.leased import LeasedStore
 
 __all__ = ["ManualClock", "MemoryBackend", "MemoryStore"]
 
@@ -269,7 +266,7 @@ class MemoryBackend:
             self._drop(lease_id)
 
 
-class MemoryStore(Store):
+class MemoryStore(LeasedStore):
     """A :class:`Store` on a :class:`MemoryBackend` (a new one unless given)."""
 
     def __init__(self, backend: MemoryBackend | None = None) -> None:
@@ -356,25 +353,9 @@ class MemoryStore(Store):
 
     # -- host-owned records ----------------------------------------------------------------------
 
-    async def add_instance(self, service: str, instance_id: str, instance: Instance) -> None:
-        await self._keep(instance_key(service, instance_id), encode_record(instance))
-
-    async def remove_instance(self, service: str, instance_id: str) -> bool:
-        await self._forget(instance_key(service, instance_id))
-        return True
-
-    async def register_host(self, host: Host) -> None:
-        await self._keep(host_key(host.address), encode_record(host))
-
-    async def deregister_host(self, address: str) -> None:
-        await self._forget(host_key(address))
-
     async def get_hosts(self) -> dict[str, Host]:
         await self._enter()
         return decode_hosts(self.backend.range(HOSTS))
-
-    async def set_prometheus_target(self, host_address: str, target: str) -> None:
-        await self._keep(prometheus_key(host_address), encode_target(target))
 
     async def get_prometheus_targets(self) -> dict[str, str]:
         await self._enter()
@@ -405,17 +386,6 @@ class MemoryStore(Store):
         self.backend.delete(key)
 
     # -- the lease -------------------------------------------------------------------------------
-
-    @property
-    def lease_id(self) -> int | None:
-        return self._lease
-
-    async def wait_lease(self) -> None:
-        await self._ready.wait()
-
-    def _drop_lease(self) -> None:
-        self._lease = None
-        self._ready.clear()
 
     def _write_all(self) -> None:
         assert self._lease is not None
