@@ -11,9 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "idle"]
+WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "idle", "http-keepalive", "http-close"]
 SUBJECTS = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice",
-            "haproxy-tcp-2t", "nginx"]  # fmt: skip
+            "haproxy-tcp-2t", "nginx", "fluxd-http", "haproxy-http", "haproxy-http-2t",
+            "nginx-http"]  # fmt: skip
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

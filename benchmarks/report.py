@@ -34,6 +34,8 @@ WORKLOADS: dict[str, str] = {
     "keepalive": "wrk keep-alive, 100-byte responses",
     "close": "wrk `Connection: close` (new connection per request)",
     "idle": "idle connections held",
+    "http-keepalive": "HTTP service, wrk keep-alive",
+    "http-close": "HTTP service, wrk `Connection: close`",
 }
 
 
@@ -67,6 +69,20 @@ METRICS: dict[str, list[Metric]] = {
     ],
     "close": [
         Metric("rate", "connections/s", True, 0),
+        Metric("p99_ms", "p99 ms", False, 3),
+        Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
+        Metric("errors", "socket errors", False, 0),
+    ],
+    "http-keepalive": [
+        Metric("rate", "req/s", True, 0),
+        Metric("p50_ms", "p50 ms", False, 3),
+        Metric("p99_ms", "p99 ms", False, 3),
+        Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
+        Metric("errors", "socket errors", False, 0),
+    ],
+    "http-close": [
+        Metric("rate", "connections/s", True, 0),
+        Metric("p50_ms", "p50 ms", False, 3),
         Metric("p99_ms", "p99 ms", False, 3),
         Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
         Metric("errors", "socket errors", False, 0),
@@ -161,9 +177,15 @@ def targets(table: Table, idle_count: int) -> list[Target]:
     out: list[Target] = []
 
     def ratio_target(
-        name: str, workload: str, metric: str, peer: str | None, bound: float, at_least: bool
+        name: str,
+        workload: str,
+        metric: str,
+        peer: str | None,
+        bound: float,
+        at_least: bool,
+        subject: str = "fluxd",
     ) -> None:
-        value = None if peer is None else _ratio(table, workload, metric, "fluxd", peer)
+        value = None if peer is None else _ratio(table, workload, metric, subject, peer)
         sign = "≥" if at_least else "≤"
         threshold = f"{sign} {bound:.2f}{TIMES} {SUBJECTS.get(peer or '', peer or '?')}"
         if value is None:
@@ -188,6 +210,24 @@ def targets(table: Table, idle_count: int) -> list[Target]:
     )
     ratio_target("keep-alive: p99 vs that peer", "keepalive", "p99_ms", best, 1.0, False)
     ratio_target("new connection per request: conn/s", "close", "rate", "haproxy-tcp-2t", 1.0, True)
+    # The HTTP issue's targets: fluxd with the service marked http.
+    best_http = _better_peer(table, "http-keepalive", "rate", ["haproxy-http", "nginx-http"])
+    ratio_target(
+        "HTTP keep-alive: req/s vs the better of HAProxy http and nginx proxy_pass",
+        "http-keepalive", "rate", best_http, 1.0, True, "fluxd-http",
+    )  # fmt: skip
+    ratio_target(
+        "HTTP keep-alive: p99 vs that peer",
+        "http-keepalive", "p99_ms", best_http, 1.0, False, "fluxd-http",
+    )  # fmt: skip
+    ratio_target(
+        "HTTP Connection: close: conn/s", "http-close", "rate", "haproxy-http", 1.0, True,
+        "fluxd-http",
+    )  # fmt: skip
+    ratio_target(
+        "HTTP metrics cost: http service vs the same traffic through a tcp service",
+        "http-keepalive", "rate", "fluxd", 0.95, True, "fluxd-http",
+    )  # fmt: skip
     held = table.get(("idle", "fluxd", "held"))
     errors = table.get(("idle", "fluxd", "errors"))
     per_conn = table.get(("idle", "fluxd", "kib_per_conn"))
@@ -233,6 +273,21 @@ def noise(samples: Sequence[dict[str, Any]]) -> list[str]:
             "machine, kernel threads such as ksoftirqd): median "
             f"{statistics.median(o[0] for o in other):.2f} CPU s per run, most "
             f"{worst[0]:.2f} s ({worst[1]} through {worst[2]})"
+        )
+    counted = [
+        (s["values"]["counted"], s["values"].get("requests", 0), s["workload"])
+        for s in samples
+        if s["subject"] == "fluxd-http" and "counted" in s["values"]
+    ]
+    for workload in sorted({w for _c, _r, w in counted}):
+        runs = [(c, r) for c, r, w in counted if w == workload]
+        notes.append(
+            f"fluxd (http service) metrics, {workload}: flux_http_total grew by "
+            + ", ".join(f"{c:,.0f}" for c, _r in runs)
+            + " while wrk counted "
+            + ", ".join(f"{r:,.0f}" for _c, r in runs)
+            + " requests (wrk stops counting at its deadline with up to one request per"
+            " connection in flight)"
         )
     drops = [
         (s["values"]["conntrack_drops"], s["workload"], s["subject"])
@@ -303,6 +358,27 @@ def render_markdown(
             cells = []
             for peer in peers:
                 value = _ratio(table, workload, metric.key, "fluxd", peer)
+                cells.append("—" if value is None else f"{value:.2f}{TIMES}")
+            lines.append(f"| {WORKLOADS[workload]} | {metric.label} | " + " | ".join(cells) + " |")
+    http_peers = [s for s in subjects if s != "fluxd-http"]
+    http_rows = [
+        (workload, metric)
+        for workload in ("http-keepalive", "http-close")
+        for metric in METRICS[workload]
+        if metric.key != "errors" and (workload, "fluxd-http", metric.key) in table
+    ]
+    if http_rows:
+        lines += [
+            "",
+            "## fluxd with an http service relative to each peer (ratio of medians)",
+            "",
+            "| workload | metric | " + " | ".join(f"÷ {SUBJECTS[p]}" for p in http_peers) + " |",
+            "|---|---|" + "---:|" * len(http_peers),
+        ]
+        for workload, metric in http_rows:
+            cells = []
+            for peer in http_peers:
+                value = _ratio(table, workload, metric.key, "fluxd-http", peer)
                 cells.append("—" if value is None else f"{value:.2f}{TIMES}")
             lines.append(f"| {WORKLOADS[workload]} | {metric.label} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets", "", "| target | measured | wanted | |", "|---|---:|---|---|"]

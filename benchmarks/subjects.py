@@ -16,7 +16,11 @@ Subjects, each with one front address per backend:
   agent would write them, so neither Docker nor its userland proxy is in the path;
 - ``haproxy-tcp`` / ``haproxy-splice`` / ``haproxy-tcp-2t``: HAProxy in ``mode tcp``, one thread
   without and with ``option splice-auto``, and two threads without splice;
-- ``nginx``: nginx ``stream`` proxy, one worker.
+- ``nginx``: nginx ``stream`` proxy, one worker;
+- for HTTP services: ``fluxd-http`` (fluxd with the HTTP backend's service marked
+  ``protocol http``, so its engine frames every exchange, and metrics served), ``haproxy-http``
+  / ``haproxy-http-2t`` (HAProxy ``mode http``, one and two threads) and ``nginx-http`` (nginx
+  ``proxy_pass`` with an upstream ``keepalive`` pool, one worker).
 
 Every listener is on 127.0.0.1 (fluxd's on ``lo``'s address, reached through its DNAT rule)
 with a backlog of 4,096, like fluxd's.  Configurations are written to a temporary directory,
@@ -69,6 +73,10 @@ SUBJECTS: dict[str, str] = {
     "haproxy-splice": "HAProxy splice",
     "haproxy-tcp-2t": "HAProxy tcp, 2 threads",
     "nginx": "nginx stream",
+    "fluxd-http": "fluxd (http service)",
+    "haproxy-http": "HAProxy http",
+    "haproxy-http-2t": "HAProxy http, 2 threads",
+    "nginx-http": "nginx proxy_pass",
 }
 
 
@@ -248,6 +256,7 @@ class Subject:
     http: tuple[str, int]
     bulk: tuple[str, int]
     root_pid: int | None = None  # None: nothing in between (direct)
+    metrics: str | None = None  # fluxd's /metrics URL, when it serves one
     # Start the proxy afresh (same addresses): memory figures need a process that has not
     # pooled the memory of earlier runs.
     restart: Callable[[], Awaitable[None]] | None = None
@@ -291,6 +300,59 @@ backend bulk_out
     server bulk1 {host}:{bulk_port}
 """
 
+HAPROXY_HTTP = """\
+global
+    nbthread {threads}
+    maxconn 8000
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout http-request 10s
+    timeout http-keep-alive 600s
+    maxconn 8000
+    backlog 4096
+frontend http_in
+    bind {host}:{http_front}
+    default_backend http_out
+backend http_out
+    server http1 {host}:{http_port}
+"""
+
+NGINX_HTTP = """\
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {dir}/{name}.pid;
+error_log stderr error;
+events {{ worker_connections 16000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+    upstream backend {{
+        server {host}:{http_port};
+        keepalive 64;
+        keepalive_requests 1000000000;
+    }}
+    server {{
+        listen {host}:{http_front} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
 NGINX_STREAM = """\
 load_module {module};
 worker_processes 1;
@@ -319,7 +381,17 @@ async def _start_config_proxy(
         "bulk_port": backends.bulk[1],
     }
     conf = workdir / f"{name}.conf"
-    if name.startswith("haproxy"):
+    if name.endswith("-http") or name.endswith("-http-2t"):
+        # HTTP-only proxies: their "bulk" front is the HTTP one (no bulk workload uses them).
+        ports["bulk_front"] = ports["http_front"]
+    if name.startswith("haproxy-http"):
+        threads = 2 if name.endswith("-2t") else 1
+        conf.write_text(HAPROXY_HTTP.format(threads=threads, **ports))
+        child = Child(name, ["haproxy", "-db", "-f", str(conf)], workdir)
+    elif name == "nginx-http":
+        conf.write_text(NGINX_HTTP.format(dir=workdir, name=name, **ports))
+        child = Child(name, ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)], workdir)
+    elif name.startswith("haproxy"):
         threads = 2 if name.endswith("-2t") else 1
         splice = "    option splice-auto" if name == "haproxy-splice" else ""
         conf.write_text(HAPROXY.format(threads=threads, splice=splice, **ports))
@@ -368,7 +440,7 @@ def _chain_has_dnat(chain: str, vips: list[str]) -> bool:
 
 @asynccontextmanager
 async def _instances(
-    endpoint: str, backends: Backends, services: dict[str, str]
+    endpoint: str, backends: Backends, services: dict[str, str], http_protocol: str = "tcp"
 ) -> AsyncIterator[None]:
     """Define the services and register the backends as another host's instances."""
     from flux.model import Host, HostRef, Instance, InstanceState, Service
@@ -382,7 +454,8 @@ async def _instances(
         await remote.register_host(Host(address=REMOTE_HOST, version="bench"))
         for kind, address in services.items():
             name = f"bench-{kind}"
-            await admin.add_service(name, Service(address=address, protocol="tcp"))
+            protocol = http_protocol if kind == "http" else "tcp"
+            await admin.add_service(name, Service(address=address, protocol=protocol))
             ip, port = backends.http if kind == "http" else backends.bulk
             await remote.add_instance(
                 name,
@@ -419,10 +492,14 @@ async def _start_fluxd(
 
     chain = "FLUXB" + secrets.token_hex(3).upper()
     relay = "python" if name == "fluxd-python" else "splice"
+    http_protocol = "http" if name == "fluxd-http" else "tcp"
+    metrics_port = free_port()
     env = {**os.environ, "ETCD_ADDRESS": etcd.endpoint}
     env.pop("FLUX_RELAY", None)  # the flag below decides
     argv = [sys.executable, "-m", "flux", "-host-ip", HOST_IP, "-bridge", "lo", "-chain", chain,
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
+    if http_protocol == "http":
+        argv += ["-listen-prometheus", f"{LOOPBACK}:{metrics_port}"]
     child = Child(name, argv, workdir, env)
 
     async def stop_and_clean() -> None:
@@ -446,6 +523,8 @@ async def _start_fluxd(
     vips = {"http": f"127.42.{vip_net}.1", "bulk": f"127.42.{vip_net}.2"}
     services = {"http": f"{vips['http']}:80", "bulk": f"{vips['bulk']}:5201"}
     subject = Subject(name, (vips["http"], 80), (vips["bulk"], 5201))
+    if http_protocol == "http":
+        subject.metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
 
     async def ready() -> None:
         subject.root_pid = child.pid
@@ -464,7 +543,7 @@ async def _start_fluxd(
 
     stack.push_async_callback(stop_and_clean)
     await boot()
-    await stack.enter_async_context(_instances(etcd.endpoint, backends, services))
+    await stack.enter_async_context(_instances(etcd.endpoint, backends, services, http_protocol))
     await ready()
     subject.restart = restart
     return subject
@@ -477,6 +556,6 @@ async def start_subject(
     if name == "direct":
         return Subject(name, backends.http, backends.bulk)
     if name.startswith("fluxd"):
-        vip_net = _VIP_NET + (0 if name == "fluxd" else 1)
+        vip_net = _VIP_NET + {"fluxd": 0, "fluxd-python": 1, "fluxd-http": 2}[name]
         return await _start_fluxd(stack, name, workdir, backends, vip_net)
     return await _start_config_proxy(stack, name, workdir, backends)

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
     "keepalive": _ALL,
     "close": [*_ALL, "haproxy-tcp-2t"],
     "idle": [s for s in _ALL if s != "direct"],
+    # HTTP services: fluxd with the service marked http (framing and metrics), the same traffic
+    # through fluxd's tcp service (what the metrics cost), and the HTTP-aware peers.
+    "http-keepalive": ["direct", "fluxd", "fluxd-http", "haproxy-http", "nginx-http"],
+    "http-close": [
+        "direct", "fluxd", "fluxd-http", "haproxy-http", "haproxy-http-2t", "nginx-http",
+    ],
 }
 
 # Kernel settings for the run, put back afterwards.  Under connection churn TIME_WAIT fills the
@@ -128,15 +135,42 @@ async def _measure(
     if workload in ("bulk1", "bulk4"):
         streams = 1 if workload == "bulk1" else 4
         return await workloads.bulk(subject, backends, streams, settings.bulk_seconds)
-    if workload == "keepalive":
-        return await workloads.keepalive(
+    if workload in ("keepalive", "http-keepalive", "close", "http-close"):
+        run = workloads.close if workload.endswith("close") else workloads.keepalive
+        before = await _http_counted(subject)
+        values = await run(
             subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
         )
-    if workload == "close":
-        return await workloads.close(
-            subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
-        )
+        if before is not None:
+            after = await _http_counted(subject)
+            if after is not None:
+                values["counted"] = after - before
+        return values
     return await workloads.idle(subject, backends, settings.idle_count)
+
+
+async def _http_counted(subject: Subject) -> float | None:
+    """The exchanges fluxd's metrics count for the HTTP service (None without metrics)."""
+    if subject.metrics is None:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> float:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            subject.metrics, timeout=10  # type: ignore[arg-type]
+        ) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "flux_http_total"
+        )
+
+    try:
+        return await asyncio.to_thread(scrape)
+    except OSError:
+        return None
 
 
 async def _wait_quiet(threshold: float = 0.25, patience: float = 5.0) -> float:
