@@ -10,6 +10,7 @@ deadline, and its teardown checks that no descriptor, pipe or task outlived it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import resource
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from flux.relay import PythonRelay, RelayResult, SpliceRelay, make_relay
+from flux.relay import PythonRelay, RelayResult, SpliceRelay, make_relay, packed_sockaddr
 
 KINDS = ["splice", "python"]
 LOOPBACK = "127.0.0.1"
@@ -756,3 +757,115 @@ def test_make_relay_defaults_to_the_engine() -> None:
     assert isinstance(make_relay("python"), PythonRelay)
     with pytest.raises(ValueError, match="'splice' or 'python', got 'copy'"):
         make_relay("copy")  # type: ignore[arg-type]
+
+
+class Outcome:
+    """A ConnectHandler that records what became of one SpliceRelay.connect()."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.up = loop.create_future()
+        self.result: asyncio.Future[RelayResult] = loop.create_future()
+        self.failed: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+    def established(self) -> None:
+        self.up.set_result(True)
+
+    def ended(self, result: RelayResult) -> None:
+        self.result.set_result(result)
+
+    def connect_failed(self, client_fd: int, code: int) -> None:
+        self.failed.set_result((client_fd, code))
+
+
+def test_engine_connects_the_upstream_itself() -> None:
+    # SpliceRelay.connect: the engine makes and connects the upstream socket; the handler
+    # hears when it is up and when it ends; a failed or timed-out connect gives the client back
+    # unread, so the caller can try elsewhere.
+    async def scenario() -> None:
+        before = open_fds()
+        relay = SpliceRelay()
+        await relay.start()
+        servers = []
+        try:
+            for family, host in ((socket.AF_INET, LOOPBACK), (socket.AF_INET6, "::1")):
+                server = socket.socket(family, socket.SOCK_STREAM)
+                servers.append(server)
+                server.bind((host, 0))
+                server.listen(8)
+                server.setblocking(False)
+                client, ours = socket.socketpair()
+                client.setblocking(False)
+                outcome = Outcome()
+                await send(client, b"sent before the connect")
+                port = server.getsockname()[1]
+                relay.connect(ours.detach(), packed_sockaddr(host, port), 2.0, outcome)
+                upstream, _ = await asyncio.get_running_loop().sock_accept(server)
+                await asyncio.wait_for(outcome.up, 5.0)
+                assert await recv_exactly(upstream, 23) == b"sent before the connect"
+                await send(upstream, b"answer")
+                assert await recv_exactly(client, 6) == b"answer"
+                client.shutdown(socket.SHUT_WR)
+                upstream.shutdown(socket.SHUT_WR)
+                assert await recv_to_eof(upstream) == b""
+                result = await asyncio.wait_for(outcome.result, 5.0)
+                assert (result.to_upstream, result.to_client, result.error) == (23, 6, None)
+                client.close()
+                upstream.close()
+
+            # Refused: nothing listens on the port.
+            port = servers[0].getsockname()[1]
+            servers[0].close()
+            client, ours = socket.socketpair()
+            client.setblocking(False)
+            await send(client, b"keep me")
+            outcome = Outcome()
+            relay.connect(ours.detach(), packed_sockaddr(LOOPBACK, port), 2.0, outcome)
+            fd, code = await asyncio.wait_for(outcome.failed, 5.0)
+            assert code == errno.ECONNREFUSED
+            back = socket.socket(fileno=fd)
+            assert back.recv(100) == b"keep me"  # unread: another instance can still take it
+            back.close()
+            client.close()
+            assert not outcome.up.done() and not outcome.result.done()
+
+            # Timed out: a listener whose accept queue is full drops the SYN.
+            silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            servers.append(silent)
+            silent.bind((LOOPBACK, 0))
+            silent.listen(0)
+            for _ in range(4):
+                filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                servers.append(filler)
+                filler.setblocking(False)
+                filler.connect_ex(silent.getsockname())
+            await asyncio.sleep(0.2)
+            client, ours = socket.socketpair()
+            outcome = Outcome()
+            started = time.monotonic()
+            relay.connect(ours.detach(), packed_sockaddr(*silent.getsockname()), 0.3, outcome)
+            fd, code = await asyncio.wait_for(outcome.failed, 5.0)
+            assert code == errno.ETIMEDOUT
+            assert 0.25 <= time.monotonic() - started < 2.0
+            os.close(fd)
+            client.close()
+            stats = relay.engine.stats()
+            assert (stats["connects"], stats["connect_failures"]) == (4, 2), stats
+            assert stats["sockets_owned"] == 0 and relay.active == 0, stats
+        finally:
+            for sock in servers:
+                sock.close()
+            await relay.close(1.0)
+        assert open_fds() - before == set(), describe(open_fds() - before)
+
+    uvloop.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_packed_sockaddr_is_what_the_kernel_takes() -> None:
+    v4 = packed_sockaddr("10.1.2.3", 8080)
+    assert len(v4) == 16 and v4[2:4] == struct.pack("!H", 8080) and v4[4:8] == bytes([10, 1, 2, 3])
+    v6 = packed_sockaddr("fd00::2", 443)
+    assert len(v6) == 28 and v6[2:4] == struct.pack("!H", 443)
+    assert v6[8:24] == socket.inet_pton(socket.AF_INET6, "fd00::2")
+    assert struct.unpack("=H", v4[:2])[0] == socket.AF_INET
+    assert struct.unpack("=H", v6[:2])[0] == socket.AF_INET6

@@ -2,10 +2,12 @@
 #
 # Theory of operation
 # -------------------
-# The asyncio side accepts and connects, then hands both sockets to the engine with add().
-# add() only allocates the connection's C record and pushes it onto a mutex-protected submission
-# list; an eventfd ("wake") registered in the engine's epoll tells the engine thread to take the
-# list.  From then on the engine thread alone owns the record and both descriptors.
+# The asyncio side accepts, then hands the client to the engine with the upstream's address
+# (connect(): the engine makes the upstream socket and connects it; see "connecting" below), or
+# both sockets already connected (add()).  Either only allocates the connection's C record and
+# pushes it onto a mutex-protected submission list; an eventfd ("wake") registered in the
+# engine's epoll tells the engine thread to take the list.  From then on the engine thread alone
+# owns the record and the descriptors.
 #
 # Each connection has two directions (client -> upstream, upstream -> client).  A direction
 # starts in *copy* mode: recv() into a small buffer lent from a pool while it holds bytes, send()
@@ -46,8 +48,9 @@
 # Records finished during an epoll batch are published only at the end of the batch, because a
 # later event of the same batch may still name them.
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport abort, calloc, free, malloc
+from libc.string cimport memcpy
 
 from flux._sys cimport *
 
@@ -102,6 +105,8 @@ cdef enum:
     RC_EXCHANGES_DROPPED    # exchange records lost because nobody drained them
     RC_BUFFERS_LENT         # copy buffers held by a direction with bytes in flight
     RC_BUFFERS_IDLE         # copy buffers pooled for reuse
+    RC_CONNECTS             # upstream connections the engine started itself (connect())
+    RC_CONNECT_FAILURES     # ... that failed or timed out (the client went back to the caller)
     RC_COUNT
 
 _RELAY_COUNTER_NAMES = (
@@ -109,7 +114,7 @@ _RELAY_COUNTER_NAMES = (
     "pipes_idle", "pipe_failures", "pipe_size_refused", "inflight_bytes", "bytes_spliced",
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
-    "exchanges_dropped", "buffers_lent", "buffers_idle",
+    "exchanges_dropped", "buffers_lent", "buffers_idle", "connects", "connect_failures",
 )
 
 cdef enum:
@@ -117,6 +122,9 @@ cdef enum:
     RELAY_CMD_STOP = 2      # reset every connection and end the thread
     RELAY_MAX_EVENTS = 256
     RELAY_WAKE_TAG = 0      # epoll tag of the wake eventfd; connections are tagged ptr|side
+    RELAY_ADDR_MAX = 28     # sizeof(struct sockaddr_in6), the largest address connect() takes
+    # Connect timeouts are found by a sweep of the live list this often while any is pending.
+    RELAY_CONNECT_SWEEP_NS = 20000000
 
 
 cdef struct RelayDir:
@@ -141,6 +149,12 @@ cdef struct RelayConn:
     uint8_t registered[2]   # in the engine's epoll set
     uint8_t closed
     uint8_t queued          # on the ready list
+    uint8_t connecting      # the engine is connecting fd[1]: nothing moves until it is up
+    uint8_t handed_back     # the connect failed and fd[0] goes back to the caller, still open
+    uint8_t notify          # publish the token once connected (connect())
+    uint8_t addr_len
+    char addr[RELAY_ADDR_MAX]   # where connect() goes
+    int64_t connect_deadline_ns
     RelayDir dir[2]         # dir[d] reads fd[d] and writes fd[1 - d]
     uint64_t token
     int64_t started_ns
@@ -152,6 +166,7 @@ cdef struct RelayConn:
     RelayConn *next
     RelayConn *link         # submission, finished or completion queue
     RelayConn *ready_next
+    RelayConn *est_next     # established queue (connect()); independent of the other links
 
 
 cdef struct RelayEngine:
@@ -189,6 +204,10 @@ cdef struct RelayEngine:
     int64_t sweep_ns
     int64_t next_sweep_ns
     int http_live
+    int connecting              # connections whose upstream connect is in progress
+    int64_t next_connect_sweep_ns
+    RelayConn *est_local        # connected since the last publish (engine thread)
+    RelayConn *est_shared       # published, not yet drained; guarded by lock
     HfEvents ev                 # the framer's event scratch (engine thread only)
     int64_t counters[RC_COUNT]
 
@@ -329,6 +348,9 @@ cdef void relay_retire(RelayEngine *e, RelayConn *c, int err) noexcept nogil:
     c.closed = 1
     c.err = err
     c.duration_ns = relay_now_ns() - c.started_ns
+    if c.connecting:
+        c.connecting = 0
+        e.connecting -= 1
     if c.http != NULL:
         http_release(e, c)
     if c.prev != NULL:
@@ -383,11 +405,10 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef epoll_event ev
     cdef int one = 1
     cdef int s
-    if c.http != NULL:
-        e.http_live += 1
     for s in range(2):
-        # The caller may hand over blocking sockets; the engine must never block.
-        if ioctl(c.fd[s], FIONBIO, &one) < 0:
+        # The caller may hand over blocking sockets; the engine must never block.  (A socket the
+        # engine made itself is non-blocking from the start.)
+        if (s == 0 or c.addr_len == 0) and ioctl(c.fd[s], FIONBIO, &one) < 0:
             relay_abort(e, c, errno)
             return
         # Not TCP (e.g. a Unix socket in a test) is fine: the option just does not apply.
@@ -406,13 +427,94 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
         c.registered[s] = 1
 
 
+# ---- connecting ---------------------------------------------------------------------------------
+#
+# With connect() the caller hands over only the client and the upstream's address: the engine
+# makes the socket, connects it without blocking and registers both sides at once.  Nothing is
+# read from the client until the upstream is connected, so a failed connect has consumed
+# nothing: the client descriptor goes back to the caller untouched (deregistered, still open)
+# with the errno, and the caller may try another instance.  A connect still pending at its
+# deadline fails with ETIMEDOUT.  A connection that came up is published once (its token, on
+# the established queue) so the caller can count it.
+
+cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil:
+    cdef int fd
+    cdef int family = (<uint16_t *>c.addr)[0]
+    relay_count(e, RC_CONNECTS, 1)
+    fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        relay_connect_failed(e, c, errno)
+        return
+    c.fd[1] = fd
+    if connect(fd, <sockaddr *>c.addr, c.addr_len) < 0:
+        if errno != EINPROGRESS:
+            relay_connect_failed(e, c, errno)
+            return
+        c.connecting = 1
+        if e.connecting == 0:
+            e.next_connect_sweep_ns = relay_now_ns() + RELAY_CONNECT_SWEEP_NS
+        e.connecting += 1
+    else:
+        relay_established(e, c)
+    relay_register(e, c)
+
+
+cdef void relay_established(RelayEngine *e, RelayConn *c) noexcept nogil:
+    if c.connecting:
+        c.connecting = 0
+        e.connecting -= 1
+    c.est_next = e.est_local
+    e.est_local = c
+
+
+cdef void relay_connect_failed(RelayEngine *e, RelayConn *c, int err) noexcept nogil:
+    """Close the upstream socket and give the client back, open and unread."""
+    if c.fd[1] >= 0:
+        relay_close_socket(e, c, 1)
+    else:
+        relay_count(e, RC_SOCKETS_CLOSED, 1)    # never made, but counted as owned
+    if c.registered[0]:
+        epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[0], NULL)
+        c.registered[0] = 0
+    relay_count(e, RC_SOCKETS_CLOSED, 1)        # the client is the caller's again
+    relay_count(e, RC_CONNECT_FAILURES, 1)
+    c.handed_back = 1
+    relay_release_dirs(e, c)
+    relay_retire(e, c, err)
+
+
+cdef void relay_sweep_connects(RelayEngine *e) noexcept nogil:
+    cdef int64_t now = relay_now_ns()
+    cdef RelayConn *c
+    cdef RelayConn *nxt
+    if now < e.next_connect_sweep_ns:
+        return
+    e.next_connect_sweep_ns = now + RELAY_CONNECT_SWEEP_NS
+    c = e.live
+    while c != NULL:
+        nxt = c.next
+        if c.connecting and now >= c.connect_deadline_ns:
+            relay_connect_failed(e, c, ETIMEDOUT)
+        c = nxt
+
+
+cdef int relay_wait_ms(int64_t until_ns) noexcept nogil:
+    cdef int64_t left = until_ns - relay_now_ns()
+    if left <= 0:
+        return 0
+    return <int>((left + 999999) // 1000000)
+
+
 cdef void relay_publish(RelayEngine *e) noexcept nogil:
     """Hand the batch's finished connections to the asyncio side; wake it once per burst."""
     cdef RelayConn *c = e.finished_head
     cdef int64_t n = 0
     cdef bint wake = False
     cdef uint64_t one = 1
-    if c == NULL and e.ex_local_len == 0:
+    cdef RelayConn *est = e.est_local
+    cdef RelayConn *last
+    cdef bint idle
+    if c == NULL and e.ex_local_len == 0 and est == NULL:
         return
     while c != NULL:
         n += 1
@@ -420,12 +522,23 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     # Count before publishing so that a drained completion is always reflected in `active`.
     relay_count(e, RC_COMPLETED, n)
     pthread_mutex_lock(&e.lock)
-    # Exchanges first, in the same critical section: a connection's exchanges are never seen
-    # after its completion.
+    # Established connections and exchanges first, in the same critical section: neither is
+    # ever seen after the connection's completion.
+    # Completions and established connections wake the asyncio side when both queues were
+    # empty (otherwise a wake-up is already on its way); exchanges by their own mark.
+    idle = e.est_shared == NULL and e.done_head == NULL
+    if est != NULL:
+        wake = idle
+        last = est
+        while last.est_next != NULL:
+            last = last.est_next
+        last.est_next = e.est_shared
+        e.est_shared = est
+        e.est_local = NULL
     if e.ex_local_len:
-        wake = http_publish_exchanges(e)
+        wake = http_publish_exchanges(e) or wake
     if e.finished_head != NULL:
-        wake = wake or e.done_head == NULL
+        wake = wake or idle
         if e.done_tail != NULL:
             e.done_tail.link = e.finished_head
         else:
@@ -591,8 +704,11 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
 
 
 cdef void relay_pump(RelayEngine *e, RelayConn *c) noexcept nogil:
-    cdef int a = relay_pump_dir(e, c, 0)
+    cdef int a
     cdef int b
+    if c.connecting:
+        return
+    a = relay_pump_dir(e, c, 0)
     if a > 0:
         relay_abort(e, c, a)
         return
@@ -612,6 +728,15 @@ cdef void relay_pump(RelayEngine *e, RelayConn *c) noexcept nogil:
 cdef void relay_on_event(RelayEngine *e, RelayConn *c, int s, uint32_t events) noexcept nogil:
     cdef int err = 0
     cdef socklen_t size = sizeof(err)
+    if c.connecting and s == 1 and events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+        if getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &size) < 0:
+            err = errno
+        elif err == 0 and events & (EPOLLERR | EPOLLHUP):
+            err = ECONNREFUSED
+        if err != 0:
+            relay_connect_failed(e, c, err)
+            return
+        relay_established(e, c)
     if events & EPOLLERR:
         # Act on a reset at once, even when no direction would touch this socket soon.
         if getsockopt(c.fd[s], SOL_SOCKET, SO_ERROR, &err, &size) == 0 and err != 0:
@@ -662,7 +787,12 @@ cdef int relay_take_submissions(RelayEngine *e) noexcept nogil:
     while c != NULL:
         nxt = c.link
         c.link = NULL
-        relay_register(e, c)
+        if c.http != NULL:
+            e.http_live += 1
+        if c.fd[1] < 0:
+            relay_start_connect(e, c)
+        else:
+            relay_register(e, c)
         c = nxt
     if commands & (RELAY_CMD_CUT | RELAY_CMD_STOP):
         relay_cut_all(e)
@@ -675,6 +805,7 @@ cdef void *relay_main(void *arg) noexcept nogil:
     cdef int n, i
     cdef int stop = 0
     cdef int timeout
+    cdef int wait
     cdef uint64_t tag
     cdef RelayConn *c
     while not stop:
@@ -684,6 +815,10 @@ cdef void *relay_main(void *arg) noexcept nogil:
             timeout = http_sweep_wait_ms(e)
         else:
             timeout = -1
+        if e.connecting > 0 and timeout != 0:
+            wait = relay_wait_ms(e.next_connect_sweep_ns)
+            if timeout < 0 or wait < timeout:
+                timeout = wait
         n = epoll_wait(e.epfd, events, RELAY_MAX_EVENTS, timeout)
         relay_count(e, RC_WAITS, 1)
         if n < 0:
@@ -697,6 +832,8 @@ cdef void *relay_main(void *arg) noexcept nogil:
             if not c.closed:
                 relay_on_event(e, c, <int>(tag & 1), events[i].events)
         relay_run_ready(e)
+        if e.connecting > 0:
+            relay_sweep_connects(e)
         if e.http_live > 0 and e.sweep_ns > 0:
             http_sweep(e)
         relay_publish(e)
@@ -845,16 +982,42 @@ cdef class SpliceEngine:
         HTTP/1.x framing (answer malformed requests, enforce the HTTP timeouts, and with
         ``observe`` queue one record per exchange).  Thread-safe; never blocks on the engine.
         """
-        cdef RelayEngine *e = self.e
-        cdef RelayConn *c
-        cdef bint was_empty
-        cdef uint64_t one = 1
-        if not self._running:
-            raise RuntimeError("the relay engine is not running")
-        if client_fd < 0 or upstream_fd < 0 or client_fd == upstream_fd:
+        if upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(
                 f"need two distinct open descriptors, got {client_fd} and {upstream_fd}"
             )
+        self._submit(self._new_conn(client_fd, upstream_fd, token, http, observe))
+
+    def connect(self, int client_fd, bytes address not None, uint64_t token, double timeout,
+                bint http=False, bint observe=True):
+        """Connect to ``address`` (a packed ``struct sockaddr_in`` or ``sockaddr_in6``) and
+        relay between it and ``client_fd``, which the engine now owns.
+
+        Nothing is read from the client before the upstream is connected.  Once it is, the
+        token is published on the established queue (``drain_all()[2]``).  If the connect fails
+        or is still pending after ``timeout`` seconds, the completion carries the errno
+        (ETIMEDOUT for the timeout) and, as its last field, the client descriptor: open,
+        unread and the caller's again.  Thread-safe; never blocks on the engine.
+        """
+        cdef RelayConn *c
+        cdef Py_ssize_t n = len(address)
+        if n < 16 or n > RELAY_ADDR_MAX:
+            raise ValueError(f"address must be a packed sockaddr of 16..28 bytes, got {n}")
+        if not 0.0 < timeout <= 86400.0:
+            raise ValueError(f"timeout must be 0..86400 seconds, got {timeout}")
+        c = self._new_conn(client_fd, -1, token, http, observe)
+        memcpy(c.addr, <const char *>address, n)
+        c.addr_len = <uint8_t>n
+        c.connect_deadline_ns = c.started_ns + <int64_t>(timeout * 1e9)
+        self._submit(c)
+
+    cdef RelayConn *_new_conn(self, int client_fd, int upstream_fd, uint64_t token, bint http,
+                              bint observe) except NULL:
+        cdef RelayConn *c
+        if not self._running:
+            raise RuntimeError("the relay engine is not running")
+        if client_fd < 0:
+            raise ValueError(f"need an open client descriptor, got {client_fd}")
         c = <RelayConn *>calloc(1, sizeof(RelayConn))
         if c == NULL:
             raise MemoryError()
@@ -867,6 +1030,12 @@ cdef class SpliceEngine:
         if http and http_attach(c, observe) < 0:
             free(c)
             raise MemoryError()
+        return c
+
+    cdef void _submit(self, RelayConn *c) noexcept:
+        cdef RelayEngine *e = self.e
+        cdef bint was_empty
+        cdef uint64_t one = 1
         relay_count(e, RC_SUBMITTED, 1)
         pthread_mutex_lock(&e.lock)
         was_empty = e.submit_head == NULL
@@ -893,14 +1062,18 @@ cdef class SpliceEngine:
         return self.drain_all()[0]
 
     def drain_all(self):
-        """Take every queued exchange and completion at once: ``(exchanges, completions)``.
+        """Take every queued exchange, completion and established connection at once:
+        ``(exchanges, completions, established tokens)``.
 
-        A connection's exchanges are always queued before its completion, so handling the
-        exchanges first never meets a connection that is already gone."""
+        A connection's exchanges and its establishment are always queued before its
+        completion, so handling those first never meets a connection that is already gone.
+        A completion is ``(token, up, down, errno, duration_ns, answered, client_fd)`` where
+        ``client_fd`` is -1 unless a ``connect()`` failed and the client came back."""
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
         cdef RelayConn *nxt
         cdef RelayExchange *x
+        cdef RelayConn *est
         cdef size_t count, i
         cdef uint64_t value
         if e.done_fd >= 0:
@@ -909,6 +1082,8 @@ cdef class SpliceEngine:
         c = e.done_head
         e.done_head = NULL
         e.done_tail = NULL
+        est = e.est_shared
+        e.est_shared = NULL
         x = e.ex_shared
         count = e.ex_shared_len
         e.ex_shared = NULL
@@ -927,14 +1102,19 @@ cdef class SpliceEngine:
             group[4].append(x[i].total_ns // 1000)
         free(x)
         exchanges = list(groups.values())
+        established = []
+        # Read before any completion is freed: a connection may be in both.
+        while est != NULL:
+            established.append(est.token)
+            est = est.est_next
         out = []
         while c != NULL:
             nxt = c.link
             out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns,
-                        c.answered))
+                        c.answered, c.fd[0] if c.handed_back else -1))
             free(c)
             c = nxt
-        return exchanges, out
+        return exchanges, out, established
 
     def close_all(self):
         """Reset every relayed connection now (completions carry ECANCELED); keep running."""
@@ -1018,6 +1198,8 @@ cdef class SpliceEngine:
         c = e.done_head
         while c != NULL:
             nxt = c.link
+            if c.handed_back:
+                close(c.fd[0])
             free(c)
             c = nxt
         pthread_mutex_destroy(&e.lock)

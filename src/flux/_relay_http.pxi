@@ -405,7 +405,7 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
     while c != NULL:
         nxt = c.next
         h = c.http
-        if h == NULL or c.closed:
+        if h == NULL or c.closed or c.connecting:
             c = nxt
             continue
         if h.lingering:

@@ -21,6 +21,8 @@ cdef extern from "<errno.h>" nogil:
         ECANCELED
         EBADF
         ETIMEDOUT
+        EINPROGRESS
+        ECONNREFUSED
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -90,6 +92,8 @@ cdef extern from "<sys/eventfd.h>" nogil:
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
     struct linger:
         int l_onoff
         int l_linger
@@ -101,6 +105,11 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RDWR
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+    int socket(int domain, int type, int protocol)
+    int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int shutdown(int sockfd, int how)

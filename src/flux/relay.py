@@ -30,6 +30,13 @@ connection is closed; a request head that takes longer than ``http_header_timeou
 (0 disables either).  ``RelayResult.answered`` names the status the relay answered itself.
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
+
+:meth:`SpliceRelay.connect` takes the client and only the instance's address: the engine makes
+and connects the upstream socket itself, which saves the event loop a socket, a connect, a
+writer registration and a callback per connection (under connection churn the event loop's
+thread was the bottleneck).  The caller's :class:`ConnectHandler` hears of the connection once
+it is up, when it ends, or, if the connect fails or times out, gets the client socket back
+unread to try another instance.
 """
 
 from __future__ import annotations
@@ -42,15 +49,16 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 __all__ = [
+    "ConnectHandler",
     "PythonRelay",
     "Relay",
     "RelayResult",
     "SpliceRelay",
     "make_relay",
+    "packed_sockaddr",
 ]
 
 ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
@@ -67,9 +75,9 @@ _FLUSH_INTERVAL = 1.0
 _LINGER_SECONDS = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class RelayResult:
-    """How one relayed connection ended.
+class RelayResult(NamedTuple):
+    """How one relayed connection ended (a NamedTuple: one is made per connection, and a
+    frozen dataclass cost several times as much to build).
 
     ``to_upstream`` / ``to_client``: bytes delivered each way.  ``error``: ``None`` when both
     directions ended with EOF, else the errno name (``"ECONNRESET"``, ``"EPIPE"``; ``"ECANCELED"``
@@ -82,6 +90,38 @@ class RelayResult:
     error: str | None
     duration: float
     answered: int = 0
+
+
+class ConnectHandler(Protocol):
+    """Told what became of one :meth:`SpliceRelay.connect`."""
+
+    def established(self) -> None:
+        """The upstream connection is up; bytes are moving."""
+
+    def ended(self, result: RelayResult) -> None:
+        """The relayed connection ended (also when it ended before it was established)."""
+
+    def connect_failed(self, client_fd: int, code: int) -> None:
+        """Connecting failed with errno ``code`` (ETIMEDOUT after the timeout); the client's
+        descriptor is the caller's again, open and unread."""
+
+
+@functools.lru_cache(maxsize=4096)
+def packed_sockaddr(ip: str, port: int) -> bytes:
+    """``ip``:``port`` as the ``struct sockaddr_in``/``sockaddr_in6`` bytes connect() takes."""
+    if ":" in ip:
+        return (
+            struct.pack("=H", socket.AF_INET6)
+            + struct.pack("!HI", port, 0)
+            + socket.inet_pton(socket.AF_INET6, ip)
+            + struct.pack("=I", 0)
+        )
+    return (
+        struct.pack("=H", socket.AF_INET)
+        + struct.pack("!H", port)
+        + socket.inet_pton(socket.AF_INET, ip)
+        + bytes(8)
+    )
 
 
 class Relay(Protocol):
@@ -157,6 +197,7 @@ class SpliceRelay:
         self._methods: tuple[str, ...] = HTTP_METHODS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
+        self._handlers: dict[int, ConnectHandler] = {}
         self._observers: dict[int, ExchangeObserver] = {}
         self._next_token = 1
         self._closing = False
@@ -169,7 +210,7 @@ class SpliceRelay:
 
     @property
     def active(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._handlers)
 
     @property
     def inflight_bytes(self) -> int:
@@ -203,10 +244,35 @@ class SpliceRelay:
         upstream.detach()
         self._pending[token] = future
         if http and observe is not None:
-            self._observers[token] = observe
-            if self._flusher is None:
-                self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+            self._observe(token, observe)
         return future
+
+    def connect(
+        self,
+        client_fd: int,
+        address: bytes,
+        timeout: float,
+        handler: ConnectHandler,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+    ) -> None:
+        """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
+        (a descriptor, now the relay's) to it; ``handler`` hears what became of it."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
+        token = self._next_token
+        self._next_token += 1
+        self._engine.connect(client_fd, address, token, timeout, http, observe is not None)
+        self._handlers[token] = handler
+        if http and observe is not None:
+            self._observe(token, observe)
+
+    def _observe(self, token: int, observe: ExchangeObserver) -> None:
+        assert self._loop is not None
+        self._observers[token] = observe
+        if self._flusher is None:
+            self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
 
     def _tick(self) -> None:
         self._flusher = None
@@ -216,7 +282,12 @@ class SpliceRelay:
 
     def flush(self) -> None:
         """Deliver queued exchanges to their observers, then complete finished connections."""
-        exchanges, completions = self._engine.drain_all()
+        exchanges, completions, established = self._engine.drain_all()
+        handlers = self._handlers
+        for token in established:
+            handler = handlers.get(token)
+            if handler is not None:
+                handler.established()
         if exchanges:
             observers = self._observers
             methods = self._methods
@@ -224,19 +295,21 @@ class SpliceRelay:
                 observe = observers.get(token)
                 if observe is not None:
                     observe(methods[method], status, roundtrips, totals)
-        for token, up, down, code, duration_ns, answered in completions:
+        for token, up, down, code, duration_ns, answered, client_fd in completions:
             self._observers.pop(token, None)
+            handler = handlers.pop(token, None)
+            if handler is not None and client_fd >= 0:
+                handler.connect_failed(client_fd, code)
+                continue
+            result = RelayResult(
+                up, down, _errno_name(code) if code else None, duration_ns / 1e9, answered
+            )
+            if handler is not None:
+                handler.ended(result)
+                continue
             future = self._pending.pop(token, None)
             if future is not None and not future.done():
-                future.set_result(
-                    RelayResult(
-                        up,
-                        down,
-                        _errno_name(code) if code else None,
-                        duration_ns / 1e9,
-                        answered,
-                    )
-                )
+                future.set_result(result)
 
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for active connections, reset the rest, stop the engine."""
@@ -244,10 +317,10 @@ class SpliceRelay:
             self._closing = True
             return
         self._closing = True
-        await _wait_bounded(list(self._pending.values()), grace)
-        if self._pending:
+        await self._settled(grace)
+        if self._pending or self._handlers:
             self._engine.close_all()
-            await _wait_bounded(list(self._pending.values()), _CUT_TIMEOUT)
+            await self._settled(_CUT_TIMEOUT)
         self._loop.remove_reader(self._engine.eventfd)
         if self._flusher is not None:
             self._flusher.cancel()
@@ -258,6 +331,17 @@ class SpliceRelay:
             if not future.done():
                 future.set_exception(RuntimeError("the relay engine stopped without a completion"))
         self._pending.clear()
+        handlers, self._handlers = self._handlers, {}
+        for handler in handlers.values():
+            handler.ended(RelayResult(0, 0, "ECANCELED", 0.0))
+
+    async def _settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for every submitted and connected connection to end."""
+        assert self._loop is not None
+        deadline = self._loop.time() + timeout
+        await _wait_bounded(list(self._pending.values()), timeout)
+        while self._handlers and self._loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
 
 class _Side(asyncio.Protocol):

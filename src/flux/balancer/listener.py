@@ -13,9 +13,16 @@ connect whose completion (or timeout) arrives as a callback, so the accept path 
 3. on failure, mark the instance failed (the pool backs it off) and try another, up to five
    attempts; when none is left, reset the client's connection at once, so it fails fast instead
    of waiting on a connection that will never be served;
-4. on success, hand both sockets to the relay (the Cython splice engine by default).  From there
-   no Python runs per byte.  For an ``http`` service the relay also follows HTTP/1.x framing
-   and reports each exchange to an observer made for the connection (``on_exchange``).
+4. on success, relay between the two (the Cython splice engine by default).  From there no
+   Python runs per byte.  For an ``http`` service the relay also follows HTTP/1.x framing and
+   reports each exchange to an observer made for the connection (``on_exchange``).
+
+With the splice engine, steps 2 and 4 happen in the engine's thread for a healthy instance
+(:meth:`SpliceRelay.connect`): the listener hands over the client and the instance's address,
+and hears back when the connection is up (counted then), when it ends, or with the client
+returned unread when the connect failed, to go on at step 3.  An instance on probation (see
+the pool) is connected here, on the event loop, because its outcome must reach the pool at
+once; so is everything with the Python relay.
 
 Running out of descriptors (EMFILE/ENFILE) or kernel memory while accepting pauses accepting for
 a moment instead of failing: pending connections wait in the kernel's backlog and are accepted
@@ -36,11 +43,11 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from flux.balancer.pool import Pool
 from flux.model import parse_address
-from flux.relay import ExchangeObserver, Relay, RelayResult
+from flux.relay import ExchangeObserver, Relay, RelayResult, packed_sockaddr
 
 __all__ = ["ConnectionInfo", "Listener"]
 
@@ -57,20 +64,63 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class _Connecting:
     """A client connection on its way to an instance."""
 
-    __slots__ = ("address", "client", "client_ip", "deadline", "name", "tried", "upstream")
+    __slots__ = (
+        "_sock",
+        "address",
+        "client_ip",
+        "deadline",
+        "fd",
+        "info",
+        "listener",
+        "name",
+        "tried",
+        "up",
+        "upstream",
+    )
 
-    def __init__(self, client: socket.socket, client_ip: str) -> None:
-        self.client = client
+    def __init__(self, listener: Listener, fd: int, client_ip: str) -> None:
+        self.listener = listener
+        # The accepted client as a bare descriptor: the engine takes descriptors, and a socket
+        # object per connection showed in profiles; one is made only when Python needs it.
+        self.fd = fd
+        self._sock: socket.socket | None = None
         self.client_ip = client_ip
         self.tried: set[str] = set()
         self.upstream: socket.socket | None = None
         self.name = ""
         self.address = ""
         self.deadline = 0.0
+        self.info: ConnectionInfo | None = None  # set when handed to the engine to connect
+        self.up = False  # the engine connected it (and the instance counts it as active)
+
+    @property
+    def client(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=self.fd)
+        return self._sock
+
+    def take_fd(self) -> int:
+        """The client's descriptor, given up by this object (the relay owns it next)."""
+        fd = self._sock.detach() if self._sock is not None else self.fd
+        self._sock = None
+        self.fd = -1
+        return fd
+
+    # The relay's ConnectHandler, for connects made in the engine.
+
+    def established(self) -> None:
+        self.listener._established(self)
+
+    def ended(self, result: RelayResult) -> None:
+        self.listener._ended(self, result)
+
+    def connect_failed(self, client_fd: int, code: int) -> None:
+        self.fd = client_fd
+        self.listener._failed(self.name, self.address, os.strerror(code))
+        self.listener._attempt(self)
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionInfo:
+class ConnectionInfo(NamedTuple):
     """A proxied connection, as the metrics see it when it starts and ends."""
 
     service: str
@@ -88,11 +138,11 @@ def _reset(sock: socket.socket) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _split(address: str) -> tuple[int, tuple[str, int]]:
+def _split(address: str) -> tuple[int, tuple[str, int], bytes]:
     # Cached: parsing with ipaddress on every connection showed in profiles of connection churn.
     ip, port = parse_address(address)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return family, (str(ip), port)
+    return family, (str(ip), port), packed_sockaddr(str(ip), port)
 
 
 class Listener:
@@ -128,6 +178,8 @@ class Listener:
         self._paused = False
         self._connecting: set[_Connecting] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        # The relay connects healthy instances itself when it can (SpliceRelay.connect).
+        self._engine_connect: Callable[..., None] | None = getattr(relay, "connect", None)
         self.port = 0
 
     def open(self) -> int:
@@ -166,7 +218,9 @@ class Listener:
             return
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = sock.accept()
+                # _accept(): the descriptor and address without a socket object (see
+                # _Connecting); accept4 with SOCK_CLOEXEC, like accept().
+                fd, peer = sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -178,7 +232,7 @@ class Listener:
                 raise
             # Left blocking: the relay makes both sockets non-blocking (and sets TCP_NODELAY)
             # itself, and nothing here reads or writes the client.
-            self._attempt(_Connecting(conn, peer[0]))
+            self._attempt(_Connecting(self, fd, peer[0]))
 
     def _pause(self, exc: OSError) -> None:
         assert self._loop is not None and self._sock is not None
@@ -215,7 +269,10 @@ class Listener:
                 break
             c.tried.add(choice.name)
             try:
-                family, target = _split(choice.address)
+                family, target, packed = _split(choice.address)
+                if self._engine_connect is not None and self.pool.healthy(choice.name):
+                    self._connect_in_engine(c, choice.name, choice.address, packed)
+                    return
                 upstream = socket.socket(family, socket.SOCK_STREAM)
             except (ValueError, OSError) as exc:
                 self._failed(choice.name, choice.address, str(exc))
@@ -244,6 +301,35 @@ class Listener:
             len(c.tried),
         )
         _reset(c.client)
+
+    def _connect_in_engine(self, c: _Connecting, name: str, address: str, packed: bytes) -> None:
+        assert self._engine_connect is not None
+        info = ConnectionInfo(self.service, self.protocol, name, address, c.client_ip)
+        observe = self._on_exchange(info) if self._on_exchange is not None else None
+        c.name, c.address = name, address
+        fd = c.take_fd()
+        try:
+            self._engine_connect(
+                fd, packed, self._connect_timeout, c, http=self._http, observe=observe
+            )
+        except RuntimeError:  # the relay is shutting down
+            c.fd = fd
+            _reset(c.client)
+            return
+        c.info = info
+
+    def _established(self, c: _Connecting) -> None:
+        self.pool.acquired(c.name)
+        if self._on_connection is not None and c.info is not None:
+            self._on_connection(c.info)
+        c.up = True
+
+    def _ended(self, c: _Connecting, result: RelayResult) -> None:
+        if not c.up:
+            return  # ended before it was up (the client reset it): nothing was counted
+        self.pool.released(c.name)
+        if self._on_done is not None and c.info is not None:
+            self._on_done(c.info, result)
 
     def _settle(self, c: _Connecting) -> socket.socket:
         assert self._loop is not None and c.upstream is not None

@@ -246,6 +246,12 @@ class Pool:
             return None
         return Choice(name, self._entries[name].address)
 
+    def healthy(self, name: str) -> bool:
+        """``name`` is ready and not on probation: its connect outcome changes nothing here
+        unless the connect fails."""
+        entry = self._entries.get(name)
+        return entry is not None and not entry.failures and name in self._ready
+
     def _choose_ready(self, exclude: Collection[str]) -> str | None:
         if self._balance == "random":
             return self._ready.choice(self._rng, exclude)
