@@ -106,7 +106,6 @@ class ConnectHandler(Protocol):
         descriptor is the caller's again, open and unread."""
 
 
-@functools.lru_cache(maxsize=4096)
 def packed_sockaddr(ip: str, port: int) -> bytes:
     """``ip``:``port`` as the ``struct sockaddr_in``/``sockaddr_in6`` bytes connect() takes."""
     if ":" in ip:

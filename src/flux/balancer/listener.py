@@ -306,7 +306,7 @@ class Listener:
         assert self._engine_connect is not None
         info = ConnectionInfo(self.service, self.protocol, name, address, c.client_ip)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
-        c.name, c.address = name, address
+        c.name, c.address, c.info = name, address, info
         fd = c.take_fd()
         try:
             self._engine_connect(
@@ -315,8 +315,6 @@ class Listener:
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
             _reset(c.client)
-            return
-        c.info = info
 
     def _established(self, c: _Connecting) -> None:
         self.pool.acquired(c.name)
