@@ -151,7 +151,6 @@ cdef struct RelayConn:
     uint8_t queued          # on the ready list
     uint8_t connecting      # the engine is connecting fd[1]: nothing moves until it is up
     uint8_t handed_back     # the connect failed and fd[0] goes back to the caller, still open
-    uint8_t notify          # publish the token once connected (connect())
     uint8_t addr_len
     char addr[RELAY_ADDR_MAX]   # where connect() goes
     int64_t connect_deadline_ns

@@ -380,10 +380,7 @@ cdef void http_start_answer(RelayEngine *e, RelayConn *c, uint16_t status) noexc
 # ---- timeouts -----------------------------------------------------------------------------------
 
 cdef int http_sweep_wait_ms(RelayEngine *e) noexcept nogil:
-    cdef int64_t left = e.next_sweep_ns - relay_now_ns()
-    if left <= 0:
-        return 0
-    return <int>((left + 999999) // 1000000)
+    return relay_wait_ms(e.next_sweep_ns)
 
 
 cdef inline bint http_quiet(RelayConn *c) noexcept nogil:
