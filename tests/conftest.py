@@ -1,18 +1,20 @@
 """Shared fixtures: the real parts the suite runs against.
 
 etcd: one private member per test session, on free loopback ports (``etcd_server``); each test
-that uses ``etcd`` starts from an empty keyspace.  A missing etcd fails the tests that need it
+that uses ``etcd`` starts from an empty keyspace.  ``fluxd_factory`` starts fluxd processes
+(tests/fluxd_process.py) against it.  A missing etcd fails the tests that need it
 (never skips): `make test` installs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.etcd_server import EtcdServer
+from tests.fluxd_process import Fluxd
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +33,21 @@ def etcd(etcd_server: EtcdServer) -> EtcdServer:
     etcd_server.start()
     etcd_server.wipe()
     return etcd_server
+
+
+@pytest.fixture
+def fluxd_factory(etcd: EtcdServer) -> Iterator[Callable[..., Fluxd]]:
+    """Start fluxd processes against the session's etcd; each is stopped and cleaned up after."""
+    started: list[Fluxd] = []
+
+    def make(*args: str, endpoint: str | None = None, chain: str | None = None) -> Fluxd:
+        daemon = Fluxd(endpoint or etcd.endpoint, *args, chain=chain)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        daemon.stop()
 
 
 @pytest.fixture

@@ -7,15 +7,12 @@ are containers publishing on 127.0.0.1 only.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,95 +20,16 @@ import pytest
 
 from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.etcd_server import EtcdServer
-
-HOST = "127.0.0.1"
-# nat: PREROUTING and OUTPUT; filter: FORWARD, INPUT and OUTPUT.
-EXPECTED_JUMPS = ["FORWARD", "INPUT", "OUTPUT", "OUTPUT", "PREROUTING"]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.05)
-
-
-def iptables_save() -> str:
-    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-
-
-class Fluxd:
-    """A fluxd process whose stderr is collected line by line."""
-
-    def __init__(self, etcd_endpoint: str, *args: str, chain: str | None = None) -> None:
-        self.chain = chain or "FLUXT" + secrets.token_hex(3).upper()
-        self.args = ["-host-ip", HOST, "-bridge", "lo", "-chain", self.chain, *args]
-        self.env = {**os.environ, "ETCD_ADDRESS": etcd_endpoint}
-        self.lines: list[str] = []
-        self.process: subprocess.Popen[str] | None = None
-
-    def start(self) -> Fluxd:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flux", *self.args],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def logged(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
-
-    def wait_logged(self, text: str, timeout: float = 15.0) -> None:
-        wait_until(lambda: self.logged(text) or self.process.poll() is not None, timeout, text)
-        assert self.logged(text), "\n".join(self.lines[-30:])
-
-    def signal(self, signum: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        subprocess.run(
-            [sys.executable, "-m", "flux", "cleanup", "-chain", self.chain, "-host-ip", HOST],
-            capture_output=True,
-            timeout=60,
-        )
-
-
-@pytest.fixture
-def fluxd_factory(etcd: EtcdServer) -> Iterator[Callable[..., Fluxd]]:
-    started: list[Fluxd] = []
-
-    def make(*args: str, endpoint: str | None = None, chain: str | None = None) -> Fluxd:
-        daemon = Fluxd(endpoint or etcd.endpoint, *args, chain=chain)
-        started.append(daemon)
-        return daemon.start()
-
-    yield make
-    for daemon in started:
-        daemon.stop()
-
-
-def chain_lines(chain: str) -> list[str]:
-    return [line for line in iptables_save().splitlines() if chain in line]
-
-
-def host_record(etcd: EtcdServer) -> dict | None:
-    value = etcd.get(f"/weave-flux/host/{HOST}")
-    return None if value is None else json.loads(value)
+from tests.fluxd_process import (
+    EXPECTED_JUMPS,
+    HOST,
+    Fluxd,
+    chain_lines,
+    docker,
+    host_record,
+    http_get,
+    wait_until,
+)
 
 
 def test_bad_flag_exits_2_with_one_line() -> None:
@@ -212,12 +130,6 @@ def test_cleanup_command_removes_leftovers(fluxd_factory: Callable[..., Fluxd]) 
 # -- end to end: container instances behind a floating address ------------------------------
 
 
-def docker(*args: str) -> str:
-    return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.strip()
-
-
 @pytest.fixture
 def web_containers(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     ensure_busybox_image()
@@ -240,15 +152,6 @@ def web_containers(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     yield run
     if made:
         subprocess.run(["docker", "rm", "-f", *made], capture_output=True, timeout=120)
-
-
-# No proxy from the environment: requests must go straight to the loopback service address.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http_get(url: str, timeout: float = 5.0) -> str:
-    with _OPENER.open(url, timeout=timeout) as response:
-        return response.read().decode()
 
 
 def test_host_client_reaches_containers_through_the_floating_address(

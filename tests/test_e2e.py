@@ -43,7 +43,7 @@ from flux.model import Host, HostRef, Instance, InstanceState, Service
 from flux.store.etcd import EtcdStore
 from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.etcd_server import EtcdServer
-from tests.test_daemon import (
+from tests.fluxd_process import (
     EXPECTED_JUMPS,
     HOST,
     Fluxd,
