@@ -8,6 +8,7 @@ separately (with fakes for the decision logic, and against the real loopback int
 from __future__ import annotations
 
 import os
+import socket
 import string
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from flux.config import (
     interface_ipv4,
     load_or_exit,
     parse_args,
+    resolve_advertise,
     settings_table_markdown,
     usage_text,
     version_text,
@@ -1223,3 +1225,85 @@ def test_any_command_line_gives_settings_or_one_line_error(argv: list[str]) -> N
     else:
         assert parsed.action in ("run", "help", "version")
         assert (parsed.settings is None) == (parsed.action != "run")
+
+
+# -- -advertise-prometheus with a DNS name: resolved once, at start ---------------------------
+
+
+def _answers(*addresses: str) -> list[tuple[object, object, object, object, tuple[object, ...]]]:
+    """getaddrinfo's answers for ``addresses``, in that order."""
+    return [
+        (
+            socket.AF_INET6 if ":" in a else socket.AF_INET,
+            socket.SOCK_STREAM,
+            6,
+            "",
+            (a, 9000, 0, 0) if ":" in a else (a, 9000),
+        )
+        for a in addresses
+    ]
+
+
+ADVERTISE_ARGS = ["-listen-prometheus", ":9000", "-advertise-prometheus"]
+
+RESOLVED = [
+    # (answers, advertised, the note's tail)
+    (["192.0.2.7"], "192.0.2.7:9000", "advertising 192.0.2.7:9000"),
+    # IPv4 preferred even when the resolver answers IPv6 first; the others are named.
+    (["2001:db8::7", "192.0.2.7", "192.0.2.8"], "192.0.2.7:9000",
+     "(not the other addresses 2001:db8::7, 192.0.2.8)"),
+    (["2001:db8::7"], "[2001:db8::7]:9000", "advertising [2001:db8::7]:9000"),
+    (["192.0.2.7", "192.0.2.7"], "192.0.2.7:9000", "advertising 192.0.2.7:9000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("answers", "advertised", "tail"), RESOLVED)
+def test_advertise_name_is_resolved_to_one_ip(
+    answers: list[str], advertised: str, tail: str
+) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def resolve(host: str, port: int) -> list:  # type: ignore[type-arg]
+        asked.append((host, port))
+        return _answers(*answers)
+
+    parsed = resolve_advertise(parse([*ADVERTISE_ARGS, "metrics.example:9000"]), resolve=resolve)
+    assert asked == [("metrics.example", 9000)]
+    assert parsed.settings is not None
+    assert str(parsed.settings.advertise_prometheus) == advertised
+    assert parsed.resolved is not None and parsed.resolved.endswith(tail)
+    assert parsed.resolved.startswith("-advertise-prometheus metrics.example:9000 resolves to")
+    assert f"advertise-prometheus={advertised}" in " ".join(parsed.describe())
+
+
+def test_advertise_ip_and_cleanup_are_not_resolved() -> None:
+    def resolve(host: str, port: int) -> list:  # type: ignore[type-arg]
+        raise AssertionError(f"looked up {host}")
+
+    parsed = parse([*ADVERTISE_ARGS, "192.0.2.9:9000"])
+    assert resolve_advertise(parsed, resolve=resolve) is parsed
+    cleanup = parse(["cleanup", *ADVERTISE_ARGS, "metrics.example:9000"])
+    assert resolve_advertise(cleanup, resolve=resolve) is cleanup
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+         "cannot resolve 'metrics.example': Name or service not known"),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+         "cannot resolve 'metrics.example': Temporary failure in name resolution"),
+        ([], "'metrics.example' resolves to no usable address"),
+    ],
+)  # fmt: skip
+def test_advertise_name_that_does_not_resolve_is_refused(
+    failure: BaseException | list[str], message: str
+) -> None:
+    def resolve(host: str, port: int) -> list:  # type: ignore[type-arg]
+        if isinstance(failure, BaseException):
+            raise failure
+        return _answers(*failure)
+
+    with pytest.raises(ConfigError) as info:
+        resolve_advertise(parse([*ADVERTISE_ARGS, "metrics.example:9000"]), resolve=resolve)
+    assert str(info.value) == f"-advertise-prometheus metrics.example:9000: {message}"

@@ -31,6 +31,7 @@ resolves to nothing or to a loopback address only (common on Debian hosts and in
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import ipaddress
 import math
@@ -81,6 +82,7 @@ __all__ = [
     "interface_ipv4",
     "load_or_exit",
     "parse_args",
+    "resolve_advertise",
     "settings_table_markdown",
     "usage_text",
     "version_text",
@@ -956,6 +958,8 @@ class ParsedCommand:
     settings: Settings | None = None
     command: Literal["cleanup"] | None = None
     host_ip_source: str | None = None
+    # How a DNS name given to -advertise-prometheus was resolved (a line for the start-up log).
+    resolved: str | None = None
 
     def describe(self) -> tuple[str, ...]:
         """Lines for the start-up log: where the host IP came from, then every setting."""
@@ -1109,13 +1113,69 @@ def parse_args(
     )
 
 
+_AddrInfo = list[tuple[Any, Any, Any, Any, tuple[Any, ...]]]
+
+
+def resolve_advertise(
+    parsed: ParsedCommand,
+    *,
+    resolve: Callable[[str, int], _AddrInfo] = lambda host, port: socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ),
+) -> ParsedCommand:
+    """Replace a DNS name in ``-advertise-prometheus`` by the IP it resolves to, once.
+
+    The etcd record Prometheus discovery reads holds ``IP:port`` (the original's format, and
+    what every reader parses), so a name is resolved here, at start, rather than advertised or
+    dropped.  An IPv4 address is preferred (the rules and the host IP are IPv4), then the
+    resolver's first answer; the other answers are named in :attr:`ParsedCommand.resolved`.
+    A name that does not resolve raises :class:`ConfigError`: better to refuse at start than
+    to run with an endpoint nobody can find.  The name is not looked up again: restart fluxd
+    after moving it.
+    """
+    settings = parsed.settings
+    target = settings.advertise_prometheus if settings is not None else None
+    if settings is None or parsed.command is not None or target is None:
+        return parsed
+    try:
+        ipaddress.ip_address(target.host)
+        return parsed
+    except ValueError:
+        pass
+    flag = f"-advertise-prometheus {target}"
+    try:
+        infos = resolve(target.host, target.port)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{flag}: cannot resolve {target.host!r}: {reason}") from None
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
+        if address not in found and not address.is_unspecified:
+            found.append(address)
+    if not found:
+        raise ConfigError(f"{flag}: {target.host!r} resolves to no usable address")
+    chosen = next((a for a in found if a.version == 4), found[0])
+    resolved = HostPort(str(chosen), target.port)
+    others = [str(a) for a in found if a != chosen]
+    note = f"-advertise-prometheus {target} resolves to {chosen}; advertising {resolved}"
+    if others:
+        note += f" (not the other addresses {', '.join(others)})"
+    return dataclasses.replace(
+        parsed,
+        settings=settings.model_copy(update={"advertise_prometheus": resolved}),
+        resolved=note,
+    )
+
+
 def load_or_exit(argv: Sequence[str], environ: Mapping[str, str]) -> ParsedCommand:
     """:func:`parse_args` for the entry point: help/version print and exit 0, errors exit 2.
 
+    The daemon's ``-advertise-prometheus`` name is resolved here too (:func:`resolve_advertise`).
     Errors are printed to stderr as ``fluxd: <message>``; nothing else has happened by then.
     """
     try:
-        parsed = parse_args(argv, environ)
+        parsed = resolve_advertise(parse_args(argv, environ))
     except ConfigError as exc:
         _exit(2, f"{PROGRAM}: {exc}", sys.stderr)
     if parsed.action == "help":

@@ -253,6 +253,8 @@ def _log_start(parsed: Any) -> None:
     host_line, *setting_lines = parsed.describe()
     log.info("%s", host_line)
     log.info("effective configuration: %s", " ".join(setting_lines))
+    if parsed.resolved is not None:
+        log.info("%s", parsed.resolved)
     for warning in settings.warnings:
         log.warning("%s", warning)
     limit = raise_descriptor_limit()
