@@ -26,6 +26,9 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member listening on loopback only."""
 
+    # What etcdctl runs under: tests/etcd_cluster.py's members put ``nsenter --net=...`` here.
+    command_prefix: tuple[str, ...] = ()
+
     def __init__(self, data_dir: Path) -> None:
         if shutil.which("etcd") is None:
             raise RuntimeError("etcd is not installed: run `make test`, which installs etcd-server")
@@ -87,7 +90,8 @@ class EtcdServer:
     def etcdctl(self, *args: str, check: bool = True) -> str:
         """Run etcdctl (v3 API) against this member and return its output."""
         result = subprocess.run(
-            ["etcdctl", f"--endpoints={self.endpoint}", "--dial-timeout=2s", *args],
+            [*self.command_prefix, "etcdctl", f"--endpoints={self.endpoint}", "--dial-timeout=2s",
+             *args],
             env={**os.environ, "ETCDCTL_API": "3"},
             capture_output=True,
             text=True,
