@@ -66,6 +66,9 @@ class Cluster:
     async def put_raw(self, key: str, value: str) -> None:
         raise NotImplementedError
 
+    async def delete_raw(self, key: str) -> None:
+        raise NotImplementedError
+
     async def expire_lease(self, lease_id: int) -> None:
         """Drop a lease behind its holder's back."""
         raise NotImplementedError
@@ -99,6 +102,9 @@ class MemoryCluster(Cluster):
     async def put_raw(self, key: str, value: str) -> None:
         self.backend.put_raw(key, value)
 
+    async def delete_raw(self, key: str) -> None:
+        self.backend.delete_raw(key)
+
     async def expire_lease(self, lease_id: int) -> None:
         self.backend.expire_lease(lease_id)
 
@@ -123,8 +129,10 @@ class EtcdCluster(Cluster):
         return await asyncio.to_thread(self.server.etcdctl, *args)
 
     async def put_raw(self, key: str, value: str) -> None:
-        # "--" so values starting with "-" are not taken for flags.
-        await self._etcdctl("put", "--", key, value)
+        await asyncio.to_thread(self.server.put, key, value)
+
+    async def delete_raw(self, key: str) -> None:
+        await self._etcdctl("del", key)
 
     async def expire_lease(self, lease_id: int) -> None:
         await self._etcdctl("lease", "revoke", f"{lease_id:x}")
@@ -204,10 +212,15 @@ async def changes_until_sentinel(
 
 
 async def open_watch(
-    hosts: Cluster, store: Store, *, rules: bool = False, instances: bool = False
+    hosts: Cluster,
+    store: Store,
+    *,
+    rules: bool = False,
+    instances: bool = False,
+    known_hosts: bool = False,
 ) -> tuple[AsyncGenerator[ServiceUpdate, None], ServiceUpdate]:
     """A watch (closed with the cluster) and its first update, which must be a reset."""
-    watch = store.watch_services(rules=rules, instances=instances)
+    watch = store.watch_services(rules=rules, instances=instances, known_hosts=known_hosts)
     hosts.watches.append(watch)
     first = await next_update(watch)
     assert first.reset
@@ -621,3 +634,137 @@ async def test_invalid_records_do_not_stop_a_watch(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "/weave-flux/service/svc/instances/x: not valid JSON" in logged
     assert "/weave-flux/service/svc/spec: address" in logged
+
+
+# -- bad records are named once; huge ones are refused; instances need a registered host -------
+
+
+def skipped(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The store's "skipping ..." lines so far."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "flux.store" and r.getMessage().startswith("skipping ")
+    ]
+
+
+async def test_each_bad_record_is_logged_once_until_it_changes(
+    hosts: Cluster, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flux.store")
+    for key, value in {**BAD_RECORDS, **GOOD_RECORDS}.items():
+        await hosts.put_raw(key, value)
+    watch, first = await open_watch(hosts, store, rules=True, instances=True)
+    assert first.services == {"good": GOOD}
+    # A second snapshot of the same records (another watch, reads, the reconcile's read):
+    # nothing new to say.
+    await open_watch(hosts, store, rules=True, instances=True)
+    assert await store.get_all_services(rules=True, instances=True) == {"good": GOOD}
+    await store.get_hosts()
+    await store.get_prometheus_targets()
+    lines = skipped(caplog)
+    assert len(lines) == len(BAD_RECORDS), "\n".join(lines)
+    for key in BAD_RECORDS:
+        shown = key.rsplit("/", 2)[0] + "/ has no spec" if "nospec" in key else key
+        assert sum(shown in line for line in lines) == 1, (key, lines)
+
+    rule = "/weave-flux/service/good/rules/badrule"
+    caplog.clear()
+    await hosts.put_raw(rule, "nope")  # the same bad value again: silent
+    await hosts.put_raw(rule, "[1]")  # another bad value: named again
+    await hosts.put_raw(rule, "[1]")
+    assert await changes_until_sentinel(store, watch) == []
+    assert skipped(caplog) == [f"skipping {rule}: expected a JSON object, got list"]
+    caplog.clear()
+    await hosts.put_raw(rule, '{"selector":{"a":"b"}}')  # valid for a while ...
+    await hosts.put_raw(rule, "[1]")  # ... then bad again: news
+    await changes_until_sentinel(store, watch)
+    assert skipped(caplog) == [f"skipping {rule}: expected a JSON object, got list"]
+
+
+async def test_huge_records_are_skipped_naming_their_size(
+    hosts: Cluster, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flux.store")
+    huge = json.dumps({"address": "10.0.0.1:80", "padding": "x" * (1 << 20)})
+    # 100,000 labels in about 1.1 MB (etcd takes requests up to 1.5 MiB).
+    many_labels = json.dumps(
+        {"address": "10.0.0.5:80", "labels": {f"l{i}": "" for i in range(100_000)}},
+        separators=(",", ":"),
+    )
+    await hosts.put_raw("/weave-flux/service/huge/spec", huge)
+    await hosts.put_raw("/weave-flux/service/many/spec", "{}")
+    await hosts.put_raw("/weave-flux/service/many/instances/labels", many_labels)
+    await hosts.put_raw("/weave-flux/service/many/instances/fine", GOOD_INSTANCE)
+    fine = Instance.model_validate_json(GOOD_INSTANCE)
+    expected = {"many": ServiceInfo(name="many", spec=Service(), instances={"fine": fine})}
+    assert await store.get_all_services(instances=True) == expected
+    _, first = await open_watch(hosts, store, instances=True)
+    assert first.services == expected
+    lines = skipped(caplog)
+    assert lines == [
+        f"skipping service 'huge': /weave-flux/service/huge/spec: the value is {len(huge)}"
+        " bytes, more than the 262144 a record may hold",
+        f"skipping /weave-flux/service/many/instances/labels: the value is {len(many_labels)}"
+        " bytes, more than the 262144 a record may hold",
+    ]
+
+
+async def test_instances_of_unregistered_hosts_are_held_back(
+    hosts: Cluster, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flux.store")
+    await store.add_service("svc", SPEC)
+    registered = Instance(host=HostRef(address="10.0.0.5"), address="10.0.0.5:80")
+    stray = Instance(host=HostRef(address="10.0.0.6"), address="10.0.0.6:80")
+    hostless = Instance(address="10.0.0.7:80")
+    await hosts.put_raw("/weave-flux/host/10.0.0.5", '{"address":"10.0.0.5"}')
+    for name, instance in (("a", registered), ("b", stray), ("c", hostless)):
+        await store.add_instance("svc", name, instance)
+    await with_lease(hosts, store)
+
+    watch, first = await open_watch(hosts, store, instances=True, known_hosts=True)
+    assert first.services == {"svc": info(instances={"a": registered})}
+    assert await store.get_all_services(instances=True, known_hosts=True) == first.services
+    held = await store.get_service("svc", instances=True, known_hosts=True)
+    assert held == first.services["svc"]
+    everything = info(instances={"a": registered, "b": stray, "c": hostless})
+    assert await store.get_service("svc", instances=True) == everything
+    assert skipped(caplog) == [
+        "skipping /weave-flux/service/svc/instances/b: its host 10.0.0.6 is not registered"
+        " (no /weave-flux/host/10.0.0.6 record)",
+        "skipping /weave-flux/service/svc/instances/c: it names no host",
+    ]
+
+    # The host registers: its instance is served; it goes away: held back again (and named).
+    caplog.clear()
+    await hosts.put_raw("/weave-flux/host/10.0.0.6", '{"address":"10.0.0.6"}')
+    assert await changes_until_sentinel(store, watch) == [
+        {"svc": info(instances={"a": registered, "b": stray})}
+    ]
+    await hosts.delete_raw("/weave-flux/host/10.0.0.6")
+    assert await changes_until_sentinel(store, watch) == [
+        {"svc": info(instances={"a": registered})}
+    ]
+    assert len(skipped(caplog)) == 1 and "instances/b" in skipped(caplog)[0]
+
+
+async def test_created_orders_services_by_when_their_spec_was_created(
+    hosts: Cluster, store: Store
+) -> None:
+    await store.add_service("first", SPEC)
+    await store.add_service("second", SPEC)
+    await store.add_service("first", OTHER_SPEC)  # rewritten in place: still the first
+    services = await store.get_all_services()
+    assert 0 < services["first"].created < services["second"].created
+    assert (await store.get_service("first")).created == services["first"].created
+    watch, snapshot = await open_watch(hosts, store)
+    assert {n: i.created for n, i in snapshot.services.items()} == {
+        n: i.created for n, i in services.items()
+    }
+    await store.remove_service("first")
+    await store.add_service("first", SPEC)  # re-created: now the last
+    changes = await changes_until_sentinel(store, watch)
+    assert changes[0] == {"first": None}
+    recreated = changes[1]["first"]
+    assert recreated is not None and recreated.created > services["second"].created

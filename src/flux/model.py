@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "MAX_RECORD_BYTES",
     "NAME_PATTERN",
     "Address",
     "Host",
@@ -49,6 +50,7 @@ __all__ = [
     "encode_record",
     "format_address",
     "parse_address",
+    "shown",
     "validate_name",
 ]
 
@@ -59,16 +61,27 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 Protocol = Literal["tcp", "http"]
 
+# The largest record value a reader decodes.  flux's own records are well under 1 KiB (an
+# instance carries its container's labels and environment, rarely more than a few KiB); a value
+# this size is not one of them, and every fluxd would hold and re-decode it on every change.
+MAX_RECORD_BYTES = 256 * 1024
+
 
 class RecordError(ValueError):
     """A record or a value that fails validation; the message is one line for people."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a log line, cut short: bad input may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
 def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid service or rule name, else raise :class:`RecordError`."""
     if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
         raise RecordError(
-            f"invalid {what} {name!r}: use 1-63 letters, digits, '_', '.' or '-', "
+            f"invalid {what} {shown(name)}: use 1-63 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -76,7 +89,7 @@ def validate_name(name: str, what: str = "name") -> str:
 
 def _check_port(port: int, text: str) -> int:
     if not 1 <= port <= 65535:
-        raise RecordError(f"invalid address {text!r}: port must be 1-65535")
+        raise RecordError(f"invalid address {shown(text)}: port must be 1-65535")
     return port
 
 
@@ -87,22 +100,26 @@ def parse_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     destination; ``0.0.0.0:80`` would match nothing useful).
     """
     if not isinstance(text, str):
-        raise RecordError(f"invalid address {text!r}: expected text of the form IP:port")
+        raise RecordError(f"invalid address {shown(text)}: expected text of the form IP:port")
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
-        raise RecordError(f"invalid address {text!r}: expected IP:port")
+        raise RecordError(f"invalid address {shown(text)}: expected IP:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise RecordError(f"invalid address {text!r}: write IPv6 addresses as [IP]:port")
+        raise RecordError(f"invalid address {shown(text)}: write IPv6 addresses as [IP]:port")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        raise RecordError(f"invalid address {text!r}: {host!r} is not an IP address") from None
+        raise RecordError(
+            f"invalid address {shown(text)}: {shown(host)} is not an IP address"
+        ) from None
     if ip.is_unspecified:
-        raise RecordError(f"invalid address {text!r}: the IP must not be unspecified")
+        raise RecordError(f"invalid address {shown(text)}: the IP must not be unspecified")
     if not port_text.isdigit():
-        raise RecordError(f"invalid address {text!r}: port {port_text!r} is not a number")
+        raise RecordError(
+            f"invalid address {shown(text)}: port {shown(port_text)} is not a number"
+        )
     return ip, _check_port(int(port_text), text)
 
 
@@ -121,7 +138,7 @@ def _normalise_ip(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise RecordError(f"invalid host address {text!r}: not an IP address") from None
+        raise RecordError(f"invalid host address {shown(text)}: not an IP address") from None
 
 
 # An ``IP:port`` kept as its canonical text form: that is what goes to etcd and iptables.
@@ -209,12 +226,30 @@ class Host(_Record):
 
 
 class ServiceInfo(_Record):
-    """A service with, as asked for, its rules and its instances."""
+    """A service with, as asked for, its rules and its instances.
+
+    ``created`` is the store revision at which the spec key was created (0 when unknown): the
+    same on every host, it orders services that claim one address (the first one keeps it).
+    """
 
     name: str
     spec: Service
+    created: int = 0
     rules: dict[str, Rule] = Field(default_factory=dict)
     instances: dict[str, Instance] = Field(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        # ``created`` orders claims on an address; it is not part of what the service is (a
+        # spec rewritten in place keeps it, and a spec can only be re-created after a delete,
+        # which every watcher sees on its own).
+        if not isinstance(other, ServiceInfo):
+            return NotImplemented
+        return (self.name, self.spec, self.rules, self.instances) == (
+            other.name,
+            other.spec,
+            other.rules,
+            other.instances,
+        )
 
 
 _R = TypeVar("_R", bound=BaseModel)
@@ -244,6 +279,11 @@ def _describe(error: ValidationError) -> str:
 
 def decode_record(cls: type[_R], text: str | bytes, key: str = "record") -> _R:
     """Parse a record from JSON; raise :class:`RecordError` naming ``key`` on any problem."""
+    if len(text) > MAX_RECORD_BYTES:
+        raise RecordError(
+            f"{key}: the value is {len(text)} bytes, more than the {MAX_RECORD_BYTES} a record"
+            " may hold"
+        )
     try:
         data: Any = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -22,7 +22,9 @@ watch yield a fresh ``reset`` snapshot; only when no snapshot can be taken at al
 :class:`StoreUnavailable`, for the caller's supervisor to retry with backoff.
 
 Records that do not decode (bad JSON, failed validation, a service directory without a spec)
-are logged and skipped by every read; they never fail a whole read or stop a watch.
+are logged and skipped by every read; they never fail a whole read or stop a watch.  Each is
+logged once per store object (so once per fluxd or fluxctl run), not again at every re-read,
+until its value changes.
 """
 
 from __future__ import annotations
@@ -95,15 +97,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_service(
-        self, name: str, *, rules: bool = False, instances: bool = False
+        self, name: str, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> ServiceInfo:
-        """Read one service; raise :class:`NotFound` if it does not exist."""
+        """Read one service; raise :class:`NotFound` if it does not exist.
+
+        With ``known_hosts``, instances whose host has no host record are left out (and logged):
+        see :class:`flux.store.keys.ServiceTree`.
+        """
 
     @abc.abstractmethod
     async def get_all_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> dict[str, ServiceInfo]:
-        """Read every (valid) service, keyed by name."""
+        """Read every (valid) service, keyed by name (``known_hosts`` as for get_service)."""
 
     @abc.abstractmethod
     async def set_rule(self, service: str, name: str, rule: Rule) -> None:
@@ -171,12 +177,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def watch_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> AsyncGenerator[ServiceUpdate, None]:
         """Yield a reset snapshot, then per-service deltas (see the module docstring).
 
         Changes to rules (instances) produce updates only when ``rules`` (``instances``) is
-        set, and the services yielded then carry them.  Closing the generator (``aclose()``,
-        or cancelling the task iterating it) closes the watch.
+        set, and the services yielded then carry them.  With ``known_hosts`` the watch follows
+        host records too and leaves out instances whose host is not registered; a host
+        registering or going away yields the services of its instances.  Closing the generator
+        (``aclose()``, or cancelling the task iterating it) closes the watch.
         """
 

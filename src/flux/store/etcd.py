@@ -59,6 +59,7 @@ from flux.store.keys import (
     PROMETHEUS_TARGETS,
     SERVICES,
     KeyEvent,
+    Problems,
     ServiceTree,
     ServiceWatch,
     decode_hosts,
@@ -173,6 +174,14 @@ class _LeaseGone(Exception):
     """etcd no longer knows the lease being written to."""
 
 
+def _snapshot(response: Any) -> list[KeyEvent]:
+    """The key-values of a range response, as put events."""
+    return [
+        KeyEvent(kv.key.decode("utf-8", "replace"), kv.value or b"", int(kv.create_revision or 0))
+        for kv in response.kvs or []
+    ]
+
+
 def _key_events(events: Iterable[Any]) -> list[list[KeyEvent]]:
     """Watch events as key events, in groups of one revision each."""
     groups: list[list[KeyEvent]] = []
@@ -181,7 +190,7 @@ def _key_events(events: Iterable[Any]) -> list[list[KeyEvent]]:
         kv = event.kv
         deleted = getattr(event.type, "value", event.type) == "DELETE"
         key = kv.key.decode("utf-8", "replace")
-        item = KeyEvent(key, None if deleted else (kv.value or b""))
+        item = KeyEvent(key, None if deleted else (kv.value or b""), int(kv.create_revision or 0))
         if kv.mod_revision != revision or not groups:
             groups.append([])
             revision = kv.mod_revision
@@ -226,6 +235,7 @@ class EtcdStore(LeasedStore):
         )
         self._watch_retry = watch_retry
         self._watch_idle = watch_idle
+        self._problems = Problems()
         self._client: AioClient | None = None
         self._current = 0
         self._connect_lock = asyncio.Lock()
@@ -344,7 +354,7 @@ class EtcdStore(LeasedStore):
         await self._rpc(lambda c: c.delete_range(SERVICES, prefix=True))
 
     async def get_service(
-        self, name: str, *, rules: bool = False, instances: bool = False
+        self, name: str, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> ServiceInfo:
         if rules or instances:
             prefix = service_dir(name)
@@ -352,21 +362,33 @@ class EtcdStore(LeasedStore):
         else:
             key = spec_key(name)
             response = await self._rpc(lambda c: c.range(key))
-        tree = ServiceTree.from_pairs(
-            ((kv.key, kv.value or b"") for kv in response.kvs or []),
+        events = _snapshot(response)
+        if known_hosts and instances:
+            # Read after the service: an instance seen there had its host record written no
+            # later (the host record comes first on a lease), so this read sees it.
+            events += _snapshot(await self._rpc(lambda c: c.range(HOSTS, prefix=True)))
+        tree = ServiceTree.from_events(
+            events,
             rules=rules,
             instances=instances,
+            hosts=known_hosts and instances,
+            problems=self._problems,
         )
         return tree.require(name)
 
     async def get_all_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> dict[str, ServiceInfo]:
-        response = await self._rpc(lambda c: c.range(SERVICES, prefix=True))
-        return ServiceTree.from_pairs(
-            ((kv.key, kv.value or b"") for kv in response.kvs or []),
+        hosts = known_hosts and instances
+        # With hosts, one range over everything: services and hosts at one revision.
+        prefix = PREFIX if hosts else SERVICES
+        response = await self._rpc(lambda c: c.range(prefix, prefix=True))
+        return ServiceTree.from_events(
+            _snapshot(response),
             rules=rules,
             instances=instances,
+            hosts=hosts,
+            problems=self._problems,
         ).services()
 
     async def set_rule(self, service: str, name: str, rule: Rule) -> None:
@@ -389,11 +411,15 @@ class EtcdStore(LeasedStore):
 
     async def get_hosts(self) -> dict[str, Host]:
         response = await self._rpc(lambda c: c.range(HOSTS, prefix=True))
-        return decode_hosts((kv.key, kv.value or b"") for kv in response.kvs or [])
+        return decode_hosts(
+            ((kv.key, kv.value or b"") for kv in response.kvs or []), self._problems
+        )
 
     async def get_prometheus_targets(self) -> dict[str, str]:
         response = await self._rpc(lambda c: c.range(PROMETHEUS_TARGETS, prefix=True))
-        return decode_targets((kv.key, kv.value or b"") for kv in response.kvs or [])
+        return decode_targets(
+            ((kv.key, kv.value or b"") for kv in response.kvs or []), self._problems
+        )
 
     async def _keep(self, key: str, value: str) -> None:
         async with self._owned_lock:
@@ -540,20 +566,25 @@ class EtcdStore(LeasedStore):
     # -- watches ------------------------------------------------------------------------------
 
     def watch_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        return self._watch_services(rules, instances)
+        return self._watch_services(rules, instances, known_hosts and instances)
 
     async def _watch_services(
-        self, rules: bool, instances: bool
+        self, rules: bool, instances: bool, hosts: bool
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        watch = ServiceWatch(rules=rules, instances=instances)
+        watch = ServiceWatch(
+            rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        )
+        # Following hosts too means following the whole prefix (the metrics targets that come
+        # with it are ignored): one snapshot and one stream, so both are at one revision.
+        prefix = PREFIX if hosts else SERVICES
         loop = asyncio.get_running_loop()
         give_up_at: float | None = None  # set while recovering from a break
         backoff = _WATCH_BACKOFF
         while True:
             try:
-                response = await self._rpc(lambda c: c.range(SERVICES, prefix=True))
+                response = await self._rpc(lambda c: c.range(prefix, prefix=True))
             except StoreUnavailable:
                 if give_up_at is None or loop.time() >= give_up_at:
                     raise
@@ -561,10 +592,11 @@ class EtcdStore(LeasedStore):
                 backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
                 continue
             revision = int(response.header.revision)
-            yield watch.reset((kv.key, kv.value or b"") for kv in response.kvs or [])
+            yield watch.reset(_snapshot(response))
             try:
                 # The stream starts after the snapshot's revision, so no event falls between.
-                async with contextlib.aclosing(self._follow(revision + 1, watch)) as updates:
+                follow = self._follow(prefix, revision + 1, watch)
+                async with contextlib.aclosing(follow) as updates:
                     async for update in updates:
                         yield update
             except _Resync as exc:
@@ -582,14 +614,14 @@ class EtcdStore(LeasedStore):
                 backoff = min(backoff * 2, _WATCH_BACKOFF_MAX)
 
     async def _follow(
-        self, start_revision: int, watch: ServiceWatch
+        self, prefix: str, start_revision: int, watch: ServiceWatch
     ) -> AsyncGenerator[ServiceUpdate, None]:
         """Updates from a watch stream starting at ``start_revision``; _Resync when it ends."""
         loop = asyncio.get_running_loop()
         client = await self._connected()
         endpoint = self._current
         stream = client.watch_create(
-            SERVICES, prefix=True, start_revision=start_revision, timeout=self._stream_timeout
+            prefix, prefix=True, start_revision=start_revision, timeout=self._stream_timeout
         )
         pending: asyncio.Future[Any] | None = None
         opened_at: float | None = None

@@ -37,9 +37,11 @@ from flux.model import Host, Rule, Service, ServiceInfo, encode_record
 from flux.store.base import NotFound, ServiceUpdate, StoreUnavailable
 from flux.store.keys import (
     HOSTS,
+    PREFIX,
     PROMETHEUS_TARGETS,
     SERVICES,
     KeyEvent,
+    Problems,
     ServiceTree,
     ServiceWatch,
     decode_hosts,
@@ -82,6 +84,7 @@ class _Lease:
 class _Entry:
     value: str
     lease: int
+    created: int = 0  # the revision that created the key, set on commit
 
 
 # Put in a watcher's queue: the "stream" broke, take a new snapshot.
@@ -163,6 +166,13 @@ class MemoryBackend:
         self._expire_due()
         return [(key, self._kv[key].value) for key in self.keys(prefix)]
 
+    def snapshot(self, prefix: str) -> list[KeyEvent]:
+        """The keys under ``prefix`` as put events, with the revisions that created them."""
+        self._expire_due()
+        return [
+            KeyEvent(key, self._kv[key].value, self._kv[key].created) for key in self.keys(prefix)
+        ]
+
     def get(self, key: str) -> str | None:
         self._expire_due()
         return self.get_raw(key)
@@ -217,9 +227,9 @@ class MemoryBackend:
             lease.on_lost = None  # the holder asked for it
         self._drop(lease_id)
 
-    def open_watch(self, prefix: str) -> tuple[list[tuple[str, str]], _Watcher]:
+    def open_watch(self, prefix: str) -> tuple[list[KeyEvent], _Watcher]:
         """A snapshot of ``prefix`` and a watcher that receives every later change to it."""
-        pairs = self.range(prefix)
+        pairs = self.snapshot(prefix)
         watcher = _Watcher(prefix)
         self._watchers.add(watcher)
         return pairs, watcher
@@ -245,8 +255,13 @@ class MemoryBackend:
             if entry is None:
                 del self._kv[key]
             else:
+                old = self._kv.get(key)
+                entry.created = old.created if old is not None else self.revision
                 self._kv[key] = entry
-            events.append(KeyEvent(key, None if entry is None else entry.value))
+            if entry is None:
+                events.append(KeyEvent(key, None))
+            else:
+                events.append(KeyEvent(key, entry.value, entry.created))
         for watcher in self._watchers:
             mine = [event for event in events if event.key.startswith(watcher.prefix)]
             if mine:
@@ -279,6 +294,7 @@ class MemoryStore(LeasedStore):
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._watchers: set[_Watcher] = set()
+        self._problems = Problems()
 
     # -- outages ---------------------------------------------------------------------------------
 
@@ -326,19 +342,25 @@ class MemoryStore(LeasedStore):
         self.backend.delete(SERVICES, prefix=True)
 
     async def get_service(
-        self, name: str, *, rules: bool = False, instances: bool = False
+        self, name: str, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> ServiceInfo:
         prefix = service_dir(name)
         await self._enter()
-        pairs = self.backend.range(prefix)
-        return ServiceTree.from_pairs(pairs, rules=rules, instances=instances).require(name)
+        hosts = known_hosts and instances
+        events = self.backend.snapshot(prefix) + (self.backend.snapshot(HOSTS) if hosts else [])
+        return ServiceTree.from_events(
+            events, rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        ).require(name)
 
     async def get_all_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> dict[str, ServiceInfo]:
         await self._enter()
-        pairs = self.backend.range(SERVICES)
-        return ServiceTree.from_pairs(pairs, rules=rules, instances=instances).services()
+        hosts = known_hosts and instances
+        events = self.backend.snapshot(PREFIX if hosts else SERVICES)
+        return ServiceTree.from_events(
+            events, rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        ).services()
 
     async def set_rule(self, service: str, name: str, rule: Rule) -> None:
         key = rule_key(service, name)
@@ -355,11 +377,11 @@ class MemoryStore(LeasedStore):
 
     async def get_hosts(self) -> dict[str, Host]:
         await self._enter()
-        return decode_hosts(self.backend.range(HOSTS))
+        return decode_hosts(self.backend.range(HOSTS), self._problems)
 
     async def get_prometheus_targets(self) -> dict[str, str]:
         await self._enter()
-        return decode_targets(self.backend.range(PROMETHEUS_TARGETS))
+        return decode_targets(self.backend.range(PROMETHEUS_TARGETS), self._problems)
 
     async def _keep(self, key: str, value: str) -> None:
         await asyncio.sleep(0)
@@ -450,17 +472,19 @@ class MemoryStore(LeasedStore):
     # -- watches ---------------------------------------------------------------------------------
 
     def watch_services(
-        self, *, rules: bool = False, instances: bool = False
+        self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        return self._watch_services(rules, instances)
+        return self._watch_services(rules, instances, known_hosts and instances)
 
     async def _watch_services(
-        self, rules: bool, instances: bool
+        self, rules: bool, instances: bool, hosts: bool
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        watch = ServiceWatch(rules=rules, instances=instances)
+        watch = ServiceWatch(
+            rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        )
         while True:
             await self._enter()
-            pairs, watcher = self.backend.open_watch(SERVICES)
+            pairs, watcher = self.backend.open_watch(PREFIX if hosts else SERVICES)
             self._watchers.add(watcher)
             try:
                 yield watch.reset(pairs)
