@@ -20,7 +20,7 @@ import pytest
 
 from flux.balancer.balancer import Balancer
 from flux.balancer.iptables import IPTables
-from flux.model import HostRef, Instance, InstanceState, Service
+from flux.model import Host, HostRef, Instance, InstanceState, Service
 from flux.relay import make_relay
 from flux.store.memory import MemoryBackend, MemoryStore
 
@@ -97,6 +97,8 @@ class Cluster:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        # The balancer serves instances of registered hosts only: register the agent's host.
+        await self.agent.register_host(Host(address="127.0.0.1"))
         self.tasks.append(asyncio.create_task(self.agent.run_lease(30)))
         self.tasks.append(asyncio.create_task(self.balancer.run()))
         await self.agent.wait_lease()

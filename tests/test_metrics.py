@@ -51,7 +51,7 @@ from flux.metrics import (
 )
 from flux.metrics.counters import BucketCounts
 from flux.metrics.summary import SUMMARY_HIGHEST_US
-from flux.model import HostRef, Instance, InstanceState, Service
+from flux.model import Host, HostRef, Instance, InstanceState, Service
 from flux.relay import RelayResult, make_relay
 from flux.store.memory import MemoryBackend, MemoryStore
 from tests.etcd_server import EtcdServer
@@ -738,6 +738,7 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
     echo = await EchoBackend().start()
     n = secrets.randbelow(200)
     vip, dead_vip = f"127.42.77.{n + 1}", f"127.42.78.{n + 1}"
+    await host.register_host(Host(address="127.0.0.1"))  # only registered hosts are served
     tasks = [asyncio.create_task(host.run_lease(30)), asyncio.create_task(balancer.run())]
 
     async def until(predicate: Callable[[], bool]) -> None:

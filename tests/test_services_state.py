@@ -12,6 +12,7 @@ from flux.balancer.services import (
     TRANSITIONS,
     Action,
     ActionKind,
+    Conflict,
     Endpoint,
     Phase,
     ServiceState,
@@ -19,6 +20,8 @@ from flux.balancer.services import (
     State,
     in_phase_order,
     reset,
+    resolve_conflicts,
+    step,
     transition,
     why_ignored,
 )
@@ -352,3 +355,105 @@ def test_ipv6_services_are_ignored_with_a_reason() -> None:
     reason = why_ignored(record)
     assert reason is not None and "IPv6" in reason and "[fd00::1]:80" in reason
     assert ServiceView.from_info(info(Service(address=VIP))) == ServiceView(TCP, {})
+
+
+# -- two services, one address ----------------------------------------------------------------
+
+OTHER_VIP = "127.42.0.2:8888"
+
+# (views as {name: (address, created)}, the services served, the conflicts as {name: holder})
+CONFLICT_CASES = [
+    ({"a": (VIP, 5)}, {"a"}, {}),
+    ({"a": (VIP, 5), "b": (OTHER_VIP, 6)}, {"a", "b"}, {}),
+    # The first spec created keeps the address, whatever the names.
+    ({"a": (VIP, 9), "b": (VIP, 6)}, {"b"}, {"a": "b"}),
+    ({"a": (VIP, 5), "b": (VIP, 6), "c": (VIP, 7)}, {"a"}, {"b": "a", "c": "a"}),
+    # Same revision (a store that cannot tell): the name decides.
+    ({"b": (VIP, 0), "a": (VIP, 0)}, {"a"}, {"b": "a"}),
+    # Another port on the same IP is another address.
+    ({"a": (VIP, 5), "b": ("127.42.0.1:8889", 4)}, {"a", "b"}, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("claims", "served", "refused"), CONFLICT_CASES)
+def test_resolve_conflicts(
+    claims: dict[str, tuple[str, int]], served: set[str], refused: dict[str, str]
+) -> None:
+    views = {name: ServiceView(Endpoint(a, "tcp"), {}, c) for name, (a, c) in claims.items()}
+    kept, conflicts = resolve_conflicts(views)
+    assert set(kept) == served and all(kept[name] is views[name] for name in kept)
+    assert conflicts == {
+        name: Conflict(name, claims[name][0], holder) for name, holder in refused.items()
+    }
+    assert str(Conflict("b", VIP, "a")) == f"address {VIP} is also used by service a"
+
+
+def test_the_next_claimant_takes_over_when_the_holder_goes_or_moves() -> None:
+    a = ServiceView(TCP, ONE, created=1)
+    b = ServiceView(Endpoint(VIP, "http"), {}, created=2)
+    states, actions, conflicts = step({}, {}, {"a": a, "b": b}, None)
+    assert set(states) == {"a"} and conflicts == {"b": Conflict("b", VIP, "a")}
+    # a moves away: b is not in the update, but takes the address in the same step.
+    moved = ServiceView(MOVED, ONE, created=1)
+    states, actions, conflicts = step(states, conflicts, {"a": moved, "b": b}, ["a"])
+    assert conflicts == {}
+    assert states["b"] == rejecting(Endpoint(VIP, "http")) and states["a"].endpoint == MOVED
+    kinds = [(action.service, action.kind) for action in in_phase_order(actions)]
+    assert ("b", A.INSTALL_REJECT) in kinds and ("a", A.REMOVE_RULE) in kinds
+    # a comes back to the address: its spec is older, so it wins the address back.
+    states, actions, conflicts = step(states, conflicts, {"a": a, "b": b}, ["a"])
+    assert set(states) == {"a"} and conflicts == {"b": Conflict("b", VIP, "a")}
+    # a is removed: b takes over.
+    states, actions, conflicts = step(states, conflicts, {"b": b}, ["a"])
+    assert set(states) == {"b"} and conflicts == {}
+
+
+_ADDRESSES = [VIP, OTHER_VIP, "127.42.0.3:80"]
+_NAMES = ["a", "b", "c", "d"]
+
+# One update: a service gets a view (address, protocol, has instances, created) or goes away.
+_updates = st.lists(
+    st.tuples(
+        st.sampled_from(_NAMES),
+        st.none()
+        | st.tuples(
+            st.sampled_from(_ADDRESSES),
+            st.sampled_from(["tcp", "http"]),
+            st.booleans(),
+            st.integers(1, 6),
+        ),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@given(_updates)
+def test_no_two_services_ever_share_an_address_and_deltas_converge_on_a_reset(
+    updates: list[tuple[str, tuple[str, str, bool, int] | None]],
+) -> None:
+    states: dict[str, ServiceState] = {}
+    conflicts: dict[str, Conflict] = {}
+    wanted: dict[str, ServiceView] = {}
+    for name, change in updates:
+        if change is None:
+            wanted.pop(name, None)
+        else:
+            address, protocol, live, created = change
+            instances = {f"{name}-1": "127.0.0.1:10000"} if live else {}
+            wanted[name] = ServiceView(Endpoint(address, protocol), instances, created)  # type: ignore[arg-type]
+        states, _, conflicts = step(states, conflicts, wanted, [name])
+        addresses = [state.endpoint.address for state in states.values() if state.endpoint]
+        assert len(addresses) == len(set(addresses)), states
+        assert set(states) | set(conflicts) == set(wanted)
+        # Whatever the path, the state is what a fresh snapshot of the same views gives (but
+        # for the protocol of a rejecting service, which keeps the one its rule was made for).
+        fresh, _, fresh_conflicts = step({}, {}, wanted, None)
+        assert _served(states) == _served(fresh) and conflicts == fresh_conflicts
+
+
+def _served(states: dict[str, ServiceState]) -> dict[str, tuple[State, str, dict[str, str]]]:
+    return {
+        name: (state.state, state.endpoint.address if state.endpoint else "", dict(state.instances))
+        for name, state in states.items()
+    }

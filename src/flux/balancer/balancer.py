@@ -17,6 +17,12 @@ The state survives a broken watch: when etcd goes away the watch fails, the supe
 it with backoff, and the balancer keeps forwarding with what it knows until a fresh snapshot
 arrives (the original's behaviour, reference §1.8).  A listener that cannot be opened is logged
 and the service is left absent, to be tried again on its next update.
+
+Two services claiming one address: the balancer keeps every service's view, resolves the
+claims over the whole set (:func:`~flux.balancer.services.resolve_conflicts`: the first spec
+created keeps it, on every host alike), and treats the others as absent; each is logged once
+and shown in :meth:`status` as ``conflict``.  When the holder goes or moves, the next update
+hands the address to the next claimant.
 """
 
 from __future__ import annotations
@@ -35,14 +41,14 @@ from flux.balancer.services import (
     ABSENT,
     Action,
     ActionKind,
+    Conflict,
     Endpoint,
     Phase,
     ServiceState,
     ServiceView,
     State,
     in_phase_order,
-    reset,
-    transition,
+    step,
     why_ignored,
 )
 from flux.model import ServiceInfo, parse_address
@@ -94,6 +100,10 @@ class Balancer:
         self._clock = clock
         self._rng = rng or random.Random()
         self.states: dict[str, ServiceState] = {}
+        # Every service's view before conflicts are resolved, and the services refused their
+        # address because another one claimed it first (see services.resolve_conflicts).
+        self._wanted: dict[str, ServiceView] = {}
+        self.conflicts: dict[str, Conflict] = {}
         self.listeners: dict[str, tuple[Endpoint, Listener]] = {}
         self._retiring: dict[tuple[str, Endpoint], Listener] = {}
         self._bind_ip: str | None = None
@@ -147,21 +157,26 @@ class Balancer:
             await self.iptables.start()
             self._chains_ready = True
             log.info("iptables chain %s installed (nat and filter)", self.iptables.chain)
-        async for update in self.store.watch_services(instances=True):
+        # known_hosts: an instance whose host is not registered gets no traffic (the store
+        # logs it once); see flux.store.keys.ServiceTree.
+        async for update in self.store.watch_services(instances=True, known_hosts=True):
             await self.apply(update)
 
     async def apply(self, update: ServiceUpdate) -> None:
         """Bring listeners, pools and rules in line with one watch update."""
         views = {name: self._view(name, info) for name, info in update.services.items()}
-        if update.reset:
-            states, actions = reset(self.states, views)
-        else:
-            states = dict(self.states)
-            actions = []
-            for name, view in views.items():
-                step = transition(name, self.states.get(name, ABSENT), view)
-                states[name] = step.state
-                actions.extend(step.actions)
+        wanted = {} if update.reset else dict(self._wanted)
+        for name, view in views.items():
+            if view is None:
+                wanted.pop(name, None)
+            else:
+                wanted[name] = view
+        states, actions, conflicts = step(
+            self.states, self.conflicts, wanted, None if update.reset else views
+        )
+        self._report_conflicts(wanted, conflicts)
+        self._wanted = wanted
+        self.conflicts = conflicts
         failed: set[str] = set()
         rules_changed = False
         for action in in_phase_order(actions):
@@ -181,6 +196,26 @@ class Balancer:
             await self.iptables.sync(self._desired_rules())
         if update.reset:
             self.snapshots += 1
+
+    def _report_conflicts(
+        self, wanted: Mapping[str, ServiceView], conflicts: Mapping[str, Conflict]
+    ) -> None:
+        """One line when a service is refused its address, and when that ends."""
+        for name, conflict in sorted(conflicts.items()):
+            if self.conflicts.get(name) != conflict:
+                log.warning(
+                    "service %s: %s, which claimed it first; %s is not served until %s"
+                    " releases the address",
+                    name,
+                    conflict,
+                    name,
+                    conflict.holder,
+                )
+        for name in sorted(self.conflicts.keys() - conflicts.keys()):
+            if name in wanted:
+                log.info(
+                    "service %s: no longer refused %s", name, self.conflicts[name].address
+                )
 
     def _view(self, name: str, info: ServiceInfo | None) -> ServiceView | None:
         if info is None:
@@ -292,5 +327,13 @@ class Balancer:
                     for h in listener.pool.health()
                 ]
             services[name] = entry
+        for name, conflict in sorted(self.conflicts.items()):
+            services[name] = {
+                "state": "conflict",
+                "address": conflict.address,
+                "protocol": self._wanted[name].endpoint.protocol,
+                "conflict": str(conflict),
+                "holder": conflict.holder,
+            }
         return {"services": services, "relay_active": self.relay.active}
 

@@ -28,6 +28,11 @@ Ordering inside an action list is the safety argument, and it is fixed by the ta
 - a listener is closed only after its rule is gone.  Closing a listener stops accepting; the
   connections it already proxies carry on until they end.
 
+Two services may claim one address (records written by hand, or two fluxctls at once).
+:func:`resolve_conflicts` decides over the whole set of views which one keeps it; the others
+are treated as absent until the address is free, so no two services in ``rejecting`` or
+``forwarding`` ever share an address, and the rule set has one rule per address.
+
 Each action kind belongs to a :class:`Phase` (prepare, install, remove, retire) in that order.
 A caller applying many transitions at once — a reset snapshot with a thousand services — may
 order all their actions by phase (:func:`in_phase_order`, stable) and apply every rule change
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -51,6 +56,7 @@ __all__ = [
     "TRANSITIONS",
     "Action",
     "ActionKind",
+    "Conflict",
     "Endpoint",
     "Phase",
     "ServiceState",
@@ -59,6 +65,8 @@ __all__ = [
     "Transition",
     "in_phase_order",
     "reset",
+    "resolve_conflicts",
+    "step",
     "transition",
     "why_ignored",
 ]
@@ -122,10 +130,15 @@ def _frozen(instances: Mapping[str, str]) -> Mapping[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class ServiceView:
-    """A service as the balancer needs it: endpoint and live instances (name -> address)."""
+    """A service as the balancer needs it: endpoint and live instances (name -> address).
+
+    ``created`` is the revision its spec was created at (:attr:`ServiceInfo.created`), which
+    decides who keeps an address two services claim (:func:`resolve_conflicts`).
+    """
 
     endpoint: Endpoint
     instances: Mapping[str, str] = field(default_factory=dict)
+    created: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", _frozen(self.instances))
@@ -141,7 +154,9 @@ class ServiceView:
             for name, instance in info.instances.items()
             if instance.receives_connections and instance.address is not None
         }
-        return cls(Endpoint(info.spec.address, info.spec.effective_protocol), live)
+        return cls(
+            Endpoint(info.spec.address, info.spec.effective_protocol), live, info.created
+        )
 
 
 def why_ignored(info: ServiceInfo) -> str | None:
@@ -335,6 +350,74 @@ def reset(
         if result.state.state is not State.ABSENT:
             states[name] = result.state
     return states, actions
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """``service`` is refused its address because ``holder`` claimed it first."""
+
+    service: str
+    address: str
+    holder: str
+
+    def __str__(self) -> str:
+        return f"address {self.address} is also used by service {self.holder}"
+
+
+def resolve_conflicts(
+    views: Mapping[str, ServiceView],
+) -> tuple[dict[str, ServiceView], dict[str, Conflict]]:
+    """Split ``views`` into the services that may have their address and those refused it.
+
+    One address (``IP:port``) can carry one rule, so of the services that claim it only one is
+    served: the one whose spec was created first (lowest ``created``; then by name).  The
+    creation revision is etcd's, the same on every host, so every fluxd picks the same service
+    and the cluster behaves as one; and a service that works is never displaced by a newer
+    spec that happens to sort first.  A refused service is absent for the balancer (no rule,
+    no listener) until the holder goes or moves: then it wins the address on the next update.
+    """
+    claims: dict[str, list[str]] = {}
+    for name, view in views.items():
+        claims.setdefault(view.endpoint.address, []).append(name)
+    served: dict[str, ServiceView] = {}
+    refused: dict[str, Conflict] = {}
+    for address, names in claims.items():
+        holder, *others = sorted(names, key=lambda name: (views[name].created, name))
+        served[holder] = views[holder]
+        for name in others:
+            refused[name] = Conflict(name, address, holder)
+    return served, refused
+
+
+def step(
+    current: Mapping[str, ServiceState],
+    conflicts: Mapping[str, Conflict],
+    wanted: Mapping[str, ServiceView],
+    changed: Iterable[str] | None,
+) -> tuple[dict[str, ServiceState], list[Action], dict[str, Conflict]]:
+    """One watch update: resolve ``wanted`` (every service's view) and transition.
+
+    ``changed`` names the services the update touched (None for a reset snapshot: every
+    service).  Besides those, every service whose conflict started or ended transitions too,
+    since a change to one service can free or take another one's address.  Returns the new
+    states (absent ones dropped), the actions, and the new conflicts.
+    """
+    served, refused = resolve_conflicts(wanted)
+    if changed is None:
+        states, actions = reset(current, served)
+        return states, actions, refused
+    moved = refused.keys() | conflicts.keys()
+    touched = set(changed) | {name for name in moved if refused.get(name) != conflicts.get(name)}
+    states = dict(current)
+    actions = []
+    for name in sorted(touched):
+        result = transition(name, current.get(name, ABSENT), served.get(name))
+        actions.extend(result.actions)
+        if result.state.state is State.ABSENT:
+            states.pop(name, None)
+        else:
+            states[name] = result.state
+    return states, actions, refused
 
 
 def in_phase_order(actions: list[Action]) -> list[Action]:
