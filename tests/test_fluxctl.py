@@ -883,3 +883,52 @@ def test_targets_lists_advertised_endpoints_and_writes_file_sd(ctl: Ctl) -> None
     assert "10.0.0.3" in result.err  # the bad record is named, the rest still listed
     document = json.loads(ctl("targets", "-o", "file-sd").out)
     assert document == [{"targets": ordered, "labels": {}}]
+
+
+# -- two services, one address; instances of hosts that are not registered ----------------------
+
+
+def test_service_refuses_an_address_another_service_has(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--address", "127.42.0.9:80")
+    line = ctl.refused(1, "service", "api", "--address", "127.42.0.9:80", "--image", "x")
+    assert line == (
+        'fluxctl: address 127.42.0.9:80 is already used by service "web": give "api" another'
+        ' address, or move or remove "web" first'
+    )
+    assert ctl.ok("service", "web", "--address", "127.42.0.9:80", "-p", "http") == "web\n"
+    assert ctl.ok("service", "api", "--address", "127.42.0.9:81") == "api\n"
+    # Moving web away frees the address.
+    ctl.ok("service", "web", "--address", "127.42.0.10:80")
+    assert ctl.ok("service", "db", "--address", "127.42.0.9:80") == "db\n"
+
+
+def test_info_and_query_show_conflicts_and_skip_instances_of_unregistered_hosts(ctl: Ctl) -> None:
+    # Written by another tool: fluxctl would have refused the second spec.
+    ctl.put(SERVICE + "web/spec", {"address": "127.42.0.9:80"})
+    ctl.put(SERVICE + "api/spec", {"address": "127.42.0.9:80"})
+    ctl.put(PREFIX + "host/10.0.0.9", {"address": "10.0.0.9"})
+    ctl.put(SERVICE + "web/instances/good", instance("10.0.0.9", "10.0.0.9:8080", state="live"))
+    ctl.put(SERVICE + "web/instances/stray", instance("10.0.0.66", "10.0.0.66:8080"))
+    warning = (
+        "fluxctl: warning: skipping /weave-flux/service/web/instances/stray: its host 10.0.0.66"
+        " is not registered (no /weave-flux/host/10.0.0.66 record)\n"
+    )
+
+    result = ctl("info")
+    assert (result.status, result.err) == (0, warning)
+    assert result.out == (
+        "HOSTS\n10.0.0.9\n\nSERVICES\n"
+        "api\n  Address: 127.42.0.9:80\n"
+        "  State: conflict: address 127.42.0.9:80 is also used by service web\n"
+        "  RULES\n  INSTANCES\n"
+        "web\n  Address: 127.42.0.9:80\n  RULES\n  INSTANCES\n    good 10.0.0.9:8080 live\n"
+    )
+    single = ctl("info", "-s", "api")
+    assert "State: conflict: address 127.42.0.9:80 is also used by service web" in single.out
+    document = json.loads(ctl("info", "-o", "json").out)
+    assert document["services"]["api"]["conflict"] == (
+        "address 127.42.0.9:80 is also used by service web"
+    )
+    assert "conflict" not in document["services"]["web"]
+    query = ctl("query", "-q")
+    assert (query.status, query.out, query.err) == (0, "good\n", warning)

@@ -53,9 +53,18 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
   "not set"; here that is simply leaving the flag out).
 - ``service NAME`` with selector flags makes two writes, the spec then rule ``default``; if the
   second fails the service exists without the rule, and running the command again completes it.
-- A record the store skips (not JSON, failing validation, a service without a spec) is shown
-  as a ``fluxctl: warning: ...`` line on stderr; the command still succeeds with the rest.
-  ``rm`` removes such a service directory like any other.
+- A record the store skips (not JSON, failing validation, bigger than 256 KiB, a service
+  without a spec) is shown as one ``fluxctl: warning: skipping <key>: <problem>`` line on
+  stderr; the command still succeeds (exit status 0) with the rest, since what it shows is
+  right.  ``rm`` removes such a service directory like any other.
+- ``info`` and ``query`` leave out instances whose host has no ``host/<IP>`` record, with such
+  a warning line each, because fluxd does not forward to them (see flux.store.keys).
+- ``service NAME --address A`` refuses an address another service already has (exit status 1,
+  naming it): two services cannot share one, and fluxd would serve only the older one.  The
+  check is a read before the write, so fluxd still resolves claims made at the same moment or
+  written by other tools: of the services claiming an address the one whose spec was created
+  first keeps it, and ``info`` shows each other one with ``State: conflict: address A is also
+  used by service S`` (``"conflict"`` in ``-o json``).
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ import re
 import string
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -89,6 +98,9 @@ from flux.model import (
 )
 from flux.selector import instance_labels, make_selector, matches, parse_pairs
 from flux.store.base import NotFound, Store, StoreError
+
+if TYPE_CHECKING:
+    from flux.balancer.services import Conflict
 
 __all__ = ["build_parser", "main"]
 
@@ -429,14 +441,30 @@ def _render_list(
     return "".join(out)
 
 
-def _render_info(hosts: Mapping[str, Host], services: Mapping[str, ServiceInfo]) -> str:
+def _conflicts(services: Mapping[str, ServiceInfo]) -> dict[str, Conflict]:
+    """The services fluxd refuses their address, as every fluxd decides it."""
+    # Imported here: the balancer package is not needed by the other commands' start-up.
+    from flux.balancer.services import ServiceView, resolve_conflicts
+
+    views = {name: ServiceView.from_info(info) for name, info in services.items()}
+    return resolve_conflicts({name: view for name, view in views.items() if view is not None})[1]
+
+
+def _render_info(
+    hosts: Mapping[str, Host],
+    services: Mapping[str, ServiceInfo],
+    conflicts: Mapping[str, Conflict] | None = None,
+) -> str:
     """``fluxctl info`` output: live hosts, then each service with its rules and instances."""
+    conflicts = conflicts or {}
     out = ["HOSTS\n"]
     out.extend(f"{hosts[h].address}\n" for h in sorted(hosts, key=_host_order))
     out.append("\nSERVICES\n")
     for name in sorted(services):
         info = services[name]
         out.append(_render_service_verbose(info))
+        if name in conflicts:
+            out.append(f"  State: conflict: {conflicts[name]}\n")
         out.append("  RULES\n")
         for rule_name in sorted(info.rules):
             out.append(f"    {rule_name} {_json(info.rules[rule_name].selector)}\n")
@@ -489,6 +517,13 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
     rule: Rule | None = _record(Rule, "selector", selector=selector) if selector else None
 
     async def run(store: Store) -> str:
+        if spec.address is not None:
+            for other, info in (await store.get_all_services()).items():
+                if other != name and info.spec.address == spec.address:
+                    raise _CommandError(
+                        f'address {spec.address} is already used by service "{other}": give'
+                        f' "{name}" another address, or move or remove "{other}" first'
+                    )
         await store.add_service(name, spec)
         if rule is not None:
             await store.set_rule(name, DEFAULT_RULE, rule)
@@ -607,10 +642,17 @@ def _cmd_info(args: argparse.Namespace) -> _Run:
     service = _name(args.service, "service name") if args.service is not None else None
 
     async def run(store: Store) -> str:
+        # Instances of hosts that are not registered are left out, with a warning, as fluxd
+        # leaves them out; conflicts are found over every service, even for one.
+        services = await store.get_all_services(rules=True, instances=True, known_hosts=True)
+        conflicts = _conflicts(services)
         hosts = await store.get_hosts()
-        services = await _services(store, service, rules=True, instances=True)
+        if service is not None:
+            if service not in services:
+                await _get_service(store, service)  # the error saying why
+            services = {service: services[service]}
         if args.output != "json":
-            return _render_info(hosts, services)
+            return _render_info(hosts, services, conflicts)
         return _dump(
             {
                 "hosts": {address: _stored(host) for address, host in hosts.items()},
@@ -622,6 +664,7 @@ def _cmd_info(args: argparse.Namespace) -> _Run:
                             i: _instance_view(inst) for i, inst in info.instances.items()
                         },
                     }
+                    | ({"conflict": str(conflicts[name])} if name in conflicts else {})
                     for name, info in services.items()
                 },
             }
@@ -642,7 +685,7 @@ def _cmd_query(args: argparse.Namespace) -> _Run:
     template = _template("--format", args.format, _QUERY_FIELDS, _SAMPLE_INSTANCE)
 
     async def run(store: Store) -> str:
-        services = await _services(store, service, instances=True)
+        services = await _services(store, service, instances=True, known_hosts=True)
         found = [
             (name, instance_id, instance)
             for name in sorted(services)
