@@ -2,7 +2,8 @@
 
 etcd: one private member per test session, on free loopback ports (``etcd_server``); each test
 that uses ``etcd`` starts from an empty keyspace.  ``fluxd_factory`` starts fluxd processes
-(tests/fluxd_process.py) against it.  A missing etcd fails the tests that need it
+(tests/fluxd_process.py) against it; ``other_host`` registers services and instances as another
+host would (tests/other_host.py).  A missing etcd fails the tests that need it
 (never skips): `make test` installs it.
 """
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.etcd_server import EtcdServer
 from tests.fluxd_process import Fluxd
+from tests.other_host import OtherHost
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +55,13 @@ def fluxd_factory(etcd: EtcdServer) -> Iterator[Callable[..., Fluxd]]:
 @pytest.fixture
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def other_host(etcd: EtcdServer) -> Iterator[OtherHost]:
+    """Another host (127.0.0.2) in the session's etcd, with its own lease; revoked after."""
+    host = OtherHost(etcd.endpoint)
+    try:
+        yield host
+    finally:
+        host.close()

@@ -24,23 +24,18 @@ import ipaddress
 import math
 import os
 import random
-import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
-from flux.model import Host, HostRef, Instance, InstanceState, Service
-from flux.store.etcd import EtcdStore
 from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.etcd_server import EtcdServer
 from tests.fluxd_process import (
@@ -52,8 +47,8 @@ from tests.fluxd_process import (
     http_get,
     wait_until,
 )
-
-_T = TypeVar("_T")
+from tests.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
+from tests.process_fds import fd_targets, proxied_sockets
 
 FLUXCTL = [sys.executable, "-m", "flux.fluxctl"]
 # The /24s of 198.18.0.0/15 (benchmarking, RFC 2544) the container test may make local, in order
@@ -80,15 +75,6 @@ def live_instances(etcd: EtcdServer, service: str) -> int:
     return len(fluxctl(etcd, "query", "-s", service, "--state", "live", "-q").split())
 
 
-def rules_for(chain: str, vip: str, target: str) -> list[str]:
-    """The ``-A <chain>`` rules matching ``vip`` whose target is ``target`` (DNAT or REJECT)."""
-    return [
-        line
-        for line in chain_lines(chain)
-        if line.startswith(f"-A {chain} ") and f"-d {vip}/32 " in line and f"-j {target}" in line
-    ]
-
-
 def jumps(chain: str) -> list[str]:
     """The built-in chains that jump to ``chain`` (once per jump), sorted."""
     return sorted(
@@ -96,14 +82,6 @@ def jumps(chain: str) -> list[str]:
         for line in chain_lines(chain)
         if line.startswith("-A ") and not line.startswith(f"-A {chain} ")
     )
-
-
-def listener_of(chain: str, vip: str) -> tuple[str, int]:
-    """Where the DNAT rule for ``vip`` sends connections: (listener IP, listener port)."""
-    (rule,) = rules_for(chain, vip, "DNAT")
-    found = re.search(r"--to-destination (\S+):(\d+)", rule)
-    assert found is not None, rule
-    return found.group(1), int(found.group(2))
 
 
 def wget(vip: str, seconds: int = 5) -> str:
@@ -114,10 +92,6 @@ def wget(vip: str, seconds: int = 5) -> str:
     sends), so callers run it from ``sh -c`` with another command after it.
     """
     return f"timeout {seconds} wget -q -O - http://{vip}/"
-
-
-def random_loopback_vip() -> str:
-    return f"127.42.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
 
 
 def min_count_bound(requests: int, instances: int, false_failure: float) -> int:
@@ -140,95 +114,6 @@ def min_count_bound(requests: int, instances: int, false_failure: float) -> int:
     return best
 
 
-def fd_targets(pid: int) -> list[str]:
-    """What each open descriptor of process ``pid`` points at (vanished ones left out)."""
-    out = []
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            out.append(os.readlink(f"{base}/{name}"))
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def proxied_sockets(pid: int, ports: set[int], reads: int = 3) -> set[str]:
-    """The inodes of process ``pid``'s connected (not listening) TCP sockets with a local or
-    remote port in ``ports``: the proxied connections it holds.
-
-    /proc/net/tcp is read in pieces while other processes' sockets come and go, so one read
-    can list a socket twice or skip it: the inodes are collected as a set over ``reads`` reads.
-    """
-    inodes = {
-        target[len("socket:[") : -1] for target in fd_targets(pid) if target.startswith("socket:[")
-    }
-    found: set[str] = set()
-    for _ in range(reads):
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-                    if inode not in inodes or state == "0A":  # 0A: LISTEN
-                        continue
-                    if int(local.rsplit(":", 1)[1], 16) in ports or (
-                        int(remote.rsplit(":", 1)[1], 16) in ports
-                    ):
-                        found.add(inode)
-    return found
-
-
-class OtherHost:
-    """Another fluxd host as far as the store can tell: its own EtcdStore and lease.
-
-    The store runs on an event loop of its own, in a thread, so the tests stay synchronous
-    and the lease is kept alive whatever the test thread is doing.
-    """
-
-    def __init__(self, endpoint: str, address: str = "127.0.0.2") -> None:
-        # Not 127.0.0.1: fluxd's agent (host 127.0.0.1) removes leftovers of its own host.
-        self.address = address
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.store = self.call(self._make_store(endpoint))
-        self._lease = asyncio.run_coroutine_threadsafe(self.store.run_lease(30), self._loop)
-        self.call(self.store.wait_lease())
-        self.call(self.store.register_host(Host(address=address)))
-
-    @staticmethod
-    async def _make_store(endpoint: str) -> EtcdStore:
-        return EtcdStore(endpoint)
-
-    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 30.0) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def add_service(self, name: str, address: str) -> None:
-        self.call(self.store.add_service(name, Service(address=address, protocol="tcp")))
-
-    def add_instance(self, service: str, name: str, address: str) -> None:
-        instance = Instance(
-            host=HostRef(address=self.address),
-            address=address,
-            labels={},
-            state=InstanceState.LIVE,
-        )
-        self.call(self.store.add_instance(service, name, instance))
-
-    def close(self) -> None:
-        try:
-            self.call(self.store.revoke_lease())
-        finally:
-            self._lease.cancel()
-            try:
-                self.call(self.store.close())
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=10)
-                self._loop.close()
-
-
 # -- fixtures ---------------------------------------------------------------------------------
 
 
@@ -246,15 +131,6 @@ def fluxd(etcd: EtcdServer) -> Iterator[Callable[..., Fluxd]]:
     yield make
     for daemon in started:
         daemon.stop()
-
-
-@pytest.fixture
-def other_host(etcd: EtcdServer) -> Iterator[OtherHost]:
-    host = OtherHost(etcd.endpoint)
-    try:
-        yield host
-    finally:
-        host.close()
 
 
 class Containers:
