@@ -518,12 +518,19 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
 
     async def run(store: Store) -> str:
         if spec.address is not None:
-            for other, info in (await store.get_all_services()).items():
-                if other != name and info.spec.address == spec.address:
-                    raise _CommandError(
-                        f'address {spec.address} is already used by service "{other}": give'
-                        f' "{name}" another address, or move or remove "{other}" first'
-                    )
+            # Of several services with the address (written by other tools), name the one
+            # fluxd serves: the first created.
+            claims = sorted(
+                (info.created, other)
+                for other, info in (await store.get_all_services()).items()
+                if other != name and info.spec.address == spec.address
+            )
+            if claims:
+                other = claims[0][1]
+                raise _CommandError(
+                    f'address {spec.address} is already used by service "{other}": give'
+                    f' "{name}" another address, or move or remove "{other}" first'
+                )
         await store.add_service(name, spec)
         if rule is not None:
             await store.set_rule(name, DEFAULT_RULE, rule)
