@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test lint system deps build bench fuzz clean
+.PHONY: run test lint system deps build bench soak fuzz clean
 
 ## System packages (etcd, Docker engine, iptables, busybox-static...) — installed only if missing.
 system:
@@ -54,6 +54,17 @@ bench: build
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || flock $(VAR)/build.lock $(BIN)/python -m pip install -q -e '.[test,bench]'
 	@scripts/ensure-dockerd.sh
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## Soak: fluxd for $(SOAK_MINUTES) minutes under steady TCP and HTTP load while instances churn,
+## a private dockerd and an etcd member restart and fluxd is SIGKILLed twice (benchmarks/soak.py).
+## Fails on unexpected failed requests or on RSS/descriptor growth; writes
+## benchmarks/results/soak.md and soak.png (`make soak SOAK_MINUTES=3` for a short run).
+SOAK_MINUTES ?= 30
+SOAK_ARGS ?=
+soak: build
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || flock $(VAR)/build.lock $(BIN)/python -m pip install -q -e '.[test,bench]'
+	@scripts/ensure-dockerd.sh
+	$(BIN)/python -m benchmarks.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 ## Fuzz the HTTP/1.x framer against h11 (atheris: fuzz/fuzz_http_framer.py), ten minutes by
 ## default (`make fuzz FUZZ_TIME=60`); the corpus grows in .var/fuzz/, failing inputs land there.

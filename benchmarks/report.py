@@ -21,6 +21,7 @@ __all__ = [
     "WORKLOADS",
     "Summary",
     "Target",
+    "machine_lines",
     "render_chart",
     "render_markdown",
     "summarise",
@@ -305,6 +306,18 @@ def _subjects_present(table: Table) -> list[str]:
     return [name for name in SUBJECTS if name in present]
 
 
+def machine_lines(machine: dict[str, str], settings: dict[str, Any]) -> list[str]:
+    """A report's machine table and settings line (the date and command go in its title)."""
+    return [
+        "| machine | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in machine.items() if key != "date"),
+        "",
+        "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "command") + ".",
+        "",
+    ]
+
+
 def render_markdown(
     table: Table,
     machine: dict[str, str],
@@ -318,12 +331,7 @@ def render_markdown(
         "",
         f"Run {machine.get('date', '?')}: `{settings.get('command', 'python -m benchmarks')}`",
         "",
-        "| machine | |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in machine.items() if key != "date"),
-        "",
-        "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "command") + ".",
-        "",
+        *machine_lines(machine, settings),
         f"Every figure is the median of the repeats, with the spread (min{DASH}max) in brackets. "
         "CPU and RSS are the proxy's own processes (fluxd: the whole process, engine thread "
         "included); load generators and backends share the same cores for every subject.",
