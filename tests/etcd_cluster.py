@@ -33,21 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.etcd_server import EtcdServer
+from tests.netns import netns_prefix
 
 __all__ = ["EtcdCluster", "EtcdMember", "netns_prefix"]
 
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 LOOPBACK_IPS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
-
-
-def netns_prefix(netns: str | None) -> list[str]:
-    """The command prefix that runs a program in network namespace ``netns`` (none: as is).
-
-    ``nsenter --net`` enters only the network namespace; ``ip netns exec`` would also remount
-    /sys, which hides the cgroup mount that dockerd needs.
-    """
-    return [] if netns is None else ["nsenter", f"--net=/var/run/netns/{netns}"]
 
 
 def _free_port_on(ip: str) -> int:

@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from tests.etcd_server import EtcdServer
+from tests.netns import netns_prefix
 
 HOST = "127.0.0.1"
 # nat: PREROUTING and OUTPUT; filter: FORWARD, INPUT and OUTPUT.
@@ -37,18 +38,33 @@ def iptables_save() -> str:
 
 
 class Fluxd:
-    """A fluxd process whose stderr is collected line by line."""
+    """A fluxd process whose stderr is collected line by line.
 
-    def __init__(self, etcd_endpoint: str, *args: str, chain: str | None = None) -> None:
+    By default it is this machine's host 127.0.0.1 on ``lo``; tests/multihost.py runs one per
+    network namespace (``netns``) with that namespace's address and device.
+    """
+
+    def __init__(
+        self,
+        etcd_endpoint: str,
+        *args: str,
+        chain: str | None = None,
+        host_ip: str = HOST,
+        bridge: str = "lo",
+        netns: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.chain = chain or "FLUXT" + secrets.token_hex(3).upper()
-        self.args = ["-host-ip", HOST, "-bridge", "lo", "-chain", self.chain, *args]
-        self.env = {**os.environ, "ETCD_ADDRESS": etcd_endpoint}
+        self.host_ip = host_ip
+        self.netns = netns
+        self.args = ["-host-ip", host_ip, "-bridge", bridge, "-chain", self.chain, *args]
+        self.env = {**os.environ, "ETCD_ADDRESS": etcd_endpoint, **(env or {})}
         self.lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
 
     def start(self) -> Fluxd:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flux", *self.args],
+            [*netns_prefix(self.netns), sys.executable, "-m", "flux", *self.args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -80,7 +96,8 @@ class Fluxd:
             self.process.kill()
             self.process.wait(timeout=10)
         subprocess.run(
-            [sys.executable, "-m", "flux", "cleanup", "-chain", self.chain, "-host-ip", HOST],
+            [*netns_prefix(self.netns), sys.executable, "-m", "flux", "cleanup",
+             "-chain", self.chain, "-host-ip", self.host_ip],
             capture_output=True,
             timeout=60,
         )

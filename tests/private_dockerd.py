@@ -18,6 +18,11 @@ API (stable; other test modules import it)::
 
 The network namespace is entered with ``nsenter --net`` only: ``ip netns exec`` also remounts
 /sys, which hides the cgroup mount dockerd needs.
+
+``--bridge=none`` is used only inside a namespace: with it dockerd *deletes* any interface
+called ``docker0`` in its namespace (Moby's ``removeDefaultBridgeInterface``), which in the root
+namespace is the machine's engine's bridge.  In the root namespace the engine gets a bridge of
+its own instead (``fxd<hex>``, a link-local /30, no ports, deleted at stop).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from pathlib import Path
 
 from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_cluster import netns_prefix
+from tests.netns import netns_prefix
 
 __all__ = ["PrivateDockerd"]
 
@@ -66,6 +71,8 @@ class PrivateDockerd:
         self.log = workdir / "dockerd.log"
         # Its own containerd namespace too, so nothing is shared with another engine's.
         self.namespace = "fluxtest-" + secrets.token_hex(3)
+        # See the module docstring: never --bridge=none in the root namespace.
+        self.bridge = "none" if netns is not None else "fxd" + self.namespace[-6:]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,6 +83,8 @@ class PrivateDockerd:
         """Start the engine and wait until it answers."""
         if self.running:
             return
+        if self.bridge != "none":
+            self._create_bridge()
         argv = [
             *netns_prefix(self.netns),
             "dockerd",
@@ -83,7 +92,7 @@ class PrivateDockerd:
             "--exec-root", str(self.exec_root),
             "--pidfile", str(self.workdir / "dockerd.pid"),
             "-H", self.host,
-            "--bridge=none",
+            f"--bridge={self.bridge}",
             "--iptables=false",
             "--ip6tables=false",
             "--ip-forward=false",
@@ -105,6 +114,23 @@ class PrivateDockerd:
                 raise RuntimeError(f"the private dockerd not ready within {timeout} s; "
                                    f"see {self.log}")
             time.sleep(0.1)
+
+    def _create_bridge(self) -> None:
+        if Path(f"/sys/class/net/{self.bridge}").exists():
+            return
+        # Link-local and never up (no ports), so it routes nothing; 169.254.169.0/24 is left
+        # alone (cloud metadata lives there).
+        third = 1 + secrets.randbelow(160)
+        for argv in (
+            ["ip", "link", "add", self.bridge, "type", "bridge"],
+            ["ip", "addr", "add", f"169.254.{third}.1/30", "dev", self.bridge],
+        ):
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    def _delete_bridge(self) -> None:
+        if self.bridge != "none" and Path(f"/sys/class/net/{self.bridge}").exists():
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30,
+                           check=False)
 
     def _answers(self) -> bool:
         if not self.socket.exists():
@@ -192,6 +218,7 @@ class PrivateDockerd:
         finally:
             self.terminate()
             self.unmount()
+            self._delete_bridge()
             for root in (self.data_root, self.exec_root):
                 shutil.rmtree(root, ignore_errors=True)
             self.socket.unlink(missing_ok=True)

@@ -7,10 +7,11 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.etcd_cluster import netns_prefix
+from tests.netns import netns_prefix
 from tests.private_dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.docker
@@ -52,3 +53,21 @@ def test_engine_in_a_namespace_and_a_clean_stop(netns: str) -> None:
     assert not engine.workdir.exists()
     with open("/proc/self/mountinfo") as mounts:
         assert str(engine.workdir) not in mounts.read()
+
+
+def ifindex(device: str) -> int:
+    return int(open(f"/sys/class/net/{device}/ifindex").read())
+
+
+def test_engine_in_the_root_namespace_leaves_docker0_alone() -> None:
+    # dockerd --bridge=none deletes the namespace's docker0: the machine engine's bridge here.
+    before = ifindex("docker0")
+    engine = PrivateDockerd()
+    try:
+        engine.start()
+        assert engine.docker("info", "--format", "{{.Name}}")
+    finally:
+        engine.stop()
+    assert ifindex("docker0") == before
+    assert not engine.workdir.exists()
+    assert not Path(f"/sys/class/net/{engine.bridge}").exists()
