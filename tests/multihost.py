@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ __all__ = [
     "METRICS_PORT",
     "TTL",
     "VIP_RANGE",
+    "ClientLoop",
     "Fabric",
     "HostNode",
     "LoadResult",
@@ -92,6 +93,92 @@ class LoadResult:
     @property
     def requests(self) -> int:
         return sum(self.served.values()) + len(self.failures)
+
+
+class ClientLoop:
+    """``workers`` threads on ``host`` sending GET / to ``address:port`` one after another
+    (``pause`` between), ``count`` requests at most and for ``seconds`` at most; each request
+    is bounded too (5 s).
+
+    :meth:`quiet` holds new requests back and waits until none is in flight, so a test can cut
+    a link between requests: one in flight when its instance's cable is pulled is lost whatever
+    a router does, while every request sent after the cut must be served.
+    """
+
+    def __init__(self, host: HostNode, address: str, port: int, count: int, seconds: float,
+                 workers: int = 4, pause: float = 0.0) -> None:
+        self.host = host
+        self.address = address
+        self.port = port
+        self.count = count
+        self.seconds = seconds
+        self.pause = pause
+        self.result = LoadResult()
+        self.slowest = 0.0
+        self._lock = threading.Condition()
+        self._issued = 0
+        self._in_flight = 0
+        self._held = False
+        self._started = 0.0
+        self._threads = [threading.Thread(target=self._work) for _ in range(workers)]
+
+    def start(self) -> ClientLoop:
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> LoadResult:
+        """End the loop early (no new request) and return what it saw."""
+        with self._lock:
+            self._issued = self.count
+        return self.join()
+
+    def join(self) -> LoadResult:
+        for thread in self._threads:
+            thread.join()
+        self.result.seconds = time.monotonic() - self._started
+        return self.result
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No request in flight inside the block (none is started either)."""
+        with self._lock:
+            self._held = True
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=10)
+            assert self._in_flight == 0, "a request stayed in flight for 10 s"
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held = False
+                self._lock.notify_all()
+
+    def _work(self) -> None:
+        deadline = self._started + self.seconds
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: not self._held, timeout=10)
+                if self._issued >= self.count or time.monotonic() >= deadline:
+                    return
+                self._issued += 1
+                self._in_flight += 1
+            sent = time.monotonic()
+            try:
+                body = self.host.http_get(self.address, self.port)
+            except OSError as error:
+                body, failure = None, f"{sent - self._started:.2f}s {error!r}"
+            took = time.monotonic() - sent
+            with self._lock:
+                self._in_flight -= 1
+                self.slowest = max(self.slowest, took)
+                if body is None:
+                    self.result.failures.append(failure)
+                else:
+                    self.result.served[body] += 1
+                self._lock.notify_all()
+            if self.pause:
+                time.sleep(self.pause)
 
 
 class HostNode:
@@ -213,39 +300,10 @@ class HostNode:
 
     def load(self, address: str, port: int, count: int, seconds: float, workers: int = 4,
              pause: float = 0.0) -> LoadResult:
-        """``count`` GETs of ``address:port`` from ``workers`` threads, stopping after
-        ``seconds`` whatever the count; each request also bounded (5 s)."""
-        result = LoadResult()
-        lock = threading.Lock()
-        issued = 0
-        started = time.monotonic()
-        deadline = started + seconds
-
-        def worker() -> None:
-            nonlocal issued
-            while time.monotonic() < deadline:
-                with lock:
-                    if issued >= count:
-                        return
-                    issued += 1
-                try:
-                    body = self.http_get(address, port)
-                except OSError as error:
-                    with lock:
-                        result.failures.append(f"{time.monotonic() - started:.2f}s {error!r}")
-                else:
-                    with lock:
-                        result.served[body] += 1
-                if pause:
-                    time.sleep(pause)
-
-        threads = [threading.Thread(target=worker) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        result.seconds = time.monotonic() - started
-        return result
+        """Run a :class:`ClientLoop` from this host to its end and return what it saw."""
+        loop = ClientLoop(self, address, port, count, seconds, workers, pause)
+        loop.start()
+        return loop.join()
 
     def status(self) -> dict[str, Any]:
         """This host's fluxd ``/status`` document (from inside the host)."""

@@ -1,0 +1,146 @@
+"""Several Docker hosts, each with its own dockerd and fluxd, on one machine (tests/multihost.py).
+
+Two host network namespaces on a bridge in a third (the switch), where a three-member etcd
+cluster runs.  Each host's fluxd has ``-host-ttl 3`` and ``-connect-timeout 0.5``; its
+instances are busybox containers on the host's own namespace, so an instance's address is its
+host's IP.  Clients are sockets opened inside a host namespace.  The namespaces, engines and
+etcd are built once for the module; every test starts from no fluxd, no container, no key.
+
+Faults: a host dying (fluxd SIGKILLed, its cable pulled), a partition that heals, the etcd
+leader killed, every etcd member stopped.  Timings are printed (``-s``) for the record; the
+assertions are about what happened, with bounds from the TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fluxd_process import wait_until
+from tests.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
+from tests.test_e2e import FALSE_FAILURE, min_count_bound
+
+pytestmark = [pytest.mark.etcd, pytest.mark.docker, pytest.mark.iptables]
+
+PORT = 80  # every service's port; instances listen on INSTANCE_PORT in their host namespace
+INSTANCE_PORT = 18080
+
+
+@pytest.fixture(scope="module")
+def shared_fabric() -> Iterator[Fabric]:
+    fabric = Fabric(hosts=2)
+    fabric.start()
+    try:
+        yield fabric
+    finally:
+        fabric.close()
+
+
+@pytest.fixture
+def fabric(shared_fabric: Fabric) -> Iterator[Fabric]:
+    """The module's hosts, reset: no fluxd, no container, no key, links up, etcd whole."""
+    shared_fabric.reset()
+    try:
+        yield shared_fabric
+    finally:
+        shared_fabric.stop_fluxds()
+
+
+def web_service(fabric: Fabric, name: str, n: int) -> str:
+    """Define service ``name`` at ``vip(n):80`` selecting ``app=<name>``; its address."""
+    address = vip(n)
+    fabric.fluxctl("service", name, "--address", f"{address}:{PORT}", "--instance-port",
+                   str(INSTANCE_PORT), "--labels", f"app={name}")
+    return address
+
+
+def instance_on(host: HostNode) -> str:
+    return f"{host.ip}:{INSTANCE_PORT}"
+
+
+def host_gone(fabric: Fabric, gone: HostNode, service: str, *views: HostNode) -> bool:
+    """Neither etcd nor any of ``views``' balancers knows host ``gone`` or its instance."""
+    if gone.ip in fabric.host_keys():
+        return False
+    if instance_on(gone) in fabric.instance_addresses(service):
+        return False
+    return all(instance_on(gone) not in view.pool_addresses(service) for view in views)
+
+
+# -- a. a client on one host, the instance on another ----------------------------------------
+
+
+def test_client_on_host1_reaches_an_instance_only_on_host2(fabric: Fabric) -> None:
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds()
+    address = web_service(fabric, "solo", 10)
+    h2.httpd(INSTANCE_PORT, "served-by-h2", "app=solo")
+    fabric.wait_pools("solo", [instance_on(h2)])
+    assert not h1.listening(INSTANCE_PORT)  # nothing on host 1 could serve it
+
+    # Host 1 intercepts the address and sends it to its own listener, which connects across.
+    (rule,) = h1.service_rules(address)
+    assert f"--to-destination {h1.ip}:" in rule
+    assert [h1.http_get(address, PORT) for _ in range(5)] == ["served-by-h2"] * 5
+    (record,) = fabric.instance_records("solo").values()
+    assert record["address"] == instance_on(h2)
+
+
+# -- b. load spreads over hosts --------------------------------------------------------------
+
+SPREAD_REQUESTS = 200
+
+
+def test_load_from_one_host_spreads_over_both(fabric: Fabric) -> None:
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds()
+    address = web_service(fabric, "spread", 11)
+    h1.httpd(INSTANCE_PORT, "h1", "app=spread")
+    h2.httpd(INSTANCE_PORT, "h2", "app=spread")
+    fabric.wait_pools("spread", [instance_on(h1), instance_on(h2)])
+
+    result = h1.load(address, PORT, SPREAD_REQUESTS, seconds=60, workers=1)
+    bound = min_count_bound(SPREAD_REQUESTS, 2, FALSE_FAILURE)
+    print(f"spread: {dict(result.served)} in {result.seconds:.2f} s (bound {bound} each)")
+    assert result.failures == []
+    assert sum(result.served.values()) == SPREAD_REQUESTS
+    assert set(result.served) == {"h1", "h2"}
+    assert min(result.served.values()) >= bound
+
+
+# -- c. a host dies under load ---------------------------------------------------------------
+
+
+def test_host_death_costs_no_request_and_its_records_go_within_the_ttl(fabric: Fabric) -> None:
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds()
+    address = web_service(fabric, "survive", 12)
+    h1.httpd(INSTANCE_PORT, "h1", "app=survive")
+    h2.httpd(INSTANCE_PORT, "h2", "app=survive")
+    fabric.wait_pools("survive", [instance_on(h1), instance_on(h2)])
+
+    loop = ClientLoop(h1, address, PORT, count=5000, seconds=TTL + 15, workers=4, pause=0.01)
+    loop.start()
+    wait_until(lambda: loop.result.served["h2"] >= 5, 10, "requests served by host 2")
+    with loop.quiet():
+        h2.kill_fluxd()
+        h2.set_link(False)
+        cut = time.monotonic()
+    wait_until(lambda: host_gone(fabric, h2, "survive", h1), TTL + 5, "host 2's records to go")
+    gone_after = time.monotonic() - cut
+    served_before_gone = sum(loop.result.served.values())
+    time.sleep(1.0)  # and on for a while without it
+    result = loop.stop()
+    print(f"host death: records gone {gone_after:.2f} s after the cut; {result.requests} "
+          f"requests, {len(result.failures)} failed, slowest {loop.slowest:.2f} s; "
+          f"{dict(result.served)}")
+    assert result.failures == []
+    assert gone_after <= TTL + 1
+    # The dead host was tried after the cut (a connect timeout, then another instance)...
+    assert loop.slowest >= CONNECT_TIMEOUT * 0.8
+    # ...and the loop went on well after it was forgotten.
+    assert result.requests > served_before_gone
+    assert h1.pool_addresses("survive") == [instance_on(h1)]
+    assert fabric.host_keys() == [h1.ip]
