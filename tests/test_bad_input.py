@@ -7,6 +7,7 @@ Service addresses are in 127.42.0.0/16 (loopback); nothing leaves the machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -49,8 +50,13 @@ def backend() -> Iterator[str]:
         server.server_close()
 
 
+_vips = itertools.count(secrets.randbelow(10_000))
+
+
 def fresh_vip() -> str:
-    return f"127.42.{secrets.randbelow(50) + 150}.{secrets.randbelow(250) + 1}"
+    """A service address in 127.42.150.0-127.42.199.255, a new one each time."""
+    n = next(_vips) % 12_500
+    return f"127.42.{150 + n // 250}.{n % 250 + 1}"
 
 
 def ask(vip: str, port: int = 80) -> bytes:
@@ -67,8 +73,9 @@ def status(port: int) -> dict:
     return dict(document["balancer"]["services"])
 
 
-def start_fluxd(fluxd_factory: Callable[..., Fluxd]) -> tuple[Fluxd, int]:
-    """A fluxd with /status on a free port, its chains installed."""
+def start_fluxd(etcd: EtcdServer, fluxd_factory: Callable[..., Fluxd]) -> tuple[Fluxd, int]:
+    """A fluxd with /status on a free port, its chains installed, and OTHER_HOST registered."""
+    put(etcd, f"/weave-flux/host/{OTHER_HOST}", {"address": OTHER_HOST})
     port = free_port()
     daemon = fluxd_factory("-host-ttl", "10", "-listen-prometheus", f"127.0.0.1:{port}")
     daemon.wait_logged("installed (nat and filter)")
@@ -92,9 +99,8 @@ def applied(etcd: EtcdServer, daemon: Fluxd) -> None:
 def test_bad_records_are_logged_once_and_the_good_services_served(
     etcd: EtcdServer, fluxd_factory: Callable[..., Fluxd], backend: str
 ) -> None:
-    daemon, port = start_fluxd(fluxd_factory)
+    daemon, port = start_fluxd(etcd, fluxd_factory)
     good = fresh_vip()
-    put(etcd, f"/weave-flux/host/{OTHER_HOST}", {"address": OTHER_HOST})
     put(etcd, f"{SERVICE}good/spec", {"address": f"{good}:80"})
     put(etcd, f"{SERVICE}good/instances/ok", {"host": {"address": OTHER_HOST}, "address": backend})
     bad = {
@@ -155,9 +161,8 @@ def rules_for(vip: str) -> list[str]:
 def test_the_first_service_keeps_an_address_and_the_second_takes_over_when_it_goes(
     etcd: EtcdServer, fluxd_factory: Callable[..., Fluxd], backend: str
 ) -> None:
-    daemon, port = start_fluxd(fluxd_factory)
+    daemon, port = start_fluxd(etcd, fluxd_factory)
     vip = fresh_vip()
-    put(etcd, f"/weave-flux/host/{OTHER_HOST}", {"address": OTHER_HOST})
     # Written by hand (fluxctl would refuse the second): web first, without instances ...
     put(etcd, f"{SERVICE}web/spec", {"address": f"{vip}:80"})
     # ... api second, with a live instance.
