@@ -1253,6 +1253,8 @@ RESOLVED = [
     (["2001:db8::7", "192.0.2.7", "192.0.2.8"], "192.0.2.7:9000",
      "(not the other addresses 2001:db8::7, 192.0.2.8)"),
     (["2001:db8::7"], "[2001:db8::7]:9000", "advertising [2001:db8::7]:9000"),
+    (["127.0.0.1", "::1"], "127.0.0.1:9000",
+     "(not the other addresses ::1); a loopback address is reachable from this host only"),
     (["192.0.2.7", "192.0.2.7"], "192.0.2.7:9000", "advertising 192.0.2.7:9000"),
 ]  # fmt: skip
 

@@ -24,6 +24,10 @@ Every bad value becomes a :class:`ConfigError` whose message is one line naming 
 variable and the value; pydantic's own multi-line report is never shown.  Values go into
 iptables rules and log lines, so the validators are strict rather than forgiving.
 
+A DNS name given to ``-advertise-prometheus`` is resolved once, at start, by :func:`load_or_exit`
+(:func:`resolve_advertise`): etcd holds the IP, and a name that does not resolve stops fluxd with
+exit status 2 rather than leaving it running with an endpoint nobody can use.
+
 When no host IP is given, :func:`discover_host_ip` finds one like ``hostname -i`` does, and falls
 back to the IPv4 address of the interface that holds the default route when the hostname
 resolves to nothing or to a loopback address only (common on Debian hosts and in containers).
@@ -1161,6 +1165,8 @@ def resolve_advertise(
     note = f"-advertise-prometheus {target} resolves to {chosen}; advertising {resolved}"
     if others:
         note += f" (not the other addresses {', '.join(others)})"
+    if chosen.is_loopback:
+        note += "; a loopback address is reachable from this host only"
     return dataclasses.replace(
         parsed,
         settings=settings.model_copy(update={"advertise_prometheus": resolved}),
