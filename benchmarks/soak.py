@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -200,7 +201,7 @@ class Instances:
 
 
 
-def fluxctl(endpoints: str, *args: str) -> None:
+def fluxctl(endpoints: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "flux.fluxctl", *args],
         env={**os.environ, "ETCD_ADDRESS": endpoints},
@@ -208,6 +209,7 @@ def fluxctl(endpoints: str, *args: str) -> None:
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"fluxctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -228,6 +230,7 @@ class Soak:
         self.faults: list[Fault] = []
         self.samples: list[Sample] = []
         self.problems: list[str] = []
+        self.checks: list[str] = []
         self.fluxds: list[Fluxd] = []
         self.t0 = 0.0
         self.killing = False  # a fluxd kill is under way: its exit is not a problem
@@ -269,6 +272,32 @@ class Soak:
                     pending.discard(kind)
             time.sleep(0.05)
         return not pending
+
+    def enrolled(self) -> set[tuple[str, int]]:
+        """The slots fluxd has enrolled as live instances, according to etcd."""
+        out = fluxctl(self.etcd_endpoints, "query", "--state", "live", "-f",
+                      "{service} {containerRule}")  # fmt: skip
+        slots = set()
+        for line in out.splitlines():
+            service, rule = line.split()
+            slots.add((service.removeprefix("soak-"), int(rule.removeprefix("slot"))))
+        return slots
+
+    def check_enrolment(self, after: str, timeout: float = 20.0) -> None:
+        """Wait (the churn paused) until etcd's live instances are the running containers:
+        fluxd's view of Docker converges after ``after``."""
+        with self.docker_lock:
+            start = time.monotonic()
+            running = set(self.instances.running)
+            while (enrolled := self.enrolled()) != running:
+                if time.monotonic() - start > timeout:
+                    self.problem(f"after {after}: {timeout:g} s on, the live instances in etcd "
+                                 f"{sorted(enrolled)} are not the running containers "
+                                 f"{sorted(running)}")  # fmt: skip
+                    return
+                time.sleep(0.2)
+            self.checks.append(f"after {after}: the {len(running)} running containers are "
+                               f"the live instances (within {time.monotonic() - start:.1f} s)")
 
     # faults, each run in a worker thread
 
@@ -352,6 +381,7 @@ class Soak:
                     self.kill_fluxd(kills)
                 else:
                     actions[kind]()
+                self.check_enrolment(f"{kind} at {at:.0f} s")
             except Exception as exc:  # any failure of a fault is reported
                 self.problem(f"{kind} failed: {exc!r}")
                 self.stop.set()
@@ -427,6 +457,8 @@ class Soak:
         self.stop.set()
         for thread in threads:
             thread.join(timeout=2 * START_TIMEOUT)
+        if not self.problems:
+            self.check_enrolment("the run")
 
     def teardown(self) -> None:
         for daemon in self.fluxds[-1:]:
@@ -439,15 +471,39 @@ class Soak:
         finally:
             self.etcd.stop()
 
-    def save(self) -> None:
-        raw = {
+    def save(self, header: dict[str, str], settings: dict[str, str]) -> dict[str, object]:
+        """Everything the report needs, also written to ``soak.json`` in the work directory."""
+        raw: dict[str, object] = {
+            "header": header,
+            "settings": settings,
             "plan": asdict(self.run),
             "requests": [asdict(r) for r in self.requests],
             "faults": [asdict(f) for f in self.faults],
             "samples": [asdict(s) for s in self.samples],
             "problems": self.problems,
+            "checks": self.checks,
         }
         (self.workdir / "soak.json").write_text(json.dumps(raw))
+        return raw
+
+
+def report(raw: dict[str, Any], out: Path, chart: bool) -> bool:
+    """Write soak.md (and soak.png) into ``out`` from a run's data; whether the run passed."""
+    run = Plan(**{**raw["plan"], "faults": tuple(tuple(f) for f in raw["plan"]["faults"])})
+    requests = [Request(**r) for r in raw["requests"]]
+    faults = [Fault(**f) for f in raw["faults"]]
+    samples = [Sample(**s) for s in raw["samples"]]
+    header = raw["header"]
+    text, passed = render_markdown(run, requests, faults, samples, header, raw["settings"],
+                                   raw["problems"], raw["checks"])  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.md").write_text(text)
+    if chart:
+        render_chart(run, requests, faults, samples, out / "soak.png",
+                     f"fluxd soak, {run.total / 60:g} min ({header['date']})")  # fmt: skip
+    print(text)
+    _log(f"{'PASS' if passed else 'FAIL'}: report in {out / 'soak.md'}")
+    return passed
 
 
 def _header() -> dict[str, str]:
@@ -483,6 +539,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                         help="where the raw data and logs go (default .var/soak/<time>)")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib)")
+    parser.add_argument("--report-only", type=Path, default=None, metavar="DIR",
+                        help="rebuild soak.md and soak.png from DIR/soak.json, running nothing")
     args = parser.parse_args(argv)  # fmt: skip
     if not 2 <= args.minutes <= 600:
         parser.error(f"--minutes must be 2 to 600, got {args.minutes:g}")
@@ -498,6 +556,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    if args.report_only is not None:
+        raw = json.loads((args.report_only / "soak.json").read_text())
+        return 0 if report(raw, args.out, not args.no_chart) else 1
     if os.geteuid() != 0:
         print("soak: needs root (fluxd installs iptables rules, dockerd runs)", file=sys.stderr)
         return 2
@@ -523,8 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         soak.problem(f"the run stopped: {exc!r}")
     finally:
         soak.teardown()
-        soak.save()
-    header = _header()
     settings = {
         "command": "python -m benchmarks.soak " + " ".join(argv),
         "length": f"{args.minutes:g} min",
@@ -534,16 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "churn": f"an instance started or killed every {args.churn:g} s",
         "raw data": str(workdir.relative_to(ROOT) if workdir.is_relative_to(ROOT) else workdir),
     }
-    text, passed = render_markdown(soak.run, soak.requests, soak.faults, soak.samples, header,
-                                   settings, soak.problems)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.md").write_text(text)
-    if not args.no_chart:
-        render_chart(soak.run, soak.requests, soak.faults, soak.samples, args.out / "soak.png",
-                     f"fluxd soak, {args.minutes:g} min ({header['date']})")  # fmt: skip
-    print(text)
-    _log(f"{'PASS' if passed else 'FAIL'}: report in {args.out / 'soak.md'}")
-    return 0 if passed else 1
+    return 0 if report(soak.save(_header(), settings), args.out, not args.no_chart) else 1
 
 
 if __name__ == "__main__":

@@ -283,16 +283,18 @@ def render_markdown(
     header: dict[str, str],
     settings: dict[str, str],
     problems: Sequence[str] = (),
+    enrolment: Sequence[str] = (),
 ) -> tuple[str, bool]:
     """The report and whether the run passed (no unexpected failure, no growth, no problem
     running it: ``problems`` are lines saying what went wrong, e.g. a fault that did not
-    complete)."""
+    complete or instances fluxd failed to enrol; ``enrolment`` are lines saying what was checked
+    and held)."""
     failed = [r for r in requests if r.error]
     causes = {id(r): explain(r, faults) for r in failed}
     unexpected = [r for r in failed if causes[id(r)] is None]
-    checks = growth_checks(samples, run)
-    grew = [c for c in checks if c.grew]
-    passed = not unexpected and not grew and not problems and bool(checks)
+    growths = growth_checks(samples, run)
+    grew = [g for g in growths if g.grew]
+    passed = not unexpected and not grew and not problems and bool(growths)
     total = _count(requests, causes)
     lines = [
         "# flux soak run",
@@ -345,6 +347,9 @@ def render_markdown(
                 f"| {name} | {kind} | {counts.requests:,} | {counts.failed:,} | "
                 f"{counts.expected:,} | {counts.unexpected:,} |"
             )
+    if enrolment:
+        lines += ["", "Enrolment (fluxd's live instances in etcd against the containers "
+                  "running, churn paused):", "", *(f"- {line}" for line in enrolment)]  # fmt: skip
     if unexpected:
         lines += ["", "Unexpected failures (first 20):", ""]
         lines += [
@@ -379,7 +384,7 @@ def render_markdown(
         "| limit | verdict |",
         "|---:|---|---|---:|---:|---:|---:|---|",
     ]
-    for check in checks:
+    for check in growths:
         as_mib = check.metric.startswith("RSS")
         value = _mib if as_mib else (lambda v: f"{v:g}")
         lines.append(
@@ -389,7 +394,7 @@ def render_markdown(
             f"{check.final_window[0]:.0f}{DASH}{check.final_window[1]:.0f} | "
             f"{value(check.final)} | {value(check.limit)} | {'GREW' if check.grew else 'ok'} |"
         )
-    if not checks:
+    if not growths:
         lines.append("| — | — | no fluxd lived long enough to compare | | | | | FAIL |")
     lines += [
         "",

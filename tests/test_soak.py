@@ -131,5 +131,6 @@ def test_the_report_fails_on_unexpected_failures_and_on_growth() -> None:
     leaking = [Sample(s.t, s.pid, s.rss_kib, 30 + int(s.t) // 60) for s in samples]
     text, passed = render_markdown(run, ok, [KILL], leaking, header, settings)
     assert not passed and "GREW" in text
-    _, passed = render_markdown(run, ok, [KILL], samples, header, settings, ["etcd stuck"])
-    assert not passed
+    text, passed = render_markdown(run, ok, [KILL], samples, header, settings, ["etcd stuck"],
+                                   ["after the run: 9 running, 9 live"])  # fmt: skip
+    assert not passed and "etcd stuck" in text and "9 running, 9 live" in text
