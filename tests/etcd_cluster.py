@@ -11,6 +11,7 @@ API (stable; other test modules import it)::
     cluster.start()                   # all members, then wait until each one is healthy
     cluster.endpoints                 # "http://198.19.0.250:2379,..." (fluxd's ETCD_ADDRESS)
     cluster.leader()                  # index of the member that leads now
+    cluster.move_leader(i)            # hand leadership to member i
     cluster.kill_member(i)            # SIGKILL; stop_member(i) is SIGTERM; start_member(i)
     cluster.wait_healthy()            # every running member answers (the cluster has quorum)
     cluster.etcdctl("get", "/", "--prefix")   # against every running member
@@ -226,6 +227,23 @@ class EtcdCluster:
                             return index
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no etcd leader within {timeout} s")
+            time.sleep(0.1)
+
+    def move_leader(self, index: int, timeout: float = 10.0) -> None:
+        """Hand leadership to member ``index`` (``etcdctl move-leader``) and wait for it."""
+        current = self.leader(timeout)
+        if current == index:
+            return
+        ids = {entry.get("Endpoint"): entry.get("Status", {}).get("header", {}).get("member_id")
+               for entry in self.status()}
+        member_id = ids.get(self.members[index].endpoint)
+        if not member_id:
+            raise RuntimeError(f"etcd member {self.members[index].name} is not running")
+        self.members[current].etcdctl("move-leader", f"{int(member_id):x}")
+        deadline = time.monotonic() + timeout
+        while self.leader(timeout) != index:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"leadership did not move to {self.members[index].name}")
             time.sleep(0.1)
 
     # The single server's helpers run etcdctl under self.command_prefix against self.endpoint,

@@ -18,7 +18,9 @@ def test_cluster_survives_its_leader(tmp_path: Path) -> None:
         cluster.start()
         assert cluster.endpoints.count(",") == 2
         cluster.etcdctl("put", "/probe", "one")
+        cluster.move_leader(2)
         leader = cluster.leader()
+        assert leader == 2
         cluster.kill_member(leader)
         assert cluster.leader() != leader
         cluster.etcdctl("put", "/probe", "two")
