@@ -58,6 +58,7 @@ from flux.store.keys import (
     PREFIX,
     PROMETHEUS_TARGETS,
     SERVICES,
+    Follow,
     KeyEvent,
     Problems,
     ServiceTree,
@@ -362,34 +363,22 @@ class EtcdStore(LeasedStore):
         else:
             key = spec_key(name)
             response = await self._rpc(lambda c: c.range(key))
+        follow = Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
         events = _snapshot(response)
-        if known_hosts and instances:
+        if follow.hosts:
             # Read after the service: an instance seen there had its host record written no
             # later (the host record comes first on a lease), so this read sees it.
             events += _snapshot(await self._rpc(lambda c: c.range(HOSTS, prefix=True)))
-        tree = ServiceTree.from_events(
-            events,
-            rules=rules,
-            instances=instances,
-            hosts=known_hosts and instances,
-            problems=self._problems,
-        )
-        return tree.require(name)
+        return ServiceTree.from_events(events, follow, self._problems).require(name)
 
     async def get_all_services(
         self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> dict[str, ServiceInfo]:
-        hosts = known_hosts and instances
+        follow = Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
         # With hosts, one range over everything: services and hosts at one revision.
-        prefix = PREFIX if hosts else SERVICES
+        prefix = PREFIX if follow.hosts else SERVICES
         response = await self._rpc(lambda c: c.range(prefix, prefix=True))
-        return ServiceTree.from_events(
-            _snapshot(response),
-            rules=rules,
-            instances=instances,
-            hosts=hosts,
-            problems=self._problems,
-        ).services()
+        return ServiceTree.from_events(_snapshot(response), follow, self._problems).services()
 
     async def set_rule(self, service: str, name: str, rule: Rule) -> None:
         spec = spec_key(service)
@@ -568,17 +557,15 @@ class EtcdStore(LeasedStore):
     def watch_services(
         self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        return self._watch_services(rules, instances, known_hosts and instances)
-
-    async def _watch_services(
-        self, rules: bool, instances: bool, hosts: bool
-    ) -> AsyncGenerator[ServiceUpdate, None]:
-        watch = ServiceWatch(
-            rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        return self._watch_services(
+            Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
         )
+
+    async def _watch_services(self, follow: Follow) -> AsyncGenerator[ServiceUpdate, None]:
+        watch = ServiceWatch(follow, self._problems)
         # Following hosts too means following the whole prefix (the metrics targets that come
         # with it are ignored): one snapshot and one stream, so both are at one revision.
-        prefix = PREFIX if hosts else SERVICES
+        prefix = PREFIX if follow.hosts else SERVICES
         loop = asyncio.get_running_loop()
         give_up_at: float | None = None  # set while recovering from a break
         backoff = _WATCH_BACKOFF
@@ -595,8 +582,8 @@ class EtcdStore(LeasedStore):
             yield watch.reset(_snapshot(response))
             try:
                 # The stream starts after the snapshot's revision, so no event falls between.
-                follow = self._follow(prefix, revision + 1, watch)
-                async with contextlib.aclosing(follow) as updates:
+                deltas = self._follow(prefix, revision + 1, watch)
+                async with contextlib.aclosing(deltas) as updates:
                     async for update in updates:
                         yield update
             except _Resync as exc:

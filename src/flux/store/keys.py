@@ -60,6 +60,7 @@ __all__ = [
     "PREFIX",
     "PROMETHEUS_TARGETS",
     "SERVICES",
+    "Follow",
     "KeyEvent",
     "Problems",
     "ServiceTree",
@@ -309,11 +310,25 @@ def _host_of(instance: Instance) -> str:
         return instance.host.address
 
 
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """What a tree keeps besides specs: rules, instances, and (for instances) host records."""
+
+    rules: bool = False
+    instances: bool = False
+    hosts: bool = False
+
+    @classmethod
+    def of(cls, *, rules: bool, instances: bool, known_hosts: bool) -> Follow:
+        """What a read or watch asked for (host records matter only with instances)."""
+        return cls(rules, instances, known_hosts and instances)
+
+
 class ServiceTree:
     """Decoded service records, filled from key-values and kept current by events.
 
-    Rules (instances) are kept only when ``rules`` (``instances``) is set; changes to them are
-    then reported by :meth:`apply`, otherwise ignored.  With ``hosts`` set the tree also follows
+    Rules (instances) are kept only when ``follow.rules`` (``instances``) is set; changes to them
+    are then reported by :meth:`apply`, otherwise ignored.  With ``hosts`` the tree also follows
     the host records (``host/`` keys in its input) and holds back every instance whose host is
     not registered: an instance lives on its writer's lease together with that host record, so
     one without it was written by hand or left by a bug, and its address may by now belong to
@@ -321,17 +336,10 @@ class ServiceTree:
     registers.
     """
 
-    def __init__(
-        self,
-        *,
-        rules: bool = False,
-        instances: bool = False,
-        hosts: bool = False,
-        problems: Problems | None = None,
-    ) -> None:
-        self.with_rules = rules
-        self.with_instances = instances
-        self.with_hosts = hosts
+    def __init__(self, follow: Follow = Follow(), problems: Problems | None = None) -> None:
+        self.with_rules = follow.rules
+        self.with_instances = follow.instances
+        self.with_hosts = follow.hosts
         self.problems = problems if problems is not None else Problems()
         self._specs: dict[str, Service] = {}
         self._created: dict[str, int] = {}
@@ -346,40 +354,15 @@ class ServiceTree:
 
     @classmethod
     def from_events(
-        cls,
-        events: Iterable[KeyEvent],
-        *,
-        rules: bool = False,
-        instances: bool = False,
-        hosts: bool = False,
-        problems: Problems | None = None,
+        cls, events: Iterable[KeyEvent], follow: Follow = Follow(), problems: Problems | None = None
     ) -> ServiceTree:
         """A tree holding the key-values of a range read (given as put events)."""
-        tree = cls(rules=rules, instances=instances, hosts=hosts, problems=problems)
+        tree = cls(follow, problems)
         for event in events:
             tree.apply(event)
         for name in list(tree._other_keys):
             tree.check_spec(name)
         return tree
-
-    @classmethod
-    def from_pairs(
-        cls,
-        pairs: Iterable[tuple[str | bytes, str | bytes]],
-        *,
-        rules: bool = False,
-        instances: bool = False,
-        hosts: bool = False,
-        problems: Problems | None = None,
-    ) -> ServiceTree:
-        """A tree holding the (key, value) pairs of a range read (creation revisions unknown)."""
-        return cls.from_events(
-            (KeyEvent(_text(key), value) for key, value in pairs),
-            rules=rules,
-            instances=instances,
-            hosts=hosts,
-            problems=problems,
-        )
 
     def apply(self, event: KeyEvent) -> list[str]:
         """Apply one change; return the services it affects, of those this tree cares about."""
@@ -559,17 +542,8 @@ def _present(events: Iterable[KeyEvent]) -> set[str]:
 class ServiceWatch:
     """Turns key-value snapshots and events into the updates a service watch yields."""
 
-    def __init__(
-        self,
-        *,
-        rules: bool = False,
-        instances: bool = False,
-        hosts: bool = False,
-        problems: Problems | None = None,
-    ) -> None:
-        self._rules = rules
-        self._instances = instances
-        self._hosts = hosts
+    def __init__(self, follow: Follow = Follow(), problems: Problems | None = None) -> None:
+        self._follow = follow
         self._problems = problems if problems is not None else Problems()
         self._tree = ServiceTree(problems=self._problems)
         self._reported: dict[str, ServiceInfo] = {}
@@ -582,15 +556,9 @@ class ServiceWatch:
         """
         snapshot = list(events)
         self._problems.retain(SERVICES, _present(snapshot))
-        if self._hosts:
+        if self._follow.hosts:
             self._problems.retain(HOSTS, _present(snapshot))
-        self._tree = ServiceTree.from_events(
-            snapshot,
-            rules=self._rules,
-            instances=self._instances,
-            hosts=self._hosts,
-            problems=self._problems,
-        )
+        self._tree = ServiceTree.from_events(snapshot, self._follow, self._problems)
         services = self._tree.services()
         self._reported = dict(services)
         return ServiceUpdate(services=services, reset=True)

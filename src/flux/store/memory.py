@@ -40,6 +40,7 @@ from flux.store.keys import (
     PREFIX,
     PROMETHEUS_TARGETS,
     SERVICES,
+    Follow,
     KeyEvent,
     Problems,
     ServiceTree,
@@ -346,21 +347,19 @@ class MemoryStore(LeasedStore):
     ) -> ServiceInfo:
         prefix = service_dir(name)
         await self._enter()
-        hosts = known_hosts and instances
-        events = self.backend.snapshot(prefix) + (self.backend.snapshot(HOSTS) if hosts else [])
-        return ServiceTree.from_events(
-            events, rules=rules, instances=instances, hosts=hosts, problems=self._problems
-        ).require(name)
+        follow = Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
+        events = self.backend.snapshot(prefix)
+        if follow.hosts:
+            events += self.backend.snapshot(HOSTS)
+        return ServiceTree.from_events(events, follow, self._problems).require(name)
 
     async def get_all_services(
         self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> dict[str, ServiceInfo]:
         await self._enter()
-        hosts = known_hosts and instances
-        events = self.backend.snapshot(PREFIX if hosts else SERVICES)
-        return ServiceTree.from_events(
-            events, rules=rules, instances=instances, hosts=hosts, problems=self._problems
-        ).services()
+        follow = Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
+        events = self.backend.snapshot(PREFIX if follow.hosts else SERVICES)
+        return ServiceTree.from_events(events, follow, self._problems).services()
 
     async def set_rule(self, service: str, name: str, rule: Rule) -> None:
         key = rule_key(service, name)
@@ -474,17 +473,15 @@ class MemoryStore(LeasedStore):
     def watch_services(
         self, *, rules: bool = False, instances: bool = False, known_hosts: bool = False
     ) -> AsyncGenerator[ServiceUpdate, None]:
-        return self._watch_services(rules, instances, known_hosts and instances)
-
-    async def _watch_services(
-        self, rules: bool, instances: bool, hosts: bool
-    ) -> AsyncGenerator[ServiceUpdate, None]:
-        watch = ServiceWatch(
-            rules=rules, instances=instances, hosts=hosts, problems=self._problems
+        return self._watch_services(
+            Follow.of(rules=rules, instances=instances, known_hosts=known_hosts)
         )
+
+    async def _watch_services(self, follow: Follow) -> AsyncGenerator[ServiceUpdate, None]:
+        watch = ServiceWatch(follow, self._problems)
         while True:
             await self._enter()
-            pairs, watcher = self.backend.open_watch(PREFIX if hosts else SERVICES)
+            pairs, watcher = self.backend.open_watch(PREFIX if follow.hosts else SERVICES)
             self._watchers.add(watcher)
             try:
                 yield watch.reset(pairs)
