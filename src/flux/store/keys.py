@@ -534,8 +534,8 @@ def _present(events: Iterable[KeyEvent]) -> set[str]:
     for event in events:
         present.add(event.key)
         if event.key.startswith(SERVICES):
-            present.add(event.key.rsplit("/", 2)[0] + "/")
-            present.add(event.key.rsplit("/", 1)[0] + "/")
+            name = event.key[len(SERVICES) :].split("/", 1)[0]
+            present.add(f"{SERVICES}{name}/")
     return present
 
 
