@@ -81,10 +81,13 @@ def _log(message: str) -> None:
 # -- the load ----------------------------------------------------------------------------------
 
 
-async def one_request(kind: str, address: tuple[str, int]) -> str:
-    """One request to ``address``; ``""`` when it succeeded, else what went wrong."""
+async def one_request(
+    kind: str, address: tuple[str, int], timeout: float = REQUEST_TIMEOUT
+) -> str:
+    """One request to ``kind``'s service at ``address``; ``""`` when an instance of that
+    service answered it, else what went wrong."""
     try:
-        async with asyncio.timeout(REQUEST_TIMEOUT):
+        async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(*address)
             try:
                 writer.write(REQUESTS[kind])
@@ -107,8 +110,11 @@ async def one_request(kind: str, address: tuple[str, int]) -> str:
         return "truncated"
     if not head.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 ")):
         return "bad status " + head.split(b"\r\n", 1)[0].decode(errors="replace")[:40]
-    if not body.startswith(b"soak "):
-        return "truncated" if not body else "bad body"
+    if not body:
+        return "truncated"
+    if not body.startswith(f"soak {kind} slot ".encode()):
+        # Another service's instance, say: a routing mistake, not a lost request.
+        return "bad body " + body[:40].decode(errors="replace").strip()
     return ""
 
 

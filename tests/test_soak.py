@@ -1,11 +1,16 @@
 """The soak run's verdict (benchmarks/soak_report.py) on synthetic series: growth is caught,
-noise and warm-up are not, and failures are explained by the right faults only."""
+noise and warm-up are not, and failures are explained by the right faults only; and what its
+load generator (benchmarks/soak.py) counts as a failed request, against loopback servers."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
+import struct
 
 import pytest
+from benchmarks.soak import one_request
 from benchmarks.soak_report import (
     FD_TOLERANCE,
     RSS_TOLERANCE,
@@ -134,3 +139,44 @@ def test_the_report_fails_on_unexpected_failures_and_on_growth() -> None:
     text, passed = render_markdown(run, ok, [KILL], samples, header, settings, ["etcd stuck"],
                                    ["after the run: 9 running, 9 live"])  # fmt: skip
     assert not passed and "etcd stuck" in text and "9 running, 9 live" in text
+
+
+# -- what the load generator counts as a failure (real loopback sockets) ------------------------
+
+
+async def _outcome(
+    reply: bytes | None, kind: str = "tcp", reset: bool = False, timeout: float = 10.0
+) -> str:
+    """one_request against a server that reads the request, then sends ``reply`` and closes
+    (None: sends nothing and keeps the connection; ``reset``: closes with an RST)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if reply is None:
+            await asyncio.sleep(10 * timeout)
+        elif reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            writer.write(reply)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        return await one_request(kind, ("127.0.0.1", port), timeout=timeout)
+
+
+def test_one_request_tells_success_from_each_failure() -> None:
+    ok = b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\nsoak tcp slot 3\n"
+    assert asyncio.run(_outcome(ok)) == ""
+    assert asyncio.run(_outcome(ok, kind="http")).startswith("bad body soak tcp slot 3")
+    assert asyncio.run(_outcome(b"")) == "truncated"
+    assert asyncio.run(_outcome(b"HTTP/1.0 200 OK\r\n\r\n")) == "truncated"
+    assert asyncio.run(_outcome(b"HTTP/1.0 503 Busy\r\n\r\n")) == "bad status HTTP/1.0 503 Busy"
+    assert asyncio.run(_outcome(None, timeout=0.2)) == "timeout"
+    assert asyncio.run(_outcome(b"", reset=True)) == "reset"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        assert asyncio.run(one_request("tcp", ("127.0.0.1", port))) == "refused"
