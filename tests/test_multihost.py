@@ -13,6 +13,7 @@ assertions are about what happened, with bounds from the TTL.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ import pytest
 
 from tests.fluxd_process import wait_until
 from tests.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
+from tests.netns import socket_in
 from tests.test_e2e import FALSE_FAILURE, min_count_bound
 
 pytestmark = [pytest.mark.etcd, pytest.mark.docker, pytest.mark.iptables]
@@ -244,3 +246,78 @@ def test_etcd_leader_killed_under_load_costs_no_request_and_no_record(fabric: Fa
     for host in (h1, h2):
         assert host.pool_addresses("quorum") == [instance_on(h1), instance_on(h2)]
         assert host.fluxd is not None and host.fluxd.process.poll() is None
+
+
+# -- f. no etcd at all for longer than the TTL -----------------------------------------------
+
+ECHO_PORT = 18081
+OUTAGE = 3 * TTL
+
+
+def echo_round(conn: socket.socket, text: bytes) -> bytes:
+    conn.sendall(text)
+    got = b""
+    while len(got) < len(text):
+        chunk = conn.recv(len(text) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_without_etcd_connections_and_rules_survive_and_records_return(fabric: Fabric) -> None:
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds()
+    address = web_service(fabric, "outage", 16)
+    echo_address = vip(17)
+    fabric.fluxctl("service", "echo", "--address", f"{echo_address}:{PORT}",
+                   "--instance-port", str(ECHO_PORT), "--labels", "app=echo")
+    for host in (h1, h2):
+        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=outage")
+    h2.echo(ECHO_PORT, "app=echo")
+    fabric.wait_pools("outage", [instance_on(h1), instance_on(h2)])
+    fabric.wait_pools("echo", [f"{h2.ip}:{ECHO_PORT}"])
+    rules_before = {host.index: host.chain_rules() for host in (h1, h2)}
+    logged_before = {host.index: len(host.fluxd.lines) for host in (h1, h2) if host.fluxd}
+
+    with socket_in(h1.netns) as conn:
+        conn.settimeout(5.0)
+        conn.connect((echo_address, PORT))
+        assert echo_round(conn, b"before\n") == b"before\n"
+        fabric.etcd.stop()
+        stopped = time.monotonic()
+        # Every lease would have run out long since, and fluxd's retries have backed off.
+        time.sleep(OUTAGE)
+        # Proxied bytes, rules and pools do not need etcd.
+        assert echo_round(conn, b"during\n") == b"during\n"
+        during = h1.load(address, PORT, 40, seconds=20, workers=1)
+        for host in (h1, h2):
+            assert host.chain_rules() == rules_before[host.index]
+        outage = time.monotonic() - stopped
+
+        fabric.etcd.start()
+        back = time.monotonic()
+        wait_until(lambda: fabric.host_keys() == [h1.ip, h2.ip]
+                   and fabric.instance_addresses("outage") == [instance_on(h1), instance_on(h2)]
+                   and fabric.instance_addresses("echo") == [f"{h2.ip}:{ECHO_PORT}"],
+                   20, "every record back in etcd")
+        records_after = time.monotonic() - back
+        # Held, not just written once: complete at every look for the TTL three times over.
+        incomplete = []
+        while time.monotonic() - back < records_after + 3 * TTL:
+            now = (fabric.host_keys(), fabric.instance_addresses("outage"))
+            if now != ([h1.ip, h2.ip], [instance_on(h1), instance_on(h2)]):
+                incomplete.append(f"{time.monotonic() - back:.2f}s {now}")
+            time.sleep(0.2)
+        assert echo_round(conn, b"after\n") == b"after\n"
+    lease_lines = [line for host in (h1, h2) if host.fluxd
+                   for line in host.fluxd.lines[logged_before[host.index]:] if "lease" in line]
+    print(f"etcd outage {outage:.1f} s: {during.requests} requests during it, "
+          f"{len(during.failures)} failed; records in etcd {records_after:.2f} s after it came "
+          f"back; lease log: {lease_lines}")
+    assert incomplete == []
+    assert during.failures == []
+    assert set(during.served) == {"h1", "h2"}
+    for host in (h1, h2):
+        assert host.chain_rules() == rules_before[host.index]
+        assert host.pool_addresses("outage") == [instance_on(h1), instance_on(h2)]

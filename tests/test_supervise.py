@@ -165,3 +165,36 @@ async def test_names_are_unique() -> None:
     with pytest.raises(ValueError, match="already supervised"):
         supervisor.start("x", forever)
     await supervisor.stop()
+
+
+async def test_a_component_can_have_a_lower_backoff_cap() -> None:
+    # The lease keeper: retried at least every keep-alive interval, whatever the default cap.
+    fake = FakeTime()
+    supervisor = Supervisor(
+        initial_backoff=0.5, max_backoff=30, clock=fake.clock, sleep=fake.sleep
+    )
+    runs = {"lease": 0, "watch": 0}
+
+    def failing(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            runs[name] += 1
+            if runs[name] <= 6:
+                raise ConnectionError("etcd unreachable")
+            await asyncio.Event().wait()
+
+        return run
+
+    supervisor.start("lease", failing("lease"), max_backoff=1.0)
+    await wait_for(lambda: runs["lease"] == 7)
+    assert fake.sleeps == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    fake.sleeps.clear()
+    supervisor.start("watch", failing("watch"))
+    await wait_for(lambda: runs["watch"] == 7)
+    assert fake.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    # A cap below the initial delay lowers that too.
+    fake.sleeps.clear()
+    runs["quick"] = 0
+    supervisor.start("quick", failing("quick"), max_backoff=0.25)
+    await wait_for(lambda: runs["quick"] == 7)
+    assert fake.sleeps == [0.25] * 6
+    await supervisor.stop()

@@ -112,7 +112,14 @@ class Daemon:
         await self.store.register_host(
             Host(address=self.host_address, version=__version__, started=started)
         )
-        self.supervisor.start("lease", lambda: self.store.run_lease(self.settings.host_ttl))
+        # Retried at least every keep-alive interval: after an etcd outage longer than the TTL,
+        # a keeper still backing off (up to 30 s) would let the lease etcd kept through the
+        # outage run out, and every record of this host vanish until the next retry.
+        self.supervisor.start(
+            "lease",
+            lambda: self.store.run_lease(self.settings.host_ttl),
+            max_backoff=self.settings.host_ttl / 3,
+        )
         for plugin in self.plugins:
             for name, factory in plugin.components():
                 self.supervisor.start(name, factory)

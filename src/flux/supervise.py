@@ -91,17 +91,33 @@ class Supervisor:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.status: dict[str, ComponentStatus] = {}
 
-    def start(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Start supervising ``factory()`` under ``name`` (names are unique)."""
+    def start(
+        self,
+        name: str,
+        factory: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        max_backoff: float | None = None,
+    ) -> None:
+        """Start supervising ``factory()`` under ``name`` (names are unique).
+
+        ``max_backoff`` caps this component's restart delay below the supervisor's: a
+        component whose work expires (the lease keeper) must be retried before it does.
+        """
         if name in self._tasks:
             raise ValueError(f"component {name!r} is already supervised")
+        maximum = self._maximum if max_backoff is None else min(self._maximum, max_backoff)
+        backoff = Backoff(min(self._initial, maximum), maximum)
         status = self.status[name] = ComponentStatus(name)
-        self._tasks[name] = asyncio.create_task(self._run(status, factory), name=f"flux:{name}")
+        self._tasks[name] = asyncio.create_task(
+            self._run(status, factory, backoff), name=f"flux:{name}"
+        )
 
     async def _run(
-        self, status: ComponentStatus, factory: Callable[[], Coroutine[Any, Any, None]]
+        self,
+        status: ComponentStatus,
+        factory: Callable[[], Coroutine[Any, Any, None]],
+        backoff: Backoff,
     ) -> None:
-        backoff = Backoff(self._initial, self._maximum)
         while True:
             started = self._clock()
             status.state = "running"
