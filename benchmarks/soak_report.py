@@ -271,6 +271,15 @@ def _phases(run: Plan, faults: Sequence[Fault]) -> list[tuple[str, float, float]
     return [(f"from {name}", cuts[i], cuts[i + 1]) for i, name in enumerate(names)]
 
 
+def _latencies(seconds: list[float]) -> tuple[str, str, str]:
+    """p50, p99 and the maximum, in milliseconds (dashes when there is nothing)."""
+    if len(seconds) < 2:
+        return (DASH, DASH, DASH)
+    cuts = statistics.quantiles(seconds, n=100, method="inclusive")
+    p50, p99, top = cuts[49], cuts[98], max(seconds)
+    return (f"{1000 * p50:.1f}", f"{1000 * p99:.1f}", f"{1000 * top:.1f}")
+
+
 def _mib(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
@@ -335,17 +344,20 @@ def render_markdown(
         "",
         "## Requests by phase",
         "",
-        "| phase | kind | requests | failed | expected | unexpected |",
-        "|---|---|---:|---:|---:|---:|",
+        "Latency: from connecting to the response's end, of the requests that succeeded.",
+        "",
+        "| phase | kind | requests | failed | expected | unexpected | p50 ms | p99 ms | max ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     kinds = sorted({r.kind for r in requests})
     for name, start, end in _phases(run, faults):
         for kind in kinds:
-            counts = _count((r for r in requests if r.kind == kind and start <= r.start < end),
-                            causes)  # fmt: skip
+            phase = [r for r in requests if r.kind == kind and start <= r.start < end]
+            counts = _count(phase, causes)
+            p50, p99, top = _latencies([r.end - r.start for r in phase if not r.error])
             lines.append(
                 f"| {name} | {kind} | {counts.requests:,} | {counts.failed:,} | "
-                f"{counts.expected:,} | {counts.unexpected:,} |"
+                f"{counts.expected:,} | {counts.unexpected:,} | {p50} | {p99} | {top} |"
             )
     if enrolment:
         lines += ["", "Enrolment (fluxd's live instances in etcd against the containers "
