@@ -289,6 +289,33 @@ async def test_address_change_moves_the_rule(cluster: Cluster) -> None:
         await backend.stop()
 
 
+async def test_a_listener_closes_only_after_no_rule_points_at_it(cluster: Cluster) -> None:
+    # An address change replaces the listener: while the batch that moves the DNAT rule runs,
+    # the old rule still sends clients to the old listener, which must still be open then.
+    backend = await Backend("r").start()
+    vip1, vip2 = fresh_vip(), fresh_vip()
+    try:
+        await cluster.admin.add_service("rl", Service(address=f"{vip1}:85"))
+        await cluster.add_instance("rl", "r", backend.address)
+        await cluster.forwarding("rl", vip1)
+        _, old = cluster.balancer.listeners["rl"]
+        open_during_sync: list[bool] = []
+        real_sync = cluster.balancer.iptables.sync
+
+        async def sync(desired, **kwargs):  # the real sync, noting the old listener's state
+            open_during_sync.append(old.is_open)
+            return await real_sync(desired, **kwargs)
+
+        cluster.balancer.iptables.sync = sync  # type: ignore[method-assign]
+        await cluster.admin.add_service("rl", Service(address=f"{vip2}:86"))
+        await cluster.forwarding("rl", vip2)
+        await cluster.until(lambda: not old.is_open)
+        assert open_during_sync == [True]
+        assert (await request(vip2, 86)).startswith("r:")
+    finally:
+        await backend.stop()
+
+
 async def test_an_instance_that_never_answers_times_out_and_the_next_one_serves(
     cluster: Cluster,
 ) -> None:

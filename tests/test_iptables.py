@@ -162,6 +162,28 @@ async def test_sync_repairs_what_someone_else_removed(started: IPTables) -> None
     assert_hooked_once_at_top(chain)
 
 
+async def test_syncs_without_reading_plan_from_their_own_batches(started: IPTables) -> None:
+    chain = started.chain
+    dnat = Interception("a", vip(), 80, listener_port=40001)
+    one = desired_rules(chain, BRIDGE, [dnat])
+    both = desired_rules(chain, BRIDGE, [dnat, Interception("b", vip(), 80)])
+    await started.sync(one)
+    plan = await started.sync(both, read=False)
+    assert plan.added == RuleSet(filter=both.filter) and plan.deleted == RuleSet()
+    assert await started.installed() == both
+    # What someone removes behind flux's back goes unseen without a read ...
+    ipt("-t", "filter", "-F", chain)
+    assert (await started.sync(both, read=False)).changes == 0
+    # ... so a batch planned on it can fail; the sync after a failure reads again.
+    with pytest.raises(IPTablesError):
+        await started.sync(one, read=False)
+    assert (await started.sync(one, read=False)).changes == 0
+    assert await started.installed() == one
+    # And a sync that reads repairs it.
+    ipt("-t", "nat", "-F", chain)
+    assert (await started.sync(one)).added == one
+
+
 async def test_foreign_rules_with_awkward_comments_read_back_and_delete(
     started: IPTables,
 ) -> None:

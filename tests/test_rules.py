@@ -17,6 +17,7 @@ from flux.balancer.rules import (
     RuleSet,
     Snapshot,
     Table,
+    applied,
     desired_rules,
     parse_save,
     plan_setup,
@@ -487,3 +488,42 @@ def test_any_sync_reaches_exactly_the_desired_rules(
         assert (old_covered & new_covered) <= now
     # And a second sync has nothing left to do.
     assert fake.sync(desired) == ""
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before=SERVICES,
+    middle=SERVICES,
+    after=SERVICES,
+    junk=st.lists(st.sampled_from([DNAT_A, REJECT_B])),
+    unhooked=st.booleans(),
+)
+def test_applied_predicts_what_the_tables_hold(
+    before: list[tuple[str, int, int, int | None]],
+    middle: list[tuple[str, int, int, int | None]],
+    after: list[tuple[str, int, int, int | None]],
+    junk: list[tuple[str, ...]],
+    unhooked: bool,
+) -> None:
+    fake = FakeTables()
+    fake.sync(desired_rules(CHAIN, BRIDGE, interceptions(before)))
+    fake.tables["nat"]["FLUX"].extend(junk)
+    if unhooked:
+        fake.tables["filter"]["INPUT"].clear()
+    # Two syncs planned without reading in between, as the adapter does for deltas.
+    known = parse_save(fake.save(), CHAIN)
+    for items in (middle, after):
+        plan = plan_sync(CHAIN, known, desired_rules(CHAIN, BRIDGE, interceptions(items)))
+        fake.restore(plan.batch)
+        known = applied(CHAIN, known, plan)
+        read = parse_save(fake.save(), CHAIN)
+        assert known.rules() == read.rules()
+        for table in Table:
+            # One jump per hook either way; their order across hook chains means nothing.
+            assert sorted((j.chain, j.args) for j in known.table(table).jumps) == sorted(
+                (j.chain, j.args) for j in read.table(table).jumps
+            )
+            assert known.table(table).chain_exists
+    assert Counter(fake.tables["nat"]["FLUX"]) == Counter(
+        desired_rules(CHAIN, BRIDGE, interceptions(after)).nat
+    )

@@ -9,7 +9,8 @@ actions in phase order:
 - *prepare*: open listeners (filled pools first), replace listeners, update pools in place;
 - *install* and *remove*: the rule changes of every service in the update, applied together as
   ONE ``iptables-restore`` batch computed from the new states (additions before deletions in
-  the batch, so no service is ever without a rule);
+  the batch, so no service is ever without a rule); a snapshot reads the installed rules first,
+  a delta plans from what the adapter last read and applied;
 - *retire*: close listeners whose rule is gone.  Connections they already handed to the relay
   carry on.
 
@@ -179,6 +180,7 @@ class Balancer:
         self.conflicts = conflicts
         failed: set[str] = set()
         rules_changed = False
+        retiring: list[Action] = []
         for action in in_phase_order(actions):
             if action.service in failed:
                 continue
@@ -188,12 +190,22 @@ class Balancer:
             elif action.kind.phase in (Phase.INSTALL, Phase.REMOVE):
                 rules_changed = True
             else:
-                self._retire(action)
+                retiring.append(action)
         for name in failed:
             states[name] = ABSENT
         self.states = {name: state for name, state in states.items() if state.state != State.ABSENT}
-        if rules_changed or failed or update.reset:
-            await self.iptables.sync(self._desired_rules())
+        try:
+            if rules_changed or failed or update.reset:
+                # A snapshot reads the tables (and so repairs what someone removed); a delta
+                # plans from what that read and our batches since left: the read costs as much
+                # as the batch itself.
+                await self.iptables.sync(self._desired_rules(), read=update.reset)
+        finally:
+            # Only now is no rule pointing at these listeners (closed earlier, a client's SYN
+            # meets a closed port: "connection refused" from a service that is up).  A failed
+            # sync closes them too: they are no longer in the state, so nothing else would.
+            for action in retiring:
+                self._retire(action)
         if update.reset:
             self.snapshots += 1
 
