@@ -352,6 +352,16 @@ class HostNode:
             BUSYBOX_IMAGE, "nc", "-ll", "-p", str(port), "-e", "cat",
         )  # fmt: skip
 
+    def network(self, name: str, subnet: str) -> None:
+        """A user-defined bridge network of this host's engine (a bridge in its namespace)."""
+        self.dockerd.docker("network", "create", "--driver", "bridge", "--subnet", subnet, name)
+
+    def container_ip(self, container: str, network: str) -> str:
+        return self.dockerd.docker(
+            "inspect", "--format",
+            f'{{{{(index .NetworkSettings.Networks "{network}").IPAddress}}}}', container,
+        )  # fmt: skip
+
     def listening(self, port: int) -> bool:
         out = netns_run(self.netns, "ss", "-Hltn", f"sport = :{port}").stdout
         return bool(out.strip())
@@ -374,6 +384,7 @@ class Fabric:
         self.etcd = EtcdCluster(self.workdir / "etcd", ETCD_IPS, self.switch)
         self.hosts = [HostNode(self, index) for index in range(1, hosts + 1)]
         self._created: list[str] = []
+        self._routes: list[tuple[str, str]] = []  # (namespace, subnet) routed across hosts
 
     def __getitem__(self, index: int) -> HostNode:
         """Host ``index``, counted from 1 like the addresses."""
@@ -418,6 +429,13 @@ class Fabric:
         self.etcd.start()
         with concurrent.futures.ThreadPoolExecutor(len(self.hosts)) as pool:
             list(pool.map(lambda host: host.dockerd.remove_containers(), self.hosts))
+        for host in self.hosts:
+            host.dockerd.docker("network", "prune", "-f")
+        for netns, net in self._routes:
+            netns_run(netns, "ip", "route", "del", net, check=False)
+        self._routes.clear()
+        for host in self.hosts:
+            netns_run(host.netns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         self.etcd.wipe()
 
     def start_fluxds(self, *args: str, hosts: Iterable[HostNode] | None = None) -> None:
@@ -481,6 +499,7 @@ class Fabric:
                     for net in nets:
                         netns_run(other.netns, "ip", "route", "replace", net, "via",
                                   self[index].ip)
+                        self._routes.append((other.netns, net))
 
     # -- teardown -------------------------------------------------------------------------
 

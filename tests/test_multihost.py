@@ -321,3 +321,45 @@ def test_without_etcd_connections_and_rules_survive_and_records_return(fabric: F
     for host in (h1, h2):
         assert host.chain_rules() == rules_before[host.index]
         assert host.pool_addresses("outage") == [instance_on(h1), instance_on(h2)]
+
+
+# -- g. global network mode: container addresses, routed between hosts -----------------------
+
+
+def test_global_mode_enrols_the_first_network_by_name_and_routes_across_hosts(
+    fabric: Fabric,
+) -> None:
+    # Each host's engine has two bridge networks; the hosts route each other's container
+    # subnets (inside the namespaces: no default route anywhere), as a global network would.
+    subnets = {host.index: [f"198.18.{200 + host.index}.0/24", f"198.18.{210 + host.index}.0/24"]
+               for host in fabric.hosts}
+    for host in fabric.hosts:
+        first, second = subnets[host.index]
+        host.network("fluxnet-b", second)
+        host.network("fluxnet-a", first)
+    fabric.route_container_networks(subnets)
+    fabric.start_fluxds("-network-mode", "global")
+    address = vip(18)
+    fabric.fluxctl("service", "global", "--address", f"{address}:{PORT}", "--labels",
+                   "app=global")
+    expected = []
+    for host in fabric.hosts:
+        # Started on the network that sorts last, then connected to the first: the instance
+        # moves to the first network's address when Docker reports the connection.
+        container = host.httpd(PORT, f"h{host.index}", "app=global", network="fluxnet-b")
+        host.dockerd.docker("network", "connect", "fluxnet-a", container)
+        first_ip = host.container_ip(container, "fluxnet-a")
+        assert first_ip.startswith(subnets[host.index][0].rsplit(".", 2)[0])
+        assert host.container_ip(container, "fluxnet-b").startswith(
+            subnets[host.index][1].rsplit(".", 2)[0])
+        expected.append(f"{first_ip}:{PORT}")
+    fabric.wait_pools("global", expected)
+    assert fabric.instance_addresses("global") == sorted(expected)
+
+    h1 = fabric[1]
+    result = h1.load(address, PORT, 100, seconds=30, workers=1)
+    bound = min_count_bound(100, 2, FALSE_FAILURE)
+    print(f"global mode: instances {sorted(expected)}; from host 1: {dict(result.served)}, "
+          f"{len(result.failures)} failed")
+    assert result.failures == []
+    assert min(result.served.get("h1", 0), result.served.get("h2", 0)) >= bound
