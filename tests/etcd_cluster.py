@@ -13,6 +13,7 @@ API (stable; other test modules import it)::
     cluster.leader()                  # index of the member that leads now
     cluster.move_leader(i)            # hand leadership to member i
     cluster.kill_member(i)            # SIGKILL; stop_member(i) is SIGTERM; start_member(i)
+    cluster.pause_member(i)           # SIGSTOP (a hung member); resume_member(i), start() too
     cluster.wait_healthy()            # every running member answers (the cluster has quorum)
     cluster.etcdctl("get", "/", "--prefix")   # against every running member
     cluster.get(key), cluster.keys(prefix), cluster.wipe()
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -75,6 +77,7 @@ class EtcdMember(EtcdServer):
         self.initial_cluster = ""
         self.cluster_token = ""
         self._process: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     @property
     def pid(self) -> int | None:
@@ -122,6 +125,18 @@ class EtcdMember(EtcdServer):
                 )
             time.sleep(0.1)
 
+    def pause(self) -> None:
+        """SIGSTOP: the member hangs, its sockets stay open and nothing answers."""
+        if self._process is not None and not self.paused:
+            self._process.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT a paused member."""
+        if self._process is not None and self.paused:
+            self._process.send_signal(signal.SIGCONT)
+        self.paused = False
+
     def kill(self) -> None:
         """SIGKILL the member (a crash: no goodbye to its peers) and reap it."""
         if self._process is None:
@@ -129,6 +144,12 @@ class EtcdMember(EtcdServer):
         self._process.kill()
         self._process.wait(timeout=10)
         self._process = None
+        self.paused = False
+
+    def stop(self) -> None:
+        """Stop the member (SIGTERM, then SIGKILL); a paused one is resumed first."""
+        self.resume()
+        super().stop()
 
 
 class EtcdCluster:
@@ -172,11 +193,14 @@ class EtcdCluster:
     @property
     def endpoint(self) -> str:
         """The running members' client URLs: what :meth:`etcdctl` asks."""
-        return ",".join(member.endpoint for member in self.members if member.running)
+        return ",".join(member.endpoint for member in self.members
+                        if member.running and not member.paused)
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start every member that is not running and wait until all are healthy."""
+        """Start every member that is not running (resume paused ones) and wait until all are
+        healthy."""
         for member in self.members:
+            member.resume()
             member.spawn()
         self.wait_healthy(timeout)
 
@@ -196,6 +220,14 @@ class EtcdCluster:
     def kill_member(self, index: int) -> None:
         """SIGKILL one member."""
         self.members[index].kill()
+
+    def pause_member(self, index: int) -> None:
+        """SIGSTOP one member: it hangs (connections open, no answers) until resumed."""
+        self.members[index].pause()
+
+    def resume_member(self, index: int) -> None:
+        """SIGCONT one paused member."""
+        self.members[index].resume()
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Wait until every running member answers a quorum read."""

@@ -363,3 +363,36 @@ def test_global_mode_enrols_the_first_network_by_name_and_routes_across_hosts(
           f"{len(result.failures)} failed")
     assert result.failures == []
     assert min(result.served.get("h1", 0), result.served.get("h2", 0)) >= bound
+
+
+# -- h. the etcd member every fluxd talks to hangs -------------------------------------------
+
+
+def test_a_hung_etcd_member_costs_no_record(fabric: Fabric) -> None:
+    # SIGSTOP: its sockets stay open and nothing answers, so requests time out instead of
+    # being refused; the keep-alive must move to another member before the lease runs out.
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds()
+    address = web_service(fabric, "hang", 19)
+    for host in (h1, h2):
+        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=hang")
+    fabric.wait_pools("hang", [instance_on(h1), instance_on(h2)])
+    records = ([h1.ip, h2.ip], [instance_on(h1), instance_on(h2)])
+    fabric.etcd.move_leader(1)  # no election: only the first endpoint, fluxd's, stops answering
+    loop = ClientLoop(h1, address, PORT, count=5000, seconds=3 * TTL + 15, workers=2,
+                      pause=0.01)
+    loop.start()
+    fabric.etcd.pause_member(0)
+    hung = time.monotonic()
+    missing = []
+    while time.monotonic() - hung < 3 * TTL:
+        now = (fabric.host_keys(), fabric.instance_addresses("hang"))
+        if now != records:
+            missing.append(f"{time.monotonic() - hung:.2f}s {now}")
+        time.sleep(0.2)
+    result = loop.stop()
+    fabric.etcd.resume_member(0)
+    print(f"hung etcd member: {len(missing)} incomplete looks at the records "
+          f"({missing[:3]}); {result.requests} requests, {len(result.failures)} failed")
+    assert missing == []
+    assert result.failures == []
