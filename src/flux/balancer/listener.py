@@ -24,9 +24,27 @@ returned unread when the connect failed, to go on at step 3.  An instance on pro
 the pool) is connected here, on the event loop, because its outcome must reach the pool at
 once; so is everything with the Python relay.
 
-Running out of descriptors (EMFILE/ENFILE) or kernel memory while accepting pauses accepting for
-a moment instead of failing: pending connections wait in the kernel's backlog and are accepted
-when descriptors free up.
+Running out of descriptors
+--------------------------
+Each proxied connection holds two descriptors, so the descriptor limit caps how many fluxd can
+relay; past it, everything else fluxd does (etcd, where its lease is kept alive, Docker,
+iptables-restore, /metrics) would fail too: measured, 11,000 clients against 20,000
+descriptors let fluxd's etcd lease expire.  So the listeners of a process share a budget
+(:class:`ConnectionBudget`): ``(limit - RESERVED_DESCRIPTORS) / 2`` connections, counted from
+accept until both descriptors are closed.  A listener whose budget is spent pauses accepting:
+pending connections wait in the kernel's backlog and are accepted when connections close.
+
+Running out anyway (EMFILE/ENFILE, another process's files, pipes) or out of kernel memory,
+while accepting or while making a connection's upstream socket (here or in the engine), pauses
+accepting the same way.  A client accepted whose upstream socket could not be made is *parked*,
+not reset and not blamed on the instance (the shortage is this process's, the instance may be
+fine): every ``PAUSE_SECONDS`` the parked clients are tried again, and accepting resumes only
+once none is left, so new clients cannot take the descriptors a parked one needs (otherwise
+every descriptor freed by a closing connection went to a new client that could not be served
+either, and the whole backlog was reset one client at a time).  A parked client still waiting
+after ``-connect-timeout`` is reset.  A shortage is logged once when it starts and once when
+accepting catches up, at most one such pair per ``PAUSE_LOG_EVERY`` seconds (the ones in
+between are counted in the next report), not once per retry.
 
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
@@ -40,6 +58,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import socket
 import struct
 from collections.abc import Callable
@@ -49,13 +68,18 @@ from flux.balancer.pool import Pool
 from flux.model import parse_address
 from flux.relay import ExchangeObserver, Relay, RelayResult, packed_sockaddr
 
-__all__ = ["ConnectionInfo", "Listener"]
+__all__ = ["ConnectionBudget", "ConnectionInfo", "Listener"]
 
 log = logging.getLogger("flux.balancer")
 
 ATTEMPTS = 5
 ACCEPT_BATCH = 128
 PAUSE_SECONDS = 0.1
+PAUSE_LOG_EVERY = 10.0
+# Descriptors left to everything but proxied connections: the control plane's connections and
+# child processes, the engine's pipes (up to 64 idle pairs pooled, more while bytes are in
+# flight), the listening sockets.
+RESERVED_DESCRIPTORS = 256
 BACKLOG = 4096
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -73,6 +97,7 @@ class _Connecting:
         "info",
         "listener",
         "name",
+        "parked_until",
         "tried",
         "up",
         "upstream",
@@ -92,6 +117,7 @@ class _Connecting:
         self.deadline = 0.0
         self.info: ConnectionInfo | None = None  # set when handed to the engine to connect
         self.up = False  # the engine connected it (and the instance counts it as active)
+        self.parked_until = 0.0  # waiting for a descriptor: reset if still waiting then
 
     @property
     def client(self) -> socket.socket:
@@ -116,6 +142,10 @@ class _Connecting:
 
     def connect_failed(self, client_fd: int, code: int) -> None:
         self.fd = client_fd
+        if code in _RESOURCE_ERRORS:
+            # The engine could not make the upstream socket: our shortage, not the instance's.
+            self.listener._park(self, errno.errorcode.get(code, str(code)))
+            return
         self.listener._failed(self.name, self.address, os.strerror(code))
         self.listener._attempt(self)
 
@@ -135,6 +165,34 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
+
+
+class ConnectionBudget:
+    """How many connections this process's listeners may hold at once, and how many they do.
+
+    Shared by every listener of the process (descriptors are per process).  The limit is read
+    again whenever a listener opens (``refresh``), since it may change while fluxd runs.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.limit = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        self.limit = max((soft - min(RESERVED_DESCRIPTORS, soft // 4)) // 2, 1)
+
+    @property
+    def spent(self) -> bool:
+        return self.held >= self.limit
+
+
+_BUDGET = ConnectionBudget()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -161,6 +219,7 @@ class Listener:
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
+        budget: ConnectionBudget | None = None,
     ) -> None:
         self.service = service
         self.protocol = protocol
@@ -175,7 +234,14 @@ class Listener:
         self._http = protocol == "http"
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._paused = False
+        self._budget = budget or _BUDGET
+        self._paused = False  # not reading the listening socket (see "Running out of ...")
+        self._resumer: asyncio.TimerHandle | None = None
+        self._parked: list[_Connecting] = []
+        self._short_since: float | None = None  # the current shortage began then
+        self._short_logged = False  # ... and its start was logged
+        self._last_short_log = -PAUSE_LOG_EVERY
+        self._unlogged_shortages = 0
         self._connecting: set[_Connecting] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         # The relay connects healthy instances itself when it can (SpliceRelay.connect).
@@ -185,6 +251,7 @@ class Listener:
     def open(self) -> int:
         """Bind and listen on ``bind_ip`` with an ephemeral port; return the port."""
         self._loop = asyncio.get_running_loop()
+        self._budget.refresh()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -204,54 +271,136 @@ class Listener:
         return self._sock is not None
 
     def close(self) -> None:
-        """Stop accepting.  Connections already handed to the relay carry on."""
+        """Stop accepting.  Connections already handed to the relay carry on; clients parked
+        for want of a descriptor are reset (nothing will try them again)."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
         if self._loop is not None and not self._paused:
             self._loop.remove_reader(sock.fileno())
+        if self._resumer is not None:
+            self._resumer.cancel()
+            self._resumer = None
+        self._reset_parked()
         sock.close()
+
+    def _reset_parked(self) -> None:
+        parked, self._parked = self._parked, []
+        for c in parked:
+            self._drop(c)
+
+    def _drop(self, c: _Connecting) -> None:
+        """Reset a client that will not be served."""
+        _reset(c.client)
+        self._budget.held -= 1
 
     def _accept(self) -> None:
         sock = self._sock
         if sock is None:
             return
+        budget = self._budget
         for _ in range(ACCEPT_BATCH):
+            if budget.held >= budget.limit:
+                self._pause(f"{budget.limit} connections held, the most its descriptors allow")
+                return
             try:
                 # _accept(): the descriptor and address without a socket object (see
                 # _Connecting); accept4 with SOCK_CLOEXEC, like accept().
                 fd, peer = sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
-                    self._pause(exc)
+                    self._pause(errno.errorcode.get(exc.errno or 0, exc.strerror or ""))
                     return
                 raise
             # Left blocking: the relay makes both sockets non-blocking (and sets TCP_NODELAY)
             # itself, and nothing here reads or writes the client.
+            budget.held += 1
             self._attempt(_Connecting(self, fd, peer[0]))
+            if self._paused:
+                return  # its upstream socket could not be made: no new clients for now
+        if self._short_since is not None and not self._paused and not self._parked:
+            self._shortage_over()
 
-    def _pause(self, exc: OSError) -> None:
-        assert self._loop is not None and self._sock is not None
+    def _park(self, c: _Connecting, reason: str) -> None:
+        """``c`` got no upstream socket for want of descriptors: keep it for a retry."""
+        c.tried.discard(c.name)
+        if self._sock is None or self._loop is None:
+            self._drop(c)  # closed: nothing would try it again
+            return
+        if not c.parked_until:
+            c.parked_until = self._loop.time() + self._connect_timeout
+        self._parked.append(c)
+        self._pause(reason)
+
+    def _pause(self, reason: str) -> None:
+        loop = self._loop
+        assert loop is not None and self._sock is not None
+        if self._short_since is None:
+            self._short_since = now = loop.time()
+            self._short_logged = now - self._last_short_log >= PAUSE_LOG_EVERY
+            if self._short_logged:
+                unlogged, self._unlogged_shortages = self._unlogged_shortages, 0
+                self._last_short_log = now
+                log.warning(
+                    "%s: cannot take more connections (%s); pausing accepts until some close%s",
+                    self.service,
+                    reason,
+                    f" ({unlogged} shorter shortages since the last report)" if unlogged else "",
+                )
+            else:
+                self._unlogged_shortages += 1
         if not self._paused:
-            log.warning(
-                "%s: cannot accept connections (%s); pausing accepts until descriptors free up",
-                self.service,
-                errno.errorcode.get(exc.errno or 0, exc.strerror),
-            )
-        self._paused = True
-        self._loop.remove_reader(self._sock.fileno())
-        self._loop.call_later(PAUSE_SECONDS, self._resume)
+            self._paused = True
+            loop.remove_reader(self._sock.fileno())
+        if self._resumer is None:
+            self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
 
     def _resume(self) -> None:
-        if self._sock is None or not self._paused or self._loop is None:
+        self._resumer = None
+        loop = self._loop
+        if self._sock is None or loop is None:
             return
-        self._paused = False
-        self._loop.add_reader(self._sock.fileno(), self._accept)
+        if self._parked:
+            # Parked clients first; new ones only once none is left (see the module header).
+            now = loop.time()
+            parked, self._parked = self._parked, []
+            expired = [c for c in parked if c.parked_until <= now]
+            for c in parked:
+                if c.parked_until > now:
+                    self._attempt(c)
+            for c in expired:
+                self._drop(c)
+            if expired:
+                log.warning(
+                    "%s: reset %d connections that waited %.0f s for a descriptor",
+                    self.service,
+                    len(expired),
+                    self._connect_timeout,
+                )
+            if self._resumer is None:
+                self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
+            return
+        if self._budget.spent:
+            self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
+            return
+        if self._paused:
+            self._paused = False
+            loop.add_reader(self._sock.fileno(), self._accept)
         self._accept()
+
+    def _shortage_over(self) -> None:
+        assert self._loop is not None and self._short_since is not None
+        if self._short_logged:
+            log.info(
+                "%s: accepting connections again after %.1f s",
+                self.service,
+                self._loop.time() - self._short_since,
+            )
+        self._short_since = None
 
     # Connecting is a chain of callbacks rather than a task per connection: a non-blocking
     # connect and a writer callback when it completes; timeouts are found by one sweep over the
@@ -275,6 +424,10 @@ class Listener:
                     return
                 upstream = socket.socket(family, socket.SOCK_STREAM)
             except (ValueError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRORS:
+                    c.name = choice.name
+                    self._park(c, errno.errorcode.get(exc.errno or 0, str(exc)))
+                    return
                 self._failed(choice.name, choice.address, str(exc))
                 continue
             upstream.setblocking(False)
@@ -300,7 +453,7 @@ class Listener:
             c.client_ip,
             len(c.tried),
         )
-        _reset(c.client)
+        self._drop(c)
 
     def _connect_in_engine(self, c: _Connecting, name: str, address: str, packed: bytes) -> None:
         assert self._engine_connect is not None
@@ -314,7 +467,7 @@ class Listener:
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
-            _reset(c.client)
+            self._drop(c)
 
     def _established(self, c: _Connecting) -> None:
         self.pool.acquired(c.name)
@@ -323,6 +476,7 @@ class Listener:
         c.up = True
 
     def _ended(self, c: _Connecting, result: RelayResult) -> None:
+        self._budget.held -= 1
         if not c.up:
             return  # ended before it was up (the client reset it): nothing was counted
         self.pool.released(c.name)
@@ -381,7 +535,8 @@ class Listener:
         """Reset clients whose instance connection is still being made (shutdown)."""
         for c in list(self._connecting):
             self._settle(c).close()
-            _reset(c.client)
+            self._drop(c)
+        self._reset_parked()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -401,14 +556,17 @@ class Listener:
         except RuntimeError:  # the relay is shutting down
             _reset(client)
             _reset(upstream)
+            self._budget.held -= 1
             return
         self.pool.acquired(name)
         if self._on_connection is not None:
             self._on_connection(info)
         pool = self.pool
         on_done = self._on_done
+        budget = self._budget
 
         def finished(fut: asyncio.Future[RelayResult]) -> None:
+            budget.held -= 1
             pool.released(name)
             if on_done is not None and not fut.cancelled() and fut.exception() is None:
                 on_done(info, fut.result())
