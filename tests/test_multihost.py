@@ -58,6 +58,17 @@ def web_service(fabric: Fabric, name: str, n: int) -> str:
     return address
 
 
+def served_on_both(fabric: Fabric, name: str, n: int) -> str:
+    """Start every fluxd, define service ``name`` at ``vip(n)`` and run one httpd instance of
+    it on each host (page ``h<index>``); its address, once every host's pool holds both."""
+    fabric.start_fluxds()
+    address = web_service(fabric, name, n)
+    for host in fabric.hosts:
+        host.httpd(INSTANCE_PORT, f"h{host.index}", f"app={name}")
+    fabric.wait_pools(name, [instance_on(host) for host in fabric.hosts])
+    return address
+
+
 def instance_on(host: HostNode) -> str:
     return f"{host.ip}:{INSTANCE_PORT}"
 
@@ -96,12 +107,8 @@ SPREAD_REQUESTS = 200
 
 
 def test_load_from_one_host_spreads_over_both(fabric: Fabric) -> None:
-    h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "spread", 11)
-    h1.httpd(INSTANCE_PORT, "h1", "app=spread")
-    h2.httpd(INSTANCE_PORT, "h2", "app=spread")
-    fabric.wait_pools("spread", [instance_on(h1), instance_on(h2)])
+    h1 = fabric[1]
+    address = served_on_both(fabric, "spread", 11)
 
     result = h1.load(address, PORT, SPREAD_REQUESTS, seconds=60, workers=1)
     bound = min_count_bound(SPREAD_REQUESTS, 2, FALSE_FAILURE)
@@ -117,11 +124,7 @@ def test_load_from_one_host_spreads_over_both(fabric: Fabric) -> None:
 
 def test_host_death_costs_no_request_and_its_records_go_within_the_ttl(fabric: Fabric) -> None:
     h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "survive", 12)
-    h1.httpd(INSTANCE_PORT, "h1", "app=survive")
-    h2.httpd(INSTANCE_PORT, "h2", "app=survive")
-    fabric.wait_pools("survive", [instance_on(h1), instance_on(h2)])
+    address = served_on_both(fabric, "survive", 12)
 
     loop = ClientLoop(h1, address, PORT, count=5000, seconds=TTL + 15, workers=4, pause=0.01)
     loop.start()
@@ -161,16 +164,23 @@ def rules_per_service(host: HostNode) -> dict[str, int]:
     return counts
 
 
+def table_rules(saved: str) -> list[tuple[str, str]]:
+    """Every ``-A`` line of an iptables-save output, with its table."""
+    rules, table = [], ""
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            rules.append((table, line))
+    return rules
+
+
 def test_a_partition_that_heals_brings_the_records_back_without_duplicate_rules(
     fabric: Fabric,
 ) -> None:
     h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "heal", 13)
+    address = served_on_both(fabric, "heal", 13)
     other = web_service(fabric, "heal-b", 14)
-    for host in (h1, h2):
-        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=heal")
-    fabric.wait_pools("heal", [instance_on(h1), instance_on(h2)])
     before = h2.fluxd.lines[:] if h2.fluxd else []
 
     h2.set_link(False)
@@ -190,8 +200,14 @@ def test_a_partition_that_heals_brings_the_records_back_without_duplicate_rules(
           f"after the heal; host 2 logged: "
           f"{[line for line in h2.fluxd.lines[len(before):] if 'lease' in line]}")
     assert gone_after <= TTL + 1
-    # One DNAT rule per service on each host, nothing left over from before the partition.
+    # Host 2 found its lease gone, took a new one and wrote its records again.
+    assert h2.fluxd is not None
+    assert any("has expired; granting a new one" in line for line in h2.fluxd.lines[len(before):])
+    # One rule per service on each host, nothing left over from before the partition, and no
+    # line of iptables-save twice (the jumps to the chain included).
     for host in (h1, h2):
+        appended = table_rules(host.iptables_save())
+        assert len(appended) == len(set(appended)), appended
         assert rules_per_service(host) == {"heal": 1, "heal-b": 1}, host.chain_rules()
         assert len(host.service_rules(address)) == 1
         assert len(host.service_rules(other)) == 1
@@ -205,11 +221,7 @@ def test_a_partition_that_heals_brings_the_records_back_without_duplicate_rules(
 
 def test_etcd_leader_killed_under_load_costs_no_request_and_no_record(fabric: Fabric) -> None:
     h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "quorum", 15)
-    for host in (h1, h2):
-        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=quorum")
-    fabric.wait_pools("quorum", [instance_on(h1), instance_on(h2)])
+    address = served_on_both(fabric, "quorum", 15)
     records = (fabric.host_keys(), fabric.instance_addresses("quorum"))
     assert records == ([h1.ip, h2.ip], [instance_on(h1), instance_on(h2)])
 
@@ -267,15 +279,11 @@ def echo_round(conn: socket.socket, text: bytes) -> bytes:
 
 def test_without_etcd_connections_and_rules_survive_and_records_return(fabric: Fabric) -> None:
     h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "outage", 16)
+    address = served_on_both(fabric, "outage", 16)
     echo_address = vip(17)
     fabric.fluxctl("service", "echo", "--address", f"{echo_address}:{PORT}",
                    "--instance-port", str(ECHO_PORT), "--labels", "app=echo")
-    for host in (h1, h2):
-        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=outage")
     h2.echo(ECHO_PORT, "app=echo")
-    fabric.wait_pools("outage", [instance_on(h1), instance_on(h2)])
     fabric.wait_pools("echo", [f"{h2.ip}:{ECHO_PORT}"])
     rules_before = {host.index: host.chain_rules() for host in (h1, h2)}
     logged_before = {host.index: len(host.fluxd.lines) for host in (h1, h2) if host.fluxd}
@@ -372,11 +380,7 @@ def test_a_hung_etcd_member_costs_no_record(fabric: Fabric) -> None:
     # SIGSTOP: its sockets stay open and nothing answers, so requests time out instead of
     # being refused; the keep-alive must move to another member before the lease runs out.
     h1, h2 = fabric[1], fabric[2]
-    fabric.start_fluxds()
-    address = web_service(fabric, "hang", 19)
-    for host in (h1, h2):
-        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=hang")
-    fabric.wait_pools("hang", [instance_on(h1), instance_on(h2)])
+    address = served_on_both(fabric, "hang", 19)
     records = ([h1.ip, h2.ip], [instance_on(h1), instance_on(h2)])
     fabric.etcd.move_leader(1)  # no election: only the first endpoint, fluxd's, stops answering
     loop = ClientLoop(h1, address, PORT, count=5000, seconds=3 * TTL + 15, workers=2,
