@@ -11,12 +11,18 @@ The clients live in the test process and the instance (an echo server) in a subp
 own: each needs 11,000 descriptors, and they would not fit in one process with its 20,000.
 The same scenario runs against ``-relay python`` with fluxd's limit lowered to 4,096 (with
 ``prlimit`` once it started) and 2,500 clients, which is cheaper and exercises the event-loop
-connect path.
+connect path, and with the limit lowered under an open listener, so that fluxd really runs out
+(the connection budget no longer matches the limit).  In-process tests check the budget's
+count on every way a connection can end, with both relays: a count that drifted up would stop
+a listener accepting for good.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import random
 import resource
 import selectors
 import signal
@@ -28,8 +34,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from flux.balancer.listener import RESERVED_DESCRIPTORS
+from flux.balancer.listener import RESERVED_DESCRIPTORS, ConnectionBudget, Listener
+from flux.balancer.pool import Pool
 from flux.daemon import raise_descriptor_limit
+from flux.relay import make_relay
 from tests.echo_backend import EchoBackend
 from tests.fluxd_process import HOST, Fluxd, wait_until
 from tests.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
@@ -388,3 +396,91 @@ def test_running_out_of_descriptors_parks_clients_and_blames_no_instance(
     _exhaust(daemon, other_host, 2_500, 4096, late=True)
     assert not daemon.logged("no instance could take"), _log_summary(daemon)
     assert not daemon.logged(": connecting to "), _log_summary(daemon)
+
+
+# -- the budget's count, in process ------------------------------------------------------------
+
+
+async def _echo_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while line := await reader.readline():
+            writer.write(line)
+            await writer.drain()
+    writer.close()
+
+
+async def _answered(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """The line the client got back within ``timeout`` s (b"" when it ended or timed out)."""
+    try:
+        return await asyncio.wait_for(reader.readline(), timeout)
+    except (TimeoutError, ConnectionError):
+        return b""
+
+
+async def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    assert predicate(), what
+
+
+@pytest.mark.parametrize("kind", ["splice", "python"])
+async def test_budget_pauses_accepting_and_counts_every_ending(kind: str) -> None:
+    relay = make_relay(kind)  # type: ignore[arg-type]
+    await relay.start()
+    server = await asyncio.start_server(_echo_lines, HOST, 0)
+    refused = socket.socket()
+    refused.bind((HOST, 0))  # bound, never listening: connecting is refused
+    pool = Pool(now=time.monotonic, rng=random.Random(7))
+    pool.update({"echo-0": f"{HOST}:{server.sockets[0].getsockname()[1]}"})
+    budget = ConnectionBudget()
+    listener = Listener("echo", "tcp", HOST, pool, relay, connect_timeout=1.0, budget=budget)
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        port = listener.open()
+        budget.limit = 3
+
+        async def client(line: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection(HOST, port)
+            clients.append(writer)
+            writer.write(line)
+            return reader, writer
+
+        five = [await client(b"%d\n" % i) for i in range(5)]
+        answers = [await _answered(reader, 1.0) for reader, _ in five[:3]]
+        assert answers == [b"0\n", b"1\n", b"2\n"]
+        # The budget is spent: the other two wait in the accept queue, unanswered.
+        assert await _answered(five[3][0], 0.5) == b""
+        assert budget.held == 3
+        five[0][1].close()
+        assert await _answered(five[3][0], 5.0) == b"3\n"
+        five[1][1].close()
+        assert await _answered(five[4][0], 5.0) == b"4\n"
+        for _, writer in five:
+            writer.close()
+        await _wait_for(lambda: budget.held == 0, f"the budget to be free, {budget.held} held")
+
+        # Connections that never get an instance count as gone once reset.
+        budget.limit = 100
+        pool.update({"down-0": f"{HOST}:{refused.getsockname()[1]}"})
+        failing = [await client(b"x\n") for _ in range(4)]
+        assert [await _answered(reader, 5.0) for reader, _ in failing] == [b""] * 4
+        await _wait_for(lambda: budget.held == 0, f"the budget to be free, {budget.held} held")
+
+        # Connections the relay cuts when it closes, too.
+        pool.update({"echo-0": f"{HOST}:{server.sockets[0].getsockname()[1]}"})
+        cut = [await client(b"y\n") for _ in range(3)]
+        assert [await _answered(reader, 5.0) for reader, _ in cut] == [b"y\n"] * 3
+        assert budget.held == 3
+        listener.close()
+        await relay.close(0.1)
+        await _wait_for(lambda: budget.held == 0, f"the budget to be free, {budget.held} held")
+    finally:
+        for writer in clients:
+            writer.close()
+        listener.close()
+        await relay.close(0.1)
+        refused.close()
+        server.close()
+        await server.wait_closed()
+
