@@ -14,6 +14,9 @@ actions in phase order:
 - *retire*: close listeners whose rule is gone.  Connections they already handed to the relay
   carry on.
 
+Updates that arrive while one is being applied are merged into one
+(:mod:`flux.balancer.coalesce`), so a burst of writes costs a few batches, not one each.
+
 The state survives a broken watch: when etcd goes away the watch fails, the supervisor restarts
 it with backoff, and the balancer keeps forwarding with what it knows until a fresh snapshot
 arrives (the original's behaviour, reference §1.8).  A listener that cannot be opened is logged
@@ -28,12 +31,14 @@ hands the address to the next claimant.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+from flux.balancer.coalesce import coalesced
 from flux.balancer.iptables import IPTables
 from flux.balancer.listener import ConnectionInfo, Listener
 from flux.balancer.pool import Balance, Pool
@@ -159,9 +164,12 @@ class Balancer:
             self._chains_ready = True
             log.info("iptables chain %s installed (nat and filter)", self.iptables.chain)
         # known_hosts: an instance whose host is not registered gets no traffic (the store
-        # logs it once); see flux.store.keys.ServiceTree.
-        async for update in self.store.watch_services(instances=True, known_hosts=True):
-            await self.apply(update)
+        # logs it once); see flux.store.keys.ServiceTree.  Updates that arrive while one is
+        # being applied are merged, so a burst of writes costs a few batches, not one each.
+        watch = self.store.watch_services(instances=True, known_hosts=True)
+        async with contextlib.aclosing(coalesced(watch)) as updates:
+            async for update in updates:
+                await self.apply(update)
 
     async def apply(self, update: ServiceUpdate) -> None:
         """Bring listeners, pools and rules in line with one watch update."""
