@@ -64,12 +64,20 @@ class Swarm:
         self.socks: list[socket.socket] = []
         self.expected: list[bytearray] = []  # bytes sent and not echoed yet
         self.outgoing: list[bytearray] = []
+        self.connecting: set[int] = set()
         self.connected: set[int] = set()
         self.dead: dict[int, str] = {}  # what ended a connection the test did not close
         self.closed: set[int] = set()
 
-    def connect(self, address: tuple[str, int], count: int, deadline: float) -> None:
-        """Open ``count`` connections at once; wait until each is established (or failed)."""
+    def connect(
+        self, address: tuple[str, int], count: int, deadline: float, *, wait: bool = True
+    ) -> None:
+        """Open ``count`` connections at once; wait until each is established (or failed).
+
+        Without ``wait``, return at ``deadline`` with the rest still connecting (``pump``
+        carries on with them): a listener whose accept queue is full drops SYNs, and the
+        client's kernel sends them again, later and later.
+        """
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -82,18 +90,19 @@ class Swarm:
                 self.dead[i] = errno.errorcode.get(code, str(code))
                 continue
             self.selector.register(sock, selectors.EVENT_WRITE, i)
-        waiting = {i for i in range(len(self.socks)) if i not in self.dead}
-        while waiting and time.monotonic() < deadline:
-            for key, _ in self.selector.select(0.1):
-                i = key.data
-                code = self.socks[i].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                waiting.discard(i)
-                if code:
-                    self._drop(i, errno.errorcode.get(code, str(code)))
-                else:
-                    self.connected.add(i)
-                    self.selector.modify(self.socks[i], selectors.EVENT_READ, i)
-        assert not waiting, f"{len(waiting)} connections still not established"
+            self.connecting.add(i)
+        self.pump(lambda: not self.connecting, deadline)
+        assert not wait or not self.connecting, f"{len(self.connecting)} still connecting"
+
+    def _connected(self, i: int) -> None:
+        self.connecting.discard(i)
+        code = self.socks[i].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self.dead[i] = errno.errorcode.get(code, str(code))
+            self.selector.unregister(self.socks[i])
+            return
+        self.connected.add(i)
+        self._flush(i)
 
     def send(self, indices: Iterable[int], message: Callable[[int], bytes]) -> None:
         """Send ``message(i)`` on each connection ``i``; its echo is expected back."""
@@ -101,12 +110,13 @@ class Swarm:
             data = message(i)
             self.expected[i] += data
             self.outgoing[i] += data
-            self._flush(i)
+            if i in self.connected:
+                self._flush(i)
 
     def _flush(self, i: int) -> None:
         out = self.outgoing[i]
         try:
-            sent = self.socks[i].send(out)
+            sent = self.socks[i].send(out) if out else 0
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -132,6 +142,9 @@ class Swarm:
                 return False
             for key, events in self.selector.select(0.05):
                 i = key.data
+                if i in self.connecting:
+                    self._connected(i)
+                    continue
                 if i not in self.connected:
                     continue
                 if events & selectors.EVENT_WRITE:
@@ -159,9 +172,10 @@ class Swarm:
 
     def close(self, indices: Iterable[int]) -> None:
         for i in indices:
-            if i in self.connected:
+            if i in self.connected or i in self.connecting:
                 self.selector.unregister(self.socks[i])
                 self.connected.discard(i)
+                self.connecting.discard(i)
             self.socks[i].close()
             self.closed.add(i)
 
@@ -219,12 +233,14 @@ def _exhaust(
     fluxd_limit: int | None = None,
     *,
     late: bool = False,
+    overflow: bool = False,
 ) -> dict[str, float]:
     """The scenario; returns the figures it measured.
 
     ``fluxd_limit``: lower fluxd's descriptor limit to this, before its listener opens (its
     connection budget follows), or with ``late`` after (the budget does not: fluxd really runs
-    out of descriptors).
+    out of descriptors).  ``overflow``: more clients than fluxd holds and its accept queue
+    together; then each client closes once answered, and all must be answered in the end.
     """
     assert daemon.process is not None
     pid = daemon.process.pid
@@ -272,9 +288,14 @@ def _exhaust(
         swarm = Swarm()
         try:
             started = time.monotonic()
-            # Every client connects: the ones fluxd cannot take wait in its accept queue.
-            swarm.connect((vip, PORT), clients, started + 60)
+            # Every client connects: the ones fluxd cannot take wait in its accept queue (or,
+            # overflowing, the kernel drops their SYNs and they send them again later).
+            connecting = started + (5 if overflow else 60)
+            swarm.connect((vip, PORT), clients, connecting, wait=not overflow)
             assert not swarm.dead, (Counter(swarm.dead.values()), _log_summary(daemon))
+            if overflow:
+                assert len(swarm.connecting) > 100, len(swarm.connecting)
+                figures["syn_dropped"] = len(swarm.connecting)
             swarm.send(range(clients), lambda i: b"%d\n" % i)
             # fluxd answers clients until it runs out of descriptors, then pauses accepting.
             last = [-1, time.monotonic()]
@@ -309,8 +330,8 @@ def _exhaust(
                 # As many as its budget allows (leaving descriptors for the rest of fluxd).
                 assert len(held) == capacity, (len(held), capacity)
 
-            # The connections it holds keep working, a bulk transfer too (the engine cannot
-            # borrow a pipe now and copies instead).
+            # The connections it holds keep working, a bulk transfer too (with pipes from the
+            # descriptors the budget leaves; late, there are none and the engine copies).
             bulky = sorted(held)[:50]
             swarm.send(held, lambda i: b"again %d\n" % i)
             swarm.send(bulky, lambda i: bytes([i % 251]) * BULK)
@@ -321,17 +342,34 @@ def _exhaust(
             assert not swarm.dead, Counter(swarm.dead.values())
 
             # Connections close: the waiting clients get through.
-            waiting = set(range(clients)) - held
-            swarm.close(sorted(held)[: len(waiting) + 200])
-            everyone = set(range(clients)) - swarm.closed
-            assert swarm.pump(lambda: everyone <= swarm.answered(), time.monotonic() + 60), (
-                len(everyone - swarm.answered()),
-                Counter(swarm.dead.values()),
-                daemon.lines[-5:],
-            )
+            if overflow:
+                served = set(held)
+                swarm.close(held)
+
+                def all_served() -> bool:
+                    done = swarm.answered()
+                    served.update(done)
+                    swarm.close(done)
+                    return len(served) == clients
+
+                assert swarm.pump(all_served, time.monotonic() + 60), (
+                    clients - len(served),
+                    len(swarm.connecting),
+                    Counter(swarm.dead.values()),
+                )
+            else:
+                waiting = set(range(clients)) - held
+                swarm.close(sorted(held)[: len(waiting) + 200])
+                everyone = set(range(clients)) - swarm.closed
+                assert swarm.pump(lambda: everyone <= swarm.answered(), time.monotonic() + 60), (
+                    len(everyone - swarm.answered()),
+                    Counter(swarm.dead.values()),
+                    daemon.lines[-5:],
+                )
             assert not swarm.dead, Counter(swarm.dead.values())
             daemon.wait_logged(RESUMED, timeout=10)
-            (resumed,) = [line for line in daemon.lines if RESUMED in line]
+            # The first shortage's length (rolling closes in the overflow case make more).
+            resumed = next(line for line in daemon.lines if RESUMED in line)
             figures["seconds_paused"] = float(resumed.rsplit(" ", 2)[-2])
         finally:
             swarm.close_all()
@@ -396,6 +434,16 @@ def test_running_out_of_descriptors_parks_clients_and_blames_no_instance(
     _exhaust(daemon, other_host, 2_500, 4096, late=True)
     assert not daemon.logged("no instance could take"), _log_summary(daemon)
     assert not daemon.logged(": connecting to "), _log_summary(daemon)
+
+
+
+def test_clients_beyond_the_accept_queue_get_through_as_others_close(
+    fluxd_factory: Callable[..., Fluxd], other_host: OtherHost, descriptors: int
+) -> None:
+    # 384 connections for 1,024 descriptors, 4,096 more in the accept queue, and 500 whose SYNs
+    # the kernel drops until the queue has room again.
+    daemon = fluxd_factory("-host-ttl", "10", "-connect-timeout", "30")
+    _exhaust(daemon, other_host, 384 + 4096 + 500, 1024, overflow=True)
 
 
 # -- the budget's count, in process ------------------------------------------------------------
