@@ -32,6 +32,7 @@ hands the address to the next claimant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -64,6 +65,14 @@ from flux.store.base import ServiceUpdate, Store
 __all__ = ["Balancer", "BridgeError"]
 
 log = logging.getLogger("flux.balancer")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _interception(service: str, address: str, listener_port: int | None) -> Interception:
+    # Cached: every sync asks for every service's, and parsing and validating the address
+    # again each time was a large part of a one-service change among thousands.
+    ip, port = parse_address(address)
+    return Interception(service, str(ip), port, listener_port)
 
 
 class BridgeError(RuntimeError):
@@ -311,14 +320,13 @@ class Balancer:
     def _desired_rules(self) -> Any:
         assert self._bind_ip is not None
         interceptions = []
-        for name, state in sorted(self.states.items()):
+        for name, state in self.states.items():  # desired_rules sorts
             if state.endpoint is None:
                 continue
-            ip, port = parse_address(state.endpoint.address)
             listener_port = None
             if state.state is State.FORWARDING:
                 listener_port = self.listeners[name][1].port
-            interceptions.append(Interception(name, str(ip), port, listener_port))
+            interceptions.append(_interception(name, state.endpoint.address, listener_port))
         return desired_rules(self.iptables.chain, self._bind_ip, interceptions)
 
     def status(self) -> Mapping[str, Any]:

@@ -44,6 +44,7 @@ the exact text ``iptables-save`` printed, never re-quoted by us.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import itertools
 import re
@@ -203,17 +204,24 @@ def desired_rules(chain: str, bridge_ip: str, interceptions: Iterable[Intercepti
     nat: set[Rule] = set()
     filter_: set[Rule] = set()
     for item in interceptions:
-        # fmt: off
-        match = (
-            "-d", f"{item.vip}/32", "-p", "tcp", "-m", "tcp", "--dport", str(item.port),
-            "-m", "comment", "--comment", sanitize_comment(item.service),
-        )
-        # fmt: on
-        if item.listener_port is not None:
-            nat.add((*match, "-j", "DNAT", "--to-destination", f"{bridge}:{item.listener_port}"))
-        else:
-            filter_.add((*match, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"))
+        rule = _rule_of(bridge, item)
+        (nat if item.listener_port is not None else filter_).add(rule)
     return RuleSet(nat=tuple(sorted(nat)), filter=tuple(sorted(filter_)))
+
+
+# Every sync renders every service's rule; between two syncs almost all of them are the same,
+# so each is rendered once (with a thousand services, rendering was most of a sync's own CPU).
+@functools.lru_cache(maxsize=1 << 16)
+def _rule_of(bridge: str, item: Interception) -> Rule:
+    # fmt: off
+    match = (
+        "-d", f"{item.vip}/32", "-p", "tcp", "-m", "tcp", "--dport", str(item.port),
+        "-m", "comment", "--comment", sanitize_comment(item.service),
+    )
+    # fmt: on
+    if item.listener_port is not None:
+        return (*match, "-j", "DNAT", "--to-destination", f"{bridge}:{item.listener_port}")
+    return (*match, "-j", "REJECT", "--reject-with", "icmp-port-unreachable")
 
 
 # -- what is installed --------------------------------------------------------------------
