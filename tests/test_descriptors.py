@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
 import resource
 import selectors
@@ -208,6 +209,13 @@ def descriptor_limit(pid: int) -> int:
     raise AssertionError(f"no open files limit for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process ``pid`` used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -320,6 +328,12 @@ def _exhaust(
                 seconds_to_limit=time.monotonic() - started,
             )
             assert daemon.process.poll() is None, "fluxd died"
+            # Paused, with nothing moving: fluxd idles (retrying ten times a second is no
+            # busy loop).
+            cpu, wall = cpu_seconds(pid), time.monotonic()
+            time.sleep(1.0)
+            figures["cpu_paused"] = (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
+            assert figures["cpu_paused"] < 0.3, figures
             assert not swarm.dead, Counter(swarm.dead.values())
             if late:
                 # Most of what its descriptors allow, not all: clients accepted while the

@@ -38,13 +38,15 @@ Running out anyway (EMFILE/ENFILE, another process's files, pipes) or out of ker
 while accepting or while making a connection's upstream socket (here or in the engine), pauses
 accepting the same way.  A client accepted whose upstream socket could not be made is *parked*,
 not reset and not blamed on the instance (the shortage is this process's, the instance may be
-fine): every ``PAUSE_SECONDS`` the parked clients are tried again, and accepting resumes only
-once none is left, so new clients cannot take the descriptors a parked one needs (otherwise
-every descriptor freed by a closing connection went to a new client that could not be served
-either, and the whole backlog was reset one client at a time).  A parked client still waiting
-after ``-connect-timeout`` is reset.  A shortage is logged once when it starts and once when
-accepting catches up, at most one such pair per ``PAUSE_LOG_EVERY`` seconds (the ones in
-between are counted in the next report), not once per retry.
+fine): every ``PAUSE_SECONDS`` parked clients are tried again (one, then twice as many each
+time none came back), and accepting resumes only once none is left, so new clients cannot take
+the descriptors a parked one needs (otherwise every descriptor freed by a closing connection
+went to a new client that could not be served either, and the whole backlog was reset one
+client at a time).  A parked client still waiting after ``-connect-timeout`` is reset.
+
+A shortage is logged once when it starts and once when accepting catches up, at most one such
+pair per ``PAUSE_LOG_EVERY`` seconds (the ones in between are counted in the next report), not
+once per retry.
 
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
@@ -238,6 +240,8 @@ class Listener:
         self._paused = False  # not reading the listening socket (see "Running out of ...")
         self._resumer: asyncio.TimerHandle | None = None
         self._parked: list[_Connecting] = []
+        self._retry_batch = 1  # parked clients tried per tick: doubles while none comes back
+        self._reparked = 0  # clients parked since the last tick
         self._short_since: float | None = None  # the current shortage began then
         self._short_logged = False  # ... and its start was logged
         self._last_short_log = -PAUSE_LOG_EVERY
@@ -334,6 +338,7 @@ class Listener:
         if not c.parked_until:
             c.parked_until = self._loop.time() + self._connect_timeout
         self._parked.append(c)
+        self._reparked += 1
         self._pause(reason)
 
     def _pause(self, reason: str) -> None:
@@ -366,12 +371,16 @@ class Listener:
             return
         if self._parked:
             # Parked clients first; new ones only once none is left (see the module header).
+            # A few at a time while descriptors are still short (each try costs a round trip
+            # to the engine), twice as many each tick while they stop coming back.
+            self._retry_batch = 1 if self._reparked else min(2 * self._retry_batch, 1 << 16)
+            self._reparked = 0
             now = loop.time()
-            parked, self._parked = self._parked, []
-            expired = [c for c in parked if c.parked_until <= now]
-            for c in parked:
-                if c.parked_until > now:
-                    self._attempt(c)
+            expired = [c for c in self._parked if c.parked_until <= now]
+            waiting = [c for c in self._parked if c.parked_until > now]
+            self._parked = waiting[self._retry_batch :]
+            for c in waiting[: self._retry_batch]:
+                self._attempt(c)
             for c in expired:
                 self._drop(c)
             if expired:
