@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -425,6 +426,22 @@ async def test_requests_fail_over_to_the_next_endpoint(
     partition.cut()
     assert await store.get_all_services() == {"svc": ServiceInfo(name="svc", spec=SPEC)}
     assert store.endpoint == etcd.endpoint
+
+
+async def test_a_first_endpoint_that_never_answers_is_passed_over(etcd: EtcdServer) -> None:
+    # A hung member (stopped, or its machine gone quiet): the kernel completes the handshake
+    # into the backlog and nothing ever answers.  The first request (the version probe)
+    # once waited for aiohttp's default 5 minutes instead of the store's timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        store = EtcdStore([hung, etcd.endpoint], timeout=1.0)
+        try:
+            await asyncio.wait_for(store.ping(), 10)
+            assert store.endpoint == etcd.endpoint
+        finally:
+            await store.close()
 
 
 # -- the lease ---------------------------------------------------------------------------------

@@ -213,7 +213,11 @@ class AioClient(etcd3.AioClient):  # type: ignore[misc]
 
     async def detect_version(self) -> str:
         """Ask the server for its version and use the matching API prefix and schema."""
-        async with self.session.get(self._url("/version", prefix=False)) as resp:
+        # The client's timeout, as every other request has (call_rpc sets it): the session's
+        # own default is 5 minutes, so a member that accepts connections but never answers
+        # (hung, stopped) would hold up the failover to the next endpoint that long.
+        url = self._url("/version", prefix=False)
+        async with self.session.get(url, timeout=self.timeout) as resp:
             resp.raise_for_status()
             data = await resp.json(content_type=None)
         version = str(data["etcdserver"])
