@@ -897,11 +897,21 @@ async def test_dockerd_restart_resyncs(harness: Harness) -> None:
 # -- restarting dockerd, safely --------------------------------------------------------------------
 
 
+# The engine the tests talk to writes its pid here; private dockerds of the multi-host tests and
+# the soak run beside it with pidfiles of their own, so counting dockerd processes would not do.
+_DOCKERD_PIDFILE = Path("/var/run/docker.pid")
+
+
 def _dockerd_pid() -> int:
-    out = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True, timeout=10)
-    pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 1, f"expected exactly one dockerd process, found {pids}"
-    return pids[0]
+    try:
+        pid = int(_DOCKERD_PIDFILE.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise AssertionError(f"no pid of the default dockerd in {_DOCKERD_PIDFILE}: {exc}") from exc
+    comm = Path(f"/proc/{pid}/comm")
+    assert comm.exists() and comm.read_text().strip() == "dockerd", (
+        f"{_DOCKERD_PIDFILE} names pid {pid}, which is not a running dockerd"
+    )
+    return pid
 
 
 def _docker_answers() -> bool:
