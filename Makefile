@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test lint system deps build bench soak fuzz clean
+.PHONY: run test lint system deps build bench bench-scale soak fuzz clean
 
 ## System packages (etcd, Docker engine, iptables, busybox-static...) — installed only if missing.
 system:
@@ -54,6 +54,14 @@ bench: build
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || flock $(VAR)/build.lock $(BIN)/python -m pip install -q -e '.[test,bench]'
 	@scripts/ensure-dockerd.sh
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## The control plane at 100, 1,000 and 5,000 services (benchmarks/scale.py): one change from the
+## etcd write to the kernel, iptables sync time, full resync, RSS; about 10 minutes, results in
+## benchmarks/results/scale.md (`make bench-scale SCALE_ARGS="--sizes 100 1000"` for less).
+SCALE_ARGS ?=
+bench-scale: build
+	@scripts/ensure-dockerd.sh
+	$(BIN)/python -m benchmarks.scale $(SCALE_ARGS)
 
 ## Soak: fluxd for $(SOAK_MINUTES) minutes under steady TCP and HTTP load while instances churn,
 ## a private dockerd and an etcd member restart and fluxd is SIGKILLed twice (benchmarks/soak.py).

@@ -19,6 +19,7 @@ record can be logged and skipped without stopping anything else.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 import re
@@ -101,6 +102,14 @@ def parse_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     """
     if not isinstance(text, str):
         raise RecordError(f"invalid address {shown(text)}: expected text of the form IP:port")
+    return _parse_address_text(text)
+
+
+# A snapshot of thousands of services parses thousands of addresses, most of them seen before
+# (every instance of one host, every service again at every snapshot): ipaddress is slow enough
+# that this was the largest part of decoding one.  Errors are not cached (they raise).
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_address_text(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise RecordError(f"invalid address {shown(text)}: expected IP:port")
