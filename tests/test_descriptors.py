@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import random
 import resource
@@ -546,3 +547,45 @@ async def test_budget_pauses_accepting_and_counts_every_ending(kind: str) -> Non
         server.close()
         await server.wait_closed()
 
+
+
+async def test_listeners_sharing_a_spent_budget_report_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = make_relay("splice")
+    await relay.start()
+    server = await asyncio.start_server(_echo_lines, HOST, 0)
+    backend = f"{HOST}:{server.sockets[0].getsockname()[1]}"
+    budget = ConnectionBudget()
+    listeners = []
+    for name in ("one", "two", "three"):
+        pool = Pool(now=time.monotonic, rng=random.Random(7))
+        pool.update({f"{name}-0": backend})
+        listeners.append(Listener(name, "tcp", HOST, pool, relay, budget=budget))
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        ports = [listener.open() for listener in listeners]
+        budget.limit = 1
+        caplog.set_level(logging.INFO, logger="flux.balancer")
+        readers = []
+        for port in ports:
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writers.append(writer)
+            writer.write(b"hello\n")
+            readers.append(reader)
+        assert await _answered(readers[0], 2.0) == b"hello\n"
+        # The other two wait, and the budget's shortage is one line for all three services.
+        assert [await _answered(reader, 0.5) for reader in readers[1:]] == [b"", b""]
+        pausing = [r.getMessage() for r in caplog.records if PAUSED in r.getMessage()]
+        assert len(pausing) == 1, pausing
+        assert "1 connections held" in pausing[0]
+        writers[0].close()
+        assert await _answered(readers[1], 2.0) == b"hello\n"
+    finally:
+        for writer in writers:
+            writer.close()
+        for listener in listeners:
+            listener.close()
+        await relay.close(0.1)
+        server.close()
+        await server.wait_closed()

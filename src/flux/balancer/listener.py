@@ -45,8 +45,8 @@ went to a new client that could not be served either, and the whole backlog was 
 client at a time).  A parked client still waiting after ``-connect-timeout`` is reset.
 
 A shortage is logged once when it starts and once when accepting catches up, at most one such
-pair per ``PAUSE_LOG_EVERY`` seconds (the ones in between are counted in the next report), not
-once per retry.
+pair per ``PAUSE_LOG_EVERY`` seconds for all listeners together (the ones in between are
+counted in the next report), not once per retry.
 
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
@@ -173,15 +173,29 @@ class ConnectionBudget:
     """How many connections this process's listeners may hold at once, and how many they do.
 
     Shared by every listener of the process (descriptors are per process).  The limit is read
-    again whenever a listener opens (``refresh``), since it may change while fluxd runs.
+    again whenever a listener opens (``refresh``), since it may change while fluxd runs.  The
+    budget also rate-limits the shortage reports of all listeners together: a shortage is the
+    process's, and a hundred services pausing at once are one event.
     """
 
-    __slots__ = ("held", "limit")
+    __slots__ = ("_last_report", "_unreported", "held", "limit")
 
     def __init__(self) -> None:
         self.held = 0
         self.limit = 0
+        self._last_report = -PAUSE_LOG_EVERY
+        self._unreported = 0
         self.refresh()
+
+    def report_due(self, now: float) -> int | None:
+        """At a shortage's start: None when it should not be logged (one was, less than
+        ``PAUSE_LOG_EVERY`` s ago), else how many went unlogged since the last report."""
+        if now - self._last_report < PAUSE_LOG_EVERY:
+            self._unreported += 1
+            return None
+        unreported, self._unreported = self._unreported, 0
+        self._last_report = now
+        return unreported
 
     def refresh(self) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -244,8 +258,6 @@ class Listener:
         self._reparked = 0  # clients parked since the last tick
         self._short_since: float | None = None  # the current shortage began then
         self._short_logged = False  # ... and its start was logged
-        self._last_short_log = -PAUSE_LOG_EVERY
-        self._unlogged_shortages = 0
         self._connecting: set[_Connecting] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         # The relay connects healthy instances itself when it can (SpliceRelay.connect).
@@ -346,18 +358,15 @@ class Listener:
         assert loop is not None and self._sock is not None
         if self._short_since is None:
             self._short_since = now = loop.time()
-            self._short_logged = now - self._last_short_log >= PAUSE_LOG_EVERY
-            if self._short_logged:
-                unlogged, self._unlogged_shortages = self._unlogged_shortages, 0
-                self._last_short_log = now
+            unlogged = self._budget.report_due(now)
+            self._short_logged = unlogged is not None
+            if unlogged is not None:
                 log.warning(
                     "%s: cannot take more connections (%s); pausing accepts until some close%s",
                     self.service,
                     reason,
-                    f" ({unlogged} shorter shortages since the last report)" if unlogged else "",
+                    f" ({unlogged} more shortages since the last report)" if unlogged else "",
                 )
-            else:
-                self._unlogged_shortages += 1
         if not self._paused:
             self._paused = True
             loop.remove_reader(self._sock.fileno())
