@@ -176,12 +176,12 @@ def until(predicate: Callable[[], bool], started: float, poll: float, limit: flo
         if predicate():
             break
         if time.perf_counter() - before > 0.5:
-            progress(f"  (one probe took {time.perf_counter() - before:.2f} s)")
+            progress(f"  (one poll took {time.perf_counter() - before:.2f} s)")
         if time.perf_counter() > deadline:
             raise TimeoutError(f"no change within {limit:g} s")
         time.sleep(poll)
     if time.perf_counter() - before > 0.5:
-        progress(f"  (the last probe took {time.perf_counter() - before:.2f} s)")
+        progress(f"  (the last poll took {time.perf_counter() - before:.2f} s)")
     return time.perf_counter() - started
 
 
