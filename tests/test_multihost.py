@@ -237,6 +237,13 @@ def test_etcd_leader_killed_under_load_costs_no_request_and_no_record(fabric: Fa
     killed = time.monotonic()
     new_leader = fabric.etcd.leader()
     elected_after = time.monotonic() - killed
+    # The watches were on the dead member too: a service defined now reaches every host.
+    late = web_service(fabric, "quorum-late", 20)
+    defined = time.monotonic()
+    for host in (h1, h2):
+        wait_until(lambda h=host: len(h.service_rules(late)) == 1, 20,  # type: ignore[misc]
+                   f"host {host.index}'s rule for a service defined after the election")
+    watched_after = time.monotonic() - defined
     # Records checked through the TTL several times over: every lease must have been kept
     # alive through (or re-taken after) the election, with nothing missing at any look.
     looks = 0
@@ -250,7 +257,8 @@ def test_etcd_leader_killed_under_load_costs_no_request_and_no_record(fabric: Fa
     result = loop.stop()
     print(f"etcd leader m{leader} killed: m{new_leader} elected {elected_after:.2f} s later; "
           f"{result.requests} requests, {len(result.failures)} failed; {looks} looks at the "
-          f"records, {len(missing)} incomplete")
+          f"records, {len(missing)} incomplete; a new service on every host "
+          f"{watched_after:.2f} s after it was defined")
     assert new_leader != leader
     assert result.failures == []
     assert set(result.served) == {"h1", "h2"}
@@ -264,6 +272,7 @@ def test_etcd_leader_killed_under_load_costs_no_request_and_no_record(fabric: Fa
 
 ECHO_PORT = 18081
 OUTAGE = 3 * TTL
+WATCH_IDLE = 30.0  # flux.store.etcd.EtcdStore's default
 
 
 def echo_round(conn: socket.socket, text: bytes) -> bytes:
@@ -395,8 +404,17 @@ def test_a_hung_etcd_member_costs_no_record(fabric: Fabric) -> None:
             missing.append(f"{time.monotonic() - hung:.2f}s {now}")
         time.sleep(0.2)
     result = loop.stop()
+    # The watches hang with the member: a change reaches the hosts only when a watch, silent
+    # for the store's watch_idle (30 s), finds that requests have moved on and starts over.
+    late = web_service(fabric, "hang-late", 21)
+    defined = time.monotonic()
+    for host in (h1, h2):
+        wait_until(lambda h=host: len(h.service_rules(late)) == 1, WATCH_IDLE + 20,  # type: ignore[misc]
+                   f"host {host.index}'s rule for a service defined during the hang")
+    watched_after = time.monotonic() - defined
     fabric.etcd.resume_member(0)
     print(f"hung etcd member: {len(missing)} incomplete looks at the records "
-          f"({missing[:3]}); {result.requests} requests, {len(result.failures)} failed")
+          f"({missing[:3]}); {result.requests} requests, {len(result.failures)} failed; a new "
+          f"service on every host {watched_after:.2f} s after it was defined")
     assert missing == []
     assert result.failures == []
