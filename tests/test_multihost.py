@@ -327,16 +327,25 @@ def test_without_etcd_connections_and_rules_survive_and_records_return(fabric: F
                 incomplete.append(f"{time.monotonic() - back:.2f}s {now}")
             time.sleep(0.2)
         assert echo_round(conn, b"after\n") == b"after\n"
+        # The watches are back too: a service defined now reaches every host.
+        late = web_service(fabric, "outage-late", 22)
+        defined = time.monotonic()
+        for host in (h1, h2):
+            wait_until(lambda h=host: len(h.service_rules(late)) == 1, 30,  # type: ignore[misc]
+                       f"host {host.index}'s rule for a service defined after the outage")
+        watched_after = time.monotonic() - defined
     lease_lines = [line for host in (h1, h2) if host.fluxd
                    for line in host.fluxd.lines[logged_before[host.index]:] if "lease" in line]
     print(f"etcd outage {outage:.1f} s: {during.requests} requests during it, "
           f"{len(during.failures)} failed; records in etcd {records_after:.2f} s after it came "
-          f"back; lease log: {lease_lines}")
+          f"back; a new service on every host {watched_after:.2f} s after it was defined; "
+          f"lease log: {lease_lines}")
     assert incomplete == []
     assert during.failures == []
     assert set(during.served) == {"h1", "h2"}
     for host in (h1, h2):
-        assert host.chain_rules() == rules_before[host.index]
+        kept = [rule for rule in host.chain_rules() if f"-d {late}/32 " not in rule]
+        assert kept == rules_before[host.index]
         assert host.pool_addresses("outage") == [instance_on(h1), instance_on(h2)]
 
 
