@@ -7,8 +7,10 @@ host's IP.  Clients are sockets opened inside a host namespace.  The namespaces,
 etcd are built once for the module; every test starts from no fluxd, no container, no key.
 
 Faults: a host dying (fluxd SIGKILLed, its cable pulled), a partition that heals, the etcd
-leader killed, every etcd member stopped.  Timings are printed (``-s``) for the record; the
-assertions are about what happened, with bounds from the TTL.
+leader killed, every etcd member stopped, the member fluxd talks to hung (SIGSTOP).  One case
+runs ``-network-mode global``: containers on two Docker bridge networks per host, the hosts
+routing each other's container subnets (inside the namespaces).  Timings are printed (``-s``)
+for the record; the assertions are about what happened, with bounds from the TTL.
 """
 
 from __future__ import annotations
