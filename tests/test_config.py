@@ -108,6 +108,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.http_idle_timeout == 60.0
     assert s.balance == "random"
     assert s.relay == "splice"
+    assert s.engine_threads == len(os.sched_getaffinity(0))
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)
     assert s.docker_host == "unix:///var/run/docker.sock"
     assert s.etcd_ca_file is None and s.etcd_cert_file is None and s.etcd_key_file is None
@@ -170,6 +171,8 @@ FLAG_CASES = [
     ("balance", "random", "balance", "random", []),
     ("relay", "python", "relay", "python", []),
     ("relay", "splice", "relay", "splice", []),
+    ("engine-threads", "1", "engine_threads", 1, []),
+    ("engine-threads", "256", "engine_threads", 256, []),
 ]
 
 
@@ -257,6 +260,7 @@ ENV_CASES = [
     ("FLUX_HTTP_IDLE_TIMEOUT", "90", "http_idle_timeout", 90.0),
     ("FLUX_BALANCE", "p2c", "balance", "p2c"),
     ("FLUX_RELAY", "python", "relay", "python"),
+    ("FLUX_ENGINE_THREADS", "3", "engine_threads", 3),
     (
         "ETCD_ADDRESS",
         "http://10.0.0.1:2379",
@@ -653,6 +657,10 @@ BAD_FLAG_VALUES = [
     ("network-mode", "", 'must be "local" or "global"'),
     ("balance", "roundrobin", 'must be "random" or "p2c"'),
     ("relay", "copy", 'must be "splice" or "python"'),
+    ("engine-threads", "0", "must be a whole number of threads from 1 to 256"),
+    ("engine-threads", "257", "must be a whole number of threads from 1 to 256"),
+    ("engine-threads", "two", "must be a whole number of threads from 1 to 256"),
+    ("engine-threads", "1.5", "must be a whole number of threads from 1 to 256"),
     ("chain", "", CHAIN_REASON),
     ("chain", "x" * 29, CHAIN_REASON),
     ("chain", "-X", CHAIN_REASON),

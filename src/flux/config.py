@@ -137,6 +137,17 @@ class Option:
         return f"flag -{self.flag}" if self.flag else self.env
 
 
+ENGINE_THREADS_MAX = 256
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 # fmt: off
 OPTIONS: tuple[Option, ...] = (
     #      field                   flag                    env                          metavar
@@ -178,6 +189,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay",                "relay",                "FLUX_RELAY",                "string",
            'what carries proxied bytes: "splice" (the compiled engine) or "python" (the'
            " pure-Python fallback, for comparison and debugging)"),
+    Option("engine_threads",       "engine-threads",       "FLUX_ENGINE_THREADS",       "int",
+           "how many native threads (engine shards) relay and accept proxied connections,"
+           f" 1 to {ENGINE_THREADS_MAX}; each has its own epoll loop and its own listening"
+           " socket per service",
+           default_doc="the number of CPUs fluxd may run on"),
     Option("etcd_endpoints",       None,                   "ETCD_ADDRESS",         "url[,url...]",
            "etcd endpoint URL, or a comma-separated list of them (http:// or https://, with a"
            " port)",
@@ -309,6 +325,19 @@ def _parse_host_ttl(raw: object) -> int:
             raise ValueError(reason)
         raw = int(raw)
     if not isinstance(raw, int) or not low <= raw <= high:
+        raise ValueError(reason)
+    return raw
+
+
+def _parse_engine_threads(raw: object) -> int:
+    reason = f"must be a whole number of threads from 1 to {ENGINE_THREADS_MAX}"
+    if isinstance(raw, bool):
+        raise ValueError(reason)
+    if isinstance(raw, str):
+        if not _INT_RE.fullmatch(raw):
+            raise ValueError(reason)
+        raw = int(raw)
+    if not isinstance(raw, int) or not 1 <= raw <= ENGINE_THREADS_MAX:
         raise ValueError(reason)
     return raw
 
@@ -639,6 +668,9 @@ class Settings(BaseSettings):
     http_idle_timeout: float = Field(default=60.0, validation_alias=_env("http_idle_timeout"))
     balance: Literal["random", "p2c"] = Field(default="random", validation_alias=_env("balance"))
     relay: Literal["splice", "python"] = Field(default="splice", validation_alias=_env("relay"))
+    engine_threads: int = Field(
+        default_factory=usable_cpus, validation_alias=_env("engine_threads")
+    )
     etcd_endpoints: tuple[EtcdEndpoint, ...] = Field(
         default=_parse_etcd_endpoints(DEFAULT_ETCD_ADDRESS), validation_alias=_env("etcd_endpoints")
     )
@@ -692,6 +724,11 @@ class Settings(BaseSettings):
     @classmethod
     def _v_relay(cls, raw: object) -> str:
         return _parse_choice(raw, ("splice", "python"))
+
+    @field_validator("engine_threads", mode="before")
+    @classmethod
+    def _v_engine_threads(cls, raw: object) -> int:
+        return _parse_engine_threads(raw)
 
     @field_validator("bridge", mode="before")
     @classmethod
