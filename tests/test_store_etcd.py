@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -442,6 +443,32 @@ async def test_a_first_endpoint_that_never_answers_is_passed_over(etcd: EtcdServ
             assert store.endpoint == etcd.endpoint
         finally:
             await store.close()
+
+
+def open_http_clients() -> set[int]:
+    """The aiohttp sessions and connectors alive and not closed in this process."""
+    gc.collect()
+    kinds = (aiohttp.ClientSession, aiohttp.BaseConnector)
+    return {id(o) for o in gc.get_objects() if isinstance(o, kinds) and not o.closed}
+
+
+async def test_a_connect_attempt_cancelled_midway_closes_its_client() -> None:
+    # Cancelled while the version probe waits on a hung member (a supervisor stopping the
+    # component, a caller's timeout): the client made for the attempt, an aiohttp session and
+    # its connector, was left open, and only garbage collection at loop close reported it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = EtcdStore([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout=30.0)
+        before = open_http_clients()
+        attempt = asyncio.create_task(store.ping())
+        await asyncio.sleep(0.3)  # connected into the backlog, waiting for an answer
+        assert len(open_http_clients() - before) == 2, "the attempt's session and connector"
+        attempt.cancel()
+        await asyncio.gather(attempt, return_exceptions=True)
+        assert attempt.cancelled()
+        assert open_http_clients() - before == set()
+        await store.close()
 
 
 # -- the lease ---------------------------------------------------------------------------------

@@ -283,21 +283,25 @@ class EtcdStore(LeasedStore):
                 username=self._username,
                 password=self._password,
             )
-            failures = []
-            for step in range(len(self._endpoints)):
-                self._point(client, (self._current + step) % len(self._endpoints))
-                try:
-                    await client.detect_version()
-                except _NOT_ETCD as exc:
-                    failures.append(self._why(exc))
-                    continue
-                except Etcd3Exception as exc:
-                    await client.close()
-                    raise StoreError(f"etcd at {self._why(exc)}") from None
-                self._client = client
-                return client
-            await client.close()
-            raise StoreUnavailable("etcd is unreachable: " + "; ".join(failures))
+            # Closed on every way out but success, cancellation included: the client holds an
+            # aiohttp session and its connector, which nothing else would ever close.
+            try:
+                failures = []
+                for step in range(len(self._endpoints)):
+                    self._point(client, (self._current + step) % len(self._endpoints))
+                    try:
+                        await client.detect_version()
+                    except _NOT_ETCD as exc:
+                        failures.append(self._why(exc))
+                        continue
+                    except Etcd3Exception as exc:
+                        raise StoreError(f"etcd at {self._why(exc)}") from None
+                    self._client = client
+                    return client
+                raise StoreUnavailable("etcd is unreachable: " + "; ".join(failures))
+            except BaseException:
+                await client.close()
+                raise
 
     async def _rpc(
         self,
