@@ -630,6 +630,32 @@ async def test_a_silent_stream_is_noticed(
     assert follower.resets == 2
 
 
+async def test_a_broken_stream_is_blamed_on_its_own_endpoint(
+    etcd: EtcdServer,
+    stores: Callable[..., EtcdStore],
+    partition: Partition,
+    followers: list[Follower],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The watch stream stays on the first endpoint while other requests fail over to the
+    # second; when the first then dies, the line naming the failure once named the second.
+    caplog.set_level(logging.WARNING, logger="flux.store")
+    store = stores(partition.endpoint, etcd.endpoint, timeout=0.5)
+    follower = Follower(store.watch_services())
+    followers.append(follower)
+    await follower.until(lambda: follower.resets == 1)
+    await asyncio.sleep(0.2)  # the stream is open once the follower waits for a change
+
+    partition.silence()
+    await store.ping()  # no answer from the first within the timeout: on to the second
+    assert store.endpoint == etcd.endpoint
+    partition.cut()  # the stream, still on the first, breaks
+
+    await follower.until(lambda: follower.resets == 2)
+    assert f"the watch stream broke: {partition.endpoint}: " in caplog.text
+    assert f"broke: {etcd.endpoint}" not in caplog.text
+
+
 async def test_a_watch_gives_up_when_etcd_stays_away(
     stores: Callable[..., EtcdStore], partition: Partition
 ) -> None:

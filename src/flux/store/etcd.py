@@ -256,9 +256,13 @@ class EtcdStore(LeasedStore):
         """The endpoint requests go to now."""
         return self._endpoints[self._current].url
 
-    def _why(self, exc: BaseException) -> str:
-        """The endpoint in use and what went wrong there."""
-        return f"{self.endpoint}: {_reason(exc, self._timeout)}"
+    def _why(self, exc: BaseException, index: int) -> str:
+        """Endpoint ``index``, where the failed request went, and what went wrong there.
+
+        The request's own endpoint, not the one in use now: a concurrent request may have
+        failed over meanwhile, and the message would blame a member that did nothing.
+        """
+        return f"{self._endpoints[index].url}: {_reason(exc, self._timeout)}"
 
     def _point(self, client: AioClient, index: int) -> None:
         endpoint = self._endpoints[index]
@@ -288,14 +292,15 @@ class EtcdStore(LeasedStore):
             try:
                 failures = []
                 for step in range(len(self._endpoints)):
-                    self._point(client, (self._current + step) % len(self._endpoints))
+                    index = (self._current + step) % len(self._endpoints)
+                    self._point(client, index)
                     try:
                         await client.detect_version()
                     except _NOT_ETCD as exc:
-                        failures.append(self._why(exc))
+                        failures.append(self._why(exc, index))
                         continue
                     except Etcd3Exception as exc:
-                        raise StoreError(f"etcd at {self._why(exc)}") from None
+                        raise StoreError(f"etcd at {self._why(exc, index)}") from None
                     self._client = client
                     return client
                 raise StoreUnavailable("etcd is unreachable: " + "; ".join(failures))
@@ -327,11 +332,11 @@ class EtcdStore(LeasedStore):
             except passthrough:
                 raise
             except _CONNECTION_ERRORS as exc:
-                failures.append(self._why(exc))
+                failures.append(self._why(exc, index))
             except Etcd3Exception as exc:
                 if getattr(exc, "code", None) != _GRPC_UNAVAILABLE:
-                    raise StoreError(f"etcd at {self._why(exc)}") from None
-                failures.append(self._why(exc))
+                    raise StoreError(f"etcd at {self._why(exc, index)}") from None
+                failures.append(self._why(exc, index))
             if self._current == index:  # a concurrent request may have moved on already
                 self._point(client, (index + 1) % len(self._endpoints))
         raise StoreUnavailable("etcd is unreachable: " + "; ".join(failures))
@@ -620,9 +625,10 @@ class EtcdStore(LeasedStore):
             try:
                 await asyncio.wait_for(stream.__anext__(), self._timeout)  # "created"
             except StopAsyncIteration:
-                raise _Resync(f"etcd at {self.endpoint} closed a new watch") from None
+                url = self._endpoints[endpoint].url
+                raise _Resync(f"etcd at {url} closed a new watch") from None
             except (*_CONNECTION_ERRORS, Etcd3Exception) as exc:
-                raise _Resync(f"cannot open a watch: {self._why(exc)}") from None
+                raise _Resync(f"cannot open a watch: {self._why(exc, endpoint)}") from None
             opened_at = loop.time()
             # The next read runs as a task, so a silent stream can be checked without
             # cancelling the read.
@@ -637,7 +643,7 @@ class EtcdStore(LeasedStore):
                 except StopAsyncIteration:
                     raise _Resync("etcd closed the watch stream") from None
                 except Exception as exc:  # whatever the read failed with, the stream is broken
-                    raise _Resync(f"the watch stream broke: {self._why(exc)}") from None
+                    raise _Resync(f"the watch stream broke: {self._why(exc, endpoint)}") from None
                 pending = asyncio.ensure_future(stream.__anext__())
                 if response.compact_revision:
                     raise _Resync(f"revision {response.compact_revision} was compacted")
