@@ -30,7 +30,7 @@ import pytest
 from flux.model import Host, HostRef, Instance, Service, ServiceInfo
 from flux.store import ServiceUpdate, StoreError, StoreUnavailable
 from flux.store._etcd3_compat import AioClient, _JsonFramer
-from flux.store.etcd import EtcdStore
+from flux.store.etcd import EtcdStore, _reason
 from tests.etcd_server import EtcdServer, free_port
 
 SPEC = Service(address="10.128.0.1:80", protocol="http")
@@ -528,6 +528,27 @@ async def test_run_lease_raises_while_etcd_is_down_then_keeps_the_same_lease(
     finally:
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
+
+
+async def test_a_keepalive_without_answer_states_its_own_time_limit(
+    stores: Callable[..., EtcdStore], partition: Partition
+) -> None:
+    # A keep-alive waits min(timeout, TTL/3), here 1 s, not the store's 5 s the line said.
+    store = stores(partition.endpoint, timeout=5.0)
+    keeper = asyncio.create_task(store.run_lease(3))
+    try:
+        await asyncio.wait_for(store.wait_lease(), 5)
+        partition.silence()
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(keeper, 10)
+        assert str(caught.value) == (
+            f"etcd is unreachable: {partition.endpoint}: no answer within 1 s"
+        )
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+
+    assert _reason(TimeoutError(), 10 / 3) == "no answer within 3.33 s"  # TTL 10
 
 
 async def test_a_partition_longer_than_the_ttl_brings_the_records_back_on_a_new_lease(

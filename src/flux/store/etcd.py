@@ -149,7 +149,7 @@ def _ssl_context(
 def _reason(exc: BaseException, timeout: float) -> str:
     """What went wrong with a connection, in a few words."""
     if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g} s"
+        return f"no answer within {timeout:.3g} s"  # a TTL/3 limit reads 3.33, not 3.33333
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.strerror:
         return str(exc.os_error.strerror)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -256,13 +256,15 @@ class EtcdStore(LeasedStore):
         """The endpoint requests go to now."""
         return self._endpoints[self._current].url
 
-    def _why(self, exc: BaseException, index: int) -> str:
+    def _why(self, exc: BaseException, index: int, timeout: float | None = None) -> str:
         """Endpoint ``index``, where the failed request went, and what went wrong there.
 
         The request's own endpoint, not the one in use now: a concurrent request may have
         failed over meanwhile, and the message would blame a member that did nothing.
+        ``timeout`` is the request's time limit when it is not the store's.
         """
-        return f"{self._endpoints[index].url}: {_reason(exc, self._timeout)}"
+        limit = self._timeout if timeout is None else timeout
+        return f"{self._endpoints[index].url}: {_reason(exc, limit)}"
 
     def _point(self, client: AioClient, index: int) -> None:
         endpoint = self._endpoints[index]
@@ -313,8 +315,13 @@ class EtcdStore(LeasedStore):
         call: Callable[[AioClient], Awaitable[_T]],
         *,
         passthrough: tuple[type[BaseException], ...] = (),
+        timeout: float | None = None,
     ) -> _T:
-        """Run one request, failing over to the next endpoint when one cannot be reached."""
+        """Run one request, failing over to the next endpoint when one cannot be reached.
+
+        ``timeout`` is the time limit ``call`` gives its request when that is not the store's
+        (for the error text).
+        """
         client = await self._connected()
         failures = []
         for _ in range(len(self._endpoints)):
@@ -332,11 +339,11 @@ class EtcdStore(LeasedStore):
             except passthrough:
                 raise
             except _CONNECTION_ERRORS as exc:
-                failures.append(self._why(exc, index))
+                failures.append(self._why(exc, index, timeout))
             except Etcd3Exception as exc:
                 if getattr(exc, "code", None) != _GRPC_UNAVAILABLE:
-                    raise StoreError(f"etcd at {self._why(exc, index)}") from None
-                failures.append(self._why(exc, index))
+                    raise StoreError(f"etcd at {self._why(exc, index, timeout)}") from None
+                failures.append(self._why(exc, index, timeout))
             if self._current == index:  # a concurrent request may have moved on already
                 self._point(client, (index + 1) % len(self._endpoints))
         raise StoreUnavailable("etcd is unreachable: " + "; ".join(failures))
@@ -466,7 +473,7 @@ class EtcdStore(LeasedStore):
                 stream.close()
 
         try:
-            return await self._rpc(call, passthrough=(ErrLeaseNotFound,))
+            return await self._rpc(call, passthrough=(ErrLeaseNotFound,), timeout=timeout)
         except ErrLeaseNotFound:
             return 0
 
