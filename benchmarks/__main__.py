@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "idle", "http-keepalive", "http-close"]
-SUBJECTS = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice",
+WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-keepalive",
+             "http-close"]  # fmt: skip
+SUBJECTS = ["direct", "fluxd", "fluxd-1t", "fluxd-python", "haproxy-tcp", "haproxy-splice",
             "haproxy-tcp-2t", "nginx", "fluxd-http", "haproxy-http", "haproxy-http-2t",
             "nginx-http"]  # fmt: skip
 
@@ -22,8 +23,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Benchmark fluxd (TCP service) against direct connections, HAProxy 2.6 "
         "(mode tcp, with and without splice) and nginx stream: iperf3 bulk, wrk keep-alive and "
-        "Connection: close, and idle connections.  Writes benchmarks/results/latest.md, "
-        "latest.png and latest.raw (the samples).",
+        "Connection: close (64 and 256 connections), and idle connections.  Writes "
+        "benchmarks/results/latest.md, latest.png and latest.raw (the samples).",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 3-second loads")
     parser.add_argument(
@@ -48,7 +49,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="wrk duration (default 6; 3 with --quick)",
     )
     parser.add_argument(
-        "--connections", type=int, default=64, metavar="N", help="wrk connections (default 64)"
+        "--connections",
+        type=int,
+        default=64,
+        metavar="N",
+        help="wrk connections (default 64; the close256 workload always uses 256)",
     )
     parser.add_argument(
         "--threads", type=int, default=2, metavar="N", help="wrk threads (default 2)"

@@ -11,7 +11,9 @@ Subjects, each with one front address per backend:
 - ``direct``: the backends themselves (the ceiling);
 - ``fluxd`` / ``fluxd-python``: a real fluxd (``python -m flux``) with the Cython splice engine,
   or with the pure-Python fallback relay (``-relay python``), each against its own private
-  etcd.  Services get floating addresses in 127.42.0.0/16 and the backends are registered as
+  etcd; ``fluxd-1t`` is ``fluxd`` with ``-engine-threads 1`` (the others run fluxd's default,
+  one engine thread per usable CPU), so what the engine gains from more threads shows.
+  Services get floating addresses in 127.42.0.0/16 and the backends are registered as
   instances *of another host* (127.0.0.2, on that host's own lease), the way a remote fluxd's
   agent would write them, so neither Docker nor its userland proxy is in the path;
 - ``haproxy-tcp`` / ``haproxy-splice`` / ``haproxy-tcp-2t``: HAProxy in ``mode tcp``, one thread
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -51,6 +54,7 @@ __all__ = [
     "SUBJECTS",
     "Backends",
     "Subject",
+    "reported_engine_threads",
     "start_backends",
     "start_subject",
 ]
@@ -61,13 +65,15 @@ NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 HOST_IP = "127.0.0.1"
 REMOTE_HOST = "127.0.0.2"  # the "other host" that owns the backend instances
 START_TIMEOUT = 30.0
-# Floating addresses are 127.42.<net>.1 and .2; one random <net> per run, the next for the fallback.
+# Floating addresses are 127.42.<net>.1 and .2; one random <net> per run, the next ones for the
+# other fluxd subjects.
 _VIP_NET = 20 + secrets.randbelow(200)
 
 # name -> how the report labels it
 SUBJECTS: dict[str, str] = {
     "direct": "direct",
     "fluxd": "fluxd",
+    "fluxd-1t": "fluxd, 1 engine thread",
     "fluxd-python": "fluxd (Python relay)",
     "haproxy-tcp": "HAProxy tcp",
     "haproxy-splice": "HAProxy splice",
@@ -118,12 +124,16 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def logged(self, text: str) -> bool:
-        """Whether the current run of the process has written ``text``."""
+    def output(self) -> str:
+        """What the current run of the process has written so far."""
         with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
             log.seek(self._log_start)
-            return text in log.read().decode(errors="replace")
-        return False
+            return log.read().decode(errors="replace")
+        return ""
+
+    def logged(self, text: str) -> bool:
+        """Whether the current run of the process has written ``text``."""
+        return text in self.output()
 
     async def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> None:
         """Signal the process, wait up to ``timeout`` s, then kill it."""
@@ -256,6 +266,8 @@ class Subject:
     http: tuple[str, int]
     bulk: tuple[str, int]
     root_pid: int | None = None  # None: nothing in between (direct)
+    # fluxd's engine threads as its configuration report gave them (None: not reported)
+    engine_threads: int | None = None
     metrics: str | None = None  # fluxd's /metrics URL, when it serves one
     # Start the proxy afresh (same addresses): memory figures need a process that has not
     # pooled the memory of earlier runs.
@@ -430,6 +442,16 @@ async def _start_config_proxy(
 # -- fluxd --------------------------------------------------------------------------------------
 
 
+# In fluxd's "effective configuration" line.
+_ENGINE_THREADS = re.compile(r"\bengine-threads=(\d+)\b")
+
+
+def reported_engine_threads(log: str) -> int | None:
+    """The engine threads fluxd's configuration report in ``log`` gives (None: no such field)."""
+    found = _ENGINE_THREADS.search(log)
+    return None if found is None else int(found.group(1))
+
+
 def _chain_has_dnat(chain: str, vips: list[str]) -> bool:
     result = subprocess.run(
         ["iptables", "-w", "-t", "nat", "-S", chain],
@@ -493,11 +515,16 @@ async def _start_fluxd(
     chain = "FLUXB" + secrets.token_hex(3).upper()
     relay = "python" if name == "fluxd-python" else "splice"
     http_protocol = "http" if name == "fluxd-http" else "tcp"
+    threads = 1 if name == "fluxd-1t" else None  # None: fluxd's default (the usable CPUs)
     metrics_port = free_port()
     env = {**os.environ, "ETCD_ADDRESS": etcd.endpoint}
-    env.pop("FLUX_RELAY", None)  # the flag below decides
+    # The flags below decide, not whatever the caller's environment says.
+    env.pop("FLUX_RELAY", None)
+    env.pop("FLUX_ENGINE_THREADS", None)
     argv = [sys.executable, "-m", "flux", "-host-ip", HOST_IP, "-bridge", "lo", "-chain", chain,
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
+    if threads is not None:
+        argv += ["-engine-threads", str(threads)]
     if http_protocol == "http":
         argv += ["-listen-prometheus", f"{LOOPBACK}:{metrics_port}"]
     child = Child(name, argv, workdir, env)
@@ -519,6 +546,12 @@ async def _start_fluxd(
         )
         if not child.logged(f"relay={relay}"):
             raise RuntimeError(f"{name}: fluxd does not report relay={relay} in its configuration")
+        subject.engine_threads = reported_engine_threads(child.output())
+        if threads is not None and subject.engine_threads != threads:
+            raise RuntimeError(
+                f"{name}: fluxd reports engine-threads={subject.engine_threads} in its "
+                f"configuration, not {threads}"
+            )
 
     vips = {"http": f"127.42.{vip_net}.1", "bulk": f"127.42.{vip_net}.2"}
     services = {"http": f"{vips['http']}:80", "bulk": f"{vips['bulk']}:5201"}
@@ -556,6 +589,6 @@ async def start_subject(
     if name == "direct":
         return Subject(name, backends.http, backends.bulk)
     if name.startswith("fluxd"):
-        vip_net = _VIP_NET + {"fluxd": 0, "fluxd-python": 1, "fluxd-http": 2}[name]
+        vip_net = _VIP_NET + {"fluxd": 0, "fluxd-python": 1, "fluxd-http": 2, "fluxd-1t": 3}[name]
         return await _start_fluxd(stack, name, workdir, backends, vip_net)
     return await _start_config_proxy(stack, name, workdir, backends)

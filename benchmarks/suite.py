@@ -34,19 +34,32 @@ from benchmarks.subjects import (
 )
 from benchmarks.system import Counters, describe_machine, raise_nofile, sysctls
 
-__all__ = ["WORKLOAD_SUBJECTS", "Settings", "check_tools", "run"]
+__all__ = [
+    "WORKLOAD_SUBJECTS",
+    "Measured",
+    "Settings",
+    "check_tools",
+    "engine_threads_line",
+    "report_only",
+    "run",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 # Which subjects each workload measures: HAProxy with two threads is the churn target's peer
-# only; "direct" has no proxy to hold idle connections in.
+# only; "direct" has no proxy to hold idle connections in.  fluxd with one engine thread runs
+# where a second thread could matter (churn, small messages) and on one bulk stream, next to
+# fluxd on its default; "close256" (churn with 4x the connections) runs through the TCP proxies
+# whose connection rates are compared, not through the Python relay or the single-thread
+# HAProxy variant with splice (its churn path is HAProxy tcp's).
 _ALL = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"]
 WORKLOAD_SUBJECTS: dict[str, list[str]] = {
-    "bulk1": _ALL,
+    "bulk1": [*_ALL, "fluxd-1t"],
     "bulk4": _ALL,
-    "keepalive": _ALL,
-    "close": [*_ALL, "haproxy-tcp-2t"],
+    "keepalive": [*_ALL, "fluxd-1t"],
+    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t"],
+    "close256": ["direct", "fluxd", "fluxd-1t", "haproxy-tcp", "haproxy-tcp-2t", "nginx"],
     "idle": [s for s in _ALL if s != "direct"],
     # HTTP services: fluxd with the service marked http (framing and metrics), the same traffic
     # through fluxd's tcp service (what the metrics cost), and the HTTP-aware peers.
@@ -69,6 +82,7 @@ class Settings:
     bulk_seconds: float = 6.0
     wrk_seconds: float = 6.0
     connections: int = 64
+    wide_connections: int = 256  # the close256 workload's
     threads: int = 2
     idle_count: int = 5000
     workloads: list[str] = field(default_factory=lambda: list(WORKLOAD_SUBJECTS))
@@ -84,6 +98,7 @@ class Settings:
             "iperf3 seconds": f"{self.bulk_seconds:g}",
             "wrk seconds": f"{self.wrk_seconds:g}",
             "wrk connections": self.connections,
+            "wrk connections (close256)": self.wide_connections,
             "wrk threads": self.threads,
             "idle connections": self.idle_count,
         }
@@ -111,7 +126,8 @@ def check_tools(settings: Settings) -> None:
                 "benchmarks: matplotlib is missing for the chart (pip install -e '.[bench]'; "
                 "make bench does), or pass --no-chart"
             ) from None
-    need = settings.idle_count + 200
+    # Each wrk connection is one descriptor in wrk and two in a proxy.
+    need = max(settings.idle_count, 2 * settings.wide_connections) + 200
     limit = raise_nofile()
     if limit < need:
         raise SystemExit(f"benchmarks: descriptor limit {limit} is below the {need} needed")
@@ -135,12 +151,11 @@ async def _measure(
     if workload in ("bulk1", "bulk4"):
         streams = 1 if workload == "bulk1" else 4
         return await workloads.bulk(subject, backends, streams, settings.bulk_seconds)
-    if workload in ("keepalive", "http-keepalive", "close", "http-close"):
-        run = workloads.close if workload.endswith("close") else workloads.keepalive
+    if workload in ("keepalive", "http-keepalive", "close", "http-close", "close256"):
+        run = workloads.keepalive if workload.endswith("keepalive") else workloads.close
+        connections = settings.wide_connections if workload == "close256" else settings.connections
         before = await _http_counted(subject)
-        values = await run(
-            subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
-        )
+        values = await run(subject, workdir, settings.wrk_seconds, connections, settings.threads)
         if before is not None:
             after = await _http_counted(subject)
             if after is not None:
@@ -196,7 +211,34 @@ def _rotated(names: Sequence[str], by: int) -> list[str]:
     return [*names[by:], *names[:by]]
 
 
-async def measure_all(settings: Settings, workdir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+@dataclass
+class Measured:
+    """What :func:`measure_all` gathered."""
+
+    samples: list[dict[str, Any]]
+    notes: list[str]
+    # fluxd subject -> the engine threads its configuration report gave (None: not reported)
+    engine_threads: dict[str, int | None]
+
+
+def engine_threads_line(reported: dict[str, int | None]) -> str:
+    """The machine table's line saying how many engine threads each fluxd subject ran."""
+    parts = []
+    for name, threads in reported.items():
+        if threads is None:
+            from flux.config import usable_cpus
+
+            parts.append(
+                f"{SUBJECTS[name]}: {usable_cpus()} (assumed: fluxd's configuration report has "
+                "no engine-threads, its default is the usable CPUs)"
+            )
+        else:
+            how = "-engine-threads 1" if name == "fluxd-1t" else "the default"
+            parts.append(f"{SUBJECTS[name]}: {threads} ({how}, as fluxd reported it)")
+    return "; ".join(parts)
+
+
+async def measure_all(settings: Settings, workdir: Path) -> Measured:
     """Start everything, run every workload ``repeat`` times; the samples and any notes."""
     samples: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -241,7 +283,12 @@ async def measure_all(settings: Settings, workdir: Path) -> tuple[list[dict[str,
                         f"{_brief(workload, values)}  ({time.monotonic() - started:.1f} s)"
                     )
                     await asyncio.sleep(0.5)  # let the last connections close
-    return samples, notes
+    threads = {
+        name: subject.engine_threads
+        for name, subject in running.items()
+        if name in ("fluxd", "fluxd-1t", "fluxd-http")
+    }
+    return Measured(samples, notes, threads)
 
 
 def write_report(
@@ -278,10 +325,13 @@ def run(settings: Settings) -> int:
         import uvloop
 
         try:
-            samples, failures = uvloop.run(measure_all(settings, Path(tmp)))
+            measured = uvloop.run(measure_all(settings, Path(tmp)))
         except RuntimeError as exc:  # a subject or backend that would not start
             _progress(f"benchmarks: {exc}")
             return 1
+    samples, failures = measured.samples, measured.notes
+    if measured.engine_threads:
+        machine["fluxd engine threads"] = engine_threads_line(measured.engine_threads)
     notes += failures
     notes.append(f"whole run took {(time.monotonic() - began) / 60:.1f} minutes")
     raw = settings.out / "latest.raw"
@@ -309,7 +359,13 @@ def run(settings: Settings) -> int:
 
 def report_only(settings: Settings) -> int:
     """Rebuild latest.md / latest.png from latest.raw without measuring."""
-    raw = json.loads((settings.out / "latest.raw").read_text())
+    path = settings.out / "latest.raw"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(
+            f"benchmarks: no samples to report at {path} (a full run writes them)"
+        ) from None
     settings.command = raw["settings"].get("command", settings.command)
     described = raw["settings"]
 

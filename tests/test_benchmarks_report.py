@@ -1,0 +1,178 @@
+"""The benchmark report (benchmarks/report.py, suite.report_only): targets, ratio tables and
+reports rebuilt from samples saved before a subject or workload existed.
+
+Pure: samples are built here, nothing is measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from benchmarks import report, suite
+from benchmarks.__main__ import WORKLOADS
+from benchmarks.subjects import reported_engine_threads
+
+from flux.config import parse_args, usable_cpus
+
+X = report.TIMES
+
+# A raw file from before fluxd-1t and close256: every other workload and subject.
+OLD_WORKLOADS = {
+    "bulk1": ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"],
+    "keepalive": ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"],
+    "close": ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx",
+              "haproxy-tcp-2t"],
+    "idle": ["fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"],
+    "http-keepalive": ["direct", "fluxd", "fluxd-http", "haproxy-http", "nginx-http"],
+    "http-close": ["direct", "fluxd", "fluxd-http", "haproxy-http", "haproxy-http-2t"],
+}
+
+
+def samples_of(figures: dict[tuple[str, str], dict[str, float]]) -> list[dict[str, Any]]:
+    """One repeat of each (workload, subject) with the given values."""
+    return [
+        {"subject": subject, "workload": workload, "repeat": 0, "values": values}
+        for (workload, subject), values in figures.items()
+    ]
+
+
+def old_samples() -> list[dict[str, Any]]:
+    figures: dict[tuple[str, str], dict[str, float]] = {}
+    for workload, subjects in OLD_WORKLOADS.items():
+        for index, subject in enumerate(subjects):
+            if workload == "idle":
+                values = {"held": 5000, "errors": 0, "kib_per_conn": 0.5 + index}
+            elif workload == "bulk1":
+                values = {"gbit_s": 10.0 + index, "cpu_s_per_gb": 0.2 + index / 10}
+            else:
+                values = {"rate": 1000.0 * (index + 1), "p99_ms": 2.0, "cpu_ms_per_1k": 100.0,
+                          "errors": 0}  # fmt: skip
+            figures[(workload, subject)] = values
+    return samples_of(figures)
+
+
+def by_name(table: report.Table) -> dict[str, report.Target]:
+    return {target.name: target for target in report.targets(table, 5000)}
+
+
+def test_a_report_from_before_the_new_subject_and_workload_shows_dashes(tmp_path: Path) -> None:
+    raw = {
+        "machine": {"date": "2026-11-24 04:20 UTC", "cpus": "2"},
+        "settings": {"command": "python -m benchmarks", "repeats": 3, "idle connections": 5000},
+        "notes": [],
+        "samples": old_samples(),
+    }
+    (tmp_path / "latest.raw").write_text(json.dumps(raw))
+    assert suite.report_only(suite.Settings(out=tmp_path, chart=False)) == 0
+    markdown = (tmp_path / "latest.md").read_text()
+    tables = markdown.split("## Targets")[0]
+    assert "256 connections" not in tables  # no close256 rows
+    assert "fluxd, 1 engine thread" not in tables  # no column for fluxd-1t
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines()}
+    figure = rows["engine threads: new connections/s, fluxd on its default vs 1 engine thread"]
+    assert "not measured" in figure and figure.endswith("| figure |")
+    assert "not measured" in rows["new connection per request, 256 connections: conn/s"]
+    # The targets the old samples do cover are still checked.
+    churn = rows["new connection per request: conn/s"]  # fluxd 2,000/s, HAProxy 2 threads 7,000/s
+    assert churn.endswith(f"| 0.29{X} | ≥ 1.00{X} HAProxy tcp, 2 threads | MISS |")
+
+
+def test_report_only_without_samples_says_so_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        suite.report_only(suite.Settings(out=tmp_path, chart=False))
+    assert str(exited.value) == (
+        f"benchmarks: no samples to report at {tmp_path / 'latest.raw'} (a full run writes them)"
+    )
+
+
+def test_issue_targets_are_ratios_of_medians_against_the_named_peers() -> None:
+    figures = {
+        ("close", "fluxd"): {"rate": 12000.0, "cpu_ms_per_1k": 90.0},
+        ("close", "fluxd-1t"): {"rate": 8000.0, "cpu_ms_per_1k": 95.0},
+        ("close", "haproxy-tcp"): {"rate": 9000.0, "cpu_ms_per_1k": 100.0},
+        ("close", "haproxy-splice"): {"rate": 9500.0, "cpu_ms_per_1k": 80.0},
+        ("close", "haproxy-tcp-2t"): {"rate": 10000.0, "cpu_ms_per_1k": 85.0},
+        ("close256", "fluxd"): {"rate": 9000.0},
+        ("close256", "haproxy-tcp-2t"): {"rate": 10000.0},
+        ("bulk1", "fluxd"): {"gbit_s": 12.0, "cpu_s_per_gb": 0.3},
+        ("bulk1", "haproxy-splice"): {"gbit_s": 8.0, "cpu_s_per_gb": 1.0},
+        ("http-keepalive", "fluxd-http"): {"rate": 50000.0},
+        ("http-keepalive", "haproxy-http"): {"rate": 40000.0},
+        ("http-keepalive", "nginx-http"): {"rate": 60000.0},
+        ("http-close", "fluxd-http"): {"rate": 7000.0},
+        ("http-close", "haproxy-http"): {"rate": 6000.0},
+        ("http-close", "haproxy-http-2t"): {"rate": 7500.0},
+        ("idle", "fluxd"): {"held": 5000, "errors": 0, "kib_per_conn": 1.2},
+    }
+    targets = by_name(report.summarise(samples_of(figures)))
+
+    def check(name: str, measured: str, wanted: str, met: bool | None) -> None:
+        target = targets[name]
+        assert (target.measured, target.threshold, target.met) == (measured, wanted, met), name
+
+    check(
+        "new connection per request: conn/s", f"1.20{X}", f"≥ 1.00{X} HAProxy tcp, 2 threads", True
+    )
+    # The leanest HAProxy tcp variant on CPU per connection is splice here (80 ms/1k).
+    check(
+        "new connection per request: proxy CPU per connection vs the leanest HAProxy tcp variant"
+        " (1 thread, splice, 2 threads)",
+        f"1.12{X}", f"≤ 1.00{X} HAProxy splice", False,
+    )  # fmt: skip
+    # Against HAProxy http, not the faster nginx proxy_pass.
+    check("HTTP keep-alive: req/s", f"1.25{X}", f"≥ 1.00{X} HAProxy http", True)
+    check("HTTP Connection: close: conn/s", f"0.93{X}", f"≥ 1.00{X} HAProxy http, 2 threads", False)
+    check("bulk 1 stream: Gbit/s", f"1.50{X}", f"≥ 1.35{X} HAProxy splice", True)
+    check("bulk 1 stream: proxy CPU per GB", f"0.30{X}", f"≤ 0.35{X} HAProxy splice", True)
+    rss = targets["5,000 idle connections: proxy RSS per connection (after one request)"]
+    assert (rss.measured, rss.threshold, rss.met) == ("1.20 KiB", "≤ 1.00 KiB", False)
+    scaling = targets["engine threads: new connections/s, fluxd on its default vs 1 engine thread"]
+    assert (scaling.measured, scaling.informational, scaling.met) == (f"1.50{X}", True, None)
+    wide = targets["new connection per request, 256 connections: conn/s"]
+    assert (wide.measured, wide.informational) == (f"0.90{X}", True)
+
+
+def test_ratio_tables_have_the_one_thread_subject_and_the_wide_workload() -> None:
+    figures = {
+        ("close256", "fluxd"): {"rate": 9000.0, "p99_ms": 40.0, "cpu_ms_per_1k": 110.0},
+        ("close256", "fluxd-1t"): {"rate": 6000.0, "p99_ms": 50.0, "cpu_ms_per_1k": 120.0},
+        ("close256", "nginx"): {"rate": 4500.0, "p99_ms": 20.0, "cpu_ms_per_1k": 100.0},
+    }
+    markdown = report.render_markdown(
+        report.summarise(samples_of(figures)), {"date": "now"}, {"command": "c"}
+    )
+    ratios = markdown.split("## fluxd relative to each peer")[1].split("## Targets")[0]
+    assert "| workload | metric | ÷ fluxd, 1 engine thread | ÷ nginx stream |" in ratios
+    row = f"| wrk `Connection: close`, 256 connections | connections/s | 1.50{X} | 2.00{X} |"
+    assert row in ratios
+
+
+def test_the_suite_reads_engine_threads_from_fluxds_configuration_report() -> None:
+    def reported(argv: list[str]) -> int | None:
+        parsed = parse_args(["-host-ip", "127.0.0.1", *argv], {})
+        return reported_engine_threads("effective configuration: " + " ".join(parsed.describe()))
+
+    assert reported(["-engine-threads", "1"]) == 1
+    assert reported(["-engine-threads", "16"]) == 16
+    assert reported([]) == usable_cpus()
+    assert reported_engine_threads("effective configuration: relay=splice bridge=lo") is None
+
+
+def test_the_engine_threads_line_says_where_each_figure_came_from() -> None:
+    line = suite.engine_threads_line({"fluxd": 2, "fluxd-1t": 1, "fluxd-http": None})
+    assert line == (
+        "fluxd: 2 (the default, as fluxd reported it); "
+        "fluxd, 1 engine thread: 1 (-engine-threads 1, as fluxd reported it); "
+        f"fluxd (http service): {usable_cpus()} (assumed: fluxd's configuration report has no "
+        "engine-threads, its default is the usable CPUs)"
+    )
+
+
+def test_every_workload_the_suite_runs_has_metrics_and_a_name_in_the_report() -> None:
+    # A run prints each sample with report.METRICS as it goes: a workload missing there would
+    # fail the whole run after its first sample.
+    assert set(report.METRICS) == set(suite.WORKLOAD_SUBJECTS) == set(report.WORKLOADS)
+    assert set(suite.WORKLOAD_SUBJECTS) == set(WORKLOADS)
