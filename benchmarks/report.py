@@ -335,6 +335,15 @@ def noise(samples: Sequence[dict[str, Any]]) -> list[str]:
             + " requests (wrk stops counting at its deadline with up to one request per"
             " connection in flight)"
         )
+    # wrk counts no error for a connection that never answers within its run (its 5 s timeout
+    # outlasts a short run): a stalled proxy shows as a 0 rate with 0 errors, so name it.
+    stalled = [
+        f"{s['workload']} through {s['subject']} (repeat {s['repeat'] + 1})"
+        for s in samples
+        if s["values"].get("requests", 1) == 0
+    ]
+    if stalled:
+        notes.append("no request completed in: " + ", ".join(stalled))
     drops = [
         (s["values"]["conntrack_drops"], s["workload"], s["subject"])
         for s in samples
@@ -378,7 +387,7 @@ def render_markdown(
         "",
         *machine_lines(machine, settings),
         f"Every figure is the median of the repeats, with the spread (min{DASH}max) in brackets. "
-        "CPU and RSS are the proxy's own processes (fluxd: the whole process, engine thread "
+        "CPU and RSS are the proxy's own processes (fluxd: the whole process, engine threads "
         "included); load generators and backends share the same cores for every subject.",
         "",
         "## Results",

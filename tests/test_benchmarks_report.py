@@ -176,3 +176,13 @@ def test_every_workload_the_suite_runs_has_metrics_and_a_name_in_the_report() ->
     # fail the whole run after its first sample.
     assert set(report.METRICS) == set(suite.WORKLOAD_SUBJECTS) == set(report.WORKLOADS)
     assert set(suite.WORKLOAD_SUBJECTS) == set(WORKLOADS)
+
+
+def test_a_run_in_which_no_request_completed_is_named_in_the_notes() -> None:
+    figures = {
+        ("close256", "fluxd"): {"rate": 0.0, "requests": 0, "errors": 0},
+        ("close256", "nginx"): {"rate": 5000.0, "requests": 15000, "errors": 0},
+    }
+    notes = report.noise(samples_of(figures))
+    assert "no request completed in: close256 through fluxd (repeat 1)" in notes
+    assert not any("nginx" in note for note in notes)
