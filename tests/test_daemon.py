@@ -1,4 +1,5 @@
-"""fluxd as a process: start-up, host lease, signals, and the whole path end to end.
+"""fluxd as a process: start-up, host lease, signals, and the whole path end to end; and
+the daemon in-process, for how it supervises the components that follow the service watch.
 
 Every fluxd here runs with ``-host-ip 127.0.0.1 -bridge lo`` and its own chain name, against
 the session's private etcd; service addresses are in 127.42.0.0/16 (loopback), and instances
@@ -7,17 +8,29 @@ are containers publishing on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from flux.config import load_or_exit
+from flux.daemon import WATCH_COMPONENTS, WATCH_MAX_BACKOFF, Daemon, _build_plugins
+from flux.model import Service
+from flux.store import StoreUnavailable
+from flux.store.etcd import EtcdStore
+from flux.store.memory import MemoryStore
 from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.etcd_server import EtcdServer
 from tests.fluxd_process import (
@@ -110,6 +123,93 @@ def test_etcd_down_at_start_is_not_fatal(
         etcd.start()
     wait_until(lambda: host_record(etcd) is not None, 40, "the host record after etcd came back")
     assert daemon.signal(signal.SIGTERM) == 0
+
+
+class WatchFollowers:
+    """A plugin whose components follow the service watch under the names fluxd's do, each
+    noting when it first saw each service."""
+
+    name = "watch-followers"
+
+    def __init__(self, store: EtcdStore, names: Iterable[str]) -> None:
+        self.store = store
+        self.seen: dict[str, dict[str, float]] = {name: {} for name in names}
+
+    def components(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
+        return [(name, functools.partial(self.follow, name)) for name in self.seen]
+
+    async def follow(self, name: str) -> None:
+        async for update in self.store.watch_services():
+            for service in update.services:
+                self.seen[name].setdefault(service, time.monotonic())
+        raise StoreUnavailable("the service watch ended")
+
+    async def stop_accepting(self) -> None:
+        pass
+
+    async def remove_rules(self) -> None:
+        pass
+
+    async def drain(self, grace: float) -> None:
+        pass
+
+
+async def test_the_watches_come_back_soon_after_a_long_etcd_outage(
+    etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outage longer than the watch's own retry window (1 s here, 15 s by default) hands the
+    # watch to the supervisor, whose backoff (1, 2, 4, 8 ... s) once reached 8 s after a 6 s
+    # outage and would have reached 30 s after a longer one: the balancer and the agent acted
+    # on stale services for that long after etcd was back.
+    caplog.set_level(logging.WARNING, logger="flux.supervise")
+    store = EtcdStore([etcd.endpoint], timeout=1.0, watch_retry=1.0)
+    writer = EtcdStore([etcd.endpoint], timeout=1.0)
+    followers = WatchFollowers(store, sorted(WATCH_COMPONENTS))
+    daemon = Daemon(
+        settings=SimpleNamespace(host_ip=HOST, host_ttl=30, shutdown_grace=0.0),
+        store=store,
+        plugins=[followers],
+    )
+    running = asyncio.create_task(daemon.run())
+    try:
+        await writer.add_service("before", Service(address="127.42.0.1:80"))
+        async with asyncio.timeout(10):
+            while not all("before" in seen for seen in followers.seen.values()):
+                await asyncio.sleep(0.05)
+
+        await asyncio.to_thread(etcd.stop)
+        try:
+            await asyncio.sleep(6)
+        finally:
+            await asyncio.to_thread(etcd.start)
+        await writer.add_service("after", Service(address="127.42.0.2:80"))
+        written = time.monotonic()
+        async with asyncio.timeout(30):
+            while not all("after" in seen for seen in followers.seen.values()):
+                await asyncio.sleep(0.05)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(running, 30)
+        await writer.close()
+
+    delays = {
+        (match[1], float(match[2]))
+        for match in re.finditer(r"component (\S+) failed: .*; restarting in ([\d.]+) s",
+                                 caplog.text)
+        if match[1] in WATCH_COMPONENTS  # the lease keeper has its own cap
+    }
+    assert {name for name, _ in delays} == WATCH_COMPONENTS, "each went to the supervisor"
+    assert max(delay for _, delay in delays) <= WATCH_MAX_BACKOFF
+    for name, seen in followers.seen.items():
+        assert seen["after"] - written < WATCH_MAX_BACKOFF + 5, f"{name} saw the change late"
+
+
+def test_the_watch_components_are_named_as_fluxd_names_them() -> None:
+    # The cap goes by name: a component renamed in the agent or the balancer would lose it.
+    parsed = load_or_exit(["-host-ip", HOST, "-bridge", "lo"], {})
+    plugins = _build_plugins(parsed.settings, MemoryStore())
+    names = {name for plugin in plugins for name, _ in plugin.components()}
+    assert names >= WATCH_COMPONENTS
 
 
 def test_cleanup_command_removes_leftovers(fluxd_factory: Callable[..., Fluxd]) -> None:

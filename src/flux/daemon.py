@@ -9,7 +9,9 @@ The daemon is a set of supervised components (see :mod:`flux.supervise`): the le
 holds this host's etcd lease and keeps the host record (and, through the agent, the host's
 instances) written on it; the agent and the balancer plug in beside it.  None of them needs
 etcd or Docker to be reachable at start: each retries with capped backoff and converges when
-the dependency comes back (the original's behaviour, reference §1.8).
+the dependency comes back (the original's behaviour, reference §1.8).  Two kinds have a lower
+cap, because waiting costs more there: the lease keeper (TTL/3, before the lease runs out) and
+the components that follow the service watch (:data:`WATCH_MAX_BACKOFF`).
 
 Shutdown (SIGTERM or SIGINT) runs in a fixed order, each step bounded in time so a dead etcd or
 a stuck peer cannot hold the process:
@@ -43,13 +45,21 @@ from flux.model import Host
 from flux.store.base import Store
 from flux.supervise import Supervisor
 
-__all__ = ["Daemon", "Plugin", "main", "raise_descriptor_limit"]
+__all__ = ["WATCH_COMPONENTS", "WATCH_MAX_BACKOFF", "Daemon", "Plugin", "main",
+           "raise_descriptor_limit"]
 
 log = logging.getLogger("flux.daemon")
 
 # How long each shutdown step may take before fluxd moves on (the grace period for proxied
 # connections is separate and configurable).
 STEP_TIMEOUT = 5.0
+
+# The components that follow the store's service watch, and their restart-delay cap.  A watch
+# rides out a short etcd outage by itself; after a longer one it fails to the supervisor, and
+# with the default cap (30 s) it could come back that long after etcd did, the balancer and the
+# agent acting on stale services meanwhile.  A retry is one request to an etcd that is down.
+WATCH_COMPONENTS = frozenset({"agent-services", "balancer"})
+WATCH_MAX_BACKOFF = 3.0
 
 
 class Plugin(Protocol):
@@ -122,7 +132,8 @@ class Daemon:
         )
         for plugin in self.plugins:
             for name, factory in plugin.components():
-                self.supervisor.start(name, factory)
+                cap = WATCH_MAX_BACKOFF if name in WATCH_COMPONENTS else None
+                self.supervisor.start(name, factory, max_backoff=cap)
         log.info("fluxd is running on host %s", self.host_address)
         await self.stopping.wait()
         await self.shutdown()
