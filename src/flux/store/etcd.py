@@ -30,9 +30,11 @@ without reading etcd again.  A broken stream, or history compacted past the snap
 consumer slow to ask), makes the watch take a new snapshot and yield a new reset.  After a
 break it retries with backoff for ``watch_retry`` seconds before raising
 :class:`StoreUnavailable`; only a first snapshot that fails raises at once.  A stream silent
-for ``watch_idle`` seconds is checked with a ping (and dropped if requests have moved to
-another endpoint), because a peer that vanished without closing the connection would
-otherwise leave the watch waiting for ever while events are lost.  Closing the generator, or
+for ``watch_idle`` seconds (10 by default) is checked with a ping (and dropped if requests
+have moved to another endpoint), because a peer that vanished without closing the connection
+would otherwise leave the watch waiting for ever while events are lost.  etcd's own progress
+notifications would not do: it sends them every 10 minutes unless its operator says otherwise.
+The ping reads one key, so checking often costs etcd little.  Closing the generator, or
 cancelling the task iterating it, closes the stream.
 """
 
@@ -218,7 +220,7 @@ class EtcdStore(LeasedStore):
         password: str | None = None,
         timeout: float = 5.0,
         watch_retry: float = 15.0,
-        watch_idle: float = 30.0,
+        watch_idle: float = 10.0,
     ) -> None:
         if isinstance(endpoints, str):
             endpoints = [part for part in endpoints.split(",") if part.strip()]
