@@ -462,8 +462,9 @@ def test_clients_beyond_the_accept_queue_get_through_as_others_close(
     fluxd_factory: Callable[..., Fluxd], other_host: OtherHost, descriptors: int
 ) -> None:
     # 384 connections for 1,024 descriptors, 4,096 more in the accept queue, and 500 whose SYNs
-    # the kernel drops until the queue has room again.
-    daemon = fluxd_factory("-host-ttl", "10")
+    # the kernel drops until the queue has room again.  One engine shard: each shard has an
+    # accept queue of its own (SO_REUSEPORT), and one queue keeps the arithmetic above.
+    daemon = fluxd_factory("-host-ttl", "10", "-engine-threads", "1")
     _exhaust(daemon, other_host, 384 + 4096 + 500, 1024, overflow=True)
 
 

@@ -49,7 +49,7 @@
 # later event of the same batch may still name them.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport abort, calloc, free, malloc
+from libc.stdlib cimport abort, calloc, free, malloc, realloc
 from libc.string cimport memcpy
 
 from flux._sys cimport *
@@ -67,6 +67,13 @@ cdef extern from *:
     static inline void flux_relay_bump(int64_t *p, int64_t v) {
         __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
     }
+    /* Written by several threads (the shards' shared budget count): a real atomic add. */
+    static inline void flux_relay_add(int64_t *p, int64_t v) {
+        __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    }
+    static inline void flux_relay_store(int64_t *p, int64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    }
     #ifdef FLUX_DEBUG_COUNTERS
     #define FLUX_RELAY_DEBUG 1
     #else
@@ -75,6 +82,8 @@ cdef extern from *:
     """
     int64_t flux_relay_load(const int64_t *p) nogil
     void flux_relay_bump(int64_t *p, int64_t v) nogil
+    void flux_relay_add(int64_t *p, int64_t v) nogil
+    void flux_relay_store(int64_t *p, int64_t v) nogil
     int FLUX_RELAY_DEBUG
 
 
@@ -107,6 +116,9 @@ cdef enum:
     RC_BUFFERS_IDLE         # copy buffers pooled for reuse
     RC_CONNECTS             # upstream connections the engine started itself (connect())
     RC_CONNECT_FAILURES     # ... that failed or timed out (the client went back to the caller)
+    RC_ACCEPTED             # clients the engine accepted on a service's listening socket
+    RC_TO_PYTHON            # ... handed to the asyncio side to pick for (see _relay_accept.pxi)
+    RC_ACCEPT_FAILURES      # accept4() errors other than EAGAIN (each pauses the service)
     RC_COUNT
 
 _RELAY_COUNTER_NAMES = (
@@ -115,6 +127,7 @@ _RELAY_COUNTER_NAMES = (
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
     "exchanges_dropped", "buffers_lent", "buffers_idle", "connects", "connect_failures",
+    "accepted", "to_python", "accept_failures",
 )
 
 cdef enum:
@@ -122,6 +135,7 @@ cdef enum:
     RELAY_CMD_STOP = 2      # reset every connection and end the thread
     RELAY_MAX_EVENTS = 256
     RELAY_WAKE_TAG = 0      # epoll tag of the wake eventfd; connections are tagged ptr|side
+    RELAY_LISTEN_TAG = 2    # ... and a service's listening socket ptr|2
     RELAY_ADDR_MAX = 28     # sizeof(struct sockaddr_in6), the largest address connect() takes
     # Connect timeouts are found by a sweep of the live list this often while any is pending.
     RELAY_CONNECT_SWEEP_NS = 20000000
@@ -139,6 +153,65 @@ cdef struct RelayDir:
     uint8_t bulk            # splice mode
     uint8_t eof             # source reported EOF
     uint8_t done            # EOF propagated with shutdown(SHUT_WR)
+
+
+cdef struct RelayShared:
+    # Shared by the shards of one engine (relaxed atomics): the connections they hold against
+    # the process's descriptor budget, and the budget.  See _relay_accept.pxi.
+    int64_t held            # accepted by a shard and not yet closed or handed back
+    int64_t python_held     # held by the asyncio side (written by it)
+    int64_t limit           # written by the asyncio side
+    int refs
+
+
+cdef struct RelayTarget:
+    uint32_t id             # the asyncio side's instance id (> 0)
+    uint8_t addr_len
+    char addr[RELAY_ADDR_MAX]
+
+
+cdef struct RelaySnap:
+    # The ready instances of a service as the asyncio side last pushed them.
+    int n
+    uint8_t p2c
+    int64_t python_at_ns    # from then on hand every client to the asyncio side (0: never)
+    RelayTarget *targets
+
+
+cdef struct RelayTally:
+    uint64_t key            # instance id << 32 | client IPv4 (network order); 0: empty slot
+    int64_t count
+
+
+cdef struct RelaySvc:
+    uint32_t id
+    int fd                  # the listening socket, -1 when none (engine thread)
+    uint8_t http
+    uint8_t observe
+    uint8_t paused          # accepts are paused (descriptor shortage)
+    uint8_t queued          # on the accept-ready list
+    int64_t connect_timeout_ns
+    RelaySnap *snap         # engine thread only
+    RelaySvc *accept_next
+    # Written by the engine thread, read by the asyncio side.  bytes and active with relaxed
+    # atomics; the tally and inst_active under the engine's stats_lock (they grow).
+    int64_t bytes[2]        # delivered to the instance (0) and to the client (1), live
+    int64_t active          # connections the engine picked for that are up now
+    int64_t rejected[3]     # requests the engine answered itself: 400, 431, 408
+    int64_t *inst_active    # by instance id (p2c), engine-picked connections up now
+    uint32_t inst_cap
+    RelayTally *tally       # connections counted per (instance, client IP)
+    size_t tally_cap
+    size_t tally_len
+
+
+cdef struct RelayCtl:
+    # A command from the asyncio side for one service (guarded by the engine's lock).
+    int kind
+    RelaySvc *svc
+    int fd
+    RelaySnap *snap
+    RelayCtl *next
 
 
 cdef struct RelayConn:
@@ -166,6 +239,10 @@ cdef struct RelayConn:
     RelayConn *link         # submission, finished or completion queue
     RelayConn *ready_next
     RelayConn *est_next     # established queue (connect()); independent of the other links
+    RelaySvc *svc           # the service whose bytes this connection counts (NULL: none)
+    uint32_t inst           # the instance the engine picked (engine-accepted connections)
+    uint32_t client_ip      # the client's IPv4 address, network order (engine-accepted)
+    uint8_t counted         # counted as up in svc (engine-accepted; undone at retire)
 
 
 cdef struct RelayEngine:
@@ -208,6 +285,18 @@ cdef struct RelayEngine:
     RelayConn *est_local        # connected since the last publish (engine thread)
     RelayConn *est_shared       # published, not yet drained; guarded by lock
     HfEvents ev                 # the framer's event scratch (engine thread only)
+    # Accepting (see _relay_accept.pxi).
+    RelayShared *shared
+    pthread_mutex_t stats_lock  # the services' tallies and inst_active arrays
+    RelaySvc **svcs             # every service registered (asyncio side, under stats_lock)
+    uint32_t svcs_len
+    uint32_t svcs_cap
+    RelayCtl *ctl_head          # guarded by lock
+    RelayCtl *ctl_tail
+    RelaySvc *accept_ready      # services with clients left to accept (engine thread)
+    RelaySvc *accept_tail
+    RelayConn *reap             # engine-accepted connections ended this batch (engine thread)
+    uint64_t rng
     int64_t counters[RC_COUNT]
 
 
@@ -361,6 +450,8 @@ cdef void relay_retire(RelayEngine *e, RelayConn *c, int err) noexcept nogil:
     c.prev = NULL
     c.next = NULL
     c.link = NULL
+    if c.token == 0 and accept_retire(e, c):
+        return
     if e.finished_tail != NULL:
         e.finished_tail.link = c
     else:
@@ -407,7 +498,9 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
     for s in range(2):
         # The caller may hand over blocking sockets; the engine must never block.  (A socket the
         # engine made itself is non-blocking from the start.)
-        if (s == 0 or c.addr_len == 0) and ioctl(c.fd[s], FIONBIO, &one) < 0:
+        # Clients the engine accepted itself are non-blocking already.
+        if ((s == 0 and c.token != 0) or (s == 1 and c.addr_len == 0)) and ioctl(
+                c.fd[s], FIONBIO, &one) < 0:
             relay_abort(e, c, errno)
             return
         # Not TCP (e.g. a Unix socket in a test) is fine: the option just does not apply.
@@ -462,6 +555,9 @@ cdef void relay_established(RelayEngine *e, RelayConn *c) noexcept nogil:
     if c.connecting:
         c.connecting = 0
         e.connecting -= 1
+    if c.token == 0:
+        accept_count_up(e, c)   # the engine's own: counted here, nothing to publish
+        return
     c.est_next = e.est_local
     e.est_local = c
 
@@ -513,6 +609,8 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     cdef RelayConn *est = e.est_local
     cdef RelayConn *last
     cdef bint idle
+    if e.reap != NULL:
+        accept_reap(e)
     if c == NULL and e.ex_local_len == 0 and est == NULL:
         return
     while c != NULL:
@@ -588,6 +686,8 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             p.off += <uint32_t>n
             p.length -= <uint32_t>n
             p.bytes += <uint64_t>n
+            if c.svc != NULL:
+                flux_relay_bump(&c.svc.bytes[d], n)
             relay_count(e, RC_INFLIGHT, -n)
             relay_count(e, RC_BYTES_COPIED, n)
             if d == 1 and c.http != NULL and c.http.npending:
@@ -607,6 +707,8 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
                 return errno
             p.in_pipe -= <size_t>n
             p.bytes += <uint64_t>n
+            if c.svc != NULL:
+                flux_relay_bump(&c.svc.bytes[d], n)
             relay_count(e, RC_INFLIGHT, -n)
             relay_count(e, RC_BYTES_SPLICED, n)
             if d == 1 and c.http != NULL and c.http.npending:
@@ -772,6 +874,7 @@ cdef int relay_take_submissions(RelayEngine *e) noexcept nogil:
     cdef uint64_t value
     cdef RelayConn *c
     cdef RelayConn *nxt
+    cdef RelayCtl *ctl
     cdef int commands
     # Clear the wake counter before taking the list: a submission that lands after the take
     # finds the list empty and writes the eventfd again, so none is ever stranded.
@@ -782,7 +885,12 @@ cdef int relay_take_submissions(RelayEngine *e) noexcept nogil:
     e.submit_tail = NULL
     commands = e.commands
     e.commands = 0
+    ctl = e.ctl_head
+    e.ctl_head = NULL
+    e.ctl_tail = NULL
     pthread_mutex_unlock(&e.lock)
+    if ctl != NULL:
+        accept_run_commands(e, ctl)
     while c != NULL:
         nxt = c.link
         c.link = NULL
@@ -808,7 +916,7 @@ cdef void *relay_main(void *arg) noexcept nogil:
     cdef uint64_t tag
     cdef RelayConn *c
     while not stop:
-        if e.ready != NULL:
+        if e.ready != NULL or e.accept_ready != NULL:
             timeout = 0
         elif e.http_live > 0 and e.sweep_ns > 0:
             timeout = http_sweep_wait_ms(e)
@@ -827,10 +935,15 @@ cdef void *relay_main(void *arg) noexcept nogil:
             if tag == RELAY_WAKE_TAG:
                 stop = relay_take_submissions(e)
                 continue
+            if tag & RELAY_LISTEN_TAG:
+                accept_on_event(e, <RelaySvc *><uintptr_t>(tag & ~(<uint64_t>3)))
+                continue
             c = <RelayConn *><uintptr_t>(tag & ~(<uint64_t>1))
             if not c.closed:
                 relay_on_event(e, c, <int>(tag & 1), events[i].events)
         relay_run_ready(e)
+        if e.accept_ready != NULL:
+            accept_run_ready(e)
         if e.connecting > 0:
             relay_sweep_connects(e)
         if e.http_live > 0 and e.sweep_ns > 0:
@@ -868,6 +981,7 @@ cdef class SpliceEngine:
     cdef pthread_t thread
     cdef bint _running
     cdef bint _stopped
+    cdef object _group      # the first shard, whose RelayShared this one uses
 
     def __cinit__(self):
         self.e = NULL
@@ -876,7 +990,7 @@ cdef class SpliceEngine:
 
     def __init__(self, size_t pipe_size=1 << 20, int max_idle_pipes=64,
                  size_t small_buffer=16384, int budget=32, double header_timeout=0.0,
-                 double idle_timeout=0.0):
+                 double idle_timeout=0.0, SpliceEngine shard_of=None):
         cdef RelayEngine *e
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be 4096..1073741824 bytes, got {pipe_size}")
@@ -912,8 +1026,24 @@ cdef class SpliceEngine:
         e.pipe_size = pipe_size
         e.small_buffer = small_buffer
         e.budget = budget
+        if shard_of is not None:
+            if shard_of.e == NULL:
+                raise ValueError("shard_of must be an initialised SpliceEngine")
+            e.shared = shard_of.e.shared
+            self._group = shard_of
+        else:
+            e.shared = <RelayShared *>calloc(1, sizeof(RelayShared))
+            if e.shared == NULL:
+                free(e.buffers)
+                free(e.pool)
+                free(e)
+                raise MemoryError()
+            e.shared.limit = <int64_t>1 << 62
+        e.shared.refs += 1
+        e.rng = (<uint64_t>relay_now_ns() ^ <uint64_t><uintptr_t>e) | 1
         http_configure(e, header_timeout, idle_timeout)
         pthread_mutex_init(&e.lock, NULL)
+        pthread_mutex_init(&e.stats_lock, NULL)
         self.e = e
 
     def start(self):
@@ -948,6 +1078,7 @@ cdef class SpliceEngine:
     cdef void _close_fds(self) noexcept:
         cdef RelayEngine *e = self.e
         cdef int i
+        cdef uint32_t k
         for i in range(e.pool_len):
             relay_close_pipe(e, e.pool[2 * i], e.pool[2 * i + 1])
         relay_count(e, RC_PIPES_IDLE, -e.pool_len)
@@ -965,6 +1096,11 @@ cdef class SpliceEngine:
         if e.done_fd >= 0:
             close(e.done_fd)
             e.done_fd = -1
+        # Listening sockets go with the thread; the services' counters stay readable.
+        for k in range(e.svcs_len):
+            if e.svcs[k] != NULL and e.svcs[k].fd >= 0:
+                close(e.svcs[k].fd)
+                e.svcs[k].fd = -1
 
     cdef void _command(self, int command) noexcept:
         cdef uint64_t one = 1
@@ -974,21 +1110,27 @@ cdef class SpliceEngine:
         write(self.e.wake_fd, &one, sizeof(one))
 
     def add(self, int client_fd, int upstream_fd, uint64_t token, bint http=False,
-            bint observe=True):
+            bint observe=True, int service=-1):
         """Relay between two connected sockets; the engine now owns (and will close) both.
 
-        ``token`` comes back in the completion (and in exchange records).  ``http``: follow
-        HTTP/1.x framing (answer malformed requests, enforce the HTTP timeouts, and with
-        ``observe`` queue one record per exchange).  Thread-safe; never blocks on the engine.
+        ``token`` (> 0) comes back in the completion (and in exchange records).  ``http``:
+        follow HTTP/1.x framing (answer malformed requests, enforce the HTTP timeouts, and with
+        ``observe`` queue one record per exchange).  ``service`` (>= 0): add the bytes relayed
+        to that service's live byte counters (``service_counts``).  Thread-safe; never blocks
+        on the engine.
         """
+        cdef RelayConn *c
         if upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(
                 f"need two distinct open descriptors, got {client_fd} and {upstream_fd}"
             )
-        self._submit(self._new_conn(client_fd, upstream_fd, token, http, observe))
+        c = self._new_conn(client_fd, upstream_fd, token, http, observe)
+        if service >= 0:
+            c.svc = self._service(<uint32_t>service)
+        self._submit(c)
 
     def connect(self, int client_fd, bytes address not None, uint64_t token, double timeout,
-                bint http=False, bint observe=True):
+                bint http=False, bint observe=True, int service=-1):
         """Connect to ``address`` (a packed ``struct sockaddr_in`` or ``sockaddr_in6``) and
         relay between it and ``client_fd``, which the engine now owns.
 
@@ -1005,6 +1147,8 @@ cdef class SpliceEngine:
         if not 0.0 < timeout <= 86400.0:
             raise ValueError(f"timeout must be 0..86400 seconds, got {timeout}")
         c = self._new_conn(client_fd, -1, token, http, observe)
+        if service >= 0:
+            c.svc = self._service(<uint32_t>service)
         memcpy(c.addr, <const char *>address, n)
         c.addr_len = <uint8_t>n
         c.connect_deadline_ns = c.started_ns + <int64_t>(timeout * 1e9)
@@ -1017,6 +1161,8 @@ cdef class SpliceEngine:
             raise RuntimeError("the relay engine is not running")
         if client_fd < 0:
             raise ValueError(f"need an open client descriptor, got {client_fd}")
+        if token == 0:
+            raise ValueError("token 0 is the engine's own (connections it accepted)")
         c = <RelayConn *>calloc(1, sizeof(RelayConn))
         if c == NULL:
             raise MemoryError()
@@ -1047,6 +1193,191 @@ cdef class SpliceEngine:
         if was_empty:
             write(e.wake_fd, &one, sizeof(one))
 
+    # -- accepting (see _relay_accept.pxi) -------------------------------------------------
+
+    cdef RelaySvc *_service(self, uint32_t service) except NULL:
+        """Service ``service``'s record, made on first use (the caller's thread only)."""
+        cdef RelayEngine *e = self.e
+        cdef RelaySvc **grown
+        cdef RelaySvc *s
+        cdef uint32_t cap, i
+        if service < e.svcs_len and e.svcs[service] != NULL:
+            return e.svcs[service]
+        if service >= (1 << 24):
+            raise ValueError(f"service ids go up to {(1 << 24) - 1}, got {service}")
+        s = <RelaySvc *>calloc(1, sizeof(RelaySvc))
+        if s == NULL:
+            raise MemoryError()
+        s.id = service
+        s.fd = -1
+        if service >= e.svcs_cap:
+            cap = e.svcs_cap if e.svcs_cap else 16
+            while cap <= service:
+                cap *= 2
+            grown = <RelaySvc **>realloc(e.svcs, cap * sizeof(RelaySvc *))
+            if grown == NULL:
+                free(s)
+                raise MemoryError()
+            for i in range(e.svcs_cap, cap):
+                grown[i] = NULL
+            e.svcs = grown
+            e.svcs_cap = cap
+        e.svcs[service] = s
+        if service >= e.svcs_len:
+            e.svcs_len = service + 1
+        return s
+
+    cdef RelaySvc *_known(self, uint32_t service):
+        if service < self.e.svcs_len:
+            return self.e.svcs[service]
+        return NULL
+
+    cdef int _control(self, int kind, RelaySvc *s, int fd, RelaySnap *snap) except -1:
+        cdef RelayEngine *e = self.e
+        cdef RelayCtl *ctl
+        cdef uint64_t one = 1
+        if not self._running:
+            raise RuntimeError("the relay engine is not running")
+        ctl = <RelayCtl *>calloc(1, sizeof(RelayCtl))
+        if ctl == NULL:
+            raise MemoryError()
+        ctl.kind = kind
+        ctl.svc = s
+        ctl.fd = fd
+        ctl.snap = snap
+        pthread_mutex_lock(&e.lock)
+        if e.ctl_tail != NULL:
+            e.ctl_tail.next = ctl
+        else:
+            e.ctl_head = ctl
+        e.ctl_tail = ctl
+        pthread_mutex_unlock(&e.lock)
+        write(e.wake_fd, &one, sizeof(one))
+        return 0
+
+    def listen(self, uint32_t service, int fd, bint http=False, bint observe=True,
+               double connect_timeout=3.0):
+        """Accept ``service``'s clients on the listening socket ``fd`` (the engine owns it
+        from now on and closes it on ``unlisten``), pick an instance from the last
+        ``set_pool`` snapshot and connect within ``connect_timeout`` seconds.  ``http`` and
+        ``observe`` as for ``add``.  Until a snapshot arrives every client is handed over.
+        Thread-safe; never blocks on the engine."""
+        cdef RelaySvc *s
+        if fd < 0:
+            raise ValueError(f"need an open listening descriptor, got {fd}")
+        if not 0.0 < connect_timeout <= 86400.0:
+            raise ValueError(
+                f"connect_timeout must be 0..86400 seconds, got {connect_timeout}"
+            )
+        if not self._running:
+            raise RuntimeError("the relay engine is not running")
+        s = self._service(service)
+        # Read by the engine thread only after the command below (the lock orders them).
+        s.http = http
+        s.observe = observe
+        s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
+        self._control(RELAY_CTL_LISTEN, s, fd, NULL)
+
+    def unlisten(self, uint32_t service):
+        """Stop accepting for ``service`` and close its listening socket; connections already
+        relayed carry on."""
+        cdef RelaySvc *s = self._known(service)
+        if s != NULL and self._running:
+            self._control(RELAY_CTL_UNLISTEN, s, -1, NULL)
+
+    def set_pool(self, uint32_t service, list targets not None, bint p2c=False,
+                 int64_t python_at_ns=0):
+        """What ``service``'s new clients may go to: ``targets`` is a list of ``(instance id
+        > 0, packed sockaddr)``; an empty list hands every client over.  From
+        ``python_at_ns`` (CLOCK_MONOTONIC, 0 for never) on, every client is handed over
+        until the next snapshot."""
+        cdef Py_ssize_t n = len(targets)
+        cdef RelaySnap *snap
+        cdef RelayTarget *t
+        cdef Py_ssize_t i, size
+        cdef bytes address
+        cdef RelaySvc *s = self._service(service)
+        snap = <RelaySnap *>calloc(1, sizeof(RelaySnap) + n * sizeof(RelayTarget))
+        if snap == NULL:
+            raise MemoryError()
+        snap.targets = <RelayTarget *>(<char *>snap + sizeof(RelaySnap))
+        try:
+            for i in range(n):
+                instance, address = targets[i]
+                size = len(address)
+                if size < 16 or size > RELAY_ADDR_MAX:
+                    raise ValueError(
+                        f"address must be a packed sockaddr of 16..28 bytes, got {size}"
+                    )
+                if not 0 < instance < (1 << 32):
+                    raise ValueError(f"instance ids are 1..{(1 << 32) - 1}, got {instance}")
+                t = &snap.targets[i]
+                t.id = <uint32_t>instance
+                t.addr_len = <uint8_t>size
+                memcpy(t.addr, <const char *>address, size)
+            snap.n = <int>n
+            snap.p2c = p2c
+            snap.python_at_ns = python_at_ns
+            self._control(RELAY_CTL_SNAP, s, -1, snap)
+        except BaseException:
+            free(snap)
+            raise
+
+    def pause(self, uint32_t service):
+        """Stop accepting for ``service`` (its clients wait in the backlog)."""
+        cdef RelaySvc *s = self._known(service)
+        if s != NULL and self._running:
+            self._control(RELAY_CTL_PAUSE, s, -1, NULL)
+
+    def resume(self, uint32_t service):
+        """Accept again for ``service`` (after ``pause`` or a pause the engine reported)."""
+        cdef RelaySvc *s = self._known(service)
+        if s != NULL and self._running:
+            self._control(RELAY_CTL_RESUME, s, -1, NULL)
+
+    def service_counts(self, uint32_t service):
+        """``(bytes to instances, bytes to clients, active, (answered 400, 431, 408),
+        [(instance, client_ip, connections), ...])`` for ``service``: bytes of every
+        connection naming it, the rest for the connections the engine accepted."""
+        cdef RelaySvc *s = self._known(service)
+        cdef size_t i
+        if s == NULL:
+            return 0, 0, 0, (0, 0, 0), []
+        tally = []
+        pthread_mutex_lock(&self.e.stats_lock)
+        for i in range(s.tally_cap):
+            if s.tally[i].key:
+                tally.append((s.tally[i].key >> 32, s.tally[i].key & 0xFFFFFFFF,
+                              s.tally[i].count))
+        pthread_mutex_unlock(&self.e.stats_lock)
+        return (flux_relay_load(&s.bytes[0]), flux_relay_load(&s.bytes[1]),
+                flux_relay_load(&s.active),
+                (flux_relay_load(&s.rejected[0]), flux_relay_load(&s.rejected[1]),
+                 flux_relay_load(&s.rejected[2])), tally)
+
+    def instance_active(self, uint32_t service, uint32_t instance) -> int:
+        """Connections to ``instance`` the engine picked for ``service`` and has up now."""
+        cdef RelaySvc *s = self._known(service)
+        cdef int64_t n = 0
+        if s == NULL:
+            return 0
+        pthread_mutex_lock(&self.e.stats_lock)
+        if instance < s.inst_cap:
+            n = s.inst_active[instance]
+        pthread_mutex_unlock(&self.e.stats_lock)
+        return n
+
+    def set_budget(self, int64_t limit, int64_t python_held):
+        """The descriptor budget shared by this engine's shards: accept only while the
+        connections they hold plus ``python_held`` (the caller's own) are below ``limit``."""
+        flux_relay_store(&self.e.shared.limit, limit)
+        flux_relay_store(&self.e.shared.python_held, python_held)
+
+    @property
+    def held(self) -> int:
+        """Connections this engine's shards accepted and still hold (the budget's count)."""
+        return flux_relay_load(&self.e.shared.held)
+
     def drain(self):
         """Take every queued completion: a list of
         (token, up, down, errno, duration_ns, answered)."""
@@ -1061,13 +1392,23 @@ cdef class SpliceEngine:
         return self.drain_all()[0]
 
     def drain_all(self):
-        """Take every queued exchange, completion and established connection at once:
-        ``(exchanges, completions, established tokens)``.
+        """Take every queued exchange, completion, established connection and hand-over at
+        once: ``(exchanges, completions, established tokens, hand-overs)``.
 
         A connection's exchanges and its establishment are always queued before its
         completion, so handling those first never meets a connection that is already gone.
         A completion is ``(token, up, down, errno, duration_ns, answered, client_fd)`` where
-        ``client_fd`` is -1 unless a ``connect()`` failed and the client came back."""
+        ``client_fd`` is -1 unless a ``connect()`` failed and the client came back.
+
+        An exchange is ``(token, method, status, roundtrips, totals, service, instance,
+        client_ip)``: token 0 for a connection the engine accepted itself, whose label set is
+        the last three (client_ip an IPv4 address as a network-order integer); 0s otherwise.
+
+        A hand-over is ``(service, client_fd, client_ip, instance, errno)`` from a service the
+        engine accepts for (see _relay_accept.pxi): a client for the caller to pick for
+        (instance 0, errno 0), a client whose connect to ``instance`` failed with ``errno``, or
+        (client_fd -1) news that the service stopped accepting: errno 0 when the descriptor
+        budget is spent, else accept4()'s errno."""
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
         cdef RelayConn *nxt
@@ -1094,9 +1435,13 @@ cdef class SpliceEngine:
             # An int key, not a tuple: ints are not tracked by the garbage collector, and a
             # tuple per exchange made it run every few hundred exchanges.
             key = (x[i].token << 24) | (<uint64_t>x[i].method << 16) | x[i].status
+            if x[i].token == 0:
+                key |= ((((<object>x[i].service << 32) | x[i].inst) << 32 | x[i].client_ip)
+                        << 64)
             group = groups.get(key)
             if group is None:
-                group = groups[key] = (x[i].token, x[i].method, x[i].status, [], [])
+                group = groups[key] = (x[i].token, x[i].method, x[i].status, [], [],
+                                       x[i].service, x[i].inst, x[i].client_ip)
             group[3].append(x[i].roundtrip_ns // 1000)
             group[4].append(x[i].total_ns // 1000)
         free(x)
@@ -1107,13 +1452,17 @@ cdef class SpliceEngine:
             established.append(est.token)
             est = est.est_next
         out = []
+        handed = []
         while c != NULL:
             nxt = c.link
-            out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns,
-                        c.answered, c.fd[0] if c.handed_back else -1))
+            if c.token == 0:
+                handed.append((c.svc.id, c.fd[0], c.client_ip, c.inst, c.err))
+            else:
+                out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns,
+                            c.answered, c.fd[0] if c.handed_back else -1))
             free(c)
             c = nxt
-        return exchanges, out, established
+        return exchanges, out, established, handed
 
     def close_all(self):
         """Reset every relayed connection now (completions carry ECANCELED); keep running."""
@@ -1152,8 +1501,9 @@ cdef class SpliceEngine:
 
     @property
     def active(self) -> int:
-        """Connections handed over and not yet completed."""
+        """Connections handed over or accepted and not yet completed."""
         return (flux_relay_load(&self.e.counters[RC_SUBMITTED])
+                + flux_relay_load(&self.e.counters[RC_ACCEPTED])
                 - flux_relay_load(&self.e.counters[RC_COMPLETED]))
 
     @property
@@ -1176,9 +1526,9 @@ cdef class SpliceEngine:
         cdef int i
         out = {name: flux_relay_load(&self.e.counters[i])
                for i, name in enumerate(_RELAY_COUNTER_NAMES)}
-        out["active"] = out["submitted"] - out["completed"]
+        out["active"] = out["submitted"] + out["accepted"] - out["completed"]
         out["pipes_open"] = out["pipes_created"] - out["pipes_closed"]
-        out["sockets_owned"] = 2 * out["submitted"] - out["sockets_closed"]
+        out["sockets_owned"] = 2 * (out["submitted"] + out["accepted"]) - out["sockets_closed"]
         out["debug_build"] = bool(FLUX_RELAY_DEBUG)
         return out
 
@@ -1197,11 +1547,21 @@ cdef class SpliceEngine:
         c = e.done_head
         while c != NULL:
             nxt = c.link
-            if c.handed_back:
+            if c.handed_back and c.fd[0] >= 0:
                 close(c.fd[0])
             free(c)
             c = nxt
+        c = e.reap
+        while c != NULL:
+            nxt = c.link
+            free(c)
+            c = nxt
+        accept_free_services(e)
+        e.shared.refs -= 1
+        if e.shared.refs == 0:
+            free(e.shared)
         pthread_mutex_destroy(&e.lock)
+        pthread_mutex_destroy(&e.stats_lock)
         free(e.ex_local)
         free(e.ex_shared)
         free(e.buffers)

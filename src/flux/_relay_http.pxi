@@ -65,6 +65,9 @@ cdef struct RelayExchange:
     uint64_t token
     uint64_t roundtrip_ns
     uint64_t total_ns
+    uint32_t service        # token 0 (an engine-accepted connection): its label set
+    uint32_t inst
+    uint32_t client_ip
     uint16_t status
     uint8_t method
 
@@ -166,6 +169,12 @@ cdef void http_record(RelayEngine *e, RelayConn *c, const HttpPending *x,
     r = &e.ex_local[e.ex_local_len]
     e.ex_local_len += 1
     r.token = c.token
+    if c.token == 0:
+        r.service = c.svc.id
+        r.inst = c.inst
+        r.client_ip = c.client_ip
+    else:
+        r.service = r.inst = r.client_ip = 0
     r.method = x.method
     r.status = x.status
     r.roundtrip_ns = (x.t_response_head - x.t_request_head

@@ -8,6 +8,8 @@ module boundary.  The parts live in include files, each owning one concern:
   without the GIL) that the metrics collectors turn into Prometheus summaries.
 - ``_http.pxi``: the HTTP/1.x framer that observes relayed bytes to time each exchange.
 - ``_relay.pxi``: the relay engine (native thread, epoll, splice(2) through pooled pipes).
+- ``_relay_accept.pxi``: the engine accepting a service's clients itself: picking from the
+  pool's snapshot, connecting, counting, handing the unusual back to the asyncio side.
 - ``_relay_http.pxi``: what the engine does for HTTP services: shows relayed bytes to the
   framer, times exchanges, answers malformed requests and enforces the HTTP timeouts.
 """
@@ -15,4 +17,5 @@ module boundary.  The parts live in include files, each owning one concern:
 include "_histogram.pxi"
 include "_http.pxi"
 include "_relay.pxi"
+include "_relay_accept.pxi"
 include "_relay_http.pxi"

@@ -23,6 +23,10 @@ cdef extern from "<errno.h>" nogil:
         ETIMEDOUT
         EINPROGRESS
         ECONNREFUSED
+        ECONNABORTED
+        ENOBUFS
+        EPROTO
+        EPERM
 
 
 cdef extern from "<unistd.h>" nogil:
@@ -110,6 +114,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_CLOEXEC
     int socket(int domain, int type, int protocol)
     int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
+    int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
     ssize_t recv(int sockfd, void *buf, size_t len, int flags)
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int shutdown(int sockfd, int how)
@@ -120,6 +125,13 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
+        AF_INET
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

@@ -215,9 +215,13 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
         settings.relay,
         http_header_timeout=settings.http_header_timeout,
         http_idle_timeout=settings.http_idle_timeout,
+        shards=settings.engine_threads,
     )
     if metrics is not None:
         metrics.sources.append(relay.flush)
+        counts = getattr(relay, "counts", None)
+        if counts is not None:
+            metrics.counters.append(counts)
     balancer = Balancer(
         store,
         relay,

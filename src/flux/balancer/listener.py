@@ -17,7 +17,18 @@ connect whose completion (or timeout) arrives as a callback, so the accept path 
    Python runs per byte.  For an ``http`` service the relay also follows HTTP/1.x framing and
    reports each exchange to an observer made for the connection (``on_exchange``).
 
-With the splice engine, steps 2 and 4 happen in the engine's thread for a healthy instance
+With the splice engine, all of it happens in the engine's threads for the common case: the
+listener makes one listening socket per engine shard (SO_REUSEPORT, one port) and hands them
+over (:meth:`SpliceRelay.listen`); each shard accepts, picks from a snapshot of the pool that
+the listener pushes whenever the pool changes (the ready instances, when none is on probation,
+and when the next retry is due), connects and counts, with no Python per connection.  What is
+unusual comes back to :meth:`Listener.handed_over` and goes through the steps below exactly as
+if this listener had accepted the client: no usable snapshot (nothing ready, a probe due, a
+retry due), a failed or timed-out connect (the client unread, with the instance tried), or the
+engine pausing the service for want of descriptors.  The relay with no engine (the Python
+relay) accepts here, on the event loop.
+
+Handed back, steps 2 and 4 still happen in the engine's thread for a healthy instance
 (:meth:`SpliceRelay.connect`): the listener hands over the client and the instance's address,
 and hears back when the connection is up (counted then), when it ends, or with the client
 returned unread when the connect failed, to go on at step 3.  An instance on probation (see
@@ -63,8 +74,9 @@ import os
 import resource
 import socket
 import struct
+import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from flux.balancer.pool import Pool
 from flux.model import parse_address
@@ -178,14 +190,49 @@ class ConnectionBudget:
     process's, and a hundred services pausing at once are one event.
     """
 
-    __slots__ = ("_last_report", "_unreported", "held", "limit")
+    __slots__ = ("_engine", "_held", "_last_report", "_limit", "_unreported")
 
     def __init__(self) -> None:
-        self.held = 0
-        self.limit = 0
+        self._held = 0
+        self._limit = 0
         self._last_report = -PAUSE_LOG_EVERY
         self._unreported = 0
+        # The relay engine accepting for some listeners: it holds connections of its own
+        # against the same budget, and is told the limit and what is held here.
+        self._engine: Any = None
         self.refresh()
+
+    @property
+    def held(self) -> int:
+        """Connections held now: by the listeners, and by the engine accepting for them."""
+        return self._held + (self._engine.held if self._engine is not None else 0)
+
+    def acquire(self) -> None:
+        """A listener took a connection (from accept, or from the engine's hand-over)."""
+        self._held += 1
+        if self._engine is not None:
+            self._engine.set_budget(self._limit, self._held)
+
+    def release(self) -> None:
+        """A connection a listener took is closed (or belongs to the engine now)."""
+        self._held -= 1
+        if self._engine is not None:
+            self._engine.set_budget(self._limit, self._held)
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self._limit = value
+        if self._engine is not None:
+            self._engine.set_budget(value, self._held)
+
+    def link(self, engine: Any) -> None:
+        """Share the budget with ``engine`` (a relay with ``set_budget`` and ``held``)."""
+        self._engine = engine
+        engine.set_budget(self._limit, self._held)
 
     def report_due(self, now: float) -> int | None:
         """At a shortage's start: None when it should not be logged (one was, less than
@@ -205,7 +252,7 @@ class ConnectionBudget:
 
     @property
     def spent(self) -> bool:
-        return self.held >= self.limit
+        return self.held >= self._limit
 
 
 _BUDGET = ConnectionBudget()
@@ -260,14 +307,20 @@ class Listener:
         self._short_logged = False  # ... and its start was logged
         self._connecting: set[_Connecting] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        # The relay connects healthy instances itself when it can (SpliceRelay.connect).
+        # The relay connects healthy instances itself when it can (SpliceRelay.connect), and
+        # accepts, picks and counts itself when it can (SpliceRelay.listen).
         self._engine_connect: Callable[..., None] | None = getattr(relay, "connect", None)
+        self._engine_accepts = hasattr(relay, "listen")
+        self._sid = -1  # the relay's id for this listener while the engine accepts for it
+        self._push_due = False
         self.port = 0
 
     def open(self) -> int:
         """Bind and listen on ``bind_ip`` with an ephemeral port; return the port."""
         self._loop = asyncio.get_running_loop()
         self._budget.refresh()
+        if self._engine_accepts:
+            return self._open_in_engine()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -282,6 +335,102 @@ class Listener:
         self._loop.add_reader(sock.fileno(), self._accept)
         return self.port
 
+    def _open_in_engine(self) -> int:
+        """One listening socket per engine shard on one port (SO_REUSEPORT: the kernel
+        spreads new connections over them), handed to the engine to accept on."""
+        relay: Any = self._relay
+        sockets: list[socket.socket] = []
+        port = 0
+        try:
+            for _ in range(relay.shards):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.bind_ip, port))
+                port = sock.getsockname()[1]
+                sock.listen(BACKLOG)
+            # A placeholder for is_open/close: the engine owns the listening sockets.
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._budget.link(relay)
+            self._sid = relay.listen(
+                self.service,
+                self.protocol,
+                sockets,
+                self,
+                connect_timeout=self._connect_timeout,
+                observers=self._observers if self._on_exchange is not None else None,
+            )
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            raise
+        self.port = port
+        self.pool.on_change = self._pool_changed
+        pool = self.pool
+        sid = self._sid
+        self.pool.active_extra = lambda name: relay.instance_active(
+            sid, name, pool.address(name) or ""
+        )
+        self._push_pool()
+        return port
+
+    def _observers(self, name: str, address: str, client_ip: str) -> ExchangeObserver:
+        assert self._on_exchange is not None
+        return self._on_exchange(
+            ConnectionInfo(self.service, self.protocol, name, address, client_ip)
+        )
+
+    def _pool_changed(self) -> None:
+        if not self._push_due and self._loop is not None and self._sid >= 0:
+            self._push_due = True
+            self._loop.call_soon(self._push_pool)
+
+    def _push_pool(self) -> None:
+        """Give the engine the pool's snapshot: what it may pick from, and until when."""
+        self._push_due = False
+        if self._sid < 0:
+            return
+        relay: Any = self._relay
+        choices, retry_at = self.pool.snapshot()
+        targets = []
+        for choice in choices:
+            try:
+                packed = _split(choice.address)[2]
+            except ValueError:
+                continue  # the pool's pick fails it with a log line; the engine skips it
+            targets.append((relay.instance_id(choice.name, choice.address), packed))
+        python_at = 0
+        if retry_at is not None:
+            python_at = time.monotonic_ns() + max(int((retry_at - self.pool.now()) * 1e9), 1)
+        relay.set_pool(
+            self._sid, targets, p2c=self.pool.balance == "p2c", python_at_ns=python_at
+        )
+
+    def handed_over(self, client_fd: int, client_ip: str, instance: int, code: int) -> None:
+        """The engine's hand-back (see :class:`flux.relay.AcceptHandler`)."""
+        if client_fd < 0:
+            if self._sock is None:
+                return
+            limit = self._budget.limit
+            if code == 0:
+                self._pause(f"{limit} connections held, the most its descriptors allow")
+            else:
+                self._pause(errno.errorcode.get(code, str(code)))
+            return
+        self._budget.acquire()
+        c = _Connecting(self, client_fd, client_ip)
+        if instance:
+            relay: Any = self._relay
+            c.name, c.address = relay.instance(instance)
+            c.tried.add(c.name)
+            c.connect_failed(client_fd, code)
+            return
+        self._attempt(c)
+
     @property
     def is_open(self) -> bool:
         return self._sock is not None
@@ -292,7 +441,13 @@ class Listener:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        if self._loop is not None and not self._paused:
+        if self._sid >= 0:
+            relay: Any = self._relay
+            relay.unlisten(self._sid)
+            self._sid = -1
+            if self.pool.on_change == self._pool_changed:
+                self.pool.on_change = None
+        elif self._loop is not None and not self._paused:
             self._loop.remove_reader(sock.fileno())
         if self._resumer is not None:
             self._resumer.cancel()
@@ -308,7 +463,7 @@ class Listener:
     def _drop(self, c: _Connecting) -> None:
         """Reset a client that will not be served."""
         _reset(c.client)
-        self._budget.held -= 1
+        self._budget.release()
 
     def _accept(self) -> None:
         sock = self._sock
@@ -316,7 +471,7 @@ class Listener:
             return
         budget = self._budget
         for _ in range(ACCEPT_BATCH):
-            if budget.held >= budget.limit:
+            if budget.spent:
                 self._pause(f"{budget.limit} connections held, the most its descriptors allow")
                 return
             try:
@@ -334,7 +489,7 @@ class Listener:
                 raise
             # Left blocking: the relay makes both sockets non-blocking (and sets TCP_NODELAY)
             # itself, and nothing here reads or writes the client.
-            budget.held += 1
+            budget.acquire()
             self._attempt(_Connecting(self, fd, peer[0]))
             if self._paused:
                 return  # its upstream socket could not be made: no new clients for now
@@ -369,7 +524,11 @@ class Listener:
                 )
         if not self._paused:
             self._paused = True
-            loop.remove_reader(self._sock.fileno())
+            if self._sid >= 0:
+                relay: Any = self._relay
+                relay.pause(self._sid)
+            else:
+                loop.remove_reader(self._sock.fileno())
         if self._resumer is None:
             self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
 
@@ -404,6 +563,13 @@ class Listener:
             return
         if self._budget.spent:
             self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
+            return
+        if self._sid >= 0:
+            self._paused = False
+            relay: Any = self._relay
+            relay.resume(self._sid)
+            if self._short_since is not None:
+                self._shortage_over()
             return
         if self._paused:
             self._paused = False
@@ -481,7 +647,13 @@ class Listener:
         fd = c.take_fd()
         try:
             self._engine_connect(
-                fd, packed, self._connect_timeout, c, http=self._http, observe=observe
+                fd,
+                packed,
+                self._connect_timeout,
+                c,
+                http=self._http,
+                observe=observe,
+                **({"service": self._sid} if self._sid >= 0 else {}),
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -494,7 +666,7 @@ class Listener:
         c.up = True
 
     def _ended(self, c: _Connecting, result: RelayResult) -> None:
-        self._budget.held -= 1
+        self._budget.release()
         if not c.up:
             return  # ended before it was up (the client reset it): nothing was counted
         self.pool.released(c.name)
@@ -570,11 +742,17 @@ class Listener:
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:
-            future = self._relay.submit(client, upstream, http=self._http, observe=observe)
+            if self._sid >= 0:
+                relay: Any = self._relay
+                future = relay.submit(
+                    client, upstream, http=self._http, observe=observe, service=self._sid
+                )
+            else:
+                future = self._relay.submit(client, upstream, http=self._http, observe=observe)
         except RuntimeError:  # the relay is shutting down
             _reset(client)
             _reset(upstream)
-            self._budget.held -= 1
+            self._budget.release()
             return
         self.pool.acquired(name)
         if self._on_connection is not None:
@@ -584,7 +762,7 @@ class Listener:
         budget = self._budget
 
         def finished(fut: asyncio.Future[RelayResult]) -> None:
-            budget.held -= 1
+            budget.release()
             pool.released(name)
             if on_done is not None and not fut.cancelled() and fut.exception() is None:
                 on_done(info, fut.result())

@@ -177,6 +177,11 @@ class Pool:
         self._tokens = 0
         # Kept apart from entries: connections outlive an instance's removal and re-adding.
         self._active: dict[str, int] = {}
+        # Told (with no argument) whenever the ready set or an address changes, so a picker
+        # outside the pool (the relay engine) can take a new snapshot().
+        self.on_change: Callable[[], None] | None = None
+        # Connections counted elsewhere (the engine's own picks), added to active().
+        self.active_extra: Callable[[str], int] | None = None
 
     # -- membership ------------------------------------------------------------------------
 
@@ -189,6 +194,7 @@ class Pool:
             if entry is None:
                 self._entries[name] = _Entry(address)
                 self._ready.add(name)
+                self._changed()
             elif entry.address != address:
                 entry.address = address
                 entry.failures = 0
@@ -199,6 +205,11 @@ class Pool:
         entry.token = 0
         self._ready.discard(name)
         self._queued.discard(name)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def names(self) -> frozenset[str]:
@@ -245,6 +256,26 @@ class Pool:
         if name is None:
             return None
         return Choice(name, self._entries[name].address)
+
+    @property
+    def balance(self) -> Balance:
+        return self._balance
+
+    def now(self) -> float:
+        """The pool's clock (as given)."""
+        return self._now()
+
+    def snapshot(self) -> tuple[list[Choice], float | None]:
+        """What a picker outside the pool may choose from, and until when.
+
+        The ready instances when none of them is on probation (a probe must be chosen here,
+        where its outcome is handled), else none; and when the next queued instance is due
+        (from then on the pool must pick again), or None."""
+        ready = self._ready.items()
+        entries = self._entries
+        if any(entries[name].failures for name in ready):
+            return [], self.next_retry()
+        return [Choice(name, entries[name].address) for name in ready], self.next_retry()
 
     def healthy(self, name: str) -> bool:
         """``name`` is ready and not on probation: its connect outcome changes nothing here
@@ -294,6 +325,7 @@ class Pool:
         entry.token = self._tokens
         heapq.heappush(self._heap, (entry.retry_at, entry.token, name))
         self._queued.add(name)
+        self._changed()
         if len(self._heap) > 4 * len(self._queued) + 16:
             # Stale items (requeued, succeeded or removed instances) are normally dropped when
             # they reach the top; under heavy churn, drop them all at once to bound memory.
@@ -309,6 +341,7 @@ class Pool:
         entry.token = 0
         self._queued.discard(name)
         self._ready.add(name)
+        self._changed()
 
     # -- retries ---------------------------------------------------------------------------
 
@@ -355,7 +388,8 @@ class Pool:
 
     def active(self, name: str) -> int:
         """Proxied connections to ``name`` now open."""
-        return self._active.get(name, 0)
+        extra = self.active_extra(name) if self.active_extra is not None else 0
+        return self._active.get(name, 0) + extra
 
     # -- status ----------------------------------------------------------------------------
 

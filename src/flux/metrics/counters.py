@@ -54,7 +54,7 @@ from flux.metrics.summary import (
     scratch_histogram,
 )
 from flux.model import Instance, InstanceState
-from flux.relay import ExchangeObserver, RelayResult
+from flux.relay import EngineCounts, ExchangeObserver, RelayResult
 
 __all__ = [
     "HTTP_DURATION_BUCKETS",
@@ -177,6 +177,8 @@ class Metrics:
         self.rejected: dict[tuple[str, str], int] = {}
         # Called before each scrape: deliver what the relay has queued (SpliceRelay.flush).
         self.sources: list[Callable[[], None]] = []
+        # Read at each scrape: what the relay engine counted itself (SpliceRelay.counts).
+        self.counters: list[Callable[[], EngineCounts]] = []
 
     def pull(self) -> None:
         """Take in everything queued by the sources (called at scrape time)."""
@@ -201,13 +203,40 @@ class Metrics:
         """A relayed connection ended: its bytes each way, and one fewer active."""
         service = info.service
         self.active[service] = max(0, self.active.get(service, 0) - 1)
-        to_instance = (service, "to_instance")
-        to_client = (service, "to_client")
-        self.bytes[to_instance] = self.bytes.get(to_instance, 0) + result.to_upstream
-        self.bytes[to_client] = self.bytes.get(to_client, 0) + result.to_client
+        if not result.counted:  # else the relay counted them live, as they were delivered
+            to_instance = (service, "to_instance")
+            to_client = (service, "to_client")
+            self.bytes[to_instance] = self.bytes.get(to_instance, 0) + result.to_upstream
+            self.bytes[to_client] = self.bytes.get(to_client, 0) + result.to_client
         if result.answered:
             key = (service, str(result.answered))
             self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    def totals(
+        self,
+    ) -> tuple[
+        dict[tuple[str, str, str, str, str], int],
+        dict[tuple[str, str], int],
+        dict[str, int],
+        dict[tuple[str, str], int],
+    ]:
+        """Connections, bytes, active and rejected: this object's counts plus the engine's."""
+        connections = dict(self.connections)
+        byte_counts = dict(self.bytes)
+        active = dict(self.active)
+        rejected = dict(self.rejected)
+        for source in self.counters:
+            counts = source()
+            for (service, protocol, name, address, client), n in counts.connections.items():
+                key = (name, client, _host_of(address), protocol, service)
+                connections[key] = connections.get(key, 0) + n
+            for key2, n in counts.bytes.items():
+                byte_counts[key2] = byte_counts.get(key2, 0) + n
+            for service, n in counts.active.items():
+                active[service] = active.get(service, 0) + n
+            for key2, n in counts.rejected.items():
+                rejected[key2] = rejected.get(key2, 0) + n
+        return connections, byte_counts, active, rejected
 
     def on_connect_failure(self, service: str, instance: str) -> None:
         """Connecting to ``instance`` failed (refused, unreachable or timed out)."""
@@ -300,11 +329,12 @@ class FluxCollector(Collector):
         m = self.metrics
         m.pull()
         f = _Families()
-        for connection, count in m.connections.items():
+        connections, byte_counts, actives, rejected = m.totals()
+        for connection, count in connections.items():
             f.connections.add_metric(connection, count)
-        for direction, count in m.bytes.items():
+        for direction, count in byte_counts.items():
             f.bytes.add_metric(direction, count)
-        for service, active in m.active.items():
+        for service, active in actives.items():
             f.active.add_metric((service,), active)
         for target, count in m.connect_failures.items():
             f.connect_failures.add_metric(target, count)
@@ -326,8 +356,8 @@ class FluxCollector(Collector):
                 family.add_metric(exchange, summary.count, summary.sum)
         for duration, buckets in m.http_durations.items():
             f.http_duration.add_metric(duration, buckets.buckets(), buckets.sum)
-        for rejected, count in m.rejected.items():
-            f.http_rejected.add_metric(rejected, count)
+        for answered, count in rejected.items():
+            f.http_rejected.add_metric(answered, count)
         return iter(f.all())
 
 
@@ -359,7 +389,8 @@ class _Families:
         )
         self.bytes = CounterMetricFamily(
             "flux_bytes_total",
-            "Bytes relayed, per direction (counted when a connection ends).",
+            "Bytes relayed, per direction (counted as they are delivered; the Python relay"
+            " counts a connection's bytes when it ends).",
             labels=("service", "direction"),
         )
         self.active = GaugeMetricFamily(

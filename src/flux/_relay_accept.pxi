@@ -1,0 +1,395 @@
+# Accepting in the engine (included by _splice.pyx after _relay.pxi).
+#
+# Theory of operation
+# -------------------
+# A service's listening socket can be handed to the engine (listen()): it is registered in the
+# engine's epoll (edge-triggered, tagged svc|2), and the engine thread accepts, picks an
+# instance and connects on its own, so a new connection costs no Python at all.  Each shard (one
+# SpliceEngine, one thread) has its own listening socket per service, bound to the same port
+# with SO_REUSEPORT, so the kernel spreads new connections over the shards.
+#
+# What the engine picks from is a *snapshot* the asyncio side pushes whenever the service's pool
+# changes (set_pool()): the instances that are ready and healthy, each with its address and an
+# id, and a time from which the snapshot is stale (the pool's next retry is due: only the pool
+# can move that instance back).  The engine picks uniformly, or with p2c the less loaded of two
+# by its own count of the connections it has up to each instance.  Everything unusual goes back
+# to the asyncio side, which goes on exactly as if it had accepted the client itself (the
+# listener's Python path, the behaviour oracle):
+#
+# - no snapshot, an empty one (nothing ready, or an instance on probation: its one probe must be
+#   chosen by the pool), or a stale one: the client is handed over unread;
+# - a failed or timed-out connect: the client is handed back unread with the errno and the
+#   instance tried (the same hand-back as connect(), see _relay.pxi);
+# - the descriptor budget spent, or accept4() failing for want of descriptors or memory: the
+#   service stops accepting (its clients wait in the kernel's backlog) and the asyncio side is
+#   told, once; it logs, retries and resumes the service (pause()/resume()).
+# Hand-overs travel as connection records on the completion queue (handed_back set), so they
+# cost nothing new on the engine side and arrive in order with everything else.
+#
+# Counting: an engine-accepted connection is counted once it is up, in its service's tally
+# (connections per instance and client IP, an open-addressing table) and in the service's
+# active gauge and per-instance active counts; bytes of every connection that names a service
+# (engine-accepted or handed over by the asyncio side with a service) are added to the
+# service's two byte counters as they are delivered, so a long-lived connection shows before it
+# ends.  The asyncio side reads all of it at scrape time; nothing per connection crosses over.
+# The descriptor budget is shared by the shards (RelayShared): held counts the connections the
+# engines have accepted and not yet closed or handed back.
+#
+# Services are never freed while the engine lives (a listener that closes leaves its counters
+# behind, as Prometheus counters must stay); their commands (listen, unlisten, new snapshot,
+# pause, resume) go through the same lock and wake-up as submissions.
+
+cdef enum:
+    RELAY_CTL_LISTEN = 1
+    RELAY_CTL_UNLISTEN = 2
+    RELAY_CTL_SNAP = 3
+    RELAY_CTL_PAUSE = 4
+    RELAY_CTL_RESUME = 5
+    RELAY_ACCEPT_BATCH = 64     # clients accepted per service per turn
+
+
+cdef inline uint64_t accept_random(RelayEngine *e) noexcept nogil:
+    # xorshift64*: the pick needs speed and spread, not secrecy.
+    cdef uint64_t x = e.rng
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    e.rng = x
+    return x * <uint64_t>2685821657736338717
+
+
+cdef inline uint32_t accept_below(RelayEngine *e, uint32_t n) noexcept nogil:
+    return <uint32_t>(((accept_random(e) >> 32) * <uint64_t>n) >> 32)
+
+
+cdef inline int64_t accept_active_of(RelaySvc *s, uint32_t inst) noexcept nogil:
+    return s.inst_active[inst] if inst < s.inst_cap else 0
+
+
+cdef RelayTarget *accept_pick(RelayEngine *e, RelaySvc *s, RelaySnap *snap) noexcept nogil:
+    cdef uint32_t n = <uint32_t>snap.n
+    cdef uint32_t i, j
+    if n == 1:
+        return &snap.targets[0]
+    i = accept_below(e, n)
+    if not snap.p2c:
+        return &snap.targets[i]
+    j = accept_below(e, n - 1)
+    if j >= i:
+        j += 1
+    # Ties go to the first, itself a uniform choice (as in the pool).
+    if accept_active_of(s, snap.targets[j].id) < accept_active_of(s, snap.targets[i].id):
+        return &snap.targets[j]
+    return &snap.targets[i]
+
+
+# ---- counting -----------------------------------------------------------------------------------
+
+cdef int accept_tally_grow(RelaySvc *s) noexcept nogil:
+    cdef size_t cap = 64 if s.tally_cap == 0 else 2 * s.tally_cap
+    cdef RelayTally *t = <RelayTally *>calloc(cap, sizeof(RelayTally))
+    cdef size_t i, h
+    if t == NULL:
+        return -1
+    for i in range(s.tally_cap):
+        if s.tally[i].key:
+            h = <size_t>((s.tally[i].key * <uint64_t>11400714819323198485) >> 32) & (cap - 1)
+            while t[h].key:
+                h = (h + 1) & (cap - 1)
+            t[h] = s.tally[i]
+    free(s.tally)
+    s.tally = t
+    s.tally_cap = cap
+    return 0
+
+
+cdef void accept_tally(RelaySvc *s, uint64_t key) noexcept nogil:
+    """Count one connection for ``key`` (the caller holds stats_lock)."""
+    cdef size_t h
+    if 2 * (s.tally_len + 1) > s.tally_cap and accept_tally_grow(s) < 0:
+        return
+    h = <size_t>((key * <uint64_t>11400714819323198485) >> 32) & (s.tally_cap - 1)
+    while s.tally[h].key and s.tally[h].key != key:
+        h = (h + 1) & (s.tally_cap - 1)
+    if not s.tally[h].key:
+        s.tally[h].key = key
+        s.tally_len += 1
+    s.tally[h].count += 1
+
+
+cdef int accept_inst_grow(RelaySvc *s, uint32_t inst) noexcept nogil:
+    cdef uint32_t cap = s.inst_cap if s.inst_cap else 16
+    cdef int64_t *grown
+    while cap <= inst:
+        cap *= 2
+    grown = <int64_t *>calloc(cap, sizeof(int64_t))
+    if grown == NULL:
+        return -1
+    if s.inst_cap:
+        memcpy(grown, s.inst_active, s.inst_cap * sizeof(int64_t))
+    free(s.inst_active)
+    s.inst_active = grown
+    s.inst_cap = cap
+    return 0
+
+
+cdef void accept_count_up(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """An engine-accepted connection is up: count it (undone by accept_retire)."""
+    cdef RelaySvc *s = c.svc
+    pthread_mutex_lock(&e.stats_lock)
+    if c.inst >= s.inst_cap:
+        accept_inst_grow(s, c.inst)
+    if c.inst < s.inst_cap:
+        s.inst_active[c.inst] += 1
+    accept_tally(s, (<uint64_t>c.inst << 32) | c.client_ip)
+    pthread_mutex_unlock(&e.stats_lock)
+    flux_relay_bump(&s.active, 1)
+    c.counted = 1
+
+
+cdef bint accept_retire(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """An engine-accepted connection ended.  Returns whether the record is the engine's to free
+    (at the end of the batch); a record handed back goes on to the completion queue."""
+    cdef RelaySvc *s = c.svc
+    cdef int answer
+    flux_relay_add(&e.shared.held, -1)
+    if c.counted:
+        c.counted = 0
+        flux_relay_bump(&s.active, -1)
+        if c.inst < s.inst_cap:
+            # Written by this thread only; read by the asyncio side under the lock, so a plain
+            # store is enough for a value it only shows.
+            s.inst_active[c.inst] -= 1
+        answer = http_answer_index(c.answered)
+        if answer >= 0:
+            flux_relay_bump(&s.rejected[answer], 1)
+    if c.handed_back:
+        return False
+    c.link = e.reap
+    e.reap = c
+    return True
+
+
+cdef void accept_reap(RelayEngine *e) noexcept nogil:
+    cdef RelayConn *c = e.reap
+    cdef RelayConn *nxt
+    cdef int64_t n = 0
+    e.reap = NULL
+    while c != NULL:
+        nxt = c.link
+        free(c)
+        n += 1
+        c = nxt
+    relay_count(e, RC_COMPLETED, n)
+
+
+# ---- accepting ----------------------------------------------------------------------------------
+
+cdef void accept_queue(RelayEngine *e, RelaySvc *s) noexcept nogil:
+    # First in, first out: services resumed after a shortage are served in the order they
+    # were resumed (the order they paused in), so the first to wait is the first to accept.
+    if not s.queued:
+        s.queued = 1
+        s.accept_next = NULL
+        if e.accept_tail != NULL:
+            e.accept_tail.accept_next = s
+        else:
+            e.accept_ready = s
+        e.accept_tail = s
+
+
+cdef void accept_hand_over(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
+                           int err) noexcept nogil:
+    """Give the asyncio side a client to pick for (fd >= 0), or news of a shortage (fd -1)."""
+    cdef RelayConn *c = <RelayConn *>calloc(1, sizeof(RelayConn))
+    if c == NULL:
+        if fd >= 0:
+            close(fd)
+            flux_relay_add(&e.shared.held, -1)
+        return
+    c.fd[0] = fd
+    c.fd[1] = -1
+    c.dir[0].pipe_r = c.dir[0].pipe_w = -1
+    c.dir[1].pipe_r = c.dir[1].pipe_w = -1
+    c.svc = s
+    c.client_ip = ip
+    c.err = err
+    c.handed_back = 1
+    c.closed = 1
+    relay_count(e, RC_ACCEPTED, 1)
+    relay_count(e, RC_SOCKETS_CLOSED, 2)    # the client is the caller's; no upstream was made
+    if fd >= 0:
+        relay_count(e, RC_TO_PYTHON, 1)
+        flux_relay_add(&e.shared.held, -1)
+    if e.finished_tail != NULL:
+        e.finished_tail.link = c
+    else:
+        e.finished_head = c
+    e.finished_tail = c
+
+
+cdef void accept_pause(RelayEngine *e, RelaySvc *s, int err) noexcept nogil:
+    """Stop accepting for ``s`` and tell the asyncio side (which resumes it)."""
+    if s.paused:
+        return
+    s.paused = 1
+    accept_hand_over(e, s, -1, 0, err)
+
+
+cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip) noexcept nogil:
+    """A new client: connect it to a picked instance, or hand it to the asyncio side."""
+    cdef RelaySnap *snap = s.snap
+    cdef RelayTarget *t
+    cdef RelayConn *c
+    if snap == NULL or snap.n == 0 or (
+            snap.python_at_ns and relay_now_ns() >= snap.python_at_ns):
+        accept_hand_over(e, s, fd, ip, 0)
+        return
+    t = accept_pick(e, s, snap)
+    c = <RelayConn *>calloc(1, sizeof(RelayConn))
+    if c == NULL:
+        accept_hand_over(e, s, fd, ip, 0)
+        return
+    relay_count(e, RC_ACCEPTED, 1)
+    c.fd[0] = fd
+    c.fd[1] = -1
+    c.dir[0].pipe_r = c.dir[0].pipe_w = -1
+    c.dir[1].pipe_r = c.dir[1].pipe_w = -1
+    c.svc = s
+    c.inst = t.id
+    c.client_ip = ip
+    c.started_ns = relay_now_ns()
+    memcpy(c.addr, t.addr, t.addr_len)
+    c.addr_len = t.addr_len
+    c.connect_deadline_ns = c.started_ns + s.connect_timeout_ns
+    if s.http:
+        if http_attach(c, s.observe) < 0:
+            free(c)
+            relay_count(e, RC_ACCEPTED, -1)
+            accept_hand_over(e, s, fd, ip, 0)
+            return
+        e.http_live += 1
+    relay_start_connect(e, c)
+
+
+cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
+    """Accept up to a batch of ``s``'s pending clients."""
+    cdef sockaddr_in peer
+    cdef socklen_t size
+    cdef int fd, i
+    cdef RelayShared *sh = e.shared
+    for i in range(RELAY_ACCEPT_BATCH):
+        if s.fd < 0 or s.paused:
+            return
+        if (flux_relay_load(&sh.held) + flux_relay_load(&sh.python_held)
+                >= flux_relay_load(&sh.limit)):
+            accept_pause(e, s, 0)
+            return
+        size = sizeof(peer)
+        fd = accept4(s.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if errno == EAGAIN:
+                return
+            if errno == EINTR or errno == ECONNABORTED or errno == EPROTO or errno == EPERM:
+                continue
+            relay_count(e, RC_ACCEPT_FAILURES, 1)
+            accept_pause(e, s, errno)
+            return
+        flux_relay_add(&sh.held, 1)
+        accept_route(e, s, fd, peer.sin_addr.s_addr if peer.sin_family == AF_INET else 0)
+    accept_queue(e, s)      # more may be waiting: after the other services' events
+
+
+cdef void accept_on_event(RelayEngine *e, RelaySvc *s) noexcept nogil:
+    if not s.queued:
+        accept_service(e, s)
+
+
+cdef void accept_run_ready(RelayEngine *e) noexcept nogil:
+    cdef RelaySvc *s = e.accept_ready
+    cdef RelaySvc *nxt
+    e.accept_ready = NULL
+    e.accept_tail = NULL
+    while s != NULL:
+        nxt = s.accept_next
+        s.accept_next = NULL
+        s.queued = 0
+        accept_service(e, s)
+        s = nxt
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+cdef void accept_unregister(RelayEngine *e, RelaySvc *s) noexcept nogil:
+    if s.fd >= 0:
+        epoll_ctl(e.epfd, EPOLL_CTL_DEL, s.fd, NULL)
+        close(s.fd)
+        s.fd = -1
+
+
+cdef void accept_run_commands(RelayEngine *e, RelayCtl *ctl) noexcept nogil:
+    cdef RelayCtl *nxt
+    cdef RelaySvc *s
+    cdef epoll_event ev
+    cdef int one = 1
+    while ctl != NULL:
+        nxt = ctl.next
+        s = ctl.svc
+        if ctl.kind == RELAY_CTL_LISTEN:
+            accept_unregister(e, s)
+            s.fd = ctl.fd
+            s.paused = 0
+            # The engine thread must never block in accept4().
+            ioctl(s.fd, FIONBIO, &one)
+            ev.events = EPOLLIN | EPOLLET
+            ev.data.u64 = <uint64_t><uintptr_t>s | <uint64_t>RELAY_LISTEN_TAG
+            if epoll_ctl(e.epfd, EPOLL_CTL_ADD, s.fd, &ev) < 0:
+                relay_count(e, RC_ACCEPT_FAILURES, 1)
+                accept_pause(e, s, errno)
+            else:
+                accept_queue(e, s)  # clients may be waiting already
+        elif ctl.kind == RELAY_CTL_UNLISTEN:
+            accept_unregister(e, s)
+        elif ctl.kind == RELAY_CTL_SNAP:
+            if s.snap != NULL:
+                free(s.snap)
+            s.snap = ctl.snap
+        elif ctl.kind == RELAY_CTL_PAUSE:
+            s.paused = 1
+        elif ctl.kind == RELAY_CTL_RESUME:
+            s.paused = 0
+            accept_queue(e, s)
+        free(ctl)
+        ctl = nxt
+
+
+cdef void accept_free_services(RelayEngine *e) noexcept nogil:
+    """At teardown (the thread has ended): close listening sockets, free every service."""
+    cdef uint32_t i
+    cdef RelaySvc *s
+    cdef RelayCtl *ctl = e.ctl_head
+    cdef RelayCtl *nxt
+    while ctl != NULL:
+        nxt = ctl.next
+        if ctl.kind == RELAY_CTL_LISTEN and ctl.fd >= 0:
+            close(ctl.fd)
+        if ctl.kind == RELAY_CTL_SNAP:
+            free(ctl.snap)
+        free(ctl)
+        ctl = nxt
+    e.ctl_head = NULL
+    e.ctl_tail = NULL
+    for i in range(e.svcs_len):
+        s = e.svcs[i]
+        if s == NULL:
+            continue
+        if s.fd >= 0:
+            close(s.fd)
+        free(s.snap)
+        free(s.tally)
+        free(s.inst_active)
+        free(s)
+    free(e.svcs)
+    e.svcs = NULL
+    e.svcs_len = 0
+    e.svcs_cap = 0

@@ -1,0 +1,445 @@
+"""The engine accepting for a service: snapshots, hand-overs, shards and what it counts.
+
+Engine-level cases drive ``SpliceEngine`` directly with real sockets on 127.0.0.1; the
+listener-level cases run a :class:`Listener` over both relays (the splice relay, whose engine
+accepts, and the Python relay, the behaviour oracle) and check that clients see the same and
+that the metric totals equal what the clients did, with several shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from flux._splice import SpliceEngine
+from flux.balancer.listener import ConnectionBudget, Listener
+from flux.balancer.pool import Pool
+from flux.metrics.counters import Metrics
+from flux.relay import make_relay, packed_sockaddr
+
+LOCAL = "127.0.0.1"
+
+
+class Echo:
+    """A threaded echo server on 127.0.0.1 that remembers how many clients it served."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOCAL, 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.served = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"{LOCAL}:{self.port}"
+
+    @property
+    def packed(self) -> bytes:
+        return packed_sockaddr(LOCAL, self.port)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.served += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[Echo]:
+    server = Echo()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+def listening_sockets(count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (SO_REUSEPORT), as the listener makes them."""
+    sockets: list[socket.socket] = []
+    port = 0
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((LOCAL, port))
+        port = s.getsockname()[1]
+        s.listen(1024)
+        sockets.append(s)
+    return sockets
+
+
+class Engines:
+    """``n`` started shards listening for service 1 on one port."""
+
+    def __init__(self, n: int, *, limit: int = 10_000) -> None:
+        first = SpliceEngine()
+        self.engines = [first] + [SpliceEngine(shard_of=first) for _ in range(n - 1)]
+        for engine in self.engines:
+            engine.start()
+        first.set_budget(limit, 0)
+        sockets = listening_sockets(n)
+        self.port = sockets[0].getsockname()[1]
+        for engine, sock in zip(self.engines, sockets, strict=True):
+            engine.listen(1, sock.detach(), connect_timeout=1.0)
+
+    def set_pool(self, targets: list[tuple[int, bytes]], python_at_ns: int = 0) -> None:
+        for engine in self.engines:
+            engine.set_pool(1, targets, False, python_at_ns)
+
+    def handed(self) -> list[tuple[int, int, int, int, int]]:
+        out = []
+        for engine in self.engines:
+            out.extend(engine.drain_all()[3])
+        return out
+
+    def wait_handed(self) -> list[tuple[int, int, int, int, int]]:
+        """Hand-overs, waiting up to 5 s for the first."""
+        got: list[tuple[int, int, int, int, int]] = []
+        wait_for(lambda: bool(got.extend(self.handed()) or got), "a hand-over")
+        return got
+
+    def tally(self) -> dict[int, int]:
+        """Connections counted per instance id, over all shards."""
+        counts: dict[int, int] = {}
+        for engine in self.engines:
+            for instance, _, n in engine.service_counts(1)[4]:
+                counts[instance] = counts.get(instance, 0) + n
+        return counts
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[..., Engines]]:
+    made: list[Engines] = []
+
+    def make(n: int = 1, **kwargs: int) -> Engines:
+        made.append(Engines(n, **kwargs))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for group in made:
+            group.stop()
+
+
+def round_trip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection((LOCAL, port), timeout=5) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := c.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# ---- the engine on its own ------------------------------------------------------------------
+
+
+def test_engine_picks_from_the_snapshot_and_counts_each_connection(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    group = engines()
+    group.set_pool([(7, echo.packed)])
+    for i in range(20):
+        assert round_trip(group.port, b"hello %d" % i) == b"hello %d" % i
+    wait_for(lambda: group.engines[0].service_counts(1)[2] == 0, "the connections to end")
+    up, down, active, rejected, tally = group.engines[0].service_counts(1)
+    sent = sum(len(b"hello %d" % i) for i in range(20))
+    assert (up, down, active, rejected) == (sent, sent, 0, (0, 0, 0))
+    ip = int.from_bytes(socket.inet_aton(LOCAL), "little")
+    assert tally == [(7, ip, 20)]
+    assert group.handed() == []
+    assert group.engines[0].held == 0
+    assert echo.served == 20
+
+
+def test_without_a_usable_snapshot_clients_are_handed_over_unread(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    group = engines()
+    for snapshot in ("none", "empty", "stale"):
+        if snapshot == "empty":
+            group.set_pool([])
+        elif snapshot == "stale":
+            # A retry is due: only the pool may pick now.
+            group.set_pool([(7, echo.packed)], python_at_ns=time.monotonic_ns() - 1)
+        client = socket.create_connection((LOCAL, group.port), timeout=5)
+        client.sendall(b"first bytes")
+        [(service, fd, _, instance, code)] = group.wait_handed()
+        assert (service, instance, code) == (1, 0, 0), snapshot
+        with socket.socket(fileno=fd) as accepted:
+            accepted.settimeout(5)
+            assert accepted.recv(100) == b"first bytes"  # nothing was read by the engine
+        client.close()
+    assert echo.served == 0
+
+
+def test_a_failed_connect_hands_the_client_back_with_the_instance(
+    engines: Callable[..., Engines],
+) -> None:
+    group = engines()
+    group.set_pool([(9, packed_sockaddr(LOCAL, closed_port()))])
+    client = socket.create_connection((LOCAL, group.port), timeout=5)
+    client.sendall(b"kept")
+    [(_, fd, ip, instance, code)] = group.wait_handed()
+    assert (instance, code) == (9, errno.ECONNREFUSED)
+    assert ip == int.from_bytes(socket.inet_aton(LOCAL), "little")
+    with socket.socket(fileno=fd) as accepted:
+        accepted.settimeout(5)
+        assert accepted.recv(100) == b"kept"
+    client.close()
+    assert group.tally() == {}  # never up: not counted
+    assert group.engines[0].held == 0
+
+
+def test_snapshot_changes_under_load_lose_no_client(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    """Instances come and go (and the pool empties) while clients arrive: each client is
+    either relayed by the engine or handed over, never dropped."""
+    group = engines(2)
+    other = Echo()
+    total = 300
+    replies: list[bytes] = []
+    stop = threading.Event()
+
+    def clients() -> None:
+        for i in range(total):
+            replies.append(round_trip(group.port, b"n%d" % i))
+
+    def serve_handed() -> int:
+        served = 0
+        while not stop.is_set() or served < total:
+            for _, fd, _, instance, _ in group.handed():
+                # The caller's path: connect itself and give both sockets to the engine.
+                upstream = socket.create_connection((LOCAL, echo.port), timeout=5)
+                group.engines[0].add(fd, upstream.detach(), 1000 + served + instance)
+                served += 1
+            if stop.is_set() and len(replies) == total:
+                break
+            time.sleep(0.002)
+        return served
+
+    snapshots = [
+        [(1, echo.packed)],
+        [(1, echo.packed), (2, other.packed)],
+        [(2, other.packed)],
+        [],
+    ]
+    try:
+        worker = threading.Thread(target=clients)
+        worker.start()
+        handed_count = [0]
+        server = threading.Thread(target=lambda: handed_count.__setitem__(0, serve_handed()))
+        server.start()
+        rng = random.Random(11)
+        deadline = time.monotonic() + 60
+        while worker.is_alive() and time.monotonic() < deadline:
+            group.set_pool(rng.choice(snapshots))
+            time.sleep(0.003)
+        worker.join(60)
+        stop.set()
+        server.join(60)
+        assert replies == [b"n%d" % i for i in range(total)]
+        counted = sum(group.tally().values())
+        assert counted + handed_count[0] == total
+        assert counted > 0 and handed_count[0] > 0  # both paths were taken
+    finally:
+        other.close()
+
+
+def test_shards_share_the_new_connections(engines: Callable[..., Engines], echo: Echo) -> None:
+    group = engines(2)
+    group.set_pool([(3, echo.packed)])
+    for i in range(200):
+        assert round_trip(group.port, b"%d" % i) == b"%d" % i
+    per_shard = [sum(n for _, _, n in e.service_counts(1)[4]) for e in group.engines]
+    assert sum(per_shard) == 200
+    # SO_REUSEPORT hashes each connection's ports: about half each (binomial, 200 draws).
+    assert min(per_shard) >= 60, per_shard
+
+
+def test_a_spent_budget_pauses_accepting_and_says_so_once(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    group = engines(1, limit=2)
+    group.set_pool([(4, echo.packed)])
+    held = [socket.create_connection((LOCAL, group.port), timeout=5) for _ in range(3)]
+    try:
+        for c in held[:2]:
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+        assert [(n[1], n[4]) for n in group.wait_handed()] == [(-1, 0)]
+        held[2].sendall(b"y")
+        held[2].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            held[2].recv(1)  # waits in the backlog
+        held[0].close()
+        wait_for(lambda: group.engines[0].held == 1, "a connection to end")
+        group.engines[0].resume(1)
+        held[2].settimeout(5)
+        assert held[2].recv(1) == b"y"
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_bytes_are_counted_while_the_connection_is_open(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    group = engines()
+    group.set_pool([(5, echo.packed)])
+    with socket.create_connection((LOCAL, group.port), timeout=5) as c:
+        c.sendall(b"z" * 5000)
+        got = 0
+        while got < 5000:
+            got += len(c.recv(65536))
+        up, down, active, _, _ = group.engines[0].service_counts(1)
+        assert (up, down, active) == (5000, 5000, 1)
+
+
+# ---- listeners over both relays (the Python relay is the oracle) ----------------------------
+
+
+@pytest.fixture(params=["splice", "python"])
+def relay_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _exchange(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(payload)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(10):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+async def test_metric_totals_equal_what_the_clients_did(
+    relay_kind: str, shards: int, echo: Echo
+) -> None:
+    metrics = Metrics()
+    relay = make_relay(relay_kind, shards=shards)
+    counts = getattr(relay, "counts", None)
+    if counts is not None:
+        metrics.counters.append(counts)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    pool = Pool(now=loop.time, rng=random.Random(5))
+    pool.update({"i0": echo.address})
+    listener = Listener(
+        "svc",
+        "tcp",
+        LOCAL,
+        pool,
+        relay,
+        connect_timeout=1.0,
+        on_connection=metrics.on_connection,
+        on_done=metrics.on_done,
+        budget=ConnectionBudget(),
+    )
+    port = listener.open()
+    try:
+        sizes = [random.Random(i).randrange(1, 200_000) for i in range(40)]
+        replies = await asyncio.gather(*(_exchange(port, b"q" * n) for n in sizes))
+        assert [len(r) for r in replies] == sizes
+        await _until(lambda: metrics.totals()[2].get("svc", 0) == 0, "active to drop")
+        connections, byte_counts, _, _ = metrics.totals()
+        assert connections == {("i0", LOCAL, LOCAL, "tcp", "svc"): len(sizes)}
+        assert byte_counts == {
+            ("svc", "to_instance"): sum(sizes),
+            ("svc", "to_client"): sum(sizes),
+        }
+    finally:
+        listener.close()
+        await relay.close(1.0)
+
+
+async def test_an_instance_on_probation_is_probed_by_the_pool(echo: Echo) -> None:
+    """The engine hands clients to the pool while an instance is on probation; once the
+    probe succeeded the engine picks again."""
+    relay = make_relay("splice", shards=2)
+    await relay.start()
+    loop = asyncio.get_running_loop()
+    now = [100.0]
+    pool = Pool(now=lambda: now[0], rng=random.Random(1))
+    pool.update({"i0": echo.address})
+    listener = Listener("svc", "tcp", LOCAL, pool, relay, connect_timeout=1.0)
+    port = listener.open()
+    engine = relay.engine  # type: ignore[attr-defined]
+
+    def to_python() -> int:
+        shards = relay.engines  # type: ignore[attr-defined]
+        return sum(int(shard.stats()["to_python"]) for shard in shards)
+
+    try:
+        assert await _exchange(port, b"a") == b"a"
+        assert to_python() == 0
+        pool.failed("i0")  # queued, due after 1 s of the pool's clock
+        await asyncio.sleep(0.05)
+        now[0] += 2  # due: the next client must go through the pool, which probes i0
+        listener._push_pool()  # the pool's clock jumped; the listener pushes on changes
+        assert await _exchange(port, b"b") == b"b"
+        assert pool.healthy("i0")  # the probe succeeded
+        await asyncio.sleep(0.05)
+        handed = to_python()
+        assert handed >= 1
+        for _ in range(5):
+            assert await _exchange(port, b"c") == b"c"
+        assert to_python() == handed
+        assert engine.held == 0
+    finally:
+        listener.close()
+        await loop.create_task(relay.close(1.0))
