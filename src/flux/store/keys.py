@@ -256,29 +256,35 @@ class KeyEvent:
 
 
 _LINE_LIMIT = 400
+_RECENT = 4  # bad values remembered per key
 
 
 class Problems:
     """The bad records this process has logged, so that each one is logged once.
 
     A record is named (one warning line: its key and what is wrong) when it is first seen bad,
-    and again only after its value changes to another bad value, or after it became valid or
-    was deleted and then turned bad again.  Re-reading it (a watch's new snapshot, the agent's
-    reconcile, a second watch over the same keys) says nothing new.  One object serves a whole
-    store, so fluxd's watches and reads share it.  It keeps a hash of each bad value, never the
-    value (which may be huge).  ``aspect`` tells apart problems of one key that come and go on
-    their own: the record itself, and (for an instance) its host not being registered.
+    and again only after its value changes to a bad value not among its last four, or after it
+    became valid or was deleted and then turned bad again.  Re-reading it (a watch's new
+    snapshot, the agent's reconcile, a second watch over the same keys) says nothing new.  One
+    object serves a whole store, so fluxd's watches and reads share it.  It keeps hashes of bad
+    values, never the values (which may be huge).  ``aspect`` tells apart problems of one key
+    that come and go on their own: the record itself, and (for an instance) its host not being
+    registered.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], int] = {}
+        # The last few bad values' hashes per key: two watches over the same keys may see a
+        # quick series of values interleaved (A B from one, then A B from the other), and with
+        # only the latest remembered the second watch's A and B were logged again.
+        self._seen: dict[tuple[str, str], tuple[int, ...]] = {}
 
     def report(self, key: str, value: object, problem: str, aspect: str = "record") -> None:
         """Log ``problem`` about ``key`` unless it was logged already for this ``value``."""
         digest = hash(value)
-        if self._seen.get((key, aspect)) == digest:
+        recent = self._seen.get((key, aspect), ())
+        if digest in recent:
             return
-        self._seen[(key, aspect)] = digest
+        self._seen[(key, aspect)] = (*recent[-(_RECENT - 1) :], digest)
         if len(problem) > _LINE_LIMIT:  # a key can be as big as a value
             problem = f"{problem[: _LINE_LIMIT - 30]}...({len(problem)} characters)"
         log.warning("skipping %s", problem)
