@@ -725,6 +725,10 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
         if p.eof:
             relay_rest(e, p)
             p.done = 1
+            if c.dir[1 - d].done:
+                # Both directions have ended: the close that follows sends the FIN (one
+                # syscall fewer per connection than shutting down first).
+                return 0
             if shutdown(dst, SHUT_WR) < 0:
                 return errno
             return 0
@@ -830,11 +834,13 @@ cdef void relay_on_event(RelayEngine *e, RelayConn *c, int s, uint32_t events) n
     cdef int err = 0
     cdef socklen_t size = sizeof(err)
     if c.connecting and s == 1 and events & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-        if getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &size) < 0:
-            err = errno
-        elif err == 0 and events & (EPOLLERR | EPOLLHUP):
-            err = ECONNREFUSED
-        if err != 0:
+        # Writable without an error or hang-up is a connect that succeeded: no need to ask
+        # SO_ERROR (one syscall fewer per connection); a failure always raises ERR or HUP.
+        if events & (EPOLLERR | EPOLLHUP):
+            if getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &size) < 0:
+                err = errno
+            elif err == 0:
+                err = ECONNREFUSED
             relay_connect_failed(e, c, err)
             return
         relay_established(e, c)
