@@ -37,6 +37,13 @@ writer registration and a callback per connection (under connection churn the ev
 thread was the bottleneck).  The caller's :class:`ConnectHandler` hears of the connection once
 it is up, when it ends, or, if the connect fails or times out, gets the client socket back
 unread to try another instance.
+
+:meth:`SpliceRelay.listen` goes further: the engine's shards accept a service's clients
+themselves, pick from the pool snapshot the listener pushes (:meth:`SpliceRelay.set_pool`),
+connect and count (:meth:`SpliceRelay.counts`, read at scrape time), and hand the listener only
+what is unusual (its :class:`AcceptHandler`); see ``_relay_accept.pxi``.  Bytes of every
+connection that names a service are counted as they are delivered, so ``flux_bytes_total``
+shows a long-lived connection while it is open.
 """
 
 from __future__ import annotations
