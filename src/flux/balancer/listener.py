@@ -41,9 +41,11 @@ Each proxied connection holds two descriptors, so the descriptor limit caps how 
 relay; past it, everything else fluxd does (etcd, where its lease is kept alive, Docker,
 iptables-restore, /metrics) would fail too: measured, 11,000 clients against 20,000
 descriptors let fluxd's etcd lease expire.  So the listeners of a process share a budget
-(:class:`ConnectionBudget`): ``(limit - RESERVED_DESCRIPTORS) / 2`` connections, counted from
-accept until both descriptors are closed.  A listener whose budget is spent pauses accepting:
-pending connections wait in the kernel's backlog and are accepted when connections close.
+(:class:`ConnectionBudget`): ``(limit - RESERVED_DESCRIPTORS - listening sockets) / 2``
+connections, counted from accept until both descriptors are closed (the engine's shards count
+the connections they accept against the same budget).  A listener whose budget is spent pauses
+accepting: pending connections wait in the kernel's backlog and are accepted when connections
+close.
 
 Running out anyway (EMFILE/ENFILE, another process's files, pipes) or out of kernel memory,
 while accepting or while making a connection's upstream socket (here or in the engine), pauses
@@ -190,11 +192,14 @@ class ConnectionBudget:
     process's, and a hundred services pausing at once are one event.
     """
 
-    __slots__ = ("_engine", "_held", "_last_report", "_limit", "_unreported")
+    __slots__ = ("_engine", "_held", "_last_report", "_limit", "_unreported", "listening")
 
     def __init__(self) -> None:
         self._held = 0
         self._limit = 0
+        # Listening sockets the listeners hold (one per engine shard per service): they
+        # come out of the descriptors left to connections.
+        self.listening = 0
         self._last_report = -PAUSE_LOG_EVERY
         self._unreported = 0
         # The relay engine accepting for some listeners: it holds connections of its own
@@ -248,7 +253,8 @@ class ConnectionBudget:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 20
-        self.limit = max((soft - min(RESERVED_DESCRIPTORS, soft // 4)) // 2, 1)
+        spare = soft - min(RESERVED_DESCRIPTORS, soft // 4) - self.listening
+        self.limit = max(spare // 2, 1)
 
     @property
     def spent(self) -> bool:
@@ -313,6 +319,7 @@ class Listener:
         self._engine_accepts = hasattr(relay, "listen")
         self._sid = -1  # the relay's id for this listener while the engine accepts for it
         self._push_due = False
+        self._listening = 0  # listening sockets counted in the budget
         self.port = 0
 
     def open(self) -> int:
@@ -333,6 +340,9 @@ class Listener:
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._loop.add_reader(sock.fileno(), self._accept)
+        self._listening = 1
+        self._budget.listening += 1
+        self._budget.refresh()
         return self.port
 
     def _open_in_engine(self) -> int:
@@ -350,8 +360,6 @@ class Listener:
                 sock.bind((self.bind_ip, port))
                 port = sock.getsockname()[1]
                 sock.listen(BACKLOG)
-            # A placeholder for is_open/close: the engine owns the listening sockets.
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._budget.link(relay)
             self._sid = relay.listen(
                 self.service,
@@ -364,11 +372,11 @@ class Listener:
         except BaseException:
             for sock in sockets:
                 sock.close()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
             raise
         self.port = port
+        self._listening = len(sockets)
+        self._budget.listening += len(sockets)
+        self._budget.refresh()
         self.pool.on_change = self._pool_changed
         pool = self.pool
         sid = self._sid
@@ -413,7 +421,7 @@ class Listener:
     def handed_over(self, client_fd: int, client_ip: str, instance: int, code: int) -> None:
         """The engine's hand-back (see :class:`flux.relay.AcceptHandler`)."""
         if client_fd < 0:
-            if self._sock is None:
+            if not self.is_open:
                 return
             limit = self._budget.limit
             if code == 0:
@@ -433,27 +441,31 @@ class Listener:
 
     @property
     def is_open(self) -> bool:
-        return self._sock is not None
+        # The engine owns the listening sockets of a listener it accepts for.
+        return self._sock is not None or self._sid >= 0
 
     def close(self) -> None:
         """Stop accepting.  Connections already handed to the relay carry on; clients parked
         for want of a descriptor are reset (nothing will try them again)."""
-        sock, self._sock = self._sock, None
-        if sock is None:
+        if not self.is_open:
             return
+        sock, self._sock = self._sock, None
         if self._sid >= 0:
             relay: Any = self._relay
             relay.unlisten(self._sid)
             self._sid = -1
             if self.pool.on_change == self._pool_changed:
                 self.pool.on_change = None
-        elif self._loop is not None and not self._paused:
+        elif sock is not None and self._loop is not None and not self._paused:
             self._loop.remove_reader(sock.fileno())
         if self._resumer is not None:
             self._resumer.cancel()
             self._resumer = None
         self._reset_parked()
-        sock.close()
+        if sock is not None:
+            sock.close()
+        self._budget.listening -= self._listening
+        self._listening = 0
 
     def _reset_parked(self) -> None:
         parked, self._parked = self._parked, []
@@ -499,7 +511,7 @@ class Listener:
     def _park(self, c: _Connecting, reason: str) -> None:
         """``c`` got no upstream socket for want of descriptors: keep it for a retry."""
         c.tried.discard(c.name)
-        if self._sock is None or self._loop is None:
+        if not self.is_open or self._loop is None:
             self._drop(c)  # closed: nothing would try it again
             return
         if not c.parked_until:
@@ -510,7 +522,7 @@ class Listener:
 
     def _pause(self, reason: str) -> None:
         loop = self._loop
-        assert loop is not None and self._sock is not None
+        assert loop is not None and self.is_open
         if self._short_since is None:
             self._short_since = now = loop.time()
             unlogged = self._budget.report_due(now)
@@ -528,6 +540,7 @@ class Listener:
                 relay: Any = self._relay
                 relay.pause(self._sid)
             else:
+                assert self._sock is not None
                 loop.remove_reader(self._sock.fileno())
         if self._resumer is None:
             self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
@@ -535,7 +548,7 @@ class Listener:
     def _resume(self) -> None:
         self._resumer = None
         loop = self._loop
-        if self._sock is None or loop is None:
+        if not self.is_open or loop is None:
             return
         if self._parked:
             # Parked clients first; new ones only once none is left (see the module header).
@@ -571,6 +584,7 @@ class Listener:
             if self._short_since is not None:
                 self._shortage_over()
             return
+        assert self._sock is not None
         if self._paused:
             self._paused = False
             loop.add_reader(self._sock.fileno(), self._accept)
