@@ -12,6 +12,7 @@ import asyncio
 import errno
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.metrics.counters import Metrics
 from flux.relay import make_relay, packed_sockaddr
+from tests.netns import add_netns, delete_netns, netns_run
 
 LOCAL = "127.0.0.1"
 
@@ -449,3 +451,40 @@ async def test_an_instance_on_probation_is_probed_by_the_pool(echo: Echo) -> Non
     finally:
         listener.close()
         await loop.create_task(relay.close(1.0))
+
+
+_SELF_CONNECT = """
+import errno, socket, sys, time
+from flux._splice import SpliceEngine
+from flux.relay import packed_sockaddr
+engine = SpliceEngine()
+engine.start()
+client, other = socket.socketpair()
+engine.connect(client.detach(), packed_sockaddr("127.0.0.1", int(sys.argv[1])), 1, 2.0)
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    _, completions, established, _ = engine.drain_all()
+    if established:
+        print("established")
+        break
+    if completions:
+        print("handed back", errno.errorcode[completions[0][3]], completions[0][6] >= 0)
+        break
+    time.sleep(0.01)
+engine.stop()
+"""
+
+
+def test_an_upstream_connected_to_itself_is_a_failed_connect() -> None:
+    """With one source port left (40000) and nobody listening on it, a connect to
+    127.0.0.1:40000 connects the socket to itself (TCP simultaneous open): every byte would
+    come back to the client.  The engine must see a failed connect, not an instance."""
+    name = f"fluxself{random.randrange(1 << 20):x}"
+    add_netns(name)
+    try:
+        netns_run(name, "ip", "link", "set", "lo", "up")
+        netns_run(name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000")
+        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT, "40000")
+        assert result.stdout.strip() == "handed back ECONNREFUSED True", result
+    finally:
+        delete_netns(name)

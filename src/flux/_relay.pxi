@@ -546,9 +546,26 @@ cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil:
         if e.connecting == 0:
             e.next_connect_sweep_ns = relay_now_ns() + RELAY_CONNECT_SWEEP_NS
         e.connecting += 1
+    elif relay_self_connected(c):
+        relay_connect_failed(e, c, ECONNREFUSED)
+        return
     else:
         relay_established(e, c)
     relay_register(e, c)
+
+
+cdef bint relay_self_connected(RelayConn *c) noexcept nogil:
+    """The upstream socket is connected to itself: a connect to a local port nobody listens
+    on can pick that very port as its source (TCP simultaneous open), and then every byte
+    sent comes back.  Seen when an instance on this host was gone."""
+    cdef sockaddr_in local
+    cdef sockaddr_in *target = <sockaddr_in *>c.addr
+    cdef socklen_t size = sizeof(local)
+    if target.sin_family != AF_INET:
+        return False
+    if getsockname(c.fd[1], <sockaddr *>&local, &size) < 0:
+        return False
+    return local.sin_port == target.sin_port and local.sin_addr.s_addr == target.sin_addr.s_addr
 
 
 cdef void relay_established(RelayEngine *e, RelayConn *c) noexcept nogil:
@@ -842,6 +859,9 @@ cdef void relay_on_event(RelayEngine *e, RelayConn *c, int s, uint32_t events) n
             elif err == 0:
                 err = ECONNREFUSED
             relay_connect_failed(e, c, err)
+            return
+        if relay_self_connected(c):
+            relay_connect_failed(e, c, ECONNREFUSED)
             return
         relay_established(e, c)
     if events & EPOLLERR:

@@ -120,6 +120,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int sockfd, int how)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -183,6 +183,15 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def _self_connected(sock: socket.socket) -> bool:
+    """Connected to itself (a local port nobody listens on, picked as the source port too):
+    the engine refuses these the same way (see relay_self_connected)."""
+    try:
+        return bool(sock.getsockname() == sock.getpeername())
+    except OSError:
+        return False
+
+
 class ConnectionBudget:
     """How many connections this process's listeners may hold at once, and how many they do.
 
@@ -630,6 +639,8 @@ class Listener:
                 continue
             upstream.setblocking(False)
             code = upstream.connect_ex(target)
+            if code == 0 and _self_connected(upstream):
+                code = errno.ECONNREFUSED
             if code == 0:
                 self.pool.succeeded(choice.name)
                 self._hand_over(c.client, upstream, choice.name, choice.address, c.client_ip)
@@ -714,6 +725,8 @@ class Listener:
             return
         upstream = self._settle(c)
         code = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0 and _self_connected(upstream):
+            code = errno.ECONNREFUSED
         if code != 0:
             upstream.close()
             self._failed(c.name, c.address, os.strerror(code))
