@@ -360,12 +360,22 @@ class Listener:
         relay: Any = self._relay
         sockets: list[socket.socket] = []
         port = 0
+        shared = relay.shards > 1
+        if shared:
+            # The port comes from a plain bind: with SO_REUSEPORT set, the kernel may hand out
+            # (under port pressure) a port on which another process of the same user already
+            # listens with SO_REUSEPORT, and would then share this service's clients with it.
+            # A plain bind takes only a port nobody holds.
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((self.bind_ip, 0))
+                port = probe.getsockname()[1]
         try:
             for _ in range(relay.shards):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if shared:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((self.bind_ip, port))
                 port = sock.getsockname()[1]
                 sock.listen(BACKLOG)
