@@ -315,9 +315,8 @@ def _parse_host_ip(raw: object) -> IPv4Address:
     return address
 
 
-def _parse_host_ttl(raw: object) -> int:
-    low, high = HOST_TTL_RANGE
-    reason = f"must be a whole number of seconds from {low} to {high}"
+def _parse_whole(raw: object, low: int, high: int, unit: str) -> int:
+    reason = f"must be a whole number of {unit} from {low} to {high}"
     if isinstance(raw, bool):
         raise ValueError(reason)
     if isinstance(raw, str):
@@ -329,17 +328,12 @@ def _parse_host_ttl(raw: object) -> int:
     return raw
 
 
+def _parse_host_ttl(raw: object) -> int:
+    return _parse_whole(raw, *HOST_TTL_RANGE, "seconds")
+
+
 def _parse_engine_threads(raw: object) -> int:
-    reason = f"must be a whole number of threads from 1 to {ENGINE_THREADS_MAX}"
-    if isinstance(raw, bool):
-        raise ValueError(reason)
-    if isinstance(raw, str):
-        if not _INT_RE.fullmatch(raw):
-            raise ValueError(reason)
-        raw = int(raw)
-    if not isinstance(raw, int) or not 1 <= raw <= ENGINE_THREADS_MAX:
-        raise ValueError(reason)
-    return raw
+    return _parse_whole(raw, 1, ENGINE_THREADS_MAX, "threads")
 
 
 def _parse_choice(raw: object, choices: tuple[str, ...]) -> str:
