@@ -23,6 +23,8 @@ import threading
 import time
 import urllib.parse
 
+from tests.listening import close_listener
+
 __all__ = ["HttpBackend"]
 
 
@@ -63,10 +65,11 @@ class HttpBackend:
         self.requests = 0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        self.listener.close()
+        close_listener(self.listener, self._thread)
         with self._lock:
             for sock in list(self._open):
                 with contextlib.suppress(OSError):

@@ -24,6 +24,7 @@ from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.metrics.counters import Metrics
 from flux.relay import make_relay, packed_sockaddr
+from tests.listening import close_listener
 from tests.netns import add_netns, delete_netns, netns_run
 
 LOCAL = "127.0.0.1"
@@ -40,7 +41,8 @@ class Echo:
         self.port = self.sock.getsockname()[1]
         self.served = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     @property
     def address(self) -> str:
@@ -71,7 +73,7 @@ class Echo:
                 pass
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self._thread)
 
 
 @pytest.fixture
