@@ -1,12 +1,15 @@
 """Stopping a test server whose thread is blocked in ``accept()``.
 
 Closing the listening socket is not enough: the thread stays blocked in ``accept()`` on the
-socket it started with, and when a signal interrupts that call under a handler installed with
-SA_RESTART (asyncio installs its handlers so), the kernel restarts it on the same descriptor
-*number*, which by then may be another socket of the process.  The old server's thread then
-accepts the new server's clients: an echo server of one test once answered a later test's
-HTTP requests with themselves.  ``shutdown()`` first wakes the blocked ``accept()`` (it fails
-with EINVAL), the thread ends, and only then is the descriptor given back.
+socket it started with, and when a signal reaches that thread (SIGCHLD from any of the
+subprocesses tests run, under its default disposition or a handler with SA_RESTART), the
+kernel restarts the call on the same descriptor *number*, which by then may be another socket
+of the process.  The old server's thread then accepts the new server's clients: an echo server
+of one test once answered a later test's HTTP requests with themselves (reproduced in a few
+lines: block SIGCHLD in the main thread, close a listener its thread accepts on, open another
+with the same number, run a subprocess, connect).  ``shutdown()`` first wakes the blocked
+``accept()`` (it fails with EINVAL), the thread ends, and only then is the descriptor given
+back.
 """
 
 from __future__ import annotations
