@@ -557,7 +557,8 @@ cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil:
 cdef bint relay_self_connected(RelayConn *c) noexcept nogil:
     """The upstream socket is connected to itself: a connect to a local port nobody listens
     on can pick that very port as its source (TCP simultaneous open), and then every byte
-    sent comes back.  Seen when an instance on this host was gone."""
+    sent comes back.  Needs a port where nothing listens and an ephemeral range pressed
+    hard enough to offer that port (the namespace test makes one)."""
     cdef sockaddr_in local
     cdef sockaddr_in *target = <sockaddr_in *>c.addr
     cdef socklen_t size = sizeof(local)

@@ -349,10 +349,14 @@ class Listener:
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._loop.add_reader(sock.fileno(), self._accept)
-        self._listening = 1
-        self._budget.listening += 1
-        self._budget.refresh()
+        self._count_listening(1)
         return self.port
+
+    def _count_listening(self, n: int) -> None:
+        """Take this listener's ``n`` listening sockets out of the connection budget."""
+        self._listening = n
+        self._budget.listening += n
+        self._budget.refresh()
 
     def _open_in_engine(self) -> int:
         """One listening socket per engine shard on one port (SO_REUSEPORT: the kernel
@@ -393,9 +397,7 @@ class Listener:
                 sock.close()
             raise
         self.port = port
-        self._listening = len(sockets)
-        self._budget.listening += len(sockets)
-        self._budget.refresh()
+        self._count_listening(len(sockets))
         self.pool.on_change = self._pool_changed
         pool = self.pool
         sid = self._sid
