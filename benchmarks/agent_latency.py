@@ -40,8 +40,8 @@ import aiodocker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for the test helpers: the private etcd and the test image
 
-from tests.docker_images import ensure_busybox_image  # noqa: E402
-from tests.etcd_server import EtcdServer  # noqa: E402
+from tests.support.docker_images import ensure_busybox_image  # noqa: E402
+from tests.support.etcd_server import EtcdServer  # noqa: E402
 
 from flux.agent.agent import Agent  # noqa: E402
 from flux.model import Rule, Service  # noqa: E402

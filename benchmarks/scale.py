@@ -61,9 +61,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for the test helpers: the private etcd, fluxd, the other host
 
-from tests.etcd_server import EtcdServer  # noqa: E402
-from tests.fluxd_process import Fluxd, http_get  # noqa: E402
-from tests.other_host import OtherHost  # noqa: E402
+from tests.support.etcd_server import EtcdServer  # noqa: E402
+from tests.support.fluxd_process import Fluxd, http_get  # noqa: E402
+from tests.support.other_host import OtherHost  # noqa: E402
 
 from benchmarks.system import describe_machine, free_port, rss_kib  # noqa: E402
 from flux.balancer.iptables import IPTables  # noqa: E402

@@ -45,9 +45,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 VAR = ROOT / ".var" / "soak"
 sys.path.insert(0, str(ROOT))  # the test helpers: fluxd, etcd, the busybox image
 
-from tests.etcd_cluster import EtcdCluster  # noqa: E402
-from tests.fluxd_process import Fluxd  # noqa: E402
-from tests.private_dockerd import PrivateDockerd  # noqa: E402
+from tests.support.etcd_cluster import EtcdCluster  # noqa: E402
+from tests.support.fluxd_process import Fluxd  # noqa: E402
+from tests.support.private_dockerd import PrivateDockerd  # noqa: E402
 
 from benchmarks.soak_report import (  # noqa: E402
     REQUEST_TIMEOUT,

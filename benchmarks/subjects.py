@@ -504,7 +504,7 @@ async def _start_fluxd(
     stack: AsyncExitStack, name: str, workdir: Path, backends: Backends, vip_net: int
 ) -> Subject:
     sys.path.insert(0, str(ROOT))  # the test helper that runs a private etcd
-    from tests.etcd_server import EtcdServer
+    from tests.support.etcd_server import EtcdServer
 
     data = workdir / f"{name}-etcd"
     data.mkdir()

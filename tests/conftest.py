@@ -2,8 +2,8 @@
 
 etcd: one private member per test session, on free loopback ports (``etcd_server``); each test
 that uses ``etcd`` starts from an empty keyspace.  ``fluxd_factory`` starts fluxd processes
-(tests/fluxd_process.py) against it; ``other_host`` registers services and instances as another
-host would (tests/other_host.py).  A missing etcd fails the tests that need it
+(tests/support/fluxd_process.py) against it; ``other_host`` registers services and instances as
+another host would (tests/support/other_host.py).  A missing etcd fails the tests that need it
 (never skips): `make test` installs it.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import EtcdServer
-from tests.fluxd_process import Fluxd
-from tests.other_host import OtherHost
+from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import Fluxd
+from tests.support.other_host import OtherHost
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ from flux.model import HostRef, Instance, InstanceState, Rule, Service
 from flux.store.base import NotFound, StoreUnavailable
 from flux.store.etcd import EtcdStore
 from flux.store.memory import MemoryStore
-from tests.docker_images import ensure_busybox_image
-from tests.etcd_server import EtcdServer
+from tests.support.docker_images import ensure_busybox_image
+from tests.support.etcd_server import EtcdServer
 
 DEADLINE = 10.0
 

@@ -20,8 +20,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.etcd_server import EtcdServer, free_port
-from tests.fluxd_process import HOST, Fluxd, chain_lines, http_get, iptables_save, wait_until
+from tests.support.etcd_server import EtcdServer, free_port
+from tests.support.fluxd_process import (
+    HOST,
+    Fluxd,
+    chain_lines,
+    http_get,
+    iptables_save,
+    wait_until,
+)
 
 FLUXD = [sys.executable, "-m", "flux"]
 FLUXCTL = [sys.executable, "-m", "flux.fluxctl"]

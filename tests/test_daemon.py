@@ -31,9 +31,9 @@ from flux.model import Service
 from flux.store import StoreUnavailable
 from flux.store.etcd import EtcdStore
 from flux.store.memory import MemoryStore
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_server import EtcdServer
-from tests.fluxd_process import (
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import (
     EXPECTED_JUMPS,
     HOST,
     Fluxd,

@@ -44,10 +44,10 @@ from flux.balancer.listener import RESERVED_DESCRIPTORS, ConnectionBudget, Liste
 from flux.balancer.pool import Pool
 from flux.daemon import raise_descriptor_limit
 from flux.relay import make_relay
-from tests.echo_backend import EchoBackend
-from tests.fluxd_process import HOST, Fluxd, wait_until
-from tests.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
-from tests.process_fds import fd_targets, proxied_sockets
+from tests.support.echo_backend import EchoBackend
+from tests.support.fluxd_process import HOST, Fluxd, wait_until
+from tests.support.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
+from tests.support.process_fds import fd_targets, proxied_sockets
 
 PORT = 7100
 PAUSED = "pausing accepts"

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_server import EtcdServer
-from tests.fluxd_process import (
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import (
     EXPECTED_JUMPS,
     HOST,
     Fluxd,
@@ -47,8 +47,8 @@ from tests.fluxd_process import (
     http_get,
     wait_until,
 )
-from tests.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
-from tests.process_fds import fd_targets, proxied_sockets
+from tests.support.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
+from tests.support.process_fds import fd_targets, proxied_sockets
 
 FLUXCTL = [sys.executable, "-m", "flux.fluxctl"]
 # The /24s of 198.18.0.0/15 (benchmarking, RFC 2544) the container test may make local, in order

@@ -24,8 +24,8 @@ from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.metrics.counters import Metrics
 from flux.relay import make_relay, packed_sockaddr
-from tests.listening import close_listener
-from tests.netns import add_netns, delete_netns, netns_run
+from tests.support.listening import close_listener
+from tests.support.netns import add_netns, delete_netns, netns_run
 
 LOCAL = "127.0.0.1"
 

@@ -1,6 +1,6 @@
 """The test etcd itself works: keys written with etcdctl can be read back, and wiped."""
 
-from tests.etcd_server import EtcdServer
+from tests.support.etcd_server import EtcdServer
 
 
 def test_etcd_round_trip(etcd: EtcdServer) -> None:

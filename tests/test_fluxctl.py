@@ -21,7 +21,7 @@ import pytest
 import flux
 from flux import fluxctl
 from flux.fluxctl import main
-from tests.etcd_server import EtcdServer, free_port
+from tests.support.etcd_server import EtcdServer, free_port
 
 PREFIX = "/weave-flux/"
 SERVICE = PREFIX + "service/"

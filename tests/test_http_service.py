@@ -2,10 +2,10 @@
 
 One fluxd for the module (``-host-ip 127.0.0.1 -bridge lo``, its own chain, metrics on a free
 loopback port, HTTP timeouts short enough to test), the session's etcd, and the test backend of
-tests/http_backend.py registered as the instance of another host (127.0.0.2, on its own lease),
-so no container is needed except where the agent's enrolment is the point.  Service addresses
-are in 127.43.0.0/16 (loopback).  Counters are cumulative over the module, so each test
-compares the values before and after what it does.
+tests/support/http_backend.py registered as the instance of another host (127.0.0.2, on its own
+lease), so no container is needed except where the agent's enrolment is the point.  Service
+addresses are in 127.43.0.0/16 (loopback).  Counters are cumulative over the module, so each
+test compares the values before and after what it does.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flux.model import Host, HostRef, Instance, InstanceState, encode_record
 from flux.store.keys import host_key, instance_key
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_server import EtcdServer
-from tests.http_backend import HttpBackend
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.etcd_server import EtcdServer
+from tests.support.http_backend import HttpBackend
 
 HOST = "127.0.0.1"
 REMOTE = "127.0.0.2"

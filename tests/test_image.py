@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from flux.config import OPTIONS, parse_args
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_server import EtcdServer, free_port
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.etcd_server import EtcdServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FLUX = ROOT / "bin" / "run-flux"

@@ -1,4 +1,4 @@
-"""tests/listening.py: a test server's accept thread ends when its listener is closed."""
+"""tests/support/listening.py: a test server's accept thread ends when its listener is closed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.listening import close_listener
+from tests.support.listening import close_listener
 
 
 def _server() -> tuple[socket.socket, threading.Thread, list[object]]:

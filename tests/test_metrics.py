@@ -54,7 +54,7 @@ from flux.metrics.summary import SUMMARY_HIGHEST_US
 from flux.model import Host, HostRef, Instance, InstanceState, Service
 from flux.relay import RelayResult, make_relay
 from flux.store.memory import MemoryBackend, MemoryStore
-from tests.etcd_server import EtcdServer
+from tests.support.etcd_server import EtcdServer
 
 QS = (0.5, 0.9, 0.99, 0.999)
 

@@ -1,4 +1,6 @@
-"""Several Docker hosts, each with its own dockerd and fluxd, on one machine (tests/multihost.py).
+"""Several Docker hosts, each with its own dockerd and fluxd, on one machine.
+
+The harness is tests/support/multihost.py.
 
 Two host network namespaces on a bridge in a third (the switch), where a three-member etcd
 cluster runs.  Each host's fluxd has ``-host-ttl 3`` and ``-connect-timeout 0.5``; its
@@ -21,9 +23,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fluxd_process import wait_until
-from tests.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
-from tests.netns import socket_in
+from tests.support.fluxd_process import wait_until
+from tests.support.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
+from tests.support.netns import socket_in
 from tests.test_e2e import FALSE_FAILURE, min_count_bound
 
 pytestmark = [pytest.mark.etcd, pytest.mark.docker, pytest.mark.iptables]

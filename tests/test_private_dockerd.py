@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import netns_prefix
-from tests.private_dockerd import PrivateDockerd
+from tests.support.netns import netns_prefix
+from tests.support.private_dockerd import PrivateDockerd
 
 pytestmark = pytest.mark.docker
 

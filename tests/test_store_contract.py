@@ -21,7 +21,7 @@ from flux.model import Host, HostRef, Instance, RecordError, Rule, Service, Serv
 from flux.store import NotFound, ServiceUpdate, Store
 from flux.store.etcd import EtcdStore
 from flux.store.memory import MemoryBackend, MemoryStore
-from tests.etcd_server import EtcdServer
+from tests.support.etcd_server import EtcdServer
 
 SPEC = Service(address="1.2.3.4:1234", protocol="tcp")
 OTHER_SPEC = Service(address="10.128.0.9:80", instance_port=8080, protocol="http")

@@ -31,7 +31,7 @@ from flux.model import Host, HostRef, Instance, Service, ServiceInfo
 from flux.store import ServiceUpdate, StoreError, StoreUnavailable
 from flux.store._etcd3_compat import AioClient, _JsonFramer
 from flux.store.etcd import EtcdStore, _reason
-from tests.etcd_server import EtcdServer, free_port
+from tests.support.etcd_server import EtcdServer, free_port
 
 SPEC = Service(address="10.128.0.1:80", protocol="http")
 INSTANCE = Instance(host=HostRef(address="10.0.0.1"), address="10.0.0.1:8080")

@@ -13,11 +13,11 @@ networks are routed on purpose (:meth:`Fabric.route_container_networks`), so eve
 inside namespaces this module created.  Service addresses are in :data:`VIP_RANGE`, which every
 host namespace routes as *local* (to ``lo``): even with a rule missing nothing could leave.
 
-Each host runs its own :class:`~tests.private_dockerd.PrivateDockerd` and its own fluxd
+Each host runs its own :class:`~tests.support.private_dockerd.PrivateDockerd` and its own fluxd
 (``-host-ip 198.19.0.K -bridge eth0``: listeners bind to the veth's address, so other hosts can
 reach them too).  Instances are busybox containers on ``--net=host`` (the host's namespace),
 so an instance's address is the host's IP and its port.  Clients are sockets the test opens in
-a host namespace (:func:`tests.netns.socket_in`), so a test drives and times them directly.
+a host namespace (:func:`tests.support.netns.socket_in`), so a test drives and times them directly.
 
 The expensive parts (namespaces, engines, etcd) are built once by :meth:`Fabric.start` and
 shared; :meth:`Fabric.reset` puts them back between tests (links up, every etcd member running,
@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.etcd_cluster import EtcdCluster
-from tests.fluxd_process import Fluxd, wait_until
-from tests.netns import add_netns, delete_netns, netns_run, socket_in
-from tests.private_dockerd import PrivateDockerd
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.etcd_cluster import EtcdCluster
+from tests.support.fluxd_process import Fluxd, wait_until
+from tests.support.netns import add_netns, delete_netns, netns_run, socket_in
+from tests.support.private_dockerd import PrivateDockerd
 
 __all__ = [
     "DEVICE",

@@ -1,8 +1,8 @@
 """An echo server in a process of its own, for tests that need thousands of connections.
 
 Every byte a connection sends comes back on it.  The server runs as a subprocess
-(``python -m tests.echo_backend``) with its descriptor limit raised to the hard limit, so the
-test's own clients and this server's connections count against two processes' limits rather
+(``python -m tests.support.echo_backend``) with its descriptor limit raised to the hard limit,
+so the test's own clients and this server's connections count against two processes' limits rather
 than one: the machine caps each process at 20,000 descriptors.
 """
 
@@ -52,7 +52,7 @@ class EchoBackend:
 
     def __enter__(self) -> EchoBackend:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.echo_backend", self.host],
+            [sys.executable, "-m", "tests.support.echo_backend", self.host],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -29,7 +29,8 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member listening on loopback only."""
 
-    # What etcdctl runs under: tests/etcd_cluster.py's members put ``nsenter --net=...`` here.
+    # What etcdctl runs under: tests/support/etcd_cluster.py's members put ``nsenter --net=...``
+    # here.
     command_prefix: tuple[str, ...] = ()
 
     def __init__(self, data_dir: Path) -> None:

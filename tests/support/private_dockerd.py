@@ -4,7 +4,8 @@ The engine has its own data root, exec root, pid file, socket and containerd (do
 one under its exec root) and touches no host networking: no default bridge, no iptables or
 ip6tables rules, no IP forwarding or masquerading.  Containers run with ``--net=host``, which
 here means the namespace the engine runs in.  The machine's engine is used only to build the
-busybox test image (tests/docker_images.py), which :meth:`PrivateDockerd.load_image` copies in.
+busybox test image (tests/support/docker_images.py), which :meth:`PrivateDockerd.load_image`
+copies in.
 
 API (stable; other test modules import it)::
 
@@ -34,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.netns import netns_prefix
+from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
+from tests.support.netns import netns_prefix
 
 __all__ = ["PrivateDockerd"]
 

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.parse
 
-from tests.listening import close_listener
+from tests.support.listening import close_listener
 
 __all__ = ["HttpBackend"]
 

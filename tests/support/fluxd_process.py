@@ -17,8 +17,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 
-from tests.etcd_server import EtcdServer
-from tests.netns import netns_prefix
+from tests.support.etcd_server import EtcdServer
+from tests.support.netns import netns_prefix
 
 HOST = "127.0.0.1"
 # nat: PREROUTING and OUTPUT; filter: FORWARD, INPUT and OUTPUT.
@@ -40,8 +40,8 @@ def iptables_save() -> str:
 class Fluxd:
     """A fluxd process whose stderr is collected line by line.
 
-    By default it is this machine's host 127.0.0.1 on ``lo``; tests/multihost.py runs one per
-    network namespace (``netns``) with that namespace's address and device.
+    By default it is this machine's host 127.0.0.1 on ``lo``; tests/support/multihost.py runs one
+    per network namespace (``netns``) with that namespace's address and device.
     """
 
     def __init__(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from flux.model import Host, HostRef, Instance, InstanceState, Service
 from flux.store.etcd import EtcdStore
-from tests.fluxd_process import chain_lines
+from tests.support.fluxd_process import chain_lines
 
 __all__ = ["OtherHost", "listener_of", "random_loopback_vip", "rules_for"]
 

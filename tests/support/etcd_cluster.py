@@ -19,8 +19,8 @@ API (stable; other test modules import it)::
     cluster.get(key), cluster.keys(prefix), cluster.wipe()
     cluster.stop()                    # every member; data stays until the directory goes
 
-Each member is an :class:`EtcdMember`, an :class:`tests.etcd_server.EtcdServer` on a given IP
-and port (optionally in a namespace), so a member also has the single server's helpers.
+Each member is an :class:`EtcdMember`, an :class:`tests.support.etcd_server.EtcdServer` on a
+given IP and port (optionally in a namespace), so a member also has the single server's helpers.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.etcd_server import EtcdServer
-from tests.netns import netns_prefix
+from tests.support.etcd_server import EtcdServer
+from tests.support.netns import netns_prefix
 
 __all__ = ["EtcdCluster", "EtcdMember", "netns_prefix"]
 
