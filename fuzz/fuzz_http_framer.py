@@ -5,11 +5,12 @@
 
 Each input is decoded into a client's or an instance's byte stream -- a built-in valid stream
 mutated at input-chosen places, or the raw input itself -- plus the sizes of the pieces it is
-fed in.  The checks are the differential ones of tests/test_http_framer.py: the same events
-whatever the split, and h11's verdict (its boundaries, and whether it rejects) unless the
-framer names a deliberate difference.  The framer is C without coverage instrumentation, so
-h11's parser is instrumented instead: inputs that reach new corners of the HTTP grammar are the
-ones worth keeping.  A failed check raises, which libFuzzer reports with the input that did it.
+fed in.  The checks are the differential ones of tests/support/framer_oracle.py (which
+tests/test_http_framer.py runs too): the same events whatever the split, and h11's verdict (its
+boundaries, and whether it rejects) unless the framer names a deliberate difference.  The
+framer is C without coverage instrumentation, so h11's parser is instrumented instead: inputs
+that reach new corners of the HTTP grammar are the ones worth keeping.  A failed check raises,
+which libFuzzer reports with the input that did it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 with atheris.instrument_imports(include=["h11"]):
     import h11  # noqa: F401  (instrumented before the oracle imports it)
 
-from tests.test_http_framer import (
+from tests.support.framer_oracle import SentRequest, check_request_stream, check_response_stream
+from tests.support.http_streams import (
     CHUNKED_HEAD,
     GET,
     MALFORMED_CHUNKS,
@@ -32,9 +34,6 @@ from tests.test_http_framer import (
     SAMPLE_REQUESTS,
     SAMPLE_RESPONSES,
     SNIPPETS,
-    SentRequest,
-    check_request_stream,
-    check_response_stream,
 )
 
 REQUEST_SEEDS = [

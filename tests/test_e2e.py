@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import ipaddress
-import math
 import os
 import random
 import secrets
@@ -49,6 +48,7 @@ from tests.support.fluxd_process import (
 )
 from tests.support.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
 from tests.support.process_fds import fd_targets, proxied_sockets
+from tests.support.spread import FALSE_FAILURE, min_count_bound
 
 FLUXCTL = [sys.executable, "-m", "flux.fluxctl"]
 # The /24s of 198.18.0.0/15 (benchmarking, RFC 2544) the container test may make local, in order
@@ -92,26 +92,6 @@ def wget(vip: str, seconds: int = 5) -> str:
     sends), so callers run it from ``sh -c`` with another command after it.
     """
     return f"timeout {seconds} wget -q -O - http://{vip}/"
-
-
-def min_count_bound(requests: int, instances: int, false_failure: float) -> int:
-    """The largest m such that, with uniform random picks, P(some instance gets < m) < bound.
-
-    Union bound over the instances of the exact binomial lower tail: each instance's count is
-    Binomial(requests, 1/instances).
-    """
-    p = 1 / instances
-
-    def tail_below(m: int) -> float:
-        return sum(math.comb(requests, i) * p**i * (1 - p) ** (requests - i) for i in range(m))
-
-    best = 0
-    for m in range(requests + 1):
-        if instances * tail_below(m) < false_failure:
-            best = m
-        else:
-            break
-    return best
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -368,7 +348,6 @@ def test_one_gib_each_way_arrives_intact(
 # -- 3. spread over instances ----------------------------------------------------------------
 
 SPREAD_REQUESTS = 150
-FALSE_FAILURE = 1e-6
 
 
 def test_min_count_bound_matches_the_binomial_tail() -> None:

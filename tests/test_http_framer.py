@@ -10,293 +10,52 @@ documented leniencies (which it reports) and its documented extra strictness (wh
 Rules h11 cannot judge (HTTP/1.0 keep-alive, pipelining depth, protocol switches, rejections,
 limits, skipping) are pinned down by tables.
 
-The oracle and the differential checks are also the fuzz target's (fuzz/fuzz_http_framer.py).
+The oracle and the differential checks are in tests/support/framer_oracle.py and the streams in
+tests/support/http_streams.py, both shared with the fuzz target (fuzz/fuzz_http_framer.py).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flux._splice import HTTP_ERROR_RESPONSES, HTTP_METHODS, HttpEvent, HttpFramerProbe
+from flux._splice import HTTP_ERROR_RESPONSES, HttpEvent, HttpFramerProbe
+from tests.support.framer_oracle import (
+    Run,
+    SentRequest,
+    check_request_stream,
+    check_response_stream,
+    h11_requests,
+    h11_responses,
+    label,
+    pieces_of,
+    timeless,
+)
+from tests.support.http_streams import (
+    CHUNKED_HEAD,
+    GET,
+    HOST,
+    MALFORMED_CHUNKS,
+    MALFORMED_REQUESTS,
+    SAMPLE_REQUESTS,
+    SAMPLE_RESPONSES,
+    SNIPPETS,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EVERYTHING = 2**64 - 1
 MAX_HEAD = 65536
 RING = 32
-# h11 buffers whole heads; let it take anything the framer might.
-H11_BUFFER = 1 << 22
-# Where the framer is deliberately stricter than h11 (reasons it names) and where it accepts
-# what h11 rejects (what `lenient` reports): see the theory of operation in _http.pxi.
-STRICTER = frozenset({"obs-fold", "te-with-content-length", "te-http10", "chunk-ext-cr",
-                      "head-too-large"})
-DECLINE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
-
-
-def label(method: bytes) -> str:
-    name = method.decode("latin-1")
-    return name if name in HTTP_METHODS and name != "OTHER" else "OTHER"
-
-
-# ---- the oracle ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class OracleRequest:
-    method: str
-    head_end: int       # offset just after the head
-    end: int            # offset just after the message
-
-
-@dataclass(frozen=True)
-class OracleResponse:
-    status: int
-    head_end: int       # of the final (or switching) response head
-    end: int
-    switched: bool
-
-
-@dataclass(frozen=True)
-class Verdict:
-    messages: tuple[OracleRequest, ...] | tuple[OracleResponse, ...]
-    error: str | None   # h11 rejected the message after the last one listed
-    stopped: bool       # h11 cannot say more: the connection closes or switched protocols
-
-
-def h11_requests(data: bytes, accept_switch_at: int | None = None) -> Verdict:
-    """The requests an h11 server finds in `data`, answering each: 403, which declines a
-    switch of protocols, except at request number `accept_switch_at`."""
-    server = h11.Connection(h11.SERVER, max_incomplete_event_size=H11_BUFFER)
-    if data:
-        server.receive_data(data)                   # (b"" would mean EOF)
-    found: list[OracleRequest] = []
-    method, head_end = b"", 0
-    while True:
-        try:
-            event = server.next_event()
-        except h11.RemoteProtocolError as exc:
-            return Verdict(tuple(found), str(exc), False)
-        consumed = len(data) - len(server.trailing_data[0])
-        if event is h11.NEED_DATA:
-            return Verdict(tuple(found), None, False)
-        assert event is not h11.PAUSED and not isinstance(event, h11.ConnectionClosed), event
-        if isinstance(event, h11.Request):
-            method, head_end = event.method, consumed
-        elif isinstance(event, h11.EndOfMessage):
-            found.append(OracleRequest(label(method), head_end, consumed))
-            if (server.their_state is h11.MIGHT_SWITCH_PROTOCOL
-                    and len(found) - 1 == accept_switch_at):
-                return Verdict(tuple(found), None, True)
-            server.send(h11.Response(status_code=403, headers=[("Content-Length", "0")]))
-            server.send(h11.EndOfMessage())
-            if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
-                return Verdict(tuple(found), None, True)
-            server.start_next_cycle()
-
-
-@dataclass(frozen=True)
-class SentRequest:
-    """What the h11 client must have sent for a response to be read the right way."""
-
-    method: bytes = b"GET"
-    upgrade: bool = False
-
-    def wire(self) -> bytes:
-        target = b"oracle:1" if self.method == b"CONNECT" else b"/"
-        upgrade = b"Upgrade: test\r\nConnection: upgrade\r\n" if self.upgrade else b""
-        return b"%s %s HTTP/1.1\r\nHost: oracle\r\n%s\r\n" % (self.method, target, upgrade)
-
-
-def h11_responses(requests: Sequence[SentRequest], data: bytes, eof: bool = True) -> Verdict:
-    """The responses an h11 client finds in `data` after sending `requests` one by one."""
-    client = h11.Connection(h11.CLIENT, max_incomplete_event_size=H11_BUFFER)
-    if data:
-        client.receive_data(data)
-    if eof:
-        client.receive_data(b"")
-    found: list[OracleResponse] = []
-    for request in requests:
-        headers = [("Host", "oracle")]
-        if request.upgrade:
-            headers += [("Upgrade", "test"), ("Connection", "upgrade")]
-        target = b"oracle:1" if request.method == b"CONNECT" else b"/"
-        client.send(h11.Request(method=request.method, target=target, headers=headers))
-        client.send(h11.EndOfMessage())
-        status, head_end = 0, 0
-        while True:
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError as exc:
-                if "closed connection" in str(exc) or "ConnectionClosed" in str(exc):
-                    return Verdict(tuple(found), None, False)   # cut short, not malformed
-                return Verdict(tuple(found), str(exc), False)
-            consumed = len(data) - len(client.trailing_data[0])
-            if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
-                return Verdict(tuple(found), None, False)
-            assert event is not h11.PAUSED, event
-            if isinstance(event, h11.InformationalResponse | h11.Response):
-                status, head_end = event.status_code, consumed
-                if client.their_state is h11.SWITCHED_PROTOCOL:
-                    found.append(OracleResponse(status, head_end, consumed, True))
-                    return Verdict(tuple(found), None, True)
-            elif isinstance(event, h11.EndOfMessage):
-                found.append(OracleResponse(status, head_end, consumed, False))
-                if client.trailing_data == (b"", True):
-                    return Verdict(tuple(found), None, True)   # it ended at EOF
-                break
-        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
-            return Verdict(tuple(found), None, True)
-        client.start_next_cycle()
-    return Verdict(tuple(found), None, False)
-
-
-# ---- driving the framer --------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """A framer fed piecewise, with a clock that ticks once per call."""
-
-    probe: HttpFramerProbe = field(default_factory=HttpFramerProbe)
-    now: int = 0
-    events: list[HttpEvent] = field(default_factory=list)
-    calls: dict[str, list[tuple[int, int, int]]] = field(
-        default_factory=lambda: {"request": [], "response": []})
-
-    def feed(self, side: str, data: bytes) -> list[HttpEvent]:
-        self.now += 1
-        start = self.probe.position(side)
-        new = self.probe.feed(side, data, self.now)
-        self.calls[side].append((start, start + len(data), self.now))
-        self.events += new
-        return new
-
-    def skip(self, side: str, n: int) -> list[HttpEvent]:
-        self.now += 1
-        start = self.probe.position(side)
-        new = self.probe.skip(side, n, self.now)
-        self.calls[side].append((start, start + n, self.now))
-        self.events += new
-        return new
-
-    def eof(self, side: str) -> list[HttpEvent]:
-        self.now += 1
-        new = self.probe.eof(side, self.now)
-        self.events += new
-        return new
-
-    def when(self, side: str, offset: int) -> int:
-        """The clock of the call that carried byte `offset` of `side`."""
-        for start, end, now in self.calls[side]:
-            if start <= offset < end:
-                return now
-        raise AssertionError(f"byte {offset} of the {side} stream was never shown")
-
-    def of(self, kind: str) -> list[HttpEvent]:
-        return [e for e in self.events if e.kind == kind]
-
-
-def feed_all(probe: HttpFramerProbe, side: str, data: bytes, now: int = 0) -> list[HttpEvent]:
-    return probe.feed(side, data, now)
-
-
-def timeless(events: Iterable[HttpEvent]) -> list[HttpEvent]:
-    return [e._replace(t_request_head=0, t_response_head=0, t_response_end=0) for e in events]
-
-
-def by_kind(events: Iterable[HttpEvent]) -> dict[str, list[HttpEvent]]:
-    """Events of each kind, in order, without times: what must not depend on the split (the
-    interleaving of the two sides' events may, and so may speculation)."""
-    out: dict[str, list[HttpEvent]] = {}
-    for event in timeless(events):
-        out.setdefault(event.kind, []).append(event._replace(speculative=False))
-    return out
-
-
-def pieces_of(data: bytes, sizes: Sequence[int]) -> list[bytes]:
-    out, i, k = [], 0, 0
-    while i < len(data):
-        n = sizes[k % len(sizes)] if sizes else len(data)
-        out.append(data[i:i + max(1, n)])
-        i += max(1, n)
-        k += 1
-    return out
-
-
-# ---- differential checks (also the fuzz target's) -------------------------------------------
-
-def _diverges(framer: list, oracle: Sequence, h11_error: str | None, h11_stopped: bool,
-              framer_error: str | None, lenient: frozenset[str], what: str) -> None:
-    """Judge the framer's messages against h11's (see the module docstring)."""
-    common = 0
-    while (common < min(len(framer), len(oracle)) and framer[common] == oracle[common]):
-        common += 1
-    context = (f"{what}: framer {framer} (error {framer_error!r}, lenient {set(lenient)}) vs "
-               f"h11 {list(oracle)} (error {h11_error!r}, stopped {h11_stopped})")
-    if common < min(len(framer), len(oracle)):
-        assert lenient, f"different boundaries; {context}"
-    elif len(framer) < len(oracle):
-        assert framer_error in STRICTER, f"framer stopped early; {context}"
-    elif len(framer) > len(oracle):
-        assert h11_stopped or lenient, f"framer accepted more; {context}"
-    elif h11_error is not None and framer_error is None:
-        assert lenient, f"h11 rejected, framer did not; {context}"
-
-
-def check_request_stream(data: bytes, sizes: Sequence[int] = ()) -> None:
-    """Feed a client's stream (answering each request with a 403) and judge it against h11."""
-    verdict = h11_requests(data)
-    runs = []
-    for split in (sizes, ()):
-        run = Run()
-        for piece in pieces_of(data, split):
-            for event in run.feed("request", piece):
-                if event.kind == "request":
-                    run.feed("response", DECLINE)
-        runs.append(run)
-    assert by_kind(runs[0].events) == by_kind(runs[1].events), "depends on the split"
-    run = runs[0]
-    assert not run.of("opaque"), run.events
-    malformed = run.of("malformed")
-    framer = [(e.method, e.pos) for e in run.of("request")]
-    oracle = [(r.method, r.end) for r in verdict.messages]
-    _diverges(framer, oracle, verdict.error, verdict.stopped,
-              malformed[0].reason if malformed else None, run.probe.lenient("request"),
-              "requests")
-
-
-def check_response_stream(requests: Sequence[SentRequest], data: bytes,
-                          sizes: Sequence[int] = ()) -> None:
-    """Feed `requests` then an instance's stream (and EOF) and judge it against h11."""
-    verdict = h11_responses(requests, data)
-    runs = []
-    for split in (sizes, ()):
-        run = Run()
-        run.feed("request", b"".join(r.wire() for r in requests))
-        for piece in pieces_of(data, split):
-            run.feed("response", piece)
-        run.eof("response")
-        runs.append(run)
-    assert by_kind(runs[0].events) == by_kind(runs[1].events), "depends on the split"
-    run = runs[0]
-    assert not run.of("malformed"), run.events
-    opaque = run.of("opaque")
-    framer = [(e.status, e.pos, e.switched) for e in run.of("exchange")]
-    oracle = [(r.status, r.end, r.switched) for r in verdict.messages]
-    _diverges(framer, oracle, verdict.error, verdict.stopped,
-              opaque[0].reason if opaque else None, run.probe.lenient("response"),
-              "responses")
 
 
 # ---- table-driven rules --------------------------------------------------------------------
 
-GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
 OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -586,74 +345,6 @@ def test_obs_fold_of_other_response_fields_is_followed() -> None:
     [ex] = p.feed("response", b"HTTP/1.1 200 OK\r\nX-Long: a\r\n\tb\r\n  c\r\n"
                               b"Content-Length: 1\r\n\r\nz")
     assert ex.status == 200 and p.observing
-
-
-HOST = b"Host: a\r\n"
-MALFORMED_REQUESTS = [
-    # (id, bytes, reason, h11 rejects it too)
-    ("lowercase-version", b"GET / http/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("no-target", b"GET  HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("space-in-target", b"GET /a b HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("no-version", b"GET /\r\n" + HOST + b"\r\n", "start-line", True),
-    ("bad-version", b"GET / HTTP/1.x\r\n" + HOST + b"\r\n", "start-line", True),
-    ("trailing-space", b"GET / HTTP/1.1 \r\n" + HOST + b"\r\n", "start-line", True),
-    ("separator-in-method", b"GE/T / HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("tab-separator", b"GET\t/ HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("nul-first", b"\x00GET / HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("tls-hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "start-line", True),
-    ("cr-cr-lf", b"GET / HTTP/1.1\r\r\n" + HOST + b"\r\n", "start-line", True),
-    ("obs-text-target", b"GET /\xe9 HTTP/1.1\r\n" + HOST + b"\r\n", "start-line", True),
-    ("space-before-colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", "field", True),
-    ("no-colon", b"GET / HTTP/1.1\r\n" + HOST + b"Foo\r\n\r\n", "field", True),
-    ("empty-name", b"GET / HTTP/1.1\r\n" + HOST + b": x\r\n\r\n", "field", True),
-    ("nul-in-value", b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x00b\r\n\r\n", "field", True),
-    ("cr-in-value", b"GET / HTTP/1.1\r\n" + HOST + b"X: a\rb\r\n\r\n", "field", True),
-    ("vt-in-value", b"GET / HTTP/1.1\r\n" + HOST + b"X: a\x0bb\r\n\r\n", "field", True),
-    ("fold-first", b"GET / HTTP/1.1\r\n folded\r\n" + HOST + b"\r\n", "field", True),
-    ("end-cr-cr", b"GET / HTTP/1.1\r\n" + HOST + b"\r\r\n\r\n", "field", True),
-    ("obs-fold", b"GET / HTTP/1.1\r\n" + HOST + b"X: a\r\n b\r\n\r\n", "obs-fold", False),
-    ("no-host", b"GET / HTTP/1.1\r\nX: a\r\n\r\n", "host", True),
-    ("two-hosts", b"GET / HTTP/1.1\r\n" + HOST + HOST + b"\r\n", "host", True),
-    ("two-hosts-10", b"GET / HTTP/1.0\r\n" + HOST + HOST + b"\r\n", "host", True),
-    *[
-        (f"content-length-{i}", b"POST / HTTP/1.1\r\n" + HOST + cl + b"\r\n",
-         "content-length", True)
-        for i, cl in enumerate([
-            b"Content-Length: abc\r\n", b"Content-Length: +5\r\n", b"Content-Length: -1\r\n",
-            b"Content-Length:\r\n", b"Content-Length: 1 2\r\n", b"Content-Length: 5, 6\r\n",
-            b"Content-Length: 5\r\nContent-Length: 6\r\n", b"Content-Length: 5,\r\n",
-            b"Content-Length: 0x5\r\n", b"Content-Length: " + b"1" * 21 + b"\r\n",
-            b"Content-Length: 5\r\nContent-Length: 05\r\n",
-        ])
-    ],
-    *[
-        (f"transfer-encoding-{i}", b"POST / HTTP/1.1\r\n" + HOST + te + b"\r\n",
-         "transfer-encoding", True)
-        for i, te in enumerate([
-            b"Transfer-Encoding: gzip\r\n", b"Transfer-Encoding: chunked, gzip\r\n",
-            b"Transfer-Encoding: chunked, chunked\r\n", b"Transfer-Encoding:\r\n",
-            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
-            b"Transfer-Encoding: chun ked\r\n", b"Transfer-Encoding: \"chunked\"\r\n",
-            b"Transfer-Encoding: ;q=1, chunked\r\n",
-        ])
-    ],
-    ("te-with-cl", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\n"
-     b"Transfer-Encoding: chunked\r\n\r\n", "te-with-content-length", False),
-    ("te-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "te-http10", False),
-]
-CHUNKED_HEAD = b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
-MALFORMED_CHUNKS = [
-    ("not-hex", b"zz\r\n", "chunk", True),
-    ("no-size", b"\r\n", "chunk", True),
-    ("size-too-long", b"0" * 21 + b"1\r\nx\r\n0\r\n\r\n", "chunk", True),
-    ("data-overrun", b"5\r\nhelloX\r\n0\r\n\r\n", "chunk", True),
-    ("lf-after-size", b"5\nhello\r\n0\r\n\r\n", "chunk", True),
-    ("lf-in-ext", b"5;a\nb\r\nhello\r\n0\r\n\r\n", "chunk", True),
-    ("space-before-ext", b"5 ;a\r\nhello\r\n0\r\n\r\n", "chunk", True),
-    ("cr-in-ext", b"5;a\rb\r\nhello\r\n0\r\n\r\n", "chunk-ext-cr", False),
-    ("bad-trailer", b"0\r\nnot a field\r\n\r\n", "field", True),
-    ("folded-trailer", b"0\r\nX: a\r\n b\r\n\r\n", "obs-fold", False),
-]
 
 
 @pytest.mark.parametrize(
@@ -1053,24 +744,6 @@ def test_generated_exchanges_have_the_boundaries_h11_finds(
     assert run.probe.observing is not last.switched
 
 
-SAMPLE_REQUESTS = (
-    b"GET /a?b=c HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\nConnection: keep-alive\r\n\r\n"
-    b"POST /upload HTTP/1.1\nhost:x\nContent-Length:  7 \nExpect: 100-continue\n\nabc\r\nde"
-    b"PUT /c HTTP/1.1\r\nHOST: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
-    b"0a;ext=1\r\n0123456789\r\n3 \r\nabc\r\n0;last\r\nDigest: x\r\nOther: y z\r\n\r\n"
-    b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
-    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
-    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"
-)
-SAMPLE_RESPONSES = (
-    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX: y\r\n\r\n"
-    b"5;a=b\r\nhello\r\n0\r\nT: 1\r\n\r\n"
-    b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
-    b"HTTP/1.1 426 Upgrade Required\nContent-Length: 2\n\nno"
-    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
-)
 SAMPLE_SENT = [SentRequest(b"GET"), SentRequest(b"POST"), SentRequest(b"PUT"),
                SentRequest(b"HEAD"), SentRequest(b"GET", upgrade=True), SentRequest(b"OPTIONS")]
 
@@ -1109,13 +782,6 @@ def test_every_split_point_gives_the_same_events() -> None:
 
 
 # ---- mutated streams: h11 rejects, the framer must too -------------------------------------
-
-SNIPPETS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b"\x00", b":", b",", b";", b"0", b"f", b"\x7f",
-            b"\x80", b"\x0b", b'"', b"\r\n\r\n", b"Content-Length: 3\r\n",
-            b"Transfer-Encoding: chunked\r\n", b"Host: x\r\n", b"Connection: close\r\n",
-            b"0\r\n\r\n", b"HTTP/1.1", b" HTTP/1.0", b"Upgrade: x\r\n", b"CONNECT ",
-            b"Transfer-Encoding: gzip, chunked\r\n", b"Content-Length: 1, 1\r\n"]
-
 
 @st.composite
 def mutated(draw: st.DrawFn, stream: bytes) -> bytes:

@@ -26,7 +26,7 @@ import pytest
 from tests.support.fluxd_process import wait_until
 from tests.support.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
 from tests.support.netns import socket_in
-from tests.test_e2e import FALSE_FAILURE, min_count_bound
+from tests.support.spread import FALSE_FAILURE, min_count_bound
 
 pytestmark = [pytest.mark.etcd, pytest.mark.docker, pytest.mark.iptables]
 

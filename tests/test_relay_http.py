@@ -1,8 +1,8 @@
 """HTTP connections through both relays: verbatim bytes, exchange timing, the relay's answers.
 
-The scenarios drive both ends themselves (see tests/test_relay.py): the test is the client and
-the instance, so it decides exactly which bytes each side sends and when, and checks what the
-other side received, what the relay reported per exchange, and what it answered itself.
+The scenarios drive both ends themselves (see tests/support/relay_harness.py): the test is the
+client and the instance, so it decides exactly which bytes each side sends and when, and checks
+what the other side received, what the relay reported per exchange, and what it answered itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from flux._splice import HTTP_ERROR_RESPONSES
 from flux.relay import SpliceRelay
-from tests.test_relay import (
+from tests.support.relay_harness import (
     KINDS,
     Harness,
     Link,

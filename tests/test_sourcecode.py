@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -29,6 +31,43 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_ruff() -> None:
     result = run("ruff", "check", "src", "tests", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules `path` imports, by dotted name; ``from tests import test_x`` imports test_x."""
+    package = ".".join(path.relative_to(ROOT).parent.parts)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_module_imports_a_test_module() -> None:
+    # What tests share lives in tests/support/: only pytest imports a test module.
+    test_modules = {f"tests.{path.stem}" for path in (ROOT / "tests").glob("test_*.py")}
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_modules(path) & test_modules)
+        for directory in ("tests", "benchmarks", "fuzz")
+        for path in (ROOT / directory).rglob("*.py")
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_test_helpers_live_in_tests_support() -> None:
+    tests = ROOT / "tests"
+    misplaced = [
+        str(path.relative_to(ROOT))
+        for path in tests.rglob("*.py")
+        if path.name not in ("conftest.py", "__init__.py")
+        and not (path.parent == tests and path.name.startswith("test_"))
+        and path.parent != tests / "support"
+    ]
+    assert misplaced == [], "modules that tests import belong in tests/support/"
 
 
 def test_mypy_on_the_pure_core() -> None:
