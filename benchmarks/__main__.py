@@ -11,11 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.subjects import BASELINE_SUBJECTS, SUBJECTS  # light: no flux, no matplotlib
+
 WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-keepalive",
              "http-close"]  # fmt: skip
-SUBJECTS = ["direct", "fluxd", "fluxd-1t", "fluxd-python", "haproxy-tcp", "haproxy-splice",
-            "haproxy-tcp-2t", "nginx", "fluxd-http", "haproxy-http", "haproxy-http-2t",
-            "nginx-http"]  # fmt: skip
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -76,10 +75,21 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--subjects",
         nargs="+",
-        choices=SUBJECTS,
-        default=SUBJECTS,
+        choices=list(SUBJECTS),
+        default=None,
         metavar="S",
-        help=f"what to measure (default all: {' '.join(SUBJECTS)})",
+        help="what to measure (default all but the baseline build's, which --baseline adds: "
+        f"{' '.join(SUBJECTS)})",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="another flux checkout with its engine built (e.g. a git worktree at the commit "
+        "before a change): adds fluxd-base and fluxd-http-base, fluxd run from that tree, on "
+        "bulk1, keepalive, close, http-keepalive and http-close, so the report shows fluxd "
+        "relative to that build in the same run",
     )
     parser.add_argument(
         "--out",
@@ -112,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.suite import RESULTS, Settings, command_line, report_only, run
 
     quick = args.quick
+    subjects = args.subjects or [
+        s for s in SUBJECTS if args.baseline is not None or s not in BASELINE_SUBJECTS
+    ]
+    if args.baseline is None and set(subjects) & set(BASELINE_SUBJECTS):
+        raise SystemExit("benchmarks: the *-base subjects need --baseline DIR")
     settings = Settings(
         repeat=args.repeat or (1 if quick else 3),
         bulk_seconds=args.bulk_seconds or (3.0 if quick else 6.0),
@@ -120,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         idle_count=args.idle,
         workloads=list(dict.fromkeys(args.workloads)),
-        subjects=list(dict.fromkeys(args.subjects)),
+        subjects=list(dict.fromkeys(subjects)),
+        baseline=args.baseline.resolve() if args.baseline else None,
         out=args.out or RESULTS,
         chart=not args.no_chart,
         command=command_line(argv),

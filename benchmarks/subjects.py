@@ -22,7 +22,10 @@ Subjects, each with one front address per backend:
 - for HTTP services: ``fluxd-http`` (fluxd with the HTTP backend's service marked
   ``protocol http``, so its engine frames every exchange, and metrics served), ``haproxy-http``
   / ``haproxy-http-2t`` (HAProxy ``mode http``, one and two threads) and ``nginx-http`` (nginx
-  ``proxy_pass`` with an upstream ``keepalive`` pool, one worker).
+  ``proxy_pass`` with an upstream ``keepalive`` pool, one worker);
+- with ``--baseline DIR`` only: ``fluxd-base`` and ``fluxd-http-base``, the same two fluxd
+  subjects run from another checkout (``PYTHONPATH=DIR/src``: its Python and its compiled
+  engine), so a change to the engine is measured against the code before it in one run.
 
 Every listener is on 127.0.0.1 (fluxd's on ``lo``'s address, reached through its DNAT rule)
 with a backlog of 4,096, like fluxd's.  Configurations are written to a temporary directory,
@@ -50,6 +53,7 @@ from pathlib import Path
 from benchmarks.system import LOOPBACK, free_port, process_tree
 
 __all__ = [
+    "BASELINE_SUBJECTS",
     "BODY",
     "SUBJECTS",
     "Backends",
@@ -68,6 +72,7 @@ START_TIMEOUT = 30.0
 # Floating addresses are 127.42.<net>.1 and .2; one random <net> per run, the next ones for the
 # other fluxd subjects.
 _VIP_NET = 20 + secrets.randbelow(200)
+_FLUXD_NETS = ("fluxd", "fluxd-python", "fluxd-http", "fluxd-1t", "fluxd-base", "fluxd-http-base")
 
 # name -> how the report labels it
 SUBJECTS: dict[str, str] = {
@@ -83,7 +88,11 @@ SUBJECTS: dict[str, str] = {
     "haproxy-http": "HAProxy http",
     "haproxy-http-2t": "HAProxy http, 2 threads",
     "nginx-http": "nginx proxy_pass",
+    # Only with --baseline: fluxd and its http service again, from another checkout's build.
+    "fluxd-base": "fluxd, baseline build",
+    "fluxd-http-base": "fluxd (http service), baseline build",
 }
+BASELINE_SUBJECTS = ("fluxd-base", "fluxd-http-base")
 
 
 class Child:
@@ -501,7 +510,12 @@ async def _instances(
 
 
 async def _start_fluxd(
-    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends, vip_net: int
+    stack: AsyncExitStack,
+    name: str,
+    workdir: Path,
+    backends: Backends,
+    vip_net: int,
+    baseline: Path | None,
 ) -> Subject:
     sys.path.insert(0, str(ROOT))  # the test helper that runs a private etcd
     from tests.support.etcd_server import EtcdServer
@@ -514,13 +528,18 @@ async def _start_fluxd(
 
     chain = "FLUXB" + secrets.token_hex(3).upper()
     relay = "python" if name == "fluxd-python" else "splice"
-    http_protocol = "http" if name == "fluxd-http" else "tcp"
+    http_protocol = "http" if name in ("fluxd-http", "fluxd-http-base") else "tcp"
     threads = 1 if name == "fluxd-1t" else None  # None: fluxd's default (the usable CPUs)
     metrics_port = free_port()
     env = {**os.environ, "ETCD_ADDRESS": etcd.endpoint}
     # The flags below decide, not whatever the caller's environment says.
     env.pop("FLUX_RELAY", None)
     env.pop("FLUX_ENGINE_THREADS", None)
+    if name in BASELINE_SUBJECTS:
+        if baseline is None:
+            raise RuntimeError(f"{name}: no baseline checkout given (--baseline DIR)")
+        # Ahead of the editable install on sys.path: fluxd, engine included, from that tree.
+        env["PYTHONPATH"] = str(baseline / "src")
     argv = [sys.executable, "-m", "flux", "-host-ip", HOST_IP, "-bridge", "lo", "-chain", chain,
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
     if threads is not None:
@@ -583,12 +602,19 @@ async def _start_fluxd(
 
 
 async def start_subject(
-    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends
+    stack: AsyncExitStack,
+    name: str,
+    workdir: Path,
+    backends: Backends,
+    baseline: Path | None = None,
 ) -> Subject:
-    """Start one subject (its processes are stopped, and fluxd's rules removed, with ``stack``)."""
+    """Start one subject (its processes are stopped, and fluxd's rules removed, with ``stack``).
+
+    ``baseline`` is the checkout whose build the ``*-base`` subjects run.
+    """
     if name == "direct":
         return Subject(name, backends.http, backends.bulk)
     if name.startswith("fluxd"):
-        vip_net = _VIP_NET + {"fluxd": 0, "fluxd-python": 1, "fluxd-http": 2, "fluxd-1t": 3}[name]
-        return await _start_fluxd(stack, name, workdir, backends, vip_net)
+        vip_net = _VIP_NET + _FLUXD_NETS.index(name)
+        return await _start_fluxd(stack, name, workdir, backends, vip_net, baseline)
     return await _start_config_proxy(stack, name, workdir, backends)

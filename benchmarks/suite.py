@@ -13,6 +13,7 @@ import contextlib
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 from benchmarks import report, workloads
 from benchmarks.subjects import (
+    BASELINE_SUBJECTS,
     NGINX_STREAM_MODULE,
     SUBJECTS,
     Backends,
@@ -53,19 +55,24 @@ RESULTS = ROOT / "benchmarks" / "results"
 # fluxd on its default; "close256" (churn with 4x the connections) runs through the TCP proxies
 # whose connection rates are compared, not through the Python relay or the single-thread
 # HAProxy variant with splice (its churn path is HAProxy tcp's).
+# A baseline build (--baseline) runs where the engine's per-byte, per-message, per-connection and
+# per-exchange paths are measured.
 _ALL = ["direct", "fluxd", "fluxd-python", "haproxy-tcp", "haproxy-splice", "nginx"]
 WORKLOAD_SUBJECTS: dict[str, list[str]] = {
-    "bulk1": [*_ALL, "fluxd-1t"],
+    "bulk1": [*_ALL, "fluxd-1t", "fluxd-base"],
     "bulk4": _ALL,
-    "keepalive": [*_ALL, "fluxd-1t"],
-    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t"],
+    "keepalive": [*_ALL, "fluxd-1t", "fluxd-base"],
+    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t", "fluxd-base"],
     "close256": ["direct", "fluxd", "fluxd-1t", "haproxy-tcp", "haproxy-tcp-2t", "nginx"],
     "idle": [s for s in _ALL if s != "direct"],
     # HTTP services: fluxd with the service marked http (framing and metrics), the same traffic
     # through fluxd's tcp service (what the metrics cost), and the HTTP-aware peers.
-    "http-keepalive": ["direct", "fluxd", "fluxd-http", "haproxy-http", "nginx-http"],
+    "http-keepalive": [
+        "direct", "fluxd", "fluxd-http", "haproxy-http", "nginx-http", "fluxd-http-base",
+    ],
     "http-close": [
         "direct", "fluxd", "fluxd-http", "haproxy-http", "haproxy-http-2t", "nginx-http",
+        "fluxd-http-base",
     ],
 }
 
@@ -86,14 +93,19 @@ class Settings:
     threads: int = 2
     idle_count: int = 5000
     workloads: list[str] = field(default_factory=lambda: list(WORKLOAD_SUBJECTS))
-    subjects: list[str] = field(default_factory=lambda: list(SUBJECTS))
+    subjects: list[str] = field(
+        default_factory=lambda: [s for s in SUBJECTS if s not in BASELINE_SUBJECTS]
+    )
+    baseline: Path | None = None  # another checkout, built: the *-base subjects run its fluxd
     out: Path = RESULTS
     chart: bool = True
     command: str = "python -m benchmarks"
 
     def described(self) -> dict[str, Any]:
+        baseline = {} if self.baseline is None else {"baseline build": describe_tree(self.baseline)}
         return {
             "command": self.command,
+            **baseline,
             "repeats": self.repeat,
             "iperf3 seconds": f"{self.bulk_seconds:g}",
             "wrk seconds": f"{self.wrk_seconds:g}",
@@ -102,6 +114,30 @@ class Settings:
             "wrk threads": self.threads,
             "idle connections": self.idle_count,
         }
+
+
+def describe_tree(tree: Path) -> str:
+    """A checkout as the report names it: its path and commit (``+`` when it has changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(tree), "describe", "--always", "--dirty=+"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        head = "not a git checkout"
+    return f"{tree} ({head})"
+
+
+def check_baseline(tree: Path) -> None:
+    """Fail at once unless ``tree`` is a flux checkout with its engine compiled."""
+    package = tree / "src" / "flux"
+    if not (package / "__init__.py").exists():
+        raise SystemExit(f"benchmarks: --baseline {tree} is not a flux checkout (no src/flux)")
+    if not any(package.glob("_splice*.so")):
+        raise SystemExit(
+            f"benchmarks: --baseline {tree} has no compiled engine (src/flux/_splice*.so): "
+            f"build it there first (cd {tree} && python setup.py build_ext --inplace)"
+        )
 
 
 def check_tools(settings: Settings) -> None:
@@ -118,6 +154,8 @@ def check_tools(settings: Settings) -> None:
             f"benchmarks: nginx stream module {NGINX_STREAM_MODULE} is missing "
             "(install libnginx-mod-stream; make bench does)"
         )
+    if settings.baseline is not None:
+        check_baseline(settings.baseline)
     if settings.chart:
         try:
             import matplotlib  # noqa: F401
@@ -249,7 +287,9 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
         for name in SUBJECTS:
             if name in wanted:
                 _progress(f"starting {name}")
-                running[name] = await start_subject(stack, name, workdir, backends)
+                running[name] = await start_subject(
+                    stack, name, workdir, backends, settings.baseline
+                )
         # One short keep-alive run each first: connection pools, page cache, CPU frequency.
         for subject in running.values():
             with contextlib.suppress(workloads.RunError):
@@ -286,7 +326,7 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
     threads = {
         name: subject.engine_threads
         for name, subject in running.items()
-        if name in ("fluxd", "fluxd-1t", "fluxd-http")
+        if name in ("fluxd", "fluxd-1t", "fluxd-http", *BASELINE_SUBJECTS)
     }
     return Measured(samples, notes, threads)
 

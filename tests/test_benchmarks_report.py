@@ -186,3 +186,49 @@ def test_a_run_in_which_no_request_completed_is_named_in_the_notes() -> None:
     notes = report.noise(samples_of(figures))
     assert "no request completed in: close256 through fluxd (repeat 1)" in notes
     assert not any("nginx" in note for note in notes)
+
+
+def test_a_baseline_build_is_measured_only_when_asked_for(tmp_path: Path) -> None:
+    from benchmarks.__main__ import parse
+
+    assert parse([]).baseline is None
+    with pytest.raises(SystemExit, match="not a flux checkout"):
+        suite.check_baseline(tmp_path)
+    (tmp_path / "src" / "flux").mkdir(parents=True)
+    (tmp_path / "src" / "flux" / "__init__.py").write_text("")
+    with pytest.raises(SystemExit, match="no compiled engine"):
+        suite.check_baseline(tmp_path)
+    (tmp_path / "src" / "flux" / "_splice.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    suite.check_baseline(tmp_path)
+    # By default the baseline's subjects are not started; each runs only on workloads where the
+    # engine's paths are measured, beside the fluxd it is compared with.
+    assert not set(suite.Settings().subjects) & {"fluxd-base", "fluxd-http-base"}
+    for workload, subjects in suite.WORKLOAD_SUBJECTS.items():
+        if "fluxd-base" in subjects:
+            assert "fluxd" in subjects, workload
+        if "fluxd-http-base" in subjects:
+            assert "fluxd-http" in subjects, workload
+    assert suite.Settings(baseline=tmp_path).described()["baseline build"].startswith(
+        f"{tmp_path} ("
+    )
+
+
+def test_the_report_shows_fluxd_relative_to_the_baseline_build() -> None:
+    figures = {
+        ("keepalive", "fluxd"): {"rate": 1100.0, "p99_ms": 2.0, "cpu_ms_per_1k": 90.0},
+        ("keepalive", "fluxd-base"): {"rate": 1000.0, "p99_ms": 2.0, "cpu_ms_per_1k": 100.0},
+        ("http-keepalive", "fluxd-http"): {"rate": 900.0, "p99_ms": 2.0, "cpu_ms_per_1k": 80.0},
+        ("http-keepalive", "fluxd-http-base"): {"rate": 1e3, "p99_ms": 2.0, "cpu_ms_per_1k": 1e2},
+    }
+    markdown = report.render_markdown(report.summarise(samples_of(figures)), {}, {})
+
+    def cell(section: str, workload: str, column: str) -> str:
+        rows = markdown.split(section)[1].split("\n## ")[0].splitlines()
+        header = next(r for r in rows if r.startswith("| workload |")).rstrip(" |").split(" | ")
+        row = next(r for r in rows if r.startswith(f"| {report.WORKLOADS[workload]} | req/s |"))
+        return row.rstrip(" |").split(" | ")[header.index(column)]
+
+    peers = "## fluxd relative to each peer"
+    assert cell(peers, "keepalive", "÷ fluxd, baseline build") == f"1.10{X}"
+    http = "## fluxd with an http service relative to each peer"
+    assert cell(http, "http-keepalive", "÷ fluxd (http service), baseline build") == f"0.90{X}"
