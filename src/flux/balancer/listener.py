@@ -78,13 +78,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from flux.balancer.pool import Pool
-from flux.model import parse_address
+from flux.model import ConnectionInfo, parse_address
 from flux.relay import ExchangeObserver, Relay, RelayResult, packed_sockaddr
 
-__all__ = ["ConnectionBudget", "ConnectionInfo", "Listener"]
+__all__ = ["ConnectionBudget", "Listener"]
 
 log = logging.getLogger("flux.balancer")
 
@@ -164,16 +164,6 @@ class _Connecting:
             return
         self.listener._failed(self.name, self.address, os.strerror(code))
         self.listener._attempt(self)
-
-
-class ConnectionInfo(NamedTuple):
-    """A proxied connection, as the metrics see it when it starts and ends."""
-
-    service: str
-    protocol: str
-    instance: str
-    instance_address: str
-    client_address: str
 
 
 def _reset(sock: socket.socket) -> None:
