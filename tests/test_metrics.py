@@ -721,7 +721,8 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
     admin, host = MemoryStore(backend), MemoryStore(backend)
     metrics = Metrics()
     relay = make_relay()
-    metrics.counters.append(relay.counts)  # what the engine counts itself, as fluxd wires it
+    assert relay.acceptor is not None
+    metrics.counters.append(relay.acceptor.counts)  # what the engine counts, as fluxd wires it
     balancer = Balancer(
         MemoryStore(backend),
         relay,

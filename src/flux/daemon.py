@@ -219,9 +219,8 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
     )
     if metrics is not None:
         metrics.sources.append(relay.flush)
-        counts = getattr(relay, "counts", None)
-        if counts is not None:
-            metrics.counters.append(counts)
+        if relay.acceptor is not None:  # what the engine counts itself, read at scrape time
+            metrics.counters.append(relay.acceptor.counts)
     balancer = Balancer(
         store,
         relay,
