@@ -26,7 +26,7 @@ from typing import Any
 
 import uvloop
 
-from flux.relay import Relay, make_relay
+from flux.relay import Relay, SpliceRelay, make_relay
 
 LOOPBACK = "127.0.0.1"
 STATS = False
@@ -74,7 +74,7 @@ async def relayed(kind: str | None, backend_port: int) -> Any:
             await task
         listener.close()
         await relay.close(grace=2.0)
-        if STATS and hasattr(relay, "engine"):
+        if STATS and isinstance(relay, SpliceRelay):
             print(f"        engine counters: {relay.engine.stats()}", flush=True)
 
 

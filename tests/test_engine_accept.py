@@ -379,9 +379,8 @@ async def test_metric_totals_equal_what_the_clients_did(
 ) -> None:
     metrics = Metrics()
     relay = make_relay(relay_kind, shards=shards)
-    counts = getattr(relay, "counts", None)
-    if counts is not None:
-        metrics.counters.append(counts)
+    if relay.acceptor is not None:  # the engine counts what it accepts itself
+        metrics.counters.append(relay.acceptor.counts)
     await relay.start()
     loop = asyncio.get_running_loop()
     pool = Pool(now=loop.time, rng=random.Random(5))

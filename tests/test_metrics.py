@@ -38,7 +38,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from flux.balancer.balancer import Balancer
 from flux.balancer.iptables import IPTables
-from flux.balancer.listener import ConnectionInfo
 from flux.config import Settings
 from flux.daemon import _build_plugins
 from flux.metrics import (
@@ -51,7 +50,7 @@ from flux.metrics import (
 )
 from flux.metrics.counters import BucketCounts
 from flux.metrics.summary import SUMMARY_HIGHEST_US
-from flux.model import Host, HostRef, Instance, InstanceState, Service
+from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
 from flux.relay import RelayResult, make_relay
 from flux.store.memory import MemoryBackend, MemoryStore
 from tests.support.etcd_server import EtcdServer
@@ -722,7 +721,8 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
     admin, host = MemoryStore(backend), MemoryStore(backend)
     metrics = Metrics()
     relay = make_relay()
-    metrics.counters.append(relay.counts)  # what the engine counts itself, as fluxd wires it
+    assert relay.acceptor is not None
+    metrics.counters.append(relay.acceptor.counts)  # what the engine counts, as fluxd wires it
     balancer = Balancer(
         MemoryStore(backend),
         relay,

@@ -1,4 +1,4 @@
-"""One behaviour suite, two relays: the compiled splice engine and the pure-Python fallback.
+"""One behaviour suite, two relays: the compiled splice engine and its Python twin, the oracle.
 
 Every scenario runs against both implementations on the uvloop event loop, over real loopback
 sockets.  The test drives both ends of a relayed connection itself: ``client`` is the test's end

@@ -38,12 +38,15 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flux import __version__
 from flux.model import Host
 from flux.store.base import Store
 from flux.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from flux.config import ParsedCommand, Settings
 
 __all__ = ["WATCH_COMPONENTS", "WATCH_MAX_BACKOFF", "Daemon", "Plugin", "main",
            "raise_descriptor_limit"]
@@ -101,7 +104,7 @@ def raise_descriptor_limit() -> int:
 class Daemon:
     """One running fluxd."""
 
-    settings: Any
+    settings: Settings
     store: Store
     plugins: list[Plugin] = field(default_factory=list)
     supervisor: Supervisor = field(default_factory=Supervisor)
@@ -155,7 +158,7 @@ class Daemon:
         # a fresh lease, and the agent could write instances onto it.
         await self.supervisor.stop()
         await self._step("revoking the lease", self.store.revoke_lease(), STEP_TIMEOUT)
-        grace = float(getattr(self.settings, "shutdown_grace", 10.0))
+        grace = self.settings.shutdown_grace
         for plugin in self.plugins:
             await self._step(f"{plugin.name}: drain", plugin.drain(grace), grace + STEP_TIMEOUT)
         await self._step("closing the store", self.store.close(), STEP_TIMEOUT)
@@ -178,7 +181,7 @@ def setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def _open_store(settings: Any) -> Store:
+def _open_store(settings: Settings) -> Store:
     from flux.store.etcd import EtcdStore
 
     def text(value: Any) -> str | None:
@@ -195,7 +198,7 @@ def _open_store(settings: Any) -> Store:
     )
 
 
-def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
+def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
     """The parts of fluxd beside the lease keeper, in start order."""
     from flux.agent.agent import Agent
     from flux.agent.docker import AiodockerClient
@@ -219,9 +222,8 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
     )
     if metrics is not None:
         metrics.sources.append(relay.flush)
-        counts = getattr(relay, "counts", None)
-        if counts is not None:
-            metrics.counters.append(counts)
+        if relay.acceptor is not None:  # what the engine counts itself, read at scrape time
+            metrics.counters.append(relay.acceptor.counts)
     balancer = Balancer(
         store,
         relay,
@@ -259,7 +261,7 @@ def _build_plugins(settings: Any, store: Store) -> list[Plugin]:
     return plugins
 
 
-async def _serve(settings: Any) -> int:
+async def _serve(settings: Settings) -> int:
     store = _open_store(settings)
     daemon = Daemon(settings=settings, store=store, plugins=_build_plugins(settings, store))
     loop = asyncio.get_running_loop()
@@ -269,8 +271,7 @@ async def _serve(settings: Any) -> int:
     return 0
 
 
-def _log_start(parsed: Any) -> None:
-    settings = parsed.settings
+def _log_start(parsed: ParsedCommand, settings: Settings) -> None:
     log.info("fluxd version %s", __version__)
     host_line, *setting_lines = parsed.describe()
     log.info("%s", host_line)
@@ -290,16 +291,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parsed = load_or_exit(
         sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ
     )
-    setup_logging(parsed.settings.debug)
+    settings = parsed.settings
+    assert settings is not None  # load_or_exit exits for help and version: this is a run
+    setup_logging(settings.debug)
     faulthandler.register(signal.SIGQUIT, all_threads=True, chain=False)
     if parsed.command == "cleanup":
         from flux.balancer.iptables import cleanup_command
 
-        return cleanup_command(parsed.settings)
-    _log_start(parsed)
+        return cleanup_command(settings)
+    _log_start(parsed, settings)
     import uvloop
 
-    return uvloop.run(_serve(parsed.settings))
+    return uvloop.run(_serve(settings))
 
 
 if __name__ == "__main__":

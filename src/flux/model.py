@@ -1,4 +1,5 @@
-"""Records kept in etcd: services, rules, instances and hosts.
+"""Records kept in etcd: services, rules, instances and hosts; and a proxied connection as the
+metrics see it (:class:`ConnectionInfo`, never stored).
 
 Theory of operation
 -------------------
@@ -23,7 +24,7 @@ import functools
 import ipaddress
 import json
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "NAME_PATTERN",
     "Address",
+    "ConnectionInfo",
     "Host",
     "HostRef",
     "Instance",
@@ -262,6 +264,17 @@ class ServiceInfo(_Record):
 
 
 _R = TypeVar("_R", bound=BaseModel)
+
+
+class ConnectionInfo(NamedTuple):
+    """A proxied connection, as the metrics see it when it starts and ends (the listener makes
+    one per connection it hands to the relay; a NamedTuple, cheap to build)."""
+
+    service: str
+    protocol: str
+    instance: str
+    instance_address: str
+    client_address: str
 
 
 def encode_record(record: BaseModel) -> str:

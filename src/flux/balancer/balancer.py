@@ -41,7 +41,7 @@ from typing import Any
 
 from flux.balancer.coalesce import coalesced
 from flux.balancer.iptables import IPTables
-from flux.balancer.listener import ConnectionInfo, Listener
+from flux.balancer.listener import CONNECT_TIMEOUT, Listener
 from flux.balancer.pool import Balance, Pool
 from flux.balancer.rules import Interception, desired_rules
 from flux.balancer.services import (
@@ -58,7 +58,7 @@ from flux.balancer.services import (
     step,
     why_ignored,
 )
-from flux.model import ServiceInfo, parse_address
+from flux.model import ConnectionInfo, ServiceInfo, parse_address
 from flux.relay import ExchangeObserver, Relay, RelayResult
 from flux.store.base import ServiceUpdate, Store
 
@@ -92,7 +92,7 @@ class Balancer:
         *,
         bind_ip: Callable[[], str | None],
         bridge: str = "docker0",
-        connect_timeout: float = 3.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         balance: Balance = "random",
         on_connection: Callable[[ConnectionInfo], None] | None = None,
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,

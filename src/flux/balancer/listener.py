@@ -68,27 +68,33 @@ relay carry on until they end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import logging
 import os
 import resource
 import socket
-import struct
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 from flux.balancer.pool import Pool
-from flux.model import parse_address
-from flux.relay import ExchangeObserver, Relay, RelayResult, packed_sockaddr
+from flux.model import ConnectionInfo, parse_address
+from flux.relay import (
+    Acceptor,
+    Connector,
+    ExchangeObserver,
+    Relay,
+    RelayResult,
+    packed_sockaddr,
+    reset_and_close,
+)
 
-__all__ = ["ConnectionBudget", "ConnectionInfo", "Listener"]
+__all__ = ["ConnectionBudget", "Listener"]
 
 log = logging.getLogger("flux.balancer")
 
 ATTEMPTS = 5
+CONNECT_TIMEOUT = 3.0  # seconds, the default of -connect-timeout
 ACCEPT_BATCH = 128
 PAUSE_SECONDS = 0.1
 PAUSE_LOG_EVERY = 10.0
@@ -98,7 +104,6 @@ PAUSE_LOG_EVERY = 10.0
 RESERVED_DESCRIPTORS = 256
 BACKLOG = 4096
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class _Connecting:
@@ -166,23 +171,6 @@ class _Connecting:
         self.listener._attempt(self)
 
 
-class ConnectionInfo(NamedTuple):
-    """A proxied connection, as the metrics see it when it starts and ends."""
-
-    service: str
-    protocol: str
-    instance: str
-    instance_address: str
-    client_address: str
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST: the client learns at once that nothing will serve it."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    sock.close()
-
-
 def _self_connected(sock: socket.socket) -> bool:
     """Connected to itself (a local port nobody listens on, picked as the source port too):
     the engine refuses these the same way (see relay_self_connected)."""
@@ -213,7 +201,7 @@ class ConnectionBudget:
         self._unreported = 0
         # The relay engine accepting for some listeners: it holds connections of its own
         # against the same budget, and is told the limit and what is held here.
-        self._engine: Any = None
+        self._engine: Acceptor | None = None
         self.refresh()
 
     @property
@@ -243,8 +231,8 @@ class ConnectionBudget:
         if self._engine is not None:
             self._engine.set_budget(value, self._held)
 
-    def link(self, engine: Any) -> None:
-        """Share the budget with ``engine`` (a relay with ``set_budget`` and ``held``)."""
+    def link(self, engine: Acceptor) -> None:
+        """Share the budget with ``engine`` (a relay accepting for some listeners)."""
         self._engine = engine
         engine.set_budget(self._limit, self._held)
 
@@ -292,7 +280,7 @@ class Listener:
         pool: Pool,
         relay: Relay,
         *,
-        connect_timeout: float = 3.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         on_connection: Callable[[ConnectionInfo], None] | None = None,
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
@@ -322,10 +310,10 @@ class Listener:
         self._short_logged = False  # ... and its start was logged
         self._connecting: set[_Connecting] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        # The relay connects healthy instances itself when it can (SpliceRelay.connect), and
-        # accepts, picks and counts itself when it can (SpliceRelay.listen).
-        self._engine_connect: Callable[..., None] | None = getattr(relay, "connect", None)
-        self._engine_accepts = hasattr(relay, "listen")
+        # The relay's roles pick the path (see flux.relay.base): one that connects connects
+        # healthy instances itself, one that accepts accepts, picks and counts itself.
+        self._connector: Connector | None = relay.connector
+        self._acceptor: Acceptor | None = relay.acceptor
         self._sid = -1  # the relay's id for this listener while the engine accepts for it
         self._push_due = False
         self._listening = 0  # listening sockets counted in the budget
@@ -335,8 +323,8 @@ class Listener:
         """Bind and listen on ``bind_ip`` with an ephemeral port; return the port."""
         self._loop = asyncio.get_running_loop()
         self._budget.refresh()
-        if self._engine_accepts:
-            return self._open_in_engine()
+        if self._acceptor is not None:
+            return self._open_in_engine(self._acceptor)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -358,10 +346,9 @@ class Listener:
         self._budget.listening += n
         self._budget.refresh()
 
-    def _open_in_engine(self) -> int:
+    def _open_in_engine(self, relay: Acceptor) -> int:
         """One listening socket per engine shard on one port (SO_REUSEPORT: the kernel
         spreads new connections over them), handed to the engine to accept on."""
-        relay: Any = self._relay
         sockets: list[socket.socket] = []
         port = 0
         shared = relay.shards > 1
@@ -421,9 +408,9 @@ class Listener:
     def _push_pool(self) -> None:
         """Give the engine the pool's snapshot: what it may pick from, and until when."""
         self._push_due = False
-        if self._sid < 0:
+        relay = self._acceptor
+        if relay is None or self._sid < 0:
             return
-        relay: Any = self._relay
         choices, retry_at = self.pool.snapshot()
         targets = []
         for choice in choices:
@@ -453,8 +440,8 @@ class Listener:
         self._budget.acquire()
         c = _Connecting(self, client_fd, client_ip)
         if instance:
-            relay: Any = self._relay
-            c.name, c.address = relay.instance(instance)
+            assert self._acceptor is not None  # only the relay's Acceptor role hands over
+            c.name, c.address = self._acceptor.instance(instance)
             c.tried.add(c.name)
             c.connect_failed(client_fd, code)
             return
@@ -471,9 +458,8 @@ class Listener:
         if not self.is_open:
             return
         sock, self._sock = self._sock, None
-        if self._sid >= 0:
-            relay: Any = self._relay
-            relay.unlisten(self._sid)
+        if self._acceptor is not None and self._sid >= 0:
+            self._acceptor.unlisten(self._sid)
             self._sid = -1
             if self.pool.on_change == self._pool_changed:
                 self.pool.on_change = None
@@ -495,7 +481,7 @@ class Listener:
 
     def _drop(self, c: _Connecting) -> None:
         """Reset a client that will not be served."""
-        _reset(c.client)
+        reset_and_close(c.client)
         self._budget.release()
 
     def _accept(self) -> None:
@@ -557,9 +543,8 @@ class Listener:
                 )
         if not self._paused:
             self._paused = True
-            if self._sid >= 0:
-                relay: Any = self._relay
-                relay.pause(self._sid)
+            if self._acceptor is not None and self._sid >= 0:
+                self._acceptor.pause(self._sid)
             else:
                 assert self._sock is not None
                 loop.remove_reader(self._sock.fileno())
@@ -598,10 +583,9 @@ class Listener:
         if self._budget.spent:
             self._resumer = loop.call_later(PAUSE_SECONDS, self._resume)
             return
-        if self._sid >= 0:
+        if self._acceptor is not None and self._sid >= 0:
             self._paused = False
-            relay: Any = self._relay
-            relay.resume(self._sid)
+            self._acceptor.resume(self._sid)
             if self._short_since is not None:
                 self._shortage_over()
             return
@@ -638,8 +622,8 @@ class Listener:
             c.tried.add(choice.name)
             try:
                 family, target, packed = _split(choice.address)
-                if self._engine_connect is not None and self.pool.healthy(choice.name):
-                    self._connect_in_engine(c, choice.name, choice.address, packed)
+                if self._connector is not None and self.pool.healthy(choice.name):
+                    self._connect_in_engine(self._connector, c, choice.name, choice.address, packed)
                     return
                 upstream = socket.socket(family, socket.SOCK_STREAM)
             except (ValueError, OSError) as exc:
@@ -676,21 +660,22 @@ class Listener:
         )
         self._drop(c)
 
-    def _connect_in_engine(self, c: _Connecting, name: str, address: str, packed: bytes) -> None:
-        assert self._engine_connect is not None
+    def _connect_in_engine(
+        self, connector: Connector, c: _Connecting, name: str, address: str, packed: bytes
+    ) -> None:
         info = ConnectionInfo(self.service, self.protocol, name, address, c.client_ip)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         c.name, c.address, c.info = name, address, info
         fd = c.take_fd()
         try:
-            self._engine_connect(
+            connector.connect(
                 fd,
                 packed,
                 self._connect_timeout,
                 c,
                 http=self._http,
                 observe=observe,
-                **({"service": self._sid} if self._sid >= 0 else {}),
+                service=self._sid,  # -1 unless the engine accepts for this listener
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -781,16 +766,15 @@ class Listener:
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:
-            if self._sid >= 0:
-                relay: Any = self._relay
-                future = relay.submit(
+            if self._acceptor is not None and self._sid >= 0:
+                future = self._acceptor.submit(
                     client, upstream, http=self._http, observe=observe, service=self._sid
                 )
             else:
                 future = self._relay.submit(client, upstream, http=self._http, observe=observe)
         except RuntimeError:  # the relay is shutting down
-            _reset(client)
-            _reset(upstream)
+            reset_and_close(client)
+            reset_and_close(upstream)
             self._budget.release()
             return
         self.pool.acquired(name)

@@ -45,7 +45,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from flux.balancer.listener import ConnectionInfo
 from flux.metrics.summary import (
     DEFAULT_AGE_BUCKETS,
     DEFAULT_WINDOW,
@@ -53,7 +52,7 @@ from flux.metrics.summary import (
     SlidingSummary,
     scratch_histogram,
 )
-from flux.model import Instance, InstanceState
+from flux.model import ConnectionInfo, Instance, InstanceState
 from flux.relay import EngineCounts, ExchangeObserver, RelayResult
 
 __all__ = [

@@ -1,0 +1,454 @@
+"""The splice relay: the compiled engine (``flux._splice.SpliceEngine``) behind the relay roles.
+
+:class:`SpliceRelay` takes every role of :mod:`flux.relay.base` (:class:`~flux.relay.base.Relay`,
+:class:`~flux.relay.base.Connector`, :class:`~flux.relay.base.Acceptor`); its twin and oracle is
+:class:`~flux.relay.python.PythonRelay`.  A native thread with its own epoll loop moves the bytes
+with ``splice(2)`` through pooled pipes (or recv/send for small messages) without the GIL.  The
+asyncio side only sees completions, drained in batches when the engine's eventfd becomes
+readable.
+
+:meth:`SpliceRelay.connect` takes the client and only the instance's address: the engine makes
+and connects the upstream socket itself, which saves the event loop a socket, a connect, a
+writer registration and a callback per connection (under connection churn the event loop's
+thread was the bottleneck).  The caller's :class:`~flux.relay.base.ConnectHandler` hears of the
+connection once it is up, when it ends, or, if the connect fails or times out, gets the client
+socket back unread to try another instance.
+
+:meth:`SpliceRelay.listen` goes further: the engine's shards accept a service's clients
+themselves, pick from the pool snapshot the listener pushes (:meth:`SpliceRelay.set_pool`),
+connect and count (:meth:`SpliceRelay.counts`, read at scrape time), and hand the listener only
+what is unusual (its :class:`~flux.relay.base.AcceptHandler`); see ``_relay_accept.pxi``.  Bytes
+of every connection that names a service are counted as they are delivered, so
+``flux_bytes_total`` shows a long-lived connection while it is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from flux.relay.base import (
+    CUT_TIMEOUT,
+    HTTP_HEADER_TIMEOUT,
+    HTTP_IDLE_TIMEOUT,
+    AcceptHandler,
+    ConnectHandler,
+    EngineCounts,
+    ExchangeObserver,
+    ObserverFactory,
+    RelayResult,
+    errno_name,
+    reset_and_close,
+    wait_bounded,
+)
+
+if TYPE_CHECKING:
+    from flux._splice import SpliceEngine
+
+__all__ = ["SpliceRelay"]
+
+# Exchange observations wait at most this long for a batch (a scrape flushes them at once).
+_FLUSH_INTERVAL = 1.0
+
+
+class SpliceRelay:
+    """The compiled engine in every relay role (see the module docstring); the twin of
+    :class:`~flux.relay.python.PythonRelay`, the oracle.
+
+    ``shards`` engines (one native thread each, own epoll loop, pipes and counters) share the
+    work: a listener gives each shard its own listening socket (:meth:`listen`), and
+    connections the asyncio side hands over are spread round-robin.
+    """
+
+    def __init__(
+        self,
+        *,
+        pipe_size: int = 1 << 20,
+        max_idle_pipes: int = 64,
+        small_buffer: int = 16384,
+        http_header_timeout: float = HTTP_HEADER_TIMEOUT,
+        http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
+        shards: int = 1,
+    ) -> None:
+        from flux._splice import HTTP_METHODS, SpliceEngine
+
+        if not 1 <= shards <= 256:
+            raise ValueError(f"shards must be 1..256, got {shards}")
+
+        def shard(shard_of: SpliceEngine | None) -> SpliceEngine:
+            return SpliceEngine(
+                pipe_size=pipe_size,
+                max_idle_pipes=max_idle_pipes,
+                small_buffer=small_buffer,
+                header_timeout=http_header_timeout,
+                idle_timeout=http_idle_timeout,
+                shard_of=shard_of,
+            )
+
+        first = shard(None)
+        self._engines = [first] + [shard(first) for _ in range(shards - 1)]
+        self._engine = first
+        self._methods: tuple[str, ...] = HTTP_METHODS
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future[RelayResult]] = {}
+        self._handlers: dict[int, ConnectHandler] = {}
+        self._observers: dict[int, ExchangeObserver] = {}
+        self._next_token = 1
+        self._next_shard = 0
+        # Tokens of connections whose bytes a service counts live (their results say so).
+        self._counted: set[int] = set()
+        self._closing = False
+        self._flusher: asyncio.TimerHandle | None = None
+        # Services the engine accepts for (ids live as long as the relay: counters stay).
+        self._services: list[tuple[str, str]] = [("", "")]  # id -> (service, protocol)
+        self._accepting: dict[int, AcceptHandler] = {}
+        self._observer_factories: dict[int, ObserverFactory] = {}
+        self._label_observers: dict[tuple[int, int, int], ExchangeObserver] = {}
+        self._instances: list[tuple[str, str]] = [("", "")]  # id -> (name, address)
+        self._instance_ids: dict[tuple[str, str], int] = {}
+
+    @property
+    def engine(self) -> SpliceEngine:
+        """The first shard's ``SpliceEngine`` (counters for tests and metrics)."""
+        return self._engine
+
+    @property
+    def engines(self) -> list[SpliceEngine]:
+        """Every shard's ``SpliceEngine``."""
+        return list(self._engines)
+
+    @property
+    def shards(self) -> int:
+        return len(self._engines)
+
+    @property
+    def connector(self) -> SpliceRelay:
+        """The engine connects to instances itself (:meth:`connect`)."""
+        return self
+
+    @property
+    def acceptor(self) -> SpliceRelay:
+        """The engine accepts services' clients itself (:meth:`listen`)."""
+        return self
+
+    @property
+    def active(self) -> int:
+        return len(self._pending) + len(self._handlers) + int(self._engine.held)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(int(engine.inflight_bytes) for engine in self._engines)
+
+    async def start(self) -> None:
+        """Start the engine threads and watch their completion eventfds."""
+        if self._loop is not None:
+            raise RuntimeError("SpliceRelay.start() was already called")
+        self._loop = asyncio.get_running_loop()
+        for engine in self._engines:
+            engine.start()
+            self._loop.add_reader(engine.eventfd, self._flush_one, engine)
+
+    def _shard(self) -> SpliceEngine:
+        engines = self._engines
+        if len(engines) == 1:
+            return engines[0]
+        index = self._next_shard
+        self._next_shard = (index + 1) % len(engines)
+        return engines[index]
+
+    def submit(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+        service: int = -1,
+    ) -> asyncio.Future[RelayResult]:
+        """Hand both sockets to the engine (they are detached: the engine closes them).
+        ``service``: an id from :meth:`listen`, whose byte counters count this connection."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
+        token = self._next_token
+        self._next_token += 1
+        future: asyncio.Future[RelayResult] = self._loop.create_future()
+        self._shard().add(
+            client.fileno(), upstream.fileno(), token, http, observe is not None, service
+        )
+        if service >= 0:
+            self._counted.add(token)
+        # From here the engine owns the descriptors; the socket objects must not close them.
+        client.detach()
+        upstream.detach()
+        self._pending[token] = future
+        if http and observe is not None:
+            self._observe(token, observe)
+        return future
+
+    def connect(
+        self,
+        client_fd: int,
+        address: bytes,
+        timeout: float,
+        handler: ConnectHandler,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+        service: int = -1,
+    ) -> None:
+        """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
+        (a descriptor, now the relay's) to it; ``handler`` hears what became of it."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
+        token = self._next_token
+        self._next_token += 1
+        self._shard().connect(
+            client_fd, address, token, timeout, http, observe is not None, service
+        )
+        if service >= 0:
+            self._counted.add(token)
+        self._handlers[token] = handler
+        if http and observe is not None:
+            self._observe(token, observe)
+
+    # -- accepting in the engine ---------------------------------------------------------------
+
+    def listen(
+        self,
+        service: str,
+        protocol: str,
+        sockets: list[socket.socket],
+        handler: AcceptHandler,
+        *,
+        connect_timeout: float,
+        observers: ObserverFactory | None = None,
+    ) -> int:
+        """Let the engine accept ``service``'s clients: one listening socket per shard (all
+        bound to the same port with SO_REUSEPORT), detached here; returns the id that
+        :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
+        if len(sockets) != len(self._engines):
+            raise ValueError(f"need one listening socket per shard ({len(self._engines)})")
+        sid = len(self._services)
+        self._services.append((service, protocol))
+        self._accepting[sid] = handler
+        if observers is not None:
+            self._observer_factories[sid] = observers
+            if self._flusher is None:
+                self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+        http = protocol == "http"
+        for engine, sock in zip(self._engines, sockets, strict=True):
+            engine.listen(sid, sock.fileno(), http, observers is not None, connect_timeout)
+            sock.detach()
+        return sid
+
+    def unlisten(self, sid: int) -> None:
+        """Stop accepting for ``sid`` and close its sockets; its connections carry on."""
+        self._accepting.pop(sid, None)
+        for engine in self._engines:
+            engine.unlisten(sid)
+
+    def instance_id(self, name: str, address: str) -> int:
+        """A stable small id for an instance (name and address) in engine snapshots."""
+        key = (name, address)
+        iid = self._instance_ids.get(key)
+        if iid is None:
+            iid = self._instance_ids[key] = len(self._instances)
+            self._instances.append(key)
+        return iid
+
+    def instance(self, iid: int) -> tuple[str, str]:
+        """(name, address) of an instance id."""
+        return self._instances[iid]
+
+    def set_pool(
+        self, sid: int, targets: list[tuple[int, bytes]], *, p2c: bool, python_at_ns: int
+    ) -> None:
+        """What ``sid``'s new clients may go to (see ``SpliceEngine.set_pool``)."""
+        for engine in self._engines:
+            engine.set_pool(sid, targets, p2c, python_at_ns)
+
+    def pause(self, sid: int) -> None:
+        for engine in self._engines:
+            engine.pause(sid)
+
+    def resume(self, sid: int) -> None:
+        for engine in self._engines:
+            engine.resume(sid)
+
+    def set_budget(self, limit: int, python_held: int) -> None:
+        """The descriptor budget the shards accept against (shared by them)."""
+        self._engine.set_budget(limit, python_held)
+
+    @property
+    def held(self) -> int:
+        """Connections the shards accepted and hold now."""
+        return int(self._engine.held)
+
+    def instance_active(self, sid: int, name: str, address: str) -> int:
+        """Connections up now that the engine picked ``name`` for, in service ``sid``."""
+        iid = self._instance_ids.get((name, address))
+        if iid is None:
+            return 0
+        return sum(int(engine.instance_active(sid, iid)) for engine in self._engines)
+
+    def counts(self) -> EngineCounts:
+        """Everything the shards counted, summed over shards, by label set."""
+        connections: dict[tuple[str, str, str, str, str], int] = {}
+        byte_counts: dict[tuple[str, str], int] = {}
+        active: dict[str, int] = {}
+        rejected: dict[tuple[str, str], int] = {}
+        instances = self._instances
+        for sid in range(1, len(self._services)):
+            service, protocol = self._services[sid]
+            up = down = live = 0
+            answered = [0, 0, 0]
+            for engine in self._engines:
+                to_instance, to_client, now, codes, tally = engine.service_counts(sid)
+                up += to_instance
+                down += to_client
+                live += now
+                for i, n in enumerate(codes):
+                    answered[i] += n
+                for iid, ip, n in tally:
+                    name, address = instances[iid]
+                    key = (service, protocol, name, address, _ipv4(ip))
+                    connections[key] = connections.get(key, 0) + n
+            for direction, n in (("to_instance", up), ("to_client", down)):
+                byte_counts[(service, direction)] = byte_counts.get((service, direction), 0) + n
+            active[service] = active.get(service, 0) + live
+            for code, n in zip(("400", "431", "408"), answered, strict=True):
+                if n:
+                    rejected[(service, code)] = rejected.get((service, code), 0) + n
+        return EngineCounts(connections, byte_counts, active, rejected)
+
+    def _observe(self, token: int, observe: ExchangeObserver) -> None:
+        assert self._loop is not None
+        self._observers[token] = observe
+        if self._flusher is None:
+            self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._flusher = None
+        self.flush()
+        if (
+            (self._observers or self._observer_factories)
+            and self._loop is not None
+            and not self._loop.is_closed()
+        ):
+            self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+
+    def flush(self) -> None:
+        """Deliver queued exchanges to their observers, then complete finished connections."""
+        for engine in self._engines:
+            self._flush_one(engine)
+
+    def _flush_one(self, engine: SpliceEngine) -> None:
+        exchanges, completions, established, handed = engine.drain_all()
+        handlers = self._handlers
+        for token in established:
+            handler = handlers.get(token)
+            if handler is not None:
+                handler.established()
+        if exchanges:
+            self._deliver(exchanges)
+        for token, up, down, code, duration_ns, answered, client_fd in completions:
+            self._observers.pop(token, None)
+            handler = handlers.pop(token, None)
+            if handler is not None and client_fd >= 0:
+                self._counted.discard(token)
+                handler.connect_failed(client_fd, code)
+                continue
+            result = RelayResult(
+                up,
+                down,
+                errno_name(code) if code else None,
+                duration_ns / 1e9,
+                answered,
+                token in self._counted,
+            )
+            self._counted.discard(token)
+            if handler is not None:
+                handler.ended(result)
+                continue
+            future = self._pending.pop(token, None)
+            if future is not None and not future.done():
+                future.set_result(result)
+        for sid, client_fd, ip, iid, code in handed:
+            accepting = self._accepting.get(sid)
+            if accepting is None:
+                if client_fd >= 0:  # its listener closed meanwhile: nothing will serve it
+                    reset_and_close(
+                        socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=client_fd)
+                    )
+                continue
+            accepting.handed_over(client_fd, _ipv4(ip), iid, code)
+
+    def _deliver(
+        self, exchanges: Sequence[tuple[int, int, int, list[int], list[int], int, int, int]]
+    ) -> None:
+        """Give each exchange batch (see ``SpliceEngine.drain_all``) to its observer."""
+        observers = self._observers
+        methods = self._methods
+        for token, method, status, roundtrips, totals, sid, iid, ip in exchanges:
+            if token:
+                observe = observers.get(token)
+            else:
+                key = (sid, iid, ip)
+                observe = self._label_observers.get(key)
+                if observe is None:
+                    factory = self._observer_factories.get(sid)
+                    if factory is None:
+                        continue
+                    name, address = self._instances[iid]
+                    observe = self._label_observers[key] = factory(name, address, _ipv4(ip))
+            if observe is not None:
+                observe(methods[method], status, roundtrips, totals)
+
+    async def close(self, grace: float) -> None:
+        """Wait up to ``grace`` s for active connections, reset the rest, stop the engine."""
+        if self._loop is None or self._closing:
+            self._closing = True
+            return
+        self._closing = True
+        await self._settled(grace)
+        if self._pending or self._handlers or self.held:
+            for engine in self._engines:
+                engine.close_all()
+            await self._settled(CUT_TIMEOUT)
+        for engine in self._engines:
+            self._loop.remove_reader(engine.eventfd)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        for engine in self._engines:
+            engine.stop()
+        self.flush()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the relay engine stopped without a completion"))
+        self._pending.clear()
+        handlers, self._handlers = self._handlers, {}
+        for handler in handlers.values():
+            handler.ended(RelayResult(0, 0, "ECANCELED", 0.0))
+
+    async def _settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for every submitted, connected and accepted connection to
+        end."""
+        assert self._loop is not None
+        deadline = self._loop.time() + timeout
+        await wait_bounded(list(self._pending.values()), timeout)
+        while (self._handlers or self.held) and self._loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+
+@functools.lru_cache(maxsize=65536)
+def _ipv4(value: int) -> str:
+    """An IPv4 address the engine reports (network order in a native integer) as text."""
+    return socket.inet_ntoa(struct.pack("=I", value))
+

@@ -1,0 +1,486 @@
+"""The Python relay: the splice relay's twin on asyncio Protocols, and the oracle it is checked
+against.
+
+:class:`PythonRelay` does what :class:`~flux.relay.engine.SpliceRelay` does (the behaviour stated
+in :mod:`flux.relay.base`) with nothing but asyncio (uvloop or stock asyncio) and the engine's
+HTTP framer driven from Python, so the behaviour is defined independently of the engine's C.
+Both pass one behaviour suite on the same inputs (the ``KINDS`` of the relay tests).  It takes
+only the :class:`~flux.relay.base.Relay` role: the listener accepts and connects for it on the
+event loop.  It is the fallback too (``-relay python``), and for comparison and debugging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
+
+from flux.relay.base import (
+    CUT_TIMEOUT,
+    HTTP_HEADER_TIMEOUT,
+    HTTP_IDLE_TIMEOUT,
+    Acceptor,
+    Connector,
+    ExchangeObserver,
+    RelayResult,
+    error_name,
+    set_reset_linger,
+    wait_bounded,
+)
+
+if TYPE_CHECKING:
+    from flux._splice import HttpEvent
+
+__all__ = ["PythonRelay"]
+
+# After answering a request itself, how long the relay reads (and drops) what the client still
+# sends before closing: closing with unread bytes would reset the answer away.
+_LINGER_SECONDS = 2.0
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a Python-relayed connection; everything is decided by its `_Flow`."""
+
+    __slots__ = ("flow", "index", "transport")
+
+    def __init__(self, flow: _Flow, index: int) -> None:
+        self.flow = flow
+        self.index = index
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.flow.forward(self.index, data)
+
+    def eof_received(self) -> bool:
+        self.flow.eof(self.index)
+        return True
+
+    def pause_writing(self) -> None:
+        self.flow.pause_source(self.index)
+
+    def resume_writing(self) -> None:
+        self.flow.resume_source(self.index)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.lost(self.index, exc)
+
+
+class _HttpWatch:
+    """The HTTP framer's view of one Python-relayed connection (the engine's, from Python).
+
+    :meth:`show` is called with bytes just read and returns the part that may be forwarded;
+    the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
+    """
+
+    __slots__ = ("answer", "exchanges", "last_active", "observe", "probe", "stop")
+
+    _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
+
+    def __init__(self, observe: ExchangeObserver | None) -> None:
+        from flux._splice import HttpFramerProbe
+
+        self.probe = HttpFramerProbe()
+        self.observe = observe
+        self.stop: list[int | None] = [None, None]
+        self.answer: int | None = None  # what to answer once the responses owed are out
+        self.exchanges: list[HttpEvent] = []
+        self.last_active = time.monotonic_ns()
+
+    def _events(self, events: list[HttpEvent]) -> None:
+        for ev in events:
+            if ev.kind == "exchange":
+                self.exchanges.append(ev)
+            elif ev.kind == "malformed":
+                self.stop[0] = self.probe.request_start
+            elif ev.kind == "reject":
+                self.stop[1] = ev.pos
+                self.answer = ev.status
+
+    def show(self, index: int, data: bytes) -> bytes:
+        side = self._SIDES[index]
+        base = self.probe.position(side)
+        self.last_active = now = time.monotonic_ns()
+        self._events(self.probe.feed(side, data, now))
+        limit = self.stop[index]
+        if limit is not None and limit < base + len(data):
+            return data[: max(0, limit - base)]
+        return data
+
+    def eof(self, index: int) -> None:
+        self._events(self.probe.eof(self._SIDES[index], time.monotonic_ns()))
+
+    def written(self) -> None:
+        """Response bytes shown so far are written: their exchanges are complete."""
+        if not self.exchanges:
+            return
+        self.last_active = now = time.monotonic_ns()
+        observe = self.observe
+        if observe is not None:
+            for ev in self.exchanges:
+                observe(
+                    ev.method,
+                    ev.status,
+                    [max(0, ev.t_response_head - ev.t_request_head) // 1000],
+                    [max(0, now - ev.t_request_head) // 1000],
+                )
+        self.exchanges.clear()
+
+    def halted(self, index: int) -> bool:
+        return self.stop[index] is not None
+
+
+class _Flow:
+    """One client <-> upstream connection relayed by Python Protocols (index 0 = client).
+
+    The two transports are attached one after the other and each starts reading at once, so
+    whatever arrives before both exist is held in ``early`` (with reading paused) and replayed
+    by ``start()``.
+    """
+
+    __slots__ = ("answered", "bytes", "closing", "early", "eofs", "error", "future", "gone",
+                 "held", "http", "lingering", "on_done", "ready", "sides", "started")
+
+    def __init__(
+        self,
+        future: asyncio.Future[RelayResult],
+        on_done: Callable[[_Flow], None],
+        http: _HttpWatch | None = None,
+    ) -> None:
+        self.future = future
+        self.http = http
+        self.answered = 0
+        self.lingering = False
+        self.on_done = on_done
+        self.sides = (_Side(self, 0), _Side(self, 1))
+        self.bytes = [0, 0]
+        self.eofs = [False, False]
+        self.gone = [False, False]
+        self.held = [False, False]  # reading paused because the other side's buffer is full
+        self.early: list[tuple[int, bytes | None]] = []
+        self.ready = False
+        self.closing = False
+        self.error: str | None = None
+        self.started = time.monotonic_ns()
+
+    def transport(self, index: int) -> asyncio.Transport:
+        transport = self.sides[index].transport
+        assert transport is not None
+        return transport
+
+    def start(self) -> None:
+        """Both transports exist: replay what arrived early and start relaying."""
+        self.ready = True
+        if any(self.gone):
+            # One side already failed or closed while the other was being attached.
+            for index, side in enumerate(self.sides):
+                if side.transport is not None and not self.gone[index]:
+                    self.reset(side.transport)
+            return
+        for index, data in self.early:
+            if data is None:
+                self.eof(index)
+            else:
+                self.forward(index, data)
+        self.early.clear()
+        for index in (0, 1):
+            self.resume_reading(index)
+
+    def resume_reading(self, index: int) -> None:
+        transport = self.sides[index].transport
+        if (transport is not None and self.ready and not self.held[index]
+                and not self.eofs[index] and not transport.is_closing()):
+            transport.resume_reading()
+
+    def forward(self, index: int, data: bytes) -> None:
+        if not self.ready:
+            self.early.append((index, data))
+            self.transport(index).pause_reading()
+            return
+        http = self.http
+        if http is not None:
+            if self.lingering or self.closing:
+                return  # answered already: the client's bytes are read and dropped
+            data = http.show(index, data)
+        if data:
+            self.bytes[index] += len(data)
+            self.transport(1 - index).write(data)
+        if http is not None:
+            if index == 1:
+                http.written()
+            self._http_progress()
+
+    def _http_progress(self) -> None:
+        """Stop halted sources; answer once every response owed is written."""
+        http = self.http
+        assert http is not None
+        for index in (0, 1):
+            if http.halted(index) and not self.eofs[index]:
+                self.held[index] = True
+                transport = self.sides[index].transport
+                if transport is not None and not transport.is_closing():
+                    transport.pause_reading()
+        if http.answer is not None:
+            self.answer(http.answer)
+
+    def answer(self, status: int) -> None:
+        """Write the relay's own answer (0: none), close the instance side, linger on the
+        client until it closes (or for a moment), so it reads the answer, not a reset."""
+        from flux._splice import HTTP_ERROR_RESPONSES
+
+        if self.lingering or self.closing:
+            return
+        self.lingering = True
+        client, upstream = self.transport(0), self.transport(1)
+        upstream.close()
+        if status:
+            self.answered = status
+            client.write(HTTP_ERROR_RESPONSES[status])
+        if status and not self.eofs[0]:
+            client.write_eof()
+            self.held[0] = False
+            client.resume_reading()
+            loop = asyncio.get_running_loop()
+            loop.call_later(_LINGER_SECONDS, self._end_linger)
+        else:
+            self.closing = True
+            client.close()
+
+    def _end_linger(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport(0).close()
+
+    def eof(self, index: int) -> None:
+        if not self.ready:
+            self.early.append((index, None))
+            return
+        if self.http is not None:
+            if self.lingering:
+                if index == 0:
+                    self._end_linger()
+                return
+            self.http.eof(index)
+            self.http.written()
+            if self.http.answer is not None:
+                self.eofs[index] = True
+                self.answer(self.http.answer)
+                return
+        self.eofs[index] = True
+        if not self.eofs[1 - index]:
+            self.transport(1 - index).write_eof()
+            return
+        # Second EOF: close both (close() flushes what is buffered, then sends FIN).  Calling
+        # write_eof() here, on the transport whose eof_received() already returned True, is
+        # the pattern that makes uvloop 0.23 abort with a double free.
+        self.closing = True
+        self.transport(0).close()
+        self.transport(1).close()
+
+    def pause_source(self, index: int) -> None:
+        # Side `index` cannot take more: stop reading from the side that feeds it.
+        self.held[1 - index] = True
+        source = self.sides[1 - index].transport
+        if source is not None and not source.is_closing():
+            source.pause_reading()
+
+    def resume_source(self, index: int) -> None:
+        self.held[1 - index] = False
+        self.resume_reading(1 - index)
+
+    def lost(self, index: int, exc: Exception | None) -> None:
+        self.gone[index] = True
+        if exc is not None and self.error is None:
+            self.error = error_name(exc)
+        if not self.gone[1 - index]:
+            other = self.sides[1 - index].transport
+            if other is not None:
+                if exc is not None:
+                    self.reset(other)
+                elif self.lingering and index == 1:
+                    pass  # the instance side is closed; the client's lingers on its own
+                elif not self.closing:
+                    self.closing = True
+                    other.close()
+        elif not self.future.done():
+            self.future.set_result(
+                RelayResult(
+                    self.bytes[0],
+                    self.bytes[1],
+                    self.error,
+                    (time.monotonic_ns() - self.started) / 1e9,
+                    self.answered,
+                )
+            )
+            self.on_done(self)
+
+    def cut(self) -> None:
+        """Reset both sides now (close() ran out of grace)."""
+        if self.error is None:
+            self.error = "ECANCELED"
+        for side in self.sides:
+            if side.transport is not None:
+                self.reset(side.transport)
+
+    @staticmethod
+    def reset(transport: asyncio.Transport) -> None:
+        """Close ``transport`` with RST (what :func:`~flux.relay.base.reset_and_close` does to
+        a socket: the transport's socket is only a view, so the transport closes it)."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_reset_linger(sock)
+        transport.abort()
+
+    @property
+    def buffered(self) -> int:
+        return sum(
+            side.transport.get_write_buffer_size()
+            for side in self.sides
+            if side.transport is not None
+        )
+
+
+def _same(side: _Side) -> _Side:
+    return side
+
+
+class PythonRelay:
+    """The relay on asyncio Protocols: the oracle twin of the splice engine (see the module
+    docstring).  It takes the :class:`~flux.relay.base.Relay` role only."""
+
+    def __init__(
+        self,
+        *,
+        http_header_timeout: float = HTTP_HEADER_TIMEOUT,
+        http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
+    ) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flows: set[_Flow] = set()
+        self._setups: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._header_ns = int(http_header_timeout * 1e9)
+        self._idle_ns = int(http_idle_timeout * 1e9)
+        shortest = min((t for t in (self._header_ns, self._idle_ns) if t > 0), default=4e9)
+        self._sweep_every = min(max(shortest / 8e9, 0.01), 0.5)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self._flows)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(flow.buffered for flow in self._flows)
+
+    @property
+    def connector(self) -> Connector | None:
+        """None: the listener connects for this relay, on the event loop."""
+        return None
+
+    @property
+    def acceptor(self) -> Acceptor | None:
+        """None: the listener accepts for this relay, on the event loop."""
+        return None
+
+    async def start(self) -> None:
+        """Bind the relay to the running event loop."""
+        if self._loop is not None:
+            raise RuntimeError("PythonRelay.start() was already called")
+        self._loop = asyncio.get_running_loop()
+
+    def submit(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+    ) -> asyncio.Future[RelayResult]:
+        """Wrap both sockets in transports (which then own them) and relay between them."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        future: asyncio.Future[RelayResult] = self._loop.create_future()
+        flow = _Flow(future, self._flows.discard, _HttpWatch(observe) if http else None)
+        if http and self._sweeper is None:
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+        self._flows.add(flow)
+        task = self._loop.create_task(self._attach(flow, client, upstream))
+        self._setups.add(task)
+        task.add_done_callback(self._setups.discard)
+        return future
+
+    async def _attach(self, flow: _Flow, client: socket.socket, upstream: socket.socket) -> None:
+        assert self._loop is not None
+        attached: list[asyncio.Transport] = []
+        try:
+            for side, sock in zip(flow.sides, (client, upstream), strict=True):
+                await self._loop.connect_accepted_socket(functools.partial(_same, side), sock)
+                assert side.transport is not None
+                attached.append(side.transport)
+        except Exception as exc:
+            for transport in attached:
+                _Flow.reset(transport)
+            for sock in (client, upstream)[len(attached):]:
+                sock.close()
+            self._flows.discard(flow)
+            if not flow.future.done():
+                flow.future.set_result(RelayResult(0, 0, error_name(exc), 0.0))
+            return
+        flow.start()
+
+    def flush(self) -> None:
+        """Nothing waits: the Python relay reports each exchange as its bytes are written."""
+
+    def _sweep(self) -> None:
+        """Enforce the HTTP header-read and idle timeouts (see the module docstring)."""
+        self._sweeper = None
+        now = time.monotonic_ns()
+        watched = False
+        for flow in list(self._flows):
+            http = flow.http
+            if http is None:
+                continue
+            watched = True
+            if not flow.ready or flow.lingering or flow.closing:
+                continue
+            if http.halted(0) or http.halted(1):
+                continue
+            phase = http.probe.phase
+            if (phase == "head" and self._header_ns
+                    and now - http.probe.head_started >= self._header_ns):
+                if http.probe.pending == 0 and flow.buffered == 0:
+                    flow.answer(408)
+                else:
+                    flow.error = "ETIMEDOUT"
+                    flow.cut()
+            elif (phase == "idle" and self._idle_ns and flow.buffered == 0
+                  and now - http.last_active >= self._idle_ns):
+                flow.closing = True
+                flow.transport(0).close()
+                flow.transport(1).close()
+        if watched and self._loop is not None and not self._closing:
+            self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+
+    async def close(self, grace: float) -> None:
+        """Wait up to ``grace`` s for active connections, then reset the rest."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._setups:
+            await asyncio.wait(set(self._setups), timeout=CUT_TIMEOUT)
+        await wait_bounded([flow.future for flow in self._flows], grace)
+        if self._flows:
+            for flow in list(self._flows):
+                flow.cut()
+            await wait_bounded([flow.future for flow in self._flows], CUT_TIMEOUT)
