@@ -83,6 +83,7 @@ __all__ = [
     "build_settings",
     "cross_check",
     "default_text",
+    "derived_advertise",
     "env_name",
     "printable",
     "quote",
@@ -370,8 +371,6 @@ class Settings(BaseSettings):
     )
 
     _warnings: tuple[str, ...] = PrivateAttr(default=())
-    # Whether advertise_prometheus was filled in from the host IP and -listen-prometheus.
-    _advertise_derived: bool = PrivateAttr(default=False)
 
     @classmethod
     def settings_customise_sources(
@@ -398,17 +397,16 @@ class Settings(BaseSettings):
         return BY_FIELD[info.field_name].parse(raw)
 
     @model_validator(mode="after")
-    def _derive_and_check(self) -> Settings:
-        if self.listen_prometheus is not None and self.advertise_prometheus is None:
-            # The model is frozen; this is its own construction, the only place it may fill
-            # in a derived default.  It comes before the cross-checks, which warn about it.
-            derived = HostPort(str(self.host_ip), self.listen_prometheus.port)
-            object.__setattr__(self, "advertise_prometheus", derived)
-            self._advertise_derived = True
+    def _check_and_derive(self) -> Settings:
         checked = cross_check(self)
         if checked.errors:
             raise checked.errors[0]
         self._warnings = checked.warnings
+        derived = derived_advertise(self)
+        if derived is not None:
+            # The model is frozen; this is its own construction, the only place it may fill
+            # in a derived default.
+            object.__setattr__(self, "advertise_prometheus", derived)
         return self
 
     def describe(self) -> tuple[str, ...]:
@@ -523,13 +521,22 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-def _derived_advertise_unreachable(settings: Settings) -> str | None:
+def derived_advertise(settings: Settings) -> HostPort | None:
+    """What to advertise when only -listen-prometheus is given: the host IP and that port."""
     listen = settings.listen_prometheus
-    if not settings._advertise_derived or listen is None or not _is_loopback_host(listen.host):
+    if listen is None or settings.advertise_prometheus is not None:
+        return None
+    return HostPort(str(settings.host_ip), listen.port)
+
+
+def _derived_advertise_unreachable(settings: Settings) -> str | None:
+    derived = derived_advertise(settings)
+    listen = settings.listen_prometheus
+    if derived is None or listen is None or not _is_loopback_host(listen.host):
         return None
     return (
         f"-listen-prometheus {listen} is on loopback only, so the"
-        f" advertised {settings.advertise_prometheus} is unreachable (set -advertise-prometheus)"
+        f" advertised {derived} is unreachable (set -advertise-prometheus)"
     )
 
 
@@ -557,7 +564,11 @@ class CrossCheck:
 
 
 def cross_check(settings: Settings) -> CrossCheck:
-    """Every error and every warning about ``settings``, each list in table order."""
+    """Every error and every warning about ``settings``, each list in table order.
+
+    ``settings`` holds the parsed values, before :class:`Settings` fills in the derived
+    ``advertise_prometheus`` (:func:`derived_advertise`), which one warning is about.
+    """
     return CrossCheck(
         errors=tuple(p for check in ERROR_CHECKS if (p := check(settings)) is not None),
         warnings=tuple(w for check in WARNING_CHECKS if (w := check(settings)) is not None),
