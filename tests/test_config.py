@@ -41,6 +41,7 @@ from flux.config import (
     usage_text,
     version_text,
 )
+from flux.config.settings import cross_check
 
 DISCOVERED = IPv4Address("192.0.2.10")
 
@@ -1028,6 +1029,30 @@ def test_options_table_matches_the_model() -> None:
     flags = [option.flag for option in OPTIONS if option.flag]
     assert len(flags) == len(set(flags))
     assert len({option.env for option in OPTIONS}) == len(OPTIONS)
+
+
+def test_cross_checks_report_errors_and_warnings_apart(tmp_path: Path) -> None:
+    # Built without validation, so the errors are found rather than raised.
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    settings = Settings.model_construct(
+        host_ip=IPv4Address("127.0.0.1"), etcd_cert_file=cert, etcd_username="u"
+    )
+    checked = cross_check(settings)
+    assert [str(error) for error in checked.errors] == [
+        "ETCD_CERT_FILE is set but ETCD_KEY_FILE is not: a client certificate and its key go"
+        " together",
+        "ETCD_USERNAME is set but ETCD_PASSWORD is not",
+        "ETCD_CERT_FILE is set, so the endpoints must use https://",
+    ]
+    assert checked.warnings == (
+        "ETCD_ADDRESS is not set; using http://127.0.0.1:2379",
+        "host IP 127.0.0.1 is a loopback address: other hosts cannot reach this host's"
+        " instances (set HOST_IP or -host-ip)",
+    )
+    # Through parse_args, the first error stops start-up and is the one line reported.
+    env = {"ETCD_CERT_FILE": str(cert), "ETCD_USERNAME": "u"}
+    assert error_of(["-host-ip=127.0.0.1"], env) == str(checked.errors[0])
 
 
 # ---------------------------------------------------------------------------------------------
