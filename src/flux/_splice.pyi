@@ -1,50 +1,8 @@
 """Type stubs for the compiled extension flux._splice."""
 
-from collections.abc import Iterable
-from typing import Literal, NamedTuple, SupportsFloat, SupportsIndex
+from typing import Literal, NamedTuple
 
-# ---- Histogram (src/flux/_histogram.pxi) -----------------------------------------------------
-
-
-class Histogram:
-    """HDR-style log-linear histogram of non-negative integers (latencies, in any unit)."""
-
-    def __init__(
-        self,
-        lowest: SupportsIndex = 1,
-        highest: SupportsIndex = 3_600_000_000,
-        significant_digits: SupportsIndex = 3,
-    ) -> None: ...
-    @property
-    def lowest(self) -> int: ...
-    @property
-    def highest(self) -> int: ...
-    @property
-    def significant_digits(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def clamped(self) -> int: ...
-    @property
-    def sum(self) -> int: ...
-    @property
-    def min(self) -> int: ...
-    @property
-    def max(self) -> int: ...
-    @property
-    def memory_bytes(self) -> int: ...
-    def record(self, value: SupportsIndex, count: SupportsIndex = 1) -> None: ...
-    def record_many(self, values: list[int]) -> None: ...
-    def add(self, other: Histogram) -> None: ...
-    def reset(self) -> None: ...
-    def copy(self) -> Histogram: ...
-    def quantiles(self, qs: Iterable[SupportsFloat]) -> list[int]: ...
-    def value_at_quantile(self, q: SupportsFloat) -> int: ...
-    def counts(self) -> list[tuple[int, int]]: ...
-
-# ---- end of Histogram ------------------------------------------------------------------------
-
-# ---- Relay engine (src/flux/_relay.pxi) ------------------------------------------------------
+# ---- Relay engine (src/flux/_relay_api.pxi) --------------------------------------------------
 
 
 # (token, bytes client->upstream, bytes upstream->client, errno, duration ns, status answered,
@@ -92,7 +50,7 @@ class SpliceEngine:
 
 # ---- end of Relay engine ---------------------------------------------------------------------
 
-# ---- HTTP framer (src/flux/_http.pxi) --------------------------------------------------------
+# ---- HTTP framer (src/flux/_http_framer.pxi) -------------------------------------------------
 
 
 _Side = Literal["request", "response"]
@@ -108,7 +66,7 @@ time (408); each with Connection: close."""
 
 class HttpEvent(NamedTuple):
     """One event of the HTTP framer: kind is "request", "exchange", "malformed", "reject" or
-    "opaque"; pos is a stream offset (see _http.pxi for each kind's fields)."""
+    "opaque"; pos is a stream offset (see _http_framer.pxi for each kind's fields)."""
 
     kind: str
     method: str
