@@ -583,223 +583,269 @@ cdef void hf_field_done(HfSide *s) noexcept nogil:
     s.state = HS_FIELD_START
 
 
-# ---- the byte-level lexer ------------------------------------------------------------------
+# ---- the byte-level lexer: one reader per state group ------------------------------------------
+#
+# hf_step hands each octet of a head, a chunk-size line or a trailer section to the reader of
+# the group its state is in (the state enum in _splice.pxd keeps each group contiguous):
+#
+#   states                         reader               errors it names
+#   LINE_START, LINE_START_CR      hf_read_line_start   START_LINE, UNSOLICITED
+#   METHOD .. START_CR             hf_read_start_line   START_LINE
+#   FIELD_START .. FOLD            hf_read_field_line   FIELD, OBS_FOLD
+#   CHUNK_SIZE .. CHUNK_DATA_LF    hf_read_chunk_line   CHUNK, CHUNK_EXT_CR
+#
+# A reader returns HF_ERR_NONE when the octet fits (it has acted on it), else the error the
+# octet makes, which hf_step reports with hf_fail (a malformed request, or an opaque response
+# stream).  Every octet of a head also counts against HF_MAX_HEAD (HEAD_TOO_LARGE) before its
+# reader sees it; octets before a start line do not.
 
-cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
-                  HfEvents *out) noexcept nogil:
-    """Take one octet of a head, a chunk-size line or a trailer section."""
-    cdef HfSide *s = &f.side[side]
+cdef inline uint8_t hf_read_line_start(HttpFramer *f, int side, HfSide *s, uint8_t c,
+                                       uint64_t now) noexcept nogil:
+    """Octets before a start line: empty lines are skipped; any other octet begins a message
+    (the state moves to METHOD or STATUS_VERSION, and the caller hands the same octet to the
+    start-line reader).  The state is unchanged only when the octet was taken here."""
+    if c == 0x0a:
+        s.state = HS_LINE_START
+        s.lenient |= HFL_EMPTY_LINE
+        return HF_ERR_NONE
+    if s.state == HS_LINE_START and c == 0x0d:
+        s.state = HS_LINE_START_CR
+        s.lenient |= HFL_EMPTY_LINE
+        return HF_ERR_NONE
+    if s.state == HS_LINE_START_CR:
+        return HF_ERR_START_LINE
+    hf_begin_message(s)
+    s.t_head_start = now
+    if side == HF_REQUEST:
+        s.state = HS_METHOD
+    else:
+        if f.n_requests == f.n_answered:
+            return HF_ERR_UNSOLICITED
+        s.state = HS_STATUS_VERSION
+    return HF_ERR_NONE
+
+
+cdef inline uint8_t hf_read_start_line(HfSide *s, uint8_t c) noexcept nogil:
+    """The request line (method, target, version) or the status line (version, status,
+    reason), up to the line's end."""
     cdef uint8_t st = s.state
     cdef uint8_t k = hf_class[c]
-    cdef uint8_t err = HF_ERR_START_LINE
-
-    if st == HS_LINE_START or st == HS_LINE_START_CR:
-        if c == 0x0a:
-            s.state = HS_LINE_START
-            s.lenient |= HFL_EMPTY_LINE
-            return
-        if st == HS_LINE_START and c == 0x0d:
-            s.state = HS_LINE_START_CR
-            s.lenient |= HFL_EMPTY_LINE
-            return
-        if st == HS_LINE_START_CR:
-            hf_fail(f, side, HF_ERR_START_LINE, out)
-            return
-        hf_begin_message(s)
-        s.t_head_start = now
-        if side == HF_REQUEST:
-            s.state = HS_METHOD
-        else:
-            if f.n_requests == f.n_answered:
-                hf_opaque(f, HF_ERR_UNSOLICITED, out)
-                return
-            s.state = HS_STATUS_VERSION
-        st = s.state
-
-    s.head_bytes += 1
-    if s.head_bytes > HF_MAX_HEAD:
-        hf_fail(f, side, HF_ERR_HEAD_TOO_LARGE, out)
-        return
-
     if st == HS_METHOD:
         if k & HC_TCHAR:
             if s.word_len < 8:
                 s.word[s.word_len] = <char>c
             if s.word_len < 255:
                 s.word_len += 1
-            return
+            return HF_ERR_NONE
         if c == 0x20 and s.word_len > 0:
             s.method = hf_method_id(s.word, s.word_len)
             s.word_len = 0
             s.state = HS_TARGET
-            return
+            return HF_ERR_NONE
     elif st == HS_TARGET:
         if k & HC_VCHAR:
             s.idx = 1
-            return
+            return HF_ERR_NONE
         if c == 0x20 and s.idx:
             s.idx = 0
             s.state = HS_VERSION
-            return
+            return HF_ERR_NONE
     elif st == HS_VERSION or st == HS_STATUS_VERSION:
         if s.idx < 5:
             if c == <uint8_t>HF_HTTP_NAME[s.idx]:
                 s.idx += 1
-                return
+                return HF_ERR_NONE
         elif s.idx == 5 or s.idx == 7:
             if k & HC_DIGIT:
                 s.version = s.version * 10 + (c - 0x30)
                 s.idx += 1
                 if s.idx == 8 and st == HS_VERSION:
                     s.state = HS_START_END
-                return
+                return HF_ERR_NONE
         elif s.idx == 6:
             if c == 0x2e:
                 s.idx += 1
-                return
+                return HF_ERR_NONE
         elif c == 0x20:
             s.idx = 0
             s.state = HS_STATUS
-            return
+            return HF_ERR_NONE
     elif st == HS_STATUS:
         if k & HC_DIGIT:
             s.status = s.status * 10 + (c - 0x30)
             s.idx += 1
             if s.idx == 3:
                 if s.status < 100:
-                    hf_fail(f, side, HF_ERR_START_LINE, out)
-                    return
+                    return HF_ERR_START_LINE
                 s.state = HS_STATUS_END
-            return
+            return HF_ERR_NONE
     elif st == HS_STATUS_END or st == HS_REASON or st == HS_START_END:
         if c == 0x0d:
             s.state = HS_START_CR
-            return
+            return HF_ERR_NONE
         if c == 0x0a:
             s.state = HS_FIELD_START
-            return
+            return HF_ERR_NONE
         if st == HS_STATUS_END and c == 0x20:
             s.state = HS_REASON
-            return
+            return HF_ERR_NONE
         if st == HS_REASON and (k & HC_FIELD or c == 0x20 or c == 0x09):
-            return
+            return HF_ERR_NONE
     elif st == HS_START_CR:
         if c == 0x0a:
             s.state = HS_FIELD_START
-            return
-    else:
-        err = HF_ERR_FIELD
-        if st == HS_FIELD_START:
-            if c == 0x0d:
-                s.state = HS_FIELD_END_CR
-                return
-            if c == 0x0a:
-                hf_section_done(f, side, now, out)
-                return
-            if k & HC_TCHAR:
-                s.word[0] = <char>hf_lower(c)
-                s.word_len = 1
-                s.state = HS_FIELD_NAME
-                return
-            if (c == 0x20 or c == 0x09) and s.prev_field != HF_F_NONE:
-                # obs-fold: a continuation of the previous field line.
-                if side == HF_RESPONSE and s.prev_field == HF_F_OTHER:
-                    s.field = HF_F_OTHER
-                    s.state = HS_FOLD
-                    return
-                err = HF_ERR_OBS_FOLD
-        elif st == HS_FIELD_END_CR:
-            if c == 0x0a:
-                hf_section_done(f, side, now, out)
-                return
-        elif st == HS_FIELD_NAME:
-            if k & HC_TCHAR:
-                if s.word_len < HF_WORD:
-                    s.word[s.word_len] = <char>hf_lower(c)
-                if s.word_len < 255:
-                    s.word_len += 1
-                return
-            if c == 0x3a:
-                hf_field_start(s, side)
-                s.state = HS_FIELD_OWS
-                return
-        elif st == HS_FIELD_OWS or st == HS_FIELD_VALUE or st == HS_FOLD:
-            if c == 0x0d:
-                s.state = HS_FIELD_CR
-                return
-            if c == 0x0a:
-                hf_field_done(s)
-                return
+            return HF_ERR_NONE
+    return HF_ERR_START_LINE
+
+
+cdef inline uint8_t hf_read_field_line(HttpFramer *f, int side, HfSide *s, uint8_t c,
+                                       uint64_t now, HfEvents *out) noexcept nogil:
+    """Field lines of a head or a trailer section, and the empty line that ends the section
+    (hf_section_done: the message-level decisions)."""
+    cdef uint8_t st = s.state
+    cdef uint8_t k = hf_class[c]
+    if st == HS_FIELD_START:
+        if c == 0x0d:
+            s.state = HS_FIELD_END_CR
+            return HF_ERR_NONE
+        if c == 0x0a:
+            hf_section_done(f, side, now, out)
+            return HF_ERR_NONE
+        if k & HC_TCHAR:
+            s.word[0] = <char>hf_lower(c)
+            s.word_len = 1
+            s.state = HS_FIELD_NAME
+            return HF_ERR_NONE
+        if (c == 0x20 or c == 0x09) and s.prev_field != HF_F_NONE:
+            # obs-fold: a continuation of the previous field line.
+            if side == HF_RESPONSE and s.prev_field == HF_F_OTHER:
+                s.field = HF_F_OTHER
+                s.state = HS_FOLD
+                return HF_ERR_NONE
+            return HF_ERR_OBS_FOLD
+    elif st == HS_FIELD_END_CR:
+        if c == 0x0a:
+            hf_section_done(f, side, now, out)
+            return HF_ERR_NONE
+    elif st == HS_FIELD_NAME:
+        if k & HC_TCHAR:
+            if s.word_len < HF_WORD:
+                s.word[s.word_len] = <char>hf_lower(c)
+            if s.word_len < 255:
+                s.word_len += 1
+            return HF_ERR_NONE
+        if c == 0x3a:
+            hf_field_start(s, side)
+            s.state = HS_FIELD_OWS
+            return HF_ERR_NONE
+    elif st == HS_FIELD_OWS or st == HS_FIELD_VALUE or st == HS_FOLD:
+        if c == 0x0d:
+            s.state = HS_FIELD_CR
+            return HF_ERR_NONE
+        if c == 0x0a:
+            hf_field_done(s)
+            return HF_ERR_NONE
+        if c == 0x20 or c == 0x09:
+            if st == HS_FIELD_VALUE and s.field >= HF_F_CONTENT_LENGTH:
+                hf_value_octet(s, c)
+            return HF_ERR_NONE
+        if k & HC_FIELD:
+            if st == HS_FIELD_OWS:
+                s.state = HS_FIELD_VALUE
+            if s.field >= HF_F_CONTENT_LENGTH:
+                hf_value_octet(s, c)
+            return HF_ERR_NONE
+    elif st == HS_FIELD_CR:
+        if c == 0x0a:
+            hf_field_done(s)
+            return HF_ERR_NONE
+    return HF_ERR_FIELD
+
+
+cdef inline uint8_t hf_read_chunk_line(HfSide *s, uint8_t c) noexcept nogil:
+    """A chunk-size line (size, extensions, line end) and the CRLF after a chunk's data."""
+    cdef uint8_t st = s.state
+    cdef uint8_t k = hf_class[c]
+    if st == HS_CHUNK_SIZE:
+        if k & HC_HEX and s.idx < 20:
+            s.idx += 1
+            s.remaining = hf_mul_add(s.remaining, 16,
+                                     (c - 0x30) if k & HC_DIGIT else (hf_lower(c) - 0x57))
+            return HF_ERR_NONE
+        if s.idx > 0:
+            if c == 0x3b:
+                s.state = HS_CHUNK_EXT
+                return HF_ERR_NONE
             if c == 0x20 or c == 0x09:
-                if st == HS_FIELD_VALUE and s.field >= HF_F_CONTENT_LENGTH:
-                    hf_value_octet(s, c)
-                return
-            if k & HC_FIELD:
-                if st == HS_FIELD_OWS:
-                    s.state = HS_FIELD_VALUE
-                if s.field >= HF_F_CONTENT_LENGTH:
-                    hf_value_octet(s, c)
-                return
-        elif st == HS_FIELD_CR:
-            if c == 0x0a:
-                hf_field_done(s)
-                return
-        else:
-            err = HF_ERR_CHUNK
-            if st == HS_CHUNK_SIZE:
-                if k & HC_HEX and s.idx < 20:
-                    s.idx += 1
-                    s.remaining = hf_mul_add(s.remaining, 16,
-                                             (c - 0x30) if k & HC_DIGIT else (hf_lower(c) - 0x57))
-                    return
-                if s.idx > 0:
-                    if c == 0x3b:
-                        s.state = HS_CHUNK_EXT
-                        return
-                    if c == 0x20 or c == 0x09:
-                        s.state = HS_CHUNK_WS
-                        return
-                    if c == 0x0d:
-                        s.idx = 0
-                        s.state = HS_CHUNK_SIZE_LF
-                        return
-            elif st == HS_CHUNK_EXT:
-                if c == 0x0d:
-                    s.idx = 1       # remembered: a CR inside an extension, if no LF follows
-                    s.state = HS_CHUNK_SIZE_LF
-                    return
-                if c != 0x0a:
-                    return
-            elif st == HS_CHUNK_WS:
-                if c == 0x20 or c == 0x09:
-                    return
-                if c == 0x0d:
-                    s.idx = 0
-                    s.state = HS_CHUNK_SIZE_LF
-                    return
-            elif st == HS_CHUNK_SIZE_LF:
-                if c == 0x0a:
-                    s.head_bytes = 0
-                    if s.remaining == 0:
-                        s.trailer = 1
-                        s.prev_field = HF_F_NONE
-                        s.state = HS_FIELD_START
-                    else:
-                        s.state = HS_CHUNK_DATA
-                    return
-                if s.idx:
-                    err = HF_ERR_CHUNK_EXT_CR
-            elif st == HS_CHUNK_DATA_CR:
-                if c == 0x0d:
-                    s.state = HS_CHUNK_DATA_LF
-                    return
-            elif st == HS_CHUNK_DATA_LF:
-                if c == 0x0a:
-                    s.state = HS_CHUNK_SIZE
-                    s.head_bytes = 0
-                    s.idx = 0
-                    return
-    hf_fail(f, side, err, out)
+                s.state = HS_CHUNK_WS
+                return HF_ERR_NONE
+            if c == 0x0d:
+                s.idx = 0
+                s.state = HS_CHUNK_SIZE_LF
+                return HF_ERR_NONE
+    elif st == HS_CHUNK_EXT:
+        if c == 0x0d:
+            s.idx = 1       # remembered: a CR inside an extension, if no LF follows
+            s.state = HS_CHUNK_SIZE_LF
+            return HF_ERR_NONE
+        if c != 0x0a:
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_WS:
+        if c == 0x20 or c == 0x09:
+            return HF_ERR_NONE
+        if c == 0x0d:
+            s.idx = 0
+            s.state = HS_CHUNK_SIZE_LF
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_SIZE_LF:
+        if c == 0x0a:
+            s.head_bytes = 0
+            if s.remaining == 0:
+                s.trailer = 1
+                s.prev_field = HF_F_NONE
+                s.state = HS_FIELD_START
+            else:
+                s.state = HS_CHUNK_DATA
+            return HF_ERR_NONE
+        if s.idx:
+            return HF_ERR_CHUNK_EXT_CR
+    elif st == HS_CHUNK_DATA_CR:
+        if c == 0x0d:
+            s.state = HS_CHUNK_DATA_LF
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_DATA_LF:
+        if c == 0x0a:
+            s.state = HS_CHUNK_SIZE
+            s.head_bytes = 0
+            s.idx = 0
+            return HF_ERR_NONE
+    return HF_ERR_CHUNK
+
+
+cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
+                  HfEvents *out) noexcept nogil:
+    """Take one octet of a head, a chunk-size line or a trailer section: hand it to the reader
+    of its state's group and report the error that reader names, if any."""
+    cdef HfSide *s = &f.side[side]
+    cdef uint8_t err
+    if s.state <= HS_LINE_START_CR:
+        err = hf_read_line_start(f, side, s, c, now)
+        if err != HF_ERR_NONE:
+            hf_fail(f, side, err, out)
+            return
+        if s.state <= HS_LINE_START_CR:
+            return
+    s.head_bytes += 1
+    if s.head_bytes > HF_MAX_HEAD:
+        err = HF_ERR_HEAD_TOO_LARGE
+    elif s.state < HS_FIELD_START:
+        err = hf_read_start_line(s, c)
+    elif s.state < HS_CHUNK_SIZE:
+        err = hf_read_field_line(f, side, s, c, now, out)
+    else:
+        err = hf_read_chunk_line(s, c)
+    if err != HF_ERR_NONE:
+        hf_fail(f, side, err, out)
 
 
 cdef inline void hf_account_body(HttpFramer *f, int side, uint64_t n, uint64_t now,

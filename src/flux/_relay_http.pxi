@@ -270,8 +270,8 @@ cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
 cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     """Every response owed before the error is written: answer, then close (lingering).
 
-    Returns 0 (the relay_pump_dir convention); both directions of the record end here, the
-    client's one carrying on as a discarding reader until the client closes.
+    Returns as relay_pump_dir does (RELAY_WAIT, RELAY_BUDGET); both directions of the record
+    end here, the client's one carrying on as a discarding reader until the client closes.
     """
     cdef RelayHttp *h = c.http
     cdef RelayDir *up = &c.dir[0]
@@ -288,7 +288,7 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     if h.reject_status == 0:
         up.done = 1
         shutdown(c.fd[0], SHUT_WR)
-        return 0
+        return RELAY_WAIT
     i = http_answer_index(h.reject_status)
     if i >= 0:
         # A few hundred bytes into a socket whose responses were all written: the send
@@ -304,17 +304,20 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
 
 
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
-    """Read and discard the client's bytes until it closes (the answer is already written)."""
+    """Read and discard the client's bytes until it closes (the answer is already written).
+
+    Returns RELAY_WAIT (the client is drained, or done: p.done set), or RELAY_BUDGET when
+    `budget` recv() calls did not drain it."""
     cdef RelayDir *p = &c.dir[0]
     cdef ssize_t n
     if relay_borrow_buf(e, p) == NULL:
         p.done = 1
-        return 0
+        return RELAY_WAIT
     while budget > 0:
         budget -= 1
         if not c.readable[0]:
             relay_return_buf(e, p)
-            return 0
+            return RELAY_WAIT
         n = recv(c.fd[0], p.buf, e.small_buffer, MSG_DONTWAIT)
         relay_count(e, RC_CALLS_RECV, 1)
         if n > 0:
@@ -322,14 +325,14 @@ cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
         if n < 0 and errno == EAGAIN:
             c.readable[0] = 0
             relay_return_buf(e, p)
-            return 0
+            return RELAY_WAIT
         if n < 0 and errno == EINTR:
             continue
         # EOF, or the client reset: either way it is done with us.
         relay_return_buf(e, p)
         p.done = 1
-        return 0
-    return -1
+        return RELAY_WAIT
+    return RELAY_BUDGET
 
 
 cdef void http_start_answer(RelayEngine *e, RelayConn *c, uint16_t status) noexcept nogil:

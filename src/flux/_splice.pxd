@@ -138,7 +138,9 @@ cdef enum:
     HFL_TE_FRAMING = 8          # response: Transfer-Encoding not ending in chunked, or 1.0
     HFL_UNUSED_FRAMING = 16     # response: invalid framing fields where no body can follow
 
-# Byte-level states.  The skippable ones come last (hf_feed takes them in bulk).
+# Byte-level states.  Each reader's group is contiguous (hf_step dispatches on ranges: before
+# a start line; start line from METHOD; field lines from FIELD_START; chunk lines from
+# CHUNK_SIZE), and the skippable ones come last (hf_feed takes them in bulk).
 cdef enum:
     HS_LINE_START = 0
     HS_LINE_START_CR
@@ -325,6 +327,11 @@ cdef enum:
     RELAY_ADDR_MAX = 28     # sizeof(struct sockaddr_in6), the largest address connect() takes
     # Connect timeouts are found by a sweep of the live list this often while any is pending.
     RELAY_CONNECT_SWEEP_NS = 20000000
+    # What a move on the data path returns (_relay_moves.pxi); errno values are positive.
+    RELAY_WAIT = 0          # waiting for readiness
+    RELAY_BUDGET = -1       # the syscall budget ran out with work left
+    RELAY_AGAIN = -2        # progress (or EINTR): the direction's pump goes round again
+
 
 cdef struct RelayDir:
     # One direction of a connection: dir[d] reads fd[d] and writes fd[1 - d].  Engine thread.
