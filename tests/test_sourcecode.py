@@ -1,4 +1,5 @@
-"""Lint and types run as tests (like uvloop's test_sourcecode): ruff, mypy, cython-lint."""
+"""Lint and types run as tests (like uvloop's test_sourcecode): ruff, mypy, cython-lint, and
+the compiled modules' stubs checked against the modules."""
 
 from __future__ import annotations
 
@@ -50,5 +51,18 @@ def test_cython_lint() -> None:
         text=True,
         timeout=300,
         env=ENV,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stubs_match_the_compiled_modules() -> None:
+    # mypy's stubtest imports the compiled modules and compares every public name, signature
+    # and default with their .pyi; the allowlist holds only what Cython adds by itself.
+    result = run(
+        "mypy.stubtest",
+        "flux._splice",
+        "flux._histogram",
+        "--allowlist",
+        "tests/stubtest_allowlist.txt",
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,20 +1,24 @@
 """Type stub for the compiled extension flux._histogram (src/flux/_histogram.pyx)."""
 
 from collections.abc import Iterable
-from typing import SupportsFloat, SupportsIndex
+from typing import Self, SupportsFloat, SupportsIndex
+
+from typing_extensions import disjoint_base
 
 # The code and its theory of operation: src/flux/_histogram.pyx.
 
 
+@disjoint_base
 class Histogram:
     """HDR-style log-linear histogram of non-negative integers (latencies, in any unit)."""
 
-    def __init__(
-        self,
+    # The arguments are taken by __cinit__, which Python sees as __new__.
+    def __new__(
+        cls,
         lowest: SupportsIndex = 1,
         highest: SupportsIndex = 3_600_000_000,
         significant_digits: SupportsIndex = 3,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def lowest(self) -> int: ...
     @property

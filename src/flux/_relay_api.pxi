@@ -2,6 +2,7 @@
 # _splice.pyx).  Everything here runs on the caller's thread, with the GIL.
 
 import os as _os
+from collections import namedtuple as _namedtuple
 
 # By counter (RC_* in _splice.pxd, same order).
 _RELAY_COUNTER_NAMES = (
@@ -12,6 +13,49 @@ _RELAY_COUNTER_NAMES = (
     "exchanges_dropped", "buffers_lent", "buffers_idle", "connects", "connect_failures",
     "accepted", "to_python", "accept_failures",
 )
+
+# ---- the records drain_all() and service_counts() return ---------------------------------------
+# Named tuples: read them by attribute; they still unpack like the plain tuples they replace.
+
+Completion = _namedtuple(
+    "Completion", "token bytes_up bytes_down errno duration_ns answered client_fd"
+)
+Completion.__doc__ = """A relayed connection ended: bytes client -> upstream and upstream ->
+client, errno (0: a clean end), duration in ns, the HTTP status the engine answered itself (0:
+none), and client_fd: -1, or the client handed back open and unread after a connect() failed."""
+
+ExchangeGroup = _namedtuple(
+    "ExchangeGroup",
+    "token method status roundtrips_us totals_us service instance client_ip",
+)
+ExchangeGroup.__doc__ = """The exchanges of one label set: method indexes HTTP_METHODS; the
+roundtrip and total times in µs, one per exchange.  token 0: a connection the engine accepted
+itself, labelled by service, instance and client_ip (IPv4, network-order integer); 0s
+otherwise."""
+
+HandOver = _namedtuple("HandOver", "service client_fd client_ip instance errno")
+HandOver.__doc__ = """From a service the engine accepts for: a client for the caller to pick for
+(instance 0, errno 0), a client whose connect to instance failed with errno, or (client_fd -1)
+news that the service stopped accepting (errno 0: the descriptor budget is spent, else
+accept4()'s errno)."""
+
+Drained = _namedtuple("Drained", "exchanges completions established handed")
+Drained.__doc__ = """Everything drain_all() took: ExchangeGroups, Completions, the tokens of
+connections established by connect(), HandOvers."""
+
+AnsweredCounts = _namedtuple("AnsweredCounts", "bad_request too_large timeout")
+AnsweredCounts.__doc__ = """Requests the engine answered itself: 400, 431 and 408."""
+
+TallyEntry = _namedtuple("TallyEntry", "instance client_ip connections")
+TallyEntry.__doc__ = """Connections the engine accepted and connected to instance for client_ip."""
+
+ServiceCounts = _namedtuple(
+    "ServiceCounts", "to_instances to_clients active answered tally"
+)
+ServiceCounts.__doc__ = """What the engine counted for one service: bytes delivered to its
+instances and to its clients (every connection naming it), and for the connections the engine
+accepted: active now, AnsweredCounts, TallyEntries."""
+
 
 cdef int _raise_errno(str what) except -1:
     """The one errno -> exception helper: OSError with the errno and the failed call named."""
@@ -24,9 +68,8 @@ cdef class SpliceEngine:
 
     ``add()`` hands over two connected sockets (by descriptor; the engine owns and closes them).
     When a relayed connection ends, a completion is queued and :attr:`eventfd` becomes readable;
-    ``drain()`` returns the queued completions as
-    ``(token, bytes client->upstream, bytes upstream->client, errno or 0, duration ns,
-    HTTP status the engine answered itself or 0)``.
+    ``drain_all()`` returns the queued completions (:class:`Completion`) with everything else
+    queued (:class:`Drained`).
 
     A connection added with ``http=True`` is observed by the HTTP/1.x framer: its exchanges
     (with ``observe=True``) are queued for ``drain_exchanges()`` / ``drain_all()``, which
@@ -194,7 +237,7 @@ cdef class SpliceEngine:
         relay between it and ``client_fd``, which the engine now owns.
 
         Nothing is read from the client before the upstream is connected.  Once it is, the
-        token is published on the established queue (``drain_all()[2]``).  If the connect fails
+        token is published on the established queue (``drain_all().established``).  If it fails
         or is still pending after ``timeout`` seconds, the completion carries the errno
         (ETIMEDOUT for the timeout) and, as its last field, the client descriptor: open,
         unread and the caller's again.  Thread-safe; never blocks on the engine.
@@ -395,24 +438,26 @@ cdef class SpliceEngine:
             self._control(RELAY_CTL_RESUME, s, -1, NULL)
 
     def service_counts(self, uint32_t service):
-        """``(bytes to instances, bytes to clients, active, (answered 400, 431, 408),
-        [(instance, client_ip, connections), ...])`` for ``service``: bytes of every
+        """What the engine counted for ``service`` (:class:`ServiceCounts`): bytes of every
         connection naming it, the rest for the connections the engine accepted."""
         cdef RelaySvc *s = self._known(service)
         cdef size_t i
         if s == NULL:
-            return 0, 0, 0, (0, 0, 0), []
+            return ServiceCounts(0, 0, 0, AnsweredCounts(0, 0, 0), [])
         tally = []
         pthread_mutex_lock(&self.e.stats_lock)
         for i in range(s.tally_cap):
             if s.tally[i].key:
-                tally.append((s.tally[i].key >> 32, s.tally[i].key & 0xFFFFFFFF,
-                              s.tally[i].count))
+                tally.append(TallyEntry(s.tally[i].key >> 32, s.tally[i].key & 0xFFFFFFFF,
+                                        s.tally[i].count))
         pthread_mutex_unlock(&self.e.stats_lock)
-        return (flux_relay_load(&s.bytes[0]), flux_relay_load(&s.bytes[1]),
-                flux_relay_load(&s.active),
-                (flux_relay_load(&s.rejected[0]), flux_relay_load(&s.rejected[1]),
-                 flux_relay_load(&s.rejected[2])), tally)
+        return ServiceCounts(
+            flux_relay_load(&s.bytes[0]), flux_relay_load(&s.bytes[1]),
+            flux_relay_load(&s.active),
+            AnsweredCounts(flux_relay_load(&s.rejected[0]), flux_relay_load(&s.rejected[1]),
+                           flux_relay_load(&s.rejected[2])),
+            tally,
+        )
 
     def instance_active(self, uint32_t service, uint32_t instance) -> int:
         """Connections to ``instance`` the engine picked for ``service`` and has up now."""
@@ -438,36 +483,25 @@ cdef class SpliceEngine:
         return flux_relay_load(&self.e.shared.held)
 
     def drain(self):
-        """Take every queued completion: a list of
-        (token, up, down, errno, duration_ns, answered)."""
-        return self.drain_all()[1]
+        """Take every queued completion (a list of :class:`Completion`); whatever else was
+        queued is dropped (drain_all() takes everything)."""
+        return self.drain_all().completions
 
     def drain_exchanges(self):
-        """Take every queued exchange, grouped: a list of (token, method, status,
-        [roundtrip µs, ...], [total µs, ...]); ``method`` indexes ``HTTP_METHODS``.
+        """Take every queued exchange, grouped by label set (a list of
+        :class:`ExchangeGroup`); whatever else was queued is dropped.
 
         Grouping lets the metrics record a batch per label set (one call, not one per
         exchange): under keep-alive load that was most of the cost of HTTP metrics."""
-        return self.drain_all()[0]
+        return self.drain_all().exchanges
 
     def drain_all(self):
         """Take every queued exchange, completion, established connection and hand-over at
-        once: ``(exchanges, completions, established tokens, hand-overs)``.
+        once: a :class:`Drained` of lists of :class:`ExchangeGroup`, :class:`Completion`,
+        tokens and :class:`HandOver` (hand-overs: see _relay_accept.pxi).
 
         A connection's exchanges and its establishment are always queued before its
-        completion, so handling those first never meets a connection that is already gone.
-        A completion is ``(token, up, down, errno, duration_ns, answered, client_fd)`` where
-        ``client_fd`` is -1 unless a ``connect()`` failed and the client came back.
-
-        An exchange is ``(token, method, status, roundtrips, totals, service, instance,
-        client_ip)``: token 0 for a connection the engine accepted itself, whose label set is
-        the last three (client_ip an IPv4 address as a network-order integer); 0s otherwise.
-
-        A hand-over is ``(service, client_fd, client_ip, instance, errno)`` from a service the
-        engine accepts for (see _relay_accept.pxi): a client for the caller to pick for
-        (instance 0, errno 0), a client whose connect to ``instance`` failed with ``errno``, or
-        (client_fd -1) news that the service stopped accepting: errno 0 when the descriptor
-        budget is spent, else accept4()'s errno."""
+        completion, so handling those first never meets a connection that is already gone."""
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
         cdef RelayConn *nxt
@@ -499,10 +533,10 @@ cdef class SpliceEngine:
                         << 64)
             group = groups.get(key)
             if group is None:
-                group = groups[key] = (x[i].token, x[i].method, x[i].status, [], [],
-                                       x[i].service, x[i].inst, x[i].client_ip)
-            group[3].append(x[i].roundtrip_ns // 1000)
-            group[4].append(x[i].total_ns // 1000)
+                group = groups[key] = ExchangeGroup(x[i].token, x[i].method, x[i].status, [],
+                                                    [], x[i].service, x[i].inst, x[i].client_ip)
+            group.roundtrips_us.append(x[i].roundtrip_ns // 1000)
+            group.totals_us.append(x[i].total_ns // 1000)
         free(x)
         exchanges = list(groups.values())
         established = []
@@ -515,13 +549,14 @@ cdef class SpliceEngine:
         while c != NULL:
             nxt = c.link
             if c.token == 0:
-                handed.append((c.svc.id, c.fd[0], c.client_ip, c.inst, c.err))
+                handed.append(HandOver(c.svc.id, c.fd[0], c.client_ip, c.inst, c.err))
             else:
-                out.append((c.token, c.dir[0].bytes, c.dir[1].bytes, c.err, c.duration_ns,
-                            c.answered, c.fd[0] if c.handed_back else -1))
+                out.append(Completion(c.token, c.dir[0].bytes, c.dir[1].bytes, c.err,
+                                      c.duration_ns, c.answered,
+                                      c.fd[0] if c.handed_back else -1))
             free(c)
             c = nxt
-        return exchanges, out, established, handed
+        return Drained(exchanges, out, established, handed)
 
     def close_all(self):
         """Reset every relayed connection now (completions carry ECANCELED); keep running."""
