@@ -4,6 +4,7 @@ the compiled modules' stubs checked against the modules."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,21 @@ def test_cython_lint() -> None:
         env=ENV,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_engine_room_reaches_forward() -> None:
+    # STYLE 15: a room of the engine (an include of _splice.pyx) calls a function of a later
+    # room only through its declaration in _splice.pxd, so the include order means nothing.
+    flux = ROOT / "src/flux"
+    rooms = re.findall(r'^include "(.+)"$', (flux / "_splice.pyx").read_text(), re.M)
+    function = re.compile(r"^cdef [^(\n]*?\b(\w+)\(", re.M)
+    declared = set(function.findall((flux / "_splice.pxd").read_text()))
+    room_of = {name: i for i, room in enumerate(rooms)
+               for name in function.findall((flux / room).read_text())}
+    for i, room in enumerate(rooms):
+        text = (flux / room).read_text()
+        later = {name for name, j in room_of.items() if j > i and re.search(rf"\b{name}\(", text)}
+        assert later <= declared, f"{room} calls {sorted(later - declared)} of a later room"
 
 
 def test_stubs_match_the_compiled_modules() -> None:
