@@ -61,10 +61,10 @@ RUN set -eu; \
     if [ -f pip.conf ]; then export PIP_CONFIG_FILE=/build/pip.conf; fi; \
     /opt/build/bin/pip wheel -q --no-deps --no-build-isolation -w /build/dist .; \
     /opt/build/bin/pip --python /opt/flux/bin/python install -q --no-deps /build/dist/flux-*.whl; \
-    /opt/flux/bin/python -c 'import flux._splice'; \
+    /opt/flux/bin/python -c 'import flux._splice, flux._histogram'; \
     # Extension modules ship with symbols nobody reads at run time: a third of the venv.
     find /opt/flux -name '*.so' -exec strip --strip-unneeded {} +; \
-    /opt/flux/bin/python -c 'import flux._splice, uvloop, aiohttp, pydantic_core'
+    /opt/flux/bin/python -c 'import flux._splice, flux._histogram, uvloop, aiohttp, pydantic_core'
 
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

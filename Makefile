@@ -30,7 +30,7 @@ deps: system $(STAMP)
 build: deps
 	@mkdir -p $(VAR)
 	@flock $(VAR)/build.lock $(BIN)/python setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log >&2; exit 1; }
-	@$(BIN)/python -c 'import flux._splice' || { echo "make: the compiled engine flux._splice does not import" >&2; exit 1; }
+	@$(BIN)/python -c 'import flux._splice, flux._histogram' || { echo "make: the compiled modules flux._splice and flux._histogram do not import" >&2; exit 1; }
 
 ## Set up, start etcd and dockerd if needed, and run fluxd in the foreground.
 run: build
@@ -84,7 +84,7 @@ fuzz: build
 		-artifact_prefix=$(VAR)/fuzz/ $(FUZZ_ARGS) $(VAR)/fuzz/http-framer
 
 clean:
-	rm -rf build src/flux/_splice.c src/flux/*.so src/*.egg-info
+	rm -rf build src/flux/_splice.c src/flux/_histogram.c src/flux/*.so src/*.egg-info
 
 ## fluxd's production image (Dockerfile), tagged $(IMAGE), on $(BASE_IMAGE).  Where no registry
 ## is reachable: `make image BASE_IMAGE=flux-base:bookworm` (builds that base first).

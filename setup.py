@@ -1,7 +1,7 @@
 """Build script for the compiled relay engine.
 
 Everything declarative lives in pyproject.toml; this file exists only because the
-Cython extension ``flux._splice`` needs a build step.  ``FLUX_DEBUG_BUILD=1`` compiles
+Cython extensions ``flux._splice`` (the relay engine) and ``flux._histogram`` need a build step.  ``FLUX_DEBUG_BUILD=1`` compiles
 the engine with its descriptor/pipe accounting switched on (used by leak tests).
 """
 
@@ -18,7 +18,12 @@ extensions = [
         ["src/flux/_splice.pyx"],
         extra_compile_args=["-O2", "-g0"] if not debug else ["-O0", "-g"],
         define_macros=[("FLUX_DEBUG_COUNTERS", "1")] if debug else [],
-    )
+    ),
+    Extension(
+        "flux._histogram",
+        ["src/flux/_histogram.pyx"],
+        extra_compile_args=["-O2", "-g0"] if not debug else ["-O0", "-g"],
+    ),
 ]
 
 setup(

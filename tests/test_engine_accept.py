@@ -126,7 +126,7 @@ class Engines:
     def handed(self) -> list[tuple[int, int, int, int, int]]:
         out = []
         for engine in self.engines:
-            out.extend(engine.drain_all()[3])
+            out.extend(engine.drain_all().handed)
         return out
 
     def wait_handed(self) -> list[tuple[int, int, int, int, int]]:
@@ -139,7 +139,7 @@ class Engines:
         """Connections counted per instance id, over all shards."""
         counts: dict[int, int] = {}
         for engine in self.engines:
-            for instance, _, n in engine.service_counts(1)[4]:
+            for instance, _, n in engine.service_counts(1).tally:
                 counts[instance] = counts.get(instance, 0) + n
         return counts
 
@@ -191,7 +191,7 @@ def test_engine_picks_from_the_snapshot_and_counts_each_connection(
     group.set_pool([(7, echo.packed)])
     for i in range(20):
         assert round_trip(group.port, b"hello %d" % i) == b"hello %d" % i
-    wait_for(lambda: group.engines[0].service_counts(1)[2] == 0, "the connections to end")
+    wait_for(lambda: group.engines[0].service_counts(1).active == 0, "the connections to end")
     up, down, active, rejected, tally = group.engines[0].service_counts(1)
     sent = sum(len(b"hello %d" % i) for i in range(20))
     assert (up, down, active, rejected) == (sent, sent, 0, (0, 0, 0))
@@ -302,7 +302,7 @@ def test_shards_share_the_new_connections(engines: Callable[..., Engines], echo:
     group.set_pool([(3, echo.packed)])
     for i in range(200):
         assert round_trip(group.port, b"%d" % i) == b"%d" % i
-    per_shard = [sum(n for _, _, n in e.service_counts(1)[4]) for e in group.engines]
+    per_shard = [sum(n for _, _, n in e.service_counts(1).tally) for e in group.engines]
     assert sum(per_shard) == 200
     # SO_REUSEPORT hashes each connection's ports: about half each (binomial, 200 draws).
     assert min(per_shard) >= 60, per_shard

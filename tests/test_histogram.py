@@ -1,4 +1,4 @@
-"""The HDR-style histogram of flux._splice.
+"""The HDR-style histogram of flux._histogram.
 
 The `hdrhistogram` package is the oracle: same lowest, highest and significant digits must give
 the same counters and the same answers as its `get_value_at_percentile(100 * q)`.  The edges
@@ -15,7 +15,7 @@ from hdrh.histogram import HdrHistogram
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux._splice import Histogram
+from flux._histogram import Histogram
 
 HOUR_US = 3_600_000_000
 # Highest value equivalent to 3.6e9 at 3 digits: its counter is 2**21 wide.

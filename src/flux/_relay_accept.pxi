@@ -1,4 +1,5 @@
-# Accepting in the engine (included by _splice.pyx after _relay.pxi).
+# Accepting in the engine: a service's clients accepted, routed and counted (included by
+# _splice.pyx).
 #
 # Theory of operation
 # -------------------
@@ -19,7 +20,7 @@
 # - no snapshot, an empty one (nothing ready, or an instance on probation: its one probe must be
 #   chosen by the pool), or a stale one: the client is handed over unread;
 # - a failed or timed-out connect: the client is handed back unread with the errno and the
-#   instance tried (the same hand-back as connect(), see _relay.pxi);
+#   instance tried (the same hand-back as connect(), see _relay_connect.pxi);
 # - the descriptor budget spent, or accept4() failing for want of descriptors or memory: the
 #   service stops accepting (its clients wait in the kernel's backlog) and the asyncio side is
 #   told, once; it logs, retries and resumes the service (pause()/resume()).
@@ -38,15 +39,6 @@
 # Services are never freed while the engine lives (a listener that closes leaves its counters
 # behind, as Prometheus counters must stay); their commands (listen, unlisten, new snapshot,
 # pause, resume) go through the same lock and wake-up as submissions.
-
-cdef enum:
-    RELAY_CTL_LISTEN = 1
-    RELAY_CTL_UNLISTEN = 2
-    RELAY_CTL_SNAP = 3
-    RELAY_CTL_PAUSE = 4
-    RELAY_CTL_RESUME = 5
-    RELAY_ACCEPT_BATCH = 64     # clients accepted per service per turn
-
 
 cdef inline uint64_t accept_random(RelayEngine *e) noexcept nogil:
     # xorshift64*: the pick needs speed and spread, not secrecy.

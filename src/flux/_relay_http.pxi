@@ -1,10 +1,10 @@
-# HTTP services in the relay engine (included by _splice.pyx after _relay.pxi).
+# HTTP services in the relay engine: the hooks the data path calls (included by _splice.pyx).
 #
 # Theory of operation
 # -------------------
-# A connection added with http=True carries a RelayHttp: the framer of _http.pxi plus what the
-# engine needs around it.  The data path of _relay.pxi stays the same (copy small reads, splice
-# bulk ones); these hooks only watch it:
+# A connection added with http=True carries a RelayHttp: the framer of _http_framer.pxi plus
+# what the engine needs around it.  The data path of _relay_moves.pxi stays the same (copy small
+# reads, splice bulk ones); these hooks only watch it:
 #
 # - Every byte read into a copy buffer is shown to the framer (http_observe) *before* it is
 #   forwarded, so a response is never seen before the request head it answers.  A spliced
@@ -36,66 +36,23 @@
 # - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response) it takes
 #   every byte without looking and body_remaining is unlimited: the connection is plain TCP.
 
-from libc.stdint cimport UINT64_MAX
-from libc.stdlib cimport realloc
-
-
-cdef enum:
-    HTTP_PENDING = 8                    # exchanges waiting for their last byte to be written
-    HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
-    HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
-    HTTP_ANSWERS = 3
-
 cdef int64_t HTTP_LINGER_NS = 2000000000
 cdef int64_t HTTP_SWEEP_MIN_NS = 10000000
 cdef int64_t HTTP_SWEEP_MAX_NS = 500000000
 
 
-cdef inline int http_answer_index(uint16_t status) noexcept nogil:
-    if status == 400:
-        return 0
-    if status == 431:
-        return 1
-    if status == 408:
-        return 2
-    return -1
+# The engine's own answers (HTTP_ERROR_RESPONSES is their one source, also for tests); the
+# engine thread sends copies made at import.
+HTTP_ERROR_RESPONSES = {
+    400: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
+          b"Connection: close\r\n\r\nBad Request\n"),
+    431: (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+          b"Content-Length: 32\r\nConnection: close\r\n\r\n"
+          b"Request Header Fields Too Large\n"),
+    408: (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n"
+          b"Connection: close\r\n\r\nRequest Timeout\n"),
+}
 
-
-cdef struct RelayExchange:
-    uint64_t token
-    uint64_t roundtrip_ns
-    uint64_t total_ns
-    uint32_t service        # token 0 (an engine-accepted connection): its label set
-    uint32_t inst
-    uint32_t client_ip
-    uint16_t status
-    uint8_t method
-
-
-cdef struct HttpPending:
-    uint64_t end_pos                    # response-stream offset just after the response
-    uint64_t t_request_head
-    uint64_t t_response_head
-    uint16_t status
-    uint8_t method
-
-
-cdef struct RelayHttp:
-    HttpFramer f
-    HttpPending pending[HTTP_PENDING]
-    uint64_t stop_pos[2]                # forward side d's stream only below this offset
-    int64_t last_active_ns
-    int64_t linger_until_ns
-    uint16_t reject_status              # what to answer (0: close without answering)
-    uint8_t npending
-    uint8_t pending_head
-    uint8_t halted[2]                   # stop reading side d
-    uint8_t rejecting                   # an answer is due once side 1 is written up to stop_pos
-    uint8_t lingering                   # answered: discarding the client's bytes
-    uint8_t observe                     # queue exchange records
-
-
-# The engine's canned answers, copied from HTTP_ERROR_RESPONSES (one source for the bytes).
 cdef char *http_answer_text[HTTP_ANSWERS]
 cdef size_t http_answer_len[HTTP_ANSWERS]
 
@@ -313,8 +270,8 @@ cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
 cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     """Every response owed before the error is written: answer, then close (lingering).
 
-    Returns 0 (the relay_pump_dir convention); both directions of the record end here, the
-    client's one carrying on as a discarding reader until the client closes.
+    Returns as relay_pump_dir does (RELAY_WAIT, RELAY_BUDGET); both directions of the record
+    end here, the client's one carrying on as a discarding reader until the client closes.
     """
     cdef RelayHttp *h = c.http
     cdef RelayDir *up = &c.dir[0]
@@ -331,7 +288,7 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     if h.reject_status == 0:
         up.done = 1
         shutdown(c.fd[0], SHUT_WR)
-        return 0
+        return RELAY_WAIT
     i = http_answer_index(h.reject_status)
     if i >= 0:
         # A few hundred bytes into a socket whose responses were all written: the send
@@ -347,17 +304,20 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
 
 
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
-    """Read and discard the client's bytes until it closes (the answer is already written)."""
+    """Read and discard the client's bytes until it closes (the answer is already written).
+
+    Returns RELAY_WAIT (the client is drained, or done: p.done set), or RELAY_BUDGET when
+    `budget` recv() calls did not drain it."""
     cdef RelayDir *p = &c.dir[0]
     cdef ssize_t n
     if relay_borrow_buf(e, p) == NULL:
         p.done = 1
-        return 0
+        return RELAY_WAIT
     while budget > 0:
         budget -= 1
         if not c.readable[0]:
             relay_return_buf(e, p)
-            return 0
+            return RELAY_WAIT
         n = recv(c.fd[0], p.buf, e.small_buffer, MSG_DONTWAIT)
         relay_count(e, RC_CALLS_RECV, 1)
         if n > 0:
@@ -365,14 +325,14 @@ cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil:
         if n < 0 and errno == EAGAIN:
             c.readable[0] = 0
             relay_return_buf(e, p)
-            return 0
+            return RELAY_WAIT
         if n < 0 and errno == EINTR:
             continue
         # EOF, or the client reset: either way it is done with us.
         relay_return_buf(e, p)
         p.done = 1
-        return 0
-    return -1
+        return RELAY_WAIT
+    return RELAY_BUDGET
 
 
 cdef void http_start_answer(RelayEngine *e, RelayConn *c, uint16_t status) noexcept nogil:

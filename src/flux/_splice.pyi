@@ -1,65 +1,87 @@
-"""Type stubs for the compiled extension flux._splice."""
+"""Type stub for the compiled extension flux._splice (src/flux/_splice.pyx and its rooms).
 
-from collections.abc import Iterable
-from typing import Literal, NamedTuple, SupportsFloat, SupportsIndex
+tests/test_sourcecode.py checks it against the compiled module with mypy.stubtest.
+"""
 
-# ---- Histogram (src/flux/_histogram.pxi) -----------------------------------------------------
+from typing import Literal, NamedTuple
 
+from typing_extensions import disjoint_base
 
-class Histogram:
-    """HDR-style log-linear histogram of non-negative integers (latencies, in any unit)."""
-
-    def __init__(
-        self,
-        lowest: SupportsIndex = 1,
-        highest: SupportsIndex = 3_600_000_000,
-        significant_digits: SupportsIndex = 3,
-    ) -> None: ...
-    @property
-    def lowest(self) -> int: ...
-    @property
-    def highest(self) -> int: ...
-    @property
-    def significant_digits(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def clamped(self) -> int: ...
-    @property
-    def sum(self) -> int: ...
-    @property
-    def min(self) -> int: ...
-    @property
-    def max(self) -> int: ...
-    @property
-    def memory_bytes(self) -> int: ...
-    def record(self, value: SupportsIndex, count: SupportsIndex = 1) -> None: ...
-    def record_many(self, values: list[int]) -> None: ...
-    def add(self, other: Histogram) -> None: ...
-    def reset(self) -> None: ...
-    def copy(self) -> Histogram: ...
-    def quantiles(self, qs: Iterable[SupportsFloat]) -> list[int]: ...
-    def value_at_quantile(self, q: SupportsFloat) -> int: ...
-    def counts(self) -> list[tuple[int, int]]: ...
-
-# ---- end of Histogram ------------------------------------------------------------------------
-
-# ---- Relay engine (src/flux/_relay.pxi) ------------------------------------------------------
+# ---- Relay engine (src/flux/_relay_api.pxi) --------------------------------------------------
 
 
-# (token, bytes client->upstream, bytes upstream->client, errno, duration ns, status answered,
-#  client descriptor handed back after a failed connect() or -1)
-_Completion = tuple[int, int, int, int, int, int, int]
-# (token, method index into HTTP_METHODS, status, roundtrips µs, totals µs, service, instance,
-#  client IPv4 as a network-order integer): one per label set
-_Exchange = tuple[int, int, int, list[int], list[int], int, int, int]
-# (service, client descriptor or -1, client IPv4 as a network-order integer, instance, errno)
-_HandOver = tuple[int, int, int, int, int]
-# (bytes to instances, bytes to clients, active, (answered 400, 431, 408),
-#  [(instance, client IPv4, connections), ...])
-_ServiceCounts = tuple[int, int, int, tuple[int, int, int], list[tuple[int, int, int]]]
+class Completion(NamedTuple):
+    """A relayed connection ended (client_fd: -1, or the client handed back after a failed
+    connect())."""
+
+    token: int
+    bytes_up: int
+    bytes_down: int
+    errno: int
+    duration_ns: int
+    answered: int
+    client_fd: int
 
 
+class ExchangeGroup(NamedTuple):
+    """The exchanges of one label set (token 0: labelled by service, instance, client_ip)."""
+
+    token: int
+    method: int
+    status: int
+    roundtrips_us: list[int]
+    totals_us: list[int]
+    service: int
+    instance: int
+    client_ip: int
+
+
+class HandOver(NamedTuple):
+    """A client (or, with client_fd -1, a pause) from a service the engine accepts for."""
+
+    service: int
+    client_fd: int
+    client_ip: int
+    instance: int
+    errno: int
+
+
+class Drained(NamedTuple):
+    """Everything drain_all() took."""
+
+    exchanges: list[ExchangeGroup]
+    completions: list[Completion]
+    established: list[int]
+    handed: list[HandOver]
+
+
+class AnsweredCounts(NamedTuple):
+    """Requests the engine answered itself: 400, 431 and 408."""
+
+    bad_request: int
+    too_large: int
+    timeout: int
+
+
+class TallyEntry(NamedTuple):
+    """Connections the engine accepted and connected to instance for client_ip."""
+
+    instance: int
+    client_ip: int
+    connections: int
+
+
+class ServiceCounts(NamedTuple):
+    """What the engine counted for one service."""
+
+    to_instances: int
+    to_clients: int
+    active: int
+    answered: AnsweredCounts
+    tally: list[TallyEntry]
+
+
+@disjoint_base
 class SpliceEngine:
     """The native relay: one thread relaying many socket pairs with epoll and splice(2)."""
 
@@ -73,22 +95,57 @@ class SpliceEngine:
         idle_timeout: float = 0.0,
         shard_of: SpliceEngine | None = None,
     ) -> None: ...
+
     def start(self) -> None: ...
-    def add(self, client_fd: int, upstream_fd: int, token: int, http: bool = ..., observe: bool = ..., service: int = ...) -> None: ...  # noqa: E501
-    def connect(self, client_fd: int, address: bytes, token: int, timeout: float, http: bool = ..., observe: bool = ..., service: int = ...) -> None: ...  # noqa: E501
-    def listen(self, service: int, fd: int, http: bool = ..., observe: bool = ..., connect_timeout: float = ...) -> None: ...  # noqa: E501
+
+    def add(
+        self,
+        client_fd: int,
+        upstream_fd: int,
+        token: int,
+        http: bool = False,
+        observe: bool = True,
+        service: int = -1,
+    ) -> None: ...
+
+    def connect(
+        self,
+        client_fd: int,
+        address: bytes,
+        token: int,
+        timeout: float,
+        http: bool = False,
+        observe: bool = True,
+        service: int = -1,
+    ) -> None: ...
+
+    def listen(
+        self,
+        service: int,
+        fd: int,
+        http: bool = False,
+        observe: bool = True,
+        connect_timeout: float = 3.0,
+    ) -> None: ...
     def unlisten(self, service: int) -> None: ...
-    def set_pool(self, service: int, targets: list[tuple[int, bytes]], p2c: bool = ..., python_at_ns: int = ...) -> None: ...  # noqa: E501
+
+    def set_pool(
+        self,
+        service: int,
+        targets: list[tuple[int, bytes]],
+        p2c: bool = False,
+        python_at_ns: int = 0,
+    ) -> None: ...
     def pause(self, service: int) -> None: ...
     def resume(self, service: int) -> None: ...
-    def service_counts(self, service: int) -> _ServiceCounts: ...
+    def service_counts(self, service: int) -> ServiceCounts: ...
     def instance_active(self, service: int, instance: int) -> int: ...
     def set_budget(self, limit: int, python_held: int) -> None: ...
     @property
     def held(self) -> int: ...
-    def drain(self) -> list[_Completion]: ...
-    def drain_exchanges(self) -> list[_Exchange]: ...
-    def drain_all(self) -> tuple[list[_Exchange], list[_Completion], list[int], list[_HandOver]]: ...  # noqa: E501
+    def drain(self) -> list[Completion]: ...
+    def drain_exchanges(self) -> list[ExchangeGroup]: ...
+    def drain_all(self) -> Drained: ...
     def close_all(self) -> None: ...
     def stop(self) -> None: ...
     @property
@@ -109,7 +166,7 @@ class SpliceEngine:
 
 # ---- end of Relay engine ---------------------------------------------------------------------
 
-# ---- HTTP framer (src/flux/_http.pxi) --------------------------------------------------------
+# ---- HTTP framer (src/flux/_http_framer.pxi) -------------------------------------------------
 
 
 _Side = Literal["request", "response"]
@@ -125,7 +182,7 @@ time (408); each with Connection: close."""
 
 class HttpEvent(NamedTuple):
     """One event of the HTTP framer: kind is "request", "exchange", "malformed", "reject" or
-    "opaque"; pos is a stream offset (see _http.pxi for each kind's fields)."""
+    "opaque"; pos is a stream offset (see _http_framer.pxi for each kind's fields)."""
 
     kind: str
     method: str
@@ -140,6 +197,7 @@ class HttpEvent(NamedTuple):
     reason: str
 
 
+@disjoint_base
 class HttpFramerProbe:
     """The relay engine's HTTP/1.x framer, driven from Python (tests, fuzzing)."""
 

@@ -1,21 +1,52 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""flux's compiled data path.
+"""flux's relay engine: a native thread relaying socket pairs with epoll and splice(2).
 
-One extension module so the relay engine can record into histograms without crossing a
-module boundary.  The parts live in include files, each owning one concern:
+The module's face.  Every type, and every function one room calls in another, is declared in
+_splice.pxd (cimported automatically); the rooms below hold the code, one concern each, and
+may be read in any order:
 
-- ``_histogram.pxi``: the HDR-style log-linear latency histogram (fixed memory, O(1) record
-  without the GIL) that the metrics collectors turn into Prometheus summaries.
-- ``_http.pxi``: the HTTP/1.x framer that observes relayed bytes to time each exchange.
-- ``_relay.pxi``: the relay engine (native thread, epoll, splice(2) through pooled pipes).
+- ``_http_framer.pxi``: the HTTP/1.x framer, a pure observer of relayed bytes that finds
+  message boundaries, methods, statuses and timings (and its test probe, HttpFramerProbe).
+- ``_relay_pipes.pxi``: the pipe pool and the copy buffers lent to a direction in flight.
+- ``_relay_conn.pxi``: a connection's life: registering, finishing, aborting, retiring.
+- ``_relay_connect.pxi``: the engine connecting the upstream itself, and its timeouts.
+- ``_relay_moves.pxi``: the data path: the four moves (send, splice out of the pipe, splice
+  into it, recv) and the copy/splice policy above them.
+- ``_relay_loop.pxi``: the engine thread's epoll loop and the publication of its results.
 - ``_relay_accept.pxi``: the engine accepting a service's clients itself: picking from the
   pool's snapshot, connecting, counting, handing the unusual back to the asyncio side.
 - ``_relay_http.pxi``: what the engine does for HTTP services: shows relayed bytes to the
   framer, times exchanges, answers malformed requests and enforces the HTTP timeouts.
+- ``_relay_api.pxi``: the Python face, SpliceEngine, and the records it returns.
+
+The latency histogram the metrics record into is its own module, flux._histogram: the engine
+only hands exchange timings to Python, which records them.
 """
 
-include "_histogram.pxi"
-include "_http.pxi"
-include "_relay.pxi"
+# Theory of operation
+# -------------------
+# The asyncio side accepts, then hands the client to the engine with the upstream's address
+# (connect(): the engine makes the upstream socket and connects it; see _relay_connect.pxi), or
+# both sockets already connected (add()), or hands the engine a listening socket to accept on
+# itself (listen(); see _relay_accept.pxi).  A hand-over only allocates the connection's C
+# record and pushes it onto a mutex-protected submission list; an eventfd ("wake") registered
+# in the engine's epoll tells the engine thread to take the list.  From then on the engine
+# thread alone owns the record and the descriptors (who writes which field: _splice.pxd),
+# until the record comes back as a completion through drain_all().  Each room's header says
+# the rest for its part.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport abort, calloc, free, malloc, realloc
+from libc.string cimport memcpy
+
+from flux._sys cimport *
+
+include "_http_framer.pxi"
+include "_relay_pipes.pxi"
+include "_relay_conn.pxi"
+include "_relay_connect.pxi"
+include "_relay_moves.pxi"
+include "_relay_loop.pxi"
 include "_relay_accept.pxi"
 include "_relay_http.pxi"
+include "_relay_api.pxi"

@@ -19,7 +19,7 @@ from flux._splice import HTTP_METHODS, HttpEvent, HttpFramerProbe
 # h11 buffers whole heads; let it take anything the framer might.
 H11_BUFFER = 1 << 22
 # Where the framer is deliberately stricter than h11 (reasons it names) and where it accepts
-# what h11 rejects (what `lenient` reports): see the theory of operation in _http.pxi.
+# what h11 rejects (what `lenient` reports): see the theory of operation in _http_framer.pxi.
 STRICTER = frozenset({"obs-fold", "te-with-content-length", "te-http10", "chunk-ext-cr",
                       "head-too-large"})
 DECLINE = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"

@@ -1,10 +1,10 @@
-"""Latency summaries over a sliding window, on the engine's HDR histograms.
+"""Latency summaries over a sliding window, on flux's HDR histograms.
 
 Theory of operation
 -------------------
 A Prometheus summary exports quantiles over *recent* observations plus ``_sum`` and ``_count``
 since start.  :class:`SlidingSummary` keeps the window as ``age_buckets`` HDR histograms
-(:class:`flux._splice.Histogram`), each covering one *slice* of ``window / age_buckets``
+(:class:`flux._histogram.Histogram`), each covering one *slice* of ``window / age_buckets``
 seconds.  An observation goes into the bucket of the current slice only (O(1), one counter).
 When the clock enters a new slice, the bucket that slice reuses (the one ``age_buckets``
 slices old) is dropped, so the live buckets always hold between ``(N-1)/N`` and all of the last
@@ -37,7 +37,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from flux._splice import Histogram
+from flux._histogram import Histogram
 
 __all__ = [
     "DEFAULT_AGE_BUCKETS",

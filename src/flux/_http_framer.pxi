@@ -1,4 +1,4 @@
-# HTTP/1.x framing for the relay engine (included by _splice.pyx).
+# HTTP/1.x framing for the relay engine (included by _splice.pyx; its types are in _splice.pxd).
 #
 # Theory of operation
 # ===================
@@ -129,220 +129,6 @@ from collections import namedtuple as _namedtuple
 
 cdef extern from "<string.h>" nogil:
     const char *strchr(const char *s, int c)
-
-
-cdef enum:
-    HF_REQUEST = 0
-    HF_RESPONSE = 1
-    HF_RING = 32                # pipelined requests awaiting their response
-    HF_MAX_HEAD = 65536         # bytes in a head, a trailer section or a chunk-size line
-    HF_EVENTS_MAX = 16
-    HF_EVENTS_RESERVE = 4       # one byte emits at most 3 events
-    HF_WORD = 20                # field names and list elements kept for matching
-
-    # character classes (hf_class)
-    HC_TCHAR = 1                # token: methods, field names, transfer codings
-    HC_VCHAR = 2                # visible ASCII: request targets
-    HC_FIELD = 4                # field-vchar: any octet but NUL, SP, HT, CR, LF, VT, FF
-    HC_DIGIT = 8
-    HC_HEX = 16
-    HC_WS = 32                  # SP, HT
-
-    # events
-    HF_EV_REQUEST = 1
-    HF_EV_EXCHANGE = 2
-    HF_EV_MALFORMED = 3
-    HF_EV_REJECT = 4
-    HF_EV_OPAQUE = 5
-
-    # event flags
-    HFE_CLOSE = 1
-    HFE_SWITCHED = 2
-    HFE_SPECULATIVE = 4
-
-    # methods (label values; anything else is HF_M_OTHER)
-    HF_M_OTHER = 0
-    HF_M_GET
-    HF_M_HEAD
-    HF_M_POST
-    HF_M_PUT
-    HF_M_DELETE
-    HF_M_CONNECT
-    HF_M_OPTIONS
-    HF_M_TRACE
-    HF_M_PATCH
-
-    # reasons (MALFORMED, OPAQUE)
-    HF_ERR_NONE = 0
-    HF_ERR_START_LINE           # request line or status line
-    HF_ERR_FIELD                # field line syntax
-    HF_ERR_OBS_FOLD
-    HF_ERR_HEAD_TOO_LARGE
-    HF_ERR_HOST                 # missing (HTTP/1.1) or repeated Host
-    HF_ERR_CONTENT_LENGTH
-    HF_ERR_TRANSFER_ENCODING
-    HF_ERR_TE_WITH_CL
-    HF_ERR_TE_HTTP10
-    HF_ERR_CHUNK                # chunk-size line or the CRLF after chunk data
-    HF_ERR_CHUNK_EXT_CR
-    HF_ERR_UNSOLICITED          # a response with no request pending
-    HF_ERR_UNEXPECTED_101
-    HF_ERR_TOO_MANY_PIPELINED
-    HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
-
-    # request phases (timeouts)
-    HF_PHASE_IDLE = 0           # between requests, nothing pending: idle timeout
-    HF_PHASE_HEAD = 1           # inside a request head: header-read timeout from t_head_start
-    HF_PHASE_BUSY = 2           # a body is arriving or a response is awaited
-    HF_PHASE_OPAQUE = 3         # not observed (switched, opaque, malformed, closed)
-
-    # `lenient` bits: where the framer accepted what h11 rejects
-    HFL_EMPTY_LINE = 1          # empty line(s) before a start line
-    HFL_TE_LIST = 2             # Transfer-Encoding other than exactly one "chunked" field
-    HFL_TRAILER_FRAMING = 4     # Content-Length / Transfer-Encoding inside trailers
-    HFL_TE_FRAMING = 8          # response: Transfer-Encoding not ending in chunked, or 1.0
-    HFL_UNUSED_FRAMING = 16     # response: invalid framing fields where no body can follow
-
-# Byte-level states.  The skippable ones come last (hf_feed takes them in bulk).
-cdef enum:
-    HS_LINE_START = 0
-    HS_LINE_START_CR
-    HS_METHOD
-    HS_TARGET
-    HS_VERSION
-    HS_STATUS_VERSION
-    HS_STATUS
-    HS_STATUS_END
-    HS_REASON
-    HS_START_END
-    HS_START_CR
-    HS_FIELD_START
-    HS_FIELD_END_CR
-    HS_FIELD_NAME
-    HS_FIELD_OWS
-    HS_FIELD_VALUE
-    HS_FIELD_CR
-    HS_FOLD
-    HS_CHUNK_SIZE
-    HS_CHUNK_EXT
-    HS_CHUNK_WS
-    HS_CHUNK_SIZE_LF
-    HS_CHUNK_DATA_CR
-    HS_CHUNK_DATA_LF
-    HS_BODY_LENGTH              # skippable from here on
-    HS_CHUNK_DATA
-    HS_UNTIL_CLOSE
-    HS_OPAQUE
-    HS_DEAD
-    HS_CLOSED
-
-# Fields the framer reads (0: no field yet in this section).
-cdef enum:
-    HF_F_NONE = 0
-    HF_F_OTHER
-    HF_F_CONTENT_LENGTH
-    HF_F_TRANSFER_ENCODING
-    HF_F_CONNECTION
-    HF_F_HOST
-    HF_F_UPGRADE
-
-# Facts gathered from one head (HfSide.facts).
-cdef enum:
-    HFF_CL = 1 << 0             # a valid Content-Length
-    HFF_CL_BAD = 1 << 1         # an invalid or conflicting one
-    HFF_TE = 1 << 2
-    HFF_TE_BAD = 1 << 3
-    HFF_TE_CHUNKED_LAST = 1 << 4
-    HFF_TE_CHUNKED_SEEN = 1 << 5
-    HFF_TE_CHUNKED_TWICE = 1 << 6
-    HFF_CLOSE = 1 << 7
-    HFF_KEEP_ALIVE = 1 << 8
-    HFF_UPGRADE = 1 << 9
-    HFF_HOST = 1 << 10
-    HFF_HOST_TWICE = 1 << 11
-
-# List-element scanner flags (HfSide.el_flags).
-cdef enum:
-    HFE_L_WS = 1                # whitespace after the element's first octets
-    HFE_L_BAD = 2               # inner whitespace, or a non-token octet in a coding
-    HFE_L_PARAMS = 4            # after ";" in a transfer coding
-    HFE_L_NONDIGIT = 8
-    HFE_L_COMMA = 16            # the field value held a comma
-
-# Exchange flags (HfExchange.flags).
-cdef enum:
-    HFX_CLOSE = 1               # the request asked to close after the response
-    HFX_UPGRADE = 2             # the request proposed an Upgrade
-    HFX_CONNECT = 4
-
-cdef enum:
-    HF_MODE_OBSERVING = 0
-    HF_MODE_OPAQUE = 1          # switched protocols or gave up
-    HF_MODE_DONE = 2            # REJECT sent
-
-
-cdef struct HfSide:
-    uint64_t pos                # stream offset: bytes shown or skipped
-    uint64_t msg_start          # request side: offset where the current message began
-    uint64_t remaining          # body bytes left (Content-Length body, current chunk)
-    uint64_t length             # the Content-Length of the current head
-    uint64_t t_head_start       # `now` when the current head's first byte was shown
-    uint32_t head_bytes
-    uint32_t facts
-    uint16_t status
-    uint8_t state
-    uint8_t idx                 # position in a literal, digits of a status or chunk size
-    uint8_t field
-    uint8_t prev_field
-    uint8_t trailer             # the field section being read is a trailer section
-    uint8_t version             # 10 * major + minor
-    uint8_t method
-    uint8_t word_len            # bytes of a name / element seen (saturates at 255)
-    uint8_t el_flags
-    uint8_t cl_len
-    uint8_t lenient
-    char word[HF_WORD]
-    char cl[HF_WORD]
-
-
-cdef struct HfExchange:
-    uint64_t t_request_head
-    uint8_t method
-    uint8_t flags
-
-
-cdef struct HttpFramer:
-    HfSide side[2]
-    HfExchange ring[HF_RING]
-    uint64_t n_requests         # request heads queued
-    uint64_t n_decided          # exchanges whose final response head was seen
-    uint64_t n_answered         # exchanges whose response ended
-    uint64_t spec_until         # request side speculative while n_decided < spec_until
-    uint64_t t_response_head    # of the exchange being answered
-    uint64_t deferred_pos
-    uint16_t status             # final status of the exchange being answered
-    uint16_t reject_status
-    uint8_t response_close
-    uint8_t mode
-    uint8_t reject              # REJECT owed once the ring is empty
-    uint8_t deferred_reason     # an error found while speculating
-
-
-cdef struct HfEvent:
-    uint64_t t_request_head
-    uint64_t t_response_head
-    uint64_t t_response_end
-    uint64_t pos
-    uint16_t status
-    uint8_t kind
-    uint8_t method
-    uint8_t flags
-    uint8_t reason
-
-
-cdef struct HfEvents:
-    int count
-    HfEvent ev[HF_EVENTS_MAX]
 
 
 # ---- character classes ---------------------------------------------------------------------
@@ -797,223 +583,269 @@ cdef void hf_field_done(HfSide *s) noexcept nogil:
     s.state = HS_FIELD_START
 
 
-# ---- the byte-level lexer ------------------------------------------------------------------
+# ---- the byte-level lexer: one reader per state group ------------------------------------------
+#
+# hf_step hands each octet of a head, a chunk-size line or a trailer section to the reader of
+# the group its state is in (the state enum in _splice.pxd keeps each group contiguous):
+#
+#   states                         reader               errors it names
+#   LINE_START, LINE_START_CR      hf_read_line_start   START_LINE, UNSOLICITED
+#   METHOD .. START_CR             hf_read_start_line   START_LINE
+#   FIELD_START .. FOLD            hf_read_field_line   FIELD, OBS_FOLD
+#   CHUNK_SIZE .. CHUNK_DATA_LF    hf_read_chunk_line   CHUNK, CHUNK_EXT_CR
+#
+# A reader returns HF_ERR_NONE when the octet fits (it has acted on it), else the error the
+# octet makes, which hf_step reports with hf_fail (a malformed request, or an opaque response
+# stream).  Every octet of a head also counts against HF_MAX_HEAD (HEAD_TOO_LARGE) before its
+# reader sees it; octets before a start line do not.
 
-cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
-                  HfEvents *out) noexcept nogil:
-    """Take one octet of a head, a chunk-size line or a trailer section."""
-    cdef HfSide *s = &f.side[side]
+cdef inline uint8_t hf_read_line_start(HttpFramer *f, int side, HfSide *s, uint8_t c,
+                                       uint64_t now) noexcept nogil:
+    """Octets before a start line: empty lines are skipped; any other octet begins a message
+    (the state moves to METHOD or STATUS_VERSION, and the caller hands the same octet to the
+    start-line reader).  The state is unchanged only when the octet was taken here."""
+    if c == 0x0a:
+        s.state = HS_LINE_START
+        s.lenient |= HFL_EMPTY_LINE
+        return HF_ERR_NONE
+    if s.state == HS_LINE_START and c == 0x0d:
+        s.state = HS_LINE_START_CR
+        s.lenient |= HFL_EMPTY_LINE
+        return HF_ERR_NONE
+    if s.state == HS_LINE_START_CR:
+        return HF_ERR_START_LINE
+    hf_begin_message(s)
+    s.t_head_start = now
+    if side == HF_REQUEST:
+        s.state = HS_METHOD
+    else:
+        if f.n_requests == f.n_answered:
+            return HF_ERR_UNSOLICITED
+        s.state = HS_STATUS_VERSION
+    return HF_ERR_NONE
+
+
+cdef inline uint8_t hf_read_start_line(HfSide *s, uint8_t c) noexcept nogil:
+    """The request line (method, target, version) or the status line (version, status,
+    reason), up to the line's end."""
     cdef uint8_t st = s.state
     cdef uint8_t k = hf_class[c]
-    cdef uint8_t err = HF_ERR_START_LINE
-
-    if st == HS_LINE_START or st == HS_LINE_START_CR:
-        if c == 0x0a:
-            s.state = HS_LINE_START
-            s.lenient |= HFL_EMPTY_LINE
-            return
-        if st == HS_LINE_START and c == 0x0d:
-            s.state = HS_LINE_START_CR
-            s.lenient |= HFL_EMPTY_LINE
-            return
-        if st == HS_LINE_START_CR:
-            hf_fail(f, side, HF_ERR_START_LINE, out)
-            return
-        hf_begin_message(s)
-        s.t_head_start = now
-        if side == HF_REQUEST:
-            s.state = HS_METHOD
-        else:
-            if f.n_requests == f.n_answered:
-                hf_opaque(f, HF_ERR_UNSOLICITED, out)
-                return
-            s.state = HS_STATUS_VERSION
-        st = s.state
-
-    s.head_bytes += 1
-    if s.head_bytes > HF_MAX_HEAD:
-        hf_fail(f, side, HF_ERR_HEAD_TOO_LARGE, out)
-        return
-
     if st == HS_METHOD:
         if k & HC_TCHAR:
             if s.word_len < 8:
                 s.word[s.word_len] = <char>c
             if s.word_len < 255:
                 s.word_len += 1
-            return
+            return HF_ERR_NONE
         if c == 0x20 and s.word_len > 0:
             s.method = hf_method_id(s.word, s.word_len)
             s.word_len = 0
             s.state = HS_TARGET
-            return
+            return HF_ERR_NONE
     elif st == HS_TARGET:
         if k & HC_VCHAR:
             s.idx = 1
-            return
+            return HF_ERR_NONE
         if c == 0x20 and s.idx:
             s.idx = 0
             s.state = HS_VERSION
-            return
+            return HF_ERR_NONE
     elif st == HS_VERSION or st == HS_STATUS_VERSION:
         if s.idx < 5:
             if c == <uint8_t>HF_HTTP_NAME[s.idx]:
                 s.idx += 1
-                return
+                return HF_ERR_NONE
         elif s.idx == 5 or s.idx == 7:
             if k & HC_DIGIT:
                 s.version = s.version * 10 + (c - 0x30)
                 s.idx += 1
                 if s.idx == 8 and st == HS_VERSION:
                     s.state = HS_START_END
-                return
+                return HF_ERR_NONE
         elif s.idx == 6:
             if c == 0x2e:
                 s.idx += 1
-                return
+                return HF_ERR_NONE
         elif c == 0x20:
             s.idx = 0
             s.state = HS_STATUS
-            return
+            return HF_ERR_NONE
     elif st == HS_STATUS:
         if k & HC_DIGIT:
             s.status = s.status * 10 + (c - 0x30)
             s.idx += 1
             if s.idx == 3:
                 if s.status < 100:
-                    hf_fail(f, side, HF_ERR_START_LINE, out)
-                    return
+                    return HF_ERR_START_LINE
                 s.state = HS_STATUS_END
-            return
+            return HF_ERR_NONE
     elif st == HS_STATUS_END or st == HS_REASON or st == HS_START_END:
         if c == 0x0d:
             s.state = HS_START_CR
-            return
+            return HF_ERR_NONE
         if c == 0x0a:
             s.state = HS_FIELD_START
-            return
+            return HF_ERR_NONE
         if st == HS_STATUS_END and c == 0x20:
             s.state = HS_REASON
-            return
+            return HF_ERR_NONE
         if st == HS_REASON and (k & HC_FIELD or c == 0x20 or c == 0x09):
-            return
+            return HF_ERR_NONE
     elif st == HS_START_CR:
         if c == 0x0a:
             s.state = HS_FIELD_START
-            return
-    else:
-        err = HF_ERR_FIELD
-        if st == HS_FIELD_START:
-            if c == 0x0d:
-                s.state = HS_FIELD_END_CR
-                return
-            if c == 0x0a:
-                hf_section_done(f, side, now, out)
-                return
-            if k & HC_TCHAR:
-                s.word[0] = <char>hf_lower(c)
-                s.word_len = 1
-                s.state = HS_FIELD_NAME
-                return
-            if (c == 0x20 or c == 0x09) and s.prev_field != HF_F_NONE:
-                # obs-fold: a continuation of the previous field line.
-                if side == HF_RESPONSE and s.prev_field == HF_F_OTHER:
-                    s.field = HF_F_OTHER
-                    s.state = HS_FOLD
-                    return
-                err = HF_ERR_OBS_FOLD
-        elif st == HS_FIELD_END_CR:
-            if c == 0x0a:
-                hf_section_done(f, side, now, out)
-                return
-        elif st == HS_FIELD_NAME:
-            if k & HC_TCHAR:
-                if s.word_len < HF_WORD:
-                    s.word[s.word_len] = <char>hf_lower(c)
-                if s.word_len < 255:
-                    s.word_len += 1
-                return
-            if c == 0x3a:
-                hf_field_start(s, side)
-                s.state = HS_FIELD_OWS
-                return
-        elif st == HS_FIELD_OWS or st == HS_FIELD_VALUE or st == HS_FOLD:
-            if c == 0x0d:
-                s.state = HS_FIELD_CR
-                return
-            if c == 0x0a:
-                hf_field_done(s)
-                return
+            return HF_ERR_NONE
+    return HF_ERR_START_LINE
+
+
+cdef inline uint8_t hf_read_field_line(HttpFramer *f, int side, HfSide *s, uint8_t c,
+                                       uint64_t now, HfEvents *out) noexcept nogil:
+    """Field lines of a head or a trailer section, and the empty line that ends the section
+    (hf_section_done: the message-level decisions)."""
+    cdef uint8_t st = s.state
+    cdef uint8_t k = hf_class[c]
+    if st == HS_FIELD_START:
+        if c == 0x0d:
+            s.state = HS_FIELD_END_CR
+            return HF_ERR_NONE
+        if c == 0x0a:
+            hf_section_done(f, side, now, out)
+            return HF_ERR_NONE
+        if k & HC_TCHAR:
+            s.word[0] = <char>hf_lower(c)
+            s.word_len = 1
+            s.state = HS_FIELD_NAME
+            return HF_ERR_NONE
+        if (c == 0x20 or c == 0x09) and s.prev_field != HF_F_NONE:
+            # obs-fold: a continuation of the previous field line.
+            if side == HF_RESPONSE and s.prev_field == HF_F_OTHER:
+                s.field = HF_F_OTHER
+                s.state = HS_FOLD
+                return HF_ERR_NONE
+            return HF_ERR_OBS_FOLD
+    elif st == HS_FIELD_END_CR:
+        if c == 0x0a:
+            hf_section_done(f, side, now, out)
+            return HF_ERR_NONE
+    elif st == HS_FIELD_NAME:
+        if k & HC_TCHAR:
+            if s.word_len < HF_WORD:
+                s.word[s.word_len] = <char>hf_lower(c)
+            if s.word_len < 255:
+                s.word_len += 1
+            return HF_ERR_NONE
+        if c == 0x3a:
+            hf_field_start(s, side)
+            s.state = HS_FIELD_OWS
+            return HF_ERR_NONE
+    elif st == HS_FIELD_OWS or st == HS_FIELD_VALUE or st == HS_FOLD:
+        if c == 0x0d:
+            s.state = HS_FIELD_CR
+            return HF_ERR_NONE
+        if c == 0x0a:
+            hf_field_done(s)
+            return HF_ERR_NONE
+        if c == 0x20 or c == 0x09:
+            if st == HS_FIELD_VALUE and s.field >= HF_F_CONTENT_LENGTH:
+                hf_value_octet(s, c)
+            return HF_ERR_NONE
+        if k & HC_FIELD:
+            if st == HS_FIELD_OWS:
+                s.state = HS_FIELD_VALUE
+            if s.field >= HF_F_CONTENT_LENGTH:
+                hf_value_octet(s, c)
+            return HF_ERR_NONE
+    elif st == HS_FIELD_CR:
+        if c == 0x0a:
+            hf_field_done(s)
+            return HF_ERR_NONE
+    return HF_ERR_FIELD
+
+
+cdef inline uint8_t hf_read_chunk_line(HfSide *s, uint8_t c) noexcept nogil:
+    """A chunk-size line (size, extensions, line end) and the CRLF after a chunk's data."""
+    cdef uint8_t st = s.state
+    cdef uint8_t k = hf_class[c]
+    if st == HS_CHUNK_SIZE:
+        if k & HC_HEX and s.idx < 20:
+            s.idx += 1
+            s.remaining = hf_mul_add(s.remaining, 16,
+                                     (c - 0x30) if k & HC_DIGIT else (hf_lower(c) - 0x57))
+            return HF_ERR_NONE
+        if s.idx > 0:
+            if c == 0x3b:
+                s.state = HS_CHUNK_EXT
+                return HF_ERR_NONE
             if c == 0x20 or c == 0x09:
-                if st == HS_FIELD_VALUE and s.field >= HF_F_CONTENT_LENGTH:
-                    hf_value_octet(s, c)
-                return
-            if k & HC_FIELD:
-                if st == HS_FIELD_OWS:
-                    s.state = HS_FIELD_VALUE
-                if s.field >= HF_F_CONTENT_LENGTH:
-                    hf_value_octet(s, c)
-                return
-        elif st == HS_FIELD_CR:
-            if c == 0x0a:
-                hf_field_done(s)
-                return
-        else:
-            err = HF_ERR_CHUNK
-            if st == HS_CHUNK_SIZE:
-                if k & HC_HEX and s.idx < 20:
-                    s.idx += 1
-                    s.remaining = hf_mul_add(s.remaining, 16,
-                                             (c - 0x30) if k & HC_DIGIT else (hf_lower(c) - 0x57))
-                    return
-                if s.idx > 0:
-                    if c == 0x3b:
-                        s.state = HS_CHUNK_EXT
-                        return
-                    if c == 0x20 or c == 0x09:
-                        s.state = HS_CHUNK_WS
-                        return
-                    if c == 0x0d:
-                        s.idx = 0
-                        s.state = HS_CHUNK_SIZE_LF
-                        return
-            elif st == HS_CHUNK_EXT:
-                if c == 0x0d:
-                    s.idx = 1       # remembered: a CR inside an extension, if no LF follows
-                    s.state = HS_CHUNK_SIZE_LF
-                    return
-                if c != 0x0a:
-                    return
-            elif st == HS_CHUNK_WS:
-                if c == 0x20 or c == 0x09:
-                    return
-                if c == 0x0d:
-                    s.idx = 0
-                    s.state = HS_CHUNK_SIZE_LF
-                    return
-            elif st == HS_CHUNK_SIZE_LF:
-                if c == 0x0a:
-                    s.head_bytes = 0
-                    if s.remaining == 0:
-                        s.trailer = 1
-                        s.prev_field = HF_F_NONE
-                        s.state = HS_FIELD_START
-                    else:
-                        s.state = HS_CHUNK_DATA
-                    return
-                if s.idx:
-                    err = HF_ERR_CHUNK_EXT_CR
-            elif st == HS_CHUNK_DATA_CR:
-                if c == 0x0d:
-                    s.state = HS_CHUNK_DATA_LF
-                    return
-            elif st == HS_CHUNK_DATA_LF:
-                if c == 0x0a:
-                    s.state = HS_CHUNK_SIZE
-                    s.head_bytes = 0
-                    s.idx = 0
-                    return
-    hf_fail(f, side, err, out)
+                s.state = HS_CHUNK_WS
+                return HF_ERR_NONE
+            if c == 0x0d:
+                s.idx = 0
+                s.state = HS_CHUNK_SIZE_LF
+                return HF_ERR_NONE
+    elif st == HS_CHUNK_EXT:
+        if c == 0x0d:
+            s.idx = 1       # remembered: a CR inside an extension, if no LF follows
+            s.state = HS_CHUNK_SIZE_LF
+            return HF_ERR_NONE
+        if c != 0x0a:
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_WS:
+        if c == 0x20 or c == 0x09:
+            return HF_ERR_NONE
+        if c == 0x0d:
+            s.idx = 0
+            s.state = HS_CHUNK_SIZE_LF
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_SIZE_LF:
+        if c == 0x0a:
+            s.head_bytes = 0
+            if s.remaining == 0:
+                s.trailer = 1
+                s.prev_field = HF_F_NONE
+                s.state = HS_FIELD_START
+            else:
+                s.state = HS_CHUNK_DATA
+            return HF_ERR_NONE
+        if s.idx:
+            return HF_ERR_CHUNK_EXT_CR
+    elif st == HS_CHUNK_DATA_CR:
+        if c == 0x0d:
+            s.state = HS_CHUNK_DATA_LF
+            return HF_ERR_NONE
+    elif st == HS_CHUNK_DATA_LF:
+        if c == 0x0a:
+            s.state = HS_CHUNK_SIZE
+            s.head_bytes = 0
+            s.idx = 0
+            return HF_ERR_NONE
+    return HF_ERR_CHUNK
+
+
+cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
+                  HfEvents *out) noexcept nogil:
+    """Take one octet of a head, a chunk-size line or a trailer section: hand it to the reader
+    of its state's group and report the error that reader names, if any."""
+    cdef HfSide *s = &f.side[side]
+    cdef uint8_t err
+    if s.state <= HS_LINE_START_CR:
+        err = hf_read_line_start(f, side, s, c, now)
+        if err != HF_ERR_NONE:
+            hf_fail(f, side, err, out)
+            return
+        if s.state <= HS_LINE_START_CR:
+            return
+    s.head_bytes += 1
+    if s.head_bytes > HF_MAX_HEAD:
+        err = HF_ERR_HEAD_TOO_LARGE
+    elif s.state < HS_FIELD_START:
+        err = hf_read_start_line(s, c)
+    elif s.state < HS_CHUNK_SIZE:
+        err = hf_read_field_line(f, side, s, c, now, out)
+    else:
+        err = hf_read_chunk_line(s, c)
+    if err != HF_ERR_NONE:
+        hf_fail(f, side, err, out)
 
 
 cdef inline void hf_account_body(HttpFramer *f, int side, uint64_t n, uint64_t now,
@@ -1145,7 +977,7 @@ cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
     return HF_PHASE_BUSY
 
 
-# ---- Python surface: names, canned answers, and a probe for tests --------------------------
+# ---- Python surface: names and a probe for tests -------------------------------------------
 
 HTTP_METHODS = ("OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                 "PATCH")
@@ -1160,16 +992,6 @@ _HF_PHASES = ("idle", "head", "busy", "opaque")
 _HF_LENIENT = ((HFL_EMPTY_LINE, "empty-line"), (HFL_TE_LIST, "te-list"),
                (HFL_TRAILER_FRAMING, "trailer-framing"), (HFL_TE_FRAMING, "te-framing"),
                (HFL_UNUSED_FRAMING, "unused-framing"))
-
-HTTP_ERROR_RESPONSES = {
-    400: (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
-          b"Connection: close\r\n\r\nBad Request\n"),
-    431: (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
-          b"Content-Length: 32\r\nConnection: close\r\n\r\n"
-          b"Request Header Fields Too Large\n"),
-    408: (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n"
-          b"Connection: close\r\n\r\nRequest Timeout\n"),
-}
 
 HttpEvent = _namedtuple(
     "HttpEvent",

@@ -1,18 +1,23 @@
-# HDR-style log-linear latency histogram (included by _splice.pyx).
-#
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""flux's HDR-style latency histogram (its own extension module, flux._histogram).
+
+The metrics collectors record into it from Python and turn it into Prometheus summaries; the
+relay engine (flux._splice) never touches it.  Its types are in _histogram.pxd.
+"""
+
 # Theory of operation
 # ===================
 #
-# Layout.  Values are unsigned 64-bit integers without a unit (the relay engine records
-# nanoseconds or microseconds).  `lowest` fixes the finest resolution, the *unit*
-# 2**floor(log2(lowest)).  `significant_digits` d fixes the sub-bucket count, the smallest power
-# of two >= 2 * 10**d.  The first sub-bucket-count counters are one unit wide and start at 0;
-# after that each power of two gets sub-bucket-count / 2 linear counters, each twice as wide as
-# the ones of the power below.  Any counter is therefore at most 10**-d of the values it holds.
-# This is HdrHistogram's layout (the `hdrhistogram` package is the tests' oracle), trimmed to end
-# at the counter that holds `highest`.  The counters are one zeroed array allocated at creation:
-# fixed memory, and nothing on the record path allocates.  A counter is named by its index i and
-# covers [hist_lowest_at(i), hist_highest_at(i)].
+# Layout.  Values are unsigned 64-bit integers without a unit (the metrics record the
+# microseconds of the engine's exchange records).  `lowest` fixes the finest resolution, the
+# *unit* 2**floor(log2(lowest)).  `significant_digits` d fixes the sub-bucket count, the
+# smallest power of two >= 2 * 10**d.  The first sub-bucket-count counters are one unit wide
+# and start at 0; after that each power of two gets sub-bucket-count / 2 linear counters, each
+# twice as wide as the ones of the power below.  Any counter is therefore at most 10**-d of the
+# values it holds.  This is HdrHistogram's layout (the `hdrhistogram` package is the tests'
+# oracle), trimmed to end at the counter that holds `highest`.  The counters are one zeroed
+# array allocated at creation: fixed memory, and nothing on the record path allocates.  A
+# counter is named by its index i and covers [hist_lowest_at(i), hist_highest_at(i)].
 #
 # Out-of-range values.  A value above `highest` is recorded as `highest` (the top counter) and
 # counted in `clamped`.  Values below `lowest`, 0 included, are *not* out of range: `lowest` is a
@@ -29,9 +34,10 @@
 # histogram answers 0.  All requested quantiles are found in one ascending pass.
 #
 # Threads.  A histogram has one owner thread, the only one that mutates it (hist_record*,
-# hist_reset, hist_add into it): the relay engine's native thread for the histograms it records
-# into, the GIL holder for scratch histograms.  Other threads read it (hist_add *from* it,
-# hist_quantiles, the Python accessors) without any lock, and the record path takes none:
+# hist_reset, hist_add into it): in flux the asyncio thread, which records what the relay
+# engine's exchange records carry (the engine itself never records).  Other threads read it
+# (hist_add *from* it, hist_quantiles, the Python accessors) without any lock, and the record
+# path takes none:
 #   - every field is an aligned 64-bit word written by one thread, and such stores are
 #     single-copy atomic on the 64-bit targets we build for, so a reader sees each word either
 #     before or after an update, never half of one;
@@ -64,34 +70,6 @@ cdef extern from *:
     int flux_hist_clz64(unsigned long long x) nogil
     void flux_hist_acquire_fence() nogil
     void flux_hist_release_fence() nogil
-
-
-cdef enum:
-    HIST_MIN_DIGITS = 1
-    HIST_MAX_DIGITS = 5
-    # hist_init's results
-    HIST_OK = 0
-    HIST_EINVAL = -1
-    HIST_ENOMEM = -2
-
-
-cdef struct HistogramData:
-    uint64_t* counts
-    size_t counts_len
-    uint64_t lowest
-    uint64_t highest
-    int significant_digits
-    int unit_magnitude
-    int sub_bucket_half_count_magnitude
-    uint64_t sub_bucket_half_count
-    uint64_t sub_bucket_mask
-    uint64_t total_count
-    uint64_t clamped
-    uint64_t min_value  # UINT64_MAX while empty
-    uint64_t max_value
-    uint64_t sum_lo
-    uint64_t sum_hi
-    uint64_t sum_seq  # odd while sum_hi/sum_lo are being changed together
 
 
 cdef inline int _hist_sub_bucket_count_magnitude(int digits) noexcept nogil:
@@ -387,7 +365,7 @@ cdef class Histogram:
     the largest value kept apart (larger ones are clamped to it and counted in `clamped`),
     `significant_digits` (1..5) the relative precision 10**-digits of every answer.  Memory is
     allocated once; recording is O(1).  Quantiles follow HdrHistogram's
-    get_value_at_percentile.  See the theory of operation in _histogram.pxi for threads.
+    get_value_at_percentile.  See the theory of operation in _histogram.pyx for threads.
     """
 
     cdef HistogramData _data

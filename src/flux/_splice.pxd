@@ -1,0 +1,643 @@
+# cython: language_level=3
+"""The relay engine's declarations (flux._splice): every type, and every function one room of
+the engine calls in another.
+
+Cython cimports this file into _splice.pyx before any of the bodies it includes, so no body
+depends on the order of the includes (STYLE.md 15): a room may call a function of a later room
+because the function is declared here.  The few ``cdef inline`` helpers below are the
+primitives every room uses; functions private to a room are declared where they are defined.
+
+Who writes what.  Each struct says which thread writes each field:
+  engine   the engine's native thread, after the record was handed to it;
+  caller   the thread calling SpliceEngine's methods (the asyncio side), before handing over;
+  lock     under RelayEngine.lock (submission, completion, command and exchange queues);
+  stats    under RelayEngine.stats_lock (the services' growing tallies);
+  atomic   relaxed atomics (flux_relay_*): written by one side, read by the other.
+Fields not marked are the engine thread's.  The framer's structs are pure data of one
+connection: whoever holds the connection (the engine thread, or a test's probe) writes them.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from flux._sys cimport pthread_mutex_t, clock_gettime, CLOCK_MONOTONIC, timespec
+
+
+# ==== primitives ==============================================================================
+
+cdef extern from *:
+    """
+    /* Counters are written by one thread and read by another: relaxed atomics keep the reads
+       tear-free without making the engine pay for locked instructions. */
+    static inline int64_t flux_relay_load(const int64_t *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    static inline void flux_relay_bump(int64_t *p, int64_t v) {
+        __atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+    }
+    /* Written by several threads (the shards' shared budget count): a real atomic add. */
+    static inline void flux_relay_add(int64_t *p, int64_t v) {
+        __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    }
+    static inline void flux_relay_store(int64_t *p, int64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    }
+    #ifdef FLUX_DEBUG_COUNTERS
+    #define FLUX_RELAY_DEBUG 1
+    #else
+    #define FLUX_RELAY_DEBUG 0
+    #endif
+    """
+    int64_t flux_relay_load(const int64_t *p) nogil
+    void flux_relay_bump(int64_t *p, int64_t v) nogil
+    void flux_relay_add(int64_t *p, int64_t v) nogil
+    void flux_relay_store(int64_t *p, int64_t v) nogil
+    int FLUX_RELAY_DEBUG
+
+
+cdef inline int64_t relay_now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline void relay_count(RelayEngine *e, int which, int64_t v) noexcept nogil:
+    flux_relay_bump(&e.counters[which], v)
+
+
+# ==== the HTTP/1.x framer's types (_http_framer.pxi) ==========================================
+
+cdef enum:
+    HF_REQUEST = 0
+    HF_RESPONSE = 1
+    HF_RING = 32                # pipelined requests awaiting their response
+    HF_MAX_HEAD = 65536         # bytes in a head, a trailer section or a chunk-size line
+    HF_EVENTS_MAX = 16
+    HF_EVENTS_RESERVE = 4       # one byte emits at most 3 events
+    HF_WORD = 20                # field names and list elements kept for matching
+
+    # character classes (hf_class)
+    HC_TCHAR = 1                # token: methods, field names, transfer codings
+    HC_VCHAR = 2                # visible ASCII: request targets
+    HC_FIELD = 4                # field-vchar: any octet but NUL, SP, HT, CR, LF, VT, FF
+    HC_DIGIT = 8
+    HC_HEX = 16
+    HC_WS = 32                  # SP, HT
+
+    # events
+    HF_EV_REQUEST = 1
+    HF_EV_EXCHANGE = 2
+    HF_EV_MALFORMED = 3
+    HF_EV_REJECT = 4
+    HF_EV_OPAQUE = 5
+
+    # event flags
+    HFE_CLOSE = 1
+    HFE_SWITCHED = 2
+    HFE_SPECULATIVE = 4
+
+    # methods (label values; anything else is HF_M_OTHER)
+    HF_M_OTHER = 0
+    HF_M_GET
+    HF_M_HEAD
+    HF_M_POST
+    HF_M_PUT
+    HF_M_DELETE
+    HF_M_CONNECT
+    HF_M_OPTIONS
+    HF_M_TRACE
+    HF_M_PATCH
+
+    # reasons (MALFORMED, OPAQUE)
+    HF_ERR_NONE = 0
+    HF_ERR_START_LINE           # request line or status line
+    HF_ERR_FIELD                # field line syntax
+    HF_ERR_OBS_FOLD
+    HF_ERR_HEAD_TOO_LARGE
+    HF_ERR_HOST                 # missing (HTTP/1.1) or repeated Host
+    HF_ERR_CONTENT_LENGTH
+    HF_ERR_TRANSFER_ENCODING
+    HF_ERR_TE_WITH_CL
+    HF_ERR_TE_HTTP10
+    HF_ERR_CHUNK                # chunk-size line or the CRLF after chunk data
+    HF_ERR_CHUNK_EXT_CR
+    HF_ERR_UNSOLICITED          # a response with no request pending
+    HF_ERR_UNEXPECTED_101
+    HF_ERR_TOO_MANY_PIPELINED
+    HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
+
+    # request phases (timeouts)
+    HF_PHASE_IDLE = 0           # between requests, nothing pending: idle timeout
+    HF_PHASE_HEAD = 1           # inside a request head: header-read timeout from t_head_start
+    HF_PHASE_BUSY = 2           # a body is arriving or a response is awaited
+    HF_PHASE_OPAQUE = 3         # not observed (switched, opaque, malformed, closed)
+
+    # `lenient` bits: where the framer accepted what h11 rejects
+    HFL_EMPTY_LINE = 1          # empty line(s) before a start line
+    HFL_TE_LIST = 2             # Transfer-Encoding other than exactly one "chunked" field
+    HFL_TRAILER_FRAMING = 4     # Content-Length / Transfer-Encoding inside trailers
+    HFL_TE_FRAMING = 8          # response: Transfer-Encoding not ending in chunked, or 1.0
+    HFL_UNUSED_FRAMING = 16     # response: invalid framing fields where no body can follow
+
+# Byte-level states.  Each reader's group is contiguous (hf_step dispatches on ranges: before
+# a start line; start line from METHOD; field lines from FIELD_START; chunk lines from
+# CHUNK_SIZE), and the skippable ones come last (hf_feed takes them in bulk).
+cdef enum:
+    HS_LINE_START = 0
+    HS_LINE_START_CR
+    HS_METHOD
+    HS_TARGET
+    HS_VERSION
+    HS_STATUS_VERSION
+    HS_STATUS
+    HS_STATUS_END
+    HS_REASON
+    HS_START_END
+    HS_START_CR
+    HS_FIELD_START
+    HS_FIELD_END_CR
+    HS_FIELD_NAME
+    HS_FIELD_OWS
+    HS_FIELD_VALUE
+    HS_FIELD_CR
+    HS_FOLD
+    HS_CHUNK_SIZE
+    HS_CHUNK_EXT
+    HS_CHUNK_WS
+    HS_CHUNK_SIZE_LF
+    HS_CHUNK_DATA_CR
+    HS_CHUNK_DATA_LF
+    HS_BODY_LENGTH              # skippable from here on
+    HS_CHUNK_DATA
+    HS_UNTIL_CLOSE
+    HS_OPAQUE
+    HS_DEAD
+    HS_CLOSED
+
+# Fields the framer reads (0: no field yet in this section).
+cdef enum:
+    HF_F_NONE = 0
+    HF_F_OTHER
+    HF_F_CONTENT_LENGTH
+    HF_F_TRANSFER_ENCODING
+    HF_F_CONNECTION
+    HF_F_HOST
+    HF_F_UPGRADE
+
+# Facts gathered from one head (HfSide.facts).
+cdef enum:
+    HFF_CL = 1 << 0             # a valid Content-Length
+    HFF_CL_BAD = 1 << 1         # an invalid or conflicting one
+    HFF_TE = 1 << 2
+    HFF_TE_BAD = 1 << 3
+    HFF_TE_CHUNKED_LAST = 1 << 4
+    HFF_TE_CHUNKED_SEEN = 1 << 5
+    HFF_TE_CHUNKED_TWICE = 1 << 6
+    HFF_CLOSE = 1 << 7
+    HFF_KEEP_ALIVE = 1 << 8
+    HFF_UPGRADE = 1 << 9
+    HFF_HOST = 1 << 10
+    HFF_HOST_TWICE = 1 << 11
+
+# List-element scanner flags (HfSide.el_flags).
+cdef enum:
+    HFE_L_WS = 1                # whitespace after the element's first octets
+    HFE_L_BAD = 2               # inner whitespace, or a non-token octet in a coding
+    HFE_L_PARAMS = 4            # after ";" in a transfer coding
+    HFE_L_NONDIGIT = 8
+    HFE_L_COMMA = 16            # the field value held a comma
+
+# Exchange flags (HfExchange.flags).
+cdef enum:
+    HFX_CLOSE = 1               # the request asked to close after the response
+    HFX_UPGRADE = 2             # the request proposed an Upgrade
+    HFX_CONNECT = 4
+
+cdef enum:
+    HF_MODE_OBSERVING = 0
+    HF_MODE_OPAQUE = 1          # switched protocols or gave up
+    HF_MODE_DONE = 2            # REJECT sent
+
+
+cdef struct HfSide:
+    uint64_t pos                # stream offset: bytes shown or skipped
+    uint64_t msg_start          # request side: offset where the current message began
+    uint64_t remaining          # body bytes left (Content-Length body, current chunk)
+    uint64_t length             # the Content-Length of the current head
+    uint64_t t_head_start       # `now` when the current head's first byte was shown
+    uint32_t head_bytes
+    uint32_t facts
+    uint16_t status
+    uint8_t state
+    uint8_t idx                 # position in a literal, digits of a status or chunk size
+    uint8_t field
+    uint8_t prev_field
+    uint8_t trailer             # the field section being read is a trailer section
+    uint8_t version             # 10 * major + minor
+    uint8_t method
+    uint8_t word_len            # bytes of a name / element seen (saturates at 255)
+    uint8_t el_flags
+    uint8_t cl_len
+    uint8_t lenient
+    char word[HF_WORD]
+    char cl[HF_WORD]
+
+
+cdef struct HfExchange:
+    uint64_t t_request_head
+    uint8_t method
+    uint8_t flags
+
+
+cdef struct HttpFramer:
+    HfSide side[2]
+    HfExchange ring[HF_RING]
+    uint64_t n_requests         # request heads queued
+    uint64_t n_decided          # exchanges whose final response head was seen
+    uint64_t n_answered         # exchanges whose response ended
+    uint64_t spec_until         # request side speculative while n_decided < spec_until
+    uint64_t t_response_head    # of the exchange being answered
+    uint64_t deferred_pos
+    uint16_t status             # final status of the exchange being answered
+    uint16_t reject_status
+    uint8_t response_close
+    uint8_t mode
+    uint8_t reject              # REJECT owed once the ring is empty
+    uint8_t deferred_reason     # an error found while speculating
+
+
+cdef struct HfEvent:
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint64_t t_response_end
+    uint64_t pos
+    uint16_t status
+    uint8_t kind
+    uint8_t method
+    uint8_t flags
+    uint8_t reason
+
+
+cdef struct HfEvents:
+    int count
+    HfEvent ev[HF_EVENTS_MAX]
+
+
+# ==== the relay engine's types ================================================================
+
+cdef enum:
+    # Counters.  RC_SUBMITTED is written by the caller's thread, every other one by the engine.
+    RC_SUBMITTED
+    RC_COMPLETED
+    RC_SOCKETS_CLOSED
+    RC_PIPES_CREATED
+    RC_PIPES_CLOSED
+    RC_PIPES_LENT
+    RC_PIPES_IDLE
+    RC_PIPE_FAILURES
+    RC_PIPE_SIZE_REFUSED
+    RC_INFLIGHT
+    RC_BYTES_SPLICED
+    RC_BYTES_COPIED
+    RC_CALLS_SPLICE
+    RC_CALLS_RECV
+    RC_CALLS_SEND
+    RC_WAITS
+    RC_BULK_SWITCHES
+    RC_HTTP_EXCHANGES       # exchanges timed (published or dropped)
+    RC_HTTP_ANSWERED        # requests the engine answered itself (400, 431, 408)
+    RC_HTTP_HEADER_TIMEOUTS
+    RC_HTTP_IDLE_CLOSED
+    RC_HTTP_OPAQUE          # connections whose framing was given up (bytes still relayed)
+    RC_EXCHANGES_DROPPED    # exchange records lost because nobody drained them
+    RC_BUFFERS_LENT         # copy buffers held by a direction with bytes in flight
+    RC_BUFFERS_IDLE         # copy buffers pooled for reuse
+    RC_CONNECTS             # upstream connections the engine started itself (connect())
+    RC_CONNECT_FAILURES     # ... that failed or timed out (the client went back to the caller)
+    RC_ACCEPTED             # clients the engine accepted on a service's listening socket
+    RC_TO_PYTHON            # ... handed to the asyncio side to pick for (see _relay_accept.pxi)
+    RC_ACCEPT_FAILURES      # accept4() errors other than EAGAIN (each pauses the service)
+    RC_COUNT
+
+cdef enum:
+    RELAY_CMD_CUT = 1       # reset every connection, keep running
+    RELAY_CMD_STOP = 2      # reset every connection and end the thread
+    RELAY_MAX_EVENTS = 256
+    RELAY_WAKE_TAG = 0      # epoll tag of the wake eventfd; connections are tagged ptr|side
+    RELAY_LISTEN_TAG = 2    # ... and a service's listening socket ptr|2
+    RELAY_ADDR_MAX = 28     # sizeof(struct sockaddr_in6), the largest address connect() takes
+    # Connect timeouts are found by a sweep of the live list this often while any is pending.
+    RELAY_CONNECT_SWEEP_NS = 20000000
+    # What a move on the data path returns (_relay_moves.pxi); errno values are positive.
+    RELAY_WAIT = 0          # waiting for readiness
+    RELAY_BUDGET = -1       # the syscall budget ran out with work left
+    RELAY_AGAIN = -2        # progress (or EINTR): the direction's pump goes round again
+
+
+cdef struct RelayDir:
+    # One direction of a connection: dir[d] reads fd[d] and writes fd[1 - d].  Engine thread.
+    char *buf               # copy-mode buffer, lent from the pool while bytes are in it
+    uint32_t off
+    uint32_t length         # bytes in buf not yet sent
+    int pipe_r              # lent pipe, -1 when none
+    int pipe_w
+    size_t in_pipe          # bytes in the lent pipe not yet sent
+    size_t burst            # bytes spliced in since the source last became readable
+    uint64_t bytes          # bytes delivered to the destination (drain_all reads it at the end)
+    uint8_t bulk            # splice mode
+    uint8_t eof             # source reported EOF
+    uint8_t done            # EOF propagated with shutdown(SHUT_WR)
+
+
+cdef struct RelayShared:
+    # Shared by the shards of one engine: the connections they hold against the process's
+    # descriptor budget, and the budget.  See _relay_accept.pxi.
+    int64_t held            # atomic: accepted by a shard and not yet closed or handed back
+    int64_t python_held     # atomic, caller: held by the asyncio side
+    int64_t limit           # atomic, caller
+    int refs                # caller: shards using it (the last one frees it)
+
+
+cdef struct RelayTarget:
+    # caller: written once into a snapshot before it is handed over, read-only afterwards.
+    uint32_t id             # the asyncio side's instance id (> 0)
+    uint8_t addr_len
+    char addr[RELAY_ADDR_MAX]
+
+
+cdef struct RelaySnap:
+    # The ready instances of a service as the asyncio side last pushed them (set_pool): built
+    # by the caller, then the engine thread's (RelaySvc.snap) until the next one replaces it.
+    int n
+    uint8_t p2c
+    int64_t python_at_ns    # from then on hand every client to the asyncio side (0: never)
+    RelayTarget *targets
+
+
+cdef struct RelayTally:
+    uint64_t key            # instance id << 32 | client IPv4 (network order); 0: empty slot
+    int64_t count
+
+
+cdef struct RelaySvc:
+    # A service the engine counts for, and accepts for once listen() gave it a socket.  Never
+    # freed while the engine lives (its counters must stay).
+    uint32_t id             # caller, at creation
+    int fd                  # engine (set by the LISTEN command): the listening socket, or -1
+    uint8_t http            # caller, before the LISTEN command (the lock orders them)
+    uint8_t observe         # caller, likewise
+    uint8_t paused          # engine: accepts are paused (descriptor shortage, or pause())
+    uint8_t queued          # engine: on the accept-ready list
+    int64_t connect_timeout_ns  # caller, before the LISTEN command
+    RelaySnap *snap         # engine (set by the SNAP command)
+    RelaySvc *accept_next   # engine: accept-ready list
+    # Written by the engine thread, read by the asyncio side (service_counts, instance_active).
+    int64_t bytes[2]        # atomic: delivered to the instance (0) and to the client (1), live
+    int64_t active          # atomic: connections the engine picked for that are up now
+    int64_t rejected[3]     # atomic: requests the engine answered itself: 400, 431, 408
+    int64_t *inst_active    # stats: by instance id (p2c), engine-picked connections up now
+    uint32_t inst_cap       # stats
+    RelayTally *tally       # stats: connections counted per (instance, client IP)
+    size_t tally_cap        # stats
+    size_t tally_len        # stats
+
+
+cdef struct RelayCtl:
+    # A command from the caller for one service (RELAY_CTL_*), queued under lock; the engine
+    # thread runs and frees it (accept_run_commands).
+    int kind
+    RelaySvc *svc
+    int fd
+    RelaySnap *snap
+    RelayCtl *next
+
+
+cdef struct RelayConn:
+    # One relayed connection.  The caller fills fd, token, started_ns, addr (connect()), svc
+    # and http before handing it over (or the engine thread does, for clients it accepted);
+    # from then on the engine thread alone writes it, until it is published as a completion:
+    # then drain_all reads and frees it.
+    int fd[2]               # 0: client, 1: upstream (-1 until the engine connects it)
+    uint8_t readable[2]     # the socket may be readable: set by an edge, cleared by EAGAIN
+    uint8_t writable[2]
+    uint8_t rdhup[2]        # the peer's FIN was reported: a short read is not a drained socket
+    uint8_t registered[2]   # in the engine's epoll set
+    uint8_t closed
+    uint8_t queued          # on the ready list
+    uint8_t connecting      # the engine is connecting fd[1]: nothing moves until it is up
+    uint8_t handed_back     # fd[0] goes back to the caller, still open (a failed connect,
+    #                         or a client the engine accepted and hands over)
+    uint8_t addr_len
+    char addr[RELAY_ADDR_MAX]   # where connect() goes
+    int64_t connect_deadline_ns
+    RelayDir dir[2]         # dir[d] reads fd[d] and writes fd[1 - d]
+    uint64_t token          # the caller's (> 0); 0 for a connection the engine accepted
+    int64_t started_ns
+    int64_t duration_ns
+    int err
+    RelayHttp *http         # NULL unless the connection belongs to an HTTP service
+    uint16_t answered       # status the engine answered itself (HTTP), 0 when none
+    RelayConn *prev         # live list
+    RelayConn *next
+    RelayConn *link         # submission, finished or completion queue (under lock while queued)
+    RelayConn *ready_next
+    RelayConn *est_next     # established queue (connect()); independent of the other links
+    RelaySvc *svc           # the service whose bytes this connection counts (NULL: none)
+    uint32_t inst           # the instance the engine picked (engine-accepted connections)
+    uint32_t client_ip      # the client's IPv4 address, network order (engine-accepted)
+    uint8_t counted         # counted as up in svc (engine-accepted; undone at retire)
+
+
+cdef struct RelayEngine:
+    # One shard: one thread, one epoll set.  The caller sets the configuration and the
+    # descriptors (__init__, start()) before the thread starts, and frees everything after it
+    # ended (_close_fds, __dealloc__).
+    int epfd                # caller, in start()
+    int wake_fd             # caller, in start(): the caller writes it, the engine reads it
+    int done_fd             # caller, in start(): the engine writes it, the caller reads it
+    pthread_mutex_t lock
+    RelayConn *submit_head  # lock
+    RelayConn *submit_tail  # lock
+    RelayConn *done_head    # lock: completions and hand-overs for drain_all
+    RelayConn *done_tail    # lock
+    int commands            # lock: RELAY_CMD_* bits
+    RelayConn *live         # engine: every registered connection
+    RelayConn *ready        # engine: connections whose budget ran out, served next turn
+    RelayConn *finished_head    # engine: retired this batch, published at its end
+    RelayConn *finished_tail
+    int *pool               # engine: idle pipes as (read, write) pairs
+    int pool_len
+    int pool_cap            # caller, at creation
+    char **buffers          # engine: idle copy buffers
+    int buffers_len
+    int buffers_cap         # caller, at creation
+    size_t pipe_size        # caller, at creation (as are small_buffer and budget)
+    size_t small_buffer
+    int budget              # syscalls per direction per turn
+    # HTTP (see _relay_http.pxi).
+    RelayExchange *ex_local     # engine: exchanges finished this batch
+    size_t ex_local_len
+    size_t ex_local_cap
+    RelayExchange *ex_shared    # lock: published, not yet drained
+    size_t ex_shared_len
+    size_t ex_shared_cap
+    int64_t header_timeout_ns   # caller, at creation; 0: none
+    int64_t idle_timeout_ns     # caller, at creation; 0: none
+    int64_t sweep_ns            # caller, at creation
+    int64_t next_sweep_ns       # engine
+    int http_live               # engine: HTTP connections alive
+    int connecting              # engine: connections whose upstream connect is in progress
+    int64_t next_connect_sweep_ns
+    RelayConn *est_local        # engine: connected since the last publish
+    RelayConn *est_shared       # lock: published, not yet drained
+    HfEvents ev                 # engine: the framer's event scratch
+    # Accepting (see _relay_accept.pxi).
+    RelayShared *shared         # caller, at creation (shared with the other shards)
+    pthread_mutex_t stats_lock  # the services' tallies and inst_active arrays
+    RelaySvc **svcs             # caller only: every service registered, by id
+    uint32_t svcs_len
+    uint32_t svcs_cap
+    RelayCtl *ctl_head          # lock
+    RelayCtl *ctl_tail
+    RelaySvc *accept_ready      # engine: services with clients left to accept
+    RelaySvc *accept_tail
+    RelayConn *reap             # engine: engine-accepted connections ended this batch
+    uint64_t rng                # engine (seeded by the caller)
+    int64_t counters[RC_COUNT]  # atomic: RC_SUBMITTED by the caller, the others by the engine
+
+
+# ---- accepting (_relay_accept.pxi) ------------------------------------------------------------
+
+cdef enum:
+    # RelayCtl.kind
+    RELAY_CTL_LISTEN = 1
+    RELAY_CTL_UNLISTEN = 2
+    RELAY_CTL_SNAP = 3
+    RELAY_CTL_PAUSE = 4
+    RELAY_CTL_RESUME = 5
+    RELAY_ACCEPT_BATCH = 64     # clients accepted per service per turn
+
+
+# ---- HTTP services (_relay_http.pxi) ----------------------------------------------------------
+
+cdef enum:
+    HTTP_PENDING = 8                    # exchanges waiting for their last byte to be written
+    HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
+    HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
+    HTTP_ANSWERS = 3                    # the engine's own answers: 400, 431, 408
+
+
+cdef inline int http_answer_index(uint16_t status) noexcept nogil:
+    """Index of an answered status in HTTP_ERROR_RESPONSES' order and RelaySvc.rejected."""
+    if status == 400:
+        return 0
+    if status == 431:
+        return 1
+    if status == 408:
+        return 2
+    return -1
+
+
+cdef struct RelayExchange:
+    # One timed exchange: written by the engine thread into ex_local, moved to ex_shared under
+    # lock, read and freed by drain_all.
+    uint64_t token
+    uint64_t roundtrip_ns
+    uint64_t total_ns
+    uint32_t service        # token 0 (an engine-accepted connection): its label set
+    uint32_t inst
+    uint32_t client_ip
+    uint16_t status
+    uint8_t method
+
+
+cdef struct HttpPending:
+    # A response the framer saw end, waiting for its last byte to be written (engine thread).
+    uint64_t end_pos                    # response-stream offset just after the response
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint16_t status
+    uint8_t method
+
+
+cdef struct RelayHttp:
+    # What an HTTP connection carries besides its RelayDir pair.  Allocated by whoever makes
+    # the RelayConn (http_attach), then the engine thread's.
+    HttpFramer f
+    HttpPending pending[HTTP_PENDING]   # a ring: pending_head, npending
+    uint64_t stop_pos[2]                # forward side d's stream only below this offset
+    int64_t last_active_ns
+    int64_t linger_until_ns
+    uint16_t reject_status              # what to answer (0: close without answering)
+    uint8_t npending
+    uint8_t pending_head
+    uint8_t halted[2]                   # stop reading side d
+    uint8_t rejecting                   # an answer is due once side 1 is written up to stop_pos
+    uint8_t lingering                   # answered: discarding the client's bytes
+    uint8_t observe                     # queue exchange records
+
+
+# ==== functions one room calls in another ===================================================
+# Defined in the room named above each group; the signatures must match the definitions.
+
+# the framer's calling protocol (_http_framer.pxi)
+cdef void hf_init(HttpFramer *f) noexcept nogil
+cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_t now,
+                    HfEvents *out) noexcept nogil
+cdef uint64_t hf_body_remaining(const HttpFramer *f, int side) noexcept nogil
+cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *out) noexcept nogil
+cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
+cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
+
+# pipes and copy buffers (_relay_pipes.pxi)
+cdef void relay_close_pipe(RelayEngine *e, int r, int w) noexcept nogil
+cdef int relay_borrow_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
+cdef void relay_return_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
+cdef void relay_drop_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
+cdef char *relay_borrow_buf(RelayEngine *e, RelayDir *p) noexcept nogil
+cdef void relay_return_buf(RelayEngine *e, RelayDir *p) noexcept nogil
+
+# a connection's life (_relay_conn.pxi)
+cdef void relay_release_dirs(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef void relay_retire(RelayEngine *e, RelayConn *c, int err) noexcept nogil
+cdef void relay_close_socket(RelayEngine *e, RelayConn *c, int s) noexcept nogil
+cdef void relay_finish(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef void relay_abort(RelayEngine *e, RelayConn *c, int err) noexcept nogil
+cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil
+
+# connecting (_relay_connect.pxi)
+cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef bint relay_self_connected(RelayConn *c) noexcept nogil
+cdef void relay_established(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef void relay_connect_failed(RelayEngine *e, RelayConn *c, int err) noexcept nogil
+cdef void relay_sweep_connects(RelayEngine *e) noexcept nogil
+
+# the data path (_relay_moves.pxi)
+cdef void relay_pump(RelayEngine *e, RelayConn *c) noexcept nogil
+
+# the loop (_relay_loop.pxi)
+cdef int relay_wait_ms(int64_t until_ns) noexcept nogil
+cdef void relay_publish(RelayEngine *e) noexcept nogil
+
+# accepting (_relay_accept.pxi)
+cdef void accept_count_up(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef bint accept_retire(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef void accept_reap(RelayEngine *e) noexcept nogil
+cdef void accept_on_event(RelayEngine *e, RelaySvc *s) noexcept nogil
+cdef void accept_run_ready(RelayEngine *e) noexcept nogil
+cdef void accept_run_commands(RelayEngine *e, RelayCtl *ctl) noexcept nogil
+cdef void accept_free_services(RelayEngine *e) noexcept nogil
+
+# the HTTP hooks (_relay_http.pxi)
+cdef void http_configure(RelayEngine *e, double header_timeout, double idle_timeout) noexcept
+cdef int http_attach(RelayConn *c, bint observe) noexcept nogil
+cdef void http_release(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef bint http_publish_exchanges(RelayEngine *e) noexcept nogil
+cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
+                         size_t n) noexcept nogil
+cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
+cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil
+cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil
+cdef int http_sweep_wait_ms(RelayEngine *e) noexcept nogil
+cdef void http_sweep(RelayEngine *e) noexcept nogil
