@@ -56,6 +56,11 @@ ServiceCounts.__doc__ = """What the engine counted for one service: bytes delive
 instances and to its clients (every connection naming it), and for the connections the engine
 accepted: active now, AnsweredCounts, TallyEntries."""
 
+# namedtuple takes its module from the caller's frame, which a compiled module has not.
+for _record in (Completion, ExchangeGroup, HandOver, Drained, AnsweredCounts, TallyEntry,
+                ServiceCounts):
+    _record.__module__ = __name__
+
 
 cdef int _raise_errno(str what) except -1:
     """The one errno -> exception helper: OSError with the errno and the failed call named."""

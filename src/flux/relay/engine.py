@@ -47,7 +47,7 @@ from flux.relay.base import (
 )
 
 if TYPE_CHECKING:
-    from flux._splice import SpliceEngine
+    from flux._splice import ExchangeGroup, SpliceEngine
 
 __all__ = ["SpliceRelay"]
 
@@ -309,13 +309,13 @@ class SpliceRelay:
             up = down = live = 0
             answered = [0, 0, 0]
             for engine in self._engines:
-                to_instance, to_client, now, codes, tally = engine.service_counts(sid)
-                up += to_instance
-                down += to_client
-                live += now
-                for i, n in enumerate(codes):
+                counted = engine.service_counts(sid)
+                up += counted.to_instances
+                down += counted.to_clients
+                live += counted.active
+                for i, n in enumerate(counted.answered):
                     answered[i] += n
-                for iid, ip, n in tally:
+                for iid, ip, n in counted.tally:
                     name, address = instances[iid]
                     key = (service, protocol, name, address, _ipv4(ip))
                     connections[key] = connections.get(key, 0) + n
@@ -349,15 +349,17 @@ class SpliceRelay:
             self._flush_one(engine)
 
     def _flush_one(self, engine: SpliceEngine) -> None:
-        exchanges, completions, established, handed = engine.drain_all()
+        drained = engine.drain_all()
         handlers = self._handlers
-        for token in established:
+        for token in drained.established:
             handler = handlers.get(token)
             if handler is not None:
                 handler.established()
-        if exchanges:
-            self._deliver(exchanges)
-        for token, up, down, code, duration_ns, answered, client_fd in completions:
+        if drained.exchanges:
+            self._deliver(drained.exchanges)
+        # Records unpack by position: the fields in Completion's, HandOver's and
+        # ExchangeGroup's order (flux/_splice.pyi), at a tuple's cost per record.
+        for token, up, down, code, duration_ns, answered, client_fd in drained.completions:
             self._observers.pop(token, None)
             handler = handlers.pop(token, None)
             if handler is not None and client_fd >= 0:
@@ -379,7 +381,7 @@ class SpliceRelay:
             future = self._pending.pop(token, None)
             if future is not None and not future.done():
                 future.set_result(result)
-        for sid, client_fd, ip, iid, code in handed:
+        for sid, client_fd, ip, iid, code in drained.handed:
             accepting = self._accepting.get(sid)
             if accepting is None:
                 if client_fd >= 0:  # its listener closed meanwhile: nothing will serve it
@@ -389,9 +391,7 @@ class SpliceRelay:
                 continue
             accepting.handed_over(client_fd, _ipv4(ip), iid, code)
 
-    def _deliver(
-        self, exchanges: Sequence[tuple[int, int, int, list[int], list[int], int, int, int]]
-    ) -> None:
+    def _deliver(self, exchanges: Sequence[ExchangeGroup]) -> None:
         """Give each exchange batch (see ``SpliceEngine.drain_all``) to its observer."""
         observers = self._observers
         methods = self._methods
