@@ -395,6 +395,23 @@ async def test_reconcile_on_request() -> None:
         assert engine.lists == 2
 
 
+async def test_a_stop_that_arrives_with_an_event_is_not_lost() -> None:
+    # fluxd stops the watcher by cancelling it.  A wait_for around the queue (3.11) returned
+    # the event instead when the cancel came with it, and the watcher went on watching.
+    watcher = DockerWatcher(ScriptedEngine().connect)
+    recorder = Recorder()
+    task = asyncio.create_task(watcher.run(recorder))
+    try:
+        await recorder.next()
+        assert watcher.request_reconcile()
+        task.cancel()
+        await asyncio.wait([task], timeout=DEADLINE)
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_paused_containers_are_listed_as_paused() -> None:
     engine = ScriptedEngine()
     engine.containers = {"p": inspect_json("p", paused=True)}

@@ -223,6 +223,26 @@ async def test_concurrent_syncs_do_not_interleave(started: IPTables) -> None:
     assert await started.installed() == sets[-1]
 
 
+async def test_a_cancel_that_meets_the_end_of_a_process_is_not_lost(
+    chain: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fluxd stops the balancer by cancelling it.  A wait_for around the process (3.11) returned
+    # its output instead when the cancel came as it ended; the balancer then waited for updates
+    # forever and the stop (a test's teardown too) never returned.
+    real_communicate = asyncio.subprocess.Process.communicate
+    operation: list[asyncio.Task[Snapshot]] = []
+
+    async def communicate(self: asyncio.subprocess.Process, data: bytes | None = None):
+        output = await real_communicate(self, data)
+        operation[0].cancel()  # the stop arrives just as the process has finished
+        return output
+
+    monkeypatch.setattr(asyncio.subprocess.Process, "communicate", communicate)
+    operation.append(asyncio.create_task(IPTables(chain).snapshot()))
+    await asyncio.wait(operation, timeout=30)
+    assert operation[0].cancelled()
+
+
 async def test_stop_leaves_no_chain_and_no_jump(started: IPTables) -> None:
     chain = started.chain
     await started.sync(

@@ -758,6 +758,47 @@ async def test_closing_or_cancelling_a_watch_closes_its_stream(
     assert asyncio.all_tasks() == tasks_before
 
 
+async def test_a_cancel_that_meets_the_opening_of_a_stream_is_not_lost(
+    stores: Callable[..., EtcdStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a supervisor does to the balancer, at the instant etcd confirms a new stream.  A
+    # wait_for around that read (3.11) returned the answer instead, and the watch went on.
+    store = stores()
+    consumer: list[asyncio.Task[None]] = []
+    real_watch_create = AioClient.watch_create
+
+    class CancelsAsItOpens:
+        def __init__(self, stream: Any) -> None:
+            self.stream = stream
+            self.opened = False
+
+        async def __anext__(self) -> Any:
+            response = await self.stream.__anext__()
+            if not self.opened:
+                self.opened = True
+                consumer[0].cancel()
+            return response
+
+        def close(self) -> None:
+            self.stream.close()
+
+    def watch_create(self: AioClient, *args: Any, **kwargs: Any) -> CancelsAsItOpens:
+        return CancelsAsItOpens(real_watch_create(self, *args, **kwargs))
+
+    async def consume() -> None:
+        async for _ in store.watch_services():
+            pass
+
+    monkeypatch.setattr(AioClient, "watch_create", watch_create)
+    consumer.append(asyncio.create_task(consume()))
+    try:
+        await asyncio.wait(consumer, timeout=10)
+        assert consumer[0].cancelled()
+    finally:
+        consumer[0].cancel()
+        await asyncio.gather(*consumer, return_exceptions=True)
+
+
 # -- TLS and authentication (private etcd members) ----------------------------------------------
 
 

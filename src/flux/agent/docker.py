@@ -320,8 +320,14 @@ class DockerWatcher:
                 loop = asyncio.get_running_loop()
                 due = loop.time() + self.reconcile_interval
                 while True:
+                    remaining = due - loop.time()
                     try:
-                        item = await asyncio.wait_for(queue.get(), max(0.0, due - loop.time()))
+                        if remaining <= 0:
+                            raise TimeoutError  # a reconcile already due comes before any event
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation
+                        # that arrives with an event, and the watcher would outlive its stop.
+                        async with asyncio.timeout(remaining):
+                            item = await queue.get()
                     except TimeoutError:
                         await self._resync(client, queue, emit)
                         due = loop.time() + self.reconcile_interval

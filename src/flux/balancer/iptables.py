@@ -199,10 +199,10 @@ class IPTables:
         except OSError as exc:
             raise IPTablesError(f"'{name}' could not be run: {exc.strerror or exc}") from None
         try:
-            out, err = await asyncio.wait_for(
-                process.communicate(stdin.encode() if stdin is not None else None),
-                self._timeout,
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives
+            # as the process ends, and a balancer that fluxd stops would wait for updates forever.
+            async with asyncio.timeout(self._timeout):
+                out, err = await process.communicate(stdin.encode() if stdin is not None else None)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()

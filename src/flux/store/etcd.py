@@ -632,7 +632,8 @@ class EtcdStore(LeasedStore):
         opened_at: float | None = None
         try:
             try:
-                await asyncio.wait_for(stream.__anext__(), self._timeout)  # "created"
+                async with asyncio.timeout(self._timeout):  # not wait_for: see run_lease
+                    await stream.__anext__()  # "created"
             except StopAsyncIteration:
                 url = self._endpoints[endpoint].url
                 raise _Resync(f"etcd at {url} closed a new watch") from None
