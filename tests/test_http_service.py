@@ -31,11 +31,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flux._splice import HTTP_ERROR_RESPONSES
 from flux.model import Host, HostRef, Instance, InstanceState, encode_record
 from flux.store.keys import host_key, instance_key
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.etcd_server import EtcdServer
 from tests.support.http_backend import HttpBackend
+from tests.support.http_streams import H2_PREFACE
 
 HOST = "127.0.0.1"
 REMOTE = "127.0.0.2"
@@ -363,6 +365,30 @@ def test_malformed_oversized_and_slow_requests_are_answered_by_fluxd(stack: Stac
     assert delta(before, counts(stack)) == {("GET", "200"): 1}
 
 
+def test_a_repeated_or_list_content_length_is_refused_with_400_and_counted(stack: Stack) -> None:
+    vip = web(stack)
+    was = stack.total("flux_http_rejected_total", service="web", code="400")
+    before = counts(stack)
+    for lengths in (b"Content-Length: 5, 5\r\n", b"Content-Length: 5\r\nContent-Length: 5\r\n"):
+        received, _ = _exchange_raw(vip, b"POST / HTTP/1.1\r\nHost: web\r\n" + lengths
+                                    + b"\r\nhello")
+        assert received == HTTP_ERROR_RESPONSES[400]
+    assert stack.total("flux_http_rejected_total", service="web", code="400") == was + 2
+    assert delta(before, counts(stack)) == {}  # nothing reached the instance
+
+
+def test_a_client_that_sends_nothing_is_closed_quietly_after_the_header_timeout(
+    stack: Stack,
+) -> None:
+    vip = web(stack)
+    was = stack.total("flux_http_rejected_total", service="web", code="408")
+    with socket.create_connection((vip, 80), timeout=10) as sock:
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # no 408: nothing was asked
+        assert HEADER_TIMEOUT - 0.1 <= time.monotonic() - started < IDLE_TIMEOUT
+    assert stack.total("flux_http_rejected_total", service="web", code="408") == was
+
+
 def test_an_idle_keep_alive_connection_is_closed_but_a_slow_instance_is_not_idle(
     stack: Stack,
 ) -> None:
@@ -376,6 +402,71 @@ def test_an_idle_keep_alive_connection_is_closed_but_a_slow_instance_is_not_idle
     with socket.create_connection((vip, 80), timeout=10) as sock:
         sock.sendall(b"GET /slow?ms=%d HTTP/1.1\r\nHost: web\r\n\r\n" % (IDLE_TIMEOUT * 1500))
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+# ---- HTTP/2 with prior knowledge -------------------------------------------------------------
+
+@contextlib.contextmanager
+def nghttpd(docroot: Path) -> Iterator[str]:
+    """An h2c server (nghttpd, Debian's nghttp2-server) on a free loopback port: its address."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["nghttpd", "--no-tls", f"--address={HOST}", "-d", str(docroot), str(port)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return True
+        return server.poll() is not None
+
+    try:
+        wait_until(listening, 10, "nghttpd to listen")
+        assert server.poll() is None, server.communicate()[1]
+        yield f"{HOST}:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_http2_with_prior_knowledge_passes_through_an_http_service(
+    stack: Stack, tmp_path: Path
+) -> None:
+    (tmp_path / "index.html").write_text("over h2c\n")
+    vip = f"127.43.{secrets.randbelow(200) + 1}.4"
+    with nghttpd(tmp_path) as address:
+        stack.fluxctl("service", "h2c", "--address", f"{vip}:80", "-p", "http")
+        try:
+            _register_remote_instances(stack.etcd, {"h2c": address})
+            wait_until(lambda: stack.forwarding(vip), 20, "fluxd to forward the h2c service")
+            # The preface and an empty SETTINGS frame in one write: the server's own SETTINGS
+            # frame comes back (not one byte and EOF, as when the preface was read as
+            # HTTP/1.x).
+            with socket.create_connection((vip, 80), timeout=10) as sock:
+                sock.sendall(H2_PREFACE + bytes.fromhex("000000040000000000"))
+                header = b""
+                while len(header) < 9 and (chunk := sock.recv(9 - len(header))):
+                    header += chunk
+                assert len(header) == 9 and header[3] == 4, header  # a SETTINGS frame
+            # Fresh connections, each a new race between the client's bytes and the server's.
+            curl = ["curl", "-sS", "--noproxy", "*", "--http2-prior-knowledge", "-o", "/dev/null",
+                    "-w", "%{http_version} %{http_code}", f"http://{vip}/index.html"]
+            answers = [subprocess.run(curl, capture_output=True, text=True, timeout=30).stdout
+                       for _ in range(20)]
+            assert answers == ["2 200"] * 20
+            load = subprocess.run(
+                ["h2load", "-n", "100", "-c", "20", "-m", "4", f"http://{vip}/index.html"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert "100 succeeded, 0 failed, 0 errored" in load.stdout, load.stdout
+            # The connections were relayed, not observed: no HTTP/1.x exchange counted.
+            assert counts(stack, "h2c") == {}
+        finally:
+            stack.fluxctl("rm", "h2c")
 
 
 # ---- the exposition, a Prometheus server, and containers enrolled by the agent -------------

@@ -16,6 +16,7 @@ import pytest
 
 from flux._splice import HTTP_ERROR_RESPONSES
 from flux.relay import SpliceRelay
+from tests.support.http_streams import H2_PREFACE
 from tests.support.relay_harness import (
     KINDS,
     Harness,
@@ -79,6 +80,12 @@ async def flushed(h: Harness, obs: Exchanges, count: int, timeout: float = 5.0) 
 
 async def open_http(h: Harness, obs: Exchanges | None = None) -> Link:
     return await h.open(http=True, observe=obs)
+
+
+def h2_frame(kind: int, flags: int = 0, stream: int = 0, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame (RFC 9113 section 4.1)."""
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+            + payload)
 
 
 def test_keep_alive_exchanges_are_relayed_verbatim_and_reported_in_order(kind: str) -> None:
@@ -295,6 +302,99 @@ def test_an_upgrade_switches_to_plain_relaying(kind: str) -> None:
         assert obs.labels() == [("GET", 101)]
 
     run(kind, scenario, http_idle_timeout=0.2)
+
+
+def test_a_connection_that_opens_with_the_http2_preface_is_relayed_untouched(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        # What HTTP/2 clients with prior knowledge do: the preface and SETTINGS in one write.
+        opening = H2_PREFACE + h2_frame(4)
+        await send(link.client, opening)
+        assert await asyncio.wait_for(recv_exactly(link.server, len(opening)), 5) == opening
+        # The server's SETTINGS (MAX_CONCURRENT_STREAMS 100) and its ACK of the client's.
+        answer = h2_frame(4, payload=bytes.fromhex("000300000064")) + h2_frame(4, flags=1)
+        await send(link.server, answer)
+        assert await asyncio.wait_for(recv_exactly(link.client, len(answer)), 5) == answer
+        # Then frames both ways, whatever bytes they carry.
+        for blob in (h2_frame(4, flags=1), h2_frame(1, 5, 1, b"\x82\x86\x84GET / HTTP/1.1"),
+                     h2_frame(0, 1, 1, b"\x00" * 70_000)):
+            await send(link.client, blob)
+            assert await recv_exactly(link.server, len(blob)) == blob
+            await send(link.server, blob[::-1])
+            assert await recv_exactly(link.client, len(blob)) == blob[::-1]
+        link.client.close()
+        link.server.close()
+        result = await link.result
+        assert result.answered == 0
+        h.relay.flush()
+        assert obs.seen == []
+        if isinstance(h.relay, SpliceRelay):
+            stats = h.relay.engine.stats()
+            assert (stats["http_opaque"], stats["http_h2_opaque"]) == (1, 1), stats
+
+    run(kind, scenario)
+
+
+@pytest.mark.parametrize("lengths", [b"Content-Length: 5\r\nContent-Length: 5\r\n",
+                                     b"Content-Length: 5, 5\r\n"], ids=["repeated", "list"])
+def test_a_repeated_or_list_content_length_is_answered_400(kind: str, lengths: bytes) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        good = request(b"POST", b"/ok", b"hello")
+        await send(link.client, good + b"POST /twice HTTP/1.1\r\nHost: svc\r\n" + lengths
+                   + b"\r\nhello")
+        assert await recv_exactly(link.server, len(good)) == good
+        await send(link.server, response(200, b"fine"))
+        received = await recv_to_eof(link.client)
+        assert received == response(200, b"fine") + HTTP_ERROR_RESPONSES[400]
+        assert await recv_to_eof(link.server) == b""   # nothing of the refused request
+        link.client.close()
+        link.server.close()
+        assert (await link.result).answered == 400
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("POST", 200)]
+        if isinstance(h.relay, SpliceRelay):
+            assert h.relay.engine.stats()["http_answered"] == 1
+
+    run(kind, scenario, deadline=15.0)
+
+
+def test_the_header_timeout_runs_from_the_opening_and_closes_a_silent_client_quietly(
+    kind: str,
+) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        started = time.monotonic()
+        silent = await open_http(h, obs)
+        late = await open_http(h, obs)
+
+        async def ended(link: Link) -> tuple[bytes, float]:
+            received = await recv_to_eof(link.client)
+            return received, time.monotonic() - started
+
+        await asyncio.sleep(0.4)
+        await send(late.client, b"GET / HTTP/1.1\r\nHost:")
+        (nothing, silent_at), (answer, late_at) = await asyncio.gather(ended(silent),
+                                                                       ended(late))
+        # A client that sent nothing was asked nothing: closed quietly, both ways, after the
+        # header timeout (not the idle timeout).
+        assert nothing == b"" and 0.5 <= silent_at < 2.0, silent_at
+        assert await recv_to_eof(silent.server) == b""
+        # The first request's head counts from the opening, not from its first byte (0.9 s).
+        assert answer == HTTP_ERROR_RESPONSES[408] and 0.5 <= late_at < 0.75, late_at
+        for link in (silent, late):
+            link.client.close()
+            link.server.close()
+        silent_result, late_result = await silent.result, await late.result
+        assert (silent_result.answered, silent_result.error) == (0, None)
+        assert late_result.answered == 408
+        if isinstance(h.relay, SpliceRelay):
+            stats = h.relay.engine.stats()
+            assert (stats["http_header_timeouts"], stats["http_answered"]) == (2, 1), stats
+
+    run(kind, scenario, http_header_timeout=0.5, http_idle_timeout=5.0)
 
 
 def test_a_close_delimited_response_ends_at_eof(kind: str) -> None:

@@ -11,7 +11,8 @@
 # "now" go in, events come out; no allocation, no system call, no GIL (`noexcept nogil`).
 #
 # Calling protocol (the engine's side).
-#   hf_init(f)                          once per connection (f is fixed-size: no allocation)
+#   hf_init(f, now)                     once per connection (f is fixed-size: no allocation);
+#                                       `now`: when it opened (the first head is timed from it)
 #   k = hf_feed(f, side, p, n, now, ev) show bytes; returns how many were taken (< n only when
 #                                       `ev` is nearly full: drain it and call again with the rest)
 #   hf_body_remaining(f, side)          bytes that may be forwarded *without* showing them (a
@@ -20,7 +21,7 @@
 #   hf_skip(f, side, n, now, ev)        account for n <= hf_body_remaining() spliced bytes
 #   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response)
 #   hf_request_phase(f), f.side[HF_REQUEST].t_head_start
-#                                       what the idle / header-read timeouts need
+#                                       what the idle / header-read timeouts need (below)
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -42,17 +43,33 @@
 #              have ended (pos = response-stream offset after which the answer goes).
 #   OPAQUE     observation stopped (reason): bytes keep flowing, metrics for the rest of the
 #              connection are lost.  Malformed responses, responses nobody asked for, more than
-#              HF_RING pipelined requests, a broken hf_skip contract.
+#              HF_RING pipelined requests, a broken hf_skip contract, a connection that opened
+#              with the HTTP/2 preface (H2_PREFACE).
 #
 # Layers.  Two byte-level lexers (one per direction) share the field-line and chunked-body
 # states; decisions about messages (which body, when an exchange completes, when to switch
 # protocols) live in the *_done functions, which are the message-level state machine.
+#
+# HTTP/2 with prior knowledge (RFC 9113 section 3.3).  Such a client opens with the 24-octet
+# preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" and at once its SETTINGS frame.  Read as HTTP/1.x
+# the preface is a PRI request followed by a malformed one ("SM"), so the request stream
+# starts in PREFACE instead, where octets are only compared with the preface: all 24 make the
+# connection OPAQUE (reason H2_PREFACE) before any of them was judged; at the first octet that
+# differs, the octets matched so far -- the preface's own, so nothing had to be kept -- are
+# replayed through the HTTP/1.x readers, and then that octet.  The engine forwards what it
+# shows, so an HTTP/2 connection is relayed untouched (frames are not followed: no metrics).
+# An instance that speaks first (an HTTP/2 server sends its SETTINGS on accept) still makes
+# the connection OPAQUE as "unsolicited" when its bytes are read before the client's.  Octets
+# that match the preface are judged only once one differs: an HTTP/1.x request that is a
+# prefix of it ("PRI * HTTP/2.0" and an empty line) is seen when the next octet comes.
 #
 # Byte-level states (a head is parsed as it streams, so nothing is buffered: the few facts
 # needed are kept in fixed fields -- the first 8 bytes of the method, a 20-byte field name or
 # list element, the 20 digits of the first Content-Length):
 #
 #   state         byte                 next / action
+#   PREFACE       the preface's next   PREFACE; the 24th -> OPAQUE (where a request stream starts)
+#                 any other            replay what matched from LINE_START, then this byte
 #   LINE_START    CR | LF              LINE_START(_CR)   empty lines before a start line ignored
 #                 other                request: METHOD; response: STATUS_VERSION (needs a
 #                                      pending request, else OPAQUE "unsolicited")
@@ -86,7 +103,10 @@
 # Message-level decisions (RFC 9112 sections 6 and 9, RFC 9110 section 7.8):
 #
 #   request head done    Host: exactly one for HTTP/1.1, at most one otherwise
-#                        Content-Length: digits (<= 20), comma lists and repeats must agree
+#                        Content-Length: digits (<= 20), exactly one value: a repeat or a list
+#                        is refused even when the values agree (RFC 9110 section 8.6 lets a
+#                        recipient refuse it or replace it by one value, and a byte-exact
+#                        relay cannot replace it, so an instance would read what we did not)
 #                        Transfer-Encoding: codings ending in a single "chunked"; not with
 #                        Content-Length (smuggling), not in HTTP/1.0
 #                        -> chunked | Content-Length | no body; the exchange is queued in a
@@ -97,9 +117,15 @@
 #                        HEAD request, 204, 304 -> no body
 #                        Transfer-Encoding ending in chunked (HTTP/1.1) -> chunked;
 #                        other Transfer-Encoding -> until close
-#                        Content-Length -> that many (invalid: OPAQUE); none -> until close
+#                        Content-Length -> that many; repeats and lists must agree (as
+#                        h11's), else OPAQUE as any other invalid value; none -> until close
 #   keep-alive           HTTP/1.1 persists unless "Connection: close"; HTTP/1.0 closes unless
 #                        "Connection: keep-alive"; either message closing closes (EXCHANGE CLOSE)
+# A response's repeated or list Content-Length is followed, not refused: a response is the
+# instance's, already on its way to the client as it is read (nothing can be answered in its
+# place: malformed response framing makes the connection OPAQUE, never cuts it), and a client
+# that accepts agreeing values reads the one length the framer follows; refusing would only
+# cost the metrics of the rest of the connection.
 # "Expect: 100-continue" needs nothing of its own: the 100 is an interim response like any 1xx
 # (the exchange's roundtrip ends at the final head), and the request body keeps its framing
 # whatever the server answers first -- a server that answers early reads the body or closes.
@@ -112,15 +138,26 @@
 # dropped), a refusal confirms it.  An error found while speculating is held back until the
 # refusal confirms it, so new-protocol bytes never earn a 400.
 #
+# Timeouts (hf_request_phase; the engine and the Python relay enforce them).  OPENING: not one
+# byte came since hf_init; the header-read timeout runs from t_head_start, the connection's
+# opening, and ends it without an answer (a client that asked nothing is owed none: nginx
+# closes such a connection silently, HAProxy does with "option http-ignore-probes", for the
+# browsers' speculative pre-connects).  HEAD: inside a request head, or before the first
+# request's start line (empty lines only); t_head_start is when the head's first byte came,
+# but for the first request of a connection it stays its opening, as HAProxy's
+# "timeout http-request" does; the answer is 408.  IDLE: between requests, nothing pending
+# (the relay's idle timeout).  BUSY (a body arriving, a response awaited) and OPAQUE: none.
+#
 # Deliberate differences from h11 (which the tests use as the oracle): empty lines before a
 # start line are ignored (RFC 9112 section 2.2; h11 rejects them); obs-fold in a request is
 # rejected (RFC 9112 section 5.2 allows either; h11 unfolds); Transfer-Encoding with Content-
 # Length or in HTTP/1.0 is rejected (h11 lets Transfer-Encoding win); codings before a final
 # "chunked" and Transfer-Encoding split over several lines are accepted (h11 only takes exactly
-# "chunked"); a CR inside a chunk extension is rejected (h11 takes it); trailer fields, and the
-# framing fields of responses that cannot have a body, are not judged.  `lenient` records
-# which of the h11-stricter cases a side met, so that the differential tests can tell a
-# deliberate difference from a bug.
+# "chunked"); a CR inside a chunk extension is rejected (h11 takes it); a request's repeated
+# or list Content-Length is rejected even when the values agree (h11 takes it); trailer
+# fields, and the framing fields of responses that cannot have a body, are not judged.
+# `lenient` records which of the h11-stricter cases a side met, so that the differential tests
+# can tell a deliberate difference from a bug.
 
 from libc.stdint cimport UINT64_MAX, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -135,6 +172,8 @@ cdef extern from "<string.h>" nogil:
 
 cdef uint8_t hf_class[256]
 cdef const char *HF_HTTP_NAME = b"HTTP/"
+# The HTTP/2 connection preface (RFC 9113 section 3.4), HF_H2_PREFACE_LEN octets.
+cdef const char *HF_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 cdef uint8_t hf_class_of(int c) noexcept:
@@ -228,11 +267,14 @@ cdef inline void hf_begin_message(HfSide *s) noexcept nogil:
     s.cl_len = 0
 
 
-cdef void hf_init(HttpFramer *f) noexcept nogil:
-    """Start observing a new connection."""
+cdef void hf_init(HttpFramer *f, uint64_t now) noexcept nogil:
+    """Start observing a new connection, opened at `now`."""
     memset(f, 0, sizeof(HttpFramer))
     hf_begin_message(&f.side[HF_REQUEST])
     hf_begin_message(&f.side[HF_RESPONSE])
+    f.t_open = now
+    f.side[HF_REQUEST].t_head_start = now
+    f.side[HF_REQUEST].state = HS_PREFACE
 
 
 cdef void hf_reject(HttpFramer *f, uint16_t status, HfEvents *out) noexcept nogil:
@@ -313,6 +355,9 @@ cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexc
     cdef uint8_t flags = 0
     if facts & HFF_CL_BAD:
         hf_fail(f, HF_REQUEST, HF_ERR_CONTENT_LENGTH, out)
+        return
+    if facts & HFF_CL_LIST:
+        hf_fail(f, HF_REQUEST, HF_ERR_CONTENT_LENGTH_LIST, out)
         return
     if facts & HFF_HOST_TWICE or (s.version == 11 and not facts & HFF_HOST):
         hf_fail(f, HF_REQUEST, HF_ERR_HOST, out)
@@ -477,6 +522,7 @@ cdef void hf_element_done(HfSide *s) noexcept nogil:
         if n == 0 or n > HF_WORD or s.el_flags & (HFE_L_BAD | HFE_L_NONDIGIT):
             s.facts |= HFF_CL_BAD
         elif s.facts & HFF_CL:
+            s.facts |= HFF_CL_LIST
             if not hf_is(s.word, n, s.cl, s.cl_len):
                 s.facts |= HFF_CL_BAD
         else:
@@ -589,6 +635,7 @@ cdef void hf_field_done(HfSide *s) noexcept nogil:
 # the group its state is in (the state enum in _splice.pxd keeps each group contiguous):
 #
 #   states                         reader               errors it names
+#   PREFACE (hf_feed calls it)     hf_read_preface      none: H2_PREFACE is no error
 #   LINE_START, LINE_START_CR      hf_read_line_start   START_LINE, UNSOLICITED
 #   METHOD .. START_CR             hf_read_start_line   START_LINE
 #   FIELD_START .. FOLD            hf_read_field_line   FIELD, OBS_FOLD
@@ -615,7 +662,8 @@ cdef inline uint8_t hf_read_line_start(HttpFramer *f, int side, HfSide *s, uint8
     if s.state == HS_LINE_START_CR:
         return HF_ERR_START_LINE
     hf_begin_message(s)
-    s.t_head_start = now
+    # The first request's head is timed from the connection's opening (see Timeouts).
+    s.t_head_start = f.t_open if side == HF_REQUEST and f.n_requests == 0 else now
     if side == HF_REQUEST:
         s.state = HS_METHOD
     else:
@@ -848,6 +896,31 @@ cdef void hf_step(HttpFramer *f, int side, uint8_t c, uint64_t now,
         hf_fail(f, side, err, out)
 
 
+cdef void hf_read_preface(HttpFramer *f, HfSide *s, uint8_t c, uint64_t now,
+                          HfEvents *out) noexcept nogil:
+    """An octet at the start of the request stream, while the HTTP/2 preface still matches (s.idx
+    octets so far; s.pos counts this one).  The preface's last octet makes the connection
+    OPAQUE (one event).  Any other octet ends PREFACE: the matched octets, then this one, go
+    through hf_step from LINE_START as hf_feed would have shown them, until one stops the
+    stream (a malformed request: DEAD takes the rest unseen; no prefix of the preface can
+    start a body).  At most two events come of it (a PRI request, then a malformed one, with
+    no REJECT while the PRI request is owed its response), so hf_feed's reserve holds."""
+    cdef uint8_t matched = s.idx
+    cdef uint8_t i
+    if c == <uint8_t>HF_H2_PREFACE[matched]:
+        s.idx = matched + 1
+        if s.idx == HF_H2_PREFACE_LEN:
+            hf_opaque(f, HF_ERR_H2_PREFACE, out)
+        return
+    s.state = HS_LINE_START
+    s.idx = 0
+    s.pos -= matched + 1
+    for i in range(matched + 1):
+        s.pos += 1
+        if s.state < HS_BODY_LENGTH:
+            hf_step(f, HF_REQUEST, <uint8_t>HF_H2_PREFACE[i] if i < matched else c, now, out)
+
+
 cdef inline void hf_account_body(HttpFramer *f, int side, uint64_t n, uint64_t now,
                                  HfEvents *out) noexcept nogil:
     """n body octets (n <= remaining) went by, shown or skipped."""
@@ -919,7 +992,10 @@ cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_
                 if i == n:
                     break
         s.pos += 1
-        hf_step(f, side, <uint8_t>data[i], now, out)
+        if st == HS_PREFACE:
+            hf_read_preface(f, s, <uint8_t>data[i], now, out)
+        else:
+            hf_step(f, side, <uint8_t>data[i], now, out)
         i += 1
     return i
 
@@ -968,7 +1044,11 @@ cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
     cdef uint8_t st = f.side[HF_REQUEST].state
     if f.mode != HF_MODE_OBSERVING or st >= HS_OPAQUE:
         return HF_PHASE_OPAQUE
+    if f.side[HF_REQUEST].pos == 0:
+        return HF_PHASE_OPENING
     if st == HS_LINE_START or st == HS_LINE_START_CR:
+        if f.n_requests == 0:
+            return HF_PHASE_HEAD        # empty lines before the first request: timed from t_open
         if f.n_requests == f.n_answered:
             return HF_PHASE_IDLE
         return HF_PHASE_BUSY
@@ -986,9 +1066,10 @@ _HF_EVENT_KINDS = (None, "request", "exchange", "malformed", "reject", "opaque")
 _HF_REASONS = (
     "", "start-line", "field", "obs-fold", "head-too-large", "host", "content-length",
     "transfer-encoding", "te-with-content-length", "te-http10", "chunk", "chunk-ext-cr",
-    "unsolicited", "unexpected-101", "too-many-pipelined", "skip",
+    "unsolicited", "unexpected-101", "too-many-pipelined", "skip", "content-length-list",
+    "h2-preface",
 )
-_HF_PHASES = ("idle", "head", "busy", "opaque")
+_HF_PHASES = ("idle", "head", "busy", "opaque", "opening")
 _HF_LENIENT = ((HFL_EMPTY_LINE, "empty-line"), (HFL_TE_LIST, "te-list"),
                (HFL_TRAILER_FRAMING, "trailer-framing"), (HFL_TE_FRAMING, "te-framing"),
                (HFL_UNUSED_FRAMING, "unused-framing"))
@@ -1010,17 +1091,18 @@ cdef int _hf_side(str side) except -1:
 
 
 cdef class HttpFramerProbe:
-    """The relay engine's HTTP/1.x framer, driven from Python (tests, fuzzing).
+    """The relay engine's HTTP/1.x framer, driven from Python (tests, fuzzing, the Python relay).
 
     Shows bytes of the client's stream ("request") or the instance's ("response") to the
-    framer and returns its events as HttpEvent tuples.
+    framer and returns its events as HttpEvent tuples.  ``now``: when the connection opened,
+    on the clock the calls' ``now`` use (the first request's head is timed from it).
     """
 
     cdef HttpFramer f
     cdef HfEvents ev
 
-    def __cinit__(self):
-        hf_init(&self.f)
+    def __cinit__(self, uint64_t now=0):
+        hf_init(&self.f, now)
         self.ev.count = 0
 
     cdef list _events(self):
@@ -1094,12 +1176,14 @@ cdef class HttpFramerProbe:
 
     @property
     def phase(self):
-        """'idle', 'head' (header-read timeout), 'busy' or 'opaque'."""
+        """'opening' (no byte yet) or 'head' (header-read timeout from head_started), 'idle'
+        (idle timeout), 'busy' or 'opaque'."""
         return _HF_PHASES[hf_request_phase(&self.f)]
 
     @property
     def head_started(self):
-        """`now` when the request head being read began (0 outside a head)."""
+        """`now` when the request head being read began: for the connection's first request,
+        when the connection opened (0 outside a head)."""
         return self.f.side[HF_REQUEST].t_head_start
 
     @property

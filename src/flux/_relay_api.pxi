@@ -10,8 +10,8 @@ _RELAY_COUNTER_NAMES = (
     "pipes_idle", "pipe_failures", "pipe_size_refused", "inflight_bytes", "bytes_spliced",
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
-    "exchanges_dropped", "buffers_lent", "buffers_idle", "connects", "connect_failures",
-    "accepted", "to_python", "accept_failures",
+    "http_h2_opaque", "exchanges_dropped", "buffers_lent", "buffers_idle", "connects",
+    "connect_failures", "accepted", "to_python", "accept_failures",
 )
 
 # ---- the records drain_all() and service_counts() return ---------------------------------------
@@ -80,8 +80,9 @@ cdef class SpliceEngine:
     (with ``observe=True``) are queued for ``drain_exchanges()`` / ``drain_all()``, which
     hand them over grouped by connection and label set; a malformed request is answered
     with 400 (431 for an oversized head) and the connection closed; ``header_timeout`` and
-    ``idle_timeout`` (seconds, 0 for none) bound a request head's arrival and an idle
-    keep-alive connection.
+    ``idle_timeout`` (seconds, 0 for none) bound a request head's arrival (the first one's
+    from the connection's opening) and an idle keep-alive connection.  A connection that
+    opens with the HTTP/2 preface is relayed untouched and unobserved (``http_h2_opaque``).
     """
 
     cdef RelayEngine *e

@@ -28,13 +28,19 @@
 #   HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused by unread data.
 # - Timeouts are enforced by a sweep of the live list every sweep_ns (an eighth of the shorter
 #   timeout, 10 ms..500 ms), so no timer structure is kept per connection:
-#     header timeout  the client started a request head and has not finished it: answer 408
+#     opening         the client sent nothing since the connection opened, for the header
+#                     timeout (or the idle timeout, if it is shorter or the header timeout is
+#                     off): close both sides quietly, nothing was asked;
+#     header timeout  the client started a request head and has not finished it (the first
+#                     request's head is timed from the connection's opening): answer 408
 #                     when nothing else is owed on the response stream, else reset;
 #     idle timeout    nothing pending in either direction (between requests, responses all
 #                     written) since the last activity: close both sides quietly;
 #     linger          the answer was written and the client has not closed: close.
-# - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response) it takes
-#   every byte without looking and body_remaining is unlimited: the connection is plain TCP.
+# - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response, a client
+#   that opened with the HTTP/2 preface) it takes every byte without looking and
+#   body_remaining is unlimited: the connection is plain TCP.  Each is counted (http_opaque;
+#   the HTTP/2 ones in http_h2_opaque as well).
 
 cdef int64_t HTTP_LINGER_NS = 2000000000
 cdef int64_t HTTP_SWEEP_MIN_NS = 10000000
@@ -76,14 +82,19 @@ _http_load_answers()
 # ---- set-up and tear-down -----------------------------------------------------------------------
 
 cdef void http_configure(RelayEngine *e, double header_timeout, double idle_timeout) noexcept:
-    cdef int64_t shortest = HTTP_SWEEP_MAX_NS * 8
+    cdef int64_t shortest
     e.header_timeout_ns = <int64_t>(header_timeout * 1e9)
     e.idle_timeout_ns = <int64_t>(idle_timeout * 1e9)
-    if 0 < e.header_timeout_ns < shortest:
-        shortest = e.header_timeout_ns
-    if 0 < e.idle_timeout_ns < shortest:
-        shortest = e.idle_timeout_ns
-    # Lingering connections need the sweep even when both timeouts are off.
+    # The shorter of the timeouts set.  A client that sends nothing is closed after it: held
+    # for the idle timeout before the header timeout ran from the opening, it is never held
+    # longer than that now.
+    e.opening_timeout_ns = e.header_timeout_ns
+    if 0 < e.idle_timeout_ns and (e.opening_timeout_ns == 0
+                                  or e.idle_timeout_ns < e.opening_timeout_ns):
+        e.opening_timeout_ns = e.idle_timeout_ns
+    # The sweep runs eight times as often, and even when both timeouts are off (lingering
+    # connections need it).
+    shortest = e.opening_timeout_ns if e.opening_timeout_ns > 0 else HTTP_SWEEP_MAX_NS * 8
     e.sweep_ns = min(max(shortest // 8, HTTP_SWEEP_MIN_NS), HTTP_SWEEP_MAX_NS)
 
 
@@ -91,7 +102,7 @@ cdef int http_attach(RelayConn *c, bint observe) noexcept nogil:
     cdef RelayHttp *h = <RelayHttp *>calloc(1, sizeof(RelayHttp))
     if h == NULL:
         return -1
-    hf_init(&h.f)
+    hf_init(&h.f, <uint64_t>c.started_ns)
     h.stop_pos[0] = UINT64_MAX
     h.stop_pos[1] = UINT64_MAX
     h.last_active_ns = c.started_ns
@@ -230,6 +241,8 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             h.reject_status = ev.status
         elif ev.kind == HF_EV_OPAQUE:
             relay_count(e, RC_HTTP_OPAQUE, 1)
+            if ev.reason == HF_ERR_H2_PREFACE:
+                relay_count(e, RC_HTTP_H2_OPAQUE, 1)
     e.ev.count = 0
 
 
@@ -383,7 +396,15 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             c = nxt
             continue
         phase = hf_request_phase(&h.f)
-        if phase == HF_PHASE_HEAD and e.header_timeout_ns > 0 and (
+        if phase == HF_PHASE_OPENING and e.opening_timeout_ns > 0 and (
+                now - <int64_t>h.f.side[HF_REQUEST].t_head_start >= e.opening_timeout_ns):
+            # Nothing was asked, so nothing is answered.
+            if e.opening_timeout_ns == e.header_timeout_ns:
+                relay_count(e, RC_HTTP_HEADER_TIMEOUTS, 1)
+            else:
+                relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+            relay_finish(e, c)
+        elif phase == HF_PHASE_HEAD and e.header_timeout_ns > 0 and (
                 now - <int64_t>h.f.side[HF_REQUEST].t_head_start >= e.header_timeout_ns):
             relay_count(e, RC_HTTP_HEADER_TIMEOUTS, 1)
             if h.f.n_requests == h.f.n_answered and http_quiet(c):

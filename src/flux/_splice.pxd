@@ -74,6 +74,7 @@ cdef enum:
     HF_EVENTS_MAX = 16
     HF_EVENTS_RESERVE = 4       # one byte emits at most 3 events
     HF_WORD = 20                # field names and list elements kept for matching
+    HF_H2_PREFACE_LEN = 24      # the HTTP/2 connection preface (HF_H2_PREFACE)
 
     # character classes (hf_class)
     HC_TCHAR = 1                # token: methods, field names, transfer codings
@@ -124,12 +125,16 @@ cdef enum:
     HF_ERR_UNEXPECTED_101
     HF_ERR_TOO_MANY_PIPELINED
     HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
+    HF_ERR_CONTENT_LENGTH_LIST  # a request's Content-Length repeated or a list (values agree)
+    HF_ERR_H2_PREFACE           # the connection opened with the HTTP/2 preface (OPAQUE)
 
     # request phases (timeouts)
     HF_PHASE_IDLE = 0           # between requests, nothing pending: idle timeout
     HF_PHASE_HEAD = 1           # inside a request head: header-read timeout from t_head_start
     HF_PHASE_BUSY = 2           # a body is arriving or a response is awaited
     HF_PHASE_OPAQUE = 3         # not observed (switched, opaque, malformed, closed)
+    HF_PHASE_OPENING = 4        # no byte yet: header-read timeout from t_head_start (the
+    #                             connection's opening), then close without an answer
 
     # `lenient` bits: where the framer accepted what h11 rejects
     HFL_EMPTY_LINE = 1          # empty line(s) before a start line
@@ -140,10 +145,12 @@ cdef enum:
 
 # Byte-level states.  Each reader's group is contiguous (hf_step dispatches on ranges: before
 # a start line; start line from METHOD; field lines from FIELD_START; chunk lines from
-# CHUNK_SIZE), and the skippable ones come last (hf_feed takes them in bulk).
+# CHUNK_SIZE), and the skippable ones come last (hf_feed takes them in bulk).  PREFACE, where
+# a request stream starts, has a reader of its own (hf_read_preface, called by hf_feed).
 cdef enum:
     HS_LINE_START = 0
     HS_LINE_START_CR
+    HS_PREFACE
     HS_METHOD
     HS_TARGET
     HS_VERSION
@@ -197,6 +204,7 @@ cdef enum:
     HFF_UPGRADE = 1 << 9
     HFF_HOST = 1 << 10
     HFF_HOST_TWICE = 1 << 11
+    HFF_CL_LIST = 1 << 12       # more than one Content-Length value (repeated, or a list)
 
 # List-element scanner flags (HfSide.el_flags).
 cdef enum:
@@ -223,7 +231,8 @@ cdef struct HfSide:
     uint64_t msg_start          # request side: offset where the current message began
     uint64_t remaining          # body bytes left (Content-Length body, current chunk)
     uint64_t length             # the Content-Length of the current head
-    uint64_t t_head_start       # `now` when the current head's first byte was shown
+    uint64_t t_head_start       # `now` when the current head's first byte was shown (the
+    #                             first request's: the connection's opening, t_open)
     uint32_t head_bytes
     uint32_t facts
     uint16_t status
@@ -257,6 +266,8 @@ cdef struct HttpFramer:
     uint64_t spec_until         # request side speculative while n_decided < spec_until
     uint64_t t_response_head    # of the exchange being answered
     uint64_t deferred_pos
+    uint64_t t_open             # `now` given to hf_init: the first request's head is timed
+    #                             from it
     uint16_t status             # final status of the exchange being answered
     uint16_t reject_status
     uint8_t response_close
@@ -308,6 +319,7 @@ cdef enum:
     RC_HTTP_HEADER_TIMEOUTS
     RC_HTTP_IDLE_CLOSED
     RC_HTTP_OPAQUE          # connections whose framing was given up (bytes still relayed)
+    RC_HTTP_H2_OPAQUE       # ... of them, connections that opened with the HTTP/2 preface
     RC_EXCHANGES_DROPPED    # exchange records lost because nobody drained them
     RC_BUFFERS_LENT         # copy buffers held by a direction with bytes in flight
     RC_BUFFERS_IDLE         # copy buffers pooled for reuse
@@ -482,6 +494,7 @@ cdef struct RelayEngine:
     size_t ex_shared_cap
     int64_t header_timeout_ns   # caller, at creation; 0: none
     int64_t idle_timeout_ns     # caller, at creation; 0: none
+    int64_t opening_timeout_ns  # caller, at creation: for a client that sent nothing yet
     int64_t sweep_ns            # caller, at creation
     int64_t next_sweep_ns       # engine
     int http_live               # engine: HTTP connections alive
@@ -580,7 +593,7 @@ cdef struct RelayHttp:
 # Defined in the room named above each group; the signatures must match the definitions.
 
 # the framer's calling protocol (_http_framer.pxi)
-cdef void hf_init(HttpFramer *f) noexcept nogil
+cdef void hf_init(HttpFramer *f, uint64_t now) noexcept nogil
 cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_t now,
                     HfEvents *out) noexcept nogil
 cdef uint64_t hf_body_remaining(const HttpFramer *f, int side) noexcept nogil

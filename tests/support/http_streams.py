@@ -1,14 +1,17 @@
 """HTTP/1.x byte streams the framer's tests and its fuzz target share.
 
 Valid streams (a request, the sample client and instance streams with every framing rule in
-them), malformed request heads and chunked bodies, each with the reason the framer must give
-and whether h11 rejects it too, and the snippets mutations insert.  tests/test_http_framer.py
-runs its tables and checks over them; fuzz/fuzz_http_framer.py starts its inputs from them.
+them), the HTTP/2 preface (which is none of them), malformed request heads and chunked bodies,
+each with the reason the framer must give and whether h11 rejects it too, and the snippets
+mutations insert.  tests/test_http_framer.py runs its tables and checks over them;
+fuzz/fuzz_http_framer.py starts its inputs from them.
 """
 
 from __future__ import annotations
 
 GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+# Not HTTP/1.x: how an HTTP/2 client with prior knowledge opens (RFC 9113 section 3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 HOST = b"Host: a\r\n"
 MALFORMED_REQUESTS = [
@@ -61,6 +64,14 @@ MALFORMED_REQUESTS = [
     ],
     ("te-with-cl", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n", "te-with-content-length", False),
+    *[
+        (f"content-length-list-{i}", b"POST / HTTP/1.1\r\n" + HOST + cl + b"\r\n",
+         "content-length-list", False)
+        for i, cl in enumerate([
+            b"Content-Length: 5, 5\r\n", b"Content-Length: 5,5\r\n",
+            b"Content-Length: 5\r\nContent-Length: 5\r\n",
+        ])
+    ],
     ("te-http10", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "te-http10", False),
 ]
 CHUNKED_HEAD = b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"

@@ -26,8 +26,11 @@ request head read to the response head read, total from the request head read to
 fully written to the client.  A malformed request is answered ``400 Bad Request`` (``431`` for
 a head over 64 KiB) once the responses to the requests before it are written, and the
 connection is closed; a request head that takes longer than ``http_header_timeout`` gets
-``408 Request Timeout``; a keep-alive connection idle for ``http_idle_timeout`` is closed
-(0 disables either).  ``RelayResult.answered`` names the status the relay answered itself.
+``408 Request Timeout`` (the first one is timed from the connection's start, and a client
+that sent nothing by then is closed without an answer); a keep-alive connection idle for
+``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the
+status the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
+untouched and unobserved.
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
 

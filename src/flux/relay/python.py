@@ -86,12 +86,13 @@ class _HttpWatch:
     def __init__(self, observe: ExchangeObserver | None) -> None:
         from flux._splice import HttpFramerProbe
 
-        self.probe = HttpFramerProbe()
+        opened = time.monotonic_ns()
+        self.probe = HttpFramerProbe(opened)
         self.observe = observe
         self.stop: list[int | None] = [None, None]
         self.answer: int | None = None  # what to answer once the responses owed are out
         self.exchanges: list[HttpEvent] = []
-        self.last_active = time.monotonic_ns()
+        self.last_active = opened
 
     def _events(self, events: list[HttpEvent]) -> None:
         for ev in events:
@@ -252,6 +253,12 @@ class _Flow:
             self.closing = True
             client.close()
 
+    def close_quietly(self) -> None:
+        """Close both sides with a FIN, answering nothing (an HTTP timeout with nothing owed)."""
+        self.closing = True
+        self.transport(0).close()
+        self.transport(1).close()
+
     def _end_linger(self) -> None:
         if not self.closing:
             self.closing = True
@@ -366,8 +373,10 @@ class PythonRelay:
         self._closing = False
         self._header_ns = int(http_header_timeout * 1e9)
         self._idle_ns = int(http_idle_timeout * 1e9)
-        shortest = min((t for t in (self._header_ns, self._idle_ns) if t > 0), default=4e9)
-        self._sweep_every = min(max(shortest / 8e9, 0.01), 0.5)
+        # The shorter of the timeouts set: a client that sent nothing yet is closed after it
+        # (as the engine's http_configure decides); the sweep runs eight times as often.
+        self._opening_ns = min((t for t in (self._header_ns, self._idle_ns) if t > 0), default=0)
+        self._sweep_every = min(max((self._opening_ns or 4e9) / 8e9, 0.01), 0.5)
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
@@ -442,7 +451,8 @@ class PythonRelay:
         """Nothing waits: the Python relay reports each exchange as its bytes are written."""
 
     def _sweep(self) -> None:
-        """Enforce the HTTP header-read and idle timeouts (see the module docstring)."""
+        """Enforce the HTTP timeouts (the phases of the framer's theory of operation, in
+        _http_framer.pxi, as the engine's http_sweep does)."""
         self._sweeper = None
         now = time.monotonic_ns()
         watched = False
@@ -456,7 +466,10 @@ class PythonRelay:
             if http.halted(0) or http.halted(1):
                 continue
             phase = http.probe.phase
-            if (phase == "head" and self._header_ns
+            if (phase == "opening" and self._opening_ns
+                    and now - http.probe.head_started >= self._opening_ns):
+                flow.close_quietly()
+            elif (phase == "head" and self._header_ns
                     and now - http.probe.head_started >= self._header_ns):
                 if http.probe.pending == 0 and flow.buffered == 0:
                     flow.answer(408)
@@ -465,9 +478,7 @@ class PythonRelay:
                     flow.cut()
             elif (phase == "idle" and self._idle_ns and flow.buffered == 0
                   and now - http.last_active >= self._idle_ns):
-                flow.closing = True
-                flow.transport(0).close()
-                flow.transport(1).close()
+                flow.close_quietly()
         if watched and self._loop is not None and not self._closing:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
 
