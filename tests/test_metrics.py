@@ -36,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
+from flux._splice import HTTP_ERROR_RESPONSES, RELAY_COUNTERS, RELAY_LEVELS
 from flux.balancer.balancer import Balancer
 from flux.balancer.iptables import IPTables
 from flux.config import Settings
@@ -51,9 +52,10 @@ from flux.metrics import (
 from flux.metrics.counters import BucketCounts
 from flux.metrics.summary import SUMMARY_HIGHEST_US
 from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
-from flux.relay import RelayResult, make_relay
+from flux.relay import PythonRelay, RelayCounters, RelayResult, SpliceRelay, make_relay
 from flux.store.memory import MemoryBackend, MemoryStore
 from tests.support.etcd_server import EtcdServer
+from tests.support.relay_harness import Harness, recv_exactly, recv_to_eof, run, send
 
 QS = (0.5, 0.9, 0.99, 0.999)
 
@@ -399,7 +401,9 @@ def promtool_check(exposition: bytes) -> subprocess.CompletedProcess[str]:
 
 
 def test_exposition_passes_promtool() -> None:
-    registry = build_registry(busy_metrics(), FakeAgent())
+    metrics = busy_metrics()
+    metrics.relay_counters.append(SpliceRelay(shards=2).engine_counters)  # every engine name
+    registry = build_registry(metrics, FakeAgent())
     result = promtool_check(generate_latest(registry))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -657,6 +661,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     assert plugin._listen == ("", 9100)
     assert plugin._advertise == "10.1.2.3:9100"  # derived: host IP + listen port
     assert plugin._balancer is balancer and plugin._agent is agent
+    assert metrics.relay_counters == [balancer.relay.engine_counters]
     quiet = _build_plugins(Settings(host_ip="10.1.2.3", chain="FLUXTW"), store)
     assert [p.name for p in quiet] == ["agent", "balancer"]
     assert quiet[1].on_connection is None and quiet[1].iptables._on_sync is None
@@ -935,3 +940,92 @@ def test_requests_answered_by_fluxd_are_counted_per_code() -> None:
     assert value("flux_http_rejected_total", {"service": "web", "code": "431"}) == 1.0
     assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
     assert value("flux_http_rejected_total", {"service": "web", "code": "0"}) is None
+
+
+# -- the engine's own counters -------------------------------------------------------------------
+
+
+def engine_sample(registry: CollectorRegistry, family: str, label: str, name: str) -> float | None:
+    return registry.get_sample_value(family, {label: name})
+
+
+def test_engine_counters_are_exported_by_name_whatever_the_names() -> None:
+    metrics = Metrics()
+    shard = RelayCounters({"http_idle_closed": 2, "a_counter_added_later": 7}, {"pipes_idle": 3})
+    metrics.relay_counters += [lambda: shard, lambda: shard, lambda: None]
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    text = generate_latest(registry).decode()
+    assert "# TYPE flux_engine_events_total counter" in text
+    assert "# TYPE flux_engine_levels gauge" in text
+    events, levels = "flux_engine_events_total", "flux_engine_levels"
+    assert engine_sample(registry, events, "event", "http_idle_closed") == 4
+    assert engine_sample(registry, events, "event", "a_counter_added_later") == 14
+    assert engine_sample(registry, levels, "level", "pipes_idle") == 6
+    assert engine_sample(registry, events, "event", "pipes_idle") is None
+
+
+def test_the_engine_says_which_counters_are_levels_and_every_other_is_an_event() -> None:
+    assert RELAY_LEVELS.issubset(RELAY_COUNTERS)  # a renamed level must not become an event
+    assert {"inflight_bytes", "pipes_idle", "buffers_idle"} <= RELAY_LEVELS
+    counted = SpliceRelay(shards=3).engine_counters()
+    assert set(counted.levels) == RELAY_LEVELS
+    assert set(counted.events) == set(RELAY_COUNTERS) - RELAY_LEVELS
+    assert PythonRelay().engine_counters() is None  # the oracle keeps no engine counters
+    metrics = Metrics()
+    metrics.relay_counters.append(PythonRelay().engine_counters)
+    assert metrics.engine_counters() == RelayCounters({}, {})
+
+
+def test_engine_timeouts_and_idle_closes_are_exported_exactly() -> None:
+    """Through the real engine (two shards, summed): an idle keep-alive connection closed,
+    then a request head that never completes answered 408; each raises its counter by one."""
+    get = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def scenario(h: Harness) -> None:
+        assert isinstance(h.relay, SpliceRelay)
+        metrics = Metrics()
+        metrics.sources.append(h.relay.flush)
+        metrics.relay_counters.append(h.relay.engine_counters)
+        registry = CollectorRegistry()
+        registry.register(FluxCollector(metrics))
+
+        def events() -> dict[str, float | None]:
+            return {
+                name: engine_sample(registry, "flux_engine_events_total", "event", name)
+                for name in ("http_idle_closed", "http_header_timeouts", "http_answered",
+                             "http_opaque", "exchanges_dropped")
+            }  # fmt: skip
+
+        assert set(events().values()) == {0.0}
+        idle = await h.open(http=True)
+        await send(idle.client, get)
+        assert await recv_exactly(idle.server, len(get)) == get
+        await send(idle.server, ok)
+        assert await recv_exactly(idle.client, len(ok)) == ok
+        assert await recv_to_eof(idle.client) == b""  # closed once idle for 0.3 s
+        assert await recv_to_eof(idle.server) == b""
+        idle.client.close()
+        idle.server.close()
+        await idle.result
+        assert events() == {"http_idle_closed": 1, "http_header_timeouts": 0,
+                            "http_answered": 0, "http_opaque": 0, "exchanges_dropped": 0}
+
+        slow = await h.open(http=True)
+        await send(slow.client, b"GET / HTTP/1.1\r\nHost:")
+        assert await recv_to_eof(slow.client) == HTTP_ERROR_RESPONSES[408]
+        slow.client.close()
+        slow.server.close()
+        assert (await slow.result).answered == 408
+        assert events() == {"http_idle_closed": 1, "http_header_timeouts": 1,
+                            "http_answered": 1, "http_opaque": 0, "exchanges_dropped": 0}
+
+        # Both shards took a connection; what is exported is their sum.
+        assert [engine.stats()["submitted"] for engine in h.relay.engines] == [1, 1]
+        assert engine_sample(registry, "flux_engine_events_total", "event", "submitted") == 2
+        assert engine_sample(registry, "flux_engine_levels", "level", "inflight_bytes") == 0
+        result = promtool_check(generate_latest(registry))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    run("splice", scenario, shards=2, http_header_timeout=0.3, http_idle_timeout=0.3)

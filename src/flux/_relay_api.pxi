@@ -4,8 +4,9 @@
 import os as _os
 from collections import namedtuple as _namedtuple
 
-# By counter (RC_* in _splice.pxd, same order).
-_RELAY_COUNTER_NAMES = (
+# The engine's counters by name (RC_* in _splice.pxd, same order): what stats() returns and
+# fluxd exports (flux_engine_events_total, flux_engine_levels; see flux.relay.engine).
+RELAY_COUNTERS = (
     "submitted", "completed", "sockets_closed", "pipes_created", "pipes_closed", "pipes_lent",
     "pipes_idle", "pipe_failures", "pipe_size_refused", "inflight_bytes", "bytes_spliced",
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
@@ -13,6 +14,12 @@ _RELAY_COUNTER_NAMES = (
     "http_h2_opaque", "exchanges_dropped", "buffers_lent", "buffers_idle", "connects",
     "connect_failures", "accepted", "to_python", "accept_failures",
 )
+
+# The counters above that are levels (they go down as well as up: what is held now).  Every
+# other one only counts up, so a counter added to the table is exported as an event unless it
+# is named here too.
+RELAY_LEVELS = frozenset(("pipes_lent", "pipes_idle", "inflight_bytes", "buffers_lent",
+                          "buffers_idle"))
 
 # ---- the records drain_all() and service_counts() return ---------------------------------------
 # Named tuples: read them by attribute; they still unpack like the plain tuples they replace.
@@ -625,7 +632,7 @@ cdef class SpliceEngine:
         """Every counter by name, plus ``active`` and the open pipes and sockets owned."""
         cdef int i
         out = {name: flux_relay_load(&self.e.counters[i])
-               for i, name in enumerate(_RELAY_COUNTER_NAMES)}
+               for i, name in enumerate(RELAY_COUNTERS)}
         out["active"] = out["submitted"] + out["accepted"] - out["completed"]
         out["pipes_open"] = out["pipes_created"] - out["pipes_closed"]
         out["sockets_owned"] = 2 * (out["submitted"] + out["accepted"]) - out["sockets_closed"]

@@ -9,6 +9,12 @@ from typing_extensions import disjoint_base
 
 # ---- Relay engine (src/flux/_relay_api.pxi) --------------------------------------------------
 
+RELAY_COUNTERS: tuple[str, ...]
+"""The engine's counters by name, in stats()'s order."""
+
+RELAY_LEVELS: frozenset[str]
+"""The counters in RELAY_COUNTERS that are levels (held now); every other one only counts up."""
+
 
 class Completion(NamedTuple):
     """A relayed connection ended (client_fd: -1, or the client handed back after a failed

@@ -222,6 +222,7 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
     )
     if metrics is not None:
         metrics.sources.append(relay.flush)
+        metrics.relay_counters.append(relay.engine_counters)
         if relay.acceptor is not None:  # what the engine counts itself, read at scrape time
             metrics.counters.append(relay.acceptor.counts)
     balancer = Balancer(

@@ -14,7 +14,12 @@ them, and the scrape, run on the event loop's thread, so the dicts need no lock 
 families from those dicts (and quantiles from the summaries, one merge and one pass per label
 set).  So the cost of a metric is paid once per scrape, not once per connection.  The relay
 engine queues exchanges in batches; a scrape first pulls what is queued (:attr:`Metrics.sources`),
-so the counts are exact at the instant of the scrape.
+so the counts are exact at the instant of the scrape.  What the relay's engine counted of its
+own work (:meth:`~flux.relay.base.Relay.engine_counters`: header timeouts, idle closes, opaque
+switches, dropped exchange records, idle pipes, ...) is read at the scrape too and exported
+under the engine's own counter names, whatever they are: its events as
+``flux_engine_events_total{event}``, its levels as ``flux_engine_levels{level}`` (the engine
+says which is which), so a counter the engine gains appears without an edit here.
 
 Labels are those of the original (reference §4.9) plus ``service``: ``individual`` is the
 instance name (the container ID), ``src`` the client's IP, ``dst`` the instance's IP without
@@ -53,7 +58,7 @@ from flux.metrics.summary import (
     scratch_histogram,
 )
 from flux.model import ConnectionInfo, Instance, InstanceState
-from flux.relay import EngineCounts, ExchangeObserver, RelayResult
+from flux.relay import EngineCounts, ExchangeObserver, RelayCounters, RelayResult
 
 __all__ = [
     "HTTP_DURATION_BUCKETS",
@@ -178,6 +183,8 @@ class Metrics:
         self.sources: list[Callable[[], None]] = []
         # Read at each scrape: what the relay engine counted itself (SpliceRelay.counts).
         self.counters: list[Callable[[], EngineCounts]] = []
+        # Read at each scrape: what the relay counted of its own work (Relay.engine_counters).
+        self.relay_counters: list[Callable[[], RelayCounters | None]] = []
 
     def pull(self) -> None:
         """Take in everything queued by the sources (called at scrape time)."""
@@ -236,6 +243,20 @@ class Metrics:
             for key2, n in counts.rejected.items():
                 rejected[key2] = rejected.get(key2, 0) + n
         return connections, byte_counts, active, rejected
+
+    def engine_counters(self) -> RelayCounters:
+        """The relays' own counters (:attr:`relay_counters`), summed by name."""
+        events: dict[str, int] = {}
+        levels: dict[str, int] = {}
+        for source in self.relay_counters:
+            counted = source()
+            if counted is None:
+                continue
+            for name, n in counted.events.items():
+                events[name] = events.get(name, 0) + n
+            for name, n in counted.levels.items():
+                levels[name] = levels.get(name, 0) + n
+        return RelayCounters(events, levels)
 
     def on_connect_failure(self, service: str, instance: str) -> None:
         """Connecting to ``instance`` failed (refused, unreachable or timed out)."""
@@ -357,6 +378,11 @@ class FluxCollector(Collector):
             f.http_duration.add_metric(duration, buckets.buckets(), buckets.sum)
         for answered, count in rejected.items():
             f.http_rejected.add_metric(answered, count)
+        engine = m.engine_counters()
+        for name, count in sorted(engine.events.items()):
+            f.engine_events.add_metric((name,), count)
+        for name, level in sorted(engine.levels.items()):
+            f.engine_levels.add_metric((name,), level)
         return iter(f.all())
 
 
@@ -440,6 +466,18 @@ class _Families:
             " 408 head not received in time.",
             labels=("service", "code"),
         )
+        self.engine_events = CounterMetricFamily(
+            "flux_engine_events_total",
+            "What the relay engine did, by its counter name (header timeouts, idle closes,"
+            " opaque switches, dropped exchange records, connections, pipes, system calls...).",
+            labels=("event",),
+        )
+        self.engine_levels = GaugeMetricFamily(
+            "flux_engine_levels",
+            "What the relay engine holds now, by its counter name (idle and lent pipes and"
+            " copy buffers, bytes in flight).",
+            labels=("level",),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -454,4 +492,6 @@ class _Families:
             self.http_total_usec,
             self.http_duration,
             self.http_rejected,
+            self.engine_events,
+            self.engine_levels,
         ]

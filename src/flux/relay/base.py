@@ -39,9 +39,11 @@ Roles
 Like trio's ``abc`` module, the capabilities are stated as types, one Protocol per role:
 
 - :class:`Relay`, what every relay does: start, relay two connected sockets (``submit``),
-  flush, close.  It also names the other roles it takes (:attr:`Relay.connector`,
-  :attr:`Relay.acceptor`: itself, or ``None``), so a caller picks its path from those typed
-  values, never by probing for attributes.
+  flush, close, and say what it counted of its own work (``engine_counters``: the splice
+  relay's engine counters; ``None`` from the Python relay, which keeps none).  It also names
+  the other roles it takes (:attr:`Relay.connector`, :attr:`Relay.acceptor`: itself, or
+  ``None``), so a caller picks its path from those typed values, never by probing for
+  attributes.
 - :class:`Connector`, a relay that connects to instances itself: it takes the client and only
   the instance's address, and its :class:`ConnectHandler` hears of the connection once it is
   up, when it ends, or gets the client back unread after a failed connect.
@@ -75,6 +77,7 @@ __all__ = [
     "ExchangeObserver",
     "ObserverFactory",
     "Relay",
+    "RelayCounters",
     "RelayResult",
     "errno_name",
     "error_name",
@@ -131,6 +134,18 @@ class EngineCounts(NamedTuple):
     rejected: dict[tuple[str, str], int]
 
 
+class RelayCounters(NamedTuple):
+    """What a relay's engine counted of its own work, by the engine's counter names, summed
+    over its shards (see :meth:`Relay.engine_counters`): ``events`` only count up (connections
+    submitted, HTTP header timeouts, idle closes, opaque switches, exchange records dropped,
+    ...); ``levels`` are what it holds now (idle pipes, in-flight bytes, ...).  Which name is
+    which is the engine's to say (``flux._splice.RELAY_LEVELS``); a name it does not list as a
+    level is an event."""
+
+    events: dict[str, int]
+    levels: dict[str, int]
+
+
 class ConnectHandler(Protocol):
     """Told what became of one :meth:`Connector.connect`."""
 
@@ -172,6 +187,10 @@ class Relay(Protocol):
     @property
     def acceptor(self) -> Acceptor | None:
         """This relay in its :class:`Acceptor` role, or ``None`` if it accepts nothing."""
+
+    def engine_counters(self) -> RelayCounters | None:
+        """What the relay counted of its own work (read at scrape time), or ``None`` for a
+        relay that keeps no such counters."""
 
     async def start(self) -> None:
         """Get ready to relay; call once from the event loop that will use the relay."""

@@ -20,6 +20,10 @@ connect and count (:meth:`SpliceRelay.counts`, read at scrape time), and hand th
 what is unusual (its :class:`~flux.relay.base.AcceptHandler`); see ``_relay_accept.pxi``.  Bytes
 of every connection that names a service are counted as they are delivered, so
 ``flux_bytes_total`` shows a long-lived connection while it is open.
+
+:meth:`SpliceRelay.engine_counters` sums the shards' own counters (``SpliceEngine.stats()``, by
+the names of the engine's table) for the scrape: events (header timeouts, idle closes, opaque
+switches, dropped exchange records, ...) and levels (idle pipes, in-flight bytes, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from flux.relay.base import (
     EngineCounts,
     ExchangeObserver,
     ObserverFactory,
+    RelayCounters,
     RelayResult,
     errno_name,
     reset_and_close,
@@ -74,7 +79,7 @@ class SpliceRelay:
         http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
         shards: int = 1,
     ) -> None:
-        from flux._splice import HTTP_METHODS, SpliceEngine
+        from flux._splice import HTTP_METHODS, RELAY_COUNTERS, RELAY_LEVELS, SpliceEngine
 
         if not 1 <= shards <= 256:
             raise ValueError(f"shards must be 1..256, got {shards}")
@@ -93,6 +98,8 @@ class SpliceRelay:
         self._engines = [first] + [shard(first) for _ in range(shards - 1)]
         self._engine = first
         self._methods: tuple[str, ...] = HTTP_METHODS
+        self._counter_names: tuple[str, ...] = RELAY_COUNTERS
+        self._level_names: frozenset[str] = RELAY_LEVELS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
         self._handlers: dict[int, ConnectHandler] = {}
@@ -326,6 +333,21 @@ class SpliceRelay:
                 if n:
                     rejected[(service, code)] = rejected.get((service, code), 0) + n
         return EngineCounts(connections, byte_counts, active, rejected)
+
+    def engine_counters(self) -> RelayCounters:
+        """Every counter in the engine's table (``RELAY_COUNTERS``), summed over the shards:
+        the levels ``RELAY_LEVELS`` names apart, every other one an event (so a counter the
+        engine gains is exported as an event without an edit here)."""
+        totals = dict.fromkeys(self._counter_names, 0)
+        for engine in self._engines:
+            stats = engine.stats()
+            for name in totals:
+                totals[name] += stats[name]
+        levels = self._level_names
+        return RelayCounters(
+            {name: n for name, n in totals.items() if name not in levels},
+            {name: n for name, n in totals.items() if name in levels},
+        )
 
     def _observe(self, token: int, observe: ExchangeObserver) -> None:
         assert self._loop is not None

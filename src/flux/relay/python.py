@@ -25,6 +25,7 @@ from flux.relay.base import (
     Acceptor,
     Connector,
     ExchangeObserver,
+    RelayCounters,
     RelayResult,
     error_name,
     set_reset_linger,
@@ -386,6 +387,11 @@ class PythonRelay:
     @property
     def inflight_bytes(self) -> int:
         return sum(flow.buffered for flow in self._flows)
+
+    def engine_counters(self) -> RelayCounters | None:
+        """None: this relay keeps no counters of its own (what it answered itself is in each
+        connection's RelayResult)."""
+        return None
 
     @property
     def connector(self) -> Connector | None:
