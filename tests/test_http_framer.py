@@ -225,15 +225,22 @@ def test_pipelined_requests_are_answered_in_order() -> None:
     assert p.pending == 0
 
 
-def test_too_many_pipelined_requests_stop_observation() -> None:
+def test_a_pipeline_deeper_than_the_ring_waits_for_a_free_slot_and_loses_nothing() -> None:
     p = HttpFramerProbe()
-    events = p.feed("request", GET * RING)
-    assert len(events) == RING and p.pending == RING
-    [event] = p.feed("request", GET)
-    assert (event.kind, event.reason) == ("opaque", "too-many-pipelined")
-    assert not p.observing and p.phase == "opaque"
-    assert p.feed("response", OK_EMPTY * (RING + 1)) == []
-    assert p.body_remaining("response") == EVERYTHING
+    stream = GET * (RING + 8)
+    events = p.feed("request", stream)
+    # The next request's first byte is not taken while RING await their responses.
+    assert len(events) == RING and p.pending == RING and p.blocked
+    assert p.position("request") == len(GET) * RING and p.phase == "busy"
+    taken, events = p.feed_once("request", stream[len(GET) * RING:])
+    assert (taken, events) == (0, [])
+    for n in range(RING + 8):
+        [exchange] = p.feed("response", OK_EMPTY)
+        assert (exchange.method, exchange.status) == ("GET", 200)
+        assert not p.blocked
+        p.feed("request", stream[p.position("request"):])
+        assert p.pending == min(RING, RING + 7 - n) and p.observing
+    assert p.position("request") == len(stream) and p.pending == 0 and not p.blocked
 
 
 def test_the_event_buffer_bounds_one_call() -> None:

@@ -258,6 +258,18 @@ def test_pipelined_requests_are_answered_in_order_and_counted(stack: Stack) -> N
     assert delta(before, counts(stack)) == {("GET", "200"): 3, ("GET", "204"): 1}
 
 
+def test_a_pipeline_of_100_requests_is_answered_and_counted_whole(stack: Stack) -> None:
+    # Deeper than the framer's ring of 32: fluxd reads on as responses free slots.
+    before = counts(stack)
+    burst = (b"GET / HTTP/1.1\r\nHost: web\r\n\r\n" * 99
+             + b"GET /close HTTP/1.1\r\nHost: web\r\n\r\n")
+    received, _ = _exchange_raw(web(stack), burst)
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", received) == [b"200"] * 100
+    assert received.endswith(b"\r\n\r\nbye\n")
+    wait_until(lambda: delta(before, counts(stack)) == {("GET", "200"): 100}, 5,
+               f"100 exchanges counted, not {delta(before, counts(stack))}")
+
+
 def test_websocket_style_upgrade_relays_both_ways_afterwards(stack: Stack) -> None:
     before = counts(stack)
     with socket.create_connection((web(stack), 80), timeout=10) as sock:

@@ -161,6 +161,43 @@ def test_pipelined_requests_are_answered_and_counted_in_order(kind: str) -> None
     run(kind, scenario)
 
 
+def test_a_pipeline_deeper_than_the_framer_ring_is_answered_and_counted_whole(kind: str) -> None:
+    # 100 pipelined GETs in one write: the relay forwards at most 32 unanswered (the framer's
+    # ring) and reads the rest as responses free slots, so every exchange is counted.
+    depth = 100
+    burst = b"".join(request(b"GET", b"/%d" % i) for i in range(depth))
+    answers = [response(200, b"%d" % i) for i in range(depth)]
+
+    async def instance(link: Link) -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        got, answered, most = b"", 0, 0
+        while answered < depth:
+            chunk = await loop.sock_recv(link.server, 65536)
+            assert chunk, f"EOF after {answered} requests"
+            got += chunk
+            complete = got.count(b"\r\n\r\n")
+            most = max(most, complete - answered)
+            await send(link.server, b"".join(answers[answered:complete]))
+            answered = complete
+        return got, most
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        served = asyncio.create_task(instance(link))
+        await send(link.client, burst)
+        assert await recv_exactly(link.client, len(b"".join(answers))) == b"".join(answers)
+        got, most = await served
+        assert got == burst and most <= 32
+        await flushed(h, obs, depth)
+        assert obs.labels() == [("GET", 200)] * depth
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    run(kind, scenario)
+
+
 def test_large_bodies_both_ways_arrive_intact_and_the_connection_stays_framed(
     kind: str,
 ) -> None:

@@ -26,6 +26,10 @@
 #   (400, or 431 for an oversized head), half-closes the client and the instance, and
 #   *lingers*: it reads and discards what the client still sends until EOF or for at most
 #   HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused by unread data.
+# - A pipeline deeper than the framer's ring (HF_RING requests awaiting their responses) is
+#   slowed, not given up: the framer takes no byte of the next request, the client's direction
+#   keeps what it read but could not show (h.unshown, after its buffered bytes) and reads no
+#   more (h.ring_wait); relay_pump shows the kept bytes once a response has freed a slot.
 # - Timeouts are enforced by a sweep of the live list every sweep_ns (an eighth of the shorter
 #   timeout, 10 ms..500 ms), so no timer structure is kept per connection:
 #     opening         the client sent nothing since the connection opened, for the header
@@ -248,18 +252,36 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
 
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil:
-    """Show n bytes just read from side d; returns how many of them may be forwarded."""
+    """Show n bytes just read from side d; returns how many of them may be forwarded.  Client
+    bytes the framer cannot take yet (hf_request_blocked) stay in the buffer after those:
+    h.unshown of them, shown by http_show_kept once a response frees a slot."""
     cdef RelayHttp *h = c.http
     cdef uint64_t base = h.f.side[d].pos
     cdef uint64_t now = <uint64_t>relay_now_ns()
     cdef size_t off = 0
     h.last_active_ns = <int64_t>now
     while off < n:
+        if d == HF_REQUEST and hf_request_blocked(&h.f):
+            break
         off += hf_feed(&h.f, d, buf + off, n - off, now, &e.ev)
         http_events(e, c)
-    if h.stop_pos[d] < base + n:
+    if d == HF_REQUEST:
+        h.unshown = <uint32_t>(n - off)
+    if h.stop_pos[d] < base + off:
         return <size_t>(h.stop_pos[d] - base) if h.stop_pos[d] > base else 0
-    return n
+    return off
+
+
+cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """The ring has a free slot again: show the client bytes kept back (dir[0] has none
+    buffered before them); what may be forwarded becomes its buffered bytes."""
+    cdef RelayDir *p = &c.dir[0]
+    cdef size_t n = c.http.unshown
+    c.http.unshown = 0
+    c.http.ring_wait = 0
+    n = http_observe(e, c, HF_REQUEST, p.buf + p.off, n)
+    p.length = <uint32_t>n
+    relay_count(e, RC_INFLIGHT, <int64_t>n)
 
 
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil:

@@ -79,7 +79,8 @@ class _HttpWatch:
     the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "exchanges", "last_active", "observe", "probe", "stop")
+    __slots__ = ("answer", "exchanges", "kept", "last_active", "observe", "paused", "probe",
+                 "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
@@ -93,6 +94,10 @@ class _HttpWatch:
         self.answer: int | None = None  # what to answer once the responses owed are out
         self.exchanges: list[HttpEvent] = []
         self.last_active = opened
+        # Client bytes the framer could not take yet (its ring of pipelined requests is full:
+        # Pipelining in _http_framer.pxi), and whether the client's reading is paused for it.
+        self.kept = b""
+        self.paused = False
 
     def _events(self, events: list[HttpEvent]) -> None:
         for ev in events:
@@ -106,9 +111,14 @@ class _HttpWatch:
 
     def show(self, index: int, data: bytes) -> bytes:
         side = self._SIDES[index]
+        if index == 0 and self.kept:
+            data, self.kept = self.kept + data, b""
         base = self.probe.position(side)
         self.last_active = now = time.monotonic_ns()
         self._events(self.probe.feed(side, data, now))
+        taken = self.probe.position(side) - base
+        if taken < len(data):
+            data, self.kept = data[:taken], data[taken:]
         limit = self.stop[index]
         if limit is not None and limit < base + len(data):
             return data[: max(0, limit - base)]
@@ -196,7 +206,8 @@ class _Flow:
     def resume_reading(self, index: int) -> None:
         transport = self.sides[index].transport
         if (transport is not None and self.ready and not self.held[index]
-                and not self.eofs[index] and not transport.is_closing()):
+                and not self.eofs[index] and not transport.is_closing()
+                and not (index == 0 and self.http is not None and self.http.paused)):
             transport.resume_reading()
 
     def forward(self, index: int, data: bytes) -> None:
@@ -215,12 +226,23 @@ class _Flow:
         if http is not None:
             if index == 1:
                 http.written()
+                if http.kept and not http.probe.blocked:
+                    self.forward(0, b"")  # a response freed a slot: show what was kept
             self._http_progress()
 
     def _http_progress(self) -> None:
-        """Stop halted sources; answer once every response owed is written."""
+        """Pause the client while the framer's ring is full; stop halted sources; answer once
+        every response owed is written."""
         http = self.http
         assert http is not None
+        if http.probe.blocked != http.paused:
+            http.paused = http.probe.blocked
+            if http.paused:
+                client = self.sides[0].transport
+                if client is not None and not client.is_closing():
+                    client.pause_reading()
+            else:
+                self.resume_reading(0)
         for index in (0, 1):
             if http.halted(index) and not self.eofs[index]:
                 self.held[index] = True
