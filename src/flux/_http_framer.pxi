@@ -23,9 +23,16 @@
 #                                       Content-Length body, the rest of a chunk, or everything
 #                                       once the connection is opaque): the engine may splice them
 #   hf_skip(f, side, n, now, ev)        account for n <= hf_body_remaining() spliced bytes
-#   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response)
+#   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response;
+#                                       on the response side, with requests unanswered, stops
+#                                       following the request side: DEAD)
 #   hf_request_phase(f), f.side[HF_REQUEST].t_head_start
 #                                       what the idle / header-read timeouts need (below)
+#   hf_unanswered(f), f.ring[(f.n_answered + i) % HF_RING], f.t_response_head
+#                                       the exchanges a connection ending now cuts short: the
+#                                       requests whose response has not ended (method, when
+#                                       the head was read; the oldest one's response head was
+#                                       read at f.t_response_head, 0 if not yet)
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -430,6 +437,7 @@ cdef void hf_exchange_done(HttpFramer *f, uint64_t now, uint8_t flags,
         flags |= HFE_CLOSE
     e.flags = flags
     f.n_answered += 1
+    f.t_response_head = 0       # the next exchange's response head is not read yet
     hf_begin_message(s)
     s.state = HS_LINE_START
     if flags & HFE_SWITCHED:
@@ -1059,8 +1067,26 @@ cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept 
             hf_exchange_done(f, now, 0, out)
         if f.reject:
             hf_reject(f, 0, out)
+        elif f.n_requests != f.n_answered:
+            # What is unanswered never will be (the connection's end counts it cut short):
+            # stop following the client, which also ends a wait for a slot of the ring.
+            f.side[HF_REQUEST].state = HS_DEAD
     if s.state != HS_OPAQUE and s.state != HS_DEAD:
         s.state = HS_CLOSED
+
+
+cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil:
+    """How many requests await a response that has not ended (the ring's entries from
+    n_answered on): what a connection ending now cuts short.  None once the framer stopped
+    following the connection (OPAQUE: a switch or a give-up), and none of the requests read
+    while speculating past an unanswered CONNECT or Upgrade (they may be the new protocol's
+    bytes)."""
+    cdef uint64_t last = f.n_requests
+    if f.mode == HF_MODE_OPAQUE:
+        return 0
+    if f.n_decided < f.spec_until < last:
+        last = f.spec_until
+    return last - f.n_answered
 
 
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
@@ -1212,6 +1238,19 @@ cdef class HttpFramerProbe:
         """`now` when the request head being read began: for the connection's first request,
         when the connection opened (0 outside a head)."""
         return self.f.side[HF_REQUEST].t_head_start
+
+    def unanswered(self):
+        """The exchanges a connection ending now cuts short, oldest first: (method,
+        t_request_head, t_response_head) per request whose response has not ended
+        (t_response_head 0 while its response head is not read)."""
+        cdef uint64_t i
+        cdef HfExchange *x
+        out = []
+        for i in range(hf_unanswered(&self.f)):
+            x = &self.f.ring[(self.f.n_answered + i) % HF_RING]
+            out.append((HTTP_METHODS[x.method], x.t_request_head,
+                        self.f.t_response_head if i == 0 else 0))
+        return out
 
     @property
     def blocked(self):

@@ -68,6 +68,7 @@ cdef inline int relay_send_from_buf(RelayEngine *e, RelayConn *c, int d) noexcep
             return RELAY_WAIT
         if errno == EINTR:
             return RELAY_AGAIN
+        http_cut_by(c, 1 - d)
         return errno
     p.off += <uint32_t>n
     p.length -= <uint32_t>n
@@ -95,6 +96,7 @@ cdef inline int relay_splice_from_pipe(RelayEngine *e, RelayConn *c, int d) noex
             return RELAY_WAIT
         if errno == EINTR:
             return RELAY_AGAIN
+        http_cut_by(c, 1 - d)
         return errno
     p.in_pipe -= <size_t>n
     relay_count(e, RC_BYTES_SPLICED, n)
@@ -133,6 +135,7 @@ cdef inline int relay_splice_into_pipe(RelayEngine *e, RelayConn *c, int d,
         return RELAY_WAIT
     if errno == EINTR:
         return RELAY_AGAIN
+    http_cut_by(c, d)
     return errno
 
 
@@ -169,6 +172,7 @@ cdef inline int relay_recv_into_buf(RelayEngine *e, RelayConn *c, int d,
         return RELAY_WAIT
     if errno == EINTR:
         return RELAY_AGAIN
+    http_cut_by(c, d)
     return errno
 
 
@@ -195,6 +199,7 @@ cdef inline int relay_end_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogi
     if c.dir[1 - d].done:
         return RELAY_WAIT
     if shutdown(c.fd[1 - d], SHUT_WR) < 0:
+        http_cut_by(c, 1 - d)
         return errno
     return RELAY_WAIT
 

@@ -536,6 +536,11 @@ cdef enum:
     HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
     HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
     HTTP_ANSWERS = 3                    # the engine's own answers: 400, 431, 408
+    # An exchange cut short is recorded with who cut it in place of its status (real ones are
+    # 100..999): flux.relay.HTTP_CUT_SIDES[status - 1] names them.
+    HTTP_CUT_CLIENT = 1                 # = 1 + the client's side index
+    HTTP_CUT_INSTANCE = 2               # = 1 + the instance's
+    HTTP_CUT_FLUXD = 3                  # fluxd ended it (stopping) before either side did
 
 
 cdef inline int http_answer_index(uint16_t status) noexcept nogil:
@@ -590,6 +595,8 @@ cdef struct RelayHttp:
     # buffer, after its p.length bytes.
     uint32_t unshown
     uint8_t ring_wait                   # dir[0] waits for a response to free a ring slot
+    # HTTP_CUT_*: the side that ended first with an exchange unfinished (0: none yet).
+    uint8_t cut_side
 
 
 # ==== functions one room calls in another ===================================================
@@ -604,6 +611,7 @@ cdef bint hf_request_blocked(const HttpFramer *f) noexcept nogil
 cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *out) noexcept nogil
 cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
+cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
 
 # pipes and copy buffers (_relay_pipes.pxi)
 cdef void relay_close_pipe(RelayEngine *e, int r, int w) noexcept nogil
@@ -654,6 +662,7 @@ cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil
 cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
+cdef void http_cut_by(RelayConn *c, int d) noexcept nogil
 cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil
 cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil
