@@ -531,6 +531,27 @@ def test_a_client_that_leaves_mid_response_is_counted_as_cutting_it(kind: str, h
     run(kind, scenario)
 
 
+def test_a_header_timeout_that_cuts_a_pending_response_counts_it_as_cut_by_the_client(
+    kind: str,
+) -> None:
+    # A request awaits a slow instance while the client's next head stalls: the header timeout
+    # cannot answer 408 before the response owed, so it resets, and the first exchange is cut.
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        await send(link.client, request(b"PUT", b"/", b"abc") + b"GET / HTTP/1.1\r\nHost:")
+        await recv_exactly(link.server, len(request(b"PUT", b"/", b"abc")))
+        with contextlib.suppress(ConnectionResetError):
+            await recv_to_eof(link.client)
+        assert (await link.result).error == "ETIMEDOUT"
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("PUT", CUT_BY["client"])]
+        (_, _, roundtrip, total), = obs.seen
+        assert 250_000 <= roundtrip <= total, obs.seen
+
+    run(kind, scenario, http_header_timeout=0.3)
+
+
 def test_a_request_unanswered_when_the_relay_stops_is_counted_as_cut_by_fluxd(kind: str) -> None:
     async def scenario(h: Harness) -> None:
         obs = Exchanges()
