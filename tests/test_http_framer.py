@@ -225,15 +225,56 @@ def test_pipelined_requests_are_answered_in_order() -> None:
     assert p.pending == 0
 
 
-def test_too_many_pipelined_requests_stop_observation() -> None:
+def test_a_pipeline_deeper_than_the_ring_waits_for_a_free_slot_and_loses_nothing() -> None:
     p = HttpFramerProbe()
-    events = p.feed("request", GET * RING)
-    assert len(events) == RING and p.pending == RING
-    [event] = p.feed("request", GET)
-    assert (event.kind, event.reason) == ("opaque", "too-many-pipelined")
-    assert not p.observing and p.phase == "opaque"
-    assert p.feed("response", OK_EMPTY * (RING + 1)) == []
-    assert p.body_remaining("response") == EVERYTHING
+    stream = GET * (RING + 8)
+    events = p.feed("request", stream)
+    # The next request's first byte is not taken while RING await their responses.
+    assert len(events) == RING and p.pending == RING and p.blocked
+    assert p.position("request") == len(GET) * RING and p.phase == "busy"
+    taken, events = p.feed_once("request", stream[len(GET) * RING:])
+    assert (taken, events) == (0, [])
+    for n in range(RING + 8):
+        [exchange] = p.feed("response", OK_EMPTY)
+        assert (exchange.method, exchange.status) == ("GET", 200)
+        assert not p.blocked
+        p.feed("request", stream[p.position("request"):])
+        assert p.pending == min(RING, RING + 7 - n) and p.observing
+    assert p.position("request") == len(stream) and p.pending == 0 and not p.blocked
+
+
+def test_unanswered_requests_are_what_a_connection_ending_now_cuts_short() -> None:
+    p = HttpFramerProbe()
+    sent = GET + b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n"
+    p.feed("request", sent, 10)
+    assert p.unanswered() == [("GET", 10, 0), ("HEAD", 10, 0)]
+    p.feed("response", b"HTTP/1.1 100 Continue\r\n\r\n", 15)
+    assert p.unanswered() == [("GET", 10, 0), ("HEAD", 10, 0)]
+    p.feed("response", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", 20)
+    assert p.unanswered() == [("GET", 10, 20), ("HEAD", 10, 0)]
+    p.feed("response", b"cde", 21)
+    assert p.unanswered() == [("HEAD", 10, 0)]
+    # The instance is gone: nothing more will be answered, so the client is followed no more.
+    assert p.eof("response", 30) == []
+    assert p.unanswered() == [("HEAD", 10, 0)] and p.phase == "opaque"
+    assert p.feed("request", GET, 31) == [] and p.position("request") == len(sent + GET)
+
+
+def test_an_instance_that_ends_frees_a_client_waiting_for_a_slot_of_the_ring() -> None:
+    p = HttpFramerProbe()
+    p.feed("request", GET * (RING + 1))
+    assert p.blocked
+    p.eof("response")
+    assert not p.blocked and len(p.unanswered()) == RING
+
+
+def test_requests_read_while_speculating_past_a_switch_are_not_unanswered_ones() -> None:
+    p = HttpFramerProbe()
+    upgrade = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+    p.feed("request", upgrade + GET)
+    assert p.pending == 2 and p.unanswered() == [("GET", 0, 0)]
+    p.feed("response", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\n\r\n")
+    assert p.unanswered() == []
 
 
 def test_the_event_buffer_bounds_one_call() -> None:

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -256,6 +257,43 @@ def test_pipelined_requests_are_answered_in_order_and_counted(stack: Stack) -> N
     assert statuses == [b"200", b"204", b"200", b"200"]
     assert b"\r\n\r\nxxxHTTP/1.1 200 OK\r\n" in received and received.endswith(b"\r\n\r\nbye\n")
     assert delta(before, counts(stack)) == {("GET", "200"): 3, ("GET", "204"): 1}
+
+
+def test_a_pipeline_of_100_requests_is_answered_and_counted_whole(stack: Stack) -> None:
+    # Deeper than the framer's ring of 32: fluxd reads on as responses free slots.
+    before = counts(stack)
+    burst = (b"GET / HTTP/1.1\r\nHost: web\r\n\r\n" * 99
+             + b"GET /close HTTP/1.1\r\nHost: web\r\n\r\n")
+    received, _ = _exchange_raw(web(stack), burst)
+    assert re.findall(rb"HTTP/1\.1 (\d{3})", received) == [b"200"] * 100
+    assert received.endswith(b"\r\n\r\nbye\n")
+    wait_until(lambda: delta(before, counts(stack)) == {("GET", "200"): 100}, 5,
+               f"100 exchanges counted, not {delta(before, counts(stack))}")
+
+
+def aborted(stack: Stack, side: str) -> float:
+    return stack.total("flux_http_aborted_total", service="web", side=side)
+
+
+def test_a_response_cut_by_the_instance_or_the_client_is_counted_as_aborted(
+    stack: Stack,
+) -> None:
+    before = counts(stack)
+    by_instance, by_client = aborted(stack, "instance"), aborted(stack, "client")
+    # The instance resets after half the body; fluxd resets the client (which may then lose
+    # what it had not read yet).
+    received, _ = _exchange_raw(web(stack), b"GET /cut?n=100000 HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert len(received) < 100_000
+    wait_until(lambda: delta(before, counts(stack)) == {("GET", "aborted"): 1}, 5,
+               f"the cut exchange counted, not {delta(before, counts(stack))}")
+    assert aborted(stack, "instance") == by_instance + 1
+    # A client that reads the head of a 20 MB download and leaves with a reset.
+    with socket.create_connection((web(stack), 80), timeout=10) as sock:
+        sock.sendall(b"GET /size?n=20000000 HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_until(lambda: aborted(stack, "client") == by_client + 1, 5, "the client's cut counted")
+    assert delta(before, counts(stack)) == {("GET", "aborted"): 2}
 
 
 def test_websocket_style_upgrade_relays_both_ways_afterwards(stack: Stack) -> None:

@@ -52,7 +52,14 @@ from flux.metrics import (
 from flux.metrics.counters import BucketCounts
 from flux.metrics.summary import SUMMARY_HIGHEST_US
 from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
-from flux.relay import PythonRelay, RelayCounters, RelayResult, SpliceRelay, make_relay
+from flux.relay import (
+    HTTP_CUT_SIDES,
+    PythonRelay,
+    RelayCounters,
+    RelayResult,
+    SpliceRelay,
+    make_relay,
+)
 from flux.store.memory import MemoryBackend, MemoryStore
 from tests.support.etcd_server import EtcdServer
 from tests.support.relay_harness import Harness, recv_exactly, recv_to_eof, run, send
@@ -363,6 +370,27 @@ def test_http_exchanges_give_counters_summaries_and_a_histogram() -> None:
         == 9
     )  # totals 1.5 ms .. 9.5 ms
     assert registry.get_sample_value("flux_http_request_duration_seconds_count", duration) == 100
+
+
+def test_an_exchange_cut_short_is_code_aborted_and_counted_by_who_cut_it() -> None:
+    metrics = Metrics(clock=FakeClock())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    observe = metrics.exchange_observer(conn(protocol="http"))
+    observe("GET", 1 + HTTP_CUT_SIDES.index("instance"), [30_000, 40_000], [2_000_000, 900])
+    observe("POST", 1 + HTTP_CUT_SIDES.index("client"), [10], [20])
+    observe("GET", 200, [5], [7])
+    labels = {"individual": "c0ffee", "src": "192.168.1.9", "dst": "10.0.0.2",
+              "method": "GET", "code": "aborted", "service": "web"}  # fmt: skip
+    assert registry.get_sample_value("flux_http_total", labels) == 2
+    assert registry.get_sample_value("flux_http_total_usec_sum", labels) == 2_000_900
+    assert registry.get_sample_value(
+        "flux_http_request_duration_seconds_count",
+        {"service": "web", "method": "GET", "code": "aborted"}) == 2
+    assert registry.get_sample_value("flux_http_total", {**labels, "code": "200"}) == 1
+    aborted = {side: registry.get_sample_value(
+        "flux_http_aborted_total", {"service": "web", "side": side}) for side in HTTP_CUT_SIDES}
+    assert aborted == {"client": 1, "instance": 2, "fluxd": None}
 
 
 def test_registry_has_the_standard_collectors() -> None:

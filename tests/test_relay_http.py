@@ -8,6 +8,7 @@ what the other side received, what the relay reported per exchange, and what it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from flux._splice import HTTP_ERROR_RESPONSES
-from flux.relay import SpliceRelay
+from flux.relay import HTTP_CUT_SIDES, SpliceRelay
 from tests.support.http_streams import H2_PREFACE
 from tests.support.relay_harness import (
     KINDS,
@@ -25,6 +26,7 @@ from tests.support.relay_harness import (
     Pattern,
     recv_exactly,
     recv_to_eof,
+    reset,
     run,
     send,
 )
@@ -161,6 +163,43 @@ def test_pipelined_requests_are_answered_and_counted_in_order(kind: str) -> None
     run(kind, scenario)
 
 
+def test_a_pipeline_deeper_than_the_framer_ring_is_answered_and_counted_whole(kind: str) -> None:
+    # 100 pipelined GETs in one write: the relay forwards at most 32 unanswered (the framer's
+    # ring) and reads the rest as responses free slots, so every exchange is counted.
+    depth = 100
+    burst = b"".join(request(b"GET", b"/%d" % i) for i in range(depth))
+    answers = [response(200, b"%d" % i) for i in range(depth)]
+
+    async def instance(link: Link) -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        got, answered, most = b"", 0, 0
+        while answered < depth:
+            chunk = await loop.sock_recv(link.server, 65536)
+            assert chunk, f"EOF after {answered} requests"
+            got += chunk
+            complete = got.count(b"\r\n\r\n")
+            most = max(most, complete - answered)
+            await send(link.server, b"".join(answers[answered:complete]))
+            answered = complete
+        return got, most
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        served = asyncio.create_task(instance(link))
+        await send(link.client, burst)
+        assert await recv_exactly(link.client, len(b"".join(answers))) == b"".join(answers)
+        got, most = await served
+        assert got == burst and most <= 32
+        await flushed(h, obs, depth)
+        assert obs.labels() == [("GET", 200)] * depth
+        link.client.close()
+        link.server.close()
+        await link.result
+
+    run(kind, scenario)
+
+
 def test_large_bodies_both_ways_arrive_intact_and_the_connection_stays_framed(
     kind: str,
 ) -> None:
@@ -248,10 +287,10 @@ def test_an_oversized_request_head_is_answered_431(kind: str) -> None:
 def test_a_slow_request_head_gets_408_and_an_idle_connection_is_closed(kind: str) -> None:
     async def scenario(h: Harness) -> None:
         obs = Exchanges()
+        started = time.monotonic()  # before the opening: the first head is timed from it
         slow = await open_http(h, obs)
         idle = await open_http(h, obs)
         busy = await open_http(h, obs)
-        started = time.monotonic()
         await send(slow.client, b"GET / HTTP/1.1\r\nHost:")
         await send(idle.client, request())
         await recv_exactly(idle.server, len(request()))
@@ -395,6 +434,135 @@ def test_the_header_timeout_runs_from_the_opening_and_closes_a_silent_client_qui
             assert (stats["http_header_timeouts"], stats["http_answered"]) == (2, 1), stats
 
     run(kind, scenario, http_header_timeout=0.5, http_idle_timeout=5.0)
+
+
+CUT_BY = {side: k for k, side in enumerate(HTTP_CUT_SIDES, 1)}
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_response_cut_by_the_instance_is_counted_once_as_cut_by_it(kind: str, how: str) -> None:
+    # Three pipelined GETs: the first answered, the second cut in its body, the third never
+    # answered (an instance killed mid-response).
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        burst = request(b"GET", b"/1") + request(b"GET", b"/2") + request(b"GET", b"/3")
+        await send(link.client, burst)
+        await recv_exactly(link.server, len(burst))
+        started = time.monotonic()
+        partial = response(200, b"one") + b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+        await send(link.server, partial + b"x" * 500)
+        await recv_exactly(link.client, len(partial) + 500)
+        await asyncio.sleep(0.05)
+        if how == "reset":
+            reset(link.server)
+        else:
+            link.server.close()
+        with contextlib.suppress(ConnectionResetError):
+            await recv_to_eof(link.client)
+        link.client.close()
+        await link.result
+        await flushed(h, obs, 3)
+        await asyncio.sleep(0.05)
+        h.relay.flush()
+        assert obs.labels() == [("GET", 200), ("GET", CUT_BY["instance"]),
+                                ("GET", CUT_BY["instance"])]
+        # The time so far: from the request head to the cut.
+        elapsed_us = (time.monotonic() - started) * 1e6
+        for _, _, roundtrip, total in obs.seen[1:]:
+            assert 40_000 <= total <= elapsed_us + 50_000 and roundtrip <= total, obs.seen
+
+    run(kind, scenario)
+
+
+def test_an_instance_that_closes_under_a_deep_pipeline_frees_the_client(kind: str) -> None:
+    # 40 pipelined GETs: 32 reach the instance, which answers 10 and closes.  The client is
+    # not held waiting for ring slots that will never free, and the unanswered are counted:
+    # the 22 read, and the 8 more read when the 10 answers freed slots if the relay saw those
+    # before the close.
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        burst = request() * 40
+        await send(link.client, burst)
+        got = await recv_exactly(link.server, len(request()) * 32)
+        await send(link.server, response() * 10)
+        link.server.close()
+        assert await recv_exactly(link.client, len(response()) * 10) == response() * 10
+        with contextlib.suppress(ConnectionResetError):
+            assert await recv_to_eof(link.client) == b""
+        link.client.close()
+        await link.result
+        await flushed(h, obs, 32)
+        h.relay.flush()
+        assert got == burst[: len(got)]
+        labels = obs.labels()
+        assert labels[:10] == [("GET", 200)] * 10 and len(labels) in (32, 40)
+        assert labels[10:] == [("GET", CUT_BY["instance"])] * (len(labels) - 10)
+
+    run(kind, scenario)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_a_client_that_leaves_mid_response_is_counted_as_cutting_it(kind: str, how: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        await send(link.client, request())
+        await recv_exactly(link.server, len(request()))
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+        await send(link.server, head + b"x" * 100)
+        await recv_exactly(link.client, len(head) + 100)
+        if how == "reset":
+            reset(link.client)
+        else:
+            link.client.close()
+        # The instance carries on until it notices: EOF (the relay passes the client's on)
+        # or a reset.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            await recv_to_eof(link.server)
+        link.server.close()
+        await link.result
+        await flushed(h, obs, 1)
+        await asyncio.sleep(0.05)
+        h.relay.flush()
+        assert obs.labels() == [("GET", CUT_BY["client"])]
+
+    run(kind, scenario)
+
+
+def test_a_header_timeout_that_cuts_a_pending_response_counts_it_as_cut_by_the_client(
+    kind: str,
+) -> None:
+    # A request awaits a slow instance while the client's next head stalls: the header timeout
+    # cannot answer 408 before the response owed, so it resets, and the first exchange is cut.
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        await send(link.client, request(b"PUT", b"/", b"abc") + b"GET / HTTP/1.1\r\nHost:")
+        await recv_exactly(link.server, len(request(b"PUT", b"/", b"abc")))
+        with contextlib.suppress(ConnectionResetError):
+            await recv_to_eof(link.client)
+        assert (await link.result).error == "ETIMEDOUT"
+        await flushed(h, obs, 1)
+        assert obs.labels() == [("PUT", CUT_BY["client"])]
+        (_, _, roundtrip, total), = obs.seen
+        assert 250_000 <= roundtrip <= total, obs.seen
+
+    run(kind, scenario, http_header_timeout=0.3)
+
+
+def test_a_request_unanswered_when_the_relay_stops_is_counted_as_cut_by_fluxd(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        await send(link.client, request(b"POST", b"/", b"abc"))
+        await recv_exactly(link.server, len(request(b"POST", b"/", b"abc")))
+        await h.relay.close(0.05)
+        await link.result
+        assert obs.labels() == [("POST", CUT_BY["fluxd"])]
+
+    run(kind, scenario)
 
 
 def test_a_close_delimited_response_ends_at_eof(kind: str) -> None:

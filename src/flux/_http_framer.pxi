@@ -14,14 +14,25 @@
 #   hf_init(f, now)                     once per connection (f is fixed-size: no allocation);
 #                                       `now`: when it opened (the first head is timed from it)
 #   k = hf_feed(f, side, p, n, now, ev) show bytes; returns how many were taken (< n only when
-#                                       `ev` is nearly full: drain it and call again with the rest)
+#                                       `ev` is nearly full: drain it and call again with the
+#                                       rest; or, on the request side, when hf_request_blocked)
+#   hf_request_blocked(f)               HF_RING requests await their responses and the next
+#                                       request would begin: show no request byte until a
+#                                       response ends (keep the rest; see Pipelining)
 #   hf_body_remaining(f, side)          bytes that may be forwarded *without* showing them (a
 #                                       Content-Length body, the rest of a chunk, or everything
 #                                       once the connection is opaque): the engine may splice them
 #   hf_skip(f, side, n, now, ev)        account for n <= hf_body_remaining() spliced bytes
-#   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response)
+#   hf_eof(f, side, now, ev)            the source reached EOF (ends a close-delimited response;
+#                                       on the response side, with requests unanswered, stops
+#                                       following the request side: DEAD)
 #   hf_request_phase(f), f.side[HF_REQUEST].t_head_start
 #                                       what the idle / header-read timeouts need (below)
+#   hf_unanswered(f), f.ring[(f.n_answered + i) % HF_RING], f.t_response_head
+#                                       the exchanges a connection ending now cuts short: the
+#                                       requests whose response has not ended (method, when
+#                                       the head was read; the oldest one's response head was
+#                                       read at f.t_response_head, 0 if not yet)
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -42,9 +53,8 @@
 #              unobserved).  Comes once the responses to the requests before the malformed one
 #              have ended (pos = response-stream offset after which the answer goes).
 #   OPAQUE     observation stopped (reason): bytes keep flowing, metrics for the rest of the
-#              connection are lost.  Malformed responses, responses nobody asked for, more than
-#              HF_RING pipelined requests, a broken hf_skip contract, a connection that opened
-#              with the HTTP/2 preface (H2_PREFACE).
+#              connection are lost.  Malformed responses, responses nobody asked for, a broken
+#              hf_skip contract, a connection that opened with the HTTP/2 preface (H2_PREFACE).
 #
 # Layers.  Two byte-level lexers (one per direction) share the field-line and chunked-body
 # states; decisions about messages (which body, when an exchange completes, when to switch
@@ -110,7 +120,7 @@
 #                        Transfer-Encoding: codings ending in a single "chunked"; not with
 #                        Content-Length (smuggling), not in HTTP/1.0
 #                        -> chunked | Content-Length | no body; the exchange is queued in a
-#                        ring of HF_RING (overflow: OPAQUE)
+#                        ring of HF_RING (never full here: see Pipelining)
 #   response head done   1xx: 101 after an Upgrade request -> EXCHANGE + SWITCHED;
 #                        101 otherwise -> OPAQUE; other 1xx are interim (100 Continue too)
 #                        final: CONNECT + 2xx -> EXCHANGE + SWITCHED
@@ -137,6 +147,21 @@
 # *speculatively* instead of buffering: a switch makes both sides opaque (the speculation is
 # dropped), a refusal confirms it.  An error found while speculating is held back until the
 # refusal confirms it, so new-protocol bytes never earn a 400.
+#
+# Deep pipelines: back-pressure, not overflow.  The ring holds what a response needs of its
+# request (method: HEAD has no body; CONNECT and Upgrade: a switch; Connection: close), so a
+# request that finds it full could only be given up on (the connection OPAQUE, every metric of
+# it lost: 100 pipelined GETs counted 0) or guessed at.  Instead the framer does not take the
+# first byte of a request while HF_RING are pending (hf_request_blocked): hf_feed returns
+# short, the engine keeps the bytes it read but could not show and stops reading the client
+# (the socket is edge-triggered and stays "readable" in the engine's flags, so nothing is
+# lost), and resumes when a response ends and frees a slot.  Every exchange is then counted
+# with its method and status.  Nothing is buffered beyond one read the engine already holds.
+# It cannot deadlock where a direct connection would not: the instance answers pipelined
+# requests one at a time (as HAProxy and nginx read them), so at any moment it needs only the
+# request it works on, and the relay has forwarded up to HF_RING of them; a client that writes
+# every request before it reads one response stalls the instance's writes, and then its own,
+# exactly as it would against the instance directly (the socket buffers in between only grow).
 #
 # Timeouts (hf_request_phase; the engine and the Python relay enforce them).  OPENING: not one
 # byte came since hf_init; the header-read timeout runs from t_head_start, the connection's
@@ -373,9 +398,6 @@ cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexc
         if s.version < 11:
             hf_fail(f, HF_REQUEST, HF_ERR_TE_HTTP10, out)
             return
-    if f.n_requests - f.n_answered >= HF_RING:
-        hf_opaque(f, HF_ERR_TOO_MANY_PIPELINED, out)
-        return
     if facts & HFF_CLOSE or (s.version < 11 and not facts & HFF_KEEP_ALIVE):
         flags |= HFX_CLOSE
     if facts & HFF_UPGRADE:
@@ -415,6 +437,7 @@ cdef void hf_exchange_done(HttpFramer *f, uint64_t now, uint8_t flags,
         flags |= HFE_CLOSE
     e.flags = flags
     f.n_answered += 1
+    f.t_response_head = 0       # the next exchange's response head is not read yet
     hf_begin_message(s)
     s.state = HS_LINE_START
     if flags & HFE_SWITCHED:
@@ -933,10 +956,17 @@ cdef inline void hf_account_body(HttpFramer *f, int side, uint64_t n, uint64_t n
             hf_body_done(f, side, now, out)
 
 
+cdef bint hf_request_blocked(const HttpFramer *f) noexcept nogil:
+    """The next request would begin while HF_RING requests await their responses: the request
+    side takes nothing until a response ends (see Pipelining)."""
+    return (f.side[HF_REQUEST].state == HS_LINE_START
+            and f.n_requests - f.n_answered >= HF_RING)
+
+
 cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_t now,
                     HfEvents *out) noexcept nogil:
-    """Show n bytes of `side`'s stream; returns how many were taken (all, unless `out` filled).
-    """
+    """Show n bytes of `side`'s stream; returns how many were taken (all, unless `out` filled
+    or the request side is blocked: hf_request_blocked)."""
     cdef HfSide *s = &f.side[side]
     cdef size_t i = 0
     cdef size_t j, end
@@ -946,6 +976,8 @@ cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_
         if out.count > HF_EVENTS_MAX - HF_EVENTS_RESERVE:
             break
         st = s.state
+        if st == HS_LINE_START and side == HF_REQUEST and f.n_requests - f.n_answered >= HF_RING:
+            break
         if st >= HS_BODY_LENGTH:
             if st == HS_BODY_LENGTH or st == HS_CHUNK_DATA:
                 k = n - i
@@ -1035,8 +1067,26 @@ cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept 
             hf_exchange_done(f, now, 0, out)
         if f.reject:
             hf_reject(f, 0, out)
+        elif f.n_requests != f.n_answered:
+            # What is unanswered never will be (the connection's end counts it cut short):
+            # stop following the client, which also ends a wait for a slot of the ring.
+            f.side[HF_REQUEST].state = HS_DEAD
     if s.state != HS_OPAQUE and s.state != HS_DEAD:
         s.state = HS_CLOSED
+
+
+cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil:
+    """How many requests await a response that has not ended (the ring's entries from
+    n_answered on): what a connection ending now cuts short.  None once the framer stopped
+    following the connection (OPAQUE: a switch or a give-up), and none of the requests read
+    while speculating past an unanswered CONNECT or Upgrade (they may be the new protocol's
+    bytes)."""
+    cdef uint64_t last = f.n_requests
+    if f.mode == HF_MODE_OPAQUE:
+        return 0
+    if f.n_decided < f.spec_until < last:
+        last = f.spec_until
+    return last - f.n_answered
 
 
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
@@ -1066,7 +1116,7 @@ _HF_EVENT_KINDS = (None, "request", "exchange", "malformed", "reject", "opaque")
 _HF_REASONS = (
     "", "start-line", "field", "obs-fold", "head-too-large", "host", "content-length",
     "transfer-encoding", "te-with-content-length", "te-http10", "chunk", "chunk-ext-cr",
-    "unsolicited", "unexpected-101", "too-many-pipelined", "skip", "content-length-list",
+    "unsolicited", "unexpected-101", "skip", "content-length-list",
     "h2-preface",
 )
 _HF_PHASES = ("idle", "head", "busy", "opaque", "opening")
@@ -1131,12 +1181,15 @@ cdef class HttpFramerProbe:
         return taken, self._events()
 
     def feed(self, str side, const unsigned char[::1] data, uint64_t now=0):
-        """Show all of `data`; returns the events, in order."""
+        """Show `data`; returns the events, in order.  All of it is taken unless the request
+        side is blocked (see `blocked`; `position` tells how far it got)."""
         cdef int sd = _hf_side(side)
         cdef size_t off = 0
         cdef size_t n = data.shape[0]
         cdef list result = []
         while off < n:
+            if sd == HF_REQUEST and hf_request_blocked(&self.f):
+                break
             self.ev.count = 0
             off += hf_feed(&self.f, sd, <const char *>&data[off], n - off, now, &self.ev)
             result.extend(self._events())
@@ -1185,6 +1238,25 @@ cdef class HttpFramerProbe:
         """`now` when the request head being read began: for the connection's first request,
         when the connection opened (0 outside a head)."""
         return self.f.side[HF_REQUEST].t_head_start
+
+    def unanswered(self):
+        """The exchanges a connection ending now cuts short, oldest first: (method,
+        t_request_head, t_response_head) per request whose response has not ended
+        (t_response_head 0 while its response head is not read)."""
+        cdef uint64_t i
+        cdef HfExchange *x
+        out = []
+        for i in range(hf_unanswered(&self.f)):
+            x = &self.f.ring[(self.f.n_answered + i) % HF_RING]
+            out.append((HTTP_METHODS[x.method], x.t_request_head,
+                        self.f.t_response_head if i == 0 else 0))
+        return out
+
+    @property
+    def blocked(self):
+        """True while the request side takes no byte: HF_RING requests await their responses
+        and the next would begin (show the rest once a response ends)."""
+        return bool(hf_request_blocked(&self.f))
 
     @property
     def pending(self):

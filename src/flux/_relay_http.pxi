@@ -26,6 +26,10 @@
 #   (400, or 431 for an oversized head), half-closes the client and the instance, and
 #   *lingers*: it reads and discards what the client still sends until EOF or for at most
 #   HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused by unread data.
+# - A pipeline deeper than the framer's ring (HF_RING requests awaiting their responses) is
+#   slowed, not given up: the framer takes no byte of the next request, the client's direction
+#   keeps what it read but could not show (h.unshown, after its buffered bytes) and reads no
+#   more (h.ring_wait); relay_pump shows the kept bytes once a response has freed a slot.
 # - Timeouts are enforced by a sweep of the live list every sweep_ns (an eighth of the shorter
 #   timeout, 10 ms..500 ms), so no timer structure is kept per connection:
 #     opening         the client sent nothing since the connection opened, for the header
@@ -41,6 +45,14 @@
 #   that opened with the HTTP/2 preface) it takes every byte without looking and
 #   body_remaining is unlimited: the connection is plain TCP.  Each is counted (http_opaque;
 #   the HTTP/2 ones in http_h2_opaque as well).
+# - An exchange that does not complete is counted when its connection ends (http_release):
+#   every request whose response has not ended (hf_unanswered) and every ended response not
+#   yet fully written to the client, with the time so far as its total (and as its roundtrip
+#   when no response head came), and in place of its status who cut it (HTTP_CUT_*): the side
+#   that first failed (a reset, EPIPE: http_cut_by from the moves), or closed while an
+#   exchange was unfinished (http_source_eof; a client that closes its sending side with a
+#   response owed counts, as nginx's 499 does), the client when the header timeout cuts a
+#   connection with responses pending, else fluxd (stopping).
 
 cdef int64_t HTTP_LINGER_NS = 2000000000
 cdef int64_t HTTP_SWEEP_MIN_NS = 10000000
@@ -112,6 +124,7 @@ cdef int http_attach(RelayConn *c, bint observe) noexcept nogil:
 
 
 cdef void http_release(RelayEngine *e, RelayConn *c) noexcept nogil:
+    http_count_cut(e, c)
     free(c.http)
     c.http = NULL
     e.http_live -= 1
@@ -148,6 +161,46 @@ cdef void http_record(RelayEngine *e, RelayConn *c, const HttpPending *x,
     r.roundtrip_ns = (x.t_response_head - x.t_request_head
                       if x.t_response_head > x.t_request_head else 0)
     r.total_ns = end - x.t_request_head if end > x.t_request_head else 0
+
+
+cdef inline bint http_unfinished(RelayHttp *h) noexcept nogil:
+    """An exchange is under way: a request awaits its response, or a response its last
+    written byte."""
+    return h.npending != 0 or hf_unanswered(&h.f) != 0
+
+
+cdef void http_cut_by(RelayConn *c, int d) noexcept nogil:
+    """Side d (0: the client, 1: the instance) failed: it cuts whatever is under way, unless
+    a side already did."""
+    if c.http != NULL and c.http.cut_side == 0:
+        c.http.cut_side = <uint8_t>(HTTP_CUT_CLIENT + d)
+
+
+cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """The connection ends: record the exchanges it cut short, each with the time so far and
+    who cut it in place of its status."""
+    cdef RelayHttp *h = c.http
+    cdef uint64_t now
+    cdef uint64_t i, n = hf_unanswered(&h.f)
+    cdef uint8_t side = h.cut_side if h.cut_side else HTTP_CUT_FLUXD
+    cdef HttpPending x
+    cdef HfExchange *r
+    if h.npending == 0 and n == 0:
+        return
+    now = <uint64_t>relay_now_ns()
+    while h.npending:
+        x = h.pending[h.pending_head]
+        x.status = side
+        http_record(e, c, &x, now)
+        h.pending_head = (h.pending_head + 1) % HTTP_PENDING
+        h.npending -= 1
+    for i in range(n):
+        r = &h.f.ring[(h.f.n_answered + i) % HF_RING]
+        x.method = r.method
+        x.status = side
+        x.t_request_head = r.t_request_head
+        x.t_response_head = h.f.t_response_head if i == 0 and h.f.t_response_head else now
+        http_record(e, c, &x, now)
 
 
 cdef bint http_publish_exchanges(RelayEngine *e) noexcept nogil:
@@ -248,18 +301,36 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
 
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil:
-    """Show n bytes just read from side d; returns how many of them may be forwarded."""
+    """Show n bytes just read from side d; returns how many of them may be forwarded.  Client
+    bytes the framer cannot take yet (hf_request_blocked) stay in the buffer after those:
+    h.unshown of them, shown by http_show_kept once a response frees a slot."""
     cdef RelayHttp *h = c.http
     cdef uint64_t base = h.f.side[d].pos
     cdef uint64_t now = <uint64_t>relay_now_ns()
     cdef size_t off = 0
     h.last_active_ns = <int64_t>now
     while off < n:
+        if d == HF_REQUEST and hf_request_blocked(&h.f):
+            break
         off += hf_feed(&h.f, d, buf + off, n - off, now, &e.ev)
         http_events(e, c)
-    if h.stop_pos[d] < base + n:
+    if d == HF_REQUEST:
+        h.unshown = <uint32_t>(n - off)
+    if h.stop_pos[d] < base + off:
         return <size_t>(h.stop_pos[d] - base) if h.stop_pos[d] > base else 0
-    return n
+    return off
+
+
+cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """The ring has a free slot again: show the client bytes kept back (dir[0] has none
+    buffered before them); what may be forwarded becomes its buffered bytes."""
+    cdef RelayDir *p = &c.dir[0]
+    cdef size_t n = c.http.unshown
+    c.http.unshown = 0
+    c.http.ring_wait = 0
+    n = http_observe(e, c, HF_REQUEST, p.buf + p.off, n)
+    p.length = <uint32_t>n
+    relay_count(e, RC_INFLIGHT, <int64_t>n)
 
 
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil:
@@ -276,6 +347,8 @@ cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
     if d == 1:
         # A close-delimited response ends here, and all of it was already written.
         http_written(e, c)
+    if http_unfinished(c.http):
+        http_cut_by(c, d)
 
 
 # ---- the engine's own answers -------------------------------------------------------------------
@@ -410,6 +483,7 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             if h.f.n_requests == h.f.n_answered and http_quiet(c):
                 http_start_answer(e, c, 408)
             else:
+                http_cut_by(c, 0)   # the client was too slow: what is under way is its cut
                 relay_abort(e, c, ETIMEDOUT)
         elif phase == HF_PHASE_IDLE and e.idle_timeout_ns > 0 and http_quiet(c) and (
                 now - h.last_active_ns >= e.idle_timeout_ns):

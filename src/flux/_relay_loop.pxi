@@ -82,6 +82,7 @@ cdef void relay_on_event(RelayEngine *e, RelayConn *c, int s, uint32_t events) n
     if events & EPOLLERR:
         # Act on a reset at once, even when no direction would touch this socket soon.
         if getsockopt(c.fd[s], SOL_SOCKET, SO_ERROR, &err, &size) == 0 and err != 0:
+            http_cut_by(c, s)
             relay_abort(e, c, err)
             return
     if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):

@@ -32,7 +32,9 @@
 #   relay_pump              both directions of a connection, and what their results mean
 # A move returns RELAY_AGAIN (it made progress, or was interrupted: the policy goes round again
 # within its budget), RELAY_WAIT (it needs readiness it does not have; the flag is cleared) or an
-# errno (the connection fails).  HTTP connections only add hook calls (_relay_http.pxi).
+# errno (the connection fails).  HTTP connections only add hook calls (_relay_http.pxi) and
+# one pause: the client's direction reads nothing while the framer's ring of pipelined requests
+# is full, and relay_pump resumes it when the response direction freed a slot.
 
 
 cdef inline void relay_delivered(RelayEngine *e, RelayConn *c, int d, ssize_t n) noexcept nogil:
@@ -66,6 +68,7 @@ cdef inline int relay_send_from_buf(RelayEngine *e, RelayConn *c, int d) noexcep
             return RELAY_WAIT
         if errno == EINTR:
             return RELAY_AGAIN
+        http_cut_by(c, 1 - d)
         return errno
     p.off += <uint32_t>n
     p.length -= <uint32_t>n
@@ -93,6 +96,7 @@ cdef inline int relay_splice_from_pipe(RelayEngine *e, RelayConn *c, int d) noex
             return RELAY_WAIT
         if errno == EINTR:
             return RELAY_AGAIN
+        http_cut_by(c, 1 - d)
         return errno
     p.in_pipe -= <size_t>n
     relay_count(e, RC_BYTES_SPLICED, n)
@@ -131,6 +135,7 @@ cdef inline int relay_splice_into_pipe(RelayEngine *e, RelayConn *c, int d,
         return RELAY_WAIT
     if errno == EINTR:
         return RELAY_AGAIN
+    http_cut_by(c, d)
     return errno
 
 
@@ -167,6 +172,7 @@ cdef inline int relay_recv_into_buf(RelayEngine *e, RelayConn *c, int d,
         return RELAY_WAIT
     if errno == EINTR:
         return RELAY_AGAIN
+    http_cut_by(c, d)
     return errno
 
 
@@ -193,6 +199,7 @@ cdef inline int relay_end_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogi
     if c.dir[1 - d].done:
         return RELAY_WAIT
     if shutdown(c.fd[1 - d], SHUT_WR) < 0:
+        http_cut_by(c, 1 - d)
         return errno
     return RELAY_WAIT
 
@@ -241,6 +248,17 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             if d == 1 and c.http.rejecting:
                 return http_answer(e, c)
             return RELAY_WAIT
+        elif d == 0 and c.http != NULL and (c.http.unshown or hf_request_blocked(&c.http.f)):
+            # HTTP: HF_RING requests await their responses (back-pressure, see Pipelining in
+            # _http_framer.pxi): read nothing more until a response frees a slot (relay_pump
+            # comes back then), then show what was kept of the last read.
+            if hf_request_blocked(&c.http.f):
+                c.http.ring_wait = 1
+                if not c.http.unshown:
+                    relay_rest(e, p)
+                return RELAY_WAIT
+            http_show_kept(e, c)
+            rc = RELAY_AGAIN
         elif p.eof:
             return relay_end_dir(e, c, d)
         elif not c.readable[d]:
@@ -290,6 +308,13 @@ cdef void relay_pump(RelayEngine *e, RelayConn *c) noexcept nogil:
     if b > 0:
         relay_abort(e, c, b)
         return
+    if c.http != NULL and c.http.ring_wait and not hf_request_blocked(&c.http.f):
+        # A response ended and freed a slot of the framer's ring: the client's bytes move on.
+        c.http.ring_wait = 0
+        a = relay_pump_dir(e, c, 0)
+        if a > 0:
+            relay_abort(e, c, a)
+            return
     if c.dir[0].done and c.dir[1].done:
         relay_finish(e, c)
         return

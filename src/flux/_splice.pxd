@@ -123,7 +123,6 @@ cdef enum:
     HF_ERR_CHUNK_EXT_CR
     HF_ERR_UNSOLICITED          # a response with no request pending
     HF_ERR_UNEXPECTED_101
-    HF_ERR_TOO_MANY_PIPELINED
     HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
     HF_ERR_CONTENT_LENGTH_LIST  # a request's Content-Length repeated or a list (values agree)
     HF_ERR_H2_PREFACE           # the connection opened with the HTTP/2 preface (OPAQUE)
@@ -537,6 +536,11 @@ cdef enum:
     HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
     HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
     HTTP_ANSWERS = 3                    # the engine's own answers: 400, 431, 408
+    # An exchange cut short is recorded with who cut it in place of its status (real ones are
+    # 100..999): flux.relay.HTTP_CUT_SIDES[status - 1] names them.
+    HTTP_CUT_CLIENT = 1                 # = 1 + the client's side index
+    HTTP_CUT_INSTANCE = 2               # = 1 + the instance's
+    HTTP_CUT_FLUXD = 3                  # fluxd ended it (stopping) before either side did
 
 
 cdef inline int http_answer_index(uint16_t status) noexcept nogil:
@@ -587,6 +591,12 @@ cdef struct RelayHttp:
     uint8_t rejecting                   # an answer is due once side 1 is written up to stop_pos
     uint8_t lingering                   # answered: discarding the client's bytes
     uint8_t observe                     # queue exchange records
+    # Client bytes read but not shown to the framer yet (hf_request_blocked): in dir[0]'s
+    # buffer, after its p.length bytes.
+    uint32_t unshown
+    uint8_t ring_wait                   # dir[0] waits for a response to free a ring slot
+    # HTTP_CUT_*: the side that ended first with an exchange unfinished (0: none yet).
+    uint8_t cut_side
 
 
 # ==== functions one room calls in another ===================================================
@@ -597,9 +607,11 @@ cdef void hf_init(HttpFramer *f, uint64_t now) noexcept nogil
 cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_t now,
                     HfEvents *out) noexcept nogil
 cdef uint64_t hf_body_remaining(const HttpFramer *f, int side) noexcept nogil
+cdef bint hf_request_blocked(const HttpFramer *f) noexcept nogil
 cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *out) noexcept nogil
 cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
+cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
 
 # pipes and copy buffers (_relay_pipes.pxi)
 cdef void relay_close_pipe(RelayEngine *e, int r, int w) noexcept nogil
@@ -648,7 +660,9 @@ cdef bint http_publish_exchanges(RelayEngine *e) noexcept nogil
 cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil
+cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
+cdef void http_cut_by(RelayConn *c, int d) noexcept nogil
 cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil
 cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil

@@ -11,6 +11,8 @@ Raw sockets and one thread per connection, so every byte on the wire is the test
     /close          200 with "Connection: close", then closes
     /slow?ms=N      200 after N milliseconds
     /size?n=N       200 with an N-byte body
+    /cut?n=N        200 announcing an N-byte body, half of it, then a reset (an instance killed
+                    mid-response)
     anything else   404
 HEAD answers like GET without the body; a request body (Content-Length) is read and counted.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -142,6 +145,11 @@ class HttpBackend:
         elif url.path == "/slow":
             time.sleep(int(query.get("ms", "0")) / 1000)
             send(self._response(200, b"slow\n", method))
+        elif url.path == "/cut":
+            n = int(query.get("n", "2"))
+            send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % n + b"x" * (n // 2))
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
         elif url.path == "/size":
             send(self._response(200, b"x" * int(query.get("n", "0")), method))
         elif url.path == "/":

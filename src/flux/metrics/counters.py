@@ -58,7 +58,13 @@ from flux.metrics.summary import (
     scratch_histogram,
 )
 from flux.model import ConnectionInfo, Instance, InstanceState
-from flux.relay import EngineCounts, ExchangeObserver, RelayCounters, RelayResult
+from flux.relay import (
+    HTTP_CUT_SIDES,
+    EngineCounts,
+    ExchangeObserver,
+    RelayCounters,
+    RelayResult,
+)
 
 __all__ = [
     "HTTP_DURATION_BUCKETS",
@@ -179,6 +185,8 @@ class Metrics:
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         self.rejected: dict[tuple[str, str], int] = {}
+        # Exchanges cut short, by (service, side): flux_http_aborted_total.
+        self.aborted: dict[tuple[str, str], int] = {}
         # Called before each scrape: deliver what the relay has queued (SpliceRelay.flush).
         self.sources: list[Callable[[], None]] = []
         # Read at each scrape: what the relay engine counted itself (SpliceRelay.counts).
@@ -303,13 +311,17 @@ class Metrics:
             slot[0].roundtrip.observe_many(roundtrips)
             slot[0].total.observe_many(totals)
             slot[1].observe_us(totals)
+            if status < 100:
+                # Cut short (HTTP_CUT_SIDES): code "aborted", and who cut it.
+                cut = (service, HTTP_CUT_SIDES[status - 1])
+                self.aborted[cut] = self.aborted.get(cut, 0) + len(totals)
 
         return observe
 
     def _exchange_slot(
         self, base: tuple[str, str, str], service: str, method: str, status: int
     ) -> tuple[_Exchanges, BucketCounts]:
-        code = str(status)
+        code = "aborted" if status < 100 else str(status)
         key = (*base, method, code, service)
         exchanges = self.exchanges.get(key)
         if exchanges is None:
@@ -383,6 +395,8 @@ class FluxCollector(Collector):
             f.engine_events.add_metric((name,), count)
         for name, level in sorted(engine.levels.items()):
             f.engine_levels.add_metric((name,), level)
+        for cut, count in m.aborted.items():
+            f.http_aborted.add_metric(cut, count)
         return iter(f.all())
 
 
@@ -478,6 +492,12 @@ class _Families:
             " copy buffers, bytes in flight).",
             labels=("level",),
         )
+        self.http_aborted = CounterMetricFamily(
+            "flux_http_aborted_total",
+            "HTTP exchanges cut short (also in flux_http_total as code=\"aborted\"), by who cut"
+            " them: the client or the instance (closed or reset first), or fluxd (stopping).",
+            labels=("service", "side"),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -494,4 +514,5 @@ class _Families:
             self.http_rejected,
             self.engine_events,
             self.engine_levels,
+            self.http_aborted,
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from flux.relay.base import (
+    HTTP_CUT_SIDES,
     AcceptHandler,
     Acceptor,
     ConnectHandler,
@@ -27,6 +28,7 @@ from flux.relay.engine import SpliceRelay
 from flux.relay.python import PythonRelay
 
 __all__ = [
+    "HTTP_CUT_SIDES",
     "AcceptHandler",
     "Acceptor",
     "ConnectHandler",

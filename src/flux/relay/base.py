@@ -67,6 +67,7 @@ from typing import NamedTuple, Protocol
 
 __all__ = [
     "CUT_TIMEOUT",
+    "HTTP_CUT_SIDES",
     "HTTP_HEADER_TIMEOUT",
     "HTTP_IDLE_TIMEOUT",
     "AcceptHandler",
@@ -89,7 +90,15 @@ __all__ = [
 
 ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
 """Called with HTTP exchanges of one connection and label set, in batches:
-(method, status, [roundtrip_us, ...], [total_us, ...])."""
+(method, status, [roundtrip_us, ...], [total_us, ...]).  An exchange cut short comes with
+1, 2 or 3 in place of its status (see HTTP_CUT_SIDES)."""
+
+# An exchange that did not complete (its connection ended with the request unanswered or the
+# response not fully written to the client) is reported with k in place of its status, and
+# HTTP_CUT_SIDES[k - 1] names who cut it: the side that failed or closed first with it under
+# way, or fluxd (stopping) when neither did.  Its times are the time so far.  Real statuses
+# are 100..999, so the two cannot be confused.  The engine's HTTP_CUT_* use the same values.
+HTTP_CUT_SIDES = ("client", "instance", "fluxd")
 
 # (instance name, instance address, client IP) -> the observer for that label set
 ObserverFactory = Callable[[str, str, str], ExchangeObserver]

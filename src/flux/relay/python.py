@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
 from flux.relay.base import (
     CUT_TIMEOUT,
+    HTTP_CUT_SIDES,
     HTTP_HEADER_TIMEOUT,
     HTTP_IDLE_TIMEOUT,
     Acceptor,
@@ -80,7 +81,8 @@ class _HttpWatch:
     the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "exchanges", "last_active", "observe", "probe", "stop")
+    __slots__ = ("answer", "cut_side", "exchanges", "kept", "last_active", "observe", "paused",
+                 "probe", "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
@@ -94,6 +96,11 @@ class _HttpWatch:
         self.answer: int | None = None  # what to answer once the responses owed are out
         self.exchanges: list[HttpEvent] = []
         self.last_active = opened
+        # Client bytes the framer could not take yet (its ring of pipelined requests is full:
+        # Pipelining in _http_framer.pxi), and whether the client's reading is paused for it.
+        self.kept = b""
+        self.paused = False
+        self.cut_side = 0  # 1 + the index of the side that ended first with an exchange unfinished
 
     def _events(self, events: list[HttpEvent]) -> None:
         for ev in events:
@@ -107,9 +114,14 @@ class _HttpWatch:
 
     def show(self, index: int, data: bytes) -> bytes:
         side = self._SIDES[index]
+        if index == 0 and self.kept:
+            data, self.kept = self.kept + data, b""
         base = self.probe.position(side)
         self.last_active = now = time.monotonic_ns()
         self._events(self.probe.feed(side, data, now))
+        taken = self.probe.position(side) - base
+        if taken < len(data):
+            data, self.kept = data[:taken], data[taken:]
         limit = self.stop[index]
         if limit is not None and limit < base + len(data):
             return data[: max(0, limit - base)]
@@ -136,6 +148,34 @@ class _HttpWatch:
 
     def halted(self, index: int) -> bool:
         return self.stop[index] is not None
+
+    def unfinished(self) -> bool:
+        """An exchange is under way: a request awaits its response, or a response its write."""
+        return bool(self.exchanges) or bool(self.probe.unanswered())
+
+    def cut_by(self, index: int) -> None:
+        """Side ``index`` failed or closed: it cuts what is under way, unless a side already did.
+        """
+        if not self.cut_side:
+            self.cut_side = 1 + index
+
+    def count_cut(self) -> None:
+        """The connection ended: report the exchanges it cut short, with the time so far and
+        who cut them in place of their status (HTTP_CUT_SIDES; the engine's http_count_cut)."""
+        cut = [(ev.method, ev.t_request_head, ev.t_response_head) for ev in self.exchanges]
+        cut += self.probe.unanswered()
+        self.exchanges.clear()
+        if not cut or self.observe is None:
+            return
+        now = time.monotonic_ns()
+        status = self.cut_side or len(HTTP_CUT_SIDES)
+        for method, request_head, response_head in cut:
+            self.observe(
+                method,
+                status,
+                [max(0, (response_head or now) - request_head) // 1000],
+                [max(0, now - request_head) // 1000],
+            )
 
 
 class _Flow:
@@ -197,7 +237,8 @@ class _Flow:
     def resume_reading(self, index: int) -> None:
         transport = self.sides[index].transport
         if (transport is not None and self.ready and not self.held[index]
-                and not self.eofs[index] and not transport.is_closing()):
+                and not self.eofs[index] and not transport.is_closing()
+                and not (index == 0 and self.http is not None and self.http.paused)):
             transport.resume_reading()
 
     def forward(self, index: int, data: bytes) -> None:
@@ -216,12 +257,23 @@ class _Flow:
         if http is not None:
             if index == 1:
                 http.written()
+                if http.kept and not http.probe.blocked:
+                    self.forward(0, b"")  # a response freed a slot: show what was kept
             self._http_progress()
 
     def _http_progress(self) -> None:
-        """Stop halted sources; answer once every response owed is written."""
+        """Pause the client while the framer's ring is full; stop halted sources; answer once
+        every response owed is written."""
         http = self.http
         assert http is not None
+        if http.probe.blocked != http.paused:
+            http.paused = http.probe.blocked
+            if http.paused:
+                client = self.sides[0].transport
+                if client is not None and not client.is_closing():
+                    client.pause_reading()
+            else:
+                self.resume_reading(0)
         for index in (0, 1):
             if http.halted(index) and not self.eofs[index]:
                 self.held[index] = True
@@ -276,10 +328,16 @@ class _Flow:
                 return
             self.http.eof(index)
             self.http.written()
+            if self.http.unfinished():
+                self.http.cut_by(index)
             if self.http.answer is not None:
                 self.eofs[index] = True
                 self.answer(self.http.answer)
                 return
+            if index == 1 and self.http.paused:
+                # The instance is done: the framer stopped following the client (what it
+                # kept back is forwarded, reading resumes), nothing more will be answered.
+                self.forward(0, b"")
         self.eofs[index] = True
         if not self.eofs[1 - index]:
             self.transport(1 - index).write_eof()
@@ -306,6 +364,8 @@ class _Flow:
         self.gone[index] = True
         if exc is not None and self.error is None:
             self.error = error_name(exc)
+        if exc is not None and self.http is not None:
+            self.http.cut_by(index)
         if not self.gone[1 - index]:
             other = self.sides[1 - index].transport
             if other is not None:
@@ -317,6 +377,8 @@ class _Flow:
                     self.closing = True
                     other.close()
         elif not self.future.done():
+            if self.http is not None:
+                self.http.count_cut()
             self.future.set_result(
                 RelayResult(
                     self.bytes[0],
@@ -481,6 +543,7 @@ class PythonRelay:
                     flow.answer(408)
                 else:
                     flow.error = "ETIMEDOUT"
+                    http.cut_by(0)  # the client was too slow: what is under way is its cut
                     flow.cut()
             elif (phase == "idle" and self._idle_ns and flow.buffered == 0
                   and now - http.last_active >= self._idle_ns):
