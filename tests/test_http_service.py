@@ -39,6 +39,7 @@ from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.etcd_server import EtcdServer
 from tests.support.http_backend import HttpBackend
 from tests.support.http_streams import H2_PREFACE
+from tests.support.processes import stop_process
 
 HOST = "127.0.0.1"
 REMOTE = "127.0.0.2"
@@ -163,11 +164,7 @@ def stack(etcd_server: EtcdServer) -> Iterator[Stack]:
             assert process.poll() is None, "\n".join(s.lines[-30:])
         yield s
     finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-        if process.poll() is None:
-            process.kill()
+        stop_process(process, grace=30)
         subprocess.run([sys.executable, "-m", "flux", "cleanup", "-chain", chain, "-host-ip",
                         HOST], capture_output=True, timeout=60)
         backend.close()
@@ -468,12 +465,7 @@ def nghttpd(docroot: Path) -> Iterator[str]:
         assert server.poll() is None, server.communicate()[1]
         yield f"{HOST}:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def test_http2_with_prior_knowledge_passes_through_an_http_service(
@@ -563,12 +555,7 @@ def test_a_prometheus_server_finds_fluxd_through_etcd_and_queries_the_counts(
 
         wait_until(answered, 45, f"Prometheus to report {expected} requests (last: {answer})")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, grace=20)
 
 
 def test_a_busybox_container_enrolled_by_the_agent_is_the_individual(

@@ -32,6 +32,7 @@ from flux.store import ServiceUpdate, StoreError, StoreUnavailable
 from flux.store._etcd3_compat import AioClient, _JsonFramer
 from flux.store.etcd import EtcdStore, _reason
 from tests.support.etcd_server import EtcdServer, free_port
+from tests.support.processes import stop_process
 
 SPEC = Service(address="10.128.0.1:80", protocol="http")
 INSTANCE = Instance(host=HostRef(address="10.0.0.1"), address="10.0.0.1:8080")
@@ -847,12 +848,7 @@ class PrivateEtcd:
         await eventually(healthy, timeout=20)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def make_certificates(directory: Path) -> dict[str, str]:

@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.processes import stop_process
+
 __all__ = ["EtcdServer", "free_port"]
 
 
@@ -83,12 +85,7 @@ class EtcdServer:
         """Stop the member (SIGTERM, then SIGKILL) and wait for it to exit."""
         if self._process is None:
             return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=10)
+        stop_process(self._process)
         self._process = None
 
     def etcdctl(self, *args: str, check: bool = True) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.netns import netns_prefix
+from tests.support.processes import stop_process
 
 __all__ = ["PrivateDockerd"]
 
@@ -179,13 +180,7 @@ class PrivateDockerd:
         """Stop the engine process only (SIGTERM, then SIGKILL); containers are left alone."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, grace=30)
         self.process = None
 
     def restart(self, timeout: float = 60.0) -> None:
