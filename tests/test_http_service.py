@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from flux.model import Host, HostRef, Instance, InstanceState, encode_record
 from flux.store.keys import host_key, instance_key
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import wait_until
 from tests.support.http_backend import HttpBackend
 from tests.support.http_streams import H2_PREFACE
 from tests.support.processes import stop_process
@@ -54,13 +55,6 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, str]:

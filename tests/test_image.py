@@ -34,6 +34,7 @@ import pytest
 from flux.config import OPTIONS, parse_args
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.etcd_server import EtcdServer, free_port
+from tests.support.fluxd_process import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FLUX = ROOT / "bin" / "run-flux"
@@ -49,13 +50,6 @@ IMAGE_SIZE_LIMIT = 250_000_000
 # whichever test asks for the image first; warm, every test here takes seconds.
 pytestmark = pytest.mark.timeout(900)
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def run(
