@@ -48,6 +48,7 @@ from tests.support.fluxd_process import (
 )
 from tests.support.other_host import OtherHost, listener_of, random_loopback_vip, rules_for
 from tests.support.process_fds import fd_targets, proxied_sockets
+from tests.support.relay_harness import receive_digest
 from tests.support.spread import FALSE_FAILURE, min_count_bound
 
 FLUXCTL = [sys.executable, "-m", "flux.fluxctl"]
@@ -295,17 +296,6 @@ def _send_stream(sock: socket.socket, seed: int, total: int) -> tuple[int, str]:
     return sent, digest.hexdigest()
 
 
-def _receive_all(sock: socket.socket) -> tuple[int, str]:
-    """Read until EOF; (count, sha256) of what arrived."""
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    received = 0
-    while n := sock.recv_into(buffer):
-        digest.update(view[:n])
-        received += n
-    return received, digest.hexdigest()
-
 
 def test_one_gib_each_way_arrives_intact(
     fluxd: Callable[..., Fluxd], other_host: OtherHost
@@ -325,7 +315,7 @@ def test_one_gib_each_way_arrives_intact(
         with conn, concurrent.futures.ThreadPoolExecutor(1) as pool:
             conn.settimeout(BULK_DEADLINE)
             sending = pool.submit(_send_stream, conn, 2, GIB)
-            received = _receive_all(conn)
+            received = receive_digest(conn)
             return received, sending.result(BULK_DEADLINE)
 
     started = time.monotonic()
@@ -334,7 +324,7 @@ def test_one_gib_each_way_arrives_intact(
         client = socket.create_connection((vip, 9000), timeout=BULK_DEADLINE)
         with client:
             sending = pool.submit(_send_stream, client, 1, GIB)
-            client_received = _receive_all(client)
+            client_received = receive_digest(client)
             client_sent = sending.result(BULK_DEADLINE)
         server_received, server_sent = serving.result(BULK_DEADLINE)
     elapsed = time.monotonic() - started

@@ -316,6 +316,15 @@ def test_a_slow_request_head_gets_408_and_an_idle_connection_is_closed(kind: str
     run(kind, scenario, http_header_timeout=0.3, http_idle_timeout=0.5)
 
 
+async def pass_both_ways(link: Link, *blobs: bytes) -> None:
+    """Each blob from the client reaches the server untouched, and its reverse comes back."""
+    for blob in blobs:
+        await send(link.client, blob)
+        assert await recv_exactly(link.server, len(blob)) == blob
+        await send(link.server, blob[::-1])
+        assert await recv_exactly(link.client, len(blob)) == blob[::-1]
+
+
 def test_an_upgrade_switches_to_plain_relaying(kind: str) -> None:
     async def scenario(h: Harness) -> None:
         obs = Exchanges()
@@ -328,11 +337,7 @@ def test_an_upgrade_switches_to_plain_relaying(kind: str) -> None:
         await send(link.server, switched)
         assert await recv_exactly(link.client, len(switched)) == switched
         # Not HTTP any more: bytes that would be malformed requests pass untouched.
-        for blob in (b"\x81\x05hello", b"GET nonsense\r\n\r\n", b"\x00" * 100_000):
-            await send(link.client, blob)
-            assert await recv_exactly(link.server, len(blob)) == blob
-            await send(link.server, blob[::-1])
-            assert await recv_exactly(link.client, len(blob)) == blob[::-1]
+        await pass_both_ways(link, b"\x81\x05hello", b"GET nonsense\r\n\r\n", b"\x00" * 100_000)
         link.client.close()
         link.server.close()
         result = await link.result
@@ -356,12 +361,9 @@ def test_a_connection_that_opens_with_the_http2_preface_is_relayed_untouched(kin
         await send(link.server, answer)
         assert await asyncio.wait_for(recv_exactly(link.client, len(answer)), 5) == answer
         # Then frames both ways, whatever bytes they carry.
-        for blob in (h2_frame(4, flags=1), h2_frame(1, 5, 1, b"\x82\x86\x84GET / HTTP/1.1"),
-                     h2_frame(0, 1, 1, b"\x00" * 70_000)):
-            await send(link.client, blob)
-            assert await recv_exactly(link.server, len(blob)) == blob
-            await send(link.server, blob[::-1])
-            assert await recv_exactly(link.client, len(blob)) == blob[::-1]
+        await pass_both_ways(link, h2_frame(4, flags=1),
+                             h2_frame(1, 5, 1, b"\x82\x86\x84GET / HTTP/1.1"),
+                             h2_frame(0, 1, 1, b"\x00" * 70_000))
         link.client.close()
         link.server.close()
         result = await link.result
