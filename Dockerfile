@@ -25,10 +25,11 @@ LABEL org.flux.stage=build
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-# A C compiler, and, when Python is Debian's own (the local base image), its headers and venv
-# support; the official Python images carry both already.
+# A C compiler and libnghttp2's headers (the engine's HTTP/2 observer decodes header blocks
+# with its HPACK decoder), and, when Python is Debian's own (the local base image), its headers
+# and venv support; the official Python images carry both already.
 RUN set -eu; \
-    packages="gcc libc6-dev"; \
+    packages="gcc libc6-dev libnghttp2-dev"; \
     if dpkg -S "$(readlink -f "$(command -v python3)")" >/dev/null 2>&1; then \
         packages="$packages python3-dev python3-venv"; \
     fi; \
@@ -69,10 +70,14 @@ RUN set -eu; \
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
 # iptables (nf_tables, like Debian's hosts) is what fluxd drives; the local base has it already.
+# libnghttp2 is the engine's HPACK decoder (the official Python images lack it).
 RUN set -eu; \
-    if ! command -v iptables-restore >/dev/null 2>&1; then \
+    packages=""; \
+    command -v iptables-restore >/dev/null 2>&1 || packages="iptables ca-certificates"; \
+    ldconfig -p | grep -q 'libnghttp2\.so\.14' || packages="$packages libnghttp2-14"; \
+    if [ -n "$packages" ]; then \
         apt-get update -q; \
-        apt-get install -y -q --no-install-recommends iptables ca-certificates >/dev/null; \
+        apt-get install -y -q --no-install-recommends $packages >/dev/null; \
         rm -rf /var/lib/apt/lists/*; \
     fi
 COPY --from=build /opt/flux /opt/flux

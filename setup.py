@@ -18,6 +18,8 @@ extensions = [
         ["src/flux/_splice.pyx"],
         extra_compile_args=["-O2", "-g0"] if not debug else ["-O0", "-g"],
         define_macros=[("FLUX_DEBUG_COUNTERS", "1")] if debug else [],
+        # The HTTP/2 observer decodes header blocks with libnghttp2's HPACK decoder.
+        libraries=["nghttp2"],
     ),
     Extension(
         "flux._histogram",

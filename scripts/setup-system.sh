@@ -14,6 +14,7 @@ have_cmd iptables  || need+=(iptables)
 have_cmd ip        || need+=(iproute2)
 have_pkg busybox-static || need+=(busybox-static)
 have_cmd cc        || need+=(gcc)
+have_pkg libnghttp2-dev || need+=(libnghttp2-dev)   # the engine's HPACK decoder (HTTP/2)
 have_cmd curl      || need+=(curl)
 have_cmd debootstrap     || need+=(debootstrap)   # the local base of the image tests
 have_cmd systemd-analyze || need+=(systemd)       # checks deploy/fluxd.service

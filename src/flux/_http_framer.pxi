@@ -1026,6 +1026,10 @@ cdef size_t hf_feed(HttpFramer *f, int side, const char *data, size_t n, uint64_
         s.pos += 1
         if st == HS_PREFACE:
             hf_read_preface(f, s, <uint8_t>data[i], now, out)
+            if s.state == HS_OPAQUE:
+                # The preface's last octet: what follows is HTTP/2, for the caller to show
+                # to the HTTP/2 observer (_h2_observer.pxi).
+                return i + 1
         else:
             hf_step(f, side, <uint8_t>data[i], now, out)
         i += 1

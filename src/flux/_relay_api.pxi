@@ -11,8 +11,8 @@ RELAY_COUNTERS = (
     "pipes_idle", "pipe_failures", "pipe_size_refused", "inflight_bytes", "bytes_spliced",
     "bytes_copied", "calls_splice", "calls_recv", "calls_send", "epoll_waits", "bulk_switches",
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
-    "http_h2_opaque", "exchanges_dropped", "buffers_lent", "buffers_idle", "connects",
-    "connect_failures", "accepted", "to_python", "accept_failures",
+    "http_h2", "http_h2_gave_up", "http_h2_untracked", "exchanges_dropped", "buffers_lent",
+    "buffers_idle", "connects", "connect_failures", "accepted", "to_python", "accept_failures",
 )
 
 # The counters above that are levels (they go down as well as up: what is held now).  Every
@@ -33,12 +33,13 @@ none), and client_fd: -1, or the client handed back open and unread after a conn
 
 ExchangeGroup = _namedtuple(
     "ExchangeGroup",
-    "token method status roundtrips_us totals_us service instance client_ip",
+    "token method status roundtrips_us totals_us service instance client_ip grpc_path grpc_code",
 )
 ExchangeGroup.__doc__ = """The exchanges of one label set: method indexes HTTP_METHODS; the
 roundtrip and total times in µs, one per exchange.  token 0: a connection the engine accepted
 itself, labelled by service, instance and client_ip (IPv4, network-order integer); 0s
-otherwise."""
+otherwise.  grpc_path: None, or the :path of the gRPC calls these HTTP/2 exchanges were ("":
+one of too many, or too long), with grpc_code their grpc-status (-1: none)."""
 
 HandOver = _namedtuple("HandOver", "service client_fd client_ip instance errno")
 HandOver.__doc__ = """From a service the engine accepts for: a client for the caller to pick for
@@ -89,7 +90,8 @@ cdef class SpliceEngine:
     with 400 (431 for an oversized head) and the connection closed; ``header_timeout`` and
     ``idle_timeout`` (seconds, 0 for none) bound a request head's arrival (the first one's
     from the connection's opening) and an idle keep-alive connection.  A connection that
-    opens with the HTTP/2 preface is relayed untouched and unobserved (``http_h2_opaque``).
+    opens with the HTTP/2 preface is observed as HTTP/2 (_h2_observer.pxi): each stream is an
+    exchange, and gRPC calls carry their path and grpc-status.
     """
 
     cdef RelayEngine *e
@@ -97,11 +99,13 @@ cdef class SpliceEngine:
     cdef bint _running
     cdef bint _stopped
     cdef object _group      # the first shard, whose RelayShared this one uses
+    cdef list _names        # the engine's gRPC paths (RelayEngine.names) drained so far
 
     def __cinit__(self):
         self.e = NULL
         self._running = False
         self._stopped = False
+        self._names = []
 
     def __init__(self, size_t pipe_size=1 << 20, int max_idle_pipes=64,
                  size_t small_buffer=16384, int budget=32, double header_timeout=0.0,
@@ -535,19 +539,31 @@ cdef class SpliceEngine:
         e.ex_shared = NULL
         e.ex_shared_len = 0
         e.ex_shared_cap = 0
+        names = self._names
+        for i in range(len(names), e.names.len):
+            names.append(e.names.names[i].decode("latin-1"))
         pthread_mutex_unlock(&e.lock)
         groups = {}
         for i in range(count):
             # An int key, not a tuple: ints are not tracked by the garbage collector, and a
             # tuple per exchange made it run every few hundred exchanges.
             key = (x[i].token << 24) | (<uint64_t>x[i].method << 16) | x[i].status
+            if x[i].name:
+                key |= ((<object>x[i].name << 16) | <uint16_t>x[i].grpc_status) << 88
             if x[i].token == 0:
                 key |= ((((<object>x[i].service << 32) | x[i].inst) << 32 | x[i].client_ip)
-                        << 64)
+                        << 136)
             group = groups.get(key)
             if group is None:
+                if x[i].name == 0:
+                    path = None
+                elif x[i].name == H2_NAME_OTHER:
+                    path = ""
+                else:
+                    path = names[x[i].name - 1]
                 group = groups[key] = ExchangeGroup(x[i].token, x[i].method, x[i].status, [],
-                                                    [], x[i].service, x[i].inst, x[i].client_ip)
+                                                    [], x[i].service, x[i].inst, x[i].client_ip,
+                                                    path, x[i].grpc_status)
             group.roundtrips_us.append(x[i].roundtrip_ns // 1000)
             group.totals_us.append(x[i].total_ns // 1000)
         free(x)
@@ -671,6 +687,7 @@ cdef class SpliceEngine:
         pthread_mutex_destroy(&e.stats_lock)
         free(e.ex_local)
         free(e.ex_shared)
+        h2_names_free(&e.names)
         free(e.buffers)
         free(e.pool)
         free(e)

@@ -41,10 +41,18 @@
 #     idle timeout    nothing pending in either direction (between requests, responses all
 #                     written) since the last activity: close both sides quietly;
 #     linger          the answer was written and the client has not closed: close.
-# - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response, a client
-#   that opened with the HTTP/2 preface) it takes every byte without looking and
-#   body_remaining is unlimited: the connection is plain TCP.  Each is counted (http_opaque;
-#   the HTTP/2 ones in http_h2_opaque as well).
+# - Once the framer gives up (OPAQUE: a protocol switch, an unparseable response) it takes
+#   every byte without looking and body_remaining is unlimited: the connection is plain TCP,
+#   counted in http_opaque.
+# - A client that opened with the HTTP/2 preface (the framer's OPAQUE with reason H2_PREFACE)
+#   is HTTP/2 from the next byte on: an H2Observer (_h2_observer.pxi) is shown every byte in
+#   the framer's place, and its body_remaining (the rest of a DATA payload) is what may be
+#   spliced.  Each of its streams is an exchange, ended and timed as an HTTP/1.x response is
+#   (through the same pending FIFO, at the END_STREAM frame's last byte); a stream reset
+#   (RST_STREAM) is recorded at once as cut by the side that reset it; the streams under way
+#   when the connection ends are cut as HTTP/1.x exchanges are.  gRPC paths are interned in
+#   RelayEngine.names and records carry their id.  No HTTP timeout applies to an HTTP/2
+#   connection.  Counted: http_h2, http_h2_gave_up, http_h2_untracked.
 # - An exchange that does not complete is counted when its connection ends (http_release):
 #   every request whose response has not ended (hf_unanswered) and every ended response not
 #   yet fully written to the client, with the time so far as its total (and as its roundtrip
@@ -125,6 +133,7 @@ cdef int http_attach(RelayConn *c, bint observe) noexcept nogil:
 
 cdef void http_release(RelayEngine *e, RelayConn *c) noexcept nogil:
     http_count_cut(e, c)
+    h2_free(c.http.h2)
     free(c.http)
     c.http = NULL
     e.http_live -= 1
@@ -158,6 +167,8 @@ cdef void http_record(RelayEngine *e, RelayConn *c, const HttpPending *x,
         r.service = r.inst = r.client_ip = 0
     r.method = x.method
     r.status = x.status
+    r.name = x.name
+    r.grpc_status = x.grpc_status
     r.roundtrip_ns = (x.t_response_head - x.t_request_head
                       if x.t_response_head > x.t_request_head else 0)
     r.total_ns = end - x.t_request_head if end > x.t_request_head else 0
@@ -166,7 +177,8 @@ cdef void http_record(RelayEngine *e, RelayConn *c, const HttpPending *x,
 cdef inline bint http_unfinished(RelayHttp *h) noexcept nogil:
     """An exchange is under way: a request awaits its response, or a response its last
     written byte."""
-    return h.npending != 0 or hf_unanswered(&h.f) != 0
+    return (h.npending != 0 or hf_unanswered(&h.f) != 0
+            or (h.h2 != NULL and h.h2.nstreams != 0))
 
 
 cdef void http_cut_by(RelayConn *c, int d) noexcept nogil:
@@ -185,6 +197,19 @@ cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef uint8_t side = h.cut_side if h.cut_side else HTTP_CUT_FLUXD
     cdef HttpPending x
     cdef HfExchange *r
+    cdef H2Stream *st
+    if h.h2 != NULL and h.h2.nstreams:
+        now = <uint64_t>relay_now_ns()
+        for i in range(h.h2.nstreams):
+            st = &h.h2.streams[i]
+            x.method = st.method
+            x.status = side
+            x.name = st.name
+            x.grpc_status = st.grpc_status
+            x.t_request_head = st.t_request_head
+            x.t_response_head = st.t_response_head if st.t_response_head else now
+            http_record(e, c, &x, now)
+        h.h2.nstreams = 0
     if h.npending == 0 and n == 0:
         return
     now = <uint64_t>relay_now_ns()
@@ -194,6 +219,8 @@ cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
         http_record(e, c, &x, now)
         h.pending_head = (h.pending_head + 1) % HTTP_PENDING
         h.npending -= 1
+    x.name = 0
+    x.grpc_status = -1
     for i in range(n):
         r = &h.f.ring[(h.f.n_answered + i) % HF_RING]
         x.method = r.method
@@ -255,32 +282,111 @@ cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil:
         h.npending -= 1
 
 
+cdef void http_pend(RelayEngine *e, RelayConn *c, const HttpPending *ended,
+                    uint64_t t_end) noexcept nogil:
+    """A response ended at `ended.end_pos` of the response stream, read at `t_end`: the
+    exchange completes once that byte is written to the client."""
+    cdef RelayHttp *h = c.http
+    if h.npending == HTTP_PENDING:
+        # More finished responses in flight than slots (tiny pipelined responses, many
+        # streams): end this one when it was read rather than when it was written.
+        http_record(e, c, ended, t_end)
+        return
+    h.pending[(h.pending_head + h.npending) % HTTP_PENDING] = ended[0]
+    h.npending += 1
+
+
+cdef void http_start_h2(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """The client opened with the HTTP/2 preface: observe the connection as HTTP/2."""
+    cdef RelayHttp *h = c.http
+    relay_count(e, RC_HTTP_H2, 1)
+    h.h2 = h2_new(&e.names)
+    if h.h2 == NULL:
+        relay_count(e, RC_HTTP_H2_GAVE_UP, 1)
+        return
+    h.h2.names_lock = &e.lock
+    h.h2.side[0].pos = h.f.side[HF_REQUEST].pos
+    h.h2.side[1].pos = h.f.side[HF_RESPONSE].pos
+    if h.f.side[HF_RESPONSE].pos:
+        # The instance's bytes were shown to the framer before the client's preface (more
+        # than HTTP_EARLY_MAX of them): its frames cannot be followed.
+        h2_give_up(h.h2, H2_ERR_RESPONSE_FIRST, &e.h2ev)
+        http_h2_events(e, c)
+
+
+cdef bint http_not_h2(const HttpFramer *f, const char *buf, size_t n) noexcept nogil:
+    """Whether these first client bytes already differ from the HTTP/2 preface."""
+    cdef uint8_t matched = f.side[HF_REQUEST].idx
+    cdef size_t k = 0
+    while k < n and matched + k < HF_H2_PREFACE_LEN:
+        if buf[k] != HF_H2_PREFACE[matched + k]:
+            return True
+        k += 1
+    return False
+
+
+cdef void http_show_early(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """The client's first bytes decided the protocol: show the instance's bytes kept from
+    before (already forwarded) to whichever observes the connection now."""
+    cdef RelayHttp *h = c.http
+    cdef size_t n = h.early_len
+    cdef size_t off = 0
+    cdef uint64_t now = <uint64_t>relay_now_ns()
+    h.early_len = 0
+    while off < n:
+        if h.h2 != NULL:
+            off += h2_feed(h.h2, HF_RESPONSE, h.early + off, n - off, now, &e.h2ev)
+            http_h2_events(e, c)
+        else:
+            off += hf_feed(&h.f, HF_RESPONSE, h.early + off, n - off, now, &e.ev)
+            http_events(e, c)
+
+
+cdef void http_h2_events(RelayEngine *e, RelayConn *c) noexcept nogil:
+    """Act on what the HTTP/2 observer reported, then clear its event buffer."""
+    cdef H2Event *ev
+    cdef HttpPending x
+    cdef int i
+    cdef uint64_t now
+    for i in range(e.h2ev.count):
+        ev = &e.h2ev.ev[i]
+        if ev.kind == H2_EV_EXCHANGE or ev.kind == H2_EV_CUT:
+            x.end_pos = ev.pos
+            x.method = ev.method
+            x.status = ev.status
+            x.name = ev.name
+            x.grpc_status = ev.grpc_status
+            x.t_request_head = ev.t_request_head
+            now = <uint64_t>relay_now_ns()
+            x.t_response_head = ev.t_response_head if ev.t_response_head else now
+            if ev.kind == H2_EV_EXCHANGE:
+                http_pend(e, c, &x, now)
+            else:
+                http_record(e, c, &x, now)
+        elif ev.kind == H2_EV_GAVE_UP:
+            relay_count(e, RC_HTTP_H2_GAVE_UP, 1)
+        elif ev.kind == H2_EV_UNTRACKED:
+            relay_count(e, RC_HTTP_H2_UNTRACKED, 1)
+    e.h2ev.count = 0
+
+
 cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
     """Act on what the framer reported, then clear its event buffer."""
     cdef RelayHttp *h = c.http
     cdef HfEvent *ev
-    cdef HttpPending *x
-    cdef HttpPending direct
+    cdef HttpPending x
     cdef int i
     for i in range(e.ev.count):
         ev = &e.ev.ev[i]
         if ev.kind == HF_EV_EXCHANGE:
-            if h.npending == HTTP_PENDING:
-                # More finished responses in flight than slots (tiny pipelined responses):
-                # end this one when it was read rather than when it was written.
-                direct.method = ev.method
-                direct.status = ev.status
-                direct.t_request_head = ev.t_request_head
-                direct.t_response_head = ev.t_response_head
-                http_record(e, c, &direct, ev.t_response_end)
-                continue
-            x = &h.pending[(h.pending_head + h.npending) % HTTP_PENDING]
-            h.npending += 1
             x.end_pos = ev.pos
             x.method = ev.method
             x.status = ev.status
+            x.name = 0
+            x.grpc_status = -1
             x.t_request_head = ev.t_request_head
             x.t_response_head = ev.t_response_head
+            http_pend(e, c, &x, ev.t_response_end)
         elif ev.kind == HF_EV_MALFORMED:
             # Forward nothing of the malformed request (what of it was forwarded by an
             # earlier read stays forwarded: the instance then sees it cut short).
@@ -293,9 +399,10 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             h.rejecting = 1
             h.reject_status = ev.status
         elif ev.kind == HF_EV_OPAQUE:
-            relay_count(e, RC_HTTP_OPAQUE, 1)
             if ev.reason == HF_ERR_H2_PREFACE:
-                relay_count(e, RC_HTTP_H2_OPAQUE, 1)
+                http_start_h2(e, c)
+            else:
+                relay_count(e, RC_HTTP_OPAQUE, 1)
     e.ev.count = 0
 
 
@@ -309,11 +416,28 @@ cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
     cdef uint64_t now = <uint64_t>relay_now_ns()
     cdef size_t off = 0
     h.last_active_ns = <int64_t>now
+    if d == HF_RESPONSE and h.f.side[HF_REQUEST].state == HS_PREFACE and h.h2 == NULL:
+        # The client has not decided between HTTP/1.x and HTTP/2 yet: keep these for then.
+        if h.early_len + n <= HTTP_EARLY_MAX:
+            memcpy(h.early + h.early_len, buf, n)
+            h.early_len += <uint16_t>n
+            return n
+        http_show_early(e, c)
+    elif d == HF_REQUEST and h.early_len and http_not_h2(&h.f, buf, n):
+        # HTTP/1.x: the framer sees the instance's early bytes before any request, as they
+        # came (a response nobody asked for: the connection becomes opaque).
+        http_show_early(e, c)
     while off < n:
+        if h.h2 != NULL:
+            off += h2_feed(h.h2, d, buf + off, n - off, now, &e.h2ev)
+            http_h2_events(e, c)
+            continue
         if d == HF_REQUEST and hf_request_blocked(&h.f):
             break
         off += hf_feed(&h.f, d, buf + off, n - off, now, &e.ev)
         http_events(e, c)
+        if h.early_len and h.f.side[HF_REQUEST].state != HS_PREFACE:
+            http_show_early(e, c)
     if d == HF_REQUEST:
         h.unshown = <uint32_t>(n - off)
     if h.stop_pos[d] < base + off:
@@ -333,10 +457,22 @@ cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
     relay_count(e, RC_INFLIGHT, <int64_t>n)
 
 
+cdef uint64_t http_may_skip(const RelayHttp *h, int d) noexcept nogil:
+    """Bytes of side d that may pass without being shown (spliced): the framer's
+    body_remaining, or the HTTP/2 observer's once there is one."""
+    if h.h2 != NULL:
+        return h2_body_remaining(h.h2, d)
+    return hf_body_remaining(&h.f, d)
+
+
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil:
-    """n bytes of side d were spliced past the framer (n <= hf_body_remaining)."""
+    """n bytes of side d were spliced past the framer (n <= http_may_skip)."""
     cdef uint64_t now = <uint64_t>relay_now_ns()
     c.http.last_active_ns = <int64_t>now
+    if c.http.h2 != NULL:
+        h2_skip(c.http.h2, d, n, now, &e.h2ev)
+        http_h2_events(e, c)
+        return
     hf_skip(&c.http.f, d, n, now, &e.ev)
     http_events(e, c)
 

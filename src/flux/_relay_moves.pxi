@@ -211,7 +211,7 @@ cdef inline size_t relay_splice_limit(RelayEngine *e, RelayConn *c, int d) noexc
     cdef uint64_t body
     if c.http == NULL:
         return e.pipe_size
-    body = hf_body_remaining(&c.http.f, d)
+    body = http_may_skip(c.http, d)
     if body < e.pipe_size:
         return <size_t>body
     return e.pipe_size
@@ -283,7 +283,7 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             rc = relay_recv_into_buf(e, c, d, &got)
             if got:
                 if got == e.small_buffer and (
-                        c.http == NULL or hf_body_remaining(&c.http.f, d) >= e.small_buffer):
+                        c.http == NULL or http_may_skip(c.http, d) >= e.small_buffer):
                     # A full buffer: the flow is bulk, splice from now on.
                     p.bulk = 1
                     p.burst = 0

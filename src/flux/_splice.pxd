@@ -17,7 +17,7 @@ Fields not marked are the engine thread's.  The framer's structs are pure data o
 connection: whoever holds the connection (the engine thread, or a test's probe) writes them.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from flux._sys cimport pthread_mutex_t, clock_gettime, CLOCK_MONOTONIC, timespec
 
@@ -292,6 +292,175 @@ cdef struct HfEvents:
     HfEvent ev[HF_EVENTS_MAX]
 
 
+# ==== the HTTP/2 observer's types (_h2_observer.pxi) ==========================================
+
+cdef extern from "<nghttp2/nghttp2.h>" nogil:
+    # libnghttp2's HPACK decoder (Debian: libnghttp2-14, headers in libnghttp2-dev): the kept
+    # library the observer decodes header blocks with; see _h2_observer.pxi.
+    ctypedef struct nghttp2_hd_inflater:
+        pass
+    ctypedef struct nghttp2_nv:
+        uint8_t *name
+        uint8_t *value
+        size_t namelen
+        size_t valuelen
+        uint8_t flags
+    enum:
+        NGHTTP2_HD_INFLATE_NONE
+        NGHTTP2_HD_INFLATE_FINAL
+        NGHTTP2_HD_INFLATE_EMIT
+    int nghttp2_hd_inflate_new(nghttp2_hd_inflater **inflater_ptr)
+    void nghttp2_hd_inflate_del(nghttp2_hd_inflater *inflater)
+    int nghttp2_hd_inflate_change_table_size(nghttp2_hd_inflater *inflater,
+                                             size_t settings_max_dynamic_table_size)
+    ssize_t nghttp2_hd_inflate_hd2(nghttp2_hd_inflater *inflater, nghttp2_nv *nv_out,
+                                   int *inflate_flags, const uint8_t *input, size_t inlen,
+                                   int in_final)
+    int nghttp2_hd_inflate_end_headers(nghttp2_hd_inflater *inflater)
+
+cdef enum:
+    H2_HEAD_LEN = 9             # a frame header
+    H2_STREAMS_MAX = 256        # streams followed at once per connection
+    H2_TABLE_DEFAULT = 4096     # SETTINGS_HEADER_TABLE_SIZE's initial value
+    H2_TABLE_MAX = 65536        # the largest dynamic table followed (above: give up)
+    H2_PATH_MAX = 256           # a gRPC :path kept (longer ones fold into "other")
+    H2_NAMES_MAX = 4096         # distinct gRPC paths per engine (H2Names)
+    H2_NAME_SLOTS = 8192        # H2Names' hash slots (a power of two, > 2 * H2_NAMES_MAX)
+    H2_NAME_OTHER = 0xFFFFFFFF  # the name of a path too long, or past H2_NAMES_MAX
+    H2_EVENTS_MAX = 16
+    H2_EVENTS_RESERVE = 3       # one step emits at most 2 events
+
+    # frame types and flags (RFC 9113 section 6)
+    H2_DATA = 0
+    H2_HEADERS = 1
+    H2_RST_STREAM = 3
+    H2_SETTINGS = 4
+    H2_PUSH_PROMISE = 5
+    H2_CONTINUATION = 9
+    H2F_END_STREAM = 0x1
+    H2F_ACK = 0x1
+    H2F_END_HEADERS = 0x4
+    H2F_PADDED = 0x8
+    H2F_PRIORITY = 0x20
+    H2_SETTINGS_HEADER_TABLE_SIZE = 1
+
+    # H2Side.state
+    H2S_HEAD = 0                # reading a frame header
+    H2S_PREFIX                  # pad length, priority, promised stream id
+    H2S_BLOCK                   # a header block fragment, to the HPACK decoder
+    H2S_SETTINGS                # SETTINGS parameters
+    H2S_SKIP                    # payload not read: DATA (may be spliced), padding, the rest
+
+    # H2Side.blk_kind: what the header block in progress is
+    H2B_NONE = 0                # no block in progress
+    H2B_HEADERS
+    H2B_PUSH                    # a PUSH_PROMISE's: decoded for the HPACK state only
+
+    # events
+    H2_EV_EXCHANGE = 1          # a stream's response ended (pos: where, in the response stream)
+    H2_EV_CUT = 2               # a stream under way was reset (status: HTTP_CUT_* of who)
+    H2_EV_GAVE_UP = 3           # observation ended (reason)
+    H2_EV_UNTRACKED = 4         # a stream past H2_STREAMS_MAX was not followed
+
+    # reasons (GAVE_UP)
+    H2_ERR_NONE = 0
+    H2_ERR_HPACK                # the HPACK decoder failed (or a field over 64 KiB)
+    H2_ERR_SEQUENCE             # a header block not continued by CONTINUATION on its stream
+    H2_ERR_PADDING              # padding longer than the frame
+    H2_ERR_TABLE_SIZE           # SETTINGS_HEADER_TABLE_SIZE over H2_TABLE_MAX
+    H2_ERR_MEMORY
+    H2_ERR_RESPONSE_FIRST       # the instance spoke before the client's preface
+
+
+cdef struct H2Names:
+    # gRPC paths by id (1..H2_NAMES_MAX): names[id - 1], NUL-terminated.  In an engine, the
+    # engine thread appends under RelayEngine.lock and the caller reads under it (drain_all).
+    char **names
+    uint32_t len
+    uint32_t cap
+    uint32_t *slots             # H2_NAME_SLOTS ids by hash (0: empty); engine thread only
+
+
+cdef struct H2Fields:
+    # Where a probe collects every decoded field: (u32 name length, name, u32 value length,
+    # value) after one another.  The engine passes none.
+    char *buf
+    size_t len
+    size_t cap
+    uint32_t count
+
+
+cdef struct H2Stream:
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint32_t id
+    uint32_t name               # the gRPC path's H2Names id (0: not gRPC)
+    int16_t grpc_status         # -1: none yet
+    uint16_t status             # the response head's (0: none yet)
+    uint8_t method
+
+
+cdef struct H2Side:
+    uint64_t pos                # stream offset: bytes shown or skipped
+    uint64_t frame_end          # stream offset where the current frame ends
+    uint32_t remaining          # payload bytes of the current frame not taken yet
+    uint32_t frag_left          # header block fragment bytes of it not taken yet
+    uint32_t stream             # the current frame's stream
+    uint32_t blk_stream         # the stream of the header block in progress
+    uint32_t table_max          # the HPACK decoder's table limit now
+    uint32_t table_want         # a raise to apply when no block is in progress
+    int32_t grpc_status         # of the block in progress (-1: none)
+    uint16_t status             # :status of the block in progress (0: none)
+    uint16_t path_len           # > H2_PATH_MAX: too long
+    uint8_t hdr[H2_HEAD_LEN]
+    uint8_t hdr_len
+    uint8_t type
+    uint8_t flags
+    uint8_t state
+    uint8_t prefix_left
+    uint8_t need_pad            # the next prefix octet is the pad length
+    uint8_t pad
+    uint8_t blk_kind
+    uint8_t blk_end_stream      # the block's HEADERS frame carried END_STREAM
+    uint8_t method
+    uint8_t grpc                # content-type application/grpc...
+    uint8_t setting_len
+    uint8_t setting[6]
+    char path[H2_PATH_MAX]
+    nghttp2_hd_inflater *inflater
+
+
+cdef struct H2Observer:
+    # One HTTP/2 connection's observer: pure data, as the HTTP/1.x framer (whoever holds the
+    # connection writes it).  The bytes it keeps are bounded: see _h2_observer.pxi.
+    H2Side side[2]              # 0: the client's frames, 1: the instance's
+    H2Stream *streams           # the streams followed (dense; order is not kept)
+    uint32_t nstreams
+    uint32_t cap
+    H2Names *names              # where gRPC paths are interned
+    pthread_mutex_t *names_lock  # held while `names` grows (NULL: nobody else reads it)
+    H2Fields *collect           # a probe's field log (NULL in the engine)
+    uint8_t dead                # gave up: every byte passes unseen
+
+
+cdef struct H2Event:
+    uint64_t t_request_head
+    uint64_t t_response_head
+    uint64_t pos
+    uint32_t stream
+    uint32_t name
+    int16_t grpc_status
+    uint16_t status
+    uint8_t kind
+    uint8_t method
+    uint8_t reason
+
+
+cdef struct H2Events:
+    int count
+    H2Event ev[H2_EVENTS_MAX]
+
+
 # ==== the relay engine's types ================================================================
 
 cdef enum:
@@ -318,7 +487,9 @@ cdef enum:
     RC_HTTP_HEADER_TIMEOUTS
     RC_HTTP_IDLE_CLOSED
     RC_HTTP_OPAQUE          # connections whose framing was given up (bytes still relayed)
-    RC_HTTP_H2_OPAQUE       # ... of them, connections that opened with the HTTP/2 preface
+    RC_HTTP_H2              # connections observed as HTTP/2 (they opened with the preface)
+    RC_HTTP_H2_GAVE_UP      # ... of them, connections whose HTTP/2 observation was given up
+    RC_HTTP_H2_UNTRACKED    # HTTP/2 streams not followed (H2_STREAMS_MAX already were)
     RC_EXCHANGES_DROPPED    # exchange records lost because nobody drained them
     RC_BUFFERS_LENT         # copy buffers held by a direction with bytes in flight
     RC_BUFFERS_IDLE         # copy buffers pooled for reuse
@@ -502,6 +673,8 @@ cdef struct RelayEngine:
     RelayConn *est_local        # engine: connected since the last publish
     RelayConn *est_shared       # lock: published, not yet drained
     HfEvents ev                 # engine: the framer's event scratch
+    H2Events h2ev               # engine: the HTTP/2 observer's
+    H2Names names               # the gRPC paths HTTP/2 exchanges named (see H2Names)
     # Accepting (see _relay_accept.pxi).
     RelayShared *shared         # caller, at creation (shared with the other shards)
     pthread_mutex_t stats_lock  # the services' tallies and inst_active arrays
@@ -536,6 +709,7 @@ cdef enum:
     HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
     HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
     HTTP_ANSWERS = 3                    # the engine's own answers: 400, 431, 408
+    HTTP_EARLY_MAX = 256                # instance bytes kept before the client's first ones
     # An exchange cut short is recorded with who cut it in place of its status (real ones are
     # 100..999): flux.relay.HTTP_CUT_SIDES[status - 1] names them.
     HTTP_CUT_CLIENT = 1                 # = 1 + the client's side index
@@ -563,6 +737,8 @@ cdef struct RelayExchange:
     uint32_t service        # token 0 (an engine-accepted connection): its label set
     uint32_t inst
     uint32_t client_ip
+    uint32_t name           # HTTP/2: the gRPC path's id in RelayEngine.names (0: not gRPC)
+    int16_t grpc_status     # its grpc-status (-1: none)
     uint16_t status
     uint8_t method
 
@@ -572,6 +748,8 @@ cdef struct HttpPending:
     uint64_t end_pos                    # response-stream offset just after the response
     uint64_t t_request_head
     uint64_t t_response_head
+    uint32_t name                       # as RelayExchange's
+    int16_t grpc_status
     uint16_t status
     uint8_t method
 
@@ -597,6 +775,13 @@ cdef struct RelayHttp:
     uint8_t ring_wait                   # dir[0] waits for a response to free a ring slot
     # HTTP_CUT_*: the side that ended first with an exchange unfinished (0: none yet).
     uint8_t cut_side
+    # The HTTP/2 observer, once the client opened with the preface (NULL until then).
+    H2Observer *h2
+    # The instance's first bytes, when they came before the client's first ones decided
+    # between HTTP/1.x and HTTP/2 (an HTTP/2 server may send its SETTINGS at once): forwarded,
+    # but shown (to the framer or the HTTP/2 observer) only once that is decided.
+    uint16_t early_len
+    char early[HTTP_EARLY_MAX]
 
 
 # ==== functions one room calls in another ===================================================
@@ -612,6 +797,17 @@ cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *o
 cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
+
+# the HTTP/2 observer's calling protocol (_h2_observer.pxi)
+cdef H2Observer *h2_new(H2Names *names) noexcept nogil
+cdef void h2_free(H2Observer *o) noexcept nogil
+cdef size_t h2_feed(H2Observer *o, int side, const char *data, size_t n, uint64_t now,
+                    H2Events *out) noexcept nogil
+cdef uint64_t h2_body_remaining(const H2Observer *o, int side) noexcept nogil
+cdef void h2_skip(H2Observer *o, int side, uint64_t n, uint64_t now,
+                  H2Events *out) noexcept nogil
+cdef void h2_give_up(H2Observer *o, uint8_t reason, H2Events *out) noexcept nogil
+cdef void h2_names_free(H2Names *names) noexcept nogil
 
 # pipes and copy buffers (_relay_pipes.pxi)
 cdef void relay_close_pipe(RelayEngine *e, int r, int w) noexcept nogil
@@ -661,6 +857,7 @@ cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil
 cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef uint64_t http_may_skip(const RelayHttp *h, int d) noexcept nogil
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
 cdef void http_cut_by(RelayConn *c, int d) noexcept nogil
 cdef void http_source_eof(RelayEngine *e, RelayConn *c, int d) noexcept nogil

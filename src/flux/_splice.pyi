@@ -40,6 +40,8 @@ class ExchangeGroup(NamedTuple):
     service: int
     instance: int
     client_ip: int
+    grpc_path: str | None
+    grpc_code: int
 
 
 class HandOver(NamedTuple):
@@ -232,3 +234,37 @@ class HttpFramerProbe:
     def observing(self) -> bool: ...
 
 # ---- end of HTTP framer ----------------------------------------------------------------------
+
+
+class H2ObserverEvent(NamedTuple):
+    """One event of the HTTP/2 observer: kind is "exchange", "cut", "gave-up" or "untracked";
+    grpc_path None when not gRPC ("" past the name table); grpc_status -1: none."""
+
+    kind: str
+    stream: int
+    method: str
+    status: int
+    grpc_path: str | None
+    grpc_status: int
+    t_request_head: int
+    t_response_head: int
+    pos: int
+    reason: str
+
+
+@disjoint_base
+class H2ObserverProbe:
+    """The relay engine's HTTP/2 observer, driven from Python (tests, fuzzing); with
+    ``collect`` it logs every decoded field (``fields()``)."""
+
+    def __new__(cls, collect: bool = False) -> Self: ...
+    def feed(self, side: _Side, data: _Bytes, now: int = 0) -> list[H2ObserverEvent]: ...
+    def skip(self, side: _Side, n: int, now: int = 0) -> list[H2ObserverEvent]: ...
+    def body_remaining(self, side: _Side) -> int: ...
+    def position(self, side: _Side) -> int: ...
+    def fields(self) -> list[tuple[bytes, bytes]]: ...
+    def table_limit(self, side: _Side) -> int: ...
+    @property
+    def open_streams(self) -> list[int]: ...
+    @property
+    def observing(self) -> bool: ...

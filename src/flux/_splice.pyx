@@ -7,6 +7,9 @@ may be read in any order:
 
 - ``_http_framer.pxi``: the HTTP/1.x framer, a pure observer of relayed bytes that finds
   message boundaries, methods, statuses and timings (and its test probe, HttpFramerProbe).
+- ``_h2_observer.pxi``: the HTTP/2 observer, likewise for connections that open with the
+  HTTP/2 preface: frame headers, header blocks through libnghttp2's HPACK decoder, one
+  exchange per stream (and its probe, H2ObserverProbe).
 - ``_relay_pipes.pxi``: the pipe pool and the copy buffers lent to a direction in flight.
 - ``_relay_conn.pxi``: a connection's life: registering, finishing, aborting, retiring.
 - ``_relay_connect.pxi``: the engine connecting the upstream itself, and its timeouts.
@@ -42,6 +45,7 @@ from libc.string cimport memcpy
 from flux._sys cimport *
 
 include "_http_framer.pxi"
+include "_h2_observer.pxi"
 include "_relay_pipes.pxi"
 include "_relay_conn.pxi"
 include "_relay_connect.pxi"

@@ -33,7 +33,7 @@ import functools
 import socket
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flux.relay.base import (
     CUT_TIMEOUT,
@@ -43,6 +43,7 @@ from flux.relay.base import (
     ConnectHandler,
     EngineCounts,
     ExchangeObserver,
+    GrpcCall,
     ObserverFactory,
     RelayCounters,
     RelayResult,
@@ -417,7 +418,7 @@ class SpliceRelay:
         """Give each exchange batch (see ``SpliceEngine.drain_all``) to its observer."""
         observers = self._observers
         methods = self._methods
-        for token, method, status, roundtrips, totals, sid, iid, ip in exchanges:
+        for token, method, status, roundtrips, totals, sid, iid, ip, path, code in exchanges:
             if token:
                 observe = observers.get(token)
             else:
@@ -429,8 +430,13 @@ class SpliceRelay:
                         continue
                     name, address = self._instances[iid]
                     observe = self._label_observers[key] = factory(name, address, _ipv4(ip))
-            if observe is not None:
+            if observe is None:
+                continue
+            if path is None:
                 observe(methods[method], status, roundtrips, totals)
+            else:
+                grpc_observe: Any = observe
+                grpc_observe(methods[method], status, roundtrips, totals, _grpc_call(path, code))
 
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for active connections, reset the rest, stop the engine."""
@@ -467,6 +473,12 @@ class SpliceRelay:
         await wait_bounded(list(self._pending.values()), timeout)
         while (self._handlers or self.held) and self._loop.time() < deadline:
             await asyncio.sleep(0.02)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grpc_call(path: str, code: int) -> GrpcCall:
+    """One GrpcCall per (path, code) the engine reports (both come from bounded sets)."""
+    return GrpcCall(path, code)
 
 
 @functools.lru_cache(maxsize=65536)
