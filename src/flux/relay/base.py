@@ -76,6 +76,7 @@ __all__ = [
     "Connector",
     "EngineCounts",
     "ExchangeObserver",
+    "GrpcCall",
     "ObserverFactory",
     "Relay",
     "RelayCounters",
@@ -92,6 +93,14 @@ ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
 """Called with HTTP exchanges of one connection and label set, in batches:
 (method, status, [roundtrip_us, ...], [total_us, ...]).  An exchange cut short comes with
 1, 2 or 3 in place of its status (see HTTP_CUT_SIDES)."""
+
+
+class GrpcCall(NamedTuple):
+    """A gRPC call an HTTP/2 exchange carried: its ``:path`` (``/package.Service/Method``) and
+    the ``grpc-status`` it ended with (-1: none came)."""
+
+    path: str
+    code: int
 
 # An exchange that did not complete (its connection ended with the request unanswered or the
 # response not fully written to the client) is reported with k in place of its status, and
