@@ -49,11 +49,20 @@ from flux.metrics import (
     SlidingSummary,
     build_registry,
 )
-from flux.metrics.counters import BucketCounts
+from flux.metrics.counters import (
+    GRPC_CODES,
+    GRPC_METHODS_PER_SERVICE,
+    GRPC_PATH_LIMIT,
+    HTTP_DURATION_BUCKETS,
+    BucketCounts,
+    grpc_code_label,
+    grpc_method_labels,
+)
 from flux.metrics.summary import SUMMARY_HIGHEST_US
 from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
 from flux.relay import (
     HTTP_CUT_SIDES,
+    GrpcCall,
     PythonRelay,
     RelayCounters,
     RelayResult,
@@ -393,6 +402,182 @@ def test_an_exchange_cut_short_is_code_aborted_and_counted_by_who_cut_it() -> No
     assert aborted == {"client": 1, "instance": 2, "fluxd": None}
 
 
+GREETER = "/helloworld.Greeter/SayHello"
+
+
+def grpc_sample(
+    registry: CollectorRegistry, name: str, grpc_service: str, grpc_method: str, **labels: str
+) -> float | None:
+    return registry.get_sample_value(
+        name,
+        {"service": "web", "grpc_service": grpc_service, "grpc_method": grpc_method, **labels},
+    )
+
+
+def test_grpc_calls_are_counted_per_method_and_code_besides_http() -> None:
+    metrics = Metrics(clock=FakeClock())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    observe = metrics.exchange_observer(conn(protocol="http"))
+    observe("POST", 200, [100, 200, 300], [400, 6_000, 2_000_000], GrpcCall(GREETER, 0))
+    observe("POST", 200, [10], [20], GrpcCall(GREETER, 5))
+    observe("POST", 200, [10], [30], GrpcCall(GREETER, -1))  # no grpc-status came
+    observe("POST", 200, [10], [40], GrpcCall(GREETER, 99))
+    observe("POST", 200, [10], [50], GrpcCall(GREETER, 17))
+    # Cut short: "aborted", whatever grpc-status came before the cut.
+    observe("POST", 1 + HTTP_CUT_SIDES.index("client"), [10], [60], GrpcCall(GREETER, 0))
+    observe("POST", 1 + HTTP_CUT_SIDES.index("instance"), [10], [70], GrpcCall(GREETER, -1))
+    observe("POST", 200, [10], [80])  # a plain HTTP exchange: no gRPC series
+
+    def calls(code: str) -> float | None:
+        return grpc_sample(registry, "flux_grpc_total", "helloworld.Greeter", "SayHello", code=code)
+
+    counts = {code: calls(code) for code in ("OK", "NOT_FOUND", "none", "UNKNOWN", "aborted")}
+    assert counts == {"OK": 3, "NOT_FOUND": 1, "none": 1, "UNKNOWN": 2, "aborted": 2}
+    assert calls("CANCELLED") is None
+    # Every call is an HTTP exchange too (7 completed calls and the plain exchange).
+    http = {"individual": "c0ffee", "src": "192.168.1.9", "dst": "10.0.0.2",
+            "method": "POST", "code": "200", "service": "web"}  # fmt: skip
+    assert registry.get_sample_value("flux_http_total", http) == 8
+    assert registry.get_sample_value("flux_http_total", {**http, "code": "aborted"}) == 2
+    # One histogram per method, over every code, from the total times.
+    histogram = "flux_grpc_duration_seconds"
+    assert grpc_sample(registry, f"{histogram}_count", "helloworld.Greeter", "SayHello") == 9
+    assert grpc_sample(registry, f"{histogram}_sum", "helloworld.Greeter", "SayHello") == (
+        pytest.approx((400 + 6_000 + 2_000_000 + 20 + 30 + 40 + 50 + 60 + 70) / 1e6)
+    )
+    buckets = {
+        le: grpc_sample(registry, f"{histogram}_bucket", "helloworld.Greeter", "SayHello", le=le)
+        for le in ("0.0005", "0.01", "2.5", "+Inf")
+    }
+    assert buckets == {"0.0005": 7, "0.01": 8, "2.5": 9, "+Inf": 9}
+    assert grpc_sample(registry, "flux_grpc_folded_total", "other", "other") is None
+
+
+def test_grpc_status_codes_have_their_canonical_names() -> None:
+    canonical = [
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ]  # fmt: skip
+    assert [grpc_code_label(200, code) for code in range(17)] == canonical == list(GRPC_CODES)
+    assert grpc_code_label(200, -1) == "none"
+    for code in (17, 100, 2**31 - 1, -2):
+        assert grpc_code_label(200, code) == "UNKNOWN"
+    for cut in range(1, len(HTTP_CUT_SIDES) + 1):
+        assert grpc_code_label(cut, 0) == grpc_code_label(cut, -1) == "aborted"
+
+
+@pytest.mark.parametrize(
+    ("path", "labels"),
+    [
+        (GREETER, ("helloworld.Greeter", "SayHello")),
+        ("/grpc.health.v1.Health/Check", ("grpc.health.v1.Health", "Check")),
+        ("/Svc/M_1", ("Svc", "M_1")),
+        ("/", ("other", "other")),
+        ("", ("other", "other")),
+        ("/index.html", ("other", "other")),
+        ("helloworld.Greeter/SayHello", ("other", "other")),
+        ("//SayHello", ("other", "other")),
+        ("/helloworld.Greeter/", ("other", "other")),
+        ("/a/b/c", ("other", "other")),
+        ("/a b/c", ("other", "other")),
+        ("/a/b\n", ("other", "other")),
+        ("/grüß/gott", ("other", "other")),
+        ("/a/\udcff", ("other", "other")),  # not even encodable: would break the scrape
+        ("/s/" + "m" * (GRPC_PATH_LIMIT - 3), ("s", "m" * (GRPC_PATH_LIMIT - 3))),
+        ("/s/" + "m" * (GRPC_PATH_LIMIT - 2), ("other", "other")),
+    ],
+)
+def test_grpc_method_labels_come_from_a_path_of_the_form_service_method(
+    path: str, labels: tuple[str, str]
+) -> None:
+    assert grpc_method_labels(path) == labels
+
+
+def test_grpc_methods_beyond_the_cap_fold_into_other_and_are_counted() -> None:
+    metrics = Metrics(clock=FakeClock())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    # Several connections (observers) of one service share its cap.
+    observers = [metrics.exchange_observer(conn(client=f"10.1.0.{i}", protocol="http"))
+                 for i in range(3)]  # fmt: skip
+    for i in range(GRPC_METHODS_PER_SERVICE):
+        observers[i % 3]("POST", 200, [1], [2], GrpcCall(f"/pkg.S{i}/Call", 0))
+    for i in range(GRPC_METHODS_PER_SERVICE, GRPC_METHODS_PER_SERVICE + 50):
+        observers[i % 3]("POST", 200, [1, 1], [2, 3], GrpcCall(f"/pkg.S{i}/Call", 14))
+    observers[0]("POST", 200, [1], [2], GrpcCall("/pkg.S0/Call", 14))  # one of the first 100
+    observers[1]("POST", 200, [1], [2], GrpcCall("not a path", 0))  # other, but not folded
+    # Another service has its own cap.
+    metrics.exchange_observer(conn(service="api", protocol="http"))(
+        "POST", 200, [1], [2], GrpcCall("/pkg.S999/Call", 0)
+    )
+    assert grpc_sample(registry, "flux_grpc_total", "pkg.S99", "Call", code="OK") == 1
+    assert grpc_sample(registry, "flux_grpc_total", "pkg.S0", "Call", code="UNAVAILABLE") == 1
+    assert grpc_sample(registry, "flux_grpc_total", "pkg.S100", "Call", code="UNAVAILABLE") is None
+    assert grpc_sample(registry, "flux_grpc_total", "other", "other", code="UNAVAILABLE") == 100
+    assert grpc_sample(registry, "flux_grpc_total", "other", "other", code="OK") == 1
+    assert grpc_sample(registry, "flux_grpc_duration_seconds_count", "other", "other") == 101
+    assert registry.get_sample_value("flux_grpc_folded_total", {"service": "web"}) == 100
+    assert registry.get_sample_value("flux_grpc_folded_total", {"service": "api"}) is None
+    assert registry.get_sample_value(
+        "flux_grpc_total",
+        {"service": "api", "grpc_service": "pkg.S999", "grpc_method": "Call", "code": "OK"},
+    ) == 1
+    methods = {(key[0], key[1]) for key in metrics.grpc_calls if key[0] == "web"}
+    assert len(methods) == GRPC_METHODS_PER_SERVICE + 1  # and "other"
+
+
+def test_an_observer_keeps_slots_only_for_bounded_label_sets() -> None:
+    """Folded or unrecognised paths and undefined codes are unboundedly many: an observer must
+    not keep a slot for each (it lives as long as its label set), yet count them all."""
+    metrics = Metrics(clock=FakeClock())
+    observe = metrics.exchange_observer(conn(protocol="http"))
+    slots = next(cell.cell_contents for cell in observe.__closure__ or ()
+                 if isinstance(cell.cell_contents, dict))  # fmt: skip
+    for i in range(GRPC_METHODS_PER_SERVICE):
+        observe("POST", 200, [1], [2], GrpcCall(f"/pkg.S{i}/Call", i % 17))
+        observe("POST", 200, [1], [2], GrpcCall(f"/pkg.S{i}/Call", i % 17))
+    assert len(slots) == GRPC_METHODS_PER_SERVICE
+    for i in range(1000):
+        observe("POST", 200, [1], [2], GrpcCall(f"/pkg.More{i}/Call", 0))
+        observe("POST", 200, [1], [2], GrpcCall(f"/junk{i}", 0))
+        observe("POST", 200, [1], [2], GrpcCall(GREETER.replace("pkg", "x"), 17 + i))
+    assert len(slots) == GRPC_METHODS_PER_SERVICE
+    calls = {key: counts.count for key, counts in metrics.grpc_calls.items()}
+    assert calls[("web", "other", "other", "OK")] == 2000
+    assert calls[("web", "other", "other", "UNKNOWN")] == 1000
+    assert metrics.grpc_folded == {"web": 2000}
+
+
+def test_record_exchange_takes_the_grpc_call_too() -> None:
+    metrics = Metrics(clock=FakeClock())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    info = conn(protocol="http")
+    metrics.record_exchange(info, "POST", 200, 100, 1500, GrpcCall(GREETER, 4))
+    metrics.record_exchange(info, "POST", 200, 100, 1500)
+    assert grpc_sample(
+        registry, "flux_grpc_total", "helloworld.Greeter", "SayHello", code="DEADLINE_EXCEEDED"
+    ) == 1
+    assert grpc_sample(
+        registry, "flux_grpc_duration_seconds_bucket", "helloworld.Greeter", "SayHello", le="0.0025"
+    ) == 1
+    assert len(metrics.grpc_calls) == 1
+
+
+def test_bucket_counts_add_up_only_with_the_same_bounds() -> None:
+    a, b = BucketCounts(HTTP_DURATION_BUCKETS), BucketCounts(HTTP_DURATION_BUCKETS)
+    a.observe_us([100, 20_000])
+    b.observe_us([100, 90_000_000])
+    a.add(b)
+    assert (a.count, a.buckets()[0], a.buckets()[-1]) == (4, ("0.0005", 2.0), ("+Inf", 4.0))
+    assert a.sum == pytest.approx(90.0202)
+    with pytest.raises(ValueError, match="bucket bounds differ"):
+        a.add(BucketCounts((1, 2)))
+
+
 def test_registry_has_the_standard_collectors() -> None:
     registry = build_registry(Metrics())
     assert registry.get_sample_value("process_cpu_seconds_total") is not None
@@ -409,6 +594,11 @@ def busy_metrics() -> Metrics:
         metrics.on_connection(info)
         metrics.on_done(info, RelayResult(10 * i, 20 * i, None, 0.1))
         metrics.record_exchange(info, "GET", 200, 1000 + i, 2000 + i)
+        metrics.record_exchange(info, "POST", 200, 1000 + i, 2000 + i, GrpcCall(GREETER, i - 1))
+        metrics.record_exchange(info, "POST", 1, 10, 20, GrpcCall(f"/s.S{i}/M", 0))
+    observe = metrics.exchange_observer(conn(protocol="http"))
+    for i in range(GRPC_METHODS_PER_SERVICE + 1):  # past the cap: the last ones are folded
+        observe("POST", 200, [5], [9], GrpcCall(f"/pkg.S{i}/Call", 0))
     metrics.on_connect_failure("web", "c9")
     metrics.on_iptables_sync(0.004)
     return metrics
@@ -500,6 +690,8 @@ async def test_metrics_endpoint_speaks_openmetrics_when_asked(endpoint) -> None:
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
     assert "# TYPE flux_http_roundtrip_usec summary" in body
+    assert "# TYPE flux_grpc counter" in body and "# TYPE flux_grpc_folded counter" in body
+    assert "# TYPE flux_grpc_duration_seconds histogram" in body
 
 
 async def test_healthz_follows_the_chain_and_the_event_stream(endpoint) -> None:

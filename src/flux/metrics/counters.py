@@ -26,6 +26,16 @@ instance name (the container ID), ``src`` the client's IP, ``dst`` the instance'
 its port.  Label sets are never forgotten (as in the original): a series for an instance that
 is gone keeps its last value until fluxd restarts, which is what a Prometheus counter promises.
 
+An HTTP/2 exchange that carried a gRPC call (the relay passes a :class:`~flux.relay.GrpcCall`)
+is also counted per gRPC method and code (``flux_grpc_total``, ``flux_grpc_duration_seconds``).
+Its method comes from the request's ``:path``, which the client chooses, so the label values
+are bounded: at most :data:`GRPC_METHODS_PER_SERVICE` methods per service get their own, the
+calls to any other are folded into ``other``/``other`` and counted
+(``flux_grpc_folded_total``), and a path not of the form ``/service/method`` is
+``other``/``other`` too.  For the same reason an observer keeps at hand only the label sets of
+methods with their own labels and of the codes gRPC defines: the rest (folded, unrecognised, a
+code outside 0..16) cost a parse per batch instead of a slot each.
+
 ``flux_instances{service,state}`` comes from the agent's view of *this host's* instances (every
 state, not only live ones): each fluxd exports its own containers, so summing the gauge over
 hosts gives the cluster's numbers.  The balancer's watch sees every host's instances but keeps
@@ -40,6 +50,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -61,18 +72,23 @@ from flux.model import ConnectionInfo, Instance, InstanceState
 from flux.relay import (
     HTTP_CUT_SIDES,
     EngineCounts,
-    ExchangeObserver,
+    GrpcCall,
     RelayCounters,
     RelayResult,
 )
 
 __all__ = [
+    "GRPC_CODES",
+    "GRPC_METHODS_PER_SERVICE",
+    "GRPC_PATH_LIMIT",
     "HTTP_DURATION_BUCKETS",
     "IPTABLES_SYNC_BUCKETS",
     "QUANTILES",
     "BucketCounts",
     "FluxCollector",
     "Metrics",
+    "grpc_code_label",
+    "grpc_method_labels",
 ]
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -101,6 +117,36 @@ HTTP_DURATION_BUCKETS = (
 CONNECTION_LABELS = ("individual", "src", "dst", "protocol", "service")
 HTTP_LABELS = ("individual", "src", "dst", "method", "code", "service")
 HTTP_DURATION_LABELS = ("service", "method", "code")
+GRPC_LABELS = ("service", "grpc_service", "grpc_method", "code")
+GRPC_DURATION_LABELS = ("service", "grpc_service", "grpc_method")
+
+# The canonical names of the gRPC status codes, indexed by code (0..16).
+GRPC_CODES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+# (grpc_service, grpc_method) pairs with their own label values, per service; calls to any
+# other method are folded into _GRPC_OTHER.
+GRPC_METHODS_PER_SERVICE = 100
+# A longer :path is not taken as a method name (a label value is kept until fluxd restarts,
+# and the client chooses it); real ones are a few dozen characters.
+GRPC_PATH_LIMIT = 256
+_GRPC_OTHER = ("other", "other")
 
 
 class BucketCounts:
@@ -131,6 +177,14 @@ class BucketCounts:
         self.count += len(values_us)
         self.sum += sum(values_us) / 1e6
 
+    def add(self, other: BucketCounts) -> None:
+        """Add ``other``'s counts (the same bounds) to these."""
+        if other.bounds != self.bounds:
+            raise ValueError(f"bucket bounds differ: {self.bounds} and {other.bounds}")
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.count += other.count
+        self.sum += other.sum
+
     def buckets(self) -> list[tuple[str, float]]:
         """``(le, cumulative count)`` pairs, ending with ``+Inf``, as Prometheus wants."""
         pairs = []
@@ -150,6 +204,67 @@ def _label_float(value: float) -> str:
 class _Exchanges:
     roundtrip: SlidingSummary
     total: SlidingSummary
+
+
+class _Slot(NamedTuple):
+    """Where one batch of exchanges is counted (one label set of every family it feeds)."""
+
+    exchanges: _Exchanges
+    durations: BucketCounts
+    # A gRPC call's total times, for flux_grpc_total (its count) and the method's histogram.
+    grpc: BucketCounts | None
+    # The call's method was folded into "other" (flux_grpc_folded_total).
+    folded: bool
+    # An observer may keep the slot under the batch's own (method, status, grpc): false when
+    # unboundedly many of those share its label set (a folded or unrecognised path, a code
+    # gRPC does not define).
+    reusable: bool
+
+
+class _Observe(Protocol):
+    """What :meth:`Metrics.exchange_observer` makes: an ExchangeObserver whose ``grpc``
+    argument may be left out (a plain HTTP exchange)."""
+
+    def __call__(
+        self,
+        method: str,
+        status: int,
+        roundtrips: list[int],
+        totals: list[int],
+        grpc: GrpcCall | None = None,
+    ) -> None: ...
+
+
+def grpc_code_label(status: int, code: int) -> str:
+    """``flux_grpc_total``'s ``code`` for a call that ended with HTTP ``status`` and
+    ``grpc-status`` ``code``: ``"aborted"`` when it was cut short (a status below 100, see
+    HTTP_CUT_SIDES), ``"none"`` when no grpc-status came (-1), else the canonical name, with
+    ``"UNKNOWN"`` for a number gRPC does not define."""
+    if status < 100:
+        return "aborted"
+    if code == -1:
+        return "none"
+    return GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else "UNKNOWN"
+
+
+def grpc_method_labels(path: str) -> tuple[str, str]:
+    """``(grpc_service, grpc_method)`` from a gRPC ``:path`` ``/package.Service/Method``;
+    ``("other", "other")`` for a path not of that form: not two non-empty names after
+    slashes, longer than GRPC_PATH_LIMIT, or with anything but printable ASCII and no
+    spaces (what a label value can be without surprising a reader)."""
+    service, slash, method = path[1:].partition("/")
+    if (
+        not path.startswith("/")
+        or not slash
+        or not service
+        or not method
+        or "/" in method
+        or len(path) > GRPC_PATH_LIMIT
+        or not (path.isascii() and path.isprintable())
+        or " " in path
+    ):
+        return _GRPC_OTHER
+    return service, method
 
 
 def _host_of(address: str) -> str:
@@ -187,6 +302,13 @@ class Metrics:
         self.rejected: dict[tuple[str, str], int] = {}
         # Exchanges cut short, by (service, side): flux_http_aborted_total.
         self.aborted: dict[tuple[str, str], int] = {}
+        # gRPC calls' total times by (service, grpc_service, grpc_method, code): their counts
+        # are flux_grpc_total, and summed per method at scrape time flux_grpc_duration_seconds.
+        self.grpc_calls: dict[tuple[str, str, str, str], BucketCounts] = {}
+        # The (grpc_service, grpc_method) pairs with their own labels, per service.
+        self.grpc_methods: dict[str, set[tuple[str, str]]] = {}
+        # Calls folded into "other" because their service had its fill of methods, by service.
+        self.grpc_folded: dict[str, int] = {}
         # Called before each scrape: deliver what the relay has queued (SpliceRelay.flush).
         self.sources: list[Callable[[], None]] = []
         # Read at each scrape: what the relay engine counted itself (SpliceRelay.counts).
@@ -282,35 +404,52 @@ class Metrics:
         code: int | str,
         roundtrip_us: int,
         total_us: int,
+        grpc: GrpcCall | None = None,
     ) -> None:
-        """One HTTP request/response exchange on ``connection``.
+        """One HTTP request/response exchange on ``connection`` (``grpc``: the gRPC call it
+        carried, if any).
 
         ``roundtrip_us``: request head read → response head read; ``total_us``: request head
         read → response fully written to the client (microseconds).
         """
         self.exchange_observer(connection)(
-            method, int(code), [max(0, int(roundtrip_us))], [max(0, int(total_us))]
+            method, int(code), [max(0, int(roundtrip_us))], [max(0, int(total_us))], grpc
         )
 
-    def exchange_observer(self, connection: ConnectionInfo) -> ExchangeObserver:
+    def exchange_observer(self, connection: ConnectionInfo) -> _Observe:
         """A callable recording batches of ``connection``'s exchanges ``(method, status,
-        [roundtrip_us, ...], [total_us, ...])``; it keeps its label sets at hand, so a batch
-        costs one dict lookup and three native calls."""
+        [roundtrip_us, ...], [total_us, ...], grpc=None)``, ``grpc`` the
+        :class:`~flux.relay.GrpcCall` the batch's exchanges carried; it keeps its label sets
+        at hand, so a batch costs one dict lookup and three native calls (four for gRPC)."""
         base = (
             connection.instance,
             connection.client_address,
             _host_of(connection.instance_address),
         )
         service = connection.service
-        slots: dict[tuple[str, int], tuple[_Exchanges, BucketCounts]] = {}
+        slots: dict[tuple[str, int, GrpcCall | None], _Slot] = {}
 
-        def observe(method: str, status: int, roundtrips: list[int], totals: list[int]) -> None:
-            slot = slots.get((method, status))
+        def observe(
+            method: str,
+            status: int,
+            roundtrips: list[int],
+            totals: list[int],
+            grpc: GrpcCall | None = None,
+        ) -> None:
+            key = (method, status, grpc)
+            slot = slots.get(key)
             if slot is None:
-                slot = slots[(method, status)] = self._exchange_slot(base, service, method, status)
-            slot[0].roundtrip.observe_many(roundtrips)
-            slot[0].total.observe_many(totals)
-            slot[1].observe_us(totals)
+                slot = self._exchange_slot(base, service, method, status, grpc)
+                if slot.reusable:
+                    slots[key] = slot
+            exchanges, durations, calls, folded, _ = slot
+            exchanges.roundtrip.observe_many(roundtrips)
+            exchanges.total.observe_many(totals)
+            durations.observe_us(totals)
+            if calls is not None:
+                calls.observe_us(totals)
+                if folded:
+                    self.grpc_folded[service] = self.grpc_folded.get(service, 0) + len(totals)
             if status < 100:
                 # Cut short (HTTP_CUT_SIDES): code "aborted", and who cut it.
                 cut = (service, HTTP_CUT_SIDES[status - 1])
@@ -319,8 +458,13 @@ class Metrics:
         return observe
 
     def _exchange_slot(
-        self, base: tuple[str, str, str], service: str, method: str, status: int
-    ) -> tuple[_Exchanges, BucketCounts]:
+        self,
+        base: tuple[str, str, str],
+        service: str,
+        method: str,
+        status: int,
+        grpc: GrpcCall | None,
+    ) -> _Slot:
         code = "aborted" if status < 100 else str(status)
         key = (*base, method, code, service)
         exchanges = self.exchanges.get(key)
@@ -330,7 +474,31 @@ class Metrics:
         durations = self.http_durations.get(duration_key)
         if durations is None:
             durations = self.http_durations[duration_key] = BucketCounts(HTTP_DURATION_BUCKETS)
-        return exchanges, durations
+        if grpc is None:
+            return _Slot(exchanges, durations, None, False, True)
+        labels, folded = self._grpc_method(service, grpc_method_labels(grpc.path))
+        grpc_key = (service, *labels, grpc_code_label(status, grpc.code))
+        calls = self.grpc_calls.get(grpc_key)
+        if calls is None:
+            calls = self.grpc_calls[grpc_key] = BucketCounts(HTTP_DURATION_BUCKETS)
+        reusable = labels != _GRPC_OTHER and -1 <= grpc.code < len(GRPC_CODES)
+        return _Slot(exchanges, durations, calls, folded, reusable)
+
+    def _grpc_method(self, service: str, labels: tuple[str, str]) -> tuple[tuple[str, str], bool]:
+        """The labels a call to method ``labels`` of ``service`` is counted under, and whether
+        it was folded: its own while the service has fewer than GRPC_METHODS_PER_SERVICE
+        methods or it is one of them, else ``("other", "other")``."""
+        if labels == _GRPC_OTHER:
+            return labels, False
+        methods = self.grpc_methods.get(service)
+        if methods is None:
+            methods = self.grpc_methods[service] = set()
+        if labels in methods:
+            return labels, False
+        if len(methods) < GRPC_METHODS_PER_SERVICE:
+            methods.add(labels)
+            return labels, False
+        return _GRPC_OTHER, True
 
     def _summary(self) -> SlidingSummary:
         return SlidingSummary(
@@ -397,6 +565,18 @@ class FluxCollector(Collector):
             f.engine_levels.add_metric((name,), level)
         for cut, count in m.aborted.items():
             f.http_aborted.add_metric(cut, count)
+        grpc_durations: dict[tuple[str, str, str], BucketCounts] = {}
+        for calls_key, calls in m.grpc_calls.items():
+            f.grpc_total.add_metric(calls_key, calls.count)
+            method_key = calls_key[:3]
+            durations = grpc_durations.get(method_key)
+            if durations is None:
+                durations = grpc_durations[method_key] = BucketCounts(HTTP_DURATION_BUCKETS)
+            durations.add(calls)
+        for method_key, durations in grpc_durations.items():
+            f.grpc_duration.add_metric(method_key, durations.buckets(), durations.sum)
+        for service, count in m.grpc_folded.items():
+            f.grpc_folded.add_metric((service,), count)
         return iter(f.all())
 
 
@@ -498,6 +678,24 @@ class _Families:
             " them: the client or the instance (closed or reset first), or fluxd (stopping).",
             labels=("service", "side"),
         )
+        self.grpc_total = CounterMetricFamily(
+            "flux_grpc_total",
+            "gRPC calls carried by HTTP/2 exchanges (also in flux_http_total), by method and"
+            " grpc-status name; \"none\" when no grpc-status came, \"aborted\" when cut short.",
+            labels=GRPC_LABELS,
+        )
+        self.grpc_duration = HistogramMetricFamily(
+            "flux_grpc_duration_seconds",
+            "Seconds from a gRPC call's request head read to its response fully written to the"
+            " client (every code, an aborted call's time so far).",
+            labels=GRPC_DURATION_LABELS,
+        )
+        self.grpc_folded = CounterMetricFamily(
+            "flux_grpc_folded_total",
+            "gRPC calls counted under grpc_service=\"other\", grpc_method=\"other\" because"
+            f" their service had {GRPC_METHODS_PER_SERVICE} methods with their own labels.",
+            labels=("service",),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -515,4 +713,7 @@ class _Families:
             self.engine_events,
             self.engine_levels,
             self.http_aborted,
+            self.grpc_total,
+            self.grpc_duration,
+            self.grpc_folded,
         ]
