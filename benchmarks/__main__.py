@@ -14,7 +14,8 @@ from pathlib import Path
 from benchmarks.subjects import BASELINE_SUBJECTS, SUBJECTS  # light: no flux, no matplotlib
 
 WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-keepalive",
-             "http-close"]  # fmt: skip
+             "http-close", "h2"]  # fmt: skip
+H2_MAX_STREAMS = 100  # nghttpd's and HAProxy's concurrent streams per connection
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -22,7 +23,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Benchmark fluxd (TCP service) against direct connections, HAProxy 2.6 "
         "(mode tcp, with and without splice) and nginx stream: iperf3 bulk, wrk keep-alive and "
-        "Connection: close (64 and 256 connections), and idle connections.  Writes "
+        "Connection: close (64 and 256 connections), idle connections, HTTP services against "
+        "HAProxy http and nginx proxy_pass, and HTTP/2 (h2load) against HAProxy h2.  Writes "
         "benchmarks/results/latest.md, latest.png and latest.raw (the samples).",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 3-second loads")
@@ -58,6 +60,28 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--threads", type=int, default=2, metavar="N", help="wrk threads (default 2)"
     )
     parser.add_argument(
+        "--h2-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="h2load duration on the h2 workload (default 6; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--h2-connections",
+        type=int,
+        default=32,
+        metavar="N",
+        help="h2load connections on the h2 workload (default 32)",
+    )
+    parser.add_argument(
+        "--h2-streams",
+        type=int,
+        default=50,
+        metavar="N",
+        help="h2load requests in flight on each connection (-m) on the h2 workload (default 50, "
+        f"at most {H2_MAX_STREAMS})",
+    )
+    parser.add_argument(
         "--idle",
         type=int,
         default=5000,
@@ -88,7 +112,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         metavar="DIR",
         help="another flux checkout with its engine built (e.g. a git worktree at the commit "
         "before a change): adds fluxd-base and fluxd-http-base, fluxd run from that tree, on "
-        "bulk1, keepalive, close, http-keepalive and http-close, so the report shows fluxd "
+        "bulk1, keepalive, close, http-keepalive, http-close and h2, so the report shows fluxd "
         "relative to that build in the same run",
     )
     parser.add_argument(
@@ -105,10 +129,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="rebuild latest.md and latest.png from latest.raw, measuring nothing",
     )
     args = parser.parse_args(argv)
-    for name in ("repeat", "connections", "threads", "idle"):
+    for name in ("repeat", "connections", "threads", "idle", "h2_connections", "h2_streams"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("bulk_seconds", "wrk_seconds"):
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, name)}")
+    if args.h2_streams > H2_MAX_STREAMS:
+        parser.error(f"--h2-streams must be at most {H2_MAX_STREAMS}, got {args.h2_streams}")
+    for name in ("bulk_seconds", "wrk_seconds", "h2_seconds"):
         value = getattr(args, name)
         if value is not None and not 1 <= value <= 600:
             parser.error(f"--{name.replace('_', '-')} must be 1 to 600 seconds, got {value:g}")
@@ -131,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=args.repeat or (1 if quick else 3),
         bulk_seconds=args.bulk_seconds or (3.0 if quick else 6.0),
         wrk_seconds=args.wrk_seconds or (3.0 if quick else 6.0),
+        h2_seconds=args.h2_seconds or (3.0 if quick else 6.0),
+        h2_connections=args.h2_connections,
+        h2_streams=args.h2_streams,
         connections=args.connections,
         threads=args.threads,
         idle_count=args.idle,

@@ -38,6 +38,7 @@ WORKLOADS: dict[str, str] = {
     "idle": "idle connections held",
     "http-keepalive": "HTTP service, wrk keep-alive",
     "http-close": "HTTP service, wrk `Connection: close`",
+    "h2": "HTTP/2 (h2c), h2load, many streams per connection",
 }
 
 
@@ -90,6 +91,13 @@ METRICS: dict[str, list[Metric]] = {
         Metric("p99_ms", "p99 ms", False, 3),
         Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
         Metric("errors", "socket errors", False, 0),
+    ],
+    "h2": [
+        Metric("rate", "req/s", True, 0),
+        Metric("p50_ms", "p50 ms", False, 3),
+        Metric("p99_ms", "p99 ms", False, 3),
+        Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
+        Metric("errors", "failed requests", False, 0),
     ],
     "idle": [
         Metric("held", "connections held", True, 0),
@@ -263,6 +271,14 @@ def targets(table: Table, idle_count: int) -> list[Target]:
                 per_conn.median <= 1.0,
             )
         )
+    # HTTP/2 services (issue 17): what observing the streams costs, and HAProxy h2 as the peer.
+    ratio_target(
+        "HTTP/2 observing cost: req/s, http service vs the same traffic through a tcp service",
+        "h2", "rate", "fluxd", 0.90, True, "fluxd-http",
+    )  # fmt: skip
+    ratio_target(
+        "HTTP/2 through an http service: req/s", "h2", "rate", "haproxy-h2", 1.0, True, "fluxd-http"
+    )
     # Earlier issues' targets, still checked: the data path and HTTP services.
     ratio_target("bulk 4 streams: Gbit/s", "bulk4", "gbit_s", "haproxy-splice", 1.35, True)
     ratio_target("keep-alive: p99 vs the best TCP peer", "keepalive", "p99_ms", best, 1.0, False)
@@ -327,12 +343,17 @@ def noise(samples: Sequence[dict[str, Any]]) -> list[str]:
     ]
     for workload in sorted({w for _c, _r, w in counted}):
         runs = [(c, r) for c, r, w in counted if w == workload]
+        # wrk stops counting at its deadline with up to one request per connection in flight;
+        # h2load with up to its streams per connection.
+        tool, in_flight = (
+            ("h2load", "its streams") if workload == "h2" else ("wrk", "one request")
+        )
         notes.append(
             f"fluxd (http service) metrics, {workload}: flux_http_total grew by "
             + ", ".join(f"{c:,.0f}" for c, _r in runs)
-            + " while wrk counted "
+            + f" while {tool} counted "
             + ", ".join(f"{r:,.0f}" for _c, r in runs)
-            + " requests (wrk stops counting at its deadline with up to one request per"
+            + f" requests ({tool} stops counting at its deadline with up to {in_flight} per"
             " connection in flight)"
         )
     # wrk counts no error for a connection that never answers within its run (its 5 s timeout
@@ -425,7 +446,7 @@ def render_markdown(
     http_peers = [s for s in subjects if s != "fluxd-http"]
     http_rows = [
         (workload, metric)
-        for workload in ("http-keepalive", "http-close")
+        for workload in ("http-keepalive", "http-close", "h2")
         for metric in METRICS[workload]
         if metric.key != "errors" and (workload, "fluxd-http", metric.key) in table
     ]

@@ -4,7 +4,9 @@ Backends (shared by every subject, so each competes for the same two cores in th
 
 - HTTP: nginx, one worker, answering every request with a 100-byte body over keep-alive
   (``keepalive_requests`` raised: nginx 1.22 otherwise closes a connection after 1,000 requests).
-- bulk: ``iperf3 -s``.
+- bulk: ``iperf3 -s``;
+- HTTP/2 (only when the h2 workload runs): ``nghttpd --no-tls``, one worker, answering every
+  request on h2c (HTTP/2 with prior knowledge) with a 300-byte file.
 
 Subjects, each with one front address per backend:
 
@@ -23,6 +25,9 @@ Subjects, each with one front address per backend:
   ``protocol http``, so its engine frames every exchange, and metrics served), ``haproxy-http``
   / ``haproxy-http-2t`` (HAProxy ``mode http``, one and two threads) and ``nginx-http`` (nginx
   ``proxy_pass`` with an upstream ``keepalive`` pool, one worker);
+- for HTTP/2: every fluxd subject has a third service for the h2c backend (``protocol tcp``, or
+  ``protocol http`` for ``fluxd-http``), and ``haproxy-h2`` is HAProxy ``mode http`` with HTTP/2
+  on both sides (``proto h2`` on its bind and on its server), one thread;
 - with ``--baseline DIR`` only: ``fluxd-base`` and ``fluxd-http-base``, the same two fluxd
   subjects run from another checkout (``PYTHONPATH=DIR/src``: its Python and its compiled
   engine), so a change to the engine is measured against the code before it in one run.
@@ -55,6 +60,8 @@ from benchmarks.system import LOOPBACK, free_port, process_tree
 __all__ = [
     "BASELINE_SUBJECTS",
     "BODY",
+    "H2_BODY",
+    "H2_ONLY",
     "SUBJECTS",
     "Backends",
     "Subject",
@@ -65,6 +72,7 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = "x" * 100
+H2_BODY = "x" * 300  # what nghttpd serves for "/"
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 HOST_IP = "127.0.0.1"
 REMOTE_HOST = "127.0.0.2"  # the "other host" that owns the backend instances
@@ -88,11 +96,13 @@ SUBJECTS: dict[str, str] = {
     "haproxy-http": "HAProxy http",
     "haproxy-http-2t": "HAProxy http, 2 threads",
     "nginx-http": "nginx proxy_pass",
+    "haproxy-h2": "HAProxy h2",
     # Only with --baseline: fluxd and its http service again, from another checkout's build.
     "fluxd-base": "fluxd, baseline build",
     "fluxd-http-base": "fluxd (http service), baseline build",
 }
 BASELINE_SUBJECTS = ("fluxd-base", "fluxd-http-base")
+H2_ONLY = ("haproxy-h2",)  # subjects that serve HTTP/2 only (no HTTP/1.1, no bulk front)
 
 
 class Child:
@@ -197,12 +207,31 @@ def _serves_http(address: tuple[str, int]) -> bool:
         return False
 
 
+def _serves_h2(address: tuple[str, int]) -> bool:
+    """One h2c request (prior knowledge, as the h2 workload sends it) answered 2xx with the file."""
+    try:
+        result = subprocess.run(
+            ["h2load", "-n", "1", "-c", "1", "-m", "1", "-N", "2s",
+             f"http://{address[0]}:{address[1]}/"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return (
+        "1 succeeded" in result.stdout
+        and "status codes: 1 2xx" in result.stdout
+        and f"{len(H2_BODY)}B ({len(H2_BODY)}) data" in result.stdout
+    )
+
+
 @dataclass
 class Backends:
-    """Where the HTTP and the bulk (iperf3) backends listen."""
+    """Where the HTTP, the bulk (iperf3) and the HTTP/2 (nghttpd, None: not started) backends
+    listen."""
 
     http: tuple[str, int]
     bulk: tuple[str, int]
+    h2: tuple[str, int] | None = None
     children: list[Child] = field(default_factory=list)
 
     async def restart_bulk(self) -> None:
@@ -249,8 +278,9 @@ http {{
 """
 
 
-async def start_backends(stack: AsyncExitStack, workdir: Path) -> Backends:
-    """Start nginx (HTTP) and iperf3 (bulk) on free loopback ports; stopped with ``stack``."""
+async def start_backends(stack: AsyncExitStack, workdir: Path, h2: bool = False) -> Backends:
+    """Start nginx (HTTP), iperf3 (bulk) and, with ``h2``, nghttpd (h2c) on free loopback
+    ports; stopped with ``stack``."""
     http_port, bulk_port = free_port(), free_port()
     conf = workdir / "backend-nginx.conf"
     conf.write_text(BACKEND_NGINX.format(dir=workdir, host=LOOPBACK, port=http_port, body=BODY))
@@ -258,12 +288,29 @@ async def start_backends(stack: AsyncExitStack, workdir: Path) -> Backends:
         "backend-nginx", ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)], workdir
     )
     iperf = Child("backend-iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(bulk_port)], workdir)
-    backends = Backends((LOOPBACK, http_port), (LOOPBACK, bulk_port), [nginx, iperf])
+    backends = Backends((LOOPBACK, http_port), (LOOPBACK, bulk_port), children=[nginx, iperf])
+    nghttpd = None
+    if h2:
+        docroot = workdir / "h2-docroot"
+        docroot.mkdir()
+        (docroot / "index.html").write_text(H2_BODY)
+        h2_port = free_port()
+        nghttpd = Child(
+            "backend-nghttpd",
+            ["nghttpd", "--no-tls", f"--address={LOOPBACK}", "-d", str(docroot), str(h2_port)],
+            workdir,
+        )
+        backends.h2 = (LOOPBACK, h2_port)
+        backends.children.append(nghttpd)
     for child in backends.children:
         await child.start()
         stack.push_async_callback(child.stop)
     await wait_for("the HTTP backend", lambda: _serves_http(backends.http), nginx)
     await wait_for("the iperf3 backend", lambda: _accepts_quietly(iperf), iperf)
+    if nghttpd is not None:
+        h2_backend = backends.h2
+        assert h2_backend is not None
+        await wait_for("the HTTP/2 backend", lambda: _serves_h2(h2_backend), nghttpd)
     return backends
 
 
@@ -275,6 +322,7 @@ class Subject:
     http: tuple[str, int]
     bulk: tuple[str, int]
     root_pid: int | None = None  # None: nothing in between (direct)
+    h2: tuple[str, int] | None = None  # the HTTP/2 front (None: no HTTP/2 backend this run)
     # fluxd's engine threads as its configuration report gave them (None: not reported)
     engine_threads: int | None = None
     metrics: str | None = None  # fluxd's /metrics URL, when it serves one
@@ -290,6 +338,10 @@ class Subject:
         return [] if self.root_pid is None else process_tree(self.root_pid)
 
     def front(self, kind: str) -> tuple[str, int]:
+        if kind == "h2":
+            if self.h2 is None:
+                raise RuntimeError(f"{self.name} has no HTTP/2 front (no HTTP/2 backend started)")
+            return self.h2
         return self.http if kind == "http" else self.bulk
 
 
@@ -340,6 +392,30 @@ frontend http_in
     default_backend http_out
 backend http_out
     server http1 {host}:{http_port}
+"""
+
+# HTTP/2 on both sides: h2c with prior knowledge on the bind (as h2load speaks it) and to the
+# server.  "http-reuse always" multiplexes every client's streams onto a few server connections
+# (16 for 32 clients with 50 streams each: nghttpd allows 100 per connection); with the default
+# ("safe") HAProxy 2.6 kept about a thousand server connections open for the same load, at a
+# rate within the noise of a 2-second probe.
+HAPROXY_H2 = """\
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    maxconn 8000
+    backlog 4096
+frontend h2_in
+    bind {host}:{h2_front} proto h2
+    default_backend h2_out
+backend h2_out
+    http-reuse always
+    server h2 {host}:{h2_port} proto h2
 """
 
 NGINX_HTTP = """\
@@ -402,10 +478,20 @@ async def _start_config_proxy(
         "bulk_port": backends.bulk[1],
     }
     conf = workdir / f"{name}.conf"
-    if name.endswith("-http") or name.endswith("-http-2t"):
+    if name.endswith("-http") or name.endswith("-http-2t") or name in H2_ONLY:
         # HTTP-only proxies: their "bulk" front is the HTTP one (no bulk workload uses them).
         ports["bulk_front"] = ports["http_front"]
-    if name.startswith("haproxy-http"):
+    h2_front = None
+    if name in H2_ONLY:
+        # HTTP/2 only: every front is the h2 one (only the h2 workload uses it).
+        if backends.h2 is None:
+            raise RuntimeError(f"{name}: no HTTP/2 backend was started")
+        h2_front = (LOOPBACK, ports["http_front"])
+        conf.write_text(
+            HAPROXY_H2.format(host=LOOPBACK, h2_front=h2_front[1], h2_port=backends.h2[1])
+        )
+        child = Child(name, ["haproxy", "-db", "-f", str(conf)], workdir)
+    elif name.startswith("haproxy-http"):
         threads = 2 if name.endswith("-2t") else 1
         conf.write_text(HAPROXY_HTTP.format(threads=threads, **ports))
         child = Child(name, ["haproxy", "-db", "-f", str(conf)], workdir)
@@ -430,10 +516,13 @@ async def _start_config_proxy(
     await child.start()
     stack.push_async_callback(child.stop)
     subject = Subject(
-        name, (LOOPBACK, ports["http_front"]), (LOOPBACK, ports["bulk_front"]), child.pid
+        name, (LOOPBACK, ports["http_front"]), (LOOPBACK, ports["bulk_front"]), child.pid, h2_front
     )
 
     async def ready() -> None:
+        if h2_front is not None:
+            await wait_for(f"{name} to serve HTTP/2", lambda: _serves_h2(h2_front), child)
+            return
         await wait_for(f"{name} to serve HTTP", lambda: _serves_http(subject.http), child)
         await wait_for(f"{name} to listen", lambda: _accepts(subject.bulk), child)
 
@@ -473,7 +562,10 @@ def _chain_has_dnat(chain: str, vips: list[str]) -> bool:
 async def _instances(
     endpoint: str, backends: Backends, services: dict[str, str], http_protocol: str = "tcp"
 ) -> AsyncIterator[None]:
-    """Define the services and register the backends as another host's instances."""
+    """Define the services and register the backends as another host's instances.
+
+    ``http_protocol`` is the protocol of the HTTP and HTTP/2 backends' services.
+    """
     from flux.model import Host, HostRef, Instance, InstanceState, Service
     from flux.store.etcd import EtcdStore
 
@@ -485,9 +577,11 @@ async def _instances(
         await remote.register_host(Host(address=REMOTE_HOST, version="bench"))
         for kind, address in services.items():
             name = f"bench-{kind}"
-            protocol = http_protocol if kind == "http" else "tcp"
+            protocol = http_protocol if kind in ("http", "h2") else "tcp"
             await admin.add_service(name, Service(address=address, protocol=protocol))
-            ip, port = backends.http if kind == "http" else backends.bulk
+            backend = {"http": backends.http, "bulk": backends.bulk, "h2": backends.h2}[kind]
+            assert backend is not None
+            ip, port = backend
             await remote.add_instance(
                 name,
                 f"bench-{kind}-backend",
@@ -575,6 +669,10 @@ async def _start_fluxd(
     vips = {"http": f"127.42.{vip_net}.1", "bulk": f"127.42.{vip_net}.2"}
     services = {"http": f"{vips['http']}:80", "bulk": f"{vips['bulk']}:5201"}
     subject = Subject(name, (vips["http"], 80), (vips["bulk"], 5201))
+    if backends.h2 is not None:
+        vips["h2"] = f"127.42.{vip_net}.3"
+        services["h2"] = f"{vips['h2']}:80"
+        subject.h2 = (vips["h2"], 80)
     if http_protocol == "http":
         subject.metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
 
@@ -586,6 +684,11 @@ async def _start_fluxd(
         await wait_for(
             f"{name} to serve HTTP on {services['http']}", lambda: _serves_http(subject.http), child
         )
+        h2_front = subject.h2
+        if h2_front is not None:
+            await wait_for(
+                f"{name} to serve HTTP/2 on {services['h2']}", lambda: _serves_h2(h2_front), child
+            )
 
     async def restart() -> None:
         # The services and the other host's instances stay in etcd, as across a real restart.
@@ -613,7 +716,7 @@ async def start_subject(
     ``baseline`` is the checkout whose build the ``*-base`` subjects run.
     """
     if name == "direct":
-        return Subject(name, backends.http, backends.bulk)
+        return Subject(name, backends.http, backends.bulk, h2=backends.h2)
     if name.startswith("fluxd"):
         vip_net = _VIP_NET + _FLUXD_NETS.index(name)
         return await _start_fluxd(stack, name, workdir, backends, vip_net, baseline)

@@ -27,6 +27,7 @@ from typing import Any
 from benchmarks import report, workloads
 from benchmarks.subjects import (
     BASELINE_SUBJECTS,
+    H2_ONLY,
     NGINX_STREAM_MODULE,
     SUBJECTS,
     Backends,
@@ -74,6 +75,9 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
         "direct", "fluxd", "fluxd-http", "haproxy-http", "haproxy-http-2t", "nginx-http",
         "fluxd-http-base",
     ],
+    # HTTP/2 (h2c, many streams per connection): the same backend through fluxd's tcp service
+    # (relayed as bytes) and its http service (observed), and HAProxy with HTTP/2 on both sides.
+    "h2": ["direct", "fluxd", "fluxd-http", "haproxy-h2", "fluxd-base", "fluxd-http-base"],
 }
 
 # Kernel settings for the run, put back afterwards.  Under connection churn TIME_WAIT fills the
@@ -92,6 +96,9 @@ class Settings:
     wide_connections: int = 256  # the close256 workload's
     threads: int = 2
     idle_count: int = 5000
+    h2_seconds: float = 6.0
+    h2_connections: int = 32
+    h2_streams: int = 50  # requests in flight on each connection (h2load -m)
     workloads: list[str] = field(default_factory=lambda: list(WORKLOAD_SUBJECTS))
     subjects: list[str] = field(
         default_factory=lambda: [s for s in SUBJECTS if s not in BASELINE_SUBJECTS]
@@ -113,6 +120,9 @@ class Settings:
             "wrk connections (close256)": self.wide_connections,
             "wrk threads": self.threads,
             "idle connections": self.idle_count,
+            "h2load seconds": f"{self.h2_seconds:g}",
+            "h2load connections": self.h2_connections,
+            "h2load streams per connection": self.h2_streams,
         }
 
 
@@ -142,8 +152,10 @@ def check_baseline(tree: Path) -> None:
 
 def check_tools(settings: Settings) -> None:
     """Fail at once, with one line, when something the run needs is missing."""
-    missing = [t for t in ("wrk", "iperf3", "haproxy", "nginx", "etcd", "iptables")
-               if shutil.which(t) is None]  # fmt: skip
+    tools = ["wrk", "iperf3", "haproxy", "nginx", "etcd", "iptables"]
+    if "h2" in settings.workloads:
+        tools += ["h2load", "nghttpd"]
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise SystemExit(
             f"benchmarks: missing tools: {', '.join(missing)} "
@@ -189,17 +201,24 @@ async def _measure(
     if workload in ("bulk1", "bulk4"):
         streams = 1 if workload == "bulk1" else 4
         return await workloads.bulk(subject, backends, streams, settings.bulk_seconds)
-    if workload in ("keepalive", "http-keepalive", "close", "http-close", "close256"):
+    if workload == "idle":
+        return await workloads.idle(subject, backends, settings.idle_count)
+    # The HTTP loads: fluxd's metrics are scraped around each, to check what they counted.
+    before = await _http_counted(subject)
+    if workload == "h2":
+        values = await workloads.h2(
+            subject, workdir, settings.h2_seconds, settings.h2_connections, settings.h2_streams,
+            settings.threads,
+        )  # fmt: skip
+    else:
         run = workloads.keepalive if workload.endswith("keepalive") else workloads.close
         connections = settings.wide_connections if workload == "close256" else settings.connections
-        before = await _http_counted(subject)
         values = await run(subject, workdir, settings.wrk_seconds, connections, settings.threads)
-        if before is not None:
-            after = await _http_counted(subject)
-            if after is not None:
-                values["counted"] = after - before
-        return values
-    return await workloads.idle(subject, backends, settings.idle_count)
+    if before is not None:
+        after = await _http_counted(subject)
+        if after is not None:
+            values["counted"] = after - before
+    return values
 
 
 async def _http_counted(subject: Subject) -> float | None:
@@ -282,7 +301,7 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
     notes: list[str] = []
     wanted = {s for w in settings.workloads for s in WORKLOAD_SUBJECTS[w]} & set(settings.subjects)
     async with AsyncExitStack() as stack:
-        backends = await start_backends(stack, workdir)
+        backends = await start_backends(stack, workdir, h2="h2" in settings.workloads)
         running: dict[str, Subject] = {}
         for name in SUBJECTS:
             if name in wanted:
@@ -290,12 +309,19 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
                 running[name] = await start_subject(
                     stack, name, workdir, backends, settings.baseline
                 )
-        # One short keep-alive run each first: connection pools, page cache, CPU frequency.
+        # One short keep-alive run each first (h2load for an HTTP/2-only subject): connection
+        # pools, page cache, CPU frequency.
         for subject in running.values():
             with contextlib.suppress(workloads.RunError):
-                await workloads.keepalive(
-                    subject, workdir, 1, settings.connections, settings.threads
-                )
+                if subject.name in H2_ONLY:
+                    await workloads.h2(
+                        subject, workdir, 1, settings.h2_connections, settings.h2_streams,
+                        settings.threads,
+                    )  # fmt: skip
+                else:
+                    await workloads.keepalive(
+                        subject, workdir, 1, settings.connections, settings.threads
+                    )
         for repeat in range(settings.repeat):
             for workload in settings.workloads:
                 names = [s for s in WORKLOAD_SUBJECTS[workload] if s in running]

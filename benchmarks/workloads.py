@@ -7,6 +7,9 @@
   proxy's CPU milliseconds per 1,000 requests.
 - ``close``: the same with ``Connection: close``, so every request is a new connection
   (through a proxy: two handshakes); connections/s.
+- ``h2``: ``h2load`` over h2c (HTTP/2 with prior knowledge) for a fixed time, many streams in
+  flight on each connection, 300-byte responses; requests/s, p50 and p99 latency (from
+  h2load's per-request log), the proxy's CPU milliseconds per 1,000 requests.
 - ``idle``: N connections opened through the proxy and held; once the proxy has an upstream
   connection for each (counted in ``/proc/net/tcp``), the proxy's RSS growth per connection is
   taken (``kib_per_conn_open``: never used), then one request is exchanged on every one of them
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import socket
 import time
@@ -32,7 +36,7 @@ from typing import Any
 from benchmarks.subjects import BODY, Backends, Subject
 from benchmarks.system import cpu_seconds, rss_kib, tcp_established
 
-__all__ = ["bulk", "close", "idle", "keepalive"]
+__all__ = ["bulk", "close", "h2", "h2load_figures", "idle", "keepalive"]
 
 # Printed by wrk when the run ends: wrk's own figures, with latency percentiles in microseconds.
 WRK_DONE = """\
@@ -149,6 +153,82 @@ async def close(
 ) -> dict[str, Any]:
     """wrk with ``Connection: close``: one new connection per request."""
     return await _wrk(subject, workdir, seconds, connections, threads, close=True)
+
+
+# h2load's summary: "finished in 6.00s, 41200.00 req/s, ..." and
+# "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout".
+_H2LOAD_RATE = re.compile(r"^finished in \S+, ([\d.]+) req/s", re.MULTILINE)
+_H2LOAD_REQUESTS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout",
+    re.MULTILINE,
+)
+
+
+def _percentile(ordered: list[int], fraction: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def h2load_figures(summary: str, log: str) -> dict[str, Any]:
+    """h2load's figures from its summary and its ``--log-file`` (start µs, status, µs taken).
+
+    The rate is h2load's own (requests that succeeded per second of the run); p50 and p99 are
+    over the requests that got a 2xx, from the log.  ``errors`` is h2load's "failed" (any
+    request without a 2xx or 3xx, errored and timed-out ones included).
+    """
+    rate, counts = _H2LOAD_RATE.search(summary), _H2LOAD_REQUESTS.search(summary)
+    if rate is None or counts is None:
+        raise RunError(f"h2load printed no summary: {summary[-400:]}")
+    _total, started, done, succeeded, failed, errored, timeout = map(int, counts.groups())
+    times = sorted(
+        int(fields[2])
+        for fields in (line.split("\t") for line in log.splitlines())
+        if len(fields) >= 3 and fields[1].startswith("2")
+    )
+    result: dict[str, Any] = {
+        "rate": float(rate.group(1)),
+        "requests": succeeded,
+        "errors": failed,
+        "error_detail": {"failed": failed, "errored": errored, "timeout": timeout,
+                         "unfinished": started - done},
+    }  # fmt: skip
+    if times:
+        result["p50_ms"] = _percentile(times, 0.50) / 1000
+        result["p99_ms"] = _percentile(times, 0.99) / 1000
+    return result
+
+
+async def h2(
+    subject: Subject,
+    workdir: Path,
+    seconds: float,
+    connections: int,
+    streams: int,
+    threads: int,
+) -> dict[str, Any]:
+    """h2load over h2c: ``streams`` requests in flight on each connection, 300-byte responses."""
+    host, port = subject.front("h2")
+    log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)
+    # -N: a connection silent for 5 s is closed and its streams count as failed (wrk's
+    # --timeout); the run itself is killed 30 s after its duration.
+    argv = ["h2load", "-c", str(connections), "-m", str(streams),
+            "-t", str(min(threads, connections)), "-D", f"{round(seconds * 1000)}ms", "-N", "5s",
+            f"--log-file={log}", f"http://{host}:{port}/"]  # fmt: skip
+    pids = subject.pids()
+    cpu0 = cpu_seconds(pids)
+    try:
+        out = await _run(argv, seconds + 30)
+        cpu = cpu_seconds(pids) - cpu0
+        result = h2load_figures(out, log.read_text() if log.exists() else "")
+    finally:
+        log.unlink(missing_ok=True)
+    if pids:
+        requests = result["requests"]
+        result["proxy_cpu_s"] = cpu
+        result["cpu_ms_per_1k"] = 1e6 * cpu / requests if requests else float("nan")
+    return result
 
 
 _REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benchmarks import report, suite
+from benchmarks import report, suite, workloads
 from benchmarks.__main__ import WORKLOADS
 from benchmarks.subjects import reported_engine_threads
 
@@ -78,6 +78,11 @@ def test_a_report_from_before_the_new_subject_and_workload_shows_dashes(tmp_path
     # The targets the old samples do cover are still checked.
     churn = rows["new connection per request: conn/s"]  # fluxd 2,000/s, HAProxy 2 threads 7,000/s
     assert churn.endswith(f"| 0.29{X} | ≥ 1.00{X} HAProxy tcp, 2 threads | MISS |")
+    # Nor any HTTP/2 rows or column: those targets are "not measured".
+    assert "HTTP/2" not in tables and "HAProxy h2" not in tables
+    assert rows["HTTP/2 through an http service: req/s"].endswith(
+        f"| not measured | ≥ 1.00{X} HAProxy h2 | — |"
+    )
 
 
 def test_report_only_without_samples_says_so_in_one_line(tmp_path: Path) -> None:
@@ -232,3 +237,97 @@ def test_the_report_shows_fluxd_relative_to_the_baseline_build() -> None:
     assert cell(peers, "keepalive", "÷ fluxd, baseline build") == f"1.10{X}"
     http = "## fluxd with an http service relative to each peer"
     assert cell(http, "http-keepalive", "÷ fluxd (http service), baseline build") == f"0.90{X}"
+
+
+def h2_samples() -> list[dict[str, Any]]:
+    """Three repeats of the h2 workload: fluxd's services, HAProxy h2 and direct."""
+    rates = {
+        "direct": [100000.0, 110000.0, 90000.0],
+        "fluxd": [80000.0, 70000.0, 90000.0],  # median 80,000
+        "fluxd-http": [75000.0, 60000.0, 70000.0],  # median 70,000
+        "haproxy-h2": [65000.0, 50000.0, 80000.0],  # median 65,000
+    }
+    return [
+        {"subject": subject, "workload": "h2", "repeat": repeat,
+         "values": {"rate": rate, "p50_ms": 10.0, "p99_ms": 30.0 + repeat, "errors": 0,
+                    **({} if subject == "direct" else {"cpu_ms_per_1k": 2.0})}}
+        for subject, runs in rates.items()
+        for repeat, rate in enumerate(runs)
+    ]  # fmt: skip
+
+
+def test_http2_targets_are_the_http_service_against_its_tcp_service_and_haproxy_h2() -> None:
+    targets = by_name(report.summarise(h2_samples()))
+    cost = targets["HTTP/2 observing cost: req/s, http service vs the same traffic through a tcp "
+                   "service"]  # fmt: skip
+    # 70,000 / 80,000: observing costs 12.5 %, more than the 10 % allowed.
+    assert (cost.measured, cost.threshold, cost.met) == (f"0.88{X}", f"≥ 0.90{X} fluxd", False)
+    peer = targets["HTTP/2 through an http service: req/s"]
+    assert (peer.measured, peer.threshold, peer.met) == (f"1.08{X}", f"≥ 1.00{X} HAProxy h2", True)
+
+
+def test_http2_rows_are_in_the_results_and_the_http_service_ratio_table() -> None:
+    markdown = report.render_markdown(
+        report.summarise(h2_samples()), {"date": "now"}, {"command": "c"}
+    )
+    name = report.WORKLOADS["h2"]
+    results = markdown.split("## Results")[1].split("\n## ")[0]
+    assert "| workload | metric | direct | fluxd | fluxd (http service) | HAProxy h2 |" in results
+    assert f"| {name} | req/s | 100,000 (90,000{report.DASH}110,000) |" in results
+    assert f"| {name} | proxy CPU ms/1k req | — | 2.0 | 2.0 | 2.0 |" in results
+    http = markdown.split("## fluxd with an http service relative to each peer")[1]
+    http = http.split("\n## ")[0]
+    assert "| workload | metric | ÷ direct | ÷ fluxd | ÷ HAProxy h2 |" in http
+    assert f"| {name} | req/s | 0.70{X} | 0.88{X} | 1.08{X} |" in http
+    assert f"| {name} | p99 ms | 1.00{X} | 1.00{X} | 1.00{X} |" in http
+    assert "failed requests" not in http  # errors are shown, not divided
+
+
+def test_h2load_figures_come_from_its_summary_and_its_per_request_log() -> None:
+    summary = (
+        "finished in 2.00s, 1500.50 req/s, 500.00KB/s\n"
+        "requests: 3100 total, 3150 started, 3100 done, 3001 succeeded, 99 failed, 98 errored, "
+        "7 timeout\n"
+        "status codes: 3002 2xx, 0 3xx, 0 4xx, 0 5xx\n"
+    )
+    # start µs, status, µs to the end of the response: 100 answered 1..100 ms, one 503.
+    log = "".join(f"1796612193576931\t200\t{ms * 1000}\n" for ms in range(100, 0, -1))
+    log += "1796612193576931\t503\t900000\n"
+    figures = workloads.h2load_figures(summary, log)
+    assert figures == {
+        "rate": 1500.5,
+        "requests": 3001,
+        "errors": 99,
+        "error_detail": {"failed": 99, "errored": 98, "timeout": 7, "unfinished": 50},
+        "p50_ms": 50.0,
+        "p99_ms": 99.0,
+    }
+    with pytest.raises(workloads.RunError, match="h2load printed no summary"):
+        workloads.h2load_figures("connect: Connection refused\n", "")
+    # Nothing answered: a rate of 0 and no latency (the notes name such a run).
+    nothing = "finished in 2.00s, 0.00 req/s, 0B/s\n" + summary.splitlines()[1].replace(
+        "3001 succeeded", "0 succeeded"
+    )
+    assert "p50_ms" not in workloads.h2load_figures(nothing, "")
+
+
+def test_the_http2_count_note_names_h2load() -> None:
+    samples = [
+        {"subject": "fluxd-http", "workload": "h2", "repeat": 0,
+         "values": {"rate": 1.0, "requests": 297250, "counted": 0.0}},
+    ]  # fmt: skip
+    assert report.noise(samples) == [
+        "fluxd (http service) metrics, h2: flux_http_total grew by 0 while h2load counted "
+        "297,250 requests (h2load stops counting at its deadline with up to its streams per "
+        "connection in flight)"
+    ]
+
+
+def test_h2load_streams_per_connection_stay_within_the_servers_limit() -> None:
+    from benchmarks.__main__ import H2_MAX_STREAMS, parse
+
+    args = parse(["--workloads", "h2"])
+    assert (args.h2_connections, args.h2_streams) == (32, 50)
+    for bad in ("0", str(H2_MAX_STREAMS + 1)):
+        with pytest.raises(SystemExit):
+            parse(["--h2-streams", bad])
