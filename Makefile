@@ -74,14 +74,17 @@ soak: build
 	@scripts/ensure-dockerd.sh
 	$(BIN)/python -m benchmarks.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
-## Fuzz the HTTP/1.x framer against h11 (atheris: fuzz/fuzz_http_framer.py), ten minutes by
-## default (`make fuzz FUZZ_TIME=60`); the corpus grows in .var/fuzz/, failing inputs land there.
+## Fuzz the HTTP/1.x framer against h11 (fuzz/fuzz_http_framer.py), then the HTTP/2 observer
+## against hpack (fuzz/fuzz_h2_observer.py), with atheris, ten minutes each by default
+## (`make fuzz FUZZ_TIME=60`); the corpora grow in .var/fuzz/, failing inputs land there.
 FUZZ_TIME ?= 600
 FUZZ_ARGS ?=
 fuzz: build
-	@mkdir -p $(VAR)/fuzz/http-framer
+	@mkdir -p $(VAR)/fuzz/http-framer $(VAR)/fuzz/h2-observer
 	$(BIN)/python fuzz/fuzz_http_framer.py -max_total_time=$(FUZZ_TIME) -timeout=10 \
 		-artifact_prefix=$(VAR)/fuzz/ $(FUZZ_ARGS) $(VAR)/fuzz/http-framer
+	$(BIN)/python fuzz/fuzz_h2_observer.py -max_total_time=$(FUZZ_TIME) -timeout=10 \
+		-artifact_prefix=$(VAR)/fuzz/ $(FUZZ_ARGS) $(VAR)/fuzz/h2-observer
 
 clean:
 	rm -rf build src/flux/_splice.c src/flux/_histogram.c src/flux/*.so src/*.egg-info
