@@ -35,7 +35,7 @@
 # Memory per connection is bounded: the H2Observer (about 700 bytes), at most H2_STREAMS_MAX
 # streams of 40 bytes, and per direction an inflater whose dynamic table holds at most
 # H2_TABLE_MAX bytes of fields plus one field being decoded (libnghttp2 refuses a field over
-# 64 KiB): under 300 KiB at worst, and about 10 KiB for a typical connection (4 KiB tables).
+# 64 KiB): under 300 KiB at worst; 5.5 KiB measured after ten typical requests (4 KiB tables).
 
 from libc.string cimport strlen
 
