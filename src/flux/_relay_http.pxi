@@ -187,6 +187,7 @@ cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef HfExchange *r
     if h.npending == 0 and n == 0:
         return
+    relay_notice(e, c, NOTICE_CUT, NR_CUT_CLIENT - 1 + side, 0, <uint32_t>(h.npending + n))
     now = <uint64_t>relay_now_ns()
     while h.npending:
         x = h.pending[h.pending_head]
@@ -265,6 +266,10 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
     for i in range(e.ev.count):
         ev = &e.ev.ev[i]
         if ev.kind == HF_EV_EXCHANGE:
+            if ev.flags & HFE_SWITCHED:
+                relay_count(e, RC_HTTP_SWITCHED, 1)
+                relay_notice(e, c, NOTICE_SWITCHED,
+                             NR_UPGRADE if ev.status == 101 else NR_CONNECT, ev.status, 0)
             if h.npending == HTTP_PENDING:
                 # More finished responses in flight than slots (tiny pipelined responses):
                 # end this one when it was read rather than when it was written.
@@ -294,6 +299,7 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             h.reject_status = ev.status
         elif ev.kind == HF_EV_OPAQUE:
             relay_count(e, RC_HTTP_OPAQUE, 1)
+            relay_notice(e, c, NOTICE_OPAQUE, ev.reason, 0, 0)
             if ev.reason == HF_ERR_H2_PREFACE:
                 relay_count(e, RC_HTTP_H2_OPAQUE, 1)
     e.ev.count = 0
@@ -363,6 +369,7 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef RelayDir *up = &c.dir[0]
     cdef int i
     h.rejecting = 0
+    notice_answered(e, c)
     c.dir[1].done = 1
     # Nothing more goes to the instance: drop what is still buffered for it.
     relay_drop_pipe(e, up)
@@ -474,8 +481,10 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             # Nothing was asked, so nothing is answered.
             if e.opening_timeout_ns == e.header_timeout_ns:
                 relay_count(e, RC_HTTP_HEADER_TIMEOUTS, 1)
+                relay_notice(e, c, NOTICE_HEADER_TIMEOUT, NR_NOTHING_SENT, 0, 0)
             else:
                 relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+                relay_notice(e, c, NOTICE_IDLE_CLOSED, NR_NOTHING_SENT, 0, 0)
             relay_finish(e, c)
         elif phase == HF_PHASE_HEAD and e.header_timeout_ns > 0 and (
                 now - <int64_t>h.f.side[HF_REQUEST].t_head_start >= e.header_timeout_ns):
@@ -483,10 +492,12 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             if h.f.n_requests == h.f.n_answered and http_quiet(c):
                 http_start_answer(e, c, 408)
             else:
+                relay_notice(e, c, NOTICE_HEADER_TIMEOUT, NR_RESPONSES_OWED, 0, 0)
                 http_cut_by(c, 0)   # the client was too slow: what is under way is its cut
                 relay_abort(e, c, ETIMEDOUT)
         elif phase == HF_PHASE_IDLE and e.idle_timeout_ns > 0 and http_quiet(c) and (
                 now - h.last_active_ns >= e.idle_timeout_ns):
             relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+            relay_notice(e, c, NOTICE_IDLE_CLOSED, NR_IDLE, 0, 0)
             relay_finish(e, c)
         c = nxt
