@@ -15,11 +15,12 @@ import logging
 import random
 import re
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from flux._splice import HTTP_ERROR_RESPONSES
+from flux._splice import HTTP_ERROR_RESPONSES, SpliceEngine
 from flux._splice import NOTICE_KINDS as ENGINE_KINDS
 from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
@@ -203,6 +204,10 @@ def test_a_switch_to_plain_relaying_is_one_line_with_its_reason(
         assert await recv_exactly(link.server, len(plain)) == plain
         await finish(link)
 
+        if isinstance(h.relay, SpliceRelay):
+            switched = h.relay.engine.stats()["http_switched"]
+            assert switched == (1 if why.startswith("switched") else 0)
+
     run(kind, scenario)
     assert lines == [f"http service web: relaying {clients[0]} as plain TCP, {why}"]
 
@@ -328,6 +333,37 @@ async def test_a_listener_s_notices_name_its_service_and_instance(
     assert line.startswith(f"http service svc: answered 400 to {client} (content-length-list)"
                            f" [instance i0 at {instance_address}, 0 bytes to it, 0 to the "
                            f"client, "), line
+
+
+def test_the_engine_queues_at_most_4096_notices_and_counts_the_rest() -> None:
+    """Nobody drains while 4,200 connections are each answered 400: 4,096 notices wait, the
+    rest are counted as dropped (the answers themselves are all counted)."""
+    total, kept = 4200, 4096
+    engine = SpliceEngine()
+    engine.start()
+    clients: list[socket.socket] = []
+    try:
+        for token in range(1, total + 1):
+            client, relay_client = socket.socketpair()
+            relay_upstream, instance = socket.socketpair()
+            clients += [client, instance]
+            engine.add(relay_client.detach(), relay_upstream.detach(), token, http=True)
+            client.sendall(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+        # Every answer counted, and every notice published or dropped (the last batch's are
+        # published after its answers are counted).
+        deadline = time.monotonic() + 30
+        while engine.stats()["notices_dropped"] < total - kept:
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.01)
+        notices = engine.drain_all().notices
+        stats = engine.stats()
+        assert (stats["http_answered"], stats["notices_dropped"]) == (total, total - kept)
+        assert len(notices) == kept
+        assert {(n.kind, n.reason, n.status) for n in notices} == {("rejected", "field", 400)}
+    finally:
+        for sock in clients:
+            sock.close()
+        engine.stop()
 
 
 # ---- the limiter ---------------------------------------------------------------------------------
