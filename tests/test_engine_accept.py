@@ -464,12 +464,13 @@ client, other = socket.socketpair()
 engine.connect(client.detach(), packed_sockaddr("127.0.0.1", int(sys.argv[1])), 1, 2.0)
 deadline = time.monotonic() + 5
 while time.monotonic() < deadline:
-    _, completions, established, _ = engine.drain_all()
-    if established:
+    drained = engine.drain_all()
+    if drained.established:
         print("established")
         break
-    if completions:
-        print("handed back", errno.errorcode[completions[0][3]], completions[0][6] >= 0)
+    if drained.completions:
+        ended = drained.completions[0]
+        print("handed back", errno.errorcode[ended.errno], ended.client_fd >= 0)
         break
     time.sleep(0.01)
 engine.stop()

@@ -17,7 +17,7 @@ import pytest
 
 from flux._splice import HTTP_ERROR_RESPONSES
 from flux.relay import HTTP_CUT_SIDES, SpliceRelay
-from tests.support.http_streams import H2_PREFACE
+from tests.support.http_streams import H2_PREFACE, request, response
 from tests.support.relay_harness import (
     KINDS,
     Harness,
@@ -52,22 +52,6 @@ class Exchanges:
 
     def labels(self) -> list[tuple[str, int]]:
         return [(method, status) for method, status, _, _ in self.seen]
-
-
-def response(status: int = 200, body: bytes = b"hello", extra: bytes = b"") -> bytes:
-    reason = {200: b"OK", 201: b"Created", 204: b"No Content", 404: b"Not Found"}[status]
-    head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    if status == 204:
-        return head + extra + b"\r\n"
-    return head + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
-
-
-def request(method: bytes = b"GET", path: bytes = b"/", body: bytes = b"",
-            extra: bytes = b"") -> bytes:
-    head = b"%s %s HTTP/1.1\r\nHost: svc\r\n" % (method, path)
-    if body:
-        head += b"Content-Length: %d\r\n" % len(body)
-    return head + extra + b"\r\n" + body
 
 
 async def flushed(h: Harness, obs: Exchanges, count: int, timeout: float = 5.0) -> None:

@@ -334,6 +334,7 @@ cdef void hf_malformed(HttpFramer *f, uint8_t reason, uint64_t pos, HfEvents *ou
     f.side[HF_REQUEST].state = HS_DEAD
     f.reject = 1
     f.reject_status = e.status
+    f.reject_reason = reason
     if f.n_answered == f.n_requests:
         hf_reject(f, f.reject_status, out)
 

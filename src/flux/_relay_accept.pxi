@@ -228,7 +228,8 @@ cdef void accept_pause(RelayEngine *e, RelaySvc *s, int err) noexcept nogil:
     accept_hand_over(e, s, -1, 0, err)
 
 
-cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip) noexcept nogil:
+cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
+                       uint16_t port) noexcept nogil:
     """A new client: connect it to a picked instance, or hand it to the asyncio side."""
     cdef RelaySnap *snap = s.snap
     cdef RelayTarget *t
@@ -250,6 +251,7 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip) noexcep
     c.svc = s
     c.inst = t.id
     c.client_ip = ip
+    c.client_port = port
     c.started_ns = relay_now_ns()
     memcpy(c.addr, t.addr, t.addr_len)
     c.addr_len = t.addr_len
@@ -288,7 +290,10 @@ cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
             accept_pause(e, s, errno)
             return
         flux_relay_add(&sh.held, 1)
-        accept_route(e, s, fd, peer.sin_addr.s_addr if peer.sin_family == AF_INET else 0)
+        if peer.sin_family == AF_INET:
+            accept_route(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port))
+        else:
+            accept_route(e, s, fd, 0, 0)
     accept_queue(e, s)      # more may be waiting: after the other services' events
 
 

@@ -13,6 +13,7 @@ RELAY_COUNTERS = (
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
     "http_h2", "http_h2_gave_up", "http_h2_untracked", "exchanges_dropped", "buffers_lent",
     "buffers_idle", "connects", "connect_failures", "accepted", "to_python", "accept_failures",
+    "http_switched", "notices_dropped",
 )
 
 # The counters above that are levels (they go down as well as up: what is held now).  Every
@@ -47,9 +48,9 @@ HandOver.__doc__ = """From a service the engine accepts for: a client for the ca
 news that the service stopped accepting (errno 0: the descriptor budget is spent, else
 accept4()'s errno)."""
 
-Drained = _namedtuple("Drained", "exchanges completions established handed")
+Drained = _namedtuple("Drained", "exchanges completions established handed notices")
 Drained.__doc__ = """Everything drain_all() took: ExchangeGroups, Completions, the tokens of
-connections established by connect(), HandOvers."""
+connections established by connect(), HandOvers, Notices (_relay_notice.pxi)."""
 
 AnsweredCounts = _namedtuple("AnsweredCounts", "bad_request too_large timeout")
 AnsweredCounts.__doc__ = """Requests the engine answered itself: 400, 431 and 408."""
@@ -276,6 +277,8 @@ cdef class SpliceEngine:
     cdef RelayConn *_new_conn(self, int client_fd, int upstream_fd, uint64_t token, bint http,
                               bint observe) except NULL:
         cdef RelayConn *c
+        cdef sockaddr_in peer
+        cdef socklen_t size
         if not self._running:
             raise RuntimeError("the relay engine is not running")
         if client_fd < 0:
@@ -291,9 +294,17 @@ cdef class SpliceEngine:
         c.dir[1].pipe_r = c.dir[1].pipe_w = -1
         c.token = token
         c.started_ns = relay_now_ns()
-        if http and http_attach(c, observe) < 0:
-            free(c)
-            raise MemoryError()
+        if http:
+            if http_attach(c, observe) < 0:
+                free(c)
+                raise MemoryError()
+            # What its notices name (_relay_notice.pxi); a client that is already gone, or
+            # not IPv4, is named 0.0.0.0:0.
+            size = sizeof(peer)
+            if getpeername(client_fd, <sockaddr *>&peer, &size) == 0 and (
+                    peer.sin_family == AF_INET):
+                c.client_ip = peer.sin_addr.s_addr
+                c.client_port = ntohs(peer.sin_port)
         return c
 
     cdef void _submit(self, RelayConn *c) noexcept:
@@ -513,18 +524,20 @@ cdef class SpliceEngine:
         return self.drain_all().exchanges
 
     def drain_all(self):
-        """Take every queued exchange, completion, established connection and hand-over at
-        once: a :class:`Drained` of lists of :class:`ExchangeGroup`, :class:`Completion`,
-        tokens and :class:`HandOver` (hand-overs: see _relay_accept.pxi).
+        """Take every queued exchange, completion, established connection, hand-over and
+        notice at once: a :class:`Drained` of lists of :class:`ExchangeGroup`,
+        :class:`Completion`, tokens, :class:`HandOver` (see _relay_accept.pxi) and
+        :class:`Notice` (see _relay_notice.pxi).
 
-        A connection's exchanges and its establishment are always queued before its
+        A connection's exchanges, notices and establishment are always queued before its
         completion, so handling those first never meets a connection that is already gone."""
         cdef RelayEngine *e = self.e
         cdef RelayConn *c
         cdef RelayConn *nxt
         cdef RelayExchange *x
         cdef RelayConn *est
-        cdef size_t count, i
+        cdef RelayNotice *nt
+        cdef size_t count, i, nt_count
         cdef uint64_t value
         if e.done_fd >= 0:
             read(e.done_fd, &value, sizeof(value))
@@ -542,7 +555,13 @@ cdef class SpliceEngine:
         names = self._names
         for i in range(len(names), e.names.len):
             names.append(e.names.names[i].decode("latin-1"))
+        nt = e.nt_shared
+        nt_count = e.nt_shared_len
+        e.nt_shared = NULL
+        e.nt_shared_len = 0
+        e.nt_shared_cap = 0
         pthread_mutex_unlock(&e.lock)
+        notices = notice_records(nt, nt_count)
         groups = {}
         for i in range(count):
             # An int key, not a tuple: ints are not tracked by the garbage collector, and a
@@ -585,7 +604,7 @@ cdef class SpliceEngine:
                                       c.fd[0] if c.handed_back else -1))
             free(c)
             c = nxt
-        return Drained(exchanges, out, established, handed)
+        return Drained(exchanges, out, established, handed, notices)
 
     def close_all(self):
         """Reset every relayed connection now (completions carry ECANCELED); keep running."""
@@ -688,6 +707,8 @@ cdef class SpliceEngine:
         free(e.ex_local)
         free(e.ex_shared)
         h2_names_free(&e.names)
+        free(e.nt_local)
+        free(e.nt_shared)
         free(e.buffers)
         free(e.pool)
         free(e)

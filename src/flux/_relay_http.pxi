@@ -198,9 +198,14 @@ cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef HttpPending x
     cdef HfExchange *r
     cdef H2Stream *st
-    if h.h2 != NULL and h.h2.nstreams:
-        now = <uint64_t>relay_now_ns()
-        for i in range(h.h2.nstreams):
+    cdef uint32_t streams = h.h2.nstreams if h.h2 != NULL else 0
+    if h.npending == 0 and n == 0 and streams == 0:
+        return
+    relay_notice(e, c, NOTICE_CUT, NR_CUT_CLIENT - 1 + side, 0,
+                 <uint32_t>(h.npending + n + streams))
+    now = <uint64_t>relay_now_ns()
+    if streams:
+        for i in range(streams):
             st = &h.h2.streams[i]
             x.method = st.method
             x.status = side
@@ -210,9 +215,6 @@ cdef void http_count_cut(RelayEngine *e, RelayConn *c) noexcept nogil:
             x.t_response_head = st.t_response_head if st.t_response_head else now
             http_record(e, c, &x, now)
         h.h2.nstreams = 0
-    if h.npending == 0 and n == 0:
-        return
-    now = <uint64_t>relay_now_ns()
     while h.npending:
         x = h.pending[h.pending_head]
         x.status = side
@@ -303,6 +305,7 @@ cdef void http_start_h2(RelayEngine *e, RelayConn *c) noexcept nogil:
     h.h2 = h2_new(&e.names)
     if h.h2 == NULL:
         relay_count(e, RC_HTTP_H2_GAVE_UP, 1)
+        relay_notice(e, c, NOTICE_H2_GAVE_UP, NR_H2_MEMORY, 0, 0)
         return
     h.h2.names_lock = &e.lock
     h.h2.side[0].pos = h.f.side[HF_REQUEST].pos
@@ -362,9 +365,11 @@ cdef void http_h2_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             if ev.kind == H2_EV_EXCHANGE:
                 http_pend(e, c, &x, now)
             else:
+                relay_notice(e, c, NOTICE_CUT, NR_CUT_CLIENT - 1 + ev.status, 0, 1)
                 http_record(e, c, &x, now)
         elif ev.kind == H2_EV_GAVE_UP:
             relay_count(e, RC_HTTP_H2_GAVE_UP, 1)
+            relay_notice(e, c, NOTICE_H2_GAVE_UP, NR_H2_HPACK - 1 + ev.reason, 0, 0)
         elif ev.kind == H2_EV_UNTRACKED:
             relay_count(e, RC_HTTP_H2_UNTRACKED, 1)
     e.h2ev.count = 0
@@ -379,6 +384,10 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
     for i in range(e.ev.count):
         ev = &e.ev.ev[i]
         if ev.kind == HF_EV_EXCHANGE:
+            if ev.flags & HFE_SWITCHED:
+                relay_count(e, RC_HTTP_SWITCHED, 1)
+                relay_notice(e, c, NOTICE_SWITCHED,
+                             NR_UPGRADE if ev.status == 101 else NR_CONNECT, ev.status, 0)
             x.end_pos = ev.pos
             x.method = ev.method
             x.status = ev.status
@@ -403,6 +412,7 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
                 http_start_h2(e, c)
             else:
                 relay_count(e, RC_HTTP_OPAQUE, 1)
+                relay_notice(e, c, NOTICE_OPAQUE, ev.reason, 0, 0)
     e.ev.count = 0
 
 
@@ -499,6 +509,7 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef RelayDir *up = &c.dir[0]
     cdef int i
     h.rejecting = 0
+    notice_answered(e, c)
     c.dir[1].done = 1
     # Nothing more goes to the instance: drop what is still buffered for it.
     relay_drop_pipe(e, up)
@@ -610,8 +621,10 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             # Nothing was asked, so nothing is answered.
             if e.opening_timeout_ns == e.header_timeout_ns:
                 relay_count(e, RC_HTTP_HEADER_TIMEOUTS, 1)
+                relay_notice(e, c, NOTICE_HEADER_TIMEOUT, NR_NOTHING_SENT, 0, 0)
             else:
                 relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+                relay_notice(e, c, NOTICE_IDLE_CLOSED, NR_NOTHING_SENT, 0, 0)
             relay_finish(e, c)
         elif phase == HF_PHASE_HEAD and e.header_timeout_ns > 0 and (
                 now - <int64_t>h.f.side[HF_REQUEST].t_head_start >= e.header_timeout_ns):
@@ -619,10 +632,12 @@ cdef void http_sweep(RelayEngine *e) noexcept nogil:
             if h.f.n_requests == h.f.n_answered and http_quiet(c):
                 http_start_answer(e, c, 408)
             else:
+                relay_notice(e, c, NOTICE_HEADER_TIMEOUT, NR_RESPONSES_OWED, 0, 0)
                 http_cut_by(c, 0)   # the client was too slow: what is under way is its cut
                 relay_abort(e, c, ETIMEDOUT)
         elif phase == HF_PHASE_IDLE and e.idle_timeout_ns > 0 and http_quiet(c) and (
                 now - h.last_active_ns >= e.idle_timeout_ns):
             relay_count(e, RC_HTTP_IDLE_CLOSED, 1)
+            relay_notice(e, c, NOTICE_IDLE_CLOSED, NR_IDLE, 0, 0)
             relay_finish(e, c)
         c = nxt

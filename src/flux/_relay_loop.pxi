@@ -25,7 +25,7 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     cdef bint idle
     if e.reap != NULL:
         accept_reap(e)
-    if c == NULL and e.ex_local_len == 0 and est == NULL:
+    if c == NULL and e.ex_local_len == 0 and est == NULL and e.nt_local_len == 0:
         return
     while c != NULL:
         n += 1
@@ -33,8 +33,8 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
     # Count before publishing so that a drained completion is always reflected in `active`.
     relay_count(e, RC_COMPLETED, n)
     pthread_mutex_lock(&e.lock)
-    # Established connections and exchanges first, in the same critical section: neither is
-    # ever seen after the connection's completion.
+    # Established connections, exchanges and notices first, in the same critical section:
+    # none is ever seen after the connection's completion.
     # Completions and established connections wake the asyncio side when both queues were
     # empty (otherwise a wake-up is already on its way); exchanges by their own mark.
     idle = e.est_shared == NULL and e.done_head == NULL
@@ -48,6 +48,8 @@ cdef void relay_publish(RelayEngine *e) noexcept nogil:
         e.est_local = NULL
     if e.ex_local_len:
         wake = http_publish_exchanges(e) or wake
+    if e.nt_local_len:
+        wake = notice_publish(e) or wake
     if e.finished_head != NULL:
         wake = wake or idle
         if e.done_tail != NULL:

@@ -269,6 +269,7 @@ cdef struct HttpFramer:
     #                             from it
     uint16_t status             # final status of the exchange being answered
     uint16_t reject_status
+    uint8_t reject_reason       # the HF_ERR_* that made it (what a notice names)
     uint8_t response_close
     uint8_t mode
     uint8_t reject              # REJECT owed once the ring is empty
@@ -498,6 +499,8 @@ cdef enum:
     RC_ACCEPTED             # clients the engine accepted on a service's listening socket
     RC_TO_PYTHON            # ... handed to the asyncio side to pick for (see _relay_accept.pxi)
     RC_ACCEPT_FAILURES      # accept4() errors other than EAGAIN (each pauses the service)
+    RC_HTTP_SWITCHED        # HTTP connections switched to plain relaying (Upgrade, CONNECT)
+    RC_NOTICES_DROPPED      # notice records lost because the queue was full (_relay_notice.pxi)
     RC_COUNT
 
 cdef enum:
@@ -625,7 +628,9 @@ cdef struct RelayConn:
     RelayConn *est_next     # established queue (connect()); independent of the other links
     RelaySvc *svc           # the service whose bytes this connection counts (NULL: none)
     uint32_t inst           # the instance the engine picked (engine-accepted connections)
-    uint32_t client_ip      # the client's IPv4 address, network order (engine-accepted)
+    uint32_t client_ip      # the client's IPv4 address, network order (engine-accepted, or
+    #                         an HTTP connection handed over: what notices name)
+    uint16_t client_port    # ... and its port, host order
     uint8_t counted         # counted as up in svc (engine-accepted; undone at retire)
 
 
@@ -687,6 +692,13 @@ cdef struct RelayEngine:
     RelaySvc *accept_tail
     RelayConn *reap             # engine: engine-accepted connections ended this batch
     uint64_t rng                # engine (seeded by the caller)
+    # Notices (see _relay_notice.pxi).
+    RelayNotice *nt_local       # engine: noticed this batch
+    size_t nt_local_len
+    size_t nt_local_cap
+    RelayNotice *nt_shared      # lock: published, not yet drained
+    size_t nt_shared_len
+    size_t nt_shared_cap
     int64_t counters[RC_COUNT]  # atomic: RC_SUBMITTED by the caller, the others by the engine
 
 
@@ -784,6 +796,56 @@ cdef struct RelayHttp:
     char early[HTTP_EARLY_MAX]
 
 
+# ---- notices (_relay_notice.pxi) --------------------------------------------------------------
+
+cdef enum:
+    NOTICES_MAX = 4096          # records held for the asyncio side at each end before dropping
+    # What happened (RelayNotice.kind); NOTICE_KINDS names them in this order.
+    NOTICE_REJECTED = 0         # a malformed request: answered 400 / 431 (status), or closed
+    #                             unanswered (status 0); reason: the framer's HF_ERR_*
+    NOTICE_HEADER_TIMEOUT       # NR_HEAD_INCOMPLETE (answered 408), NR_NOTHING_SENT (closed
+    #                             quietly) or NR_RESPONSES_OWED (reset)
+    NOTICE_IDLE_CLOSED          # NR_IDLE, or NR_NOTHING_SENT (the idle timeout is the shorter)
+    NOTICE_OPAQUE               # the framer gave up: its HF_ERR_*
+    NOTICE_SWITCHED             # switched protocols (status): NR_UPGRADE, NR_CONNECT
+    NOTICE_CUT                  # `count` exchanges cut short: NR_CUT_CLIENT - 1 + HTTP_CUT_*
+    NOTICE_H2_GAVE_UP           # the HTTP/2 observer gave up on the connection: NR_H2_*
+    # Reasons beyond the framer's HF_ERR_* (NOTICE_REASONS names them all).
+    NR_NOTHING_SENT = 32
+    NR_HEAD_INCOMPLETE
+    NR_RESPONSES_OWED
+    NR_IDLE
+    NR_UPGRADE
+    NR_CONNECT
+    NR_CUT_CLIENT
+    NR_CUT_INSTANCE
+    NR_CUT_FLUXD
+    NR_H2_HPACK                 # NR_H2_HPACK - 1 + H2_ERR_*: the HTTP/2 observer's reasons,
+    NR_H2_SEQUENCE              # in H2_ERR_* order
+    NR_H2_PADDING
+    NR_H2_TABLE_SIZE
+    NR_H2_MEMORY
+    NR_H2_RESPONSE_FIRST
+
+
+cdef struct RelayNotice:
+    # Something an HTTP connection's data path did on its own, for one log line: written by
+    # the engine thread into nt_local, moved to nt_shared under lock, read and freed by
+    # drain_all.
+    uint64_t token
+    uint64_t bytes_up       # the connection's bytes delivered to the instance, to the client
+    uint64_t bytes_down
+    int64_t age_ns          # since the connection was handed over or accepted
+    uint32_t service        # the service it counts for (0: none)
+    uint32_t inst           # the instance the engine picked (0: a caller's connection)
+    uint32_t client_ip      # network order
+    uint32_t count          # NOTICE_CUT: exchanges cut short
+    uint16_t client_port
+    uint16_t status
+    uint8_t kind
+    uint8_t reason
+
+
 # ==== functions one room calls in another ===================================================
 # Defined in the room named above each group; the signatures must match the definitions.
 
@@ -865,3 +927,10 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil
 cdef int http_sweep_wait_ms(RelayEngine *e) noexcept nogil
 cdef void http_sweep(RelayEngine *e) noexcept nogil
+
+# notices (_relay_notice.pxi)
+cdef void relay_notice(RelayEngine *e, RelayConn *c, uint8_t kind, uint8_t reason,
+                       uint16_t status, uint32_t count) noexcept nogil
+cdef void notice_answered(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef bint notice_publish(RelayEngine *e) noexcept nogil
+cdef list notice_records(RelayNotice *records, size_t count)

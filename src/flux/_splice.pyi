@@ -61,6 +61,7 @@ class Drained(NamedTuple):
     completions: list[Completion]
     established: list[int]
     handed: list[HandOver]
+    notices: list[Notice]
 
 
 class AnsweredCounts(NamedTuple):
@@ -171,6 +172,34 @@ class SpliceEngine:
     @property
     def inflight_bytes(self) -> int: ...
     def stats(self) -> dict[str, int]: ...
+
+
+# ---- Notices (src/flux/_relay_notice.pxi) ---------------------------------------------------
+
+NOTICE_KINDS: tuple[str, ...]
+"""What an HTTP connection's data path did on its own, by the engine's kind number."""
+
+NOTICE_REASONS: tuple[str, ...]
+"""Notice reasons by number: the framer's reasons, then the engine's own."""
+
+
+class Notice(NamedTuple):
+    """Something an HTTP connection's data path did on its own (token 0: a connection the
+    engine accepted, named by service and instance)."""
+
+    kind: str
+    reason: str
+    status: int
+    exchanges: int
+    token: int
+    service: int
+    instance: int
+    client_ip: int
+    client_port: int
+    bytes_up: int
+    bytes_down: int
+    age_ns: int
+
 
 # ---- end of Relay engine ---------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ may be read in any order:
   pool's snapshot, connecting, counting, handing the unusual back to the asyncio side.
 - ``_relay_http.pxi``: what the engine does for HTTP services: shows relayed bytes to the
   framer, times exchanges, answers malformed requests and enforces the HTTP timeouts.
+- ``_relay_notice.pxi``: what an HTTP connection's data path did on its own (an answer, a
+  timeout, a switch, exchanges cut short), queued as small records for fluxd's log lines.
 - ``_relay_api.pxi``: the Python face, SpliceEngine, and the records it returns.
 
 The latency histogram the metrics record into is its own module, flux._histogram: the engine
@@ -53,4 +55,5 @@ include "_relay_moves.pxi"
 include "_relay_loop.pxi"
 include "_relay_accept.pxi"
 include "_relay_http.pxi"
+include "_relay_notice.pxi"
 include "_relay_api.pxi"

@@ -6,7 +6,7 @@ Only what the engine calls, declared ``nogil`` so the engine's loop can run with
 ``pyconfig.h``, which Cython includes first.
 """
 
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "<errno.h>" nogil:
@@ -121,6 +121,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
     int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    int getpeername(int sockfd, sockaddr *addr, socklen_t *addrlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -133,6 +134,7 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         unsigned short sin_port
         in_addr sin_addr
+    uint16_t ntohs(uint16_t netshort)
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

@@ -4,7 +4,8 @@ Valid streams (a request, the sample client and instance streams with every fram
 them), the HTTP/2 preface (which is none of them), malformed request heads and chunked bodies,
 each with the reason the framer must give and whether h11 rejects it too, and the snippets
 mutations insert.  tests/test_http_framer.py runs its tables and checks over them;
-fuzz/fuzz_http_framer.py starts its inputs from them.
+fuzz/fuzz_http_framer.py starts its inputs from them.  The relay suites (test_relay_http.py,
+test_relay_notices.py) build their messages with request() and response().
 """
 
 from __future__ import annotations
@@ -112,3 +113,19 @@ SNIPPETS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b"\x00", b":", b",", b";", b"0",
             b"Transfer-Encoding: chunked\r\n", b"Host: x\r\n", b"Connection: close\r\n",
             b"0\r\n\r\n", b"HTTP/1.1", b" HTTP/1.0", b"Upgrade: x\r\n", b"CONNECT ",
             b"Transfer-Encoding: gzip, chunked\r\n", b"Content-Length: 1, 1\r\n"]
+
+
+def response(status: int = 200, body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    reason = {200: b"OK", 201: b"Created", 204: b"No Content", 404: b"Not Found"}[status]
+    head = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if status == 204:
+        return head + extra + b"\r\n"
+    return head + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+
+
+def request(method: bytes = b"GET", path: bytes = b"/", body: bytes = b"",
+            extra: bytes = b"") -> bytes:
+    head = b"%s %s HTTP/1.1\r\nHost: svc\r\n" % (method, path)
+    if body:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + extra + b"\r\n" + body

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from flux.model import ConnectionInfo
 from flux.relay import RelayResult, SpliceRelay, make_relay
 
 KINDS = ["splice", "python"]
@@ -95,11 +96,13 @@ class Harness:
         buffers: int | None = None,
         http: bool = False,
         observe: Callable[[str, int, int, int], None] | None = None,
+        info: ConnectionInfo | None = None,
     ) -> Link:
         """A client connected through the relay to the test's server end.
 
         ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
-        buffers is bounded and what the relay buffers can be told apart.
+        buffers is bounded and what the relay buffers can be told apart; ``info`` names the
+        service and instance in the connection's notices.
         """
         async with self.opening:
             client, relay_client = await self.pair(self.front)
@@ -113,7 +116,9 @@ class Harness:
         link = Link(
             client,
             server,
-            self.relay.submit(relay_client, relay_upstream, http=http, observe=observe),
+            self.relay.submit(
+                relay_client, relay_upstream, http=http, observe=observe, info=info
+            ),
         )
         self.links.append(link)
         return link

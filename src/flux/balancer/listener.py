@@ -676,6 +676,7 @@ class Listener:
                 http=self._http,
                 observe=observe,
                 service=self._sid,  # -1 unless the engine accepts for this listener
+                info=info,
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -768,10 +769,17 @@ class Listener:
         try:
             if self._acceptor is not None and self._sid >= 0:
                 future = self._acceptor.submit(
-                    client, upstream, http=self._http, observe=observe, service=self._sid
+                    client,
+                    upstream,
+                    http=self._http,
+                    observe=observe,
+                    service=self._sid,
+                    info=info,
                 )
             else:
-                future = self._relay.submit(client, upstream, http=self._http, observe=observe)
+                future = self._relay.submit(
+                    client, upstream, http=self._http, observe=observe, info=info
+                )
         except RuntimeError:  # the relay is shutting down
             reset_and_close(client)
             reset_and_close(upstream)

@@ -55,8 +55,10 @@ def make_relay(kind: Literal["splice", "python"] = "splice", **options: Any) -> 
     if kind == "python":
         # One event loop: shards mean nothing to it.
         options.pop("shards", None)
-        extra = set(options) - {"http_header_timeout", "http_idle_timeout"}
+        extra = set(options) - {"http_header_timeout", "http_idle_timeout", "notices"}
         if extra:
-            raise TypeError(f"the python relay takes only the HTTP timeouts, got {sorted(extra)}")
+            raise TypeError(
+                f"the python relay takes only the HTTP timeouts and notices, got {sorted(extra)}"
+            )
         return PythonRelay(**options)
     raise ValueError(f"relay kind must be 'splice' or 'python', got {kind!r}")

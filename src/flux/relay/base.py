@@ -30,7 +30,10 @@ connection is closed; a request head that takes longer than ``http_header_timeou
 that sent nothing by then is closed without an answer); a keep-alive connection idle for
 ``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the
 status the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
-untouched and unobserved.
+untouched and unobserved.  Each of those, a switch to plain relaying (Upgrade, CONNECT,
+framing given up) and exchanges cut short is a *notice*: a log line naming the service, the
+client and the reason, rate-limited per service (:mod:`flux.relay.notices`; both relays write
+the same ones).
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
 
@@ -64,6 +67,8 @@ import socket
 import struct
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
+
+from flux.model import ConnectionInfo
 
 __all__ = [
     "CUT_TIMEOUT",
@@ -221,10 +226,12 @@ class Relay(Protocol):
         *,
         http: bool = False,
         observe: ExchangeObserver | None = None,
+        info: ConnectionInfo | None = None,
     ) -> asyncio.Future[RelayResult]:
         """Relay between two connected sockets; the relay owns (and will close) both.
 
-        ``http``: follow HTTP/1.x framing and report each exchange to ``observe``.
+        ``http``: follow HTTP/1.x framing and report each exchange to ``observe``; ``info``
+        names the service and instance in the connection's notices (log lines).
         """
 
     def flush(self) -> None:
@@ -247,11 +254,12 @@ class Connector(Protocol):
         http: bool = False,
         observe: ExchangeObserver | None = None,
         service: int = -1,
+        info: ConnectionInfo | None = None,
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) within ``timeout`` s and relay the
         client (a descriptor, now the relay's) to it; ``handler`` hears what became of it.
         ``service``: an id from :meth:`Acceptor.listen`, whose byte counters count this
-        connection (-1: none)."""
+        connection (-1: none); ``info`` as for :meth:`Relay.submit`."""
 
 
 class Acceptor(Protocol):
@@ -313,6 +321,7 @@ class Acceptor(Protocol):
         http: bool = False,
         observe: ExchangeObserver | None = None,
         service: int = -1,
+        info: ConnectionInfo | None = None,
     ) -> asyncio.Future[RelayResult]:
         """:meth:`Relay.submit`, with the bytes counted live for ``service`` (an id from
         :meth:`listen`; -1: none)."""

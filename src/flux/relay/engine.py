@@ -24,6 +24,12 @@ of every connection that names a service are counted as they are delivered, so
 :meth:`SpliceRelay.engine_counters` sums the shards' own counters (``SpliceEngine.stats()``, by
 the names of the engine's table) for the scrape: events (header timeouts, idle closes, opaque
 switches, dropped exchange records, ...) and levels (idle pipes, in-flight bytes, ...).
+
+What an HTTP connection's data path did on its own (an answer, a timeout, a switch, exchanges
+cut short) comes from the engine as notices (``_relay_notice.pxi``), drained with everything
+else; the relay names their service, instance and client (from :meth:`listen`'s service and
+instances, or the ``info`` a connection was handed over with) and writes them through its
+:class:`~flux.relay.notices.NoticeLimiter`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from flux.model import ConnectionInfo
 from flux.relay.base import (
     CUT_TIMEOUT,
     HTTP_HEADER_TIMEOUT,
@@ -51,9 +58,10 @@ from flux.relay.base import (
     reset_and_close,
     wait_bounded,
 )
+from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
 if TYPE_CHECKING:
-    from flux._splice import ExchangeGroup, SpliceEngine
+    from flux._splice import ExchangeGroup, Notice, SpliceEngine
 
 __all__ = ["SpliceRelay"]
 
@@ -67,7 +75,8 @@ class SpliceRelay:
 
     ``shards`` engines (one native thread each, own epoll loop, pipes and counters) share the
     work: a listener gives each shard its own listening socket (:meth:`listen`), and
-    connections the asyncio side hands over are spread round-robin.
+    connections the asyncio side hands over are spread round-robin.  ``notices`` writes the
+    engine's notices (a :class:`~flux.relay.notices.NoticeLimiter` of its own by default).
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class SpliceRelay:
         http_header_timeout: float = HTTP_HEADER_TIMEOUT,
         http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
         shards: int = 1,
+        notices: NoticeLimiter | None = None,
     ) -> None:
         from flux._splice import HTTP_METHODS, RELAY_COUNTERS, RELAY_LEVELS, SpliceEngine
 
@@ -105,6 +115,9 @@ class SpliceRelay:
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
         self._handlers: dict[int, ConnectHandler] = {}
         self._observers: dict[int, ExchangeObserver] = {}
+        # What the notices of a connection handed over for HTTP name (by token).
+        self._infos: dict[int, ConnectionInfo] = {}
+        self._notices = notices if notices is not None else NoticeLimiter()
         self._next_token = 1
         self._next_shard = 0
         # Tokens of connections whose bytes a service counts live (their results say so).
@@ -156,6 +169,7 @@ class SpliceRelay:
         if self._loop is not None:
             raise RuntimeError("SpliceRelay.start() was already called")
         self._loop = asyncio.get_running_loop()
+        self._notices.attach(self._loop)
         for engine in self._engines:
             engine.start()
             self._loop.add_reader(engine.eventfd, self._flush_one, engine)
@@ -176,9 +190,11 @@ class SpliceRelay:
         http: bool = False,
         observe: ExchangeObserver | None = None,
         service: int = -1,
+        info: ConnectionInfo | None = None,
     ) -> asyncio.Future[RelayResult]:
         """Hand both sockets to the engine (they are detached: the engine closes them).
-        ``service``: an id from :meth:`listen`, whose byte counters count this connection."""
+        ``service``: an id from :meth:`listen`, whose byte counters count this connection;
+        ``info``: what its notices name."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -195,6 +211,8 @@ class SpliceRelay:
         self._pending[token] = future
         if http and observe is not None:
             self._observe(token, observe)
+        if http and info is not None:
+            self._infos[token] = info
         return future
 
     def connect(
@@ -207,9 +225,11 @@ class SpliceRelay:
         http: bool = False,
         observe: ExchangeObserver | None = None,
         service: int = -1,
+        info: ConnectionInfo | None = None,
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
-        (a descriptor, now the relay's) to it; ``handler`` hears what became of it."""
+        (a descriptor, now the relay's) to it; ``handler`` hears what became of it; ``info``:
+        what its notices name."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -222,6 +242,8 @@ class SpliceRelay:
         self._handlers[token] = handler
         if http and observe is not None:
             self._observe(token, observe)
+        if http and info is not None:
+            self._infos[token] = info
 
     # -- accepting in the engine ---------------------------------------------------------------
 
@@ -380,10 +402,15 @@ class SpliceRelay:
                 handler.established()
         if drained.exchanges:
             self._deliver(drained.exchanges)
+        if drained.notices:
+            self._notice(drained.notices)
         # Records unpack by position: the fields in Completion's, HandOver's and
         # ExchangeGroup's order (flux/_splice.pyi), at a tuple's cost per record.
+        infos = self._infos
         for token, up, down, code, duration_ns, answered, client_fd in drained.completions:
             self._observers.pop(token, None)
+            if infos:
+                infos.pop(token, None)
             handler = handlers.pop(token, None)
             if handler is not None and client_fd >= 0:
                 self._counted.discard(token)
@@ -438,6 +465,31 @@ class SpliceRelay:
                 grpc_observe: Any = observe
                 grpc_observe(methods[method], status, roundtrips, totals, _grpc_call(path, code))
 
+    def _notice(self, notices: Sequence[Notice]) -> None:
+        """Write each notice (see ``SpliceEngine.drain_all``), naming what its token or its
+        service and instance ids stand for."""
+        write = self._notices.notice
+        for n in notices:
+            info = self._infos.get(n.token) if n.token else None
+            if info is not None:
+                service = info.service
+                instance = f"{info.instance} at {info.instance_address}"
+            else:
+                service = self._services[n.service][0] if n.service else "-"
+                name, address = self._instances[n.instance] if n.token == 0 else ("", "")
+                instance = f"{name} at {address}" if name else ""
+            client = client_address(_ipv4(n.client_ip), n.client_port)
+            write(
+                NoticeSubject(service, client, instance),
+                n.kind,
+                n.reason,
+                status=n.status,
+                count=n.exchanges,
+                bytes_up=n.bytes_up,
+                bytes_down=n.bytes_down,
+                age=n.age_ns / 1e9,
+            )
+
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for active connections, reset the rest, stop the engine."""
         if self._loop is None or self._closing:
@@ -457,6 +509,7 @@ class SpliceRelay:
         for engine in self._engines:
             engine.stop()
         self.flush()
+        self._notices.close()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("the relay engine stopped without a completion"))

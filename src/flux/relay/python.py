@@ -7,17 +7,21 @@ HTTP framer driven from Python, so the behaviour is defined independently of the
 Both pass one behaviour suite on the same inputs (the ``KINDS`` of the relay tests).  It takes
 only the :class:`~flux.relay.base.Relay` role: the listener accepts and connects for it on the
 event loop.  It is the fallback too (``-relay python``), and for comparison and debugging.
+Its notices (:mod:`flux.relay.notices`) come from the same events as the engine's, each where
+the engine's hook is (``_relay_notice.pxi`` lists them), through a limiter of the same kind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
+from flux.model import ConnectionInfo
 from flux.relay.base import (
     CUT_TIMEOUT,
     HTTP_CUT_SIDES,
@@ -32,11 +36,15 @@ from flux.relay.base import (
     set_reset_linger,
     wait_bounded,
 )
+from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
 if TYPE_CHECKING:
     from flux._splice import HttpEvent
 
 __all__ = ["PythonRelay"]
+
+# notify(kind, reason, status, count): a notice about the connection (NoticeLimiter.notice).
+_Notify = Callable[[str, str, int, int], None]
 
 # After answering a request itself, how long the relay reads (and drops) what the client still
 # sends before closing: closing with unread bytes would reset the answer away.
@@ -81,17 +89,19 @@ class _HttpWatch:
     the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "cut_side", "exchanges", "kept", "last_active", "observe", "paused",
-                 "probe", "stop")
+    __slots__ = ("answer", "cut_side", "exchanges", "kept", "last_active", "notify", "observe",
+                 "paused", "probe", "reject_reason", "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
-    def __init__(self, observe: ExchangeObserver | None) -> None:
+    def __init__(self, observe: ExchangeObserver | None, notify: _Notify) -> None:
         from flux._splice import HttpFramerProbe
 
         opened = time.monotonic_ns()
         self.probe = HttpFramerProbe(opened)
         self.observe = observe
+        self.notify = notify
+        self.reject_reason = ""  # why the request being answered was malformed
         self.stop: list[int | None] = [None, None]
         self.answer: int | None = None  # what to answer once the responses owed are out
         self.exchanges: list[HttpEvent] = []
@@ -106,8 +116,14 @@ class _HttpWatch:
         for ev in events:
             if ev.kind == "exchange":
                 self.exchanges.append(ev)
+                if ev.switched:
+                    self.notify("switched", "upgrade" if ev.status == 101 else "connect",
+                                ev.status, 0)
             elif ev.kind == "malformed":
                 self.stop[0] = self.probe.request_start
+                self.reject_reason = ev.reason
+            elif ev.kind == "opaque":
+                self.notify("opaque", ev.reason, 0, 0)
             elif ev.kind == "reject":
                 self.stop[1] = ev.pos
                 self.answer = ev.status
@@ -165,10 +181,13 @@ class _HttpWatch:
         cut = [(ev.method, ev.t_request_head, ev.t_response_head) for ev in self.exchanges]
         cut += self.probe.unanswered()
         self.exchanges.clear()
-        if not cut or self.observe is None:
+        if not cut:
+            return
+        status = self.cut_side or len(HTTP_CUT_SIDES)
+        self.notify("cut", HTTP_CUT_SIDES[status - 1], 0, len(cut))
+        if self.observe is None:
             return
         now = time.monotonic_ns()
-        status = self.cut_side or len(HTTP_CUT_SIDES)
         for method, request_head, response_head in cut:
             self.observe(
                 method,
@@ -187,16 +206,23 @@ class _Flow:
     """
 
     __slots__ = ("answered", "bytes", "closing", "early", "eofs", "error", "future", "gone",
-                 "held", "http", "lingering", "on_done", "ready", "sides", "started")
+                 "held", "http", "lingering", "notices", "on_done", "ready", "sides", "started",
+                 "subject")
 
     def __init__(
         self,
         future: asyncio.Future[RelayResult],
         on_done: Callable[[_Flow], None],
-        http: _HttpWatch | None = None,
+        http: bool = False,
+        observe: ExchangeObserver | None = None,
+        subject: NoticeSubject | None = None,
+        notices: NoticeLimiter | None = None,
     ) -> None:
         self.future = future
-        self.http = http
+        # What this connection's notices name, and who writes them (HTTP only).
+        self.subject = subject
+        self.notices = notices
+        self.http = _HttpWatch(observe, self.notice) if http else None
         self.answered = 0
         self.lingering = False
         self.on_done = on_done
@@ -210,6 +236,21 @@ class _Flow:
         self.closing = False
         self.error: str | None = None
         self.started = time.monotonic_ns()
+
+    def notice(self, kind: str, reason: str, status: int = 0, count: int = 0) -> None:
+        """Write a notice about this connection (the engine's relay_notice)."""
+        if self.notices is None or self.subject is None:
+            return
+        self.notices.notice(
+            self.subject,
+            kind,
+            reason,
+            status=status,
+            count=count,
+            bytes_up=self.bytes[0],
+            bytes_down=self.bytes[1],
+            age=(time.monotonic_ns() - self.started) / 1e9,
+        )
 
     def transport(self, index: int) -> asyncio.Transport:
         transport = self.sides[index].transport
@@ -290,6 +331,10 @@ class _Flow:
 
         if self.lingering or self.closing:
             return
+        if status == 408:
+            self.notice("header-timeout", "head-incomplete", 408)
+        elif self.http is not None:
+            self.notice("rejected", self.http.reject_reason, status)
         self.lingering = True
         client, upstream = self.transport(0), self.transport(1)
         upstream.close()
@@ -420,6 +465,20 @@ def _same(side: _Side) -> _Side:
     return side
 
 
+def _subject(
+    client: socket.socket, upstream: socket.socket, info: ConnectionInfo | None
+) -> NoticeSubject:
+    """What an HTTP connection's notices name: its service, client and instance."""
+    address = "0.0.0.0:0"  # gone already, or not an IP socket (as the engine names it)
+    if client.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            host, port = client.getpeername()[:2]
+            address = client_address(host, port)
+    if info is None:
+        return NoticeSubject("-", address, "")
+    return NoticeSubject(info.service, address, f"{info.instance} at {info.instance_address}")
+
+
 class PythonRelay:
     """The relay on asyncio Protocols: the oracle twin of the splice engine (see the module
     docstring).  It takes the :class:`~flux.relay.base.Relay` role only."""
@@ -429,8 +488,10 @@ class PythonRelay:
         *,
         http_header_timeout: float = HTTP_HEADER_TIMEOUT,
         http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
+        notices: NoticeLimiter | None = None,
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._notices = notices if notices is not None else NoticeLimiter()
         self._flows: set[_Flow] = set()
         self._setups: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -470,6 +531,7 @@ class PythonRelay:
         if self._loop is not None:
             raise RuntimeError("PythonRelay.start() was already called")
         self._loop = asyncio.get_running_loop()
+        self._notices.attach(self._loop)
 
     def submit(
         self,
@@ -478,8 +540,10 @@ class PythonRelay:
         *,
         http: bool = False,
         observe: ExchangeObserver | None = None,
+        info: ConnectionInfo | None = None,
     ) -> asyncio.Future[RelayResult]:
-        """Wrap both sockets in transports (which then own them) and relay between them."""
+        """Wrap both sockets in transports (which then own them) and relay between them;
+        ``info``: what the connection's notices name."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         for sock in (client, upstream):
@@ -487,7 +551,8 @@ class PythonRelay:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         future: asyncio.Future[RelayResult] = self._loop.create_future()
-        flow = _Flow(future, self._flows.discard, _HttpWatch(observe) if http else None)
+        subject = _subject(client, upstream, info) if http else None
+        flow = _Flow(future, self._flows.discard, http, observe, subject, self._notices)
         if http and self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self._flows.add(flow)
@@ -536,17 +601,23 @@ class PythonRelay:
             phase = http.probe.phase
             if (phase == "opening" and self._opening_ns
                     and now - http.probe.head_started >= self._opening_ns):
+                if self._opening_ns == self._header_ns:
+                    flow.notice("header-timeout", "nothing-sent")
+                else:
+                    flow.notice("idle-closed", "nothing-sent")
                 flow.close_quietly()
             elif (phase == "head" and self._header_ns
                     and now - http.probe.head_started >= self._header_ns):
                 if http.probe.pending == 0 and flow.buffered == 0:
                     flow.answer(408)
                 else:
+                    flow.notice("header-timeout", "responses-owed")
                     flow.error = "ETIMEDOUT"
                     http.cut_by(0)  # the client was too slow: what is under way is its cut
                     flow.cut()
             elif (phase == "idle" and self._idle_ns and flow.buffered == 0
                   and now - http.last_active >= self._idle_ns):
+                flow.notice("idle-closed", "idle")
                 flow.close_quietly()
         if watched and self._loop is not None and not self._closing:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
@@ -564,3 +635,4 @@ class PythonRelay:
             for flow in list(self._flows):
                 flow.cut()
             await wait_bounded([flow.future for flow in self._flows], CUT_TIMEOUT)
+        self._notices.close()
