@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from flux._splice import HTTP_ERROR_RESPONSES
-from flux.relay import HTTP_CUT_SIDES, SpliceRelay
+from flux.relay import HTTP_CUT_SIDES, GrpcCall, SpliceRelay
 from tests.support.http_streams import H2_PREFACE
 from tests.support.relay_harness import (
     KINDS,
@@ -39,14 +39,20 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @dataclass
 class Exchanges:
-    """What the relay reported, one tuple per exchange."""
+    """What the relay reported, one tuple per exchange (HTTP/1.x: never a gRPC call)."""
 
     seen: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     def __call__(
-        self, method: str, status: int, roundtrips_us: list[int], totals_us: list[int]
+        self,
+        method: str,
+        status: int,
+        roundtrips_us: list[int],
+        totals_us: list[int],
+        grpc: GrpcCall | None,
     ) -> None:
         assert len(roundtrips_us) == len(totals_us) > 0
+        assert grpc is None
         for roundtrip, total in zip(roundtrips_us, totals_us, strict=True):
             self.seen.append((method, status, roundtrip, total))
 

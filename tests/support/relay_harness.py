@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from flux.relay import RelayResult, SpliceRelay, make_relay
+from flux.relay import ExchangeObserver, RelayResult, SpliceRelay, make_relay
 
 KINDS = ["splice", "python"]
 LOOPBACK = "127.0.0.1"
@@ -94,7 +94,7 @@ class Harness:
         *,
         buffers: int | None = None,
         http: bool = False,
-        observe: Callable[[str, int, int, int], None] | None = None,
+        observe: ExchangeObserver | None = None,
     ) -> Link:
         """A client connected through the relay to the test's server end.
 

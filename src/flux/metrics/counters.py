@@ -62,6 +62,7 @@ from flux.relay import (
     HTTP_CUT_SIDES,
     EngineCounts,
     ExchangeObserver,
+    GrpcCall,
     RelayCounters,
     RelayResult,
 )
@@ -289,13 +290,14 @@ class Metrics:
         read → response fully written to the client (microseconds).
         """
         self.exchange_observer(connection)(
-            method, int(code), [max(0, int(roundtrip_us))], [max(0, int(total_us))]
+            method, int(code), [max(0, int(roundtrip_us))], [max(0, int(total_us))], None
         )
 
     def exchange_observer(self, connection: ConnectionInfo) -> ExchangeObserver:
         """A callable recording batches of ``connection``'s exchanges ``(method, status,
-        [roundtrip_us, ...], [total_us, ...])``; it keeps its label sets at hand, so a batch
-        costs one dict lookup and three native calls."""
+        [roundtrip_us, ...], [total_us, ...], grpc)`` (an HTTP/2 stream is an exchange as any
+        other; ``grpc`` is not recorded here); it keeps its label sets at hand, so a batch costs
+        one dict lookup and three native calls."""
         base = (
             connection.instance,
             connection.client_address,
@@ -304,7 +306,13 @@ class Metrics:
         service = connection.service
         slots: dict[tuple[str, int], tuple[_Exchanges, BucketCounts]] = {}
 
-        def observe(method: str, status: int, roundtrips: list[int], totals: list[int]) -> None:
+        def observe(
+            method: str,
+            status: int,
+            roundtrips: list[int],
+            totals: list[int],
+            grpc: GrpcCall | None = None,
+        ) -> None:
             slot = slots.get((method, status))
             if slot is None:
                 slot = slots[(method, status)] = self._exchange_slot(base, service, method, status)

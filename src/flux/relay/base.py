@@ -21,15 +21,15 @@ carry the error ``ECANCELED``).
 HTTP (``submit(..., http=True)``): the bytes are still relayed verbatim, but an HTTP/1.x framer
 watches them.  Each request/response exchange is reported to the ``observe`` callable given
 with the connection, batched per label set as ``(method, status, [roundtrip_us, ...],
-[total_us, ...])``: roundtrip from the
-request head read to the response head read, total from the request head read to the response
-fully written to the client.  A malformed request is answered ``400 Bad Request`` (``431`` for
-a head over 64 KiB) once the responses to the requests before it are written, and the
-connection is closed; a request head that takes longer than ``http_header_timeout`` gets
-``408 Request Timeout`` (the first one is timed from the connection's start, and a client
-that sent nothing by then is closed without an answer); a keep-alive connection idle for
-``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the
-status the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
+[total_us, ...], grpc)`` (``grpc``: ``None``, no HTTP/1.x exchange is a gRPC call): roundtrip
+from the request head read to the response head read, total from the request head read to the
+response fully written to the client.  A malformed request is answered ``400 Bad Request``
+(``431`` for a head over 64 KiB) once the responses to the requests before it are written, and
+the connection is closed; a request head that takes longer than ``http_header_timeout`` gets
+``408 Request Timeout`` (the first one is timed from the connection's start, and a client that
+sent nothing by then is closed without an answer); a keep-alive connection idle for
+``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the status
+the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
 untouched and unobserved.
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
@@ -76,6 +76,7 @@ __all__ = [
     "Connector",
     "EngineCounts",
     "ExchangeObserver",
+    "GrpcCall",
     "ObserverFactory",
     "Relay",
     "RelayCounters",
@@ -88,10 +89,23 @@ __all__ = [
     "wait_bounded",
 ]
 
-ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
+
+class GrpcCall(NamedTuple):
+    """What makes an HTTP/2 exchange a gRPC call (its request's ``content-type`` starts with
+    ``application/grpc``): the request's ``:path`` (``/<service>/<method>``) and the call's
+    ``grpc-status`` as the instance sent it, -1 = no grpc-status (none came before the
+    exchange ended or was cut)."""
+
+    path: str
+    code: int
+
+
+ExchangeObserver = Callable[[str, int, list[int], list[int], GrpcCall | None], None]
 """Called with HTTP exchanges of one connection and label set, in batches:
-(method, status, [roundtrip_us, ...], [total_us, ...]).  An exchange cut short comes with
-1, 2 or 3 in place of its status (see HTTP_CUT_SIDES)."""
+(method, status, [roundtrip_us, ...], [total_us, ...], grpc).  An exchange cut short comes with
+1, 2 or 3 in place of its status (see HTTP_CUT_SIDES).  ``grpc`` is ``None`` for an exchange
+that is no gRPC call (every HTTP/1.x one), else its :class:`GrpcCall`: the batch's exchanges
+share method, status and grpc."""
 
 # An exchange that did not complete (its connection ended with the request unanswered or the
 # response not fully written to the client) is reported with k in place of its status, and

@@ -430,7 +430,7 @@ class SpliceRelay:
                     name, address = self._instances[iid]
                     observe = self._label_observers[key] = factory(name, address, _ipv4(ip))
             if observe is not None:
-                observe(methods[method], status, roundtrips, totals)
+                observe(methods[method], status, roundtrips, totals, None)
 
     async def close(self, grace: float) -> None:
         """Wait up to ``grace`` s for active connections, reset the rest, stop the engine."""

@@ -143,6 +143,7 @@ class _HttpWatch:
                     ev.status,
                     [max(0, ev.t_response_head - ev.t_request_head) // 1000],
                     [max(0, now - ev.t_request_head) // 1000],
+                    None,
                 )
         self.exchanges.clear()
 
@@ -175,6 +176,7 @@ class _HttpWatch:
                 status,
                 [max(0, (response_head or now) - request_head) // 1000],
                 [max(0, now - request_head) // 1000],
+                None,
             )
 
 
