@@ -21,7 +21,7 @@ carry the error ``ECANCELED``).
 HTTP (``submit(..., http=True)``): the bytes are still relayed verbatim, but an HTTP/1.x framer
 watches them.  Each request/response exchange is reported to the ``observe`` callable given
 with the connection, batched per label set as ``(method, status, [roundtrip_us, ...],
-[total_us, ...], grpc)`` (``grpc``: ``None``, no HTTP/1.x exchange is a gRPC call): roundtrip
+[total_us, ...], grpc)`` (``grpc``: ``None`` unless the exchange is a gRPC call): roundtrip
 from the request head read to the response head read, total from the request head read to the
 response fully written to the client.  A malformed request is answered ``400 Bad Request``
 (``431`` for a head over 64 KiB) once the responses to the requests before it are written, and
@@ -30,7 +30,13 @@ the connection is closed; a request head that takes longer than ``http_header_ti
 sent nothing by then is closed without an answer); a keep-alive connection idle for
 ``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the status
 the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
-untouched and unobserved.
+untouched and observed as HTTP/2 (the instance's bytes from the first, even those sent before
+the preface ended; no HTTP timeouts apply): each client-initiated stream is an exchange, from
+its request HEADERS to the response frame that ends the stream, a gRPC call (``grpc``: a
+:class:`GrpcCall`) when its request's ``content-type`` says so, cut by the side that sends
+RST_STREAM; what the observer cannot follow (an HPACK error, a table over 64 KiB, ...) ends its
+observation of that connection, never the connection (:mod:`flux.relay.h2watch` states the
+rules).
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
 
