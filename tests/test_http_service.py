@@ -40,6 +40,7 @@ from tests.support.etcd_server import EtcdServer
 from tests.support.fluxd_process import wait_until
 from tests.support.http_backend import HttpBackend
 from tests.support.http_streams import H2_PREFACE
+from tests.support.nghttpd import nghttpd
 from tests.support.processes import stop_process
 
 HOST = "127.0.0.1"
@@ -439,28 +440,6 @@ def test_an_idle_keep_alive_connection_is_closed_but_a_slow_instance_is_not_idle
 
 
 # ---- HTTP/2 with prior knowledge -------------------------------------------------------------
-
-@contextlib.contextmanager
-def nghttpd(docroot: Path) -> Iterator[str]:
-    """An h2c server (nghttpd, Debian's nghttp2-server) on a free loopback port: its address."""
-    port = free_port()
-    server = subprocess.Popen(
-        ["nghttpd", "--no-tls", f"--address={HOST}", "-d", str(docroot), str(port)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-    def listening() -> bool:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-            return True
-        return server.poll() is not None
-
-    try:
-        wait_until(listening, 10, "nghttpd to listen")
-        assert server.poll() is None, server.communicate()[1]
-        yield f"{HOST}:{port}"
-    finally:
-        stop_process(server)
-
 
 def test_http2_with_prior_knowledge_through_an_http_service_counts_every_stream(
     stack: Stack, tmp_path: Path

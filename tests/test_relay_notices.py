@@ -27,7 +27,8 @@ from flux.balancer.pool import Pool
 from flux.model import ConnectionInfo
 from flux.relay import SpliceRelay, make_relay
 from flux.relay.notices import NOTICE_BURST, NOTICE_KINDS, NoticeLimiter, NoticeSubject
-from tests.support.http_streams import request, response
+from tests.support.h2_frames import Peer, data, headers, rst, settings
+from tests.support.http_streams import H2_PREFACE, request, response
 from tests.support.relay_harness import (
     KINDS,
     LOOPBACK,
@@ -240,6 +241,52 @@ def test_exchanges_cut_short_are_one_line_naming_who_cut_them(
     run(kind, scenario)
     by = "fluxd" if who == "fluxd" else f"the {who}"
     assert lines == [f"http service web: 2 exchanges with {clients[0]} cut short by {by}"]
+
+
+def test_an_http2_observer_that_gives_up_is_one_line_and_the_bytes_still_flow(
+    kind: str, lines: list[str]
+) -> None:
+    clients: list[str] = []
+
+    async def scenario(h: Harness) -> None:
+        link = await open_web(h)
+        clients.append(address(link))
+        # A header block no HPACK decoder can read: observation ends, the bytes do not.
+        opening = H2_PREFACE + settings() + headers(1, b"\xff\xff\xff\xff\xff\x7f")
+        await send(link.client, opening)
+        assert await recv_exactly(link.server, len(opening)) == opening
+        answer = settings() + data(1, b"still relayed", end_stream=True)
+        await send(link.server, answer)
+        assert await recv_exactly(link.client, len(answer)) == answer
+        await finish(link)
+
+    run(kind, scenario)
+    assert lines == [f"http service web: stopped observing HTTP/2 from {clients[0]} (hpack)"]
+
+
+@pytest.mark.parametrize("who", ["client", "instance"])
+def test_an_http2_stream_reset_is_one_line_naming_who_reset_it(
+    kind: str, lines: list[str], who: str
+) -> None:
+    clients: list[str] = []
+
+    async def scenario(h: Harness) -> None:
+        link = await open_web(h)
+        clients.append(address(link))
+        client, server = Peer(), Peer()
+        opening = H2_PREFACE + settings() + client.request(1) + client.request(3)
+        await send(link.client, opening)
+        await recv_exactly(link.server, len(opening))
+        answer = settings() + server.response(3, 200, b"ok")
+        await send(link.server, answer)
+        await recv_exactly(link.client, len(answer))
+        sender = link.client if who == "client" else link.server
+        await send(sender, rst(1))
+        await recv_exactly(link.server if who == "client" else link.client, 13)
+        await finish(link)
+
+    run(kind, scenario)
+    assert lines == [f"http service web: 1 exchange with {clients[0]} cut short by the {who}"]
 
 
 def test_a_flood_of_bad_requests_writes_a_handful_of_lines_and_an_exact_summary(

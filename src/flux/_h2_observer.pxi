@@ -37,7 +37,7 @@
 # H2_TABLE_MAX bytes of fields plus one field being decoded (libnghttp2 refuses a field over
 # 64 KiB): under 300 KiB at worst; 5.5 KiB measured after ten typical requests (4 KiB tables).
 
-from libc.string cimport strlen
+from libc.string cimport memmove, strlen
 
 
 # ---- gRPC path names ------------------------------------------------------------------------
@@ -172,8 +172,11 @@ cdef H2Stream *h2_stream(H2Observer *o, uint32_t id) noexcept nogil:
 
 
 cdef void h2_drop_stream(H2Observer *o, H2Stream *st) noexcept nogil:
+    """Forget a stream; the others keep their order (the order they opened in, which is the
+    order the streams cut at the connection's end are reported in)."""
+    cdef size_t after = <size_t>(o.nstreams - 1 - (st - o.streams))
+    memmove(st, st + 1, after * sizeof(H2Stream))
     o.nstreams -= 1
-    st[0] = o.streams[o.nstreams]
 
 
 cdef void h2_stream_event(H2Stream *st, uint8_t kind, uint16_t status, uint64_t pos,
@@ -206,8 +209,9 @@ cdef inline bint h2_named(const nghttp2_nv *nv, const char *lit, size_t m) noexc
     return nv.namelen == m and memcmp(nv.name, lit, m) == 0
 
 
-cdef void h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogil:
-    """One decoded field of the block in progress: keep what the exchange needs."""
+cdef int h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogil:
+    """One decoded field of the block in progress: keep what the exchange needs.  -1: the
+    field is over H2_FIELD_MAX octets (name and value), which the observer does not follow."""
     cdef size_t i
     cdef int32_t v
     cdef H2Fields *log = o.collect
@@ -229,8 +233,10 @@ cdef void h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogi
             memcpy(log.buf + log.len + 4, nv.value, nv.valuelen)
             log.len += 4 + nv.valuelen
             log.count += 1
+    if nv.namelen + nv.valuelen > H2_FIELD_MAX:
+        return -1
     if s.blk_kind != H2B_HEADERS or nv.namelen == 0:
-        return
+        return 0
     if nv.name[0] == b':':
         if h2_named(nv, b":method", 7):
             if nv.valuelen <= 16:
@@ -246,7 +252,7 @@ cdef void h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogi
                 v = 0
                 for i in range(3):
                     if not 0x30 <= nv.value[i] <= 0x39:
-                        return
+                        return 0
                     v = v * 10 + (nv.value[i] - 0x30)
                 if v >= 100:
                     s.status = <uint16_t>v
@@ -257,9 +263,10 @@ cdef void h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogi
             v = 0
             for i in range(nv.valuelen):
                 if not 0x30 <= nv.value[i] <= 0x39:
-                    return
+                    return 0
                 v = v * 10 + (nv.value[i] - 0x30)
             s.grpc_status = v
+    return 0
 
 
 cdef int h2_inflate(H2Observer *o, H2Side *s, const uint8_t *p, size_t n,
@@ -276,8 +283,8 @@ cdef int h2_inflate(H2Observer *o, H2Side *s, const uint8_t *p, size_t n,
             return -1
         p += rv
         n -= <size_t>rv
-        if flags & NGHTTP2_HD_INFLATE_EMIT:
-            h2_field(o, s, &nv)
+        if flags & NGHTTP2_HD_INFLATE_EMIT and h2_field(o, s, &nv) < 0:
+            return -1
         if flags & NGHTTP2_HD_INFLATE_FINAL:
             nghttp2_hd_inflate_end_headers(s.inflater)
             return 0

@@ -324,6 +324,7 @@ cdef enum:
     H2_STREAMS_MAX = 256        # streams followed at once per connection
     H2_TABLE_DEFAULT = 4096     # SETTINGS_HEADER_TABLE_SIZE's initial value
     H2_TABLE_MAX = 65536        # the largest dynamic table followed (above: give up)
+    H2_FIELD_MAX = 65536        # the largest field (name and value) followed (above: give up)
     H2_PATH_MAX = 256           # a gRPC :path kept (longer ones fold into "other")
     H2_NAMES_MAX = 4096         # distinct gRPC paths per engine (H2Names)
     H2_NAME_SLOTS = 8192        # H2Names' hash slots (a power of two, > 2 * H2_NAMES_MAX)
@@ -365,7 +366,7 @@ cdef enum:
 
     # reasons (GAVE_UP)
     H2_ERR_NONE = 0
-    H2_ERR_HPACK                # the HPACK decoder failed (or a field over 64 KiB)
+    H2_ERR_HPACK                # the HPACK decoder failed, or a field over H2_FIELD_MAX
     H2_ERR_SEQUENCE             # a header block not continued by CONTINUATION on its stream
     H2_ERR_PADDING              # padding longer than the frame
     H2_ERR_TABLE_SIZE           # SETTINGS_HEADER_TABLE_SIZE over H2_TABLE_MAX

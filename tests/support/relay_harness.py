@@ -24,7 +24,7 @@ import pytest
 import uvloop
 
 from flux.model import ConnectionInfo
-from flux.relay import RelayResult, SpliceRelay, make_relay
+from flux.relay import ExchangeObserver, PythonRelay, RelayResult, SpliceRelay, make_relay
 
 KINDS = ["splice", "python"]
 LOOPBACK = "127.0.0.1"
@@ -95,7 +95,7 @@ class Harness:
         *,
         buffers: int | None = None,
         http: bool = False,
-        observe: Callable[[str, int, int, int], None] | None = None,
+        observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
     ) -> Link:
         """A client connected through the relay to the test's server end.
@@ -170,6 +170,20 @@ def run(
         assert stats["inflight_bytes"] == 0, stats
         assert stats["buffers_lent"] == 0, stats
     return harness
+
+
+H2_COUNTERS = ("http_h2", "http_h2_gave_up", "http_h2_untracked")
+
+
+def h2_counts(relay: object) -> tuple[int, int, int]:
+    """What a relay counted of HTTP/2 observation (H2_COUNTERS): the engine's counters of the
+    splice relay, the Python relay's own under the same names."""
+    if isinstance(relay, SpliceRelay):
+        stats = relay.engine.stats()
+        return (stats["http_h2"], stats["http_h2_gave_up"], stats["http_h2_untracked"])
+    assert isinstance(relay, PythonRelay)
+    counters = relay.h2_counters
+    return (counters.http_h2, counters.http_h2_gave_up, counters.http_h2_untracked)
 
 
 # ---- endpoint helpers (the test's two ends) -----------------------------------------------------

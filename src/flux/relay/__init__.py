@@ -3,7 +3,8 @@
 The rooms: :mod:`flux.relay.base` holds the roles every relay takes (typed Protocols), the
 records and the shared helpers, and states the behaviour both relays share;
 :mod:`flux.relay.engine` the splice relay over the compiled engine (the default);
-:mod:`flux.relay.python` its twin on asyncio, the oracle.  :func:`make_relay` picks one.
+:mod:`flux.relay.python` its twin on asyncio, the oracle, with :mod:`flux.relay.h2watch`, its
+HTTP/2 observer (``hyperframe`` and ``hpack``).  :func:`make_relay` picks one.
 """
 
 from __future__ import annotations

@@ -21,19 +21,25 @@ carry the error ``ECANCELED``).
 HTTP (``submit(..., http=True)``): the bytes are still relayed verbatim, but an HTTP/1.x framer
 watches them.  Each request/response exchange is reported to the ``observe`` callable given
 with the connection, batched per label set as ``(method, status, [roundtrip_us, ...],
-[total_us, ...])``: roundtrip from the
-request head read to the response head read, total from the request head read to the response
-fully written to the client.  A malformed request is answered ``400 Bad Request`` (``431`` for
-a head over 64 KiB) once the responses to the requests before it are written, and the
-connection is closed; a request head that takes longer than ``http_header_timeout`` gets
-``408 Request Timeout`` (the first one is timed from the connection's start, and a client
-that sent nothing by then is closed without an answer); a keep-alive connection idle for
-``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the
-status the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
-untouched and unobserved.  Each of those, a switch to plain relaying (Upgrade, CONNECT,
-framing given up) and exchanges cut short is a *notice*: a log line naming the service, the
-client and the reason, rate-limited per service (:mod:`flux.relay.notices`; both relays write
-the same ones).
+[total_us, ...], grpc)`` (``grpc``: ``None`` unless the exchange is a gRPC call): roundtrip
+from the request head read to the response head read, total from the request head read to the
+response fully written to the client.  A malformed request is answered ``400 Bad Request``
+(``431`` for a head over 64 KiB) once the responses to the requests before it are written, and
+the connection is closed; a request head that takes longer than ``http_header_timeout`` gets
+``408 Request Timeout`` (the first one is timed from the connection's start, and a client that
+sent nothing by then is closed without an answer); a keep-alive connection idle for
+``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the status
+the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
+untouched and observed as HTTP/2 (the instance's bytes from the first, even those sent before
+the preface ended; no HTTP timeouts apply): each client-initiated stream is an exchange, from
+its request HEADERS to the response frame that ends the stream, a gRPC call (``grpc``: a
+:class:`GrpcCall`) when its request's ``content-type`` says so, cut by the side that sends
+RST_STREAM; what the observer cannot follow (an HPACK error, a table over 64 KiB, ...) ends its
+observation of that connection, never the connection (:mod:`flux.relay.h2watch` states the
+rules).  Each of those, a switch to plain relaying (Upgrade,
+CONNECT, framing given up), exchanges cut short and an HTTP/2 observation given up is a
+*notice*: a log line naming the service, the client and the reason, rate-limited per service
+(:mod:`flux.relay.notices`; both relays write the same ones).
 Observations are delivered in batches on the event loop (at least every second, and at once
 on :meth:`Relay.flush`, which a metrics scrape calls first).
 
@@ -94,18 +100,23 @@ __all__ = [
     "wait_bounded",
 ]
 
-ExchangeObserver = Callable[[str, int, list[int], list[int]], None]
-"""Called with HTTP exchanges of one connection and label set, in batches:
-(method, status, [roundtrip_us, ...], [total_us, ...]).  An exchange cut short comes with
-1, 2 or 3 in place of its status (see HTTP_CUT_SIDES)."""
-
 
 class GrpcCall(NamedTuple):
-    """A gRPC call an HTTP/2 exchange carried: its ``:path`` (``/package.Service/Method``) and
-    the ``grpc-status`` it ended with (-1: none came)."""
+    """What makes an HTTP/2 exchange a gRPC call (its request's ``content-type`` starts with
+    ``application/grpc``): the request's ``:path`` (``/<service>/<method>``) and the call's
+    ``grpc-status`` as the instance sent it, -1 = no grpc-status (none came before the
+    exchange ended or was cut)."""
 
     path: str
     code: int
+
+
+ExchangeObserver = Callable[[str, int, list[int], list[int], GrpcCall | None], None]
+"""Called with HTTP exchanges of one connection and label set, in batches:
+(method, status, [roundtrip_us, ...], [total_us, ...], grpc).  An exchange cut short comes with
+1, 2 or 3 in place of its status (see HTTP_CUT_SIDES).  ``grpc`` is ``None`` for an exchange
+that is no gRPC call (every HTTP/1.x one), else its :class:`GrpcCall`: the batch's exchanges
+share method, status and grpc."""
 
 
 # An exchange that did not complete (its connection ended with the request unanswered or the

@@ -39,7 +39,7 @@ import functools
 import socket
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flux.model import ConnectionInfo
 from flux.relay.base import (
@@ -457,13 +457,9 @@ class SpliceRelay:
                         continue
                     name, address = self._instances[iid]
                     observe = self._label_observers[key] = factory(name, address, _ipv4(ip))
-            if observe is None:
-                continue
-            if path is None:
-                observe(methods[method], status, roundtrips, totals)
-            else:
-                grpc_observe: Any = observe
-                grpc_observe(methods[method], status, roundtrips, totals, _grpc_call(path, code))
+            if observe is not None:
+                grpc = None if path is None else _grpc_call(path, code)
+                observe(methods[method], status, roundtrips, totals, grpc)
 
     def _notice(self, notices: Sequence[Notice]) -> None:
         """Write each notice (see ``SpliceEngine.drain_all``), naming what its token or its

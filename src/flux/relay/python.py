@@ -3,7 +3,9 @@ against.
 
 :class:`PythonRelay` does what :class:`~flux.relay.engine.SpliceRelay` does (the behaviour stated
 in :mod:`flux.relay.base`) with nothing but asyncio (uvloop or stock asyncio) and the engine's
-HTTP framer driven from Python, so the behaviour is defined independently of the engine's C.
+HTTP framer driven from Python, so the behaviour is defined independently of the engine's C;
+an HTTP/2 connection is followed by :class:`~flux.relay.h2watch.H2Watch` (the pure-Python
+``hyperframe`` and ``hpack``), its counts kept in :attr:`PythonRelay.h2_counters`.
 Both pass one behaviour suite on the same inputs (the ``KINDS`` of the relay tests).  It takes
 only the :class:`~flux.relay.base.Relay` role: the listener accepts and connects for it on the
 event loop.  It is the fallback too (``-relay python``), and for comparison and debugging.
@@ -30,12 +32,14 @@ from flux.relay.base import (
     Acceptor,
     Connector,
     ExchangeObserver,
+    GrpcCall,
     RelayCounters,
     RelayResult,
     error_name,
     set_reset_linger,
     wait_bounded,
 )
+from flux.relay.h2watch import PREFACE, H2Counters, H2Watch, grpc_call
 from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
 if TYPE_CHECKING:
@@ -49,6 +53,9 @@ _Notify = Callable[[str, str, int, int], None]
 # After answering a request itself, how long the relay reads (and drops) what the client still
 # sends before closing: closing with unread bytes would reset the answer away.
 _LINGER_SECONDS = 2.0
+# What the instance may send before the client's first bytes are known not to be the HTTP/2
+# preface, kept to be judged then (an HTTP/2 server's own preface is a few dozen bytes).
+_EARLY_LIMIT = 65536
 
 
 class _Side(asyncio.Protocol):
@@ -83,18 +90,20 @@ class _Side(asyncio.Protocol):
 
 
 class _HttpWatch:
-    """The HTTP framer's view of one Python-relayed connection (the engine's, from Python).
+    """The HTTP framer's view of one Python-relayed connection (the engine's, from Python), and
+    from the HTTP/2 preface on, the HTTP/2 watch's (:mod:`flux.relay.h2watch`).
 
     :meth:`show` is called with bytes just read and returns the part that may be forwarded;
     the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "cut_side", "exchanges", "kept", "last_active", "notify", "observe",
-                 "paused", "probe", "reject_reason", "stop")
+    __slots__ = ("answer", "cut_side", "early", "exchanges", "h2", "h2_counters", "kept",
+                 "last_active", "notify", "observe", "paused", "probe", "reject_reason", "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
-    def __init__(self, observe: ExchangeObserver | None, notify: _Notify) -> None:
+    def __init__(self, observe: ExchangeObserver | None, notify: _Notify,
+                 h2_counters: H2Counters) -> None:
         from flux._splice import HttpFramerProbe
 
         opened = time.monotonic_ns()
@@ -102,6 +111,14 @@ class _HttpWatch:
         self.observe = observe
         self.notify = notify
         self.reject_reason = ""  # why the request being answered was malformed
+        # Set once the client opened with the HTTP/2 preface; the framer is opaque from then on.
+        self.h2: H2Watch | None = None
+        self.h2_counters = h2_counters
+        # What the instance sent while the client's bytes may still be the HTTP/2 preface (an
+        # HTTP/2 server sends its SETTINGS on accept): forwarded at once, shown to the HTTP/2
+        # watch if the preface completes, else to the framer (an unsolicited response) before
+        # the client's first bytes.  None once that is decided.
+        self.early: bytearray | None = bytearray()
         self.stop: list[int | None] = [None, None]
         self.answer: int | None = None  # what to answer once the responses owed are out
         self.exchanges: list[HttpEvent] = []
@@ -122,6 +139,10 @@ class _HttpWatch:
             elif ev.kind == "malformed":
                 self.stop[0] = self.probe.request_start
                 self.reject_reason = ev.reason
+            elif ev.kind == "opaque" and ev.reason == "h2-preface":
+                from flux._splice import HTTP_METHODS
+
+                self.h2 = H2Watch(self.h2_counters, self.notify, HTTP_METHODS)
             elif ev.kind == "opaque":
                 self.notify("opaque", ev.reason, 0, 0)
             elif ev.kind == "reject":
@@ -129,12 +150,44 @@ class _HttpWatch:
                 self.answer = ev.status
 
     def show(self, index: int, data: bytes) -> bytes:
+        self.last_active = now = time.monotonic_ns()
+        if self.h2 is not None:
+            self.h2.feed(index, data, now)
+            return data
+        early = self.early
+        if early is not None:
+            if index == 1 and len(early) + len(data) <= _EARLY_LIMIT:
+                early += data
+                return data
+            seen = self.probe.position("request")
+            if index == 1 or data[:len(PREFACE) - seen] != PREFACE[seen:seen + len(data)]:
+                self._judge_early(now)
+        return self._frame(index, data, now)
+
+    def _judge_early(self, now: int) -> None:
+        """The client's first bytes are not the HTTP/2 preface (or the instance said too much
+        before them): the framer judges what the instance sent first, before them."""
+        early, self.early = self.early, None
+        if early:
+            self._events(self.probe.feed("response", bytes(early), now))
+
+    def _frame(self, index: int, data: bytes, now: int) -> bytes:
+        """:meth:`show` through the HTTP/1.x framer."""
         side = self._SIDES[index]
         if index == 0 and self.kept:
             data, self.kept = self.kept + data, b""
         base = self.probe.position(side)
-        self.last_active = now = time.monotonic_ns()
         self._events(self.probe.feed(side, data, now))
+        if self.h2 is not None:
+            # The preface ended in this read, at request-stream offset len(PREFACE): the
+            # framer took the rest as opaque.  The HTTP/2 watch follows the instance's bytes
+            # from the first (those it sent before the preface ended came first) and the
+            # client's from the first after the preface.
+            if self.early:
+                self.h2.feed(1, bytes(self.early), now)
+            self.early = None
+            self.h2.feed(index, memoryview(data)[len(PREFACE) - base:], now)
+            return data
         taken = self.probe.position(side) - base
         if taken < len(data):
             data, self.kept = data[:taken], data[taken:]
@@ -144,10 +197,32 @@ class _HttpWatch:
         return data
 
     def eof(self, index: int) -> None:
-        self._events(self.probe.eof(self._SIDES[index], time.monotonic_ns()))
+        if self.h2 is None:
+            now = time.monotonic_ns()
+            if self.early is not None:
+                self._judge_early(now)
+            self._events(self.probe.eof(self._SIDES[index], now))
 
     def written(self) -> None:
-        """Response bytes shown so far are written: their exchanges are complete."""
+        """Bytes shown so far are written: the exchanges they ended are complete (and those
+        an HTTP/2 stream reset cut)."""
+        h2 = self.h2
+        if h2 is not None:
+            if h2.ended:
+                now = time.monotonic_ns()
+                observe = self.observe
+                if observe is not None:
+                    for exchange, status in h2.ended:
+                        request_head = exchange.t_request_head
+                        observe(
+                            exchange.method,
+                            status,
+                            [max(0, (exchange.t_response_head or now) - request_head) // 1000],
+                            [max(0, now - request_head) // 1000],
+                            grpc_call(exchange),
+                        )
+                h2.ended.clear()
+            return
         if not self.exchanges:
             return
         self.last_active = now = time.monotonic_ns()
@@ -159,6 +234,7 @@ class _HttpWatch:
                     ev.status,
                     [max(0, ev.t_response_head - ev.t_request_head) // 1000],
                     [max(0, now - ev.t_request_head) // 1000],
+                    None,
                 )
         self.exchanges.clear()
 
@@ -167,6 +243,8 @@ class _HttpWatch:
 
     def unfinished(self) -> bool:
         """An exchange is under way: a request awaits its response, or a response its write."""
+        if self.h2 is not None:
+            return self.h2.unfinished()
         return bool(self.exchanges) or bool(self.probe.unanswered())
 
     def cut_by(self, index: int) -> None:
@@ -178,9 +256,15 @@ class _HttpWatch:
     def count_cut(self) -> None:
         """The connection ended: report the exchanges it cut short, with the time so far and
         who cut them in place of their status (HTTP_CUT_SIDES; the engine's http_count_cut)."""
-        cut = [(ev.method, ev.t_request_head, ev.t_response_head) for ev in self.exchanges]
-        cut += self.probe.unanswered()
-        self.exchanges.clear()
+        cut: list[tuple[str, int, int, GrpcCall | None]]
+        if self.h2 is not None:
+            cut = [(x.method, x.t_request_head, x.t_response_head, grpc_call(x))
+                   for x in self.h2.cut_all()]
+        else:
+            cut = [(ev.method, ev.t_request_head, ev.t_response_head, None)
+                   for ev in self.exchanges]
+            cut += [(*unanswered, None) for unanswered in self.probe.unanswered()]
+            self.exchanges.clear()
         if not cut:
             return
         status = self.cut_side or len(HTTP_CUT_SIDES)
@@ -188,12 +272,13 @@ class _HttpWatch:
         if self.observe is None:
             return
         now = time.monotonic_ns()
-        for method, request_head, response_head in cut:
+        for method, request_head, response_head, grpc in cut:
             self.observe(
                 method,
                 status,
                 [max(0, (response_head or now) - request_head) // 1000],
                 [max(0, now - request_head) // 1000],
+                grpc,
             )
 
 
@@ -217,12 +302,15 @@ class _Flow:
         observe: ExchangeObserver | None = None,
         subject: NoticeSubject | None = None,
         notices: NoticeLimiter | None = None,
+        h2_counters: H2Counters | None = None,
     ) -> None:
         self.future = future
         # What this connection's notices name, and who writes them (HTTP only).
         self.subject = subject
         self.notices = notices
-        self.http = _HttpWatch(observe, self.notice) if http else None
+        self.http = (
+            _HttpWatch(observe, self.notice, h2_counters or H2Counters()) if http else None
+        )
         self.answered = 0
         self.lingering = False
         self.on_done = on_done
@@ -296,10 +384,9 @@ class _Flow:
             self.bytes[index] += len(data)
             self.transport(1 - index).write(data)
         if http is not None:
-            if index == 1:
-                http.written()
-                if http.kept and not http.probe.blocked:
-                    self.forward(0, b"")  # a response freed a slot: show what was kept
+            http.written()
+            if index == 1 and http.kept and not http.probe.blocked:
+                self.forward(0, b"")  # a response freed a slot: show what was kept
             self._http_progress()
 
     def _http_progress(self) -> None:
@@ -502,6 +589,8 @@ class PythonRelay:
         self._opening_ns = min((t for t in (self._header_ns, self._idle_ns) if t > 0), default=0)
         self._sweep_every = min(max((self._opening_ns or 4e9) / 8e9, 0.01), 0.5)
         self._sweeper: asyncio.TimerHandle | None = None
+        #: What its HTTP/2 watches counted (the engine counts the same under these names).
+        self.h2_counters = H2Counters()
 
     @property
     def active(self) -> int:
@@ -552,7 +641,8 @@ class PythonRelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         future: asyncio.Future[RelayResult] = self._loop.create_future()
         subject = _subject(client, upstream, info) if http else None
-        flow = _Flow(future, self._flows.discard, http, observe, subject, self._notices)
+        flow = _Flow(future, self._flows.discard, http, observe, subject, self._notices,
+                     self.h2_counters)
         if http and self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self._flows.add(flow)
