@@ -11,9 +11,12 @@ input-chosen places or not, and fed in input-chosen pieces.  Checks:
   - unmutated, observation never gives up, every decoded field is what hpack's decoder reads
     from the same blocks, and the exchanges are exactly the plan's (stream, status, gRPC path
     and status, or who cut it);
-  - mutated, only that nothing breaks: positions add up, a given-up observer passes all.
-The observer is C without coverage instrumentation, so hpack's and hyperframe's code is
-instrumented instead.
+  - mutated, that nothing breaks (positions add up, a given-up observer passes all), and that
+    the Python relay's watch (flux/relay/h2watch.py, the oracle) agrees: the same exchanges
+    ended in the same order, the same streams open, and a give-up for the same reason (an
+    HPACK error may come first, or alone, in the engine: it decodes blocks as they arrive).
+The observer is C without coverage instrumentation, so hpack's and hyperframe's code (and the
+watch's) is instrumented instead.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-with atheris.instrument_imports(include=["hpack", "hyperframe"]):
+with atheris.instrument_imports(include=["hpack", "hyperframe", "flux.relay.h2watch"]):
     from hpack import Decoder
+
+    from flux.relay.h2watch import H2Counters, H2Watch
     from tests.support.h2_frames import Peer, headers, rst, settings
 
-from flux._splice import H2ObserverProbe
+from flux._splice import HTTP_METHODS, H2ObserverProbe
 
 
 def plan_conversation(fdp: atheris.FuzzedDataProvider) -> tuple[bytes, bytes, list, list]:
@@ -105,6 +110,44 @@ def run(requests: bytes, responses: bytes, sizes: list[int]) -> tuple[list, list
             for e in events], probe.fields()
 
 
+def run_oracle(requests: bytes, responses: bytes, sizes: list[int]) -> tuple[list, list, str]:
+    """The same streams through the Python watch: (ended exchanges, open streams, give-up)."""
+    notices: list[tuple[str, str, int, int]] = []
+    watch = H2Watch(H2Counters(), lambda *n: notices.append(n), HTTP_METHODS)
+    for index, stream in enumerate((requests, responses)):
+        at = 0
+        i = 0
+        while at < len(stream):
+            size = sizes[i % len(sizes)] if sizes else len(stream)
+            watch.feed(index, stream[at:at + size], 0)
+            at += size
+            i += 1
+    ended = [(x.method, status, x.grpc_path, x.grpc_code) for x, status in watch.ended]
+    gave_up = [reason for kind, reason, _, _ in notices if kind == "h2-gave-up"]
+    return ended, sorted(watch.streams), gave_up[0] if gave_up else ""
+
+
+def compare_with_oracle(requests: bytes, responses: bytes, sizes: list[int]) -> None:
+    probe = H2ObserverProbe()
+    events = []
+    for side, stream in (("request", requests), ("response", responses)):
+        events += probe.feed(side, stream)
+    ended, open_streams, gave_up = run_oracle(requests, responses, sizes)
+    reasons = [e.reason for e in events if e.kind == "gave-up"]
+    engine = reasons[0] if reasons else ""
+    if engine or gave_up:
+        # The engine reads a frame as it arrives, the watch a header block's frames whole:
+        # an HPACK error or a pad length longer than the frame can be the engine's first
+        # reason, or its only one (the frame never ended); and the watch alone bounds the
+        # block it keeps ("memory", from the frame's length).
+        assert (engine == gave_up or engine in ("hpack", "padding")
+                or gave_up == "memory"), (events, gave_up)
+        return
+    assert [(e.method, e.status, e.grpc_path, e.grpc_status) for e in events
+            if e.kind in ("exchange", "cut")] == ended, (events, ended)
+    assert probe.open_streams == open_streams
+
+
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     requests, responses, blocks, expected = plan_conversation(fdp)
@@ -117,6 +160,7 @@ def test_one_input(data: bytes) -> None:
     sizes = [fdp.ConsumeIntInRange(1, 64) for _ in range(fdp.ConsumeIntInRange(0, 4))]
     whole = run(requests, responses, [])
     assert run(requests, responses, sizes) == whole
+    compare_with_oracle(requests, responses, sizes)
     if mutated:
         return
     events, fields = whole

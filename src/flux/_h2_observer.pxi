@@ -26,7 +26,8 @@
 #   any of its blocks is the call's code.  The instance's END_STREAM (HEADERS or DATA) ends the
 #   exchange: an EXCHANGE event whose pos is the end of that frame in the response stream (the
 #   relay ends the exchange once that byte is written to the client, as for HTTP/1.x).
-#   RST_STREAM from either side cuts the stream's exchange (a CUT event naming that side).
+#   RST_STREAM from either side cuts the stream's exchange once the frame is read (a CUT event
+#   naming that side).
 # - What cannot be followed ends observation of the connection (GAVE_UP, with the reason):
 #   an HPACK error, a block not continued by CONTINUATION on its stream, padding longer than
 #   its frame, a table size over H2_TABLE_MAX, memory.  The exchanges under way are forgotten;
@@ -37,7 +38,7 @@
 # H2_TABLE_MAX bytes of fields plus one field being decoded (libnghttp2 refuses a field over
 # 64 KiB): under 300 KiB at worst; 5.5 KiB measured after ten typical requests (4 KiB tables).
 
-from libc.string cimport memmove, strlen
+from libc.string cimport memmove
 
 
 # ---- gRPC path names ------------------------------------------------------------------------
@@ -58,6 +59,7 @@ cdef uint32_t h2_intern(H2Names *names, const char *p, size_t n,
     cdef uint32_t slot, id
     cdef char *copy
     cdef char **grown
+    cdef uint16_t *grown_lens
     cdef uint32_t cap
     if names.slots == NULL:
         names.slots = <uint32_t *>calloc(H2_NAME_SLOTS, sizeof(uint32_t))
@@ -66,7 +68,7 @@ cdef uint32_t h2_intern(H2Names *names, const char *p, size_t n,
     slot = h2_hash(p, n) & (H2_NAME_SLOTS - 1)
     while names.slots[slot]:
         id = names.slots[slot]
-        if strlen(names.names[id - 1]) == n and memcmp(names.names[id - 1], p, n) == 0:
+        if names.lens[id - 1] == n and memcmp(names.names[id - 1], p, n) == 0:
             return id
         slot = (slot + 1) & (H2_NAME_SLOTS - 1)
     if names.len >= H2_NAMES_MAX:
@@ -75,20 +77,24 @@ cdef uint32_t h2_intern(H2Names *names, const char *p, size_t n,
     if copy == NULL:
         return H2_NAME_OTHER
     memcpy(copy, p, n)
-    copy[n] = 0
     if lock != NULL:
         pthread_mutex_lock(lock)
     if names.len == names.cap:
         cap = 64 if names.cap == 0 else 2 * names.cap
         grown = <char **>realloc(names.names, cap * sizeof(char *))
-        if grown == NULL:
+        if grown != NULL:
+            names.names = grown
+            grown_lens = <uint16_t *>realloc(names.lens, cap * sizeof(uint16_t))
+            if grown_lens != NULL:
+                names.lens = grown_lens
+                names.cap = cap
+        if names.len == names.cap:
             if lock != NULL:
                 pthread_mutex_unlock(lock)
             free(copy)
             return H2_NAME_OTHER
-        names.names = grown
-        names.cap = cap
     names.names[names.len] = copy
+    names.lens[names.len] = <uint16_t>n
     names.len += 1
     id = names.len
     if lock != NULL:
@@ -102,7 +108,9 @@ cdef void h2_names_free(H2Names *names) noexcept nogil:
     for i in range(names.len):
         free(names.names[i])
     free(names.names)
+    free(names.lens)
     free(names.slots)
+    names.lens = NULL
     names.names = NULL
     names.slots = NULL
     names.len = names.cap = 0
@@ -209,10 +217,22 @@ cdef inline bint h2_named(const nghttp2_nv *nv, const char *lit, size_t m) noexc
     return nv.namelen == m and memcmp(nv.name, lit, m) == 0
 
 
+cdef int32_t h2_decimal(const uint8_t *p, size_t n, size_t digits) noexcept nogil:
+    """p[0:n] as a decimal of 1..`digits` digits; -1 if it is not one."""
+    cdef int32_t v = 0
+    cdef size_t i
+    if n == 0 or n > digits:
+        return -1
+    for i in range(n):
+        if not 0x30 <= p[i] <= 0x39:
+            return -1
+        v = v * 10 + (p[i] - 0x30)
+    return v
+
+
 cdef int h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogil:
     """One decoded field of the block in progress: keep what the exchange needs.  -1: the
     field is over H2_FIELD_MAX octets (name and value), which the observer does not follow."""
-    cdef size_t i
     cdef int32_t v
     cdef H2Fields *log = o.collect
     cdef char *grown
@@ -237,35 +257,33 @@ cdef int h2_field(H2Observer *o, H2Side *s, const nghttp2_nv *nv) noexcept nogil
         return -1
     if s.blk_kind != H2B_HEADERS or nv.namelen == 0:
         return 0
-    if nv.name[0] == b':':
-        if h2_named(nv, b":method", 7):
+    # The first of each field counts (a repeated one is malformed: the instance decides),
+    # but grpc-status's last (an invalid last one: none).
+    if h2_named(nv, b":method", 7):
+        if not s.seen & H2_SEEN_METHOD:
+            s.seen |= H2_SEEN_METHOD
             if nv.valuelen <= 16:
                 s.method = hf_method_id(<const char *>nv.value, <uint8_t>nv.valuelen)
-        elif h2_named(nv, b":path", 5):
+    elif h2_named(nv, b":path", 5):
+        if not s.seen & H2_SEEN_PATH:
+            s.seen |= H2_SEEN_PATH
             if nv.valuelen <= H2_PATH_MAX:
                 memcpy(s.path, nv.value, nv.valuelen)
                 s.path_len = <uint16_t>nv.valuelen
             else:
                 s.path_len = H2_PATH_MAX + 1
-        elif h2_named(nv, b":status", 7):
-            if nv.valuelen == 3:
-                v = 0
-                for i in range(3):
-                    if not 0x30 <= nv.value[i] <= 0x39:
-                        return 0
-                    v = v * 10 + (nv.value[i] - 0x30)
-                if v >= 100:
-                    s.status = <uint16_t>v
+    elif h2_named(nv, b":status", 7):
+        if not s.seen & H2_SEEN_STATUS:
+            s.seen |= H2_SEEN_STATUS
+            v = h2_decimal(nv.value, nv.valuelen, 3)
+            if v >= 100 and nv.valuelen == 3:
+                s.status = <uint16_t>v
     elif h2_named(nv, b"content-type", 12):
-        s.grpc = nv.valuelen >= 16 and memcmp(nv.value, b"application/grpc", 16) == 0
+        if not s.seen & H2_SEEN_CONTENT_TYPE:
+            s.seen |= H2_SEEN_CONTENT_TYPE
+            s.grpc = nv.valuelen >= 16 and memcmp(nv.value, b"application/grpc", 16) == 0
     elif h2_named(nv, b"grpc-status", 11):
-        if 0 < nv.valuelen <= 4:
-            v = 0
-            for i in range(nv.valuelen):
-                if not 0x30 <= nv.value[i] <= 0x39:
-                    return 0
-                v = v * 10 + (nv.value[i] - 0x30)
-            s.grpc_status = v
+        s.grpc_status = h2_decimal(nv.value, nv.valuelen, 4)
     return 0
 
 
@@ -315,6 +333,7 @@ cdef void h2_block_begin(H2Observer *o, H2Side *s, uint8_t kind, H2Events *out) 
     s.grpc = 0
     s.grpc_status = -1
     s.path_len = 0
+    s.seen = 0
 
 
 cdef void h2_block_done(H2Observer *o, int side, H2Side *s, uint64_t now,
@@ -333,8 +352,11 @@ cdef void h2_block_done(H2Observer *o, int side, H2Side *s, uint64_t now,
         return
     st = h2_stream(o, id)
     if side == 0:
-        if st != NULL or not (id & 1):
-            return      # request trailers, or not a client-initiated stream
+        if st != NULL or not (id & 1) or id <= o.client_high:
+            # Request trailers, not a client-initiated stream, or one the client cannot open
+            # any more (stream ids only grow): nothing new.
+            return
+        o.client_high = id
         if o.nstreams == H2_STREAMS_MAX:
             h2_event(out, H2_EV_UNTRACKED).stream = id
             return
@@ -380,6 +402,11 @@ cdef void h2_frame_done(H2Observer *o, int side, H2Side *s, H2Events *out) noexc
         st = h2_stream(o, s.stream)
         if st != NULL:
             h2_stream_ends(o, st, s.frame_end, out)
+    elif s.type == H2_RST_STREAM:
+        st = h2_stream(o, s.stream)
+        if st != NULL:
+            h2_stream_event(st, H2_EV_CUT, <uint16_t>(HTTP_CUT_CLIENT + side), s.frame_end, out)
+            h2_drop_stream(o, st)
 
 
 cdef void h2_fragment_begin(H2Observer *o, int side, H2Side *s, uint64_t now,
@@ -412,7 +439,6 @@ cdef void h2_fragment_done(H2Observer *o, int side, H2Side *s, uint64_t now,
 cdef void h2_frame_begin(H2Observer *o, int side, H2Side *s, uint64_t now,
                          H2Events *out) noexcept nogil:
     """A frame header was read (s.hdr): set the state its payload is read in."""
-    cdef H2Stream *st
     cdef uint32_t length = (<uint32_t>s.hdr[0] << 16) | (<uint32_t>s.hdr[1] << 8) | s.hdr[2]
     s.type = s.hdr[3]
     s.flags = s.hdr[4]
@@ -448,12 +474,7 @@ cdef void h2_frame_begin(H2Observer *o, int side, H2Side *s, uint64_t now,
         else:
             h2_fragment_begin(o, side, s, now, out)
         return
-    if s.type == H2_RST_STREAM:
-        st = h2_stream(o, s.stream)
-        if st != NULL:
-            h2_stream_event(st, H2_EV_CUT, <uint16_t>(HTTP_CUT_CLIENT + side), s.frame_end, out)
-            h2_drop_stream(o, st)
-    elif s.type == H2_SETTINGS and not (s.flags & H2F_ACK) and length:
+    if s.type == H2_SETTINGS and not (s.flags & H2F_ACK) and length:
         s.state = H2S_SETTINGS
         s.setting_len = 0
         return
@@ -620,7 +641,8 @@ cdef class H2ObserverProbe:
             elif e.name == H2_NAME_OTHER:
                 path = ""
             else:
-                path = self.names.names[e.name - 1].decode("latin-1")
+                path = self.names.names[e.name - 1][:self.names.lens[e.name - 1]].decode(
+                    "utf-8", "replace")
             result.append(H2ObserverEvent(
                 _H2_EVENT_KINDS[e.kind], e.stream, HTTP_METHODS[e.method], e.status, path,
                 e.grpc_status, e.t_request_head, e.t_response_head, e.pos,

@@ -554,7 +554,7 @@ cdef class SpliceEngine:
         e.ex_shared_cap = 0
         names = self._names
         for i in range(len(names), e.names.len):
-            names.append(e.names.names[i].decode("latin-1"))
+            names.append(e.names.names[i][:e.names.lens[i]].decode("utf-8", "replace"))
         nt = e.nt_shared
         nt_count = e.nt_shared_len
         e.nt_shared = NULL

@@ -353,6 +353,12 @@ cdef enum:
     H2S_SETTINGS                # SETTINGS parameters
     H2S_SKIP                    # payload not read: DATA (may be spliced), padding, the rest
 
+    # H2Side.seen
+    H2_SEEN_METHOD = 1
+    H2_SEEN_PATH = 2
+    H2_SEEN_STATUS = 4
+    H2_SEEN_CONTENT_TYPE = 8
+
     # H2Side.blk_kind: what the header block in progress is
     H2B_NONE = 0                # no block in progress
     H2B_HEADERS
@@ -375,9 +381,10 @@ cdef enum:
 
 
 cdef struct H2Names:
-    # gRPC paths by id (1..H2_NAMES_MAX): names[id - 1], NUL-terminated.  In an engine, the
+    # gRPC paths by id (1..H2_NAMES_MAX): names[id - 1].  In an engine, the
     # engine thread appends under RelayEngine.lock and the caller reads under it (drain_all).
     char **names
+    uint16_t *lens              # names[i] is lens[i] octets (a path may hold NUL)
     uint32_t len
     uint32_t cap
     uint32_t *slots             # H2_NAME_SLOTS ids by hash (0: empty); engine thread only
@@ -426,6 +433,7 @@ cdef struct H2Side:
     uint8_t blk_end_stream      # the block's HEADERS frame carried END_STREAM
     uint8_t method
     uint8_t grpc                # content-type application/grpc...
+    uint8_t seen                # H2_SEEN_*: the fields of the block in progress seen once
     uint8_t setting_len
     uint8_t setting[6]
     char path[H2_PATH_MAX]
@@ -439,6 +447,7 @@ cdef struct H2Observer:
     H2Stream *streams           # the streams followed (dense; order is not kept)
     uint32_t nstreams
     uint32_t cap
+    uint32_t client_high        # the highest stream id the client opened
     H2Names *names              # where gRPC paths are interned
     pthread_mutex_t *names_lock  # held while `names` grows (NULL: nobody else reads it)
     H2Fields *collect           # a probe's field log (NULL in the engine)
