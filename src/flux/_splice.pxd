@@ -228,6 +228,7 @@ cdef enum:
 cdef struct HfSide:
     uint64_t pos                # stream offset: bytes shown or skipped
     uint64_t msg_start          # request side: offset where the current message began
+    uint64_t head_pos           # offset of the current head's first octet (its start line's)
     uint64_t remaining          # body bytes left (Content-Length body, current chunk)
     uint64_t length             # the Content-Length of the current head
     uint64_t t_head_start       # `now` when the current head's first byte was shown (the
@@ -797,6 +798,7 @@ cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *o
 cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
+cdef uint64_t hf_open_head(const HttpFramer *f) noexcept nogil
 
 # the HTTP/2 observer's calling protocol (_h2_observer.pxi)
 cdef H2Observer *h2_new(H2Names *names) noexcept nogil
