@@ -77,12 +77,13 @@ class _Side(asyncio.Protocol):
 class _HttpWatch:
     """The HTTP framer's view of one Python-relayed connection (the engine's, from Python).
 
-    :meth:`show` is called with bytes just read and returns the part that may be forwarded;
-    the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
+    :meth:`show` is called with bytes just read and returns the part that may be forwarded
+    (a request head goes only once complete: until then it is ``held``, as the engine holds
+    it); the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "cut_side", "exchanges", "kept", "last_active", "observe", "paused",
-                 "probe", "stop")
+    __slots__ = ("answer", "cut_side", "exchanges", "held", "kept", "last_active", "observe",
+                 "paused", "probe", "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
@@ -100,6 +101,8 @@ class _HttpWatch:
         # Pipelining in _http_framer.pxi), and whether the client's reading is paused for it.
         self.kept = b""
         self.paused = False
+        # Client bytes of a request head not complete yet: shown, forwarded once it is judged.
+        self.held = b""
         self.cut_side = 0  # 1 + the index of the side that ended first with an exchange unfinished
 
     def _events(self, events: list[HttpEvent]) -> None:
@@ -119,13 +122,25 @@ class _HttpWatch:
         base = self.probe.position(side)
         self.last_active = now = time.monotonic_ns()
         self._events(self.probe.feed(side, data, now))
-        taken = self.probe.position(side) - base
-        if taken < len(data):
-            data, self.kept = data[:taken], data[taken:]
+        end = self.probe.position(side)
+        if end - base < len(data):
+            data, self.kept = data[: end - base], data[end - base :]
+        if index == 0:
+            base -= len(self.held)
+            data, self.held = self.held + data, b""
+            head = self.probe.open_head
+            if head is not None:
+                end = min(end, head)
         limit = self.stop[index]
-        if limit is not None and limit < base + len(data):
-            return data[: max(0, limit - base)]
-        return data
+        if limit is not None:
+            return data[: max(0, min(end, limit) - base)]  # the rest never goes
+        if index == 0:
+            self.held = data[max(0, end - base) :]
+        return data[: max(0, end - base)]
+
+    def releases(self) -> bool:
+        """Held bytes are no longer a head to judge (a switch, a give-up, an end): they go."""
+        return bool(self.held) and self.probe.open_head is None
 
     def eof(self, index: int) -> None:
         self._events(self.probe.eof(self._SIDES[index], time.monotonic_ns()))
@@ -257,8 +272,8 @@ class _Flow:
         if http is not None:
             if index == 1:
                 http.written()
-                if http.kept and not http.probe.blocked:
-                    self.forward(0, b"")  # a response freed a slot: show what was kept
+                if (http.kept and not http.probe.blocked) or http.releases():
+                    self.forward(0, b"")  # a response freed a slot, or ended a held head
             self._http_progress()
 
     def _http_progress(self) -> None:
@@ -334,9 +349,10 @@ class _Flow:
                 self.eofs[index] = True
                 self.answer(self.http.answer)
                 return
-            if index == 1 and self.http.paused:
+            if (index == 1 and self.http.paused) or self.http.releases():
                 # The instance is done: the framer stopped following the client (what it
                 # kept back is forwarded, reading resumes), nothing more will be answered.
+                # Or the client is: the head it left unfinished goes as it came.
                 self.forward(0, b"")
         self.eofs[index] = True
         if not self.eofs[1 - index]:
