@@ -8,10 +8,14 @@ what the other side received, what the relay reported per exchange, and what it 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
+import itertools
+import random
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -481,6 +485,70 @@ def test_an_http2_preface_split_across_reads_is_relayed_whole(kind: str) -> None
             assert (stats["http_opaque"], stats["http_h2"]) == (0, 1), stats
 
     run(kind, scenario)
+
+
+@pytest.mark.parametrize(("relay", "options"), [("splice", {}), ("python", {}),
+                                               ("splice", {"small_buffer": 1024})],
+                         ids=["splice", "python", "splice-1kib-buffers"])
+def test_pipelined_requests_split_anywhere_arrive_intact_and_are_all_counted(
+    relay: str, options: dict[str, int],
+) -> None:
+    # Heads from a few bytes to 20 KiB, bodies of known length and chunked, all pipelined and
+    # cut at random points: whatever is held and appended, the instance gets the stream as
+    # sent, and every exchange is counted (the engine reports them grouped by labels).
+    rng = random.Random(17)
+    asks: list[tuple[str, bytes]] = []
+    for i in range(60):
+        cookie = b"Cookie: %s\r\n" % (b"c" * rng.choice([0, 100, 5000, 20_000]))
+        shape = rng.choice(["GET", "POST", "chunked"])
+        body = bytes(rng.choice(b"abcxyz") for _ in range(rng.choice([1, 3000, 40_000])))
+        if shape == "GET":
+            asks.append(("GET", request(b"GET", b"/%d" % i, extra=cookie)))
+        elif shape == "POST":
+            asks.append(("POST", request(b"POST", b"/%d" % i, body, extra=cookie)))
+        else:
+            chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            asks.append(("POST", request(b"POST", b"/%d" % i, extra=cookie
+                                         + b"Transfer-Encoding: chunked\r\n")[:-2]
+                         + b"\r\n" + chunked))
+    stream = b"".join(ask for _, ask in asks)
+    ends = list(itertools.accumulate(len(ask) for _, ask in asks))
+
+    async def instance(link: Link) -> bytes:
+        loop = asyncio.get_running_loop()
+        got, answered = b"", 0
+        while answered < len(asks):
+            chunk = await loop.sock_recv(link.server, 65536)
+            assert chunk, f"EOF after {answered} requests"
+            got += chunk
+            complete = bisect.bisect_right(ends, len(got))
+            await send(link.server, response() * (complete - answered))
+            answered = complete
+        return got
+
+    async def client(link: Link) -> None:
+        start = 0
+        while start < len(stream):
+            size = rng.randint(1, 8000)
+            await send(link.client, stream[start : start + size])
+            start += size
+            await asyncio.sleep(rng.choice([0, 0, 0.001]))
+
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await open_http(h, obs)
+        served = asyncio.create_task(instance(link))
+        await client(link)
+        answers = response() * len(asks)
+        assert await recv_exactly(link.client, len(answers)) == answers
+        assert await served == stream
+        await flushed(h, obs, len(asks))
+        assert Counter(obs.labels()) == Counter((method, 200) for method, _ in asks)
+        link.client.close()
+        link.server.close()
+        assert (await link.result).answered == 0
+
+    run(relay, scenario, **options)
 
 
 @pytest.mark.parametrize("cookie", [0, 8000], ids=["small-head", "8-kib-head"])
