@@ -598,6 +598,38 @@ def test_request_phases_for_the_timeouts() -> None:
     assert r.phase == "opaque"
 
 
+def test_the_open_head_is_where_a_request_not_judged_yet_began() -> None:
+    # What the relays hold back: from the first octet of a head to its end, never body,
+    # chunk-size lines, trailers, empty lines or bytes after the stream stopped.
+    p = HttpFramerProbe()
+    assert p.open_head == 0                         # may still be the HTTP/2 preface
+    p.feed("request", b"PRI ")
+    assert p.open_head == 0
+    p.feed("request", b"/")                         # not the preface: a PRI request
+    assert p.open_head == 0
+    p.feed("request", b" HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n")
+    assert p.open_head == 0
+    head = b"PRI / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    p.feed("request", b"\r\n3\r\nabc\r\n0\r\nX-Trailer:")
+    assert p.open_head is None                      # chunk lines and trailers are no head
+    p.feed("request", b" 1\r\n\r\n\r\n")
+    assert p.open_head is None                      # between requests
+    p.feed("request", b"\r\nGET / HTTP/1.1\r\nHo")
+    end = len(head) + len(b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    assert p.open_head == end + 4                   # after the empty lines
+    p.feed("request", b"st: a\r\nContent-Length: 2\r\n\r\na")
+    assert p.open_head is None                      # a body
+    p.feed("request", b"bGET / HTTP/1.1\r\nBad Field\r\n")
+    assert p.open_head is None                      # malformed: nothing more is judged
+    q = HttpFramerProbe()
+    q.feed("request", H2_PREFACE)
+    assert q.open_head is None                      # HTTP/2
+    r = HttpFramerProbe()
+    r.feed("request", b"GET / HT")
+    r.eof("request")
+    assert r.open_head is None                      # the stream ended
+
+
 def test_unknown_side_names_fail_clearly() -> None:
     with pytest.raises(ValueError, match="side must be 'request' or 'response', not 'client'"):
         HttpFramerProbe().feed("client", b"x")

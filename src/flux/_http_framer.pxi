@@ -33,6 +33,9 @@
 #                                       requests whose response has not ended (method, when
 #                                       the head was read; the oldest one's response head was
 #                                       read at f.t_response_head, 0 if not yet)
+#   hf_open_head(f)                     where the request head being read began (UINT64_MAX:
+#                                       not inside one): the engine forwards no byte of a head
+#                                       before it is complete and judged
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -686,6 +689,7 @@ cdef inline uint8_t hf_read_line_start(HttpFramer *f, int side, HfSide *s, uint8
     if s.state == HS_LINE_START_CR:
         return HF_ERR_START_LINE
     hf_begin_message(s)
+    s.head_pos = s.pos - 1
     # The first request's head is timed from the connection's opening (see Timeouts).
     s.t_head_start = f.t_open if side == HF_REQUEST and f.n_requests == 0 else now
     if side == HF_REQUEST:
@@ -1094,6 +1098,18 @@ cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil:
     return last - f.n_answered
 
 
+cdef uint64_t hf_open_head(const HttpFramer *f) noexcept nogil:
+    """Where the request head being read began (a request-stream offset: 0 while the stream
+    still matches the HTTP/2 preface), or UINT64_MAX when the request side is not inside a
+    head.  The bytes from there on are a request not judged yet: the engine holds them."""
+    cdef const HfSide *s = &f.side[HF_REQUEST]
+    if s.state == HS_PREFACE:
+        return 0
+    if HS_METHOD <= s.state <= HS_FOLD and not s.trailer:
+        return s.head_pos
+    return UINT64_MAX
+
+
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
     """Which timeout applies to the client now (HF_PHASE_*)."""
     cdef uint8_t st = f.side[HF_REQUEST].state
@@ -1226,6 +1242,13 @@ cdef class HttpFramerProbe:
     def request_start(self):
         """Request-stream offset where the current (or malformed) request began."""
         return self.f.side[HF_REQUEST].msg_start
+
+    @property
+    def open_head(self):
+        """Request-stream offset where the request head being read began (0 while the
+        stream still matches the HTTP/2 preface); None outside a head."""
+        cdef uint64_t pos = hf_open_head(&self.f)
+        return None if pos == UINT64_MAX else pos
 
     def lenient(self, str side):
         """Where `side` accepted what h11 would reject: a frozenset of names."""

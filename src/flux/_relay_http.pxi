@@ -18,14 +18,34 @@
 #   framer's timestamps (the `now` of the read that completed each head).  The finished record
 #   goes into the engine's local exchange buffer, which relay_publish() moves to the shared one
 #   under the same lock as completions (a connection's exchanges always precede its completion).
+# - A request head is held until it is complete.  The client's bytes from the first octet of
+#   a head the framer has not finished (hf_open_head; the HTTP/2 preface counts while the
+#   stream still matches it) are not forwarded at the end of a read: they stay in dir[0]'s
+#   buffer after what goes now (p.held; shown already, never shown twice), the next read
+#   appends to them, and they go with the read that completes the head -- or never, when it
+#   is malformed (400), passes HF_MAX_HEAD (431) or the header timeout answers it (408): so
+#   nothing of a request the engine answers itself reaches the instance.  Heads almost always
+#   arrive in one read, which forwards them at once as before, so holding adds no syscall (a
+#   keep-alive loop makes one recv() and one send() per message each way, before and after;
+#   tests/test_relay_http.py counts them).  A held head that fills its buffer moves to a
+#   larger one of its own (doubled, up to HF_MAX_HEAD plus a small_buffer: 80 KiB by
+#   default), freed once the head is out: a connection in the middle of a split head holds
+#   that much at most, for the header timeout at most.  Held bytes that stop being a head
+#   without more client bytes go at once: the instance's response switched protocols or was
+#   given up on (after a CONNECT or an Upgrade the next bytes are read as HTTP until the
+#   answer, so a partial head among them waits for it; one found malformed meanwhile goes, as
+#   it may be the new protocol's), or the client ended its stream (a head it leaves unfinished
+#   goes as it came: the engine judged nothing, the instance does).
 # - A MALFORMED request stops the client's stream where that request began: the requests
-#   before it are still forwarded (pipelining), nothing of it or after it is (unless an earlier
-#   read already forwarded its first bytes).  The framer's REJECT says
-#   when the responses owed before the error have ended; the response direction then stops at
-#   that offset, and once everything before it is written the engine writes its own answer
-#   (400, or 431 for an oversized head), half-closes the client and the instance, and
-#   *lingers*: it reads and discards what the client still sends until EOF or for at most
-#   HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused by unread data.
+#   before it are still forwarded (pipelining), nothing after it is, and nothing of it when
+#   its head is what is wrong (held until judged, above); a chunked body found malformed
+#   follows a head already forwarded, so the instance sees that request cut short.  The
+#   framer's REJECT says when the responses owed before the error have ended; the response
+#   direction then stops at that offset, and once everything before it is written the engine
+#   writes its own answer (400, or 431 for an oversized head), half-closes the client and the
+#   instance, and *lingers*: it reads and discards what the client still sends until EOF or
+#   for at most HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused
+#   by unread data.
 # - A pipeline deeper than the framer's ring (HF_RING requests awaiting their responses) is
 #   slowed, not given up: the framer takes no byte of the next request, the client's direction
 #   keeps what it read but could not show (h.unshown, after its buffered bytes) and reads no
@@ -397,8 +417,8 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             x.t_response_head = ev.t_response_head
             http_pend(e, c, &x, ev.t_response_end)
         elif ev.kind == HF_EV_MALFORMED:
-            # Forward nothing of the malformed request (what of it was forwarded by an
-            # earlier read stays forwarded: the instance then sees it cut short).
+            # Forward nothing more of the malformed request (nothing of it, if its head is
+            # what is wrong: that was held until now).
             h.stop_pos[0] = h.f.side[HF_REQUEST].msg_start
             h.halted[0] = 1
         elif ev.kind == HF_EV_REJECT:
@@ -416,13 +436,25 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
     e.ev.count = 0
 
 
+cdef bint http_holding(const RelayHttp *h) noexcept nogil:
+    """The client's stream is inside a request head not judged yet: its bytes are held."""
+    return h.h2 == NULL and hf_open_head(&h.f) != UINT64_MAX
+
+
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil:
-    """Show n bytes just read from side d; returns how many of them may be forwarded.  Client
-    bytes the framer cannot take yet (hf_request_blocked) stay in the buffer after those:
-    h.unshown of them, shown by http_show_kept once a response frees a slot."""
+    """Show n bytes just read from side d, which follow the direction's held bytes in its
+    buffer (c.dir[d].held of them, already shown; only the client's side holds any).  Returns
+    how many bytes, counted from the first held one, may be forwarded, and sets c.dir[d].held
+    to how many shown ones after those stay (a request head not complete yet; none once the
+    side is halted: they are dropped).  Client bytes the framer cannot take yet
+    (hf_request_blocked) stay in the buffer after those: h.unshown of them, shown by
+    http_show_kept once a response frees a slot."""
     cdef RelayHttp *h = c.http
+    cdef RelayDir *p = &c.dir[d]
     cdef uint64_t base = h.f.side[d].pos
+    cdef uint64_t start = base - p.held
+    cdef uint64_t limit, head
     cdef uint64_t now = <uint64_t>relay_now_ns()
     cdef size_t off = 0
     h.last_active_ns = <int64_t>now
@@ -448,16 +480,24 @@ cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
         http_events(e, c)
         if h.early_len and h.f.side[HF_REQUEST].state != HS_PREFACE:
             http_show_early(e, c)
+    limit = base + off
     if d == HF_REQUEST:
         h.unshown = <uint32_t>(n - off)
-    if h.stop_pos[d] < base + off:
-        return <size_t>(h.stop_pos[d] - base) if h.stop_pos[d] > base else 0
-    return off
+        head = hf_open_head(&h.f) if h.h2 == NULL else UINT64_MAX
+        if head < limit:
+            limit = head
+    if h.stop_pos[d] < limit:
+        limit = h.stop_pos[d]
+    if limit < start:
+        limit = start
+    p.held = 0 if h.halted[d] else <uint32_t>(base + off - limit)
+    return <size_t>(limit - start)
 
 
 cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
     """The ring has a free slot again: show the client bytes kept back (dir[0] has none
-    buffered before them); what may be forwarded becomes its buffered bytes."""
+    buffered or held before them: the framer waited between requests); what may be forwarded
+    becomes its buffered bytes."""
     cdef RelayDir *p = &c.dir[0]
     cdef size_t n = c.http.unshown
     c.http.unshown = 0

@@ -32,9 +32,12 @@
 #   relay_pump              both directions of a connection, and what their results mean
 # A move returns RELAY_AGAIN (it made progress, or was interrupted: the policy goes round again
 # within its budget), RELAY_WAIT (it needs readiness it does not have; the flag is cleared) or an
-# errno (the connection fails).  HTTP connections only add hook calls (_relay_http.pxi) and
-# one pause: the client's direction reads nothing while the framer's ring of pipelined requests
-# is full, and relay_pump resumes it when the response direction freed a slot.
+# errno (the connection fails).  HTTP connections only add hook calls (_relay_http.pxi), one
+# pause -- the client's direction reads nothing while the framer's ring of pipelined requests
+# is full, and relay_pump resumes it when the response direction freed a slot -- and one hold:
+# the client's bytes of a request head not complete at the end of a read stay in its buffer
+# (p.held, after what goes now), the next read appends to them, and they go once the head is
+# complete (or never, if it is refused).
 
 
 cdef inline void relay_delivered(RelayEngine *e, RelayConn *c, int d, ssize_t n) noexcept nogil:
@@ -141,23 +144,37 @@ cdef inline int relay_splice_into_pipe(RelayEngine *e, RelayConn *c, int d,
 
 cdef inline int relay_recv_into_buf(RelayEngine *e, RelayConn *c, int d,
                                     size_t *got) noexcept nogil:
-    """Receive into the direction's buffer (borrowed here if it holds none; it must be empty).
+    """Receive into the direction's buffer (borrowed here if it holds none; it must have no
+    bytes to send), after its held bytes if it keeps a request head (moved to the front of the
+    buffer first, and to a larger buffer when they fill it).
 
-    Returns RELAY_AGAIN with *got > 0 bytes now at p.buf[0:*got], neither shown to the HTTP
-    framer nor counted in flight yet (the caller owes relay_hold_buf), and the readable flag
-    cleared after a short read that drained the socket; RELAY_AGAIN with *got == 0 at EOF
-    (p.eof set, the framer told) or on EINTR; RELAY_WAIT when the source is drained (the flag
-    cleared, the direction rested); ENOMEM when no buffer can be had; else the errno.
+    Returns RELAY_AGAIN with *got > 0 bytes now at p.buf[p.held:p.held + *got], neither shown
+    to the HTTP framer nor counted in flight yet (the caller owes relay_hold_buf), and the
+    readable flag cleared after a short read that drained the socket; RELAY_AGAIN with
+    *got == 0 at EOF (p.eof set, the framer told) or on EINTR; RELAY_WAIT when the source is
+    drained (the flag cleared, the direction rested); ENOMEM when no buffer can be had; else
+    the errno.
     """
     cdef RelayDir *p = &c.dir[d]
     cdef ssize_t n
+    cdef size_t room
     got[0] = 0
     if relay_borrow_buf(e, p) == NULL:
         return ENOMEM
-    n = recv(c.fd[d], p.buf, e.small_buffer, MSG_DONTWAIT)
+    if p.held:
+        if p.off:
+            memmove(p.buf, p.buf + p.off, p.held)
+            p.off = 0
+        # A head is at most HF_MAX_HEAD bytes (the framer answers 431 past that), so growing
+        # by doubling up to that plus a read's worth always leaves room for a whole read.
+        if p.held == p.size and relay_grow_buf(
+                e, p, min(2 * <size_t>p.size, HF_MAX_HEAD + e.small_buffer)) == NULL:
+            return ENOMEM
+    room = p.size - p.held
+    n = recv(c.fd[d], p.buf + p.held, room, MSG_DONTWAIT)
     relay_count(e, RC_CALLS_RECV, 1)
     if n > 0:
-        if <size_t>n < e.small_buffer and not c.rdhup[d]:
+        if <size_t>n < room and not c.rdhup[d]:
             c.readable[d] = 0
         got[0] = <size_t>n
         return RELAY_AGAIN
@@ -179,10 +196,11 @@ cdef inline int relay_recv_into_buf(RelayEngine *e, RelayConn *c, int d,
 cdef inline void relay_hold_buf(RelayEngine *e, RelayConn *c, int d, size_t n) noexcept nogil:
     """The n bytes relay_recv_into_buf just received become the direction's buffered bytes:
     shown to the HTTP framer first (so a response is never seen before its request), which
-    may keep back what follows a malformed request."""
+    may keep back what follows a malformed request, and hold a request head not complete
+    yet (with the held bytes before them, which then go too if it is)."""
     cdef RelayDir *p = &c.dir[d]
     if c.http != NULL:
-        n = http_observe(e, c, d, p.buf, n)
+        n = http_observe(e, c, d, p.buf + p.held, n)
     p.off = 0
     p.length = <uint32_t>n
     relay_count(e, RC_INFLIGHT, <int64_t>n)
@@ -243,7 +261,8 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
             rc = relay_splice_from_pipe(e, c, d)
         elif c.http != NULL and c.http.halted[d]:
             # HTTP: the framer stopped this source (a malformed request, or the engine's own
-            # answer is due once the responses before it are out).
+            # answer is due once the responses before it are out); a held head never goes.
+            p.held = 0
             relay_rest(e, p)
             if d == 1 and c.http.rejecting:
                 return http_answer(e, c)
@@ -258,6 +277,13 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
                     relay_rest(e, p)
                 return RELAY_WAIT
             http_show_kept(e, c)
+            rc = RELAY_AGAIN
+        elif p.held and not http_holding(c.http):
+            # HTTP: the held bytes are no longer a head to judge (the instance's response
+            # switched protocols or was given up on, or the client ended its stream): they go.
+            p.length = p.held
+            p.held = 0
+            relay_count(e, RC_INFLIGHT, <int64_t>p.length)
             rc = RELAY_AGAIN
         elif p.eof:
             return relay_end_dir(e, c, d)
@@ -308,8 +334,10 @@ cdef void relay_pump(RelayEngine *e, RelayConn *c) noexcept nogil:
     if b > 0:
         relay_abort(e, c, b)
         return
-    if c.http != NULL and c.http.ring_wait and not hf_request_blocked(&c.http.f):
-        # A response ended and freed a slot of the framer's ring: the client's bytes move on.
+    if c.http != NULL and ((c.http.ring_wait and not hf_request_blocked(&c.http.f))
+                           or (c.dir[0].held and not http_holding(c.http))):
+        # A response ended and freed a slot of the framer's ring, or made the held head no
+        # head (a switch, a give-up, the instance's end): the client's bytes move on.
         c.http.ring_wait = 0
         a = relay_pump_dir(e, c, 0)
         if a > 0:

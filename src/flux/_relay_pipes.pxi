@@ -76,7 +76,9 @@ cdef void relay_drop_pipe(RelayEngine *e, RelayDir *p) noexcept nogil:
 # Like pipes, copy buffers are lent only while bytes sit in them: a direction borrows one just
 # before recv() and gives it back as soon as it is empty and the source has nothing more now, so
 # an idle connection holds none (16 KiB per direction otherwise: 9.4 KiB of RSS per connection
-# after one request, measured, against 1.1 KiB for one never used).
+# after one request, measured, against 1.1 KiB for one never used).  A request head held until
+# it is complete (_relay_http.pxi) may outgrow its buffer: it moves to a larger one of its own
+# (relay_grow_buf), freed rather than pooled when the direction gives it back.
 
 cdef char *relay_borrow_buf(RelayEngine *e, RelayDir *p) noexcept nogil:
     if p.buf != NULL:
@@ -89,16 +91,35 @@ cdef char *relay_borrow_buf(RelayEngine *e, RelayDir *p) noexcept nogil:
         p.buf = <char *>malloc(e.small_buffer)
         if p.buf == NULL:
             return NULL
+    p.size = <uint32_t>e.small_buffer
     relay_count(e, RC_BUFFERS_LENT, 1)
     return p.buf
 
 
+cdef char *relay_grow_buf(RelayEngine *e, RelayDir *p, size_t size) noexcept nogil:
+    """Move the direction's held bytes (p.held of them, at p.buf) to a buffer of `size` bytes
+    of its own, and give the old one back.  Returns the new buffer, or NULL (nothing changed)
+    when none can be had."""
+    cdef char *grown = <char *>malloc(size)
+    cdef uint32_t held = p.held
+    if grown == NULL:
+        return NULL
+    memcpy(grown, p.buf, held)
+    relay_return_buf(e, p)
+    p.buf = grown
+    p.size = <uint32_t>size
+    p.held = held
+    relay_count(e, RC_BUFFERS_LENT, 1)
+    return grown
+
+
 cdef void relay_return_buf(RelayEngine *e, RelayDir *p) noexcept nogil:
-    """Give the direction's buffer back (its bytes, if any, are dropped: callers make sure
-    there are none unless the connection is being torn down)."""
+    """Give the direction's buffer back (its bytes, if any, are dropped, held ones too:
+    callers make sure there are none unless the connection is being torn down or the engine
+    answers the client itself)."""
     if p.buf == NULL:
         return
-    if e.buffers_len < e.buffers_cap:
+    if p.size == e.small_buffer and e.buffers_len < e.buffers_cap:
         e.buffers[e.buffers_len] = p.buf
         e.buffers_len += 1
         relay_count(e, RC_BUFFERS_IDLE, 1)
@@ -106,10 +127,12 @@ cdef void relay_return_buf(RelayEngine *e, RelayDir *p) noexcept nogil:
         free(p.buf)
     relay_count(e, RC_BUFFERS_LENT, -1)
     p.buf = NULL
+    p.held = 0
 
 
 cdef inline void relay_rest(RelayEngine *e, RelayDir *p) noexcept nogil:
-    """The direction waits with nothing in flight: hold no pipe and no buffer."""
+    """The direction waits with nothing in flight: hold no pipe, and no buffer unless it keeps
+    a request head that is not complete yet."""
     relay_return_pipe(e, p)
-    if p.length == 0:
+    if p.length == 0 and p.held == 0:
         relay_return_buf(e, p)

@@ -228,6 +228,7 @@ cdef enum:
 cdef struct HfSide:
     uint64_t pos                # stream offset: bytes shown or skipped
     uint64_t msg_start          # request side: offset where the current message began
+    uint64_t head_pos           # offset of the current head's first octet (its start line's)
     uint64_t remaining          # body bytes left (Content-Length body, current chunk)
     uint64_t length             # the Content-Length of the current head
     uint64_t t_head_start       # `now` when the current head's first byte was shown (the
@@ -531,8 +532,12 @@ cdef enum:
 cdef struct RelayDir:
     # One direction of a connection: dir[d] reads fd[d] and writes fd[1 - d].  Engine thread.
     char *buf               # copy-mode buffer, lent from the pool while bytes are in it
+    uint32_t size           # buf's size: the pool's small_buffer, or more for a long held head
     uint32_t off
     uint32_t length         # bytes in buf not yet sent
+    uint32_t held           # HTTP, client side: the bytes after those (at buf + off + length)
+    #                         of a request head not complete yet, shown to the framer and kept
+    #                         until it is judged (see _relay_http.pxi)
     int pipe_r              # lent pipe, -1 when none
     int pipe_w
     size_t in_pipe          # bytes in the lent pipe not yet sent
@@ -869,6 +874,7 @@ cdef void hf_skip(HttpFramer *f, int side, uint64_t n, uint64_t now, HfEvents *o
 cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept nogil
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
+cdef uint64_t hf_open_head(const HttpFramer *f) noexcept nogil
 
 # the HTTP/2 observer's calling protocol (_h2_observer.pxi)
 cdef H2Observer *h2_new(H2Names *names) noexcept nogil
@@ -887,6 +893,7 @@ cdef int relay_borrow_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
 cdef void relay_return_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
 cdef void relay_drop_pipe(RelayEngine *e, RelayDir *p) noexcept nogil
 cdef char *relay_borrow_buf(RelayEngine *e, RelayDir *p) noexcept nogil
+cdef char *relay_grow_buf(RelayEngine *e, RelayDir *p, size_t size) noexcept nogil
 cdef void relay_return_buf(RelayEngine *e, RelayDir *p) noexcept nogil
 
 # a connection's life (_relay_conn.pxi)
@@ -929,6 +936,7 @@ cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil
 cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef bint http_holding(const RelayHttp *h) noexcept nogil
 cdef uint64_t http_may_skip(const RelayHttp *h, int d) noexcept nogil
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
 cdef void http_cut_by(RelayConn *c, int d) noexcept nogil

@@ -93,12 +93,14 @@ class _HttpWatch:
     """The HTTP framer's view of one Python-relayed connection (the engine's, from Python), and
     from the HTTP/2 preface on, the HTTP/2 watch's (:mod:`flux.relay.h2watch`).
 
-    :meth:`show` is called with bytes just read and returns the part that may be forwarded;
-    the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
+    :meth:`show` is called with bytes just read and returns the part that may be forwarded
+    (a request head goes only once complete: until then it is ``held``, as the engine holds
+    it); the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "cut_side", "early", "exchanges", "h2", "h2_counters", "kept",
-                 "last_active", "notify", "observe", "paused", "probe", "reject_reason", "stop")
+    __slots__ = ("answer", "cut_side", "early", "exchanges", "h2", "h2_counters", "held",
+                 "kept", "last_active", "notify", "observe", "paused", "probe", "reject_reason",
+                 "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
@@ -127,6 +129,8 @@ class _HttpWatch:
         # Pipelining in _http_framer.pxi), and whether the client's reading is paused for it.
         self.kept = b""
         self.paused = False
+        # Client bytes of a request head not complete yet: shown, forwarded once it is judged.
+        self.held = b""
         self.cut_side = 0  # 1 + the index of the side that ended first with an exchange unfinished
 
     def _events(self, events: list[HttpEvent]) -> None:
@@ -182,19 +186,33 @@ class _HttpWatch:
             # The preface ended in this read, at request-stream offset len(PREFACE): the
             # framer took the rest as opaque.  The HTTP/2 watch follows the instance's bytes
             # from the first (those it sent before the preface ended came first) and the
-            # client's from the first after the preface.
+            # client's from the first after the preface (what was held of the preface goes
+            # with this read).
             if self.early:
                 self.h2.feed(1, bytes(self.early), now)
             self.early = None
             self.h2.feed(index, memoryview(data)[len(PREFACE) - base:], now)
+            data, self.held = self.held + data, b""
             return data
-        taken = self.probe.position(side) - base
-        if taken < len(data):
-            data, self.kept = data[:taken], data[taken:]
+        end = self.probe.position(side)
+        if end - base < len(data):
+            data, self.kept = data[: end - base], data[end - base :]
+        if index == 0:
+            base -= len(self.held)
+            data, self.held = self.held + data, b""
+            head = self.probe.open_head
+            if head is not None:
+                end = min(end, head)
         limit = self.stop[index]
-        if limit is not None and limit < base + len(data):
-            return data[: max(0, limit - base)]
-        return data
+        if limit is not None:
+            return data[: max(0, min(end, limit) - base)]  # the rest never goes
+        if index == 0:
+            self.held = data[max(0, end - base) :]
+        return data[: max(0, end - base)]
+
+    def releases(self) -> bool:
+        """Held bytes are no longer a head to judge (a switch, a give-up, an end): they go."""
+        return bool(self.held) and self.probe.open_head is None
 
     def eof(self, index: int) -> None:
         if self.h2 is None:
@@ -385,8 +403,8 @@ class _Flow:
             self.transport(1 - index).write(data)
         if http is not None:
             http.written()
-            if index == 1 and http.kept and not http.probe.blocked:
-                self.forward(0, b"")  # a response freed a slot: show what was kept
+            if index == 1 and ((http.kept and not http.probe.blocked) or http.releases()):
+                self.forward(0, b"")  # a response freed a slot, or ended a held head
             self._http_progress()
 
     def _http_progress(self) -> None:
@@ -466,9 +484,10 @@ class _Flow:
                 self.eofs[index] = True
                 self.answer(self.http.answer)
                 return
-            if index == 1 and self.http.paused:
+            if (index == 1 and self.http.paused) or self.http.releases():
                 # The instance is done: the framer stopped following the client (what it
                 # kept back is forwarded, reading resumes), nothing more will be answered.
+                # Or the client is: the head it left unfinished goes as it came.
                 self.forward(0, b"")
         self.eofs[index] = True
         if not self.eofs[1 - index]:
