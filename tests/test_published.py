@@ -150,7 +150,9 @@ def test_a_published_port_reaches_the_instances_with_retries_and_counts_per_entr
     assert published.wait_state("web", "listening")["listener"] == f"{published.ip}:{web_port}"
     published.wait_state("both", "listening")
     wait_until(lambda: rules_for(published.daemon.chain, vip, "DNAT"), 15, "both's DNAT rule")
-    wait_until(lambda: published.published("web").get("instances") == 2, 10, "both instances")
+    wait_until(
+        lambda: len(published.published("web").get("instances", [])) == 2, 10, "both instances"
+    )
 
     for _ in range(REQUESTS):
         assert published.get(web_port) == HELLO

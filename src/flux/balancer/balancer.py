@@ -384,19 +384,7 @@ class Balancer:
             if name in self.listeners:
                 _, listener = self.listeners[name]
                 entry["listener"] = f"{listener.bind_ip}:{listener.port}"
-                entry["instances"] = [
-                    {
-                        "name": h.name,
-                        "address": h.address,
-                        "ready": h.ready,
-                        "failures": h.failures,
-                        "retry_in": None
-                        if h.retry_at is None
-                        else max(0.0, h.retry_at - self._clock()),
-                        "active": h.active,
-                    }
-                    for h in listener.pool.health()
-                ]
+                entry["instances"] = listener.pool.health_report()
             services[name] = entry
         for name, conflict in sorted(self.conflicts.items()):
             services[name] = {

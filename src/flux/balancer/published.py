@@ -220,8 +220,7 @@ class PublishedPorts:
             if held.listener is not None:
                 entry["state"] = "listening"
                 entry["listener"] = f"{self.bind_ip}:{port}"
-                entry["instances"] = len(held.pool)
-                entry["ready"] = len(held.pool.ready)
+                entry["instances"] = held.pool.health_report()
             else:
                 entry["state"] = "busy"
                 entry["error"] = held.error
