@@ -1,9 +1,23 @@
-"""flux.balancer.entrypoints: which service each published port serves (pure)."""
+"""flux.balancer.entrypoints: which service each published port serves (pure); and
+flux.balancer.published's bookkeeping of bind failures, with listeners that never bind."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
+import os
+import random
+from typing import cast
+
+import pytest
+
 from flux.balancer.entrypoints import EntryPoint, PortConflict, PublishClaim, resolve_entry_points
+from flux.balancer.listener import Listener
+from flux.balancer.pool import Pool
+from flux.balancer.published import BIND_RETRY_BASE, PublishedPorts
 from flux.model import HostRef, Instance, InstanceState, Service, ServiceInfo
+from flux.store.base import ServiceUpdate
 
 
 def test_a_claim_holds_the_published_port_and_the_live_instances_only() -> None:
@@ -47,3 +61,61 @@ def test_the_first_created_service_holds_a_port_and_the_others_are_in_conflict()
     del claims["early"]
     entries, conflicts = resolve_entry_points(claims)
     assert entries[80] == EntryPoint(80, "late", "http") and "late" not in conflicts
+
+
+class _Unbindable:
+    """A listener whose port cannot be had (``code``) until ``free`` is set."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.free = False
+        self.opened = 0
+        self.closed = False
+
+    def open(self) -> int:
+        self.opened += 1
+        if not self.free:
+            raise OSError(self.code, os.strerror(self.code))
+        return 8080
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("code", "state"), [(errno.EADDRINUSE, "busy"), (errno.EADDRNOTAVAIL, "failed")]
+)
+async def test_a_port_that_cannot_be_bound_is_logged_once_and_retried_with_backoff(
+    code: int, state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = _Unbindable(code)
+    made: list[tuple[str, str, int, str]] = []
+
+    def make(service: str, protocol: str, port: int, pool: Pool, entry: str) -> Listener:
+        made.append((service, protocol, port, entry))
+        return cast(Listener, fake)
+
+    ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+    info = ServiceInfo(name="web", spec=Service(publish=8080, protocol="http"))
+    with caplog.at_level(logging.INFO, logger="flux.balancer"):
+        ports.apply(ServiceUpdate({"web": info}, reset=True))
+        status = ports.status()["web"]
+        assert status["state"] == state and status["error"] == os.strerror(code)
+        assert 0 < status["retry_in"] <= BIND_RETRY_BASE
+        await asyncio.sleep(BIND_RETRY_BASE * 3.5)  # retries at 0.5 s, then 1 s later
+        assert fake.opened == 3
+        fake.free = True
+        await asyncio.sleep(BIND_RETRY_BASE * 4.5)
+    assert fake.opened == 4
+    assert ports.status()["web"]["state"] == "listening"
+    assert made == [("web", "http", 8080, "published:8080")] * 4
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        f"service web: cannot publish port 8080 on 127.0.0.9: {os.strerror(code)};"
+        " trying again with backoff",
+        "service web: published port 8080 on 127.0.0.9 (http) after 3 failed attempts",
+    ]
+    # Unpublished: closed, and nothing more is tried.
+    ports.apply(ServiceUpdate({"web": None}))
+    assert fake.closed and ports.status() == {}

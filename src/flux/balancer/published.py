@@ -13,9 +13,10 @@ others in conflict) and brings the listeners in line:
 - a port still held as before only has its pool updated with the live instances;
 - a port nobody claims any more is closed.
 
-A port that cannot be bound (another process holds it: EADDRINUSE; or ``-publish-ip`` is not
-an address of this host) is logged once, naming the port and the service, shown in
-:meth:`status` as ``busy`` with the error, and tried again after 0.5 s, doubling up to 30 s,
+A port that cannot be bound is logged once, naming the port and the service, shown in
+:meth:`status` as ``busy`` (another process holds it: EADDRINUSE) or ``failed`` (any other
+error: ``-publish-ip`` is not an address of this host, a port below 1024 without the
+capability) with the error, and tried again after 0.5 s, doubling up to 30 s,
 until it binds (one more line then) or is no longer wanted.  Nothing else waits on it: every
 other entry point and every VIP keeps working.  A service refused its port for another's
 claim is logged once when that starts and once when it ends, and shown as ``conflict``.
@@ -26,6 +27,7 @@ With ``-publish-ip none`` the balancer makes no :class:`PublishedPorts` at all.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -67,6 +69,7 @@ class _Port:
     instances: Mapping[str, str] = field(default_factory=dict)
     listener: Listener | None = None
     error: str | None = None
+    busy: bool = False  # the last error was EADDRINUSE
     failures: int = 0
     retry: asyncio.TimerHandle | None = None
     retry_at: float | None = None
@@ -158,6 +161,7 @@ class PublishedPorts:
                     error,
                 )
             held.error = error
+            held.busy = exc.errno == errno.EADDRINUSE
             delay = backoff(held.failures, base=BIND_RETRY_BASE, cap=BIND_RETRY_CAP)
             held.failures += 1
             held.retry_at = self._clock() + delay
@@ -222,7 +226,7 @@ class PublishedPorts:
                 entry["listener"] = f"{self.bind_ip}:{port}"
                 entry["instances"] = held.pool.health_report()
             else:
-                entry["state"] = "busy"
+                entry["state"] = "busy" if held.busy else "failed"
                 entry["error"] = held.error
                 entry["retry_in"] = (
                     None if held.retry_at is None else max(0.0, held.retry_at - self._clock())
