@@ -117,6 +117,16 @@ def published(
     return Published(daemon, ip, metrics_port, other_host)
 
 
+def reset(ip: str, port: int) -> bool:
+    """A GET to ``ip:port`` is answered by a reset (or a close) without a byte."""
+    try:
+        with socket.create_connection((ip, port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 def refused(ip: str, port: int) -> bool:
     """Nothing listens on ``ip:port`` (a reset: a listener closing with this client queued)."""
     try:
@@ -142,6 +152,11 @@ def test_a_published_port_reaches_the_instances_with_retries_and_counts_per_entr
     vip = random_loopback_vip()
     published.service("web", publish=web_port, instancePort=80, protocol="http")
     published.service("both", address=f"{vip}:80", publish=both_port, protocol="http")
+    # No live instance yet: the port is open and resets its clients, without a line for each.
+    published.wait_state("web", "listening")
+    for _ in range(3):
+        assert reset(published.ip, web_port)
+    assert not published.daemon.logged("no instance could take the connection")
     # web's second instance is a port nobody listens on: connects to it fail and are retried.
     dead = f"127.0.0.2:{free_port('127.0.0.2')}"
     published.host.add_instance("web", "web-1", backends[0].address)

@@ -673,12 +673,16 @@ class Listener:
             if self._sweeper is None:
                 self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
             return
-        log.warning(
-            "%s: no instance could take the connection from %s (tried %d); resetting it",
-            self.service,
-            c.client_ip,
-            len(c.tried),
-        )
+        # A pool with no instance at all is a published port of a service with none live (a
+        # VIP's would have a REJECT rule instead): reset quietly, or any client outside could
+        # fill the log.
+        if c.tried or len(self.pool):
+            log.warning(
+                "%s: no instance could take the connection from %s (tried %d); resetting it",
+                self.service,
+                c.client_ip,
+                len(c.tried),
+            )
         self._drop(c)
 
     def _connect_in_engine(
