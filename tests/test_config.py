@@ -110,6 +110,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.balance == "random"
     assert s.relay == "splice"
     assert s.engine_threads == len(os.sched_getaffinity(0))
+    assert s.publish_ip == IPv4Address("0.0.0.0")
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)
     assert s.docker_host == "unix:///var/run/docker.sock"
     assert s.etcd_ca_file is None and s.etcd_cert_file is None and s.etcd_key_file is None
@@ -174,6 +175,10 @@ FLAG_CASES = [
     ("relay", "splice", "relay", "splice", []),
     ("engine-threads", "1", "engine_threads", 1, []),
     ("engine-threads", "256", "engine_threads", 256, []),
+    ("publish-ip", "127.0.0.7", "publish_ip", IPv4Address("127.0.0.7"), []),
+    ("publish-ip", "0.0.0.0", "publish_ip", IPv4Address("0.0.0.0"), []),
+    ("publish-ip", "none", "publish_ip", None, []),
+    ("publish-ip", "None", "publish_ip", None, []),
 ]
 
 
@@ -262,6 +267,8 @@ ENV_CASES = [
     ("FLUX_BALANCE", "p2c", "balance", "p2c"),
     ("FLUX_RELAY", "python", "relay", "python"),
     ("FLUX_ENGINE_THREADS", "3", "engine_threads", 3),
+    ("FLUX_PUBLISH_IP", "10.1.2.3", "publish_ip", IPv4Address("10.1.2.3")),
+    ("FLUX_PUBLISH_IP", "none", "publish_ip", None),
     (
         "ETCD_ADDRESS",
         "http://10.0.0.1:2379",
@@ -662,6 +669,11 @@ BAD_FLAG_VALUES = [
     ("engine-threads", "257", "must be a whole number of threads from 1 to 256"),
     ("engine-threads", "two", "must be a whole number of threads from 1 to 256"),
     ("engine-threads", "1.5", "must be a whole number of threads from 1 to 256"),
+    ("publish-ip", "all", 'not an IP address or "none"'),
+    ("publish-ip", "10.0.0.256", 'not an IP address or "none"'),
+    ("publish-ip", "::", "IPv6 is not supported; give an IPv4 address"),
+    ("publish-ip", "224.0.0.1", "not a unicast address"),
+    ("publish-ip", "255.255.255.255", "not a unicast address"),
     ("chain", "", CHAIN_REASON),
     ("chain", "x" * 29, CHAIN_REASON),
     ("chain", "-X", CHAIN_REASON),
@@ -1183,6 +1195,7 @@ def valid_raw_settings(draw: st.DrawFn) -> dict[str, str]:
         "http_idle_timeout": _duration(86400),
         "balance": st.sampled_from(["random", "p2c"]),
         "relay": st.sampled_from(["splice", "python"]),
+        "publish_ip": st.sampled_from(["none", "0.0.0.0", "127.0.0.1", "192.0.2.7"]),
     }  # fmt: skip
     for field, strategy in optional.items():
         if draw(st.booleans()):

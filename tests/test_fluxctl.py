@@ -932,3 +932,122 @@ def test_info_and_query_show_conflicts_and_skip_instances_of_unregistered_hosts(
     assert "conflict" not in document["services"]["web"]
     query = ctl("query", "-q")
     assert (query.status, query.out, query.err) == (0, "good\n", warning)
+
+
+# -- published ports ------------------------------------------------------------------------------
+
+
+def test_service_publish_writes_the_port_and_defaults_the_instance_port(ctl: Ctl) -> None:
+    assert ctl.ok("service", "web", "--publish", "8080", "-p", "http", "--image", "x") == "web\n"
+    assert ctl.record(SERVICE + "web/spec") == {
+        "instancePort": 8080,
+        "protocol": "http",
+        "publish": 8080,
+    }
+    ctl.ok("service", "api", "--address", "10.128.0.1:80", "--publish", "8081")
+    assert ctl.record(SERVICE + "api/spec") == {
+        "address": "10.128.0.1:80",
+        "instancePort": 80,
+        "publish": 8081,
+    }
+    out = ctl.ok("list", "-f", "{name} {publish} {address}")
+    assert out == "api 8081 10.128.0.1:80\nweb 8080 \n"
+    assert "  Published port: 8081\n" in ctl.ok("list", "-v")
+    info = ctl.ok("info", "-s", "web")
+    assert "web\n  Instance port: 8080\n  Protocol: http\n  Published port: 8080\n" in info
+    document = json.loads(ctl.ok("list", "-o", "json"))
+    assert document["services"]["web"]["spec"]["publish"] == 8080
+    document = json.loads(ctl.ok("info", "-o", "json"))
+    assert document["services"]["api"]["spec"]["publish"] == 8081
+
+
+def test_publish_and_unpublish_change_only_the_port(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--address", "10.128.0.1:80", "-p", "http", "--image", "nginx")
+    assert ctl.ok("publish", "web", "8080") == "web 8080\n"
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.1:80",
+        "instancePort": 80,
+        "protocol": "http",
+        "publish": 8080,
+    }
+    assert ctl.record(SERVICE + "web/rules/default") == {"selector": {"image": "nginx"}}
+    assert ctl.ok("publish", "web", "9090") == "web 9090\n"
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.1:80",
+        "instancePort": 80,
+        "protocol": "http",
+        "publish": 9090,
+    }
+    assert ctl.ok("unpublish", "web") == "web\n"
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.1:80",
+        "instancePort": 80,
+        "protocol": "http",
+    }
+    # Nothing to unpublish: nothing written.
+    before = ctl.snapshot()
+    assert ctl.ok("unpublish", "web") == "web\n"
+    assert ctl.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["service", "web", "--publish", "0"], "invalid port '0': must be 1-65535"),
+        (["service", "web", "--publish", "65536"], "invalid port '65536': must be 1-65535"),
+        (["service", "web", "--publish", "http"], "invalid port 'http': not a number"),
+        (["publish", "keep", "0"], "invalid port '0'"),
+        (["publish", "keep", "-1"], "invalid port '-1'"),
+        (["publish", "keep"], "required: port"),
+        (["publish", "bad/name", "80"], "invalid service name 'bad/name'"),
+        (["unpublish"], "required: name"),
+        (["unpublish", "keep", "80"], "unrecognized arguments: 80"),
+    ],
+)
+def test_publish_refuses_bad_input(ctl: Ctl, argv: list[str], message: str) -> None:
+    ctl.ok("service", "keep", "--address", "10.0.0.1:80")
+    assert message in ctl.refused(2, *argv)
+
+
+def test_publish_refuses_a_port_another_service_publishes(ctl: Ctl) -> None:
+    ctl.ok("service", "web", "--publish", "8080")
+    ctl.ok("service", "api", "--address", "10.0.0.1:80")
+    expected = (
+        'fluxctl: port 8080 is already published by service "web": publish "api" on another'
+        ' port, or unpublish or remove "web" first'
+    )
+    assert ctl.refused(1, "service", "api", "--publish", "8080", "--image", "x") == expected
+    assert ctl.refused(1, "publish", "api", "8080") == expected
+    assert ctl.refused(1, "publish", "nosuch", "8081") == 'fluxctl: no service named "nosuch"'
+    assert ctl.refused(1, "unpublish", "nosuch") == 'fluxctl: no service named "nosuch"'
+    # A service may publish again the port it already has; freeing the port frees it.
+    assert ctl.ok("service", "web", "--publish", "8080", "-p", "http") == "web\n"
+    assert ctl.ok("publish", "web", "8080") == "web 8080\n"
+    ctl.ok("unpublish", "web")
+    assert ctl.ok("publish", "api", "8080") == "api 8080\n"
+
+
+def test_info_shows_a_published_port_conflict_and_skips_bad_published_ports(ctl: Ctl) -> None:
+    # Written by other tools: fluxctl would have refused the second claim and the bad values.
+    ctl.put(SERVICE + "web/spec", {"publish": 8080})
+    ctl.put(SERVICE + "api/spec", {"address": "10.0.0.1:80", "publish": 8080})
+    ctl.put(SERVICE + "odd/spec", {"publish": "8080"})
+    ctl.put(SERVICE + "big/spec", {"publish": 70000})
+    result = ctl("info")
+    assert result.status == 0
+    assert result.out == (
+        "HOSTS\n\nSERVICES\n"
+        "api\n  Address: 10.0.0.1:80\n  Published port: 8080\n"
+        "  State: conflict: port 8080 is also published by service web\n"
+        "  RULES\n  INSTANCES\n"
+        "web\n  Published port: 8080\n  RULES\n  INSTANCES\n"
+    )
+    warnings = result.err.splitlines()
+    assert len(warnings) == 2, result.err
+    assert "big/spec" in warnings[0] and "publish" in warnings[0]
+    assert "odd/spec" in warnings[1] and "publish" in warnings[1]
+    document = json.loads(ctl("info", "-o", "json").out)
+    assert document["services"]["api"]["publishConflict"] == (
+        "port 8080 is also published by service web"
+    )
+    assert "publishConflict" not in document["services"]["web"]

@@ -431,3 +431,64 @@ def test_a_hung_etcd_member_costs_no_record(fabric: Fabric) -> None:
           f"service on every host {watched_after:.2f} s after it was defined")
     assert missing == []
     assert result.failures == []
+
+
+# -- published ports: a client outside every host ----------------------------------------------
+
+PUBLISHED_PORT = 8080
+
+
+def published_pool(host: HostNode, service: str) -> list[str]:
+    """The instance addresses of ``service``'s published port on this host (sorted)."""
+    entry = host.status().get("balancer", {}).get("services", {}).get(service, {})
+    published = entry.get("published", {})
+    if published.get("state") != "listening":
+        return []
+    return sorted(item["address"] for item in published.get("instances", []))
+
+
+def test_a_client_outside_every_host_is_served_through_host1s_published_port(
+    fabric: Fabric,
+) -> None:
+    h1, h2 = fabric[1], fabric[2]
+    # Each fluxd publishes on its own veth address only (inside the namespaces made here).
+    for host in fabric.hosts:
+        host.start_fluxd("-publish-ip", host.ip)
+    for host in fabric.hosts:
+        host.wait_fluxd_ready()
+    fabric.fluxctl("service", "edge", "--publish", str(PUBLISHED_PORT), "--instance-port",
+                   str(INSTANCE_PORT), "--labels", "app=edge")  # fmt: skip
+    h2.httpd(INSTANCE_PORT, "h2", "app=edge")
+    wait_until(lambda: published_pool(h1, "edge") == [instance_on(h2)], 20, "h1's pool")
+    assert not h1.listening(INSTANCE_PORT)  # nothing on host 1 could serve it
+    outside = fabric.outside()
+    assert [outside.http_get(h1.ip, PUBLISHED_PORT) for _ in range(5)] == ["h2"] * 5
+
+    # Served on both hosts, with clients in a loop at host 1's port: host 2 dies.
+    h1.httpd(INSTANCE_PORT, "h1", "app=edge")
+    both = sorted(instance_on(host) for host in fabric.hosts)
+    wait_until(lambda: published_pool(h1, "edge") == both, 20, "both instances in h1's pool")
+    loop = ClientLoop(outside, h1.ip, PUBLISHED_PORT, count=5000, seconds=TTL + 15, workers=4,
+                      pause=0.01)  # fmt: skip
+    loop.start()
+    wait_until(lambda: loop.result.served["h2"] >= 5, 10, "requests served by host 2")
+    with loop.quiet():
+        h2.kill_fluxd()
+        h2.set_link(False)
+        cut = time.monotonic()
+    wait_until(
+        lambda: h2.ip not in fabric.host_keys()
+        and published_pool(h1, "edge") == [instance_on(h1)],
+        TTL + 5,
+        "host 2's records to go",
+    )
+    gone_after = time.monotonic() - cut
+    served_before_gone = sum(loop.result.served.values())
+    time.sleep(1.0)
+    result = loop.stop()
+    print(f"published port, host death: records gone {gone_after:.2f} s after the cut;"
+          f" {result.requests} requests, {len(result.failures)} failed,"
+          f" slowest {loop.slowest:.2f} s; {dict(result.served)}")  # fmt: skip
+    assert result.failures == []
+    assert result.requests > served_before_gone
+    assert set(result.served) == {"h1", "h2"}

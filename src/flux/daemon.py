@@ -231,6 +231,7 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
         IPTables(settings.chain, on_sync=metrics.on_iptables_sync if metrics else None),
         bind_ip=bridge_ip,
         bridge=settings.bridge,
+        publish_ip=None if settings.publish_ip is None else str(settings.publish_ip),
         connect_timeout=settings.connect_timeout,
         balance=settings.balance,
         on_connection=metrics.on_connection if metrics else None,

@@ -65,6 +65,15 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
   written by other tools: of the services claiming an address the one whose spec was created
   first keeps it, and ``info`` shows each other one with ``State: conflict: address A is also
   used by service S`` (``"conflict"`` in ``-o json``).
+- Published ports (``service --publish PORT``, ``publish NAME PORT``, ``unpublish NAME``) are
+  checked the same way: a port another service already publishes is refused (exit status 1,
+  naming it), and of specs that still claim one port the first created keeps it; ``info`` shows
+  each other one with ``State: conflict: port P is also published by service S``
+  (``"publishConflict"`` in ``-o json``).  ``service`` without ``--address`` takes the
+  published port as the default instance port.  ``publish`` and ``unpublish`` rewrite the
+  spec with only that field changed (``service`` replaces the whole definition, so a service
+  redefined without ``--publish`` is no longer published); ``unpublish`` on a service that
+  publishes nothing changes nothing and succeeds.
 """
 
 from __future__ import annotations
@@ -100,6 +109,7 @@ from flux.selector import instance_labels, make_selector, matches, parse_pairs
 from flux.store.base import NotFound, Store, StoreError
 
 if TYPE_CHECKING:
+    from flux.balancer.entrypoints import PortConflict
     from flux.balancer.services import Conflict
 
 __all__ = ["build_parser", "main"]
@@ -114,7 +124,9 @@ COMMAND_TIMEOUT = 30.0
 
 _M = TypeVar("_M", bound=BaseModel)
 
-_SERVICE_FIELDS = ("name", "address", "instancePort", "protocol", "rules", "instances")
+_SERVICE_FIELDS = (
+    "name", "address", "instancePort", "protocol", "publish", "rules", "instances"
+)
 _RULE_FIELDS = ("service", "name", "selector", "instancePort")
 _QUERY_FIELDS = ("service", "name", "state", "host", "containerRule", "address", "labels")
 
@@ -314,6 +326,7 @@ _SAMPLE_SERVICE = {
     "address": "10.0.0.1:80",
     "instancePort": 80,
     "protocol": "tcp",
+    "publish": 8080,
     "rules": {},
     "instances": {},
 }
@@ -356,6 +369,7 @@ def _service_fields(info: ServiceInfo) -> dict[str, Any]:
         "address": info.spec.address or "",
         "instancePort": info.spec.instance_port,
         "protocol": info.spec.protocol,
+        "publish": info.spec.publish,
         "rules": {name: _stored(info.rules[name]) for name in sorted(info.rules)},
         "instances": {i: _instance_view(info.instances[i]) for i in sorted(info.instances)},
     }
@@ -410,6 +424,8 @@ def _render_service_verbose(info: ServiceInfo) -> str:
         lines.append(f"  Instance port: {info.spec.instance_port}")
     if info.spec.protocol:
         lines.append(f"  Protocol: {info.spec.protocol}")
+    if info.spec.publish:
+        lines.append(f"  Published port: {info.spec.publish}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -450,13 +466,23 @@ def _conflicts(services: Mapping[str, ServiceInfo]) -> dict[str, Conflict]:
     return resolve_conflicts({name: view for name, view in views.items() if view is not None})[1]
 
 
+def _port_conflicts(services: Mapping[str, ServiceInfo]) -> dict[str, PortConflict]:
+    """The services fluxd refuses their published port, as every fluxd decides it."""
+    from flux.balancer.entrypoints import PublishClaim, resolve_entry_points
+
+    claims = {name: PublishClaim.from_info(info) for name, info in services.items()}
+    return resolve_entry_points({n: claim for n, claim in claims.items() if claim is not None})[1]
+
+
 def _render_info(
     hosts: Mapping[str, Host],
     services: Mapping[str, ServiceInfo],
     conflicts: Mapping[str, Conflict] | None = None,
+    port_conflicts: Mapping[str, PortConflict] | None = None,
 ) -> str:
     """``fluxctl info`` output: live hosts, then each service with its rules and instances."""
     conflicts = conflicts or {}
+    port_conflicts = port_conflicts or {}
     out = ["HOSTS\n"]
     out.extend(f"{hosts[h].address}\n" for h in sorted(hosts, key=_host_order))
     out.append("\nSERVICES\n")
@@ -465,6 +491,8 @@ def _render_info(
         out.append(_render_service_verbose(info))
         if name in conflicts:
             out.append(f"  State: conflict: {conflicts[name]}\n")
+        if name in port_conflicts:
+            out.append(f"  State: conflict: {port_conflicts[name]}\n")
         out.append("  RULES\n")
         for rule_name in sorted(info.rules):
             out.append(f"    {rule_name} {_json(info.rules[rule_name].selector)}\n")
@@ -506,12 +534,15 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
     instance_port = args.instance_port or 0
     if not instance_port and address is not None:
         instance_port = parse_address(address)[1]
+    if not instance_port and args.publish is not None:
+        instance_port = args.publish
     spec = _record(
         Service,
         "service",
         address=address,
         instancePort=instance_port,
         protocol=args.protocol or "",
+        publish=args.publish or 0,
     )
     selector = _selector(args)
     rule: Rule | None = _record(Rule, "selector", selector=selector) if selector else None
@@ -531,9 +562,53 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
                     f'address {spec.address} is already used by service "{other}": give'
                     f' "{name}" another address, or move or remove "{other}" first'
                 )
+        await _refuse_taken_port(store, name, spec.publish)
         await store.add_service(name, spec)
         if rule is not None:
             await store.set_rule(name, DEFAULT_RULE, rule)
+        return name + "\n"
+
+    return run
+
+
+async def _refuse_taken_port(store: Store, name: str, port: int) -> None:
+    """Raise if another service already publishes ``port`` (naming the one fluxd serves)."""
+    if not port:
+        return
+    claims = sorted(
+        (info.created, other)
+        for other, info in (await store.get_all_services()).items()
+        if other != name and info.spec.publish == port
+    )
+    if claims:
+        other = claims[0][1]
+        raise _CommandError(
+            f'port {port} is already published by service "{other}": publish "{name}" on'
+            f' another port, or unpublish or remove "{other}" first'
+        )
+
+
+def _cmd_publish(args: argparse.Namespace) -> _Run:
+    name = _name(args.name, "service name")
+    port: int = args.port
+
+    async def run(store: Store) -> str:
+        info = await _get_service(store, name)
+        await _refuse_taken_port(store, name, port)
+        if info.spec.publish != port:
+            await store.add_service(name, info.spec.model_copy(update={"publish": port}))
+        return f"{name} {port}\n"
+
+    return run
+
+
+def _cmd_unpublish(args: argparse.Namespace) -> _Run:
+    name = _name(args.name, "service name")
+
+    async def run(store: Store) -> str:
+        info = await _get_service(store, name)
+        if info.spec.publish:
+            await store.add_service(name, info.spec.model_copy(update={"publish": 0}))
         return name + "\n"
 
     return run
@@ -653,13 +728,14 @@ def _cmd_info(args: argparse.Namespace) -> _Run:
         # leaves them out; conflicts are found over every service, even for one.
         services = await store.get_all_services(rules=True, instances=True, known_hosts=True)
         conflicts = _conflicts(services)
+        port_conflicts = _port_conflicts(services)
         hosts = await store.get_hosts()
         if service is not None:
             if service not in services:
                 await _get_service(store, service)  # the error saying why
             services = {service: services[service]}
         if args.output != "json":
-            return _render_info(hosts, services, conflicts)
+            return _render_info(hosts, services, conflicts, port_conflicts)
         return _dump(
             {
                 "hosts": {address: _stored(host) for address, host in hosts.items()},
@@ -672,6 +748,11 @@ def _cmd_info(args: argparse.Namespace) -> _Run:
                         },
                     }
                     | ({"conflict": str(conflicts[name])} if name in conflicts else {})
+                    | (
+                        {"publishConflict": str(port_conflicts[name])}
+                        if name in port_conflicts
+                        else {}
+                    )
                     for name, info in services.items()
                 },
             }
@@ -765,9 +846,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-p", "--protocol", choices=("tcp", "http"), help="tcp (default) or http")
     sub.add_argument(
         "--instance-port", type=_port, metavar="N",
-        help="the port instances listen on (default: the address's port)",
+        help="the port instances listen on (default: the address's port, else the published"
+        " port)",
+    )
+    sub.add_argument(
+        "--publish", type=_port, metavar="PORT",
+        help="publish the service on this port of every fluxd host (its -publish-ip)",
     )
     _add_selector_flags(sub)
+
+    sub = command("publish", _cmd_publish, "publish a service on a port of every fluxd host")
+    sub.add_argument("name", help="the service's name")
+    sub.add_argument("port", type=_port, help="the port (1-65535)")
+
+    sub = command("unpublish", _cmd_unpublish, "stop publishing a service")
+    sub.add_argument("name", help="the service's name")
 
     sub = command("select", _cmd_select, "add or replace a rule selecting containers")
     sub.add_argument("service", help="the service's name")

@@ -156,6 +156,9 @@ def _normalise_ip(text: str) -> str:
 Address = Annotated[str, AfterValidator(_normalise_address)]
 IPText = Annotated[str, AfterValidator(_normalise_ip)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+# A published port as written in a record: a JSON number, never text or a boolean (a
+# record written by another tool with "publish": "80" or true is refused, not guessed at).
+PublishedPort = Annotated[int, Field(strict=True, ge=0, le=65535)]
 
 
 class _Record(BaseModel):
@@ -164,11 +167,17 @@ class _Record(BaseModel):
 
 
 class Service(_Record):
-    """A service's definition (``service/<S>/spec``)."""
+    """A service's definition (``service/<S>/spec``).
+
+    ``publish`` (beyond the original, omitted when 0) is the port every fluxd listens on for
+    the service's clients from outside, at its ``-publish-ip``; a service may have an address,
+    a published port, or both.
+    """
 
     address: Address | None = None
     instance_port: Port = Field(default=0, alias="instancePort")
     protocol: Protocol | Literal[""] = ""
+    publish: PublishedPort = 0
 
     @property
     def effective_protocol(self) -> Protocol:
@@ -268,13 +277,15 @@ _R = TypeVar("_R", bound=BaseModel)
 
 class ConnectionInfo(NamedTuple):
     """A proxied connection, as the metrics see it when it starts and ends (the listener makes
-    one per connection it hands to the relay; a NamedTuple, cheap to build)."""
+    one per connection it hands to the relay; a NamedTuple, cheap to build).  ``entry`` is how
+    the client came in: ``vip`` (the service address) or ``published:PORT``."""
 
     service: str
     protocol: str
     instance: str
     instance_address: str
     client_address: str
+    entry: str = "vip"
 
 
 def encode_record(record: BaseModel) -> str:

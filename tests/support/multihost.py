@@ -17,7 +17,9 @@ Each host runs its own :class:`~tests.support.private_dockerd.PrivateDockerd` an
 (``-host-ip 198.19.0.K -bridge eth0``: listeners bind to the veth's address, so other hosts can
 reach them too).  Instances are busybox containers on ``--net=host`` (the host's namespace),
 so an instance's address is the host's IP and its port.  Clients are sockets the test opens in
-a host namespace (:func:`tests.support.netns.socket_in`), so a test drives and times them directly.
+a host namespace (:func:`tests.support.netns.socket_in`), so a test drives and times them
+directly; a client outside every host (of a published port) opens them in the switch namespace
+(:meth:`Fabric.outside`).
 
 The expensive parts (namespaces, engines, etcd) are built once by :meth:`Fabric.start` and
 shared; :meth:`Fabric.reset` puts them back between tests (links up, every etcd member running,
@@ -62,6 +64,7 @@ __all__ = [
     "Fabric",
     "HostNode",
     "LoadResult",
+    "Outside",
     "vip",
 ]
 
@@ -105,8 +108,8 @@ class ClientLoop:
     a router does, while every request sent after the cut must be served.
     """
 
-    def __init__(self, host: HostNode, address: str, port: int, count: int, seconds: float,
-                 workers: int = 4, pause: float = 0.0) -> None:
+    def __init__(self, host: HostNode | Outside, address: str, port: int, count: int,
+                 seconds: float, workers: int = 4, pause: float = 0.0) -> None:
         self.host = host
         self.address = address
         self.port = port
@@ -179,6 +182,33 @@ class ClientLoop:
                 self._lock.notify_all()
             if self.pause:
                 time.sleep(self.pause)
+
+
+def _http_get(netns: str, address: str, port: int, timeout: float) -> str:
+    """GET / from ``address:port`` from inside ``netns``; the body, or an OSError."""
+    with socket_in(netns) as sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: flux\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 200 " not in status + b" ":
+        raise OSError(f"HTTP status {status.decode(errors='replace')!r}")
+    return body.decode()
+
+
+class Outside:
+    """A client outside every host: sockets in the switch namespace, as a machine on the
+    hosts' network (a load balancer, a browser) would connect to a published port."""
+
+    def __init__(self, fabric: Fabric) -> None:
+        self.netns = fabric.switch
+
+    def http_get(self, address: str, port: int, timeout: float = 5.0) -> str:
+        return _http_get(self.netns, address, port, timeout)
 
 
 class HostNode:
@@ -285,18 +315,7 @@ class HostNode:
 
     def http_get(self, address: str, port: int, timeout: float = 5.0) -> str:
         """GET / from ``address:port`` from inside this host; the body, or an OSError."""
-        with socket_in(self.netns) as sock:
-            sock.settimeout(timeout)
-            sock.connect((address, port))
-            sock.sendall(b"GET / HTTP/1.0\r\nHost: flux\r\n\r\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-        status = head.split(b"\r\n", 1)[0]
-        if b" 200 " not in status + b" ":
-            raise OSError(f"HTTP status {status.decode(errors='replace')!r}")
-        return body.decode()
+        return _http_get(self.netns, address, port, timeout)
 
     def load(self, address: str, port: int, count: int, seconds: float, workers: int = 4,
              pause: float = 0.0) -> LoadResult:
@@ -389,6 +408,10 @@ class Fabric:
     def __getitem__(self, index: int) -> HostNode:
         """Host ``index``, counted from 1 like the addresses."""
         return self.hosts[index - 1]
+
+    def outside(self) -> Outside:
+        """A client in the switch namespace, outside every host."""
+        return Outside(self)
 
     def start(self) -> None:
         """Build everything; engines and etcd start in parallel.  On failure, undo it all."""

@@ -27,6 +27,12 @@ claims over the whole set (:func:`~flux.balancer.services.resolve_conflicts`: th
 created keeps it, on every host alike), and treats the others as absent; each is logged once
 and shown in :meth:`status` as ``conflict``.  When the holder goes or moves, the next update
 hands the address to the next claimant.
+
+Published ports (``-publish-ip``, unless ``none``) follow the same watch: every update goes to
+:class:`~flux.balancer.published.PublishedPorts` too, which keeps a listener per entry point
+with a pool of its own, outside the VIP state machine (a published port needs no iptables rule,
+and a service may be published without an address).  Its listeners are made here, so they take
+the same path as a VIP's: the relay, the connect timeout, balancing and the metrics hooks.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from flux.balancer.coalesce import coalesced
 from flux.balancer.iptables import IPTables
 from flux.balancer.listener import CONNECT_TIMEOUT, Listener
 from flux.balancer.pool import Balance, Pool
+from flux.balancer.published import PublishedPorts
 from flux.balancer.rules import Interception, desired_rules
 from flux.balancer.services import (
     ABSENT,
@@ -92,6 +99,7 @@ class Balancer:
         *,
         bind_ip: Callable[[], str | None],
         bridge: str = "docker0",
+        publish_ip: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         balance: Balance = "random",
         on_connection: Callable[[ConnectionInfo], None] | None = None,
@@ -125,6 +133,16 @@ class Balancer:
         self._relay_started = False
         self._chains_ready = False
         self.snapshots = 0  # reset snapshots applied (for /healthz and tests)
+        # Published ports, when this host is an entry point (-publish-ip is not "none").
+        self.published: PublishedPorts | None = None
+        if publish_ip is not None:
+            self.published = PublishedPorts(
+                publish_ip,
+                self._published_listener,
+                balance=balance,
+                clock=clock,
+                rng=self._rng,
+            )
 
     # -- the plug-in surface the daemon uses ------------------------------------------------
 
@@ -136,6 +154,8 @@ class Balancer:
             listener.close()
         for listener in self._retiring.values():
             listener.close()
+        if self.published is not None:
+            self.published.close()
 
     async def remove_rules(self) -> None:
         await self.iptables.stop()
@@ -147,6 +167,8 @@ class Balancer:
             listener.abort_connecting()
         for listener in self._retiring.values():
             listener.abort_connecting()
+        if self.published is not None:
+            self.published.abort_connecting()
         if self._relay_started:
             await self.relay.close(grace)
 
@@ -182,6 +204,8 @@ class Balancer:
 
     async def apply(self, update: ServiceUpdate) -> None:
         """Bring listeners, pools and rules in line with one watch update."""
+        if self.published is not None:
+            self.published.apply(update)
         views = {name: self._view(name, info) for name, info in update.services.items()}
         wanted = {} if update.reset else dict(self._wanted)
         for name, view in views.items():
@@ -254,6 +278,25 @@ class Balancer:
             log.debug("%s", reason)
             return None
         return ServiceView.from_info(info)
+
+    def _published_listener(
+        self, service: str, protocol: str, port: int, pool: Pool, entry: str
+    ) -> Listener:
+        assert self.published is not None
+        return Listener(
+            service,
+            protocol,
+            self.published.bind_ip,
+            pool,
+            self.relay,
+            connect_timeout=self._connect_timeout,
+            on_connection=self.on_connection,
+            on_done=self.on_done,
+            on_connect_failure=self.on_connect_failure,
+            on_exchange=self.on_exchange,
+            port=port,
+            entry=entry,
+        )
 
     def _new_listener(self, service: str, endpoint: Endpoint, pool: Pool) -> Listener | None:
         assert self._bind_ip is not None
@@ -341,19 +384,7 @@ class Balancer:
             if name in self.listeners:
                 _, listener = self.listeners[name]
                 entry["listener"] = f"{listener.bind_ip}:{listener.port}"
-                entry["instances"] = [
-                    {
-                        "name": h.name,
-                        "address": h.address,
-                        "ready": h.ready,
-                        "failures": h.failures,
-                        "retry_in": None
-                        if h.retry_at is None
-                        else max(0.0, h.retry_at - self._clock()),
-                        "active": h.active,
-                    }
-                    for h in listener.pool.health()
-                ]
+                entry["instances"] = listener.pool.health_report()
             services[name] = entry
         for name, conflict in sorted(self.conflicts.items()):
             services[name] = {
@@ -363,5 +394,18 @@ class Balancer:
                 "conflict": str(conflict),
                 "holder": conflict.holder,
             }
-        return {"services": services, "relay_active": self.relay.active}
+        if self.published is not None:
+            for name, published in self.published.status().items():
+                entry = services.setdefault(
+                    name,
+                    {"state": "published", "address": None, "protocol": None},
+                )
+                entry["published"] = published
+                if entry["protocol"] is None and name in self.published.claims:
+                    entry["protocol"] = self.published.claims[name].protocol
+        return {
+            "services": services,
+            "relay_active": self.relay.active,
+            "publish_ip": None if self.published is None else self.published.bind_ip,
+        }
 

@@ -63,6 +63,17 @@ counted in the next report), not once per retry.
 
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
+
+Published ports
+---------------
+A service's published port (:mod:`flux.balancer.entrypoints`) is a listener like any other,
+bound to ``-publish-ip`` and a fixed port instead of the bridge and an ephemeral one, and
+named by its ``entry`` (``published:PORT``; a VIP's listener is ``vip``), which the metrics
+count connections by.  Everything after the bind is the same path: the engine's shards accept,
+pick and connect, the pool, retries, the descriptor budget.  A fixed port is taken with a plain
+bind first (with ``SO_REUSEADDR``, so a previous run's connections in TIME_WAIT do not hold it)
+and only then by the shards' ``SO_REUSEPORT`` sockets: a port another process holds, even one
+listening with ``SO_REUSEPORT`` itself, fails that bind with EADDRINUSE instead of being shared.
 """
 
 from __future__ import annotations
@@ -286,8 +297,12 @@ class Listener:
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         budget: ConnectionBudget | None = None,
+        port: int = 0,
+        entry: str = "vip",
     ) -> None:
         self.service = service
+        self.entry = entry
+        self._wanted_port = port
         self.protocol = protocol
         self.bind_ip = bind_ip
         self.pool = pool
@@ -320,7 +335,8 @@ class Listener:
         self.port = 0
 
     def open(self) -> int:
-        """Bind and listen on ``bind_ip`` with an ephemeral port; return the port."""
+        """Bind and listen on ``bind_ip`` with the port given (an ephemeral one for 0); return
+        the port.  Raises OSError (EADDRINUSE: the port is taken) with nothing left open."""
         self._loop = asyncio.get_running_loop()
         self._budget.refresh()
         if self._acceptor is not None:
@@ -328,7 +344,7 @@ class Listener:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.bind_ip, 0))
+            sock.bind((self.bind_ip, self._wanted_port))
             sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError:
@@ -350,15 +366,19 @@ class Listener:
         """One listening socket per engine shard on one port (SO_REUSEPORT: the kernel
         spreads new connections over them), handed to the engine to accept on."""
         sockets: list[socket.socket] = []
-        port = 0
+        port = self._wanted_port
         shared = relay.shards > 1
         if shared:
             # The port comes from a plain bind: with SO_REUSEPORT set, the kernel may hand out
             # (under port pressure) a port on which another process of the same user already
             # listens with SO_REUSEPORT, and would then share this service's clients with it.
             # A plain bind takes only a port nobody holds.
+            # A fixed (published) port is checked the same way: with SO_REUSEPORT alone the
+            # shards' bind would succeed beside another process's SO_REUSEPORT listener.
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.bind((self.bind_ip, 0))
+                if port:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.bind_ip, port))
                 port = probe.getsockname()[1]
         try:
             for _ in range(relay.shards):
@@ -378,6 +398,7 @@ class Listener:
                 self,
                 connect_timeout=self._connect_timeout,
                 observers=self._observers if self._on_exchange is not None else None,
+                entry=self.entry,
             )
         except BaseException:
             for sock in sockets:
@@ -397,7 +418,7 @@ class Listener:
     def _observers(self, name: str, address: str, client_ip: str) -> ExchangeObserver:
         assert self._on_exchange is not None
         return self._on_exchange(
-            ConnectionInfo(self.service, self.protocol, name, address, client_ip)
+            ConnectionInfo(self.service, self.protocol, name, address, client_ip, self.entry)
         )
 
     def _pool_changed(self) -> None:
@@ -652,18 +673,24 @@ class Listener:
             if self._sweeper is None:
                 self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
             return
-        log.warning(
-            "%s: no instance could take the connection from %s (tried %d); resetting it",
-            self.service,
-            c.client_ip,
-            len(c.tried),
-        )
+        # A pool with no instance at all is a published port of a service with none live (a
+        # VIP's would have a REJECT rule instead): reset quietly, or any client outside could
+        # fill the log.
+        if c.tried or len(self.pool):
+            log.warning(
+                "%s: no instance could take the connection from %s (tried %d); resetting it",
+                self.service,
+                c.client_ip,
+                len(c.tried),
+            )
         self._drop(c)
 
     def _connect_in_engine(
         self, connector: Connector, c: _Connecting, name: str, address: str, packed: bytes
     ) -> None:
-        info = ConnectionInfo(self.service, self.protocol, name, address, c.client_ip)
+        info = ConnectionInfo(
+            self.service, self.protocol, name, address, c.client_ip, self.entry
+        )
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         c.name, c.address, c.info = name, address, info
         fd = c.take_fd()
@@ -764,7 +791,7 @@ class Listener:
         address: str,
         client_ip: str,
     ) -> None:
-        info = ConnectionInfo(self.service, self.protocol, name, address, client_ip)
+        info = ConnectionInfo(self.service, self.protocol, name, address, client_ip, self.entry)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:
             if self._acceptor is not None and self._sid >= 0:

@@ -393,6 +393,21 @@ class Pool:
 
     # -- status ----------------------------------------------------------------------------
 
+    def health_report(self) -> list[dict[str, object]]:
+        """:meth:`health` as ``/status`` shows it (``retry_in``: seconds until the retry)."""
+        now = self._now()
+        return [
+            {
+                "name": h.name,
+                "address": h.address,
+                "ready": h.ready,
+                "failures": h.failures,
+                "retry_in": None if h.retry_at is None else max(0.0, h.retry_at - now),
+                "active": h.active,
+            }
+            for h in self.health()
+        ]
+
     def health(self) -> list[InstanceHealth]:
         """Every pooled instance with its state, sorted by name (for ``/status``)."""
         return [

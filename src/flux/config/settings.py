@@ -62,6 +62,7 @@ from flux.config.values import (
     parse_host_ip,
     parse_listen,
     parse_optional_text,
+    parse_publish_ip,
     seconds,
     whole,
 )
@@ -206,6 +207,11 @@ OPTIONS: tuple[Option, ...] = (
            f" 1 to {ENGINE_THREADS_MAX}; each has its own epoll loop and its own listening"
            " socket per service",
            default_doc="the number of CPUs fluxd may run on"),
+    Option("publish_ip",           "publish-ip",           "FLUX_PUBLISH_IP",           "string",
+           parse_publish_ip,
+           "IPv4 address to listen on for services' published ports (fluxctl --publish), or"
+           ' "none": this host is not an entry point',
+           default_doc="0.0.0.0 (every address of the host)"),
     Option("etcd_endpoints",       None,                   "ETCD_ADDRESS",         "url[,url...]",
            parse_etcd_endpoints,
            "etcd endpoint URL, or a comma-separated list of them (http:// or https://, with a"
@@ -356,6 +362,9 @@ class Settings(BaseSettings):
     relay: RelayKind = Field(default="splice", validation_alias=env_name("relay"))
     engine_threads: int = Field(
         default_factory=usable_cpus, validation_alias=env_name("engine_threads")
+    )
+    publish_ip: IPv4Address | None = Field(
+        default=IPv4Address("0.0.0.0"), validation_alias=env_name("publish_ip")
     )
     etcd_endpoints: tuple[EtcdEndpoint, ...] = Field(
         default=parse_etcd_endpoints(DEFAULT_ETCD_ADDRESS),

@@ -41,6 +41,7 @@ __all__ = [
     "parse_host_ip",
     "parse_listen",
     "parse_optional_text",
+    "parse_publish_ip",
     "seconds",
     "whole",
 ]
@@ -105,6 +106,31 @@ def parse_host_ip(raw: object) -> IPv4Address:
     if address.is_unspecified:
         raise ValueError("0.0.0.0 is not an address other hosts can reach")
     if address.is_multicast or address == IPv4Address("255.255.255.255"):
+        raise ValueError("not a unicast address")
+    return address
+
+
+def parse_publish_ip(raw: object) -> IPv4Address | None:
+    """Where published ports listen: an IPv4 address (0.0.0.0 for every address of the host),
+    or None for ``none`` (or an empty flag value): this host is not an entry point."""
+    if raw is None or isinstance(raw, IPv4Address):
+        address = raw
+    elif isinstance(raw, str):
+        if raw.strip().lower() in ("", "none"):
+            return None
+        try:
+            address = IPv4Address(raw)
+        except ValueError:
+            try:
+                ipaddress.IPv6Address(raw)
+            except ValueError:
+                raise ValueError('not an IP address or "none"') from None
+            raise ValueError("IPv6 is not supported; give an IPv4 address") from None
+    else:
+        raise ValueError('not an IP address or "none"')
+    if address is not None and (
+        address.is_multicast or address == IPv4Address("255.255.255.255")
+    ):
         raise ValueError("not a unicast address")
     return address
 

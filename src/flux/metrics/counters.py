@@ -21,6 +21,12 @@ under the engine's own counter names, whatever they are: its events as
 ``flux_engine_events_total{event}``, its levels as ``flux_engine_levels{level}`` (the engine
 says which is which), so a counter the engine gains appears without an edit here.
 
+Connections are also counted per entry point (``flux_entry_connections_total{service,entry}``:
+``entry="vip"`` for the service address, ``entry="published:PORT"`` for a published port), in a
+family of their own rather than as a label of ``flux_connections_total``: that family's labels
+are the original's, and a client's connection comes in by one entry point whatever its
+instance, so the per-entry count needs no client or instance labels.
+
 Labels are those of the original (reference §4.9) plus ``service``: ``individual`` is the
 instance name (the container ID), ``src`` the client's IP, ``dst`` the instance's IP without
 its port.  Label sets are never forgotten (as in the original): a series for an instance that
@@ -293,6 +299,8 @@ class Metrics:
         # One scratch histogram for every summary's scrape-time merge (all on one thread).
         self._scratch = scratch_histogram(summary_digits)
         self.connections: dict[tuple[str, str, str, str, str], int] = {}
+        # Connections by (service, entry point): flux_entry_connections_total.
+        self.entries: dict[tuple[str, str], int] = {}
         self.bytes: dict[tuple[str, str], int] = {}
         self.active: dict[str, int] = {}
         self.connect_failures: dict[tuple[str, str], int] = {}
@@ -333,6 +341,8 @@ class Metrics:
             info.service,
         )
         self.connections[key] = self.connections.get(key, 0) + 1
+        entry = (info.service, info.entry)
+        self.entries[entry] = self.entries.get(entry, 0) + 1
         self.active[info.service] = self.active.get(info.service, 0) + 1
 
     def on_done(self, info: ConnectionInfo, result: RelayResult) -> None:
@@ -373,6 +383,14 @@ class Metrics:
             for key2, n in counts.rejected.items():
                 rejected[key2] = rejected.get(key2, 0) + n
         return connections, byte_counts, active, rejected
+
+    def entry_totals(self) -> dict[tuple[str, str], int]:
+        """Connections by (service, entry point): this object's counts plus the engine's."""
+        entries = dict(self.entries)
+        for source in self.counters:
+            for key, n in source().entries.items():
+                entries[key] = entries.get(key, 0) + n
+        return entries
 
     def engine_counters(self) -> RelayCounters:
         """The relays' own counters (:attr:`relay_counters`), summed by name."""
@@ -532,6 +550,8 @@ class FluxCollector(Collector):
         connections, byte_counts, actives, rejected = m.totals()
         for connection, count in connections.items():
             f.connections.add_metric(connection, count)
+        for entry, count in m.entry_totals().items():
+            f.entries.add_metric(entry, count)
         for direction, count in byte_counts.items():
             f.bytes.add_metric(direction, count)
         for service, active in actives.items():
@@ -605,6 +625,12 @@ class _Families:
             "flux_connections_total",
             "Connections proxied to an instance, counted once when handed to the relay.",
             labels=CONNECTION_LABELS,
+        )
+        self.entries = CounterMetricFamily(
+            "flux_entry_connections_total",
+            "Connections proxied to an instance, by the entry point they came in by: vip (the"
+            " service address) or published:PORT.",
+            labels=("service", "entry"),
         )
         self.bytes = CounterMetricFamily(
             "flux_bytes_total",
@@ -700,6 +726,7 @@ class _Families:
     def all(self) -> list[Metric]:
         return [
             self.connections,
+            self.entries,
             self.bytes,
             self.active,
             self.connect_failures,

@@ -161,12 +161,14 @@ class EngineCounts(NamedTuple):
     :meth:`Acceptor.counts`): ``connections`` by (service, protocol, instance, instance
     address, client IP); ``bytes`` by (service, "to_instance" | "to_client"), of every
     connection relayed for a service; ``active`` by service and ``rejected`` by (service,
-    status) for the connections the engine accepted itself."""
+    status) for the connections the engine accepted itself; ``entries`` the connections it
+    accepted and connected by (service, entry point: ``vip`` or ``published:PORT``)."""
 
     connections: dict[tuple[str, str, str, str, str], int]
     bytes: dict[tuple[str, str], int]
     active: dict[str, int]
     rejected: dict[tuple[str, str], int]
+    entries: dict[tuple[str, str], int]
 
 
 class RelayCounters(NamedTuple):
@@ -295,9 +297,11 @@ class Acceptor(Protocol):
         *,
         connect_timeout: float,
         observers: ObserverFactory | None = None,
+        entry: str = "vip",
     ) -> int:
         """Accept ``service``'s clients on ``sockets`` (now the relay's); ``handler`` gets
-        what is unusual.  Returns the service's id, which the other methods take."""
+        what is unusual; ``entry`` names the entry point they come in by, for the counts.
+        Returns the service's id, which the other methods take."""
 
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""

@@ -126,6 +126,7 @@ class SpliceRelay:
         self._flusher: asyncio.TimerHandle | None = None
         # Services the engine accepts for (ids live as long as the relay: counters stay).
         self._services: list[tuple[str, str]] = [("", "")]  # id -> (service, protocol)
+        self._entries: dict[int, str] = {}  # id -> entry point ("vip", "published:PORT")
         self._accepting: dict[int, AcceptHandler] = {}
         self._observer_factories: dict[int, ObserverFactory] = {}
         self._label_observers: dict[tuple[int, int, int], ExchangeObserver] = {}
@@ -256,6 +257,7 @@ class SpliceRelay:
         *,
         connect_timeout: float,
         observers: ObserverFactory | None = None,
+        entry: str = "vip",
     ) -> int:
         """Let the engine accept ``service``'s clients: one listening socket per shard (all
         bound to the same port with SO_REUSEPORT), detached here; returns the id that
@@ -266,6 +268,7 @@ class SpliceRelay:
             raise ValueError(f"need one listening socket per shard ({len(self._engines)})")
         sid = len(self._services)
         self._services.append((service, protocol))
+        self._entries[sid] = entry
         self._accepting[sid] = handler
         if observers is not None:
             self._observer_factories[sid] = observers
@@ -333,9 +336,11 @@ class SpliceRelay:
         byte_counts: dict[tuple[str, str], int] = {}
         active: dict[str, int] = {}
         rejected: dict[tuple[str, str], int] = {}
+        entries: dict[tuple[str, str], int] = {}
         instances = self._instances
         for sid in range(1, len(self._services)):
             service, protocol = self._services[sid]
+            entry = (service, self._entries[sid])
             up = down = live = 0
             answered = [0, 0, 0]
             for engine in self._engines:
@@ -349,13 +354,14 @@ class SpliceRelay:
                     name, address = instances[iid]
                     key = (service, protocol, name, address, _ipv4(ip))
                     connections[key] = connections.get(key, 0) + n
+                    entries[entry] = entries.get(entry, 0) + n
             for direction, n in (("to_instance", up), ("to_client", down)):
                 byte_counts[(service, direction)] = byte_counts.get((service, direction), 0) + n
             active[service] = active.get(service, 0) + live
             for code, n in zip(("400", "431", "408"), answered, strict=True):
                 if n:
                     rejected[(service, code)] = rejected.get((service, code), 0) + n
-        return EngineCounts(connections, byte_counts, active, rejected)
+        return EngineCounts(connections, byte_counts, active, rejected, entries)
 
     def engine_counters(self) -> RelayCounters:
         """Every counter in the engine's table (``RELAY_COUNTERS``), summed over the shards:

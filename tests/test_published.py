@@ -1,0 +1,281 @@
+"""Published ports on one host: a real fluxd, real clients and backends, the session's etcd.
+
+Each test runs its own fluxd (``-host-ip 127.0.0.1 -bridge lo``, its own chain, metrics on a
+free loopback port) with ``-publish-ip`` on a random loopback address (127.44.0.0/16): a
+published port is never bound to anything but loopback here.  Services and instances are
+written as another host would (tests/support/other_host.py: host 127.0.0.2 on its own lease);
+the instances are tests/support/http_backend.py servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flux.balancer.balancer import Balancer
+from flux.config import load_or_exit
+from flux.daemon import _build_plugins
+from flux.model import Service
+from flux.store.memory import MemoryStore
+from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import HOST, Fluxd, http_get, wait_until
+from tests.support.http_backend import HttpBackend
+from tests.support.other_host import OtherHost, random_loopback_vip, rules_for
+
+REQUESTS = 20  # per load loop: every loop here is bounded
+HELLO = "hello from the backend\n"  # what the backend answers on /
+
+
+def free_port(ip: str = HOST) -> int:
+    with socket.socket() as sock:
+        sock.bind((ip, 0))
+        return int(sock.getsockname()[1])
+
+
+def publish_ip() -> str:
+    return f"127.44.{secrets.randbelow(200) + 20}.{secrets.randbelow(250) + 1}"
+
+
+class Published:
+    """A fluxd with published ports on ``ip``, and what the tests ask of it."""
+
+    def __init__(self, daemon: Fluxd, ip: str, metrics_port: int, host: OtherHost) -> None:
+        self.daemon = daemon
+        self.ip = ip
+        self.metrics_port = metrics_port
+        self.host = host
+
+    def service(self, name: str, **spec: object) -> None:
+        self.host.call(self.host.store.add_service(name, Service.model_validate(spec)))
+
+    def remove(self, name: str) -> None:
+        self.host.call(self.host.store.remove_service(name))
+
+    def status(self) -> dict[str, object]:
+        document = json.loads(http_get(f"http://{HOST}:{self.metrics_port}/status"))
+        services: dict[str, object] = document["balancer"]["services"]
+        return services
+
+    def published(self, name: str) -> dict[str, object]:
+        entry = self.status().get(name)
+        return {} if not isinstance(entry, dict) else entry.get("published", {})
+
+    def wait_state(self, name: str, state: str, timeout: float = 15.0) -> dict[str, object]:
+        wait_until(
+            lambda: self.published(name).get("state") == state
+            or self.daemon.process.poll() is not None,
+            timeout,
+            f"service {name}'s published port to be {state}",
+        )
+        assert self.daemon.process.poll() is None, "\n".join(self.daemon.lines[-30:])
+        return self.published(name)
+
+    def total(self, name: str, **labels: str) -> float:
+        text = http_get(f"http://{HOST}:{self.metrics_port}/metrics")
+        wanted = set(labels.items())
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and wanted <= set(sample.labels.items())
+        )
+
+    def get(self, port: int, path: str = "/", ip: str | None = None) -> str:
+        return http_get(f"http://{ip or self.ip}:{port}{path}")
+
+
+@pytest.fixture
+def backends() -> Iterator[list[HttpBackend]]:
+    made = [HttpBackend(), HttpBackend()]
+    yield made
+    for backend in made:
+        backend.close()
+
+
+@pytest.fixture
+def published(
+    request: pytest.FixtureRequest,
+    etcd: EtcdServer,
+    fluxd_factory: Callable[..., Fluxd],
+    other_host: OtherHost,
+) -> Published:
+    """A fluxd publishing on a random loopback address (``request.param``: more flags)."""
+    ip = publish_ip()
+    metrics_port = free_port()
+    extra: tuple[str, ...] = getattr(request, "param", ())
+    daemon = fluxd_factory(
+        "-host-ttl", "10", "-listen-prometheus", f"{HOST}:{metrics_port}", "-publish-ip", ip,
+        *extra,
+    )
+    daemon.wait_logged("installed (nat and filter)")
+    return Published(daemon, ip, metrics_port, other_host)
+
+
+def reset(ip: str, port: int) -> bool:
+    """A GET to ``ip:port`` is answered by a reset (or a close) without a byte."""
+    try:
+        with socket.create_connection((ip, port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def refused(ip: str, port: int) -> bool:
+    """Nothing listens on ``ip:port`` (a reset: a listener closing with this client queued)."""
+    try:
+        socket.create_connection((ip, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+    return False
+
+
+# The engine accepting on two shards (SO_REUSEPORT), on one, and the Python relay's own accept.
+@pytest.mark.parametrize(
+    "published",
+    [(), ("-engine-threads", "1"), ("-relay", "python")],
+    ids=["engine", "one-shard", "python-relay"],
+    indirect=True,
+)
+def test_a_published_port_reaches_the_instances_with_retries_and_counts_per_entry_point(
+    published: Published, backends: list[HttpBackend]
+) -> None:
+    web_port, both_port = free_port(published.ip), free_port(published.ip)
+    vip = random_loopback_vip()
+    published.service("web", publish=web_port, instancePort=80, protocol="http")
+    published.service("both", address=f"{vip}:80", publish=both_port, protocol="http")
+    # No live instance yet: the port is open and resets its clients, without a line for each.
+    published.wait_state("web", "listening")
+    for _ in range(3):
+        assert reset(published.ip, web_port)
+    assert not published.daemon.logged("no instance could take the connection")
+    # web's second instance is a port nobody listens on: connects to it fail and are retried.
+    dead = f"127.0.0.2:{free_port('127.0.0.2')}"
+    published.host.add_instance("web", "web-1", backends[0].address)
+    published.host.add_instance("web", "web-dead", dead)
+    published.host.add_instance("both", "both-1", backends[1].address)
+    assert published.wait_state("web", "listening")["listener"] == f"{published.ip}:{web_port}"
+    published.wait_state("both", "listening")
+    wait_until(lambda: rules_for(published.daemon.chain, vip, "DNAT"), 15, "both's DNAT rule")
+    wait_until(
+        lambda: len(published.published("web").get("instances", [])) == 2, 10, "both instances"
+    )
+
+    for _ in range(REQUESTS):
+        assert published.get(web_port) == HELLO
+    assert backends[0].requests == REQUESTS
+    assert published.total("flux_connect_failures_total", service="web") >= 1
+    entry = f"published:{web_port}"
+    assert published.total("flux_entry_connections_total", service="web", entry=entry) == REQUESTS
+    assert published.total("flux_entry_connections_total", service="web", entry="vip") == 0
+    assert published.total("flux_connections_total", service="web") == REQUESTS
+    assert published.total("flux_http_total", service="web", code="200") == REQUESTS
+
+    # A service with both: each entry point reaches the same instances and is counted apart.
+    for _ in range(3):
+        assert published.get(both_port) == HELLO
+    assert http_get(f"http://{vip}/") == HELLO
+    assert backends[1].requests == 4
+    both = f"published:{both_port}"
+    assert published.total("flux_entry_connections_total", service="both", entry=both) == 3
+    assert published.total("flux_entry_connections_total", service="both", entry="vip") == 1
+    # Only -publish-ip: the port is not open on the host's other loopback addresses.
+    assert refused("127.0.0.1", web_port)
+
+    # Unpublished: the port closes; published again, it opens again.
+    published.service("web", instancePort=80, protocol="http")
+    wait_until(lambda: refused(published.ip, web_port), 15, "the unpublished port to close")
+    assert "web" not in published.status()
+    published.service("web", publish=web_port, instancePort=80, protocol="http")
+    published.wait_state("web", "listening")
+    assert published.get(web_port) == HELLO
+
+
+def test_a_busy_port_is_logged_once_retried_and_leaves_other_services_alone(
+    published: Published, backends: list[HttpBackend]
+) -> None:
+    busy_port, ok_port = free_port(published.ip), free_port(published.ip)
+    holder = socket.create_server((published.ip, busy_port))
+    try:
+        published.service("busy", publish=busy_port, instancePort=80)
+        published.service("ok", publish=ok_port, instancePort=80)
+        published.host.add_instance("busy", "busy-1", backends[0].address)
+        published.host.add_instance("ok", "ok-1", backends[1].address)
+        line = f"service busy: cannot publish port {busy_port} on {published.ip}:"
+        published.daemon.wait_logged(line)
+        state = published.wait_state("busy", "busy")
+        assert "Address already in use" in str(state["error"])
+        published.wait_state("ok", "listening")
+        for _ in range(REQUESTS):
+            assert published.get(ok_port) == HELLO
+        time.sleep(2)  # retries go on (0.5 s, 1 s, ...) without another line
+        assert sum(line in entry for entry in published.daemon.lines) == 1
+        assert published.published("busy")["state"] == "busy"
+        assert backends[0].requests == 0
+    finally:
+        holder.close()
+    published.wait_state("busy", "listening", timeout=20)
+    published.daemon.wait_logged(f"service busy: published port {busy_port} on {published.ip}")
+    assert published.get(busy_port) == HELLO
+    assert backends[0].requests == 1
+
+
+def test_two_services_on_one_port_the_first_created_wins_and_bad_records_are_skipped(
+    published: Published, backends: list[HttpBackend], etcd: EtcdServer
+) -> None:
+    port = free_port(published.ip)
+    # Written by other tools: fluxctl refuses the second claim up front.
+    published.service("first", publish=port, instancePort=80)
+    published.service("second", publish=port, instancePort=80)
+    published.host.add_instance("first", "first-1", backends[0].address)
+    published.host.add_instance("second", "second-1", backends[1].address)
+    published.wait_state("first", "listening")
+    conflict = published.wait_state("second", "conflict")
+    assert conflict["conflict"] == f"port {port} is also published by service first"
+    assert conflict["holder"] == "first"
+    line = f"service second: port {port} is also published by service first, which claimed it"
+    published.daemon.wait_logged(line)
+    for _ in range(3):
+        assert published.get(port) == HELLO
+    assert (backends[0].requests, backends[1].requests) == (3, 0)
+
+    # A bad published port written by another tool: one line, and nothing else changes.
+    etcd.put("/weave-flux/service/odd/spec", json.dumps({"publish": "8080"}))
+    bad = "skipping service 'odd': /weave-flux/service/odd/spec: publish: Input should be"
+    published.daemon.wait_logged(bad)
+    assert published.get(port) == HELLO
+
+    # The holder goes: the other takes the port over.
+    published.remove("first")
+    published.wait_state("second", "listening")
+    assert published.get(port) == HELLO
+    assert backends[1].requests == 1
+    assert sum(line in entry for entry in published.daemon.lines) == 1
+    assert sum(bad in entry for entry in published.daemon.lines) == 1
+    assert published.daemon.logged(f"service second: no longer refused port {port}")
+
+
+@pytest.mark.parametrize(
+    ("value", "bind_ip"), [("none", None), ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "0.0.0.0")]
+)
+def test_publish_ip_decides_whether_and_where_the_balancer_publishes(
+    value: str, bind_ip: str | None
+) -> None:
+    # Built, never started: nothing is bound here, whatever the value.
+    parsed = load_or_exit(["-host-ip", HOST, "-bridge", "lo", "-publish-ip", value], {})
+    assert parsed.settings is not None
+    plugins = _build_plugins(parsed.settings, MemoryStore())
+    (balancer,) = [plugin for plugin in plugins if isinstance(plugin, Balancer)]
+    if bind_ip is None:
+        assert balancer.published is None
+        assert balancer.status()["publish_ip"] is None
+    else:
+        assert balancer.published is not None and balancer.published.bind_ip == bind_ip
