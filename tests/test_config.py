@@ -111,6 +111,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.relay == "splice"
     assert s.engine_threads == len(os.sched_getaffinity(0))
     assert s.publish_ip == IPv4Address("0.0.0.0")
+    assert s.metrics_max_clients == 100
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)
     assert s.docker_host == "unix:///var/run/docker.sock"
     assert s.etcd_ca_file is None and s.etcd_cert_file is None and s.etcd_key_file is None
@@ -179,6 +180,9 @@ FLAG_CASES = [
     ("publish-ip", "0.0.0.0", "publish_ip", IPv4Address("0.0.0.0"), []),
     ("publish-ip", "none", "publish_ip", None, []),
     ("publish-ip", "None", "publish_ip", None, []),
+    ("metrics-max-clients", "0", "metrics_max_clients", 0, []),
+    ("metrics-max-clients", "1000", "metrics_max_clients", 1000, []),
+    ("metrics-max-clients", "100000", "metrics_max_clients", 100000, []),
 ]
 
 
@@ -269,6 +273,7 @@ ENV_CASES = [
     ("FLUX_ENGINE_THREADS", "3", "engine_threads", 3),
     ("FLUX_PUBLISH_IP", "10.1.2.3", "publish_ip", IPv4Address("10.1.2.3")),
     ("FLUX_PUBLISH_IP", "none", "publish_ip", None),
+    ("FLUX_METRICS_MAX_CLIENTS", "250", "metrics_max_clients", 250),
     (
         "ETCD_ADDRESS",
         "http://10.0.0.1:2379",
@@ -630,6 +635,7 @@ def test_host_port_renders_ipv6_with_brackets() -> None:
 # ---------------------------------------------------------------------------------------------
 # Bad values: one line naming the flag or variable and the value
 
+MAX_CLIENTS_REASON = "must be a whole number of client addresses from 0 to 100000"
 CHAIN_REASON = "not an iptables chain name (1-28 of A-Z a-z 0-9 _ -, not starting with '-')"
 BRIDGE_REASON = "not an interface name (1-15 printable characters, no '/', ':' or spaces)"
 TTL_REASON = "must be a whole number of seconds from 1 to 3600"
@@ -674,6 +680,10 @@ BAD_FLAG_VALUES = [
     ("publish-ip", "::", "IPv6 is not supported; give an IPv4 address"),
     ("publish-ip", "224.0.0.1", "not a unicast address"),
     ("publish-ip", "255.255.255.255", "not a unicast address"),
+    ("metrics-max-clients", "-1", MAX_CLIENTS_REASON),
+    ("metrics-max-clients", "100001", MAX_CLIENTS_REASON),
+    ("metrics-max-clients", "many", MAX_CLIENTS_REASON),
+    ("metrics-max-clients", "1e3", MAX_CLIENTS_REASON),
     ("chain", "", CHAIN_REASON),
     ("chain", "x" * 29, CHAIN_REASON),
     ("chain", "-X", CHAIN_REASON),
@@ -1196,6 +1206,7 @@ def valid_raw_settings(draw: st.DrawFn) -> dict[str, str]:
         "balance": st.sampled_from(["random", "p2c"]),
         "relay": st.sampled_from(["splice", "python"]),
         "publish_ip": st.sampled_from(["none", "0.0.0.0", "127.0.0.1", "192.0.2.7"]),
+        "metrics_max_clients": st.integers(0, 100_000).map(str),
     }  # fmt: skip
     for field, strategy in optional.items():
         if draw(st.booleans()):

@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_ETCD_ADDRESS",
     "ENGINE_THREADS_MAX",
     "ERROR_CHECKS",
+    "METRICS_MAX_CLIENTS_LIMIT",
     "OPTIONS",
     "WARNING_CHECKS",
     "CrossCheck",
@@ -96,6 +97,8 @@ __all__ = [
 DEFAULT_ETCD_ADDRESS = "http://127.0.0.1:2379"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 ENGINE_THREADS_MAX = 256
+# Each named client costs a few label sets per service (a summary pair per HTTP label set).
+METRICS_MAX_CLIENTS_LIMIT = 100_000
 
 NetworkMode = Literal["local", "global"]
 Balance = Literal["random", "p2c"]
@@ -212,6 +215,11 @@ OPTIONS: tuple[Option, ...] = (
            "IPv4 address to listen on for services' published ports (fluxctl --publish), or"
            ' "none": this host is not an entry point',
            default_doc="0.0.0.0 (every address of the host)"),
+    Option("metrics_max_clients",  "metrics-max-clients",  "FLUX_METRICS_MAX_CLIENTS",  "int",
+           whole(0, METRICS_MAX_CLIENTS_LIMIT, "client addresses"),
+           "how many distinct client addresses each service's metrics name in their src label,"
+           f' 0 to {METRICS_MAX_CLIENTS_LIMIT}; connections from any other client are counted'
+           ' under src="other"'),
     Option("etcd_endpoints",       None,                   "ETCD_ADDRESS",         "url[,url...]",
            parse_etcd_endpoints,
            "etcd endpoint URL, or a comma-separated list of them (http:// or https://, with a"
@@ -365,6 +373,9 @@ class Settings(BaseSettings):
     )
     publish_ip: IPv4Address | None = Field(
         default=IPv4Address("0.0.0.0"), validation_alias=env_name("publish_ip")
+    )
+    metrics_max_clients: int = Field(
+        default=100, validation_alias=env_name("metrics_max_clients")
     )
     etcd_endpoints: tuple[EtcdEndpoint, ...] = Field(
         default=parse_etcd_endpoints(DEFAULT_ETCD_ADDRESS),
