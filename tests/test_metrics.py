@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
+import random
 import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -39,6 +43,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from flux._splice import HTTP_ERROR_RESPONSES, RELAY_COUNTERS, RELAY_LEVELS
 from flux.balancer.balancer import Balancer
 from flux.balancer.iptables import IPTables
+from flux.balancer.listener import ConnectionBudget, Listener
+from flux.balancer.pool import Pool
 from flux.config import Settings
 from flux.daemon import _build_plugins
 from flux.metrics import (
@@ -62,6 +68,8 @@ from flux.metrics.summary import SUMMARY_HIGHEST_US
 from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
 from flux.relay import (
     HTTP_CUT_SIDES,
+    OTHER_CLIENT,
+    EngineCounts,
     GrpcCall,
     PythonRelay,
     RelayCounters,
@@ -1160,6 +1168,252 @@ def test_requests_answered_by_fluxd_are_counted_per_code() -> None:
     assert value("flux_http_rejected_total", {"service": "web", "code": "431"}) == 1.0
     assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
     assert value("flux_http_rejected_total", {"service": "web", "code": "0"}) is None
+
+
+def test_requests_answered_by_fluxd_are_counted_per_entry_point() -> None:
+    metrics = Metrics()
+    vip = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.0.0.9")
+    published = vip._replace(entry="published:8080")
+    for info, answered in ((vip, 400), (published, 400), (published, 408), (published, 0)):
+        metrics.on_connection(info)
+        metrics.on_done(info, RelayResult(10, 20, None, 0.1, answered))
+    # The engine's own answers come per entry point as well, and add up with these.
+    engine = EngineCounts({}, {}, {}, {("web", "published:8080", "400"): 3}, {})
+    metrics.counters.append(lambda: engine)
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    value = registry.get_sample_value
+    answered = "flux_entry_answered_total"
+    assert value(answered, {"service": "web", "entry": "vip", "code": "400"}) == 1.0
+    assert value(answered, {"service": "web", "entry": "published:8080", "code": "400"}) == 4.0
+    assert value(answered, {"service": "web", "entry": "published:8080", "code": "408"}) == 1.0
+    assert value(answered, {"service": "web", "entry": "vip", "code": "408"}) is None
+    assert value("flux_http_rejected_total", {"service": "web", "code": "400"}) == 5.0
+    assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
+
+
+# -- client addresses: at most max_clients per service -------------------------------------------
+
+
+def src_values(registry: CollectorRegistry, family: str, service: str) -> set[str]:
+    return {
+        sample.labels["src"]
+        for metric in registry.collect()
+        if metric.name == family
+        for sample in metric.samples
+        if sample.labels.get("service") == service
+    }
+
+
+def test_clients_beyond_max_clients_are_folded_into_other_per_service() -> None:
+    metrics = Metrics(clock=FakeClock(), max_clients=3)
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    clients = [f"192.0.2.{i}" for i in range(1, 8)]
+    for client in clients + clients[:2]:  # the first two come back once named
+        info = conn(client=client, protocol="http")
+        metrics.on_connection(info)
+        metrics.record_exchange(info, "GET", 200, 100, 200)
+        metrics.on_done(info, RelayResult(1, 2, None, 0.1))
+    # Another service names its own first clients, whatever "web" named.
+    metrics.on_connection(conn(service="db", client=clients[6]))
+    named = {"192.0.2.1", "192.0.2.2", "192.0.2.3"}
+    for family in ("flux_connections", "flux_http", "flux_http_roundtrip_usec",
+                   "flux_http_total_usec"):
+        assert src_values(registry, family, "web") == named | {"other"}, family
+    assert src_values(registry, "flux_connections", "db") == {"192.0.2.7"}
+    labels = {"individual": "c0ffee", "dst": "10.0.0.2", "protocol": "http", "service": "web"}
+    count = registry.get_sample_value
+    assert count("flux_connections_total", {**labels, "src": "192.0.2.1"}) == 2
+    assert count("flux_connections_total", {**labels, "src": "other"}) == 4
+    http = {"individual": "c0ffee", "dst": "10.0.0.2", "method": "GET", "code": "200",
+            "service": "web"}  # fmt: skip
+    assert count("flux_http_total", {**http, "src": "other"}) == 4
+    assert count("flux_http_roundtrip_usec_count", {**http, "src": "other"}) == 4
+    # Every connection is still counted: folding moves counts, it loses none.
+    total = sum(
+        count("flux_connections_total", {**labels, "src": src}) or 0.0
+        for src in named | {"other"}
+    )
+    assert total == 9
+
+
+def test_engine_tallies_are_folded_into_the_same_clients() -> None:
+    """The engine's clients (and its own "other") share the service's set with the Python
+    path's: a client the engine named after the set filled up is counted as other."""
+    metrics = Metrics(max_clients=2)
+    metrics.on_connection(conn(client="192.0.2.1"))
+    engine = EngineCounts(
+        {
+            ("web", "tcp", "c0ffee", "10.0.0.2:8080", "192.0.2.1"): 5,
+            ("web", "tcp", "c0ffee", "10.0.0.2:8080", "192.0.2.2"): 1,
+            ("web", "tcp", "c0ffee", "10.0.0.2:8080", "192.0.2.3"): 2,
+            ("web", "tcp", "c0ffee", "10.0.0.2:8080", OTHER_CLIENT): 7,
+        },
+        {}, {}, {}, {},
+    )  # fmt: skip
+    metrics.counters.append(lambda: engine)
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    labels = {"individual": "c0ffee", "dst": "10.0.0.2", "protocol": "tcp", "service": "web"}
+    count = registry.get_sample_value
+    assert src_values(registry, "flux_connections", "web") == {"192.0.2.1", "192.0.2.2", "other"}
+    assert count("flux_connections_total", {**labels, "src": "192.0.2.1"}) == 6
+    assert count("flux_connections_total", {**labels, "src": "192.0.2.2"}) == 1
+    assert count("flux_connections_total", {**labels, "src": "other"}) == 9
+    # A second scrape counts the same, with the same names.
+    assert count("flux_connections_total", {**labels, "src": "other"}) == 9
+
+
+def test_max_clients_zero_names_no_client() -> None:
+    metrics = Metrics(max_clients=0)
+    metrics.on_connection(conn())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    assert src_values(registry, "flux_connections", "web") == {"other"}
+
+
+def test_100000_distinct_clients_leave_memory_flat() -> None:
+    """100,000 client addresses, each with a connection and an HTTP exchange: once the first
+    thousand have filled the service's names and its "other" label sets, the other 99,000
+    allocate nothing that stays (tracemalloc) and the process's RSS does not grow by more than
+    what a few label sets would cost."""
+    metrics = Metrics(clock=FakeClock())
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+
+    def clients(first: int, last: int) -> None:
+        for i in range(first, last):
+            info = conn(client=f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", protocol="http")
+            metrics.on_connection(info)
+            metrics.record_exchange(info, "GET", 200, 100 + i % 1000, 200 + i % 1000)
+            metrics.on_done(info, RelayResult(10, 20, None, 0.01))
+
+    clients(0, 1000)
+    generate_latest(registry)
+    tracemalloc.start()
+    try:
+        rss_before = rss_bytes()
+        before = tracemalloc.take_snapshot()
+        clients(1000, 100_000)
+        generate_latest(registry)
+        after = tracemalloc.take_snapshot()
+        rss_after = rss_bytes()
+    finally:
+        tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown < 64 * 1024, after.compare_to(before, "lineno")[:10]
+    assert rss_after - rss_before < 4 * 1024 * 1024, (rss_before, rss_after)
+    assert len(metrics.clients["web"]) == 100
+    assert len(src_values(registry, "flux_connections", "web")) == 101
+    assert len(src_values(registry, "flux_http_roundtrip_usec", "web")) == 101
+    assert len(metrics.exchanges) == 101
+    other = {"individual": "c0ffee", "dst": "10.0.0.2", "protocol": "http", "service": "web",
+             "src": "other"}  # fmt: skip
+    assert registry.get_sample_value("flux_connections_total", other) == 99_900
+
+
+def loopback_clients(count: int) -> Iterator[str]:
+    """``count`` distinct addresses of 127.0.0.0/8 (every one is this host's, on lo), from
+    127.2.0.1 on, skipping .0 and the last octets above 250."""
+    produced = 0
+    for second in range(2, 255):
+        for third in range(256):
+            for fourth in range(1, 251):
+                if produced == count:
+                    return
+                yield f"127.{second}.{third}.{fourth}"
+                produced += 1
+
+
+async def test_100000_real_client_addresses_through_the_engine_leave_memory_flat() -> None:
+    """100,000 clients, each from its own address of 127.0.0.0/8, connect through a listener
+    whose engine accepts them (two shards) to an instance: every connection is counted, under
+    at most 100 named client addresses and "other", the engine's tallies stay bounded, and the
+    process's RSS is about what it was after the first 2,000 (loopback only; 500 connections at
+    a time, each closed with a reset, so nothing lingers in TIME_WAIT)."""
+    total, batch = 100_000, 500
+    relay = SpliceRelay(shards=2, max_clients=100)
+    await relay.start()
+    metrics = Metrics(max_clients=100)
+    metrics.sources.append(relay.flush)
+    metrics.counters.append(relay.counts)
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    instance = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    held: list[socket.socket] = []
+    accepting = threading.Event()
+    accepting.set()
+
+    def accept_forever() -> None:  # the instance: takes connections, keeps them until told
+        instance.settimeout(0.2)
+        while accepting.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(instance.accept()[0])
+
+    acceptor = threading.Thread(target=accept_forever, daemon=True)
+    acceptor.start()
+    loop = asyncio.get_running_loop()
+    pool = Pool(now=loop.time, rng=random.Random(9))
+    pool.update({"c0ffee": f"127.0.0.1:{instance.getsockname()[1]}"})
+    # A client handed over before the engine has the pool goes the Python way: counted there.
+    listener = Listener("edge", "tcp", "127.0.0.1", pool, relay, connect_timeout=5.0,
+                        budget=ConnectionBudget(), on_connection=metrics.on_connection,
+                        on_done=metrics.on_done)  # fmt: skip
+    port = listener.open()
+    addresses = loopback_clients(total)
+    rss_warm = 0
+    try:
+        for done in range(0, total, batch):
+            clients = []
+            for address in itertools.islice(addresses, batch):
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.bind((address, 0))
+                client.connect(("127.0.0.1", port))
+                clients.append(client)
+            deadline = time.monotonic() + 20
+            while len(held) < len(clients):  # every one reached the instance: counted
+                assert time.monotonic() < deadline, (done, len(held))
+                await asyncio.sleep(0.005)
+            for sock in clients + held:
+                sock.close()
+            held.clear()
+            if done + batch == 2000:
+                generate_latest(registry)
+                rss_warm = rss_bytes()
+            elif (done + batch) % 20_000 == 0:
+                generate_latest(registry)  # scrapes along the way, as Prometheus would
+        generate_latest(registry)
+        rss_end = rss_bytes()
+        named = src_values(registry, "flux_connections", "edge")
+        assert len(named) == 101 and "other" in named
+        counted = sum(
+            registry.get_sample_value(
+                "flux_connections_total",
+                {"individual": "c0ffee", "src": src, "dst": "127.0.0.1", "protocol": "tcp",
+                 "service": "edge"},
+            ) or 0.0
+            for src in named
+        )  # fmt: skip
+        assert counted == total
+        for engine in relay.engines:  # each shard named at most 100 clients, plus "other"
+            assert len(engine.service_counts(1).tally) <= 101
+        assert rss_end - rss_warm < 8 * 1024 * 1024, (rss_warm, rss_end)
+    finally:
+        accepting.clear()
+        acceptor.join(5)
+        listener.close()
+        await relay.close(1.0)
+        instance.close()
+        for sock in held:
+            sock.close()
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (not its peak), from /proc."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # -- the engine's own counters -------------------------------------------------------------------

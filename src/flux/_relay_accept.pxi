@@ -28,9 +28,11 @@
 # cost nothing new on the engine side and arrive in order with everything else.
 #
 # Counting: an engine-accepted connection is counted once it is up, in its service's tally
-# (connections per instance and client IP, an open-addressing table) and in the service's
-# active gauge and per-instance active counts; bytes of every connection that names a service
-# (engine-accepted or handed over by the asyncio side with a service) are added to the
+# (connections per instance and client IP, an open-addressing table; the service names at most
+# max_clients client IPs there, the first ones seen, and tallies every other client as
+# ACCEPT_OTHER_CLIENT, so clients from everywhere cannot grow it without bound) and in the
+# service's active gauge and per-instance active counts; bytes of every connection that names a
+# service (engine-accepted or handed over by the asyncio side with a service) are added to the
 # service's two byte counters as they are delivered, so a long-lived connection shows before it
 # ends.  The asyncio side reads all of it at scrape time; nothing per connection crosses over.
 # The descriptor budget is shared by the shards (RelayShared): held counts the connections the
@@ -76,6 +78,57 @@ cdef RelayTarget *accept_pick(RelayEngine *e, RelaySvc *s, RelaySnap *snap) noex
 
 
 # ---- counting -----------------------------------------------------------------------------------
+
+# The client IP the tally counts unnamed clients under: 255.255.255.255, never a TCP peer.
+cdef uint32_t ACCEPT_OTHER_CLIENT = 0xFFFFFFFF
+
+
+cdef inline size_t accept_client_slot(uint32_t ip, size_t cap) noexcept nogil:
+    return <size_t>((ip * <uint64_t>11400714819323198485) >> 32) & (cap - 1)
+
+
+cdef int accept_clients_grow(RelaySvc *s) noexcept nogil:
+    cdef size_t cap = 64 if s.clients_cap == 0 else 2 * s.clients_cap
+    cdef uint32_t *t = <uint32_t *>calloc(cap, sizeof(uint32_t))
+    cdef size_t i, h
+    if t == NULL:
+        return -1
+    for i in range(s.clients_cap):
+        if s.clients[i]:
+            h = accept_client_slot(s.clients[i], cap)
+            while t[h]:
+                h = (h + 1) & (cap - 1)
+            t[h] = s.clients[i]
+    free(s.clients)
+    s.clients = t
+    s.clients_cap = cap
+    return 0
+
+
+cdef uint32_t accept_client_label(RelayEngine *e, RelaySvc *s, uint32_t ip) noexcept nogil:
+    """The client IP a connection from ``ip`` is tallied under: ``ip`` if the service names it
+    or names fewer than max_clients (it is named from now on), else ACCEPT_OTHER_CLIENT (the
+    caller holds stats_lock).  0 (not IPv4) is its own label, as before."""
+    cdef size_t h
+    if ip == 0:
+        return 0
+    if s.clients_cap:
+        h = accept_client_slot(ip, s.clients_cap)
+        while s.clients[h]:
+            if s.clients[h] == ip:
+                return ip
+            h = (h + 1) & (s.clients_cap - 1)
+    if s.clients_len >= e.max_clients or ip == ACCEPT_OTHER_CLIENT:
+        return ACCEPT_OTHER_CLIENT
+    if 2 * (s.clients_len + 1) > s.clients_cap and accept_clients_grow(s) < 0:
+        return ACCEPT_OTHER_CLIENT
+    h = accept_client_slot(ip, s.clients_cap)
+    while s.clients[h]:
+        h = (h + 1) & (s.clients_cap - 1)
+    s.clients[h] = ip
+    s.clients_len += 1
+    return ip
+
 
 cdef int accept_tally_grow(RelaySvc *s) noexcept nogil:
     cdef size_t cap = 64 if s.tally_cap == 0 else 2 * s.tally_cap
@@ -133,7 +186,7 @@ cdef void accept_count_up(RelayEngine *e, RelayConn *c) noexcept nogil:
         accept_inst_grow(s, c.inst)
     if c.inst < s.inst_cap:
         s.inst_active[c.inst] += 1
-    accept_tally(s, (<uint64_t>c.inst << 32) | c.client_ip)
+    accept_tally(s, (<uint64_t>c.inst << 32) | accept_client_label(e, s, c.client_ip))
     pthread_mutex_unlock(&e.stats_lock)
     flux_relay_bump(&s.active, 1)
     c.counted = 1
@@ -384,6 +437,7 @@ cdef void accept_free_services(RelayEngine *e) noexcept nogil:
             close(s.fd)
         free(s.snap)
         free(s.tally)
+        free(s.clients)
         free(s.inst_active)
         free(s)
     free(e.svcs)

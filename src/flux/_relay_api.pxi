@@ -56,7 +56,11 @@ AnsweredCounts = _namedtuple("AnsweredCounts", "bad_request too_large timeout")
 AnsweredCounts.__doc__ = """Requests the engine answered itself: 400, 431 and 408."""
 
 TallyEntry = _namedtuple("TallyEntry", "instance client_ip connections")
-TallyEntry.__doc__ = """Connections the engine accepted and connected to instance for client_ip."""
+TallyEntry.__doc__ = """Connections the engine accepted and connected to instance for client_ip
+(TALLY_OTHER_CLIENT: for clients beyond the max_clients the service names)."""
+
+# The client_ip of a TallyEntry counting the clients a service does not name.
+TALLY_OTHER_CLIENT = ACCEPT_OTHER_CLIENT
 
 ServiceCounts = _namedtuple(
     "ServiceCounts", "to_instances to_clients active answered tally"
@@ -93,6 +97,9 @@ cdef class SpliceEngine:
     from the connection's opening) and an idle keep-alive connection.  A connection that
     opens with the HTTP/2 preface is observed as HTTP/2 (_h2_observer.pxi): each stream is an
     exchange, and gRPC calls carry their path and grpc-status.
+
+    ``max_clients``: how many client IPs each service's tally (``service_counts``) names; the
+    connections of any other client are tallied under TALLY_OTHER_CLIENT.
     """
 
     cdef RelayEngine *e
@@ -110,7 +117,8 @@ cdef class SpliceEngine:
 
     def __init__(self, size_t pipe_size=1 << 20, int max_idle_pipes=64,
                  size_t small_buffer=16384, int budget=32, double header_timeout=0.0,
-                 double idle_timeout=0.0, SpliceEngine shard_of=None):
+                 double idle_timeout=0.0, SpliceEngine shard_of=None,
+                 uint32_t max_clients=100):
         cdef RelayEngine *e
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be 4096..1073741824 bytes, got {pipe_size}")
@@ -146,6 +154,7 @@ cdef class SpliceEngine:
         e.pipe_size = pipe_size
         e.small_buffer = small_buffer
         e.budget = budget
+        e.max_clients = max_clients
         if shard_of is not None:
             if shard_of.e == NULL:
                 raise ValueError("shard_of must be an initialised SpliceEngine")

@@ -599,6 +599,11 @@ cdef struct RelaySvc:
     RelayTally *tally       # stats: connections counted per (instance, client IP)
     size_t tally_cap        # stats
     size_t tally_len        # stats
+    # stats: the client IPs the tally names (at most RelayEngine.max_clients; the others are
+    # tallied as ACCEPT_OTHER_CLIENT), an open-addressing set, 0: empty slot.
+    uint32_t *clients
+    size_t clients_cap      # stats
+    size_t clients_len      # stats
 
 
 cdef struct RelayCtl:
@@ -706,6 +711,7 @@ cdef struct RelayEngine:
     RelaySvc *accept_ready      # engine: services with clients left to accept
     RelaySvc *accept_tail
     RelayConn *reap             # engine: engine-accepted connections ended this batch
+    uint32_t max_clients        # caller, at creation: client IPs each service's tally names
     uint64_t rng                # engine (seeded by the caller)
     # Notices (see _relay_notice.pxi).
     RelayNotice *nt_local       # engine: noticed this batch

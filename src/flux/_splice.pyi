@@ -72,6 +72,9 @@ class AnsweredCounts(NamedTuple):
     timeout: int
 
 
+TALLY_OTHER_CLIENT: int
+
+
 class TallyEntry(NamedTuple):
     """Connections the engine accepted and connected to instance for client_ip."""
 
@@ -103,6 +106,7 @@ class SpliceEngine:
         header_timeout: float = 0.0,
         idle_timeout: float = 0.0,
         shard_of: SpliceEngine | None = None,
+        max_clients: int = 100,
     ) -> None: ...
 
     def start(self) -> None: ...

@@ -213,12 +213,17 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
         return None if address is None else str(address)
 
     # Without a listener nobody could read the counters: skip the hooks altogether.
-    metrics = Metrics() if settings.listen_prometheus is not None else None
+    metrics = (
+        Metrics(max_clients=settings.metrics_max_clients)
+        if settings.listen_prometheus is not None
+        else None
+    )
     relay = make_relay(
         settings.relay,
         http_header_timeout=settings.http_header_timeout,
         http_idle_timeout=settings.http_idle_timeout,
         shards=settings.engine_threads,
+        max_clients=settings.metrics_max_clients,
     )
     if metrics is not None:
         metrics.sources.append(relay.flush)

@@ -32,6 +32,18 @@ instance name (the container ID), ``src`` the client's IP, ``dst`` the instance'
 its port.  Label sets are never forgotten (as in the original): a series for an instance that
 is gone keeps its last value until fluxd restarts, which is what a Prometheus counter promises.
 
+That promise and clients from outside (a published port) do not mix: every new client address
+would be a new series of every family with a ``src`` label, kept for good, and a summary pair
+costs kilobytes.  So each service names at most ``max_clients`` (``-metrics-max-clients``)
+client addresses in ``src``, the first ones seen (:meth:`Metrics.client_label`); every other
+client is counted under ``src="other"``, so 100,000 client addresses cost what 100 do.  The
+engine folds likewise in its own tally (each shard names at most as many, the rest come as
+``TALLY_OTHER_CLIENT``), and what it names is folded again here, into the same per-service set.
+
+What fluxd answered itself (400, 431, 408) is counted per service in
+``flux_http_rejected_total`` and per entry point in ``flux_entry_answered_total{service, entry,
+code}``: an edge host wants to see which door the bad requests come in by.
+
 An HTTP/2 exchange that carried a gRPC call (the relay passes a :class:`~flux.relay.GrpcCall`)
 is also counted per gRPC method and code (``flux_grpc_total``, ``flux_grpc_duration_seconds``).
 Its method comes from the request's ``:path``, which the client chooses, so the label values
@@ -77,6 +89,7 @@ from flux.metrics.summary import (
 from flux.model import ConnectionInfo, Instance, InstanceState
 from flux.relay import (
     HTTP_CUT_SIDES,
+    OTHER_CLIENT,
     EngineCounts,
     GrpcCall,
     RelayCounters,
@@ -84,6 +97,7 @@ from flux.relay import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_CLIENTS",
     "GRPC_CODES",
     "GRPC_METHODS_PER_SERVICE",
     "GRPC_PATH_LIMIT",
@@ -153,6 +167,7 @@ GRPC_METHODS_PER_SERVICE = 100
 # and the client chooses it); real ones are a few dozen characters.
 GRPC_PATH_LIMIT = 256
 _GRPC_OTHER = ("other", "other")
+DEFAULT_MAX_CLIENTS = 100
 
 
 class BucketCounts:
@@ -291,8 +306,13 @@ class Metrics:
         summary_window: float = DEFAULT_WINDOW,
         summary_age_buckets: int = DEFAULT_AGE_BUCKETS,
         summary_digits: int = SUMMARY_DIGITS,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         self._clock = clock
+        self.max_clients = max_clients
+        # The client addresses with a src label of their own, per service (the first
+        # max_clients seen); the others are OTHER_CLIENT.
+        self.clients: dict[str, set[str]] = {}
         self._summary_window = summary_window
         self._summary_age_buckets = summary_age_buckets
         self._summary_digits = summary_digits
@@ -307,7 +327,8 @@ class Metrics:
         self.iptables_sync = BucketCounts(IPTABLES_SYNC_BUCKETS)
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
-        self.rejected: dict[tuple[str, str], int] = {}
+        # Requests fluxd answered itself, by (service, entry point, status).
+        self.rejected: dict[tuple[str, str, str], int] = {}
         # Exchanges cut short, by (service, side): flux_http_aborted_total.
         self.aborted: dict[tuple[str, str], int] = {}
         # gRPC calls' total times by (service, grpc_service, grpc_method, code): their counts
@@ -331,11 +352,24 @@ class Metrics:
 
     # -- hooks (called on the event loop, once per event) -----------------------------------
 
+    def client_label(self, service: str, client: str) -> str:
+        """``src`` for ``client``'s connections to ``service``: its address while the service
+        names fewer than ``max_clients`` or already names it, else ``"other"``."""
+        named = self.clients.get(service)
+        if named is None:
+            named = self.clients[service] = set()
+        if client in named:
+            return client
+        if len(named) < self.max_clients and client != OTHER_CLIENT:
+            named.add(client)
+            return client
+        return OTHER_CLIENT
+
     def on_connection(self, info: ConnectionInfo) -> None:
         """A connection was handed to the relay: count it (once) and as active."""
         key = (
             info.instance,
-            info.client_address,
+            self.client_label(info.service, info.client_address),
             _host_of(info.instance_address),
             info.protocol,
             info.service,
@@ -355,7 +389,7 @@ class Metrics:
             self.bytes[to_instance] = self.bytes.get(to_instance, 0) + result.to_upstream
             self.bytes[to_client] = self.bytes.get(to_client, 0) + result.to_client
         if result.answered:
-            key = (service, str(result.answered))
+            key = (service, info.entry, str(result.answered))
             self.rejected[key] = self.rejected.get(key, 0) + 1
 
     def totals(
@@ -364,9 +398,11 @@ class Metrics:
         dict[tuple[str, str, str, str, str], int],
         dict[tuple[str, str], int],
         dict[str, int],
-        dict[tuple[str, str], int],
+        dict[tuple[str, str, str], int],
     ]:
-        """Connections, bytes, active and rejected: this object's counts plus the engine's."""
+        """Connections, bytes, active and rejected (by service, entry point and status): this
+        object's counts plus the engine's, the engine's clients folded as :meth:`on_connection`
+        folds them."""
         connections = dict(self.connections)
         byte_counts = dict(self.bytes)
         active = dict(self.active)
@@ -374,14 +410,20 @@ class Metrics:
         for source in self.counters:
             counts = source()
             for (service, protocol, name, address, client), n in counts.connections.items():
-                key = (name, client, _host_of(address), protocol, service)
+                key = (
+                    name,
+                    self.client_label(service, client),
+                    _host_of(address),
+                    protocol,
+                    service,
+                )
                 connections[key] = connections.get(key, 0) + n
             for key2, n in counts.bytes.items():
                 byte_counts[key2] = byte_counts.get(key2, 0) + n
             for service, n in counts.active.items():
                 active[service] = active.get(service, 0) + n
-            for key2, n in counts.rejected.items():
-                rejected[key2] = rejected.get(key2, 0) + n
+            for key3, n in counts.rejected.items():
+                rejected[key3] = rejected.get(key3, 0) + n
         return connections, byte_counts, active, rejected
 
     def entry_totals(self) -> dict[tuple[str, str], int]:
@@ -441,7 +483,7 @@ class Metrics:
         at hand, so a batch costs one dict lookup and three native calls (four for gRPC)."""
         base = (
             connection.instance,
-            connection.client_address,
+            self.client_label(connection.service, connection.client_address),
             _host_of(connection.instance_address),
         )
         service = connection.service
@@ -576,7 +618,12 @@ class FluxCollector(Collector):
                 family.add_metric(exchange, summary.count, summary.sum)
         for duration, buckets in m.http_durations.items():
             f.http_duration.add_metric(duration, buckets.buckets(), buckets.sum)
-        for answered, count in rejected.items():
+        per_service: dict[tuple[str, str], int] = {}
+        for answer, count in rejected.items():
+            f.entry_answered.add_metric(answer, count)
+            service_code = (answer[0], answer[2])
+            per_service[service_code] = per_service.get(service_code, 0) + count
+        for answered, count in per_service.items():
             f.http_rejected.add_metric(answered, count)
         engine = m.engine_counters()
         for name, count in sorted(engine.events.items()):
@@ -686,6 +733,12 @@ class _Families:
             " 408 head not received in time.",
             labels=("service", "code"),
         )
+        self.entry_answered = CounterMetricFamily(
+            "flux_entry_answered_total",
+            "Requests fluxd answered itself (flux_http_rejected_total's), by the entry point"
+            " they came in by: vip or published:PORT.",
+            labels=("service", "entry", "code"),
+        )
         self.engine_events = CounterMetricFamily(
             "flux_engine_events_total",
             "What the relay engine did, by its counter name (header timeouts, idle closes,"
@@ -737,6 +790,7 @@ class _Families:
             self.http_total_usec,
             self.http_duration,
             self.http_rejected,
+            self.entry_answered,
             self.engine_events,
             self.engine_levels,
             self.http_aborted,

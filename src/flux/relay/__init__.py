@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from flux.relay.base import (
     HTTP_CUT_SIDES,
+    OTHER_CLIENT,
     AcceptHandler,
     Acceptor,
     ConnectHandler,
@@ -31,6 +32,7 @@ from flux.relay.python import PythonRelay
 
 __all__ = [
     "HTTP_CUT_SIDES",
+    "OTHER_CLIENT",
     "AcceptHandler",
     "Acceptor",
     "ConnectHandler",
@@ -56,6 +58,8 @@ def make_relay(kind: Literal["splice", "python"] = "splice", **options: Any) -> 
     if kind == "python":
         # One event loop: shards mean nothing to it.
         options.pop("shards", None)
+        # It counts nothing itself (the metrics fold its clients): no client cap either.
+        options.pop("max_clients", None)
         extra = set(options) - {"http_header_timeout", "http_idle_timeout", "notices"}
         if extra:
             raise TypeError(

@@ -81,6 +81,7 @@ __all__ = [
     "HTTP_CUT_SIDES",
     "HTTP_HEADER_TIMEOUT",
     "HTTP_IDLE_TIMEOUT",
+    "OTHER_CLIENT",
     "AcceptHandler",
     "Acceptor",
     "ConnectHandler",
@@ -99,6 +100,10 @@ __all__ = [
     "set_reset_linger",
     "wait_bounded",
 ]
+
+# The client label of connections whose client is not named: the metrics name at most
+# -metrics-max-clients clients per service (flux.metrics.counters), and so does the engine.
+OTHER_CLIENT = "other"
 
 
 class GrpcCall(NamedTuple):
@@ -159,15 +164,17 @@ class RelayResult(NamedTuple):
 class EngineCounts(NamedTuple):
     """What the engine counted itself, cumulative, read at scrape time (see
     :meth:`Acceptor.counts`): ``connections`` by (service, protocol, instance, instance
-    address, client IP); ``bytes`` by (service, "to_instance" | "to_client"), of every
+    address, client IP or ``"other"``: the engine names at most ``max_clients`` clients per
+    service and shard); ``bytes`` by (service, "to_instance" | "to_client"), of every
     connection relayed for a service; ``active`` by service and ``rejected`` by (service,
-    status) for the connections the engine accepted itself; ``entries`` the connections it
-    accepted and connected by (service, entry point: ``vip`` or ``published:PORT``)."""
+    entry point, status) for the connections the engine accepted itself; ``entries`` the
+    connections it accepted and connected by (service, entry point: ``vip`` or
+    ``published:PORT``)."""
 
     connections: dict[tuple[str, str, str, str, str], int]
     bytes: dict[tuple[str, str], int]
     active: dict[str, int]
-    rejected: dict[tuple[str, str], int]
+    rejected: dict[tuple[str, str, str], int]
     entries: dict[tuple[str, str], int]
 
 

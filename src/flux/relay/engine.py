@@ -46,6 +46,7 @@ from flux.relay.base import (
     CUT_TIMEOUT,
     HTTP_HEADER_TIMEOUT,
     HTTP_IDLE_TIMEOUT,
+    OTHER_CLIENT,
     AcceptHandler,
     ConnectHandler,
     EngineCounts,
@@ -67,6 +68,10 @@ __all__ = ["SpliceRelay"]
 
 # Exchange observations wait at most this long for a batch (a scrape flushes them at once).
 _FLUSH_INTERVAL = 1.0
+# Observers kept at hand for the exchanges of engine-accepted clients, by (service, instance,
+# client IP).  Clients from outside are unbounded, so past this many the cache starts over (an
+# observer is only a shortcut to its label sets, which the metrics keep, folded).
+_LABEL_OBSERVERS_MAX = 4096
 
 
 class SpliceRelay:
@@ -77,6 +82,8 @@ class SpliceRelay:
     work: a listener gives each shard its own listening socket (:meth:`listen`), and
     connections the asyncio side hands over are spread round-robin.  ``notices`` writes the
     engine's notices (a :class:`~flux.relay.notices.NoticeLimiter` of its own by default).
+    ``max_clients``: how many client addresses each shard names per service in its tally (the
+    rest are counted as ``"other"``; see :class:`~flux.relay.base.EngineCounts`).
     """
 
     def __init__(
@@ -89,8 +96,15 @@ class SpliceRelay:
         http_idle_timeout: float = HTTP_IDLE_TIMEOUT,
         shards: int = 1,
         notices: NoticeLimiter | None = None,
+        max_clients: int = 100,
     ) -> None:
-        from flux._splice import HTTP_METHODS, RELAY_COUNTERS, RELAY_LEVELS, SpliceEngine
+        from flux._splice import (
+            HTTP_METHODS,
+            RELAY_COUNTERS,
+            RELAY_LEVELS,
+            TALLY_OTHER_CLIENT,
+            SpliceEngine,
+        )
 
         if not 1 <= shards <= 256:
             raise ValueError(f"shards must be 1..256, got {shards}")
@@ -103,6 +117,7 @@ class SpliceRelay:
                 header_timeout=http_header_timeout,
                 idle_timeout=http_idle_timeout,
                 shard_of=shard_of,
+                max_clients=max_clients,
             )
 
         first = shard(None)
@@ -111,6 +126,7 @@ class SpliceRelay:
         self._methods: tuple[str, ...] = HTTP_METHODS
         self._counter_names: tuple[str, ...] = RELAY_COUNTERS
         self._level_names: frozenset[str] = RELAY_LEVELS
+        self._tally_other: int = TALLY_OTHER_CLIENT
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[RelayResult]] = {}
         self._handlers: dict[int, ConnectHandler] = {}
@@ -335,7 +351,7 @@ class SpliceRelay:
         connections: dict[tuple[str, str, str, str, str], int] = {}
         byte_counts: dict[tuple[str, str], int] = {}
         active: dict[str, int] = {}
-        rejected: dict[tuple[str, str], int] = {}
+        rejected: dict[tuple[str, str, str], int] = {}
         entries: dict[tuple[str, str], int] = {}
         instances = self._instances
         for sid in range(1, len(self._services)):
@@ -352,7 +368,8 @@ class SpliceRelay:
                     answered[i] += n
                 for iid, ip, n in counted.tally:
                     name, address = instances[iid]
-                    key = (service, protocol, name, address, _ipv4(ip))
+                    client = OTHER_CLIENT if ip == self._tally_other else _ipv4(ip)
+                    key = (service, protocol, name, address, client)
                     connections[key] = connections.get(key, 0) + n
                     entries[entry] = entries.get(entry, 0) + n
             for direction, n in (("to_instance", up), ("to_client", down)):
@@ -360,7 +377,8 @@ class SpliceRelay:
             active[service] = active.get(service, 0) + live
             for code, n in zip(("400", "431", "408"), answered, strict=True):
                 if n:
-                    rejected[(service, code)] = rejected.get((service, code), 0) + n
+                    answer = (*entry, code)
+                    rejected[answer] = rejected.get(answer, 0) + n
         return EngineCounts(connections, byte_counts, active, rejected, entries)
 
     def engine_counters(self) -> RelayCounters:
@@ -462,6 +480,8 @@ class SpliceRelay:
                     if factory is None:
                         continue
                     name, address = self._instances[iid]
+                    if len(self._label_observers) >= _LABEL_OBSERVERS_MAX:
+                        self._label_observers.clear()
                     observe = self._label_observers[key] = factory(name, address, _ipv4(ip))
             if observe is not None:
                 grpc = None if path is None else _grpc_call(path, code)
