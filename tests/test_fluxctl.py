@@ -1051,3 +1051,66 @@ def test_info_shows_a_published_port_conflict_and_skips_bad_published_ports(ctl:
         "port 8080 is also published by service web"
     )
     assert "publishConflict" not in document["services"]["web"]
+
+
+# -- the PROXY protocol ----------------------------------------------------------------------------
+
+
+def test_service_proxy_protocol_is_stored_and_shown(ctl: Ctl) -> None:
+    assert ctl.ok("service", "db", "--address", "10.128.0.5:5432", "--proxy-protocol", "v2") == (
+        "db\n"
+    )
+    assert ctl.record(SERVICE + "db/spec") == {
+        "address": "10.128.0.5:5432",
+        "instancePort": 5432,
+        "proxyProtocol": "v2",
+    }
+    ctl.ok("service", "smtp", "--publish", "2525", "-p", "tcp", "--proxy-protocol", "v1")
+    ctl.ok("service", "plain", "--address", "10.128.0.6:80")
+    assert ctl.ok("list", "-f", "{name} {proxyProtocol}") == "db v2\nplain \nsmtp v1\n"
+    verbose = ctl.ok("list", "-v")
+    assert "db\n  Address: 10.128.0.5:5432\n  Instance port: 5432\n  PROXY protocol: v2\n" in (
+        verbose
+    )
+    assert "plain\n  Address: 10.128.0.6:80\n  Instance port: 80\n" in verbose
+    assert "PROXY protocol: v1" in ctl.ok("info", "-s", "smtp")
+    document = json.loads(ctl.ok("list", "-o", "json"))
+    assert document["services"]["db"]["spec"]["proxyProtocol"] == "v2"
+    assert "proxyProtocol" not in document["services"]["plain"]["spec"]
+    document = json.loads(ctl.ok("info", "-o", "json"))
+    assert document["services"]["smtp"]["spec"]["proxyProtocol"] == "v1"
+    # Redefining the service without the flag turns it off, as for every other field.
+    ctl.ok("service", "db", "--address", "10.128.0.5:5432")
+    assert ctl.record(SERVICE + "db/spec") == {"address": "10.128.0.5:5432", "instancePort": 5432}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--proxy-protocol", "v3"], "invalid choice: 'v3' (choose from 'v1', 'v2')"),
+        (["--proxy-protocol", "V1"], "invalid choice: 'V1'"),
+        (["--proxy-protocol"], "expected one argument"),
+        (
+            ["-p", "http", "--proxy-protocol", "v1"],
+            "invalid service: proxyProtocol v1 is for tcp services, not http ones",
+        ),
+    ],
+)
+def test_service_proxy_protocol_refuses_bad_input(
+    ctl: Ctl, argv: list[str], message: str
+) -> None:
+    assert message in ctl.refused(2, "service", "web", "--address", "10.0.0.1:80", *argv)
+
+
+def test_a_bad_proxy_protocol_written_by_another_tool_is_skipped_with_a_warning(ctl: Ctl) -> None:
+    ctl.put(SERVICE + "good/spec", {"address": "10.0.0.1:80", "proxyProtocol": "v1"})
+    ctl.put(SERVICE + "odd/spec", {"address": "10.0.0.2:80", "proxyProtocol": "v9"})
+    ctl.put(SERVICE + "web/spec", {"address": "10.0.0.3:80", "protocol": "http",
+                                   "proxyProtocol": "v2"})  # fmt: skip
+    result = ctl("list")
+    assert result.status == 0
+    assert result.out.split() == ["good"]
+    warnings = result.err.splitlines()
+    assert len(warnings) == 2, result.err
+    assert "odd/spec" in warnings[0] and "proxyProtocol" in warnings[0]
+    assert "web/spec" in warnings[1] and "tcp services" in warnings[1]

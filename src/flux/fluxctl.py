@@ -74,6 +74,9 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
   spec with only that field changed (``service`` replaces the whole definition, so a service
   redefined without ``--publish`` is no longer published); ``unpublish`` on a service that
   publishes nothing changes nothing and succeeds.
+- ``service --proxy-protocol v1|v2`` (tcp services only: refused with ``-p http``) stores
+  ``proxyProtocol`` in the spec; ``info`` and ``list -v`` show it as ``PROXY protocol: v1``,
+  ``list -f {proxyProtocol}`` and ``-o json`` give it ("" when off).
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ COMMAND_TIMEOUT = 30.0
 _M = TypeVar("_M", bound=BaseModel)
 
 _SERVICE_FIELDS = (
-    "name", "address", "instancePort", "protocol", "publish", "rules", "instances"
+    "name", "address", "instancePort", "protocol", "publish", "proxyProtocol", "rules",
+    "instances",
 )
 _RULE_FIELDS = ("service", "name", "selector", "instancePort")
 _QUERY_FIELDS = ("service", "name", "state", "host", "containerRule", "address", "labels")
@@ -327,6 +331,7 @@ _SAMPLE_SERVICE = {
     "instancePort": 80,
     "protocol": "tcp",
     "publish": 8080,
+    "proxyProtocol": "v2",
     "rules": {},
     "instances": {},
 }
@@ -370,6 +375,7 @@ def _service_fields(info: ServiceInfo) -> dict[str, Any]:
         "instancePort": info.spec.instance_port,
         "protocol": info.spec.protocol,
         "publish": info.spec.publish,
+        "proxyProtocol": info.spec.proxy_protocol,
         "rules": {name: _stored(info.rules[name]) for name in sorted(info.rules)},
         "instances": {i: _instance_view(info.instances[i]) for i in sorted(info.instances)},
     }
@@ -426,6 +432,8 @@ def _render_service_verbose(info: ServiceInfo) -> str:
         lines.append(f"  Protocol: {info.spec.protocol}")
     if info.spec.publish:
         lines.append(f"  Published port: {info.spec.publish}")
+    if info.spec.proxy_protocol:
+        lines.append(f"  PROXY protocol: {info.spec.proxy_protocol}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -543,6 +551,7 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
         instancePort=instance_port,
         protocol=args.protocol or "",
         publish=args.publish or 0,
+        proxyProtocol=args.proxy_protocol or "",
     )
     selector = _selector(args)
     rule: Rule | None = _record(Rule, "selector", selector=selector) if selector else None
@@ -852,6 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--publish", type=_port, metavar="PORT",
         help="publish the service on this port of every fluxd host (its -publish-ip)",
+    )
+    sub.add_argument(
+        "--proxy-protocol", choices=("v1", "v2"),
+        help="send instances a PROXY protocol header (v1: text, v2: binary) with the client's"
+        " address before its bytes (tcp services only)",
     )
     _add_selector_flags(sub)
 

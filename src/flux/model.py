@@ -33,6 +33,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Instance",
     "InstanceState",
     "Protocol",
+    "ProxyProtocol",
     "RecordError",
     "Rule",
     "Service",
@@ -63,6 +65,9 @@ __all__ = [
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 Protocol = Literal["tcp", "http"]
+# The PROXY protocol versions a tcp service's instances may be sent (HAProxy's text v1 and
+# binary v2 headers; see flux.relay.proxy_protocol).
+ProxyProtocol = Literal["v1", "v2"]
 
 # The largest record value a reader decodes.  flux's own records are well under 1 KiB (an
 # instance carries its container's labels and environment, rarely more than a few KiB); a value
@@ -171,13 +176,27 @@ class Service(_Record):
 
     ``publish`` (beyond the original, omitted when 0) is the port every fluxd listens on for
     the service's clients from outside, at its ``-publish-ip``; a service may have an address,
-    a published port, or both.
+    a published port, or both.  ``proxyProtocol`` (``v1`` or ``v2``, omitted when empty; tcp
+    services only) makes fluxd send the instance a PROXY protocol header naming the client
+    before the client's bytes, on VIP and published connections alike.
     """
 
     address: Address | None = None
     instance_port: Port = Field(default=0, alias="instancePort")
     protocol: Protocol | Literal[""] = ""
     publish: PublishedPort = 0
+    proxy_protocol: ProxyProtocol | Literal[""] = Field(default="", alias="proxyProtocol")
+
+    @model_validator(mode="after")
+    def _proxy_protocol_is_for_tcp(self) -> Service:
+        # An http service's instances read HTTP from the first byte; the client's address
+        # reaches them in X-Forwarded-For instead (fluxctl --forwarded).
+        if self.proxy_protocol and self.effective_protocol != "tcp":
+            raise ValueError(
+                f"proxyProtocol {self.proxy_protocol} is for tcp services, not"
+                f" {self.protocol} ones"
+            )
+        return self
 
     @property
     def effective_protocol(self) -> Protocol:
