@@ -89,10 +89,10 @@ async def test_a_port_that_cannot_be_bound_is_logged_once_and_retried_with_backo
     code: int, state: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = _Unbindable(code)
-    made: list[tuple[str, str, int, str]] = []
+    made: list[EntryPoint] = []
 
-    def make(service: str, protocol: str, port: int, pool: Pool, entry: str) -> Listener:
-        made.append((service, protocol, port, entry))
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        made.append(entry)
         return cast(Listener, fake)
 
     ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
@@ -109,7 +109,7 @@ async def test_a_port_that_cannot_be_bound_is_logged_once_and_retried_with_backo
         await asyncio.sleep(BIND_RETRY_BASE * 4.5)
     assert fake.opened == 4
     assert ports.status()["web"]["state"] == "listening"
-    assert made == [("web", "http", 8080, "published:8080")] * 4
+    assert made == [EntryPoint(8080, "web", "http")] * 4
     lines = [record.getMessage() for record in caplog.records]
     assert lines == [
         f"service web: cannot publish port 8080 on 127.0.0.9: {os.strerror(code)};"

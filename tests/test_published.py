@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,6 +26,7 @@ from flux.model import Service
 from flux.store.memory import MemoryStore
 from tests.support.etcd_server import EtcdServer
 from tests.support.fluxd_process import HOST, Fluxd, http_get, wait_until
+from tests.support.haproxy import haproxy_reading_proxy_headers
 from tests.support.http_backend import HttpBackend
 from tests.support.other_host import OtherHost, random_loopback_vip, rules_for
 
@@ -279,3 +281,43 @@ def test_publish_ip_decides_whether_and_where_the_balancer_publishes(
         assert balancer.status()["publish_ip"] is None
     else:
         assert balancer.published is not None and balancer.published.bind_ip == bind_ip
+
+
+def ask(ip: str, port: int) -> tuple[str, tuple[str, int]]:
+    """One HTTP request to ``ip:port``: the answer's body and the client's own address."""
+    with socket.create_connection((ip, port), timeout=5) as sock:
+        client = sock.getsockname()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    return body.decode(), client
+
+
+@pytest.mark.parametrize(
+    "published", [(), ("-relay", "python")], ids=["engine", "python-relay"], indirect=True
+)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_tcp_service_with_the_proxy_protocol_tells_its_instance_the_client(
+    published: Published, version: str, tmp_path: Path
+) -> None:
+    """Its instance is HAProxy reading the header (``accept-proxy``): through the published port
+    and through the service address, it answers with the client's address and port."""
+    db_port = free_port(published.ip)
+    vip = random_loopback_vip()
+    with haproxy_reading_proxy_headers(tmp_path, "127.0.0.1") as (host, port):
+        published.service(
+            "db", address=f"{vip}:80", publish=db_port, instancePort=port, proxyProtocol=version
+        )
+        published.host.add_instance("db", "db-1", f"{host}:{port}")
+        published.wait_state("db", "listening")
+        wait_until(lambda: rules_for(published.daemon.chain, vip, "DNAT"), 15, "db's DNAT rule")
+        wait_until(
+            lambda: len(published.published("db").get("instances", [])) == 1, 10, "the instance"
+        )
+        for ip, target in [(published.ip, db_port), (vip, 80)] * 3:
+            body, (client_ip, client_port) = ask(ip, target)
+            assert body == f"{client_ip} {client_port}"
+    assert published.total("flux_entry_connections_total", service="db") == 6

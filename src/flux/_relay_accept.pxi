@@ -38,6 +38,13 @@
 # The descriptor budget is shared by the shards (RelayShared): held counts the connections the
 # engines have accepted and not yet closed or handed back.
 #
+# A service whose instances read a PROXY protocol header first (listen()'s proxy_protocol,
+# fluxctl --proxy-protocol) gets one on each connection the engine accepts, made here from the
+# client's address and the one it reached (getsockname), the same bytes as the asyncio side's
+# flux.relay.proxy_protocol makes for the clients it connects itself; it is put in flight in the
+# client's direction before the first pump (relay_preface), so it goes ahead of the client's
+# bytes, and a failed connect hands the client back with nothing read or sent.
+#
 # Services are never freed while the engine lives (a listener that closes leaves its counters
 # behind, as Prometheus counters must stay); their commands (listen, unlisten, new snapshot,
 # pause, resume) go through the same lock and wake-up as submissions.
@@ -228,6 +235,96 @@ cdef void accept_reap(RelayEngine *e) noexcept nogil:
     relay_count(e, RC_COMPLETED, n)
 
 
+# ---- the PROXY protocol header -----------------------------------------------------------------
+
+cdef size_t accept_put_decimal(char *out, uint32_t value) noexcept nogil:
+    cdef char digits[10]
+    cdef size_t n = 0
+    cdef size_t i
+    while True:
+        digits[n] = <char>(48 + value % 10)
+        n += 1
+        value //= 10
+        if value == 0:
+            break
+    for i in range(n):
+        out[i] = digits[n - 1 - i]
+    return n
+
+
+cdef size_t accept_put_ipv4(char *out, uint32_t ip) noexcept nogil:
+    """``ip`` (network order) as dotted decimal text; returns its length."""
+    cdef const uint8_t *octet = <const uint8_t *>&ip
+    cdef size_t n = 0
+    cdef int i
+    for i in range(4):
+        if i:
+            out[n] = 46     # '.'
+            n += 1
+        n += accept_put_decimal(out + n, octet[i])
+    return n
+
+
+cdef size_t accept_proxy_header(char *out, uint8_t version, uint32_t src, uint16_t sport,
+                                uint32_t dst, uint16_t dport) noexcept nogil:
+    """The PROXY protocol header of ``version`` for a TCP4 connection (addresses in network
+    order, ports in host order) into ``out`` (RELAY_PREFACE_MAX bytes); returns its length.
+    src 0 (a client that is not IPv4): v1's UNKNOWN line, v2's LOCAL command (no address)."""
+    cdef size_t n
+    if version == 1:
+        if src == 0:
+            memcpy(out, b"PROXY UNKNOWN\r\n", 15)
+            return 15
+        memcpy(out, b"PROXY TCP4 ", 11)
+        n = 11
+        n += accept_put_ipv4(out + n, src)
+        out[n] = 32     # ' '
+        n += 1
+        n += accept_put_ipv4(out + n, dst)
+        out[n] = 32
+        n += 1
+        n += accept_put_decimal(out + n, sport)
+        out[n] = 32
+        n += 1
+        n += accept_put_decimal(out + n, dport)
+        out[n] = 13     # CR LF
+        out[n + 1] = 10
+        return n + 2
+    memcpy(out, b"\r\n\r\n\x00\r\nQUIT\n", 12)
+    out[14] = 0         # the length of what follows the 16-byte header, in network order
+    if src == 0:
+        out[12] = <char>0x20    # version 2, LOCAL
+        out[13] = 0
+        out[15] = 0
+        return 16
+    out[12] = <char>0x21        # version 2, PROXY
+    out[13] = <char>0x11        # TCP over IPv4
+    out[15] = 12
+    memcpy(out + 16, &src, 4)
+    memcpy(out + 20, &dst, 4)
+    out[24] = <char>(sport >> 8)
+    out[25] = <char>(sport & 0xFF)
+    out[26] = <char>(dport >> 8)
+    out[27] = <char>(dport & 0xFF)
+    return 28
+
+
+cdef int accept_proxy_preface(RelayEngine *e, RelayConn *c, uint8_t version) noexcept nogil:
+    """Put the PROXY protocol header naming ``c``'s client and the address it reached in
+    flight ahead of the client's bytes (relay_preface, whose result it returns)."""
+    cdef sockaddr_in local
+    cdef socklen_t size = sizeof(local)
+    cdef char out[RELAY_PREFACE_MAX]
+    cdef size_t n
+    if c.client_ip == 0 or getsockname(c.fd[0], <sockaddr *>&local, &size) < 0 or (
+            local.sin_family != AF_INET):
+        n = accept_proxy_header(out, version, 0, 0, 0, 0)
+    else:
+        n = accept_proxy_header(out, version, c.client_ip, c.client_port,
+                                local.sin_addr.s_addr, ntohs(local.sin_port))
+    return relay_preface(e, c, out, n)
+
+
 # ---- accepting ----------------------------------------------------------------------------------
 
 cdef void accept_queue(RelayEngine *e, RelaySvc *s) noexcept nogil:
@@ -317,6 +414,8 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
             return
         e.http_live += 1
     relay_start_connect(e, c)
+    if s.proxy_protocol and not c.closed and accept_proxy_preface(e, c, s.proxy_protocol) < 0:
+        relay_abort(e, c, ENOMEM)
 
 
 cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:

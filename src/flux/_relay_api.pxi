@@ -259,7 +259,7 @@ cdef class SpliceEngine:
         self._submit(c)
 
     def connect(self, int client_fd, bytes address not None, uint64_t token, double timeout,
-                bint http=False, bint observe=True, int service=-1):
+                bint http=False, bint observe=True, int service=-1, bytes preface=None):
         """Connect to ``address`` (a packed ``struct sockaddr_in`` or ``sockaddr_in6``) and
         relay between it and ``client_fd``, which the engine now owns.
 
@@ -267,17 +267,34 @@ cdef class SpliceEngine:
         token is published on the established queue (``drain_all().established``).  If it fails
         or is still pending after ``timeout`` seconds, the completion carries the errno
         (ETIMEDOUT for the timeout) and, as its last field, the client descriptor: open,
-        unread and the caller's again.  Thread-safe; never blocks on the engine.
+        unread and the caller's again.  ``preface`` (up to 108 bytes: a PROXY protocol
+        header): what the instance gets before the client's bytes.  Thread-safe; never blocks
+        on the engine.
         """
         cdef RelayConn *c
         cdef Py_ssize_t n = len(address)
+        cdef Py_ssize_t m = 0 if preface is None else len(preface)
+        cdef char *ahead = NULL
         if n < 16 or n > RELAY_ADDR_MAX:
             raise ValueError(f"address must be a packed sockaddr of 16..28 bytes, got {n}")
         if not 0.0 < timeout <= 86400.0:
             raise ValueError(f"timeout must be 0..86400 seconds, got {timeout}")
-        c = self._new_conn(client_fd, -1, token, http, observe)
-        if service >= 0:
-            c.svc = self._service(<uint32_t>service)
+        if m > RELAY_PREFACE_MAX:
+            raise ValueError(f"preface must be at most {RELAY_PREFACE_MAX} bytes, got {m}")
+        if m:
+            ahead = <char *>malloc(m)
+            if ahead == NULL:
+                raise MemoryError()
+            memcpy(ahead, <const char *>preface, m)
+        try:
+            c = self._new_conn(client_fd, -1, token, http, observe)
+            if service >= 0:
+                c.svc = self._service(<uint32_t>service)
+        except BaseException:
+            free(ahead)
+            raise
+        c.preface = ahead
+        c.preface_len = <uint8_t>m
         memcpy(c.addr, <const char *>address, n)
         c.addr_len = <uint8_t>n
         c.connect_deadline_ns = c.started_ns + <int64_t>(timeout * 1e9)
@@ -395,15 +412,18 @@ cdef class SpliceEngine:
         return 0
 
     def listen(self, uint32_t service, int fd, bint http=False, bint observe=True,
-               double connect_timeout=3.0):
+               double connect_timeout=3.0, int proxy_protocol=0):
         """Accept ``service``'s clients on the listening socket ``fd`` (the engine owns it
         from now on and closes it on ``unlisten``), pick an instance from the last
         ``set_pool`` snapshot and connect within ``connect_timeout`` seconds.  ``http`` and
-        ``observe`` as for ``add``.  Until a snapshot arrives every client is handed over.
-        Thread-safe; never blocks on the engine."""
+        ``observe`` as for ``add``; ``proxy_protocol`` (1 or 2; 0: none): send each instance
+        that version's PROXY protocol header before the client's bytes.  Until a snapshot
+        arrives every client is handed over.  Thread-safe; never blocks on the engine."""
         cdef RelaySvc *s
         if fd < 0:
             raise ValueError(f"need an open listening descriptor, got {fd}")
+        if not 0 <= proxy_protocol <= 2:
+            raise ValueError(f"proxy_protocol must be 0, 1 or 2, got {proxy_protocol}")
         if not 0.0 < connect_timeout <= 86400.0:
             raise ValueError(
                 f"connect_timeout must be 0..86400 seconds, got {connect_timeout}"
@@ -415,6 +435,7 @@ cdef class SpliceEngine:
         s.http = http
         s.observe = observe
         s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
+        s.proxy_protocol = <uint8_t>proxy_protocol
         self._control(RELAY_CTL_LISTEN, s, fd, NULL)
 
     def unlisten(self, uint32_t service):

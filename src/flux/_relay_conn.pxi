@@ -5,6 +5,11 @@
 # destination (_relay_moves.pxi); the other direction carries on.  When both directions have
 # ended both sockets are closed (relay_finish).  An error on either side (reset, EPIPE,
 # SO_ERROR) closes both with SO_LINGER {1, 0} so each peer sees a reset as well (relay_abort).
+#
+# Preface: a service whose instances read a PROXY protocol header first gets it as bytes already
+# in flight in the client's direction (relay_preface): the data path sends what is in flight
+# before it reads anything new, and nothing moves before the upstream is connected, so the
+# header goes first, alone, with no path of its own (counted as bytes to the instance).
 
 cdef void relay_release_dirs(RelayEngine *e, RelayConn *c) noexcept nogil:
     cdef int d
@@ -74,6 +79,20 @@ cdef void relay_abort(RelayEngine *e, RelayConn *c, int err) noexcept nogil:
         setsockopt(c.fd[s], SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
         relay_close_socket(e, c, s)
     relay_retire(e, c, err)
+
+
+cdef int relay_preface(RelayEngine *e, RelayConn *c, const char *data, size_t n) noexcept nogil:
+    """Put ``n`` (<= RELAY_PREFACE_MAX) bytes in the client direction's buffer, in flight, for
+    the instance to get before anything of the client's.  Only before the connection's first
+    pump.  Returns 0, or -1 when no buffer can be had (the caller ends the connection)."""
+    cdef RelayDir *p = &c.dir[0]
+    if relay_borrow_buf(e, p) == NULL:
+        return -1
+    memcpy(p.buf, data, n)
+    p.off = 0
+    p.length = <uint32_t>n
+    relay_count(e, RC_INFLIGHT, <int64_t>n)
+    return 0
 
 
 cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:

@@ -144,6 +144,13 @@ cdef int relay_take_submissions(RelayEngine *e) noexcept nogil:
             relay_start_connect(e, c)
         else:
             relay_register(e, c)
+        if c.preface != NULL:
+            # The caller's PROXY protocol header: in flight before the first pump, so it goes
+            # ahead of the client's bytes (a connect that failed at once has no use for it).
+            if not c.closed and relay_preface(e, c, c.preface, c.preface_len) < 0:
+                relay_abort(e, c, ENOMEM)
+            free(c.preface)
+            c.preface = NULL
         c = nxt
     if commands & (RELAY_CMD_CUT | RELAY_CMD_STOP):
         relay_cut_all(e)

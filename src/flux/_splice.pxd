@@ -521,6 +521,9 @@ cdef enum:
     RELAY_WAKE_TAG = 0      # epoll tag of the wake eventfd; connections are tagged ptr|side
     RELAY_LISTEN_TAG = 2    # ... and a service's listening socket ptr|2
     RELAY_ADDR_MAX = 28     # sizeof(struct sockaddr_in6), the largest address connect() takes
+    # The longest bytes sent ahead of a client's (RelayConn.preface): a PROXY protocol header,
+    # at most 107 bytes (version 1 over IPv6, with its CRLF).
+    RELAY_PREFACE_MAX = 108
     # Connect timeouts are found by a sweep of the live list this often while any is pending.
     RELAY_CONNECT_SWEEP_NS = 20000000
     # What a move on the data path returns (_relay_moves.pxi); errno values are positive.
@@ -588,6 +591,8 @@ cdef struct RelaySvc:
     uint8_t paused          # engine: accepts are paused (descriptor shortage, or pause())
     uint8_t queued          # engine: on the accept-ready list
     int64_t connect_timeout_ns  # caller, before the LISTEN command
+    uint8_t proxy_protocol  # caller, likewise: 0, or the PROXY protocol version (1, 2) whose
+    #                         header each instance gets first (accept_proxy_preface)
     RelaySnap *snap         # engine (set by the SNAP command)
     RelaySvc *accept_next   # engine: accept-ready list
     # Written by the engine thread, read by the asyncio side (service_counts, instance_active).
@@ -652,6 +657,10 @@ cdef struct RelayConn:
     #                         an HTTP connection handed over: what notices name)
     uint16_t client_port    # ... and its port, host order
     uint8_t counted         # counted as up in svc (engine-accepted; undone at retire)
+    char *preface           # caller (connect()): bytes the instance gets before the client's
+    #                         (a PROXY protocol header), malloc'd; the engine thread moves them
+    #                         into dir[0]'s buffer when it takes the connection, and frees them
+    uint8_t preface_len
 
 
 cdef struct RelayEngine:
@@ -909,6 +918,7 @@ cdef void relay_close_socket(RelayEngine *e, RelayConn *c, int s) noexcept nogil
 cdef void relay_finish(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef void relay_abort(RelayEngine *e, RelayConn *c, int err) noexcept nogil
 cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef int relay_preface(RelayEngine *e, RelayConn *c, const char *data, size_t n) noexcept nogil
 
 # connecting (_relay_connect.pxi)
 cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil

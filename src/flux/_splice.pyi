@@ -130,6 +130,7 @@ class SpliceEngine:
         http: bool = False,
         observe: bool = True,
         service: int = -1,
+        preface: bytes | None = None,
     ) -> None: ...
 
     def listen(
@@ -139,6 +140,7 @@ class SpliceEngine:
         http: bool = False,
         observe: bool = True,
         connect_timeout: float = 3.0,
+        proxy_protocol: int = 0,
     ) -> None: ...
     def unlisten(self, service: int) -> None: ...
 

@@ -46,10 +46,11 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from flux.balancer.coalesce import coalesced
+from flux.balancer.entrypoints import EntryPoint
 from flux.balancer.iptables import IPTables
 from flux.balancer.listener import CONNECT_TIMEOUT, Listener
 from flux.balancer.pool import Balance, Pool
-from flux.balancer.published import PublishedPorts
+from flux.balancer.published import PublishedPorts, entry_name
 from flux.balancer.rules import Interception, desired_rules
 from flux.balancer.services import (
     ABSENT,
@@ -279,13 +280,11 @@ class Balancer:
             return None
         return ServiceView.from_info(info)
 
-    def _published_listener(
-        self, service: str, protocol: str, port: int, pool: Pool, entry: str
-    ) -> Listener:
+    def _published_listener(self, entry: EntryPoint, pool: Pool) -> Listener:
         assert self.published is not None
         return Listener(
-            service,
-            protocol,
+            entry.service,
+            entry.protocol,
             self.published.bind_ip,
             pool,
             self.relay,
@@ -294,8 +293,9 @@ class Balancer:
             on_done=self.on_done,
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
-            port=port,
-            entry=entry,
+            port=entry.port,
+            entry=entry_name(entry.port),
+            proxy_protocol=entry.proxy_protocol,
         )
 
     def _new_listener(self, service: str, endpoint: Endpoint, pool: Pool) -> Listener | None:
@@ -311,6 +311,7 @@ class Balancer:
             on_done=self.on_done,
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
+            proxy_protocol=endpoint.proxy_protocol,
         )
         try:
             port = listener.open()

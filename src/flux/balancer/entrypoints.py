@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
-from flux.model import Protocol, ServiceInfo
+from flux.model import Protocol, ProxyProtocol, ServiceInfo
 
 __all__ = ["EntryPoint", "PortConflict", "PublishClaim", "resolve_entry_points"]
 
@@ -35,12 +36,14 @@ __all__ = ["EntryPoint", "PortConflict", "PublishClaim", "resolve_entry_points"]
 @dataclass(frozen=True, slots=True)
 class PublishClaim:
     """A service's claim on a published port: the port, its protocol, its live instances
-    (name -> address) and the revision its spec was created at."""
+    (name -> address), the revision its spec was created at and the PROXY protocol header its
+    instances get first, if any."""
 
     port: int
     protocol: Protocol
     instances: Mapping[str, str] = field(default_factory=dict)
     created: int = 0
+    proxy_protocol: ProxyProtocol | Literal[""] = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", MappingProxyType(dict(self.instances)))
@@ -55,16 +58,19 @@ class PublishClaim:
             for name, instance in info.instances.items()
             if instance.receives_connections and instance.address is not None
         }
-        return cls(info.spec.publish, info.spec.effective_protocol, live, info.created)
+        spec = info.spec
+        return cls(spec.publish, spec.effective_protocol, live, info.created, spec.proxy_protocol)
 
 
 @dataclass(frozen=True, slots=True)
 class EntryPoint:
-    """One published port and the service it serves, with that service's protocol."""
+    """One published port and the service it serves, with that service's protocol and PROXY
+    protocol (a change of either is a new listener)."""
 
     port: int
     service: str
     protocol: Protocol
+    proxy_protocol: ProxyProtocol | Literal[""] = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +100,8 @@ def resolve_entry_points(
     refused: dict[str, PortConflict] = {}
     for port, names in by_port.items():
         holder, *others = sorted(names, key=lambda name: (claims[name].created, name))
-        entries[port] = EntryPoint(port, holder, claims[holder].protocol)
+        claim = claims[holder]
+        entries[port] = EntryPoint(port, holder, claim.protocol, claim.proxy_protocol)
         for name in others:
             refused[name] = PortConflict(name, port, holder)
     return entries, refused

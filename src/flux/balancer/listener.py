@@ -74,6 +74,16 @@ pick and connect, the pool, retries, the descriptor budget.  A fixed port is tak
 bind first (with ``SO_REUSEADDR``, so a previous run's connections in TIME_WAIT do not hold it)
 and only then by the shards' ``SO_REUSEPORT`` sockets: a port another process holds, even one
 listening with ``SO_REUSEPORT`` itself, fails that bind with EADDRINUSE instead of being shared.
+
+The PROXY protocol
+------------------
+A tcp service with ``proxy_protocol`` (fluxctl ``--proxy-protocol v1|v2``) sends its instances
+a PROXY protocol header naming the client before the client's bytes, on every path: the engine
+makes it for the clients it accepts (``listen``'s ``proxy_protocol``); for a client this
+listener picks for, it is made here (:func:`~flux.relay.proxy_protocol.proxy_header`, from the
+client socket's peer and local addresses) and handed to the engine's connect to go first, or,
+when this listener connected the instance itself, sent on that fresh socket (a hundred bytes
+into an empty send buffer: whole, at once) before the relay takes it.
 """
 
 from __future__ import annotations
@@ -87,9 +97,10 @@ import resource
 import socket
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from flux.balancer.pool import Pool
-from flux.model import ConnectionInfo, parse_address
+from flux.model import ConnectionInfo, ProxyProtocol, parse_address
 from flux.relay import (
     Acceptor,
     Connector,
@@ -99,6 +110,7 @@ from flux.relay import (
     packed_sockaddr,
     reset_and_close,
 )
+from flux.relay.proxy_protocol import PROXY_VERSIONS, proxy_header
 
 __all__ = ["ConnectionBudget", "Listener"]
 
@@ -299,9 +311,11 @@ class Listener:
         budget: ConnectionBudget | None = None,
         port: int = 0,
         entry: str = "vip",
+        proxy_protocol: ProxyProtocol | Literal[""] = "",
     ) -> None:
         self.service = service
         self.entry = entry
+        self._proxy_protocol = PROXY_VERSIONS.get(proxy_protocol, 0)
         self._wanted_port = port
         self.protocol = protocol
         self.bind_ip = bind_ip
@@ -399,6 +413,7 @@ class Listener:
                 connect_timeout=self._connect_timeout,
                 observers=self._observers if self._on_exchange is not None else None,
                 entry=self.entry,
+                proxy_protocol=self._proxy_protocol,
             )
         except BaseException:
             for sock in sockets:
@@ -685,9 +700,22 @@ class Listener:
             )
         self._drop(c)
 
+    def _preface(self, client: socket.socket) -> bytes:
+        """What the instance gets before ``client``'s bytes: its PROXY protocol header, or
+        nothing.  OSError: the client is gone."""
+        if not self._proxy_protocol:
+            return b""
+        peer, local = client.getpeername(), client.getsockname()
+        return proxy_header(self._proxy_protocol, peer[:2], local[:2])
+
     def _connect_in_engine(
         self, connector: Connector, c: _Connecting, name: str, address: str, packed: bytes
     ) -> None:
+        try:
+            preface = self._preface(c.client)
+        except OSError:
+            self._drop(c)  # reset by the client meanwhile
+            return
         info = ConnectionInfo(
             self.service, self.protocol, name, address, c.client_ip, self.entry
         )
@@ -704,6 +732,7 @@ class Listener:
                 observe=observe,
                 service=self._sid,  # -1 unless the engine accepts for this listener
                 info=info,
+                preface=preface,
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -791,6 +820,15 @@ class Listener:
         address: str,
         client_ip: str,
     ) -> None:
+        try:
+            preface = self._preface(client)
+            if preface and upstream.send(preface) != len(preface):
+                raise BlockingIOError(errno.EAGAIN, "the PROXY protocol header did not fit")
+        except OSError:  # the client or the instance is gone already
+            reset_and_close(client)
+            reset_and_close(upstream)
+            self._budget.release()
+            return
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip, self.entry)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
         try:

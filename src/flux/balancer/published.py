@@ -7,7 +7,8 @@ service's :class:`~flux.balancer.entrypoints.PublishClaim`, resolves the claims 
 points (:func:`~flux.balancer.entrypoints.resolve_entry_points`: one holder per port, the
 others in conflict) and brings the listeners in line:
 
-- a port whose entry point is new, or now serves another service or protocol, gets a new
+- a port whose entry point is new, or now serves another service, protocol or PROXY protocol
+  (fluxctl --proxy-protocol), gets a new
   listener on ``-publish-ip`` with a pool of its own (the old one is closed: stop accepting,
   its connections carry on);
 - a port still held as before only has its pool updated with the live instances;
@@ -44,15 +45,15 @@ from flux.balancer.listener import Listener
 from flux.balancer.pool import Balance, Pool, backoff
 from flux.store.base import ServiceUpdate
 
-__all__ = ["BIND_RETRY_BASE", "BIND_RETRY_CAP", "PublishedPorts"]
+__all__ = ["BIND_RETRY_BASE", "BIND_RETRY_CAP", "PublishedPorts", "entry_name"]
 
 log = logging.getLogger("flux.balancer")
 
 BIND_RETRY_BASE = 0.5  # seconds before the first retry of a port that could not be bound
 BIND_RETRY_CAP = 30.0
 
-# (service, protocol, port, pool, entry name) -> a listener not yet opened.
-MakeListener = Callable[[str, str, int, Pool, str], Listener]
+# (entry point, its pool) -> a listener not yet opened.
+MakeListener = Callable[[EntryPoint, Pool], Listener]
 
 
 def entry_name(port: int) -> str:
@@ -145,9 +146,7 @@ class PublishedPorts:
     def _open(self, held: _Port) -> None:
         held.retry = held.retry_at = None
         entry = held.entry
-        listener = self._make_listener(
-            entry.service, entry.protocol, entry.port, held.pool, entry_name(entry.port)
-        )
+        listener = self._make_listener(entry, held.pool)
         try:
             listener.open()
         except OSError as exc:

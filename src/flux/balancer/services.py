@@ -49,8 +49,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
-from flux.model import Protocol, ServiceInfo, parse_address
+from flux.model import Protocol, ProxyProtocol, ServiceInfo, parse_address
 
 __all__ = [
     "TRANSITIONS",
@@ -118,10 +119,12 @@ _PHASES = {
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """What a listener and a rule serve: the service address and the protocol."""
+    """What a listener and a rule serve: the service address and the protocol, and the PROXY
+    protocol header its instances get first, if any (a change of it is a new listener)."""
 
     address: str
     protocol: Protocol
+    proxy_protocol: ProxyProtocol | Literal[""] = ""
 
 
 def _frozen(instances: Mapping[str, str]) -> Mapping[str, str]:
@@ -154,9 +157,10 @@ class ServiceView:
             for name, instance in info.instances.items()
             if instance.receives_connections and instance.address is not None
         }
-        return cls(
-            Endpoint(info.spec.address, info.spec.effective_protocol), live, info.created
+        endpoint = Endpoint(
+            info.spec.address, info.spec.effective_protocol, info.spec.proxy_protocol
         )
+        return cls(endpoint, live, info.created)
 
 
 def why_ignored(info: ServiceInfo) -> str | None:

@@ -275,11 +275,13 @@ class Connector(Protocol):
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        preface: bytes = b"",
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) within ``timeout`` s and relay the
         client (a descriptor, now the relay's) to it; ``handler`` hears what became of it.
         ``service``: an id from :meth:`Acceptor.listen`, whose byte counters count this
-        connection (-1: none); ``info`` as for :meth:`Relay.submit`."""
+        connection (-1: none); ``info`` as for :meth:`Relay.submit`; ``preface``: bytes the
+        instance gets before the client's (a PROXY protocol header)."""
 
 
 class Acceptor(Protocol):
@@ -305,10 +307,12 @@ class Acceptor(Protocol):
         connect_timeout: float,
         observers: ObserverFactory | None = None,
         entry: str = "vip",
+        proxy_protocol: int = 0,
     ) -> int:
         """Accept ``service``'s clients on ``sockets`` (now the relay's); ``handler`` gets
-        what is unusual; ``entry`` names the entry point they come in by, for the counts.
-        Returns the service's id, which the other methods take."""
+        what is unusual; ``entry`` names the entry point they come in by, for the counts;
+        ``proxy_protocol`` (1, 2; 0: none): each instance gets that PROXY protocol header
+        before the client's bytes.  Returns the service's id, which the other methods take."""
 
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""

@@ -243,16 +243,25 @@ class SpliceRelay:
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        preface: bytes = b"",
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
         (a descriptor, now the relay's) to it; ``handler`` hears what became of it; ``info``:
-        what its notices name."""
+        what its notices name; ``preface``: what the instance gets first (a PROXY protocol
+        header)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
         self._next_token += 1
         self._shard().connect(
-            client_fd, address, token, timeout, http, observe is not None, service
+            client_fd,
+            address,
+            token,
+            timeout,
+            http,
+            observe is not None,
+            service,
+            preface or None,
         )
         if service >= 0:
             self._counted.add(token)
@@ -274,10 +283,13 @@ class SpliceRelay:
         connect_timeout: float,
         observers: ObserverFactory | None = None,
         entry: str = "vip",
+        proxy_protocol: int = 0,
     ) -> int:
         """Let the engine accept ``service``'s clients: one listening socket per shard (all
         bound to the same port with SO_REUSEPORT), detached here; returns the id that
-        :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take."""
+        :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take.
+        ``proxy_protocol`` (1, 2; 0: none): the engine sends each instance that PROXY protocol
+        header first."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         if len(sockets) != len(self._engines):
@@ -292,7 +304,9 @@ class SpliceRelay:
                 self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
         http = protocol == "http"
         for engine, sock in zip(self._engines, sockets, strict=True):
-            engine.listen(sid, sock.fileno(), http, observers is not None, connect_timeout)
+            engine.listen(
+                sid, sock.fileno(), http, observers is not None, connect_timeout, proxy_protocol
+            )
             sock.detach()
         return sid
 
