@@ -885,6 +885,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     assert balancer.on_connection == metrics.on_connection
     assert balancer.on_done == metrics.on_done
     assert balancer.on_connect_failure == metrics.on_connect_failure
+    assert balancer.on_reset == metrics.on_reset
     assert balancer.iptables._on_sync == metrics.on_iptables_sync
     assert plugin._listen == ("", 9100)
     assert plugin._advertise == "10.1.2.3:9100"  # derived: host IP + listen port
@@ -1180,6 +1181,9 @@ def test_requests_answered_by_fluxd_are_counted_per_entry_point() -> None:
     # The engine's own answers come per entry point as well, and add up with these.
     engine = EngineCounts({}, {}, {}, {("web", "published:8080", "400"): 3}, {})
     metrics.counters.append(lambda: engine)
+    # Clients reset because no instance could take them: code "reset", not an HTTP rejection.
+    metrics.on_reset("web", "published:8080")
+    metrics.on_reset("web", "published:8080")
     registry = CollectorRegistry()
     registry.register(FluxCollector(metrics))
     value = registry.get_sample_value
@@ -1188,6 +1192,8 @@ def test_requests_answered_by_fluxd_are_counted_per_entry_point() -> None:
     assert value(answered, {"service": "web", "entry": "published:8080", "code": "400"}) == 4.0
     assert value(answered, {"service": "web", "entry": "published:8080", "code": "408"}) == 1.0
     assert value(answered, {"service": "web", "entry": "vip", "code": "408"}) is None
+    assert value(answered, {"service": "web", "entry": "published:8080", "code": "reset"}) == 2.0
+    assert value("flux_http_rejected_total", {"service": "web", "code": "reset"}) is None
     assert value("flux_http_rejected_total", {"service": "web", "code": "400"}) == 5.0
     assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
 

@@ -159,6 +159,9 @@ def test_a_published_port_reaches_the_instances_with_retries_and_counts_per_entr
     for _ in range(3):
         assert reset(published.ip, web_port)
     assert not published.daemon.logged("no instance could take the connection")
+    # ... but counted, per entry point, as what fluxd answered itself.
+    answered = {"service": "web", "entry": f"published:{web_port}", "code": "reset"}
+    assert published.total("flux_entry_answered_total", **answered) == 3
     # web's second instance is a port nobody listens on: connects to it fail and are retried.
     dead = f"127.0.0.2:{free_port('127.0.0.2')}"
     published.host.add_instance("web", "web-1", backends[0].address)

@@ -243,6 +243,7 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
         on_done=metrics.on_done if metrics else None,
         on_connect_failure=metrics.on_connect_failure if metrics else None,
         on_exchange=metrics.exchange_observer if metrics else None,
+        on_reset=metrics.on_reset if metrics else None,
     )
     agent = Agent(
         store,

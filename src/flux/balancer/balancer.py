@@ -107,6 +107,7 @@ class Balancer:
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
+        on_reset: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -121,6 +122,7 @@ class Balancer:
         self.on_done = on_done
         self.on_connect_failure = on_connect_failure
         self.on_exchange = on_exchange
+        self.on_reset = on_reset
         self._clock = clock
         self._rng = rng or random.Random()
         self.states: dict[str, ServiceState] = {}
@@ -293,6 +295,7 @@ class Balancer:
             on_done=self.on_done,
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
+            on_reset=self.on_reset,
             port=entry.port,
             entry=entry_name(entry.port),
             proxy_protocol=entry.proxy_protocol,
@@ -311,6 +314,7 @@ class Balancer:
             on_done=self.on_done,
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
+            on_reset=self.on_reset,
             proxy_protocol=endpoint.proxy_protocol,
         )
         try:

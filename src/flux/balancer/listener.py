@@ -308,6 +308,7 @@ class Listener:
         on_done: Callable[[ConnectionInfo, RelayResult], None] | None = None,
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
+        on_reset: Callable[[str, str], None] | None = None,
         budget: ConnectionBudget | None = None,
         port: int = 0,
         entry: str = "vip",
@@ -325,6 +326,8 @@ class Listener:
         self._on_connection = on_connection
         self._on_done = on_done
         self._on_connect_failure = on_connect_failure
+        # (service, entry): a client reset because no instance could take it.
+        self._on_reset = on_reset
         self._on_exchange = on_exchange if protocol == "http" else None
         self._http = protocol == "http"
         self._sock: socket.socket | None = None
@@ -698,6 +701,8 @@ class Listener:
                 c.client_ip,
                 len(c.tried),
             )
+        if self._on_reset is not None:
+            self._on_reset(self.service, self.entry)
         self._drop(c)
 
     def _preface(self, client: socket.socket) -> bytes:

@@ -42,7 +42,10 @@ engine folds likewise in its own tally (each shard names at most as many, the re
 
 What fluxd answered itself (400, 431, 408) is counted per service in
 ``flux_http_rejected_total`` and per entry point in ``flux_entry_answered_total{service, entry,
-code}``: an edge host wants to see which door the bad requests come in by.
+code}``: an edge host wants to see which door the bad requests come in by.  The same family
+counts the clients fluxd reset because no instance could take them (``code="reset"``: none
+live, as on a published port whose service has no instance, or every attempt failed; fed by
+the listener, :meth:`Metrics.on_reset`).
 
 An HTTP/2 exchange that carried a gRPC call (the relay passes a :class:`~flux.relay.GrpcCall`)
 is also counted per gRPC method and code (``flux_grpc_total``, ``flux_grpc_duration_seconds``).
@@ -329,6 +332,8 @@ class Metrics:
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         # Requests fluxd answered itself, by (service, entry point, status).
         self.rejected: dict[tuple[str, str, str], int] = {}
+        # Clients reset because no instance could take them, by (service, entry point).
+        self.resets: dict[tuple[str, str], int] = {}
         # Exchanges cut short, by (service, side): flux_http_aborted_total.
         self.aborted: dict[tuple[str, str], int] = {}
         # gRPC calls' total times by (service, grpc_service, grpc_method, code): their counts
@@ -447,6 +452,12 @@ class Metrics:
             for name, n in counted.levels.items():
                 levels[name] = levels.get(name, 0) + n
         return RelayCounters(events, levels)
+
+    def on_reset(self, service: str, entry: str) -> None:
+        """A client of ``service`` that came in by ``entry`` was reset: no instance could take
+        it."""
+        key = (service, entry)
+        self.resets[key] = self.resets.get(key, 0) + 1
 
     def on_connect_failure(self, service: str, instance: str) -> None:
         """Connecting to ``instance`` failed (refused, unreachable or timed out)."""
@@ -625,6 +636,8 @@ class FluxCollector(Collector):
             per_service[service_code] = per_service.get(service_code, 0) + count
         for answered, count in per_service.items():
             f.http_rejected.add_metric(answered, count)
+        for service_entry, count in m.resets.items():
+            f.entry_answered.add_metric((*service_entry, "reset"), count)
         engine = m.engine_counters()
         for name, count in sorted(engine.events.items()):
             f.engine_events.add_metric((name,), count)
@@ -735,8 +748,9 @@ class _Families:
         )
         self.entry_answered = CounterMetricFamily(
             "flux_entry_answered_total",
-            "Requests fluxd answered itself (flux_http_rejected_total's), by the entry point"
-            " they came in by: vip or published:PORT.",
+            "What fluxd answered itself, by the entry point it came in by (vip or"
+            " published:PORT): the requests of flux_http_rejected_total by status, and"
+            " code=\"reset\" for the clients reset because no instance could take them.",
             labels=("service", "entry", "code"),
         )
         self.engine_events = CounterMetricFamily(
