@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from flux._splice import SpliceEngine
 from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.model import ProxyProtocol
-from flux.relay import make_relay
+from flux.relay import make_relay, packed_sockaddr
 from flux.relay.proxy_protocol import PROXY_V2_SIGNATURE, PROXY_VERSIONS, proxy_header
 from tests.support.haproxy import haproxy_reading_proxy_headers
 
@@ -64,17 +65,33 @@ def test_v2_is_the_binary_block_of_the_spec() -> None:
 # -- through a listener ---------------------------------------------------------------------------
 
 
+def test_the_engine_refuses_a_bad_preface_or_version() -> None:
+    engine = SpliceEngine()
+    engine.start()
+    try:
+        address = packed_sockaddr("127.0.0.1", 9)
+        too_long = pytest.raises(ValueError, match="preface must be at most 108 bytes, got 109")
+        with socket.socket() as client, too_long:
+            engine.connect(client.fileno(), address, 1, 1.0, preface=b"x" * 109)
+        bad_version = pytest.raises(ValueError, match="proxy_protocol must be 0, 1 or 2, got 3")
+        with socket.create_server((LOOPBACK, 0)) as server, bad_version:
+            engine.listen(1, server.fileno(), proxy_protocol=3)
+    finally:
+        engine.stop()
+
+
 @contextlib.asynccontextmanager
 async def listening(
-    path: str, version: ProxyProtocol, instance_address: str
+    path: str, version: ProxyProtocol, instance_address: str, dead: str | None = None
 ) -> AsyncIterator[tuple[Listener, int]]:
     """A listener of tcp service "db" with ``version``'s header, over the relay ``path``
-    needs, its one instance at ``instance_address``; yields it and its port."""
+    needs, its instance at ``instance_address`` (and one at ``dead``, where nothing listens);
+    yields it and its port."""
     relay = make_relay("python" if path == "python" else "splice")
     await relay.start()
     loop = asyncio.get_running_loop()
     pool = Pool(now=loop.time, rng=random.Random(3))
-    pool.update({"i0": instance_address})
+    pool.update({"i0": instance_address} | ({"dead": dead} if dead else {}))
     listener = Listener("db", "tcp", LOOPBACK, pool, relay, connect_timeout=2.0,
                         budget=ConnectionBudget(), proxy_protocol=version)  # fmt: skip
     port = listener.open()
@@ -120,13 +137,17 @@ async def recv_exactly(sock: socket.socket, n: int) -> bytes:
 async def test_the_instance_gets_the_header_then_the_client_s_bytes(
     path: str, version: ProxyProtocol
 ) -> None:
+    """The pool also holds an instance where nothing listens: a client tried there first goes
+    on to the live one with one header, the failed connect having sent nothing."""
     loop = asyncio.get_running_loop()
     instance = socket.create_server((LOOPBACK, 0))
     instance.setblocking(False)
     host, instance_port = instance.getsockname()
+    with socket.create_server((LOOPBACK, 0)) as closed:
+        dead = "{}:{}".format(*closed.getsockname())
     try:
-        async with listening(path, version, f"{host}:{instance_port}") as (listener, port):
-            for _ in range(3):  # a header per connection, each naming its own client
+        async with listening(path, version, f"{host}:{instance_port}", dead) as (listener, port):
+            for _ in range(6):  # a header per connection, each naming its own client
                 client, reached = await client_through(path, listener, port)
                 with client:
                     expected = proxy_header(
