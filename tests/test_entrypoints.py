@@ -119,3 +119,25 @@ async def test_a_port_that_cannot_be_bound_is_logged_once_and_retried_with_backo
     # Unpublished: closed, and nothing more is tried.
     ports.apply(ServiceUpdate({"web": None}))
     assert fake.closed and ports.status() == {}
+
+
+async def test_a_new_proxy_protocol_reopens_the_published_port() -> None:
+    made: list[EntryPoint] = []
+    fake = _Unbindable(0)
+    fake.free = True
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        made.append(entry)
+        return cast(Listener, fake)
+
+    ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+    for version in ("", "v1", "v1", "v2"):
+        spec = Service(publish=5432, proxyProtocol=version)
+        ports.apply(ServiceUpdate({"db": ServiceInfo(name="db", spec=spec)}))
+    assert made == [
+        EntryPoint(5432, "db", "tcp"),
+        EntryPoint(5432, "db", "tcp", "v1"),
+        EntryPoint(5432, "db", "tcp", "v2"),
+    ]
+    ports.close()

@@ -172,6 +172,20 @@ def test_action_arguments() -> None:
     assert transition("svc", forwarding(), view()).state.instances == {}
 
 
+def test_a_new_proxy_protocol_is_a_new_listener() -> None:
+    """The listener sends the header, so turning it on, off or to another version replaces the
+    listener (its pool kept) as a new protocol does; a REJECT rule does not care."""
+    proxied = Endpoint(VIP, "tcp", "v2")
+    assert ServiceView.from_info(info(Service(address=VIP, proxyProtocol="v2"))) == ServiceView(
+        proxied, {}
+    )
+    for old, new in [(TCP, proxied), (proxied, Endpoint(VIP, "tcp", "v1")), (proxied, TCP)]:
+        result = transition("svc", forwarding(old), view(new, ONE))
+        assert steps(result.actions)[0] == ("replace_listener", new)
+        assert result.state == ServiceState(State.FORWARDING, new, ONE)
+    assert transition("svc", rejecting(TCP), view(proxied)).actions == ()
+
+
 def test_the_original_services_scenario() -> None:
     """Reference TestServices: add, change address, drain, refill, delete, delete again."""
     state = ABSENT
