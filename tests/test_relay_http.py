@@ -72,13 +72,8 @@ SWITCHED = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
 
 
 async def flushed(h: Harness, obs: Exchanges, count: int, timeout: float = 5.0) -> None:
-    """Wait until ``count`` exchanges were reported (a flush delivers the engine's at once)."""
-    deadline = time.monotonic() + timeout
-    while len(obs.seen) < count:
-        h.relay.flush()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(obs.seen)} of {count} exchanges reported: {obs.seen}")
-        await asyncio.sleep(0.01)
+    """Wait until ``count`` exchanges were reported."""
+    await h.reported(obs.seen, count, timeout)
 
 
 async def open_http(h: Harness, obs: Exchanges | None = None) -> Link:

@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,17 @@ class Harness:
         )
         self.links.append(link)
         return link
+
+    async def reported(self, seen: Sized, count: int, timeout: float = 5.0) -> None:
+        """Wait until an observer's ``seen`` holds ``count`` exchanges (a flush delivers the
+        engine's at once); flush once more after, so nothing reported late is pending."""
+        deadline = time.monotonic() + timeout
+        while len(seen) < count:
+            self.relay.flush()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(seen)} of {count} exchanges reported: {seen}")
+            await asyncio.sleep(0.01)
+        self.relay.flush()
 
     async def close(self) -> None:
         for sock in self.sockets:
