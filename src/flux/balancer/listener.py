@@ -64,6 +64,11 @@ counted in the next report), not once per retry.
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
 
+A published port shared by host name is accepted by a router instead
+(:mod:`flux.balancer.hostrouter`), which reads each client's first request head and gives the
+client to the chosen service's listener with :meth:`Listener.take`; that listener never
+opens a socket of its own, and goes on from step 1 above.
+
 Published ports
 ---------------
 A service's published port (:mod:`flux.balancer.entrypoints`) is a listener like any other,
@@ -100,7 +105,7 @@ from flux.relay import (
     reset_and_close,
 )
 
-__all__ = ["ConnectionBudget", "Listener"]
+__all__ = ["ConnectionBudget", "Listener", "process_budget"]
 
 log = logging.getLogger("flux.balancer")
 
@@ -272,6 +277,11 @@ class ConnectionBudget:
 _BUDGET = ConnectionBudget()
 
 
+def process_budget() -> ConnectionBudget:
+    """The budget every listener of this process shares unless given another."""
+    return _BUDGET
+
+
 @functools.lru_cache(maxsize=4096)
 def _split(address: str) -> tuple[int, tuple[str, int], bytes]:
     # Cached: parsing with ipaddress on every connection showed in profiles of connection churn.
@@ -355,6 +365,16 @@ class Listener:
         self._loop.add_reader(sock.fileno(), self._accept)
         self._count_listening(1)
         return self.port
+
+    def take(self, client_fd: int, client_ip: str) -> None:
+        """Serve a client another socket accepted: a published port shared by host name,
+        whose router read the client's first request head (left unread in the socket) and
+        picked this service.  From here it goes as if this listener had accepted it (pick,
+        connect, retry, hand over); the router took it out of the budget, and this listener
+        gives it back when the connection ends.  The listener need not be open."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._attempt(_Connecting(self, client_fd, client_ip))
 
     def _count_listening(self, n: int) -> None:
         """Take this listener's ``n`` listening sockets out of the connection budget."""
