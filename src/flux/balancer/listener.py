@@ -135,6 +135,7 @@ class _Connecting:
         "listener",
         "name",
         "parked_until",
+        "pinned",
         "tried",
         "up",
         "upstream",
@@ -155,6 +156,9 @@ class _Connecting:
         self.info: ConnectionInfo | None = None  # set when handed to the engine to connect
         self.up = False  # the engine connected it (and the instance counts it as active)
         self.parked_until = 0.0  # waiting for a descriptor: reset if still waiting then
+        # Routed by its first request's Host (Listener.take): the relay answers 421 to a later
+        # request naming another host.
+        self.pinned = False
 
     @property
     def client(self) -> socket.socket:
@@ -374,7 +378,9 @@ class Listener:
         gives it back when the connection ends.  The listener need not be open."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        self._attempt(_Connecting(self, client_fd, client_ip))
+        c = _Connecting(self, client_fd, client_ip)
+        c.pinned = True
+        self._attempt(c)
 
     def _count_listening(self, n: int) -> None:
         """Take this listener's ``n`` listening sockets out of the connection budget."""
@@ -680,7 +686,9 @@ class Listener:
                 code = errno.ECONNREFUSED
             if code == 0:
                 self.pool.succeeded(choice.name)
-                self._hand_over(c.client, upstream, choice.name, choice.address, c.client_ip)
+                self._hand_over(
+                    c.client, upstream, choice.name, choice.address, c.client_ip, c.pinned
+                )
                 return
             if code != errno.EINPROGRESS:
                 upstream.close()
@@ -724,6 +732,7 @@ class Listener:
                 observe=observe,
                 service=self._sid,  # -1 unless the engine accepts for this listener
                 info=info,
+                pin_host=c.pinned,
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -778,7 +787,7 @@ class Listener:
             self._attempt(c)
             return
         self.pool.succeeded(c.name)
-        self._hand_over(c.client, upstream, c.name, c.address, c.client_ip)
+        self._hand_over(c.client, upstream, c.name, c.address, c.client_ip, c.pinned)
 
     def _timed_out(self, c: _Connecting) -> None:
         if c.upstream is None:
@@ -810,6 +819,7 @@ class Listener:
         name: str,
         address: str,
         client_ip: str,
+        pinned: bool = False,
     ) -> None:
         info = ConnectionInfo(self.service, self.protocol, name, address, client_ip, self.entry)
         observe = self._on_exchange(info) if self._on_exchange is not None else None
@@ -822,10 +832,12 @@ class Listener:
                     observe=observe,
                     service=self._sid,
                     info=info,
+                    pin_host=pinned,
                 )
             else:
                 future = self._relay.submit(
-                    client, upstream, http=self._http, observe=observe, info=info
+                    client, upstream, http=self._http, observe=observe, info=info,
+                    pin_host=pinned,
                 )
         except RuntimeError:  # the relay is shutting down
             reset_and_close(client)

@@ -705,7 +705,8 @@ class _Families:
         self.http_rejected = CounterMetricFamily(
             "flux_http_rejected_total",
             "HTTP requests fluxd answered itself and closed: 400 malformed, 431 head too large,"
-            " 408 head not received in time.",
+            " 408 head not received in time, 421 a later request for another host on a connection"
+            " routed by host name.",
             labels=("service", "code"),
         )
         self.engine_events = CounterMetricFamily(
