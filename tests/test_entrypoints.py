@@ -268,3 +268,47 @@ def test_bad_host_names_are_refused_with_a_sentence_naming_them(name: str) -> No
         normalise_hostname(name)
     with pytest.raises(ValidationError):
         Service.model_validate({"hostnames": [name]})
+
+
+class _Releasing:
+    """A listener whose port is still held (EADDRINUSE) for its first ``busy`` opens, as when
+    the engine has not yet closed the sockets of the listener just closed."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.opened = 0
+        self.closed = False
+
+    def open(self) -> int:
+        self.opened += 1
+        if self.opened <= self.busy:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        return 8080
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_port_reopened_in_another_form_is_retried_quietly_while_still_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made: dict[str, _Releasing] = {}
+
+    def make(service: str, protocol: str, port: int, pool: Pool, entry: str) -> Listener:
+        if service not in made:
+            made[service] = _Releasing(0 if service == "first" else 3)
+        return cast(Listener, made[service])
+
+    ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+    first = ServiceInfo(name="first", spec=Service(publish=8080), created=1)
+    second = ServiceInfo(name="second", spec=Service(publish=8080), created=2)
+    with caplog.at_level(logging.INFO, logger="flux.balancer"):
+        ports.apply(ServiceUpdate({"first": first}, reset=True))
+        ports.apply(ServiceUpdate({"first": None, "second": second}))
+        assert made["first"].closed
+        await asyncio.sleep(0.3)
+    assert made["second"].opened == 4
+    assert ports.status()["second"]["state"] == "listening"
+    assert [r.getMessage() for r in caplog.records if "cannot publish" in r.getMessage()] == []
+    ports.close()

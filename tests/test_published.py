@@ -489,3 +489,36 @@ def test_host_name_conflicts_on_a_shared_port_the_first_created_wins(
     assert sum(line in entry for entry in published.daemon.lines) == 1
     assert sum(bad in entry for entry in published.daemon.lines) == 1
     assert "odd" not in published.status()
+
+
+def test_a_port_of_one_service_becomes_shared_when_a_service_with_host_names_joins(
+    published: Published, backends: list[HttpBackend]
+) -> None:
+    port = free_port(published.ip)
+    published.service("site", publish=port, instancePort=80, protocol="http")
+    published.host.add_instance("site", "site-1", backends[0].address)
+    published.wait_state("site", "listening")
+    wait_until(
+        lambda: len(published.published("site").get("instances", [])) == 1, 15, "site's instance"
+    )
+    assert published.get(port) == HELLO
+    published.service("api", publish=port, instancePort=80, protocol="http",
+                      hostnames=["api.example.test"])  # fmt: skip
+    published.host.add_instance("api", "api-1", backends[1].address)
+    published.daemon.wait_logged(f"published port {port} on {published.ip} (http, by host name)")
+    wait_until(
+        lambda: len(published.published("api").get("instances", [])) == 1, 15, "api's instance"
+    )
+    (response,), _ = converse(published.ip, port, get_for("api.example.test"))
+    assert body_of(response) == HELLO.encode()
+    assert published.get(port) == HELLO  # any other host: site, the default
+    assert (backends[0].requests, backends[1].requests) == (2, 1)
+    assert published.published("site")["default"] is True
+    # api goes: the port is site's alone again, accepted by the engine as before.
+    published.remove("api")
+    wait_until(lambda: "hostnames" not in published.published("site"), 15, "site alone")
+    published.wait_state("site", "listening")
+    assert published.get(port) == HELLO
+    # Closed and opened again in another form each time, without a line about a busy port
+    # (the engine's sockets close a moment later: retried quietly).
+    assert not published.daemon.logged(f"cannot publish port {port}")

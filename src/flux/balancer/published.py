@@ -20,7 +20,10 @@ leaving such a port, or their host names changing, only change the router's tabl
 pools: the socket stays open.  A port that turns from one service into a shared one (or back)
 is closed and opened again, like any change of holder.
 
-A port that cannot be bound is logged once, naming the port and the service, shown in
+A port closed here to be opened again in another form (one service <-> shared by host name)
+may still be held for a moment by the engine's shards, which close their sockets on their own
+thread: EADDRINUSE within ``RELEASE_GRACE`` of that close is retried quietly and quickly.
+Otherwise, a port that cannot be bound is logged once, naming the port and the service, shown in
 :meth:`status` as ``busy`` (another process holds it: EADDRINUSE) or ``failed`` (any other
 error: ``-publish-ip`` is not an address of this host, a port below 1024 without the
 capability) with the error, and tried again after 0.5 s, doubling up to 30 s,
@@ -60,6 +63,11 @@ log = logging.getLogger("flux.balancer")
 
 BIND_RETRY_BASE = 0.5  # seconds before the first retry of a port that could not be bound
 BIND_RETRY_CAP = 30.0
+# A port this host closed to open it again in another form (one service <-> shared by host
+# name): the engine closes its shards' sockets on its own thread, a moment later, so a bind
+# may still find them.  EADDRINUSE that soon after is retried quietly every RELEASE_RETRY s.
+RELEASE_GRACE = 2.0
+RELEASE_RETRY = 0.02
 
 # (service, protocol, port, pool, entry name) -> a listener not yet opened.
 MakeListener = Callable[[str, str, int, Pool, str], Listener]
@@ -128,6 +136,7 @@ class PublishedPorts:
         self.claims: dict[str, PublishClaim] = {}
         self.conflicts: dict[str, PortConflict] = {}
         self.ports: dict[int, _Port] = {}
+        self._released: dict[int, float] = {}  # port -> when this host last closed it
         self._closed = False
 
     def apply(self, update: ServiceUpdate) -> None:
@@ -232,6 +241,15 @@ class PublishedPorts:
         try:
             opened.open()
         except OSError as exc:
+            loop = asyncio.get_running_loop()
+            released = self._released.get(entry.port)
+            if (
+                exc.errno == errno.EADDRINUSE
+                and released is not None
+                and self._clock() - released < RELEASE_GRACE
+            ):
+                held.retry = loop.call_later(RELEASE_RETRY, self._retry, held)
+                return
             error = exc.strerror or str(exc)
             if held.error is None:
                 log.warning(
@@ -246,15 +264,17 @@ class PublishedPorts:
             delay = backoff(held.failures, base=BIND_RETRY_BASE, cap=BIND_RETRY_CAP)
             held.failures += 1
             held.retry_at = self._clock() + delay
-            held.retry = asyncio.get_running_loop().call_later(delay, self._retry, held)
+            held.retry = loop.call_later(delay, self._retry, held)
             return
+        self._released.pop(entry.port, None)
         if held.error is not None:
             log.info(
-                "service %s: published port %d on %s (%s) after %d failed attempts",
+                "service %s: published port %d on %s (%s%s) after %d failed attempts",
                 entry.service,
                 entry.port,
                 self.bind_ip,
                 entry.protocol,
+                ", by host name" if entry.shared else "",
                 held.failures,
             )
         else:
@@ -286,6 +306,7 @@ class PublishedPorts:
         if opened is not None:
             opened.close()
             held.listener = held.router = None
+            self._released[held.entry.port] = self._clock()
             log.info(
                 "service %s: closed published port %d", held.entry.service, held.entry.port
             )
