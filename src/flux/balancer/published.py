@@ -306,7 +306,11 @@ class PublishedPorts:
         if opened is not None:
             opened.close()
             held.listener = held.router = None
-            self._released[held.entry.port] = self._clock()
+            now = self._clock()
+            self._released = {
+                port: at for port, at in self._released.items() if now - at < RELEASE_GRACE
+            }
+            self._released[held.entry.port] = now
             log.info(
                 "service %s: closed published port %d", held.entry.service, held.entry.port
             )
