@@ -97,12 +97,13 @@ class Harness:
         http: bool = False,
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> Link:
         """A client connected through the relay to the test's server end.
 
         ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
         buffers is bounded and what the relay buffers can be told apart; ``info`` names the
-        service and instance in the connection's notices.
+        service and instance in the connection's notices; ``pin_host`` as for submit.
         """
         async with self.opening:
             client, relay_client = await self.pair(self.front)
@@ -117,7 +118,12 @@ class Harness:
             client,
             server,
             self.relay.submit(
-                relay_client, relay_upstream, http=http, observe=observe, info=info
+                relay_client,
+                relay_upstream,
+                http=http,
+                observe=observe,
+                info=info,
+                pin_host=pin_host,
             ),
         )
         self.links.append(link)

@@ -308,6 +308,10 @@ class Metrics:
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         self.rejected: dict[tuple[str, str], int] = {}
+        # What fluxd answered itself at a published port shared by host name, by (entry,
+        # code): 404 (no service for the host), 421 (a later request for another host), and
+        # 408 / 431 for a first head the router could not read: flux_entry_answered_total.
+        self.entry_answered: dict[tuple[str, str], int] = {}
         # Exchanges cut short, by (service, side): flux_http_aborted_total.
         self.aborted: dict[tuple[str, str], int] = {}
         # gRPC calls' total times by (service, grpc_service, grpc_method, code): their counts
@@ -357,6 +361,14 @@ class Metrics:
         if result.answered:
             key = (service, str(result.answered))
             self.rejected[key] = self.rejected.get(key, 0) + 1
+            if result.answered == 421:
+                self.on_entry_answered(info.entry, 421)
+
+    def on_entry_answered(self, entry: str, status: int) -> None:
+        """fluxd answered a client at ``entry`` itself, before or instead of a service
+        (a published port shared by host name: 404, 421, ...)."""
+        key = (entry, str(status))
+        self.entry_answered[key] = self.entry_answered.get(key, 0) + 1
 
     def totals(
         self,
@@ -552,6 +564,8 @@ class FluxCollector(Collector):
             f.connections.add_metric(connection, count)
         for entry, count in m.entry_totals().items():
             f.entries.add_metric(entry, count)
+        for answered_at, count in m.entry_answered.items():
+            f.entry_answered.add_metric(answered_at, count)
         for direction, count in byte_counts.items():
             f.bytes.add_metric(direction, count)
         for service, active in actives.items():
@@ -632,6 +646,14 @@ class _Families:
             " service address) or published:PORT.",
             labels=("service", "entry"),
         )
+        self.entry_answered = CounterMetricFamily(
+            "flux_entry_answered_total",
+            "Requests fluxd answered itself at a published port shared by host name, by entry"
+            " point and status: 404 no service for the host, 421 a later request on a"
+            " connection for another host, 408 / 431 a first request head not read in time or"
+            " too large.",
+            labels=("entry", "code"),
+        )
         self.bytes = CounterMetricFamily(
             "flux_bytes_total",
             "Bytes relayed, per direction (counted as they are delivered; the Python relay"
@@ -683,7 +705,8 @@ class _Families:
         self.http_rejected = CounterMetricFamily(
             "flux_http_rejected_total",
             "HTTP requests fluxd answered itself and closed: 400 malformed, 431 head too large,"
-            " 408 head not received in time.",
+            " 408 head not received in time, 421 a later request for another host on a connection"
+            " routed by host name.",
             labels=("service", "code"),
         )
         self.engine_events = CounterMetricFamily(
@@ -727,6 +750,7 @@ class _Families:
         return [
             self.connections,
             self.entries,
+            self.entry_answered,
             self.bytes,
             self.active,
             self.connect_failures,
