@@ -194,7 +194,7 @@ def test_engine_picks_from_the_snapshot_and_counts_each_connection(
     wait_for(lambda: group.engines[0].service_counts(1).active == 0, "the connections to end")
     up, down, active, rejected, tally = group.engines[0].service_counts(1)
     sent = sum(len(b"hello %d" % i) for i in range(20))
-    assert (up, down, active, rejected) == (sent, sent, 0, (0, 0, 0))
+    assert (up, down, active, rejected) == (sent, sent, 0, (0, 0, 0, 0))
     ip = int.from_bytes(socket.inet_aton(LOCAL), "little")
     assert tally == [(7, ip, 20)]
     assert group.handed() == []

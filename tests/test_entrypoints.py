@@ -11,12 +11,28 @@ import random
 from typing import cast
 
 import pytest
+from pydantic import ValidationError
 
-from flux.balancer.entrypoints import EntryPoint, PortConflict, PublishClaim, resolve_entry_points
+from flux.balancer.entrypoints import (
+    EntryPoint,
+    HostRoutes,
+    PortConflict,
+    PublishClaim,
+    request_host,
+    resolve_entry_points,
+)
 from flux.balancer.listener import Listener
 from flux.balancer.pool import Pool
 from flux.balancer.published import BIND_RETRY_BASE, PublishedPorts
-from flux.model import HostRef, Instance, InstanceState, Service, ServiceInfo
+from flux.model import (
+    HostRef,
+    Instance,
+    InstanceState,
+    RecordError,
+    Service,
+    ServiceInfo,
+    normalise_hostname,
+)
 from flux.store.base import ServiceUpdate
 
 
@@ -53,10 +69,12 @@ def test_the_first_created_service_holds_a_port_and_the_others_are_in_conflict()
         8080: EntryPoint(8080, "alone", "http"),
     }
     assert conflicts == {
-        "late": PortConflict("late", 80, "early"),
+        "late": PortConflict("late", 80, "early", protocol="tcp"),
         "same-revision-b": PortConflict("same-revision-b", 443, "same-revision-a"),
     }
-    assert str(conflicts["late"]) == "port 80 is also published by service early"
+    assert str(conflicts["same-revision-b"]) == (
+        "port 443 is also published by service same-revision-a"
+    )
     # The holder goes: the next claimant takes the port.
     del claims["early"]
     entries, conflicts = resolve_entry_points(claims)
@@ -137,7 +155,182 @@ async def test_a_new_proxy_protocol_reopens_the_published_port() -> None:
         ports.apply(ServiceUpdate({"db": ServiceInfo(name="db", spec=spec)}))
     assert made == [
         EntryPoint(5432, "db", "tcp"),
-        EntryPoint(5432, "db", "tcp", "v1"),
-        EntryPoint(5432, "db", "tcp", "v2"),
+        EntryPoint(5432, "db", "tcp", proxy_protocol="v1"),
+        EntryPoint(5432, "db", "tcp", proxy_protocol="v2"),
     ]
+    ports.close()
+
+
+# -- ports shared by host name ---------------------------------------------------------------
+
+
+def test_http_services_with_host_names_share_a_port_and_the_first_created_wins_a_clash() -> None:
+    claims = {
+        "web": PublishClaim(80, "http", created=10, hostnames=("www.example.com",)),
+        "api": PublishClaim(80, "http", created=11, hostnames=("api.example.com",)),
+        "fallback": PublishClaim(80, "http", created=12),
+        "apps": PublishClaim(80, "http", created=13, hostnames=("*.apps.example.com",)),
+        # Refused: a name web has, a second default, a tcp service on an http port.
+        "copy": PublishClaim(80, "http", created=14, hostnames=("www.example.com", "x.org")),
+        "other-default": PublishClaim(80, "http", created=15),
+        "raw": PublishClaim(80, "tcp", created=16),
+    }
+    entries, conflicts = resolve_entry_points(claims)
+    routes = HostRoutes(
+        (
+            ("*.apps.example.com", "apps"),
+            ("api.example.com", "api"),
+            ("www.example.com", "web"),
+        ),
+        "fallback",
+    )
+    assert entries == {80: EntryPoint(80, "web", "http", routes)}
+    assert entries[80].shared
+    assert routes.services == ("api", "apps", "fallback", "web")
+    assert conflicts == {
+        "copy": PortConflict("copy", 80, "web", hostname="www.example.com"),
+        "other-default": PortConflict("other-default", 80, "fallback"),
+        "raw": PortConflict("raw", 80, "web", protocol="http"),
+    }
+    assert str(conflicts["copy"]) == (
+        "host name www.example.com on port 80 is also claimed by service web"
+    )
+    assert str(conflicts["other-default"]) == "port 80 is also published by service fallback"
+    assert str(conflicts["raw"]) == (
+        "port 80 is published by http service web (tcp and http services cannot share a port)"
+    )
+    # The clash's winner goes: the other is admitted whole.
+    del claims["web"]
+    entries, conflicts = resolve_entry_points(claims)
+    assert "copy" not in conflicts
+    assert entries[80].routes is not None
+    assert entries[80].routes.pick("www.example.com") == "copy"
+    # A tcp port is held by one service, host names or not (tcp is not routed by name).
+    tcp = {
+        "a": PublishClaim(443, "tcp", created=1),
+        "b": PublishClaim(443, "tcp", created=2),
+    }
+    entries, conflicts = resolve_entry_points(tcp)
+    assert entries == {443: EntryPoint(443, "a", "tcp")} and set(conflicts) == {"b"}
+
+
+def test_a_tcp_spec_with_host_names_claims_its_port_without_them() -> None:
+    info = ServiceInfo(name="tls", spec=Service(publish=443, hostnames=("a.example.com",)))
+    claim = PublishClaim.from_info(info)
+    assert claim is not None and claim.hostnames == ()
+    http = info.model_copy(update={"spec": Service(publish=80, protocol="http",
+                                                   hostnames=("a.example.com",))})  # fmt: skip
+    claim = PublishClaim.from_info(http)
+    assert claim is not None and claim.hostnames == ("a.example.com",)
+
+
+@pytest.mark.parametrize(
+    ("host", "service"),
+    [
+        ("www.example.com", "web"),
+        ("a.apps.example.com", "apps"),  # one label under the wildcard
+        ("exact.apps.example.com", "exact"),  # an exact name wins over a wildcard
+        ("apps.example.com", None),  # the wildcard needs a label
+        ("a.b.apps.example.com", None),  # ... exactly one
+        ("example.com", None),
+        (None, None),
+    ],
+)
+def test_routes_pick_exact_names_then_one_label_wildcards_then_the_default(
+    host: str | None, service: str | None
+) -> None:
+    names = (("*.apps.example.com", "apps"), ("exact.apps.example.com", "exact"),
+             ("www.example.com", "web"))  # fmt: skip
+    assert HostRoutes(names).pick(host) == service
+    assert HostRoutes(names, "default").pick(host) == (service or "default")
+
+
+@pytest.mark.parametrize(
+    ("head", "host"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: WWW.Example.COM\r\n\r\n", "www.example.com"),
+        (b"GET / HTTP/1.1\r\nhost:www.example.com:8080\r\n\r\n", "www.example.com"),
+        (b"GET / HTTP/1.1\r\nHOST:  www.example.com.:80 \r\n\r\n", "www.example.com"),
+        (b"GET / HTTP/1.1\nHost: a.example\n\n", "a.example"),
+        (b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", "[::1]"),
+        (b"GET / HTTP/1.1\r\nX-Host: a\r\nAccept: */*\r\n\r\n", None),
+        (b"GET / HTTP/1.0\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", None),
+    ],
+)
+def test_the_request_host_is_case_insensitive_without_port_or_trailing_dot(
+    head: bytes, host: str | None
+) -> None:
+    assert request_host(head) == host
+
+
+@pytest.mark.parametrize(
+    ("names", "stored"),
+    [
+        (["WWW.Example.com."], ("www.example.com",)),
+        (["b.example", "*.A.example", "b.example"], ("*.a.example", "b.example")),
+        (["localhost"], ("localhost",)),
+    ],
+)
+def test_host_names_are_stored_in_lower_case_sorted_once(
+    names: list[str], stored: tuple[str, ...]
+) -> None:
+    assert Service.model_validate({"hostnames": names}).hostnames == stored
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "a..b", "-a.example", "a-.example", "a_b.example", "*", "*.", "a.*.example",
+     "**.example", "a b", "é.example", "a" * 64 + ".example", ("a" * 60 + ".") * 5 + "com"],
+)  # fmt: skip
+def test_bad_host_names_are_refused_with_a_sentence_naming_them(name: str) -> None:
+    with pytest.raises(RecordError, match="invalid host name"):
+        normalise_hostname(name)
+    with pytest.raises(ValidationError):
+        Service.model_validate({"hostnames": [name]})
+
+
+class _Releasing:
+    """A listener whose port is still held (EADDRINUSE) for its first ``busy`` opens, as when
+    the engine has not yet closed the sockets of the listener just closed."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.opened = 0
+        self.closed = False
+
+    def open(self) -> int:
+        self.opened += 1
+        if self.opened <= self.busy:
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        return 8080
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_port_reopened_in_another_form_is_retried_quietly_while_still_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made: dict[str, _Releasing] = {}
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        if entry.service not in made:
+            made[entry.service] = _Releasing(0 if entry.service == "first" else 3)
+        return cast(Listener, made[entry.service])
+
+    ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+    first = ServiceInfo(name="first", spec=Service(publish=8080), created=1)
+    second = ServiceInfo(name="second", spec=Service(publish=8080), created=2)
+    with caplog.at_level(logging.INFO, logger="flux.balancer"):
+        ports.apply(ServiceUpdate({"first": first}, reset=True))
+        ports.apply(ServiceUpdate({"first": None, "second": second}))
+        assert made["first"].closed
+        await asyncio.sleep(0.3)
+    assert made["second"].opened == 4
+    assert ports.status()["second"]["state"] == "listening"
+    assert [r.getMessage() for r in caplog.records if "cannot publish" in r.getMessage()] == []
     ports.close()

@@ -1114,3 +1114,103 @@ def test_a_bad_proxy_protocol_written_by_another_tool_is_skipped_with_a_warning(
     assert len(warnings) == 2, result.err
     assert "odd/spec" in warnings[0] and "proxyProtocol" in warnings[0]
     assert "web/spec" in warnings[1] and "tcp services" in warnings[1]
+
+
+# -- host names on a shared published port --------------------------------------------------------
+
+
+def test_hostnames_are_written_shown_and_let_http_services_share_a_port(ctl: Ctl) -> None:
+    assert ctl.ok("service", "www", "--publish", "8080", "-p", "http", "--hostname",
+                  "WWW.Example.com.", "--hostname", "*.apps.example.com") == "www\n"  # fmt: skip
+    assert ctl.record(SERVICE + "www/spec") == {
+        "hostnames": ["*.apps.example.com", "www.example.com"],
+        "instancePort": 8080,
+        "protocol": "http",
+        "publish": 8080,
+    }
+    ctl.ok("service", "api", "--publish", "8080", "-p", "http", "--hostname", "api.example.com")
+    ctl.ok("service", "fallback", "--publish", "8080", "-p", "http")  # the default
+    info = ctl.ok("info", "-s", "www")
+    assert "  Published port: 8080\n  Host names: *.apps.example.com, www.example.com\n" in info
+    assert ctl.ok("list", "-f", "{name} {hostnames}") == (
+        'api ["api.example.com"]\nfallback []\nwww ["*.apps.example.com","www.example.com"]\n'
+    )
+    document = json.loads(ctl.ok("info", "-o", "json"))
+    assert document["services"]["api"]["spec"]["hostnames"] == ["api.example.com"]
+    assert all("publishConflict" not in s for s in document["services"].values())
+    # publish keeps the names; a service may claim again the names it has.
+    assert ctl.ok("publish", "www", "8080") == "www 8080\n"
+    assert ctl.record(SERVICE + "www/spec") == {
+        "hostnames": ["*.apps.example.com", "www.example.com"],
+        "instancePort": 8080,
+        "protocol": "http",
+        "publish": 8080,
+    }
+
+
+def test_hostname_conflicts_on_a_port_are_refused_up_front(ctl: Ctl) -> None:
+    ctl.ok("service", "www", "--publish", "8080", "-p", "http", "--hostname", "www.example.com")
+    ctl.ok("service", "fallback", "--publish", "8080", "-p", "http")
+    ctl.ok("service", "raw", "--publish", "9090")
+    assert ctl.refused(
+        1, "service", "copy", "--publish", "8080", "-p", "http", "--hostname", "WWW.example.com"
+    ) == (
+        'fluxctl: host name www.example.com on port 8080 is already claimed by service "www":'
+        ' give "copy" other host names or another port, or remove the name from "www" first'
+    )
+    assert ctl.refused(1, "service", "tcp", "--publish", "8080") == (
+        'fluxctl: port 8080 is published by http service "www" (tcp and http services cannot'
+        ' share a port): publish "tcp" on another port, or unpublish or remove "www" first'
+    )
+    assert ctl.refused(1, "service", "other", "--publish", "8080", "-p", "http") == (
+        'fluxctl: port 8080 is already published by service "fallback": publish "other" on'
+        ' another port, or unpublish or remove "fallback" first'
+    )
+    assert ctl.refused(1, "publish", "raw", "8080").startswith(
+        "fluxctl: port 8080 is published by http service"
+    )
+    # A tcp port keeps one service; an http one cannot join it, names or not.
+    assert 'already published by service "raw"' in ctl.refused(
+        1, "service", "web", "--publish", "9090"
+    )
+    assert 'port 9090 is published by tcp service "raw"' in ctl.refused(
+        1, "service", "web", "--publish", "9090", "-p", "http", "--hostname", "a.example.com"
+    )
+
+
+def test_info_shows_a_host_name_conflict_written_by_another_tool(ctl: Ctl) -> None:
+    ctl.put(SERVICE + "www/spec", {"publish": 8080, "protocol": "http",
+                                   "hostnames": ["www.example.com"]})  # fmt: skip
+    ctl.put(SERVICE + "copy/spec", {"publish": 8080, "protocol": "http",
+                                    "hostnames": ["www.example.com"]})  # fmt: skip
+    ctl.put(SERVICE + "odd/spec", {"publish": 8080, "hostnames": ["bad name"]})
+    result = ctl("info")
+    assert result.status == 0
+    assert (
+        "copy\n  Protocol: http\n  Published port: 8080\n  Host names: www.example.com\n"
+        "  State: conflict: host name www.example.com on port 8080 is also claimed by service"
+        " www\n"
+    ) in result.out
+    assert "odd/spec" in result.err and "invalid host name 'bad name'" in result.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hostname", "bad name"], "--hostname: invalid host name 'bad name'"),
+        (["--hostname", "a.*.example"], "invalid host name 'a.*.example'"),
+        (["--hostname=-a.example"], "invalid host name '-a.example'"),
+        (["--hostname", "a" * 64 + ".example"], "invalid host name"),
+    ],
+)
+def test_service_refuses_bad_hostnames(ctl: Ctl, argv: list[str], message: str) -> None:
+    assert message in ctl.refused(2, "service", "web", "--publish", "80", "-p", "http", *argv)
+
+
+def test_hostname_needs_a_published_http_service(ctl: Ctl) -> None:
+    assert "--hostname needs --publish" in ctl.refused(
+        2, "service", "web", "-p", "http", "--hostname", "a.example"
+    )
+    assert "--hostname needs -p http" in ctl.refused(
+        2, "service", "web", "--publish", "443", "--hostname", "a.example"
+    )

@@ -986,3 +986,64 @@ def test_the_fuzz_target_runs_briefly(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Done 3000 in" in result.stderr, result.stderr[-3000:]
+
+
+# ---- a pinned host (a published port shared by host name) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [
+        (b"www.example.com", b"WWW.Example.COM"),
+        (b"www.example.com", b"www.example.com:8080"),
+        (b"www.example.com.", b"www.example.com"),
+        (b"www.example.com:80", b"  www.example.com.:443 "),
+        (b"[::1]:80", b"[::1]"),
+    ],
+)
+def test_a_pinned_connection_takes_later_requests_for_the_same_host(
+    first: bytes, later: bytes
+) -> None:
+    p = HttpFramerProbe()
+    p.pin_host()
+    for host in (first, later, first):
+        events = p.feed("request", b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert [e.kind for e in events] == ["request"], host
+        [exchange] = p.feed("response", OK_EMPTY)
+        assert exchange.status == 200
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [
+        (b"Host: www.example.com\r\n", b"Host: api.example.com\r\n"),
+        (b"Host: www.example.com\r\n", b"Host: www.example.co\r\n"),
+        (b"Host: a.example.com\r\n", b"Host: b.example.com\r\n"),  # even one service's names
+        (b"", b"Host: www.example.com\r\n"),  # HTTP/1.0 without a Host pins "none"
+        (b"Host: www.example.com\r\n", b""),
+    ],
+)
+def test_a_pinned_connection_answers_421_to_a_request_for_another_host(
+    first: bytes, later: bytes
+) -> None:
+    p = HttpFramerProbe()
+    p.pin_host()
+    assert [e.kind for e in p.feed("request", b"GET / HTTP/1.0\r\n" + first + b"Connection: "
+                                   b"keep-alive\r\n\r\n")] == ["request"]  # fmt: skip
+    later_request = b"GET /x HTTP/1.0\r\n" + later + b"\r\n"
+    malformed, = p.feed("request", later_request)
+    assert (malformed.kind, malformed.reason, malformed.status) == ("malformed", "misdirected", 421)
+    # Answered once the response owed before it is out, as a 400 is.
+    exchange, reject = p.feed(
+        "response", b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert (exchange.status, reject.kind, reject.status) == (200, "reject", 421)
+    assert HTTP_ERROR_RESPONSES[421].startswith(b"HTTP/1.1 421 Misdirected Request\r\n")
+
+
+def test_an_unpinned_connection_takes_any_host() -> None:
+    p = HttpFramerProbe()
+    for host in (b"a.example", b"b.example"):
+        assert [e.kind for e in p.feed("request", b"GET / HTTP/1.1\r\nHost: " + host
+                                       + b"\r\n\r\n")] == ["request"]  # fmt: skip
+        p.feed("response", OK_EMPTY)

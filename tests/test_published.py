@@ -10,6 +10,7 @@ the instances are tests/support/http_backend.py servers on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import socket
 import time
@@ -324,3 +325,245 @@ def test_a_tcp_service_with_the_proxy_protocol_tells_its_instance_the_client(
             body, (client_ip, client_port) = ask(ip, target)
             assert body == f"{client_ip} {client_port}"
     assert published.total("flux_entry_connections_total", service="db") == 6
+
+
+# -- one port, many http services, by host name ----------------------------------------------
+
+
+def converse(ip: str, port: int, *requests: bytes) -> tuple[list[bytes], bool]:
+    """Send ``requests`` one by one on one connection, each after the previous response; return
+    the responses and whether the server then closed the connection (within 5 s)."""
+    responses: list[bytes] = []
+    with socket.create_connection((ip, port), timeout=5) as sock:
+        buf = b""
+        for request in requests:
+            sock.sendall(request)
+            while True:
+                head, sep, rest = buf.partition(b"\r\n\r\n")
+                if sep:
+                    found = re.search(rb"(?im)^content-length: *(\d+)", head)
+                    length = int(found.group(1)) if found else 0
+                    if len(rest) >= length:
+                        responses.append(head + sep + rest[:length])
+                        buf = rest[length:]
+                        break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return responses, True
+                buf += chunk
+        try:
+            closed = sock.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            closed = False
+    return responses, closed
+
+
+def get_for(host: str | None, *, version: str = "1.1", path: str = "/") -> bytes:
+    field = "" if host is None else f"Host: {host}\r\n"
+    return f"GET {path} HTTP/{version}\r\n{field}\r\n".encode()
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def body_of(response: bytes) -> bytes:
+    return response.partition(b"\r\n\r\n")[2]
+
+
+@pytest.fixture
+def three_backends() -> Iterator[list[HttpBackend]]:
+    made = [HttpBackend(), HttpBackend(), HttpBackend()]
+    yield made
+    for backend in made:
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    "published", [(), ("-relay", "python")], ids=["engine", "python-relay"], indirect=True
+)
+def test_http_services_share_a_port_by_host_with_404_421_wildcards_and_a_default(
+    published: Published, three_backends: list[HttpBackend]
+) -> None:
+    port = free_port(published.ip)
+    www, api, fallback = three_backends
+    published.service(
+        "www", publish=port, instancePort=80, protocol="http", hostnames=["WWW.example.test"]
+    )
+    published.service(
+        "api",
+        publish=port,
+        instancePort=80,
+        protocol="http",
+        hostnames=["api.example.test", "*.apps.example.test"],
+    )
+    published.host.add_instance("www", "www-1", www.address)
+    published.host.add_instance("api", "api-1", api.address)
+    for name in ("www", "api"):
+        wait_until(
+            lambda name=name: len(published.published(name).get("instances", [])) == 1,
+            15,
+            f"{name}'s instance on the shared port",
+        )
+    status = published.published("api")
+    assert status["state"] == "listening" and status["default"] is False
+    assert status["hostnames"] == ["*.apps.example.test", "api.example.test"]
+    assert published.published("www")["hostnames"] == ["www.example.test"]
+
+    # By Host: case-insensitive, the port and a trailing dot ignored; a wildcard, one label.
+    for host, backend, served in (
+        ("www.example.test", www, 1),
+        ("WWW.Example.TEST.:8080", www, 2),
+        ("api.example.test", api, 1),
+        ("x.apps.example.test", api, 2),
+    ):
+        (response,), _ = converse(published.ip, port, get_for(host, version="1.0"))
+        assert body_of(response) == HELLO.encode(), response
+        assert backend.requests == served, host
+
+    # Unknown or missing host, no default: fluxd answers 404 naming the host, and closes.
+    for request, named in (
+        (get_for("nowhere.test"), b"for host nowhere.test"),
+        (get_for("a.b.apps.example.test"), b"for host a.b.apps.example.test"),
+        (get_for(None, version="1.0"), b"without a Host"),
+    ):
+        (response,), closed = converse(published.ip, port, request)
+        assert status_of(response) == 404 and named in body_of(response), response
+        assert body_of(response).count(b"\n") == 1 and closed
+    entry = f"published:{port}"
+    assert published.total("flux_entry_answered_total", entry=entry, code="404") == 3
+    published.daemon.wait_logged(
+        f"http service {entry}: answered 404 to 127.0.0.1:"
+    )
+    assert published.daemon.logged("(unknown host nowhere.test)")
+
+    # A later request for another host on the same connection: 421, then close; the first
+    # service's requests on it go on as before.
+    responses, closed = converse(
+        published.ip,
+        port,
+        get_for("www.example.test"),
+        get_for("www.example.test:80"),
+        get_for("api.example.test"),
+    )
+    assert [status_of(r) for r in responses] == [200, 200, 421] and closed
+    assert body_of(responses[2]) == b"Misdirected Request\n"
+    assert (www.requests, api.requests) == (4, 2)
+    wait_until(
+        lambda: published.total("flux_entry_answered_total", entry=entry, code="421") == 1,
+        10,
+        "the 421 counted",
+    )
+    assert published.total("flux_http_rejected_total", service="www", code="421") == 1
+    published.daemon.wait_logged("http service www: answered 421 to 127.0.0.1:")
+
+    # A service without host names on the port is the default for every other host.
+    published.service("fallback", publish=port, instancePort=80, protocol="http")
+    published.host.add_instance("fallback", "fallback-1", fallback.address)
+    wait_until(
+        lambda: len(published.published("fallback").get("instances", [])) == 1,
+        15,
+        "the default's instance",
+    )
+    assert published.published("fallback")["default"] is True
+    for request in (get_for("nowhere.test"), get_for(None, version="1.0")):
+        (response,), _ = converse(published.ip, port, request)
+        assert body_of(response) == HELLO.encode(), response
+    assert fallback.requests == 2
+    (response,), _ = converse(published.ip, port, get_for("www.example.test"))
+    assert www.requests == 5
+    assert published.total("flux_entry_answered_total", entry=entry, code="404") == 3
+    # Still one listening socket: the port never closed while services joined it.
+    assert published.daemon.logged(f"published port {port} on {published.ip} (http, by host name)")
+    assert not published.daemon.logged(f"closed published port {port}")
+
+
+def test_host_name_conflicts_on_a_shared_port_the_first_created_wins(
+    published: Published, three_backends: list[HttpBackend], etcd: EtcdServer
+) -> None:
+    port = free_port(published.ip)
+    published.service("www", publish=port, instancePort=80, protocol="http",
+                      hostnames=["www.example.test"])  # fmt: skip
+    published.host.add_instance("www", "www-1", three_backends[0].address)
+    published.wait_state("www", "listening")
+    # Written by other tools (fluxctl refuses each of these up front).
+    published.service("copy", publish=port, instancePort=80, protocol="http",
+                      hostnames=["www.example.test", "other.example.test"])  # fmt: skip
+    published.service("raw", publish=port, instancePort=80)
+    published.service("fallback", publish=port, instancePort=80, protocol="http")
+    published.service("fallback-2", publish=port, instancePort=80, protocol="http")
+    published.host.add_instance("copy", "copy-1", three_backends[1].address)
+    published.host.add_instance("fallback", "fallback-1", three_backends[2].address)
+    copy = published.wait_state("copy", "conflict")
+    assert copy["conflict"] == (
+        f"host name www.example.test on port {port} is also claimed by service www"
+    )
+    raw = published.wait_state("raw", "conflict")
+    assert raw["conflict"] == (
+        f"port {port} is published by http service www (tcp and http services cannot share"
+        " a port)"
+    )
+    second = published.wait_state("fallback-2", "conflict")
+    assert second["conflict"] == f"port {port} is also published by service fallback"
+    published.wait_state("fallback", "listening")
+    line = f"service copy: host name www.example.test on port {port} is also claimed"
+    published.daemon.wait_logged(line)
+    # A bad host name written by another tool: one line, the record skipped.
+    spec = {"publish": port, "protocol": "http", "hostnames": ["bad name"]}
+    etcd.put("/weave-flux/service/odd/spec", json.dumps(spec))
+    bad = "skipping service 'odd': /weave-flux/service/odd/spec: hostnames:"
+    published.daemon.wait_logged(bad)
+    assert published.daemon.logged("invalid host name 'bad name'")
+    # Refused whole: copy's other name is not routed to it (the default serves it).
+    (response,), _ = converse(published.ip, port, get_for("other.example.test"))
+    assert body_of(response) == HELLO.encode()
+    (response,), _ = converse(published.ip, port, get_for("www.example.test"))
+    assert body_of(response) == HELLO.encode()
+    assert [b.requests for b in three_backends] == [1, 0, 1]
+    # The holder of the name goes: the other takes it over, once.
+    published.remove("www")
+    published.wait_state("copy", "listening")
+    wait_until(
+        lambda: len(published.published("copy").get("instances", [])) == 1, 15, "copy's instance"
+    )
+    (response,), _ = converse(published.ip, port, get_for("www.example.test"))
+    assert body_of(response) == HELLO.encode()
+    assert three_backends[1].requests == 1
+    assert sum(line in entry for entry in published.daemon.lines) == 1
+    assert sum(bad in entry for entry in published.daemon.lines) == 1
+    assert "odd" not in published.status()
+
+
+def test_a_port_of_one_service_becomes_shared_when_a_service_with_host_names_joins(
+    published: Published, backends: list[HttpBackend]
+) -> None:
+    port = free_port(published.ip)
+    published.service("site", publish=port, instancePort=80, protocol="http")
+    published.host.add_instance("site", "site-1", backends[0].address)
+    published.wait_state("site", "listening")
+    wait_until(
+        lambda: len(published.published("site").get("instances", [])) == 1, 15, "site's instance"
+    )
+    assert published.get(port) == HELLO
+    published.service("api", publish=port, instancePort=80, protocol="http",
+                      hostnames=["api.example.test"])  # fmt: skip
+    published.host.add_instance("api", "api-1", backends[1].address)
+    published.daemon.wait_logged(f"published port {port} on {published.ip} (http, by host name)")
+    wait_until(
+        lambda: len(published.published("api").get("instances", [])) == 1, 15, "api's instance"
+    )
+    (response,), _ = converse(published.ip, port, get_for("api.example.test"))
+    assert body_of(response) == HELLO.encode()
+    assert published.get(port) == HELLO  # any other host: site, the default
+    assert (backends[0].requests, backends[1].requests) == (2, 1)
+    assert published.published("site")["default"] is True
+    # api goes: the port is site's alone again, accepted by the engine as before.
+    published.remove("api")
+    wait_until(lambda: "hostnames" not in published.published("site"), 15, "site alone")
+    published.wait_state("site", "listening")
+    assert published.get(port) == HELLO
+    # Closed and opened again in another form each time, without a line about a busy port
+    # (the engine's sockets close a moment later: retried quietly).
+    assert not published.daemon.logged(f"cannot publish port {port}")

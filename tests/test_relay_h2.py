@@ -85,14 +85,8 @@ class Calls:
 
 
 async def reported(h: Harness, calls: Calls, count: int, timeout: float = 5.0) -> None:
-    """Wait until ``count`` exchanges were reported (a flush delivers the engine's at once)."""
-    deadline = time.monotonic() + timeout
-    while len(calls.seen) < count:
-        h.relay.flush()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(calls.seen)} of {count} exchanges reported: {calls.seen}")
-        await asyncio.sleep(0.01)
-    h.relay.flush()
+    """Wait until ``count`` exchanges were reported."""
+    await h.reported(calls.seen, count, timeout)
 
 
 # ---- frames (hyperframe) and header blocks (hpack) --------------------------------------------

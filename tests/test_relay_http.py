@@ -72,13 +72,8 @@ SWITCHED = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
 
 
 async def flushed(h: Harness, obs: Exchanges, count: int, timeout: float = 5.0) -> None:
-    """Wait until ``count`` exchanges were reported (a flush delivers the engine's at once)."""
-    deadline = time.monotonic() + timeout
-    while len(obs.seen) < count:
-        h.relay.flush()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(obs.seen)} of {count} exchanges reported: {obs.seen}")
-        await asyncio.sleep(0.01)
+    """Wait until ``count`` exchanges were reported."""
+    await h.reported(obs.seen, count, timeout)
 
 
 async def open_http(h: Harness, obs: Exchanges | None = None) -> Link:
@@ -265,6 +260,33 @@ def test_a_malformed_request_is_answered_400_after_the_responses_owed(kind: str)
         assert result.answered == 400
         await flushed(h, obs, 1)
         assert obs.labels() == [("GET", 200)]
+
+    run(kind, scenario)
+
+
+def test_a_pinned_connection_answers_421_to_a_request_for_another_host(kind: str) -> None:
+    async def scenario(h: Harness) -> None:
+        obs = Exchanges()
+        link = await h.open(http=True, observe=obs, pin_host=True)
+        first = b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
+        same = b"GET /2 HTTP/1.1\r\nHost: WWW.example.com:80\r\n\r\n"
+        await send(link.client, first)
+        assert await recv_exactly(link.server, len(first)) == first
+        await send(link.server, response(200, b"one"))
+        assert await recv_exactly(link.client, len(response(200, b"one"))) == response(200, b"one")
+        await send(link.client, same + b"GET /3 HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        assert await recv_exactly(link.server, len(same)) == same
+        await send(link.server, response(200, b"two"))
+        received = await recv_to_eof(link.client)
+        assert received == response(200, b"two") + HTTP_ERROR_RESPONSES[421]
+        # Nothing of the misdirected request reached the instance.
+        assert await recv_to_eof(link.server) == b""
+        link.client.close()
+        link.server.close()
+        result = await link.result
+        assert result.answered == 421
+        await flushed(h, obs, 2)
+        assert obs.labels() == [("GET", 200), ("GET", 200)]
 
     run(kind, scenario)
 

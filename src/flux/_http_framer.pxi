@@ -36,6 +36,10 @@
 #   hf_open_head(f)                     where the request head being read began (UINT64_MAX:
 #                                       not inside one): the engine forwards no byte of a head
 #                                       before it is complete and judged
+#   hf_pin_host(f)                      before any byte: the connection was routed by its
+#                                       first request's Host (a published port shared by host
+#                                       name), so a later request naming another host is
+#                                       MALFORMED with status 421 (see Pinned host)
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -49,7 +53,8 @@
 #              after it), SWITCHED (101 to an Upgrade, or 2xx to CONNECT: both directions are
 #              opaque from here on, the engine may relay blindly)
 #   MALFORMED  the client sent a malformed request (pos = offset of the offending byte; status
-#              = the error to answer: 400, or 431 for a head over HF_MAX_HEAD).  Stop forwarding
+#              = the error to answer: 400, 431 for a head over HF_MAX_HEAD, or 421 for a
+#              host other than the pinned one).  Stop forwarding
 #              client bytes from side[HF_REQUEST].msg_start on (where that request began).
 #   REJECT     now write the error response (status) to the client and close; status 0 means
 #              close without writing (the response stream cannot take it: close-delimited or
@@ -176,6 +181,19 @@
 # "timeout http-request" does; the answer is 408.  IDLE: between requests, nothing pending
 # (the relay's idle timeout).  BUSY (a body arriving, a response awaited) and OPAQUE: none.
 #
+# Pinned host (hf_pin_host).  On a published port shared by host name, fluxd picks the service
+# from the first request's Host before the connection reaches the relay; a later request on
+# the same connection may name another host, which this connection's service may not serve.
+# The framer keeps a 64-bit key of each request's Host value as the router compares it (FNV-1a
+# of the octets in lower case, without OWS, without the ":port" -- an IPv6 literal keeps its
+# "[...]" -- and without one trailing "."; no Host: key 0): the first head's key is pinned, and
+# a later head with another key is MALFORMED (HF_ERR_MISDIRECTED) and answered 421 Misdirected
+# Request like a 400 (RFC 9110 section 15.5.20: the client may retry on a new connection, where
+# routing starts afresh).  Any other host is refused, even one the same service has: the
+# framer knows the key, not the routes, and one connection per origin is what HTTP/1.1
+# clients keep anyway.  A key collision would let a request through to the service the first
+# one chose, never elsewhere.
+#
 # Deliberate differences from h11 (which the tests use as the oracle): empty lines before a
 # start line are ignored (RFC 9112 section 2.2; h11 rejects them); obs-fold in a request is
 # rejected (RFC 9112 section 5.2 allows either; h11 unfolds); Transfer-Encoding with Content-
@@ -277,7 +295,14 @@ cdef inline HfEvent *hf_event(HfEvents *out, uint8_t kind) noexcept nogil:
     return e
 
 
+cdef uint64_t HF_FNV_BASIS = 14695981039346656037ULL
+cdef uint64_t HF_FNV_PRIME = 1099511628211ULL
+
+
 cdef inline void hf_begin_message(HfSide *s) noexcept nogil:
+    s.host_flags = 0
+    s.host_key = HF_FNV_BASIS
+    s.host_key_dot = HF_FNV_BASIS
     s.remaining = 0
     s.length = 0
     s.t_head_start = 0
@@ -293,6 +318,11 @@ cdef inline void hf_begin_message(HfSide *s) noexcept nogil:
     s.word_len = 0
     s.el_flags = 0
     s.cl_len = 0
+
+
+cdef void hf_pin_host(HttpFramer *f) noexcept nogil:
+    """Pin the connection to its first request's host (see Pinned host)."""
+    f.pin_host = HF_PIN_FIRST
 
 
 cdef void hf_init(HttpFramer *f, uint64_t now) noexcept nogil:
@@ -333,7 +363,8 @@ cdef void hf_malformed(HttpFramer *f, uint8_t reason, uint64_t pos, HfEvents *ou
     cdef HfEvent *e = hf_event(out, HF_EV_MALFORMED)
     e.reason = reason
     e.pos = pos
-    e.status = 431 if reason == HF_ERR_HEAD_TOO_LARGE else 400
+    e.status = (431 if reason == HF_ERR_HEAD_TOO_LARGE
+                else 421 if reason == HF_ERR_MISDIRECTED else 400)
     f.side[HF_REQUEST].state = HS_DEAD
     f.reject = 1
     f.reject_status = e.status
@@ -377,6 +408,19 @@ cdef void hf_request_done(HttpFramer *f, HfEvents *out) noexcept nogil:
     s.state = HS_LINE_START
 
 
+cdef bint hf_misdirected(HttpFramer *f, const HfSide *s) noexcept nogil:
+    """The request head just read names another host than the connection's first (the first
+    pins it).  See Pinned host."""
+    cdef uint64_t key = 0
+    if s.facts & HFF_HOST and s.host_flags & HFH_STARTED:
+        key = s.host_key_dot if s.host_flags & HFH_DOT else s.host_key
+    if f.pin_host == HF_PIN_FIRST:
+        f.pinned_host = key
+        f.pin_host = HF_PIN_SET
+        return False
+    return key != f.pinned_host
+
+
 cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexcept nogil:
     cdef HfSide *s = &f.side[HF_REQUEST]
     cdef uint32_t facts = s.facts
@@ -390,6 +434,9 @@ cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexc
         return
     if facts & HFF_HOST_TWICE or (s.version == 11 and not facts & HFF_HOST):
         hf_fail(f, HF_REQUEST, HF_ERR_HOST, out)
+        return
+    if f.pin_host != HF_PIN_OFF and hf_misdirected(f, s):
+        hf_fail(f, HF_REQUEST, HF_ERR_MISDIRECTED, out)
         return
     if facts & HFF_TE:
         if (facts & HFF_TE_BAD or facts & HFF_TE_CHUNKED_TWICE
@@ -590,8 +637,32 @@ cdef inline void hf_element_reset(HfSide *s) noexcept nogil:
     s.el_flags &= HFE_L_COMMA
 
 
+cdef void hf_host_octet(HfSide *s, uint8_t c) noexcept nogil:
+    """An octet of the Host value: into the key, as the router reads the host (see Pinned
+    host; flux.balancer.entrypoints.normalise_request_host)."""
+    if c == 0x20 or c == 0x09 or s.host_flags & HFH_PORT:
+        return
+    if c == 0x3a and not s.host_flags & HFH_BRACKET:    # ":" before the port
+        s.host_flags |= HFH_PORT
+        return
+    if c == 0x5b and not s.host_flags & HFH_STARTED:    # "[": an IPv6 literal
+        s.host_flags |= HFH_BRACKET
+    elif c == 0x5d:
+        s.host_flags &= ~HFH_BRACKET
+    s.host_flags |= HFH_STARTED
+    if c == 0x2e:
+        s.host_key_dot = s.host_key
+        s.host_flags |= HFH_DOT
+    else:
+        s.host_flags &= ~HFH_DOT
+    s.host_key = (s.host_key ^ hf_lower(c)) * HF_FNV_PRIME
+
+
 cdef void hf_value_octet(HfSide *s, uint8_t c) noexcept nogil:
     """An octet of a read field's value (leading whitespace already skipped)."""
+    if s.field == HF_F_HOST:
+        hf_host_octet(s, c)
+        return
     if c == 0x2c:                   # ","
         hf_element_done(s)
         hf_element_reset(s)
@@ -1138,7 +1209,7 @@ _HF_REASONS = (
     "", "start-line", "field", "obs-fold", "head-too-large", "host", "content-length",
     "transfer-encoding", "te-with-content-length", "te-http10", "chunk", "chunk-ext-cr",
     "unsolicited", "unexpected-101", "skip", "content-length-list",
-    "h2-preface",
+    "h2-preface", "misdirected",
 )
 _HF_PHASES = ("idle", "head", "busy", "opaque", "opening")
 _HF_LENIENT = ((HFL_EMPTY_LINE, "empty-line"), (HFL_TE_LIST, "te-list"),
@@ -1175,6 +1246,10 @@ cdef class HttpFramerProbe:
     def __cinit__(self, uint64_t now=0):
         hf_init(&self.f, now)
         self.ev.count = 0
+
+    def pin_host(self):
+        """Answer 421 to a request naming another host than the first (hf_pin_host)."""
+        hf_pin_host(&self.f)
 
     cdef list _events(self):
         cdef list result = []

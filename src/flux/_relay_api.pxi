@@ -52,8 +52,8 @@ Drained = _namedtuple("Drained", "exchanges completions established handed notic
 Drained.__doc__ = """Everything drain_all() took: ExchangeGroups, Completions, the tokens of
 connections established by connect(), HandOvers, Notices (_relay_notice.pxi)."""
 
-AnsweredCounts = _namedtuple("AnsweredCounts", "bad_request too_large timeout")
-AnsweredCounts.__doc__ = """Requests the engine answered itself: 400, 431 and 408."""
+AnsweredCounts = _namedtuple("AnsweredCounts", "bad_request too_large timeout misdirected")
+AnsweredCounts.__doc__ = """Requests the engine answered itself: 400, 431, 408 and 421."""
 
 TallyEntry = _namedtuple("TallyEntry", "instance client_ip connections")
 TallyEntry.__doc__ = """Connections the engine accepted and connected to instance for client_ip
@@ -239,27 +239,29 @@ cdef class SpliceEngine:
         write(self.e.wake_fd, &one, sizeof(one))
 
     def add(self, int client_fd, int upstream_fd, uint64_t token, bint http=False,
-            bint observe=True, int service=-1):
+            bint observe=True, int service=-1, bint pin_host=False):
         """Relay between two connected sockets; the engine now owns (and will close) both.
 
         ``token`` (> 0) comes back in the completion (and in exchange records).  ``http``:
         follow HTTP/1.x framing (answer malformed requests, enforce the HTTP timeouts, and with
         ``observe`` queue one record per exchange).  ``service`` (>= 0): add the bytes relayed
-        to that service's live byte counters (``service_counts``).  Thread-safe; never blocks
-        on the engine.
+        to that service's live byte counters (``service_counts``).  ``pin_host`` (HTTP): the
+        client was routed by its first request's Host, so a later request naming another host
+        is answered 421 (hf_pin_host).  Thread-safe; never blocks on the engine.
         """
         cdef RelayConn *c
         if upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(
                 f"need two distinct open descriptors, got {client_fd} and {upstream_fd}"
             )
-        c = self._new_conn(client_fd, upstream_fd, token, http, observe)
+        c = self._new_conn(client_fd, upstream_fd, token, http, observe, pin_host)
         if service >= 0:
             c.svc = self._service(<uint32_t>service)
         self._submit(c)
 
     def connect(self, int client_fd, bytes address not None, uint64_t token, double timeout,
-                bint http=False, bint observe=True, int service=-1, bytes preface=None):
+                bint http=False, bint observe=True, int service=-1, bint pin_host=False,
+                bytes preface=None):
         """Connect to ``address`` (a packed ``struct sockaddr_in`` or ``sockaddr_in6``) and
         relay between it and ``client_fd``, which the engine now owns.
 
@@ -267,9 +269,9 @@ cdef class SpliceEngine:
         token is published on the established queue (``drain_all().established``).  If it fails
         or is still pending after ``timeout`` seconds, the completion carries the errno
         (ETIMEDOUT for the timeout) and, as its last field, the client descriptor: open,
-        unread and the caller's again.  ``preface`` (up to 108 bytes: a PROXY protocol
-        header): what the instance gets before the client's bytes.  Thread-safe; never blocks
-        on the engine.
+        unread and the caller's again.  ``pin_host`` as for add().  ``preface`` (up to 108
+        bytes: a PROXY protocol header): what the instance gets before the client's bytes.
+        Thread-safe; never blocks on the engine.
         """
         cdef RelayConn *c
         cdef Py_ssize_t n = len(address)
@@ -287,7 +289,7 @@ cdef class SpliceEngine:
                 raise MemoryError()
             memcpy(ahead, <const char *>preface, m)
         try:
-            c = self._new_conn(client_fd, -1, token, http, observe)
+            c = self._new_conn(client_fd, -1, token, http, observe, pin_host)
             if service >= 0:
                 c.svc = self._service(<uint32_t>service)
         except BaseException:
@@ -301,7 +303,7 @@ cdef class SpliceEngine:
         self._submit(c)
 
     cdef RelayConn *_new_conn(self, int client_fd, int upstream_fd, uint64_t token, bint http,
-                              bint observe) except NULL:
+                              bint observe, bint pin_host) except NULL:
         cdef RelayConn *c
         cdef sockaddr_in peer
         cdef socklen_t size
@@ -324,6 +326,8 @@ cdef class SpliceEngine:
             if http_attach(c, observe) < 0:
                 free(c)
                 raise MemoryError()
+            if pin_host:
+                hf_pin_host(&c.http.f)
             # What its notices name (_relay_notice.pxi); a client that is already gone, or
             # not IPv4, is named 0.0.0.0:0.
             size = sizeof(peer)
@@ -513,7 +517,7 @@ cdef class SpliceEngine:
             flux_relay_load(&s.bytes[0]), flux_relay_load(&s.bytes[1]),
             flux_relay_load(&s.active),
             AnsweredCounts(flux_relay_load(&s.rejected[0]), flux_relay_load(&s.rejected[1]),
-                           flux_relay_load(&s.rejected[2])),
+                           flux_relay_load(&s.rejected[2]), flux_relay_load(&s.rejected[3])),
             tally,
         )
 

@@ -42,7 +42,8 @@
 #   follows a head already forwarded, so the instance sees that request cut short.  The
 #   framer's REJECT says when the responses owed before the error have ended; the response
 #   direction then stops at that offset, and once everything before it is written the engine
-#   writes its own answer (400, or 431 for an oversized head), half-closes the client and the
+#   writes its own answer (400, 431 for an oversized head, 421 for a host other than the
+#   pinned one), half-closes the client and the
 #   instance, and *lingers*: it reads and discards what the client still sends until EOF or
 #   for at most HTTP_LINGER_NS, so that the client reads the answer instead of a reset caused
 #   by unread data.
@@ -97,6 +98,10 @@ HTTP_ERROR_RESPONSES = {
           b"Request Header Fields Too Large\n"),
     408: (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n"
           b"Connection: close\r\n\r\nRequest Timeout\n"),
+    # A later request naming another host than the first on a connection routed by host name
+    # (the framer's pinned host).
+    421: (b"HTTP/1.1 421 Misdirected Request\r\nContent-Type: text/plain\r\n"
+          b"Content-Length: 20\r\nConnection: close\r\n\r\nMisdirected Request\n"),
 }
 
 cdef char *http_answer_text[HTTP_ANSWERS]
@@ -106,7 +111,7 @@ cdef size_t http_answer_len[HTTP_ANSWERS]
 cdef void _http_load_answers() except *:
     cdef int i
     cdef bytes text
-    for status in (400, 431, 408):
+    for status in (400, 431, 408, 421):
         i = http_answer_index(status)
         text = HTTP_ERROR_RESPONSES[status]
         http_answer_text[i] = <char *>malloc(len(text))

@@ -126,6 +126,7 @@ cdef enum:
     HF_ERR_SKIP                 # hf_skip beyond hf_body_remaining
     HF_ERR_CONTENT_LENGTH_LIST  # a request's Content-Length repeated or a list (values agree)
     HF_ERR_H2_PREFACE           # the connection opened with the HTTP/2 preface (OPAQUE)
+    HF_ERR_MISDIRECTED          # a later request's Host differs from the first's (pinned)
 
     # request phases (timeouts)
     HF_PHASE_IDLE = 0           # between requests, nothing pending: idle timeout
@@ -205,6 +206,19 @@ cdef enum:
     HFF_HOST_TWICE = 1 << 11
     HFF_CL_LIST = 1 << 12       # more than one Content-Length value (repeated, or a list)
 
+# The Host key's scanner flags (HfSide.host_flags; see hf_host_octet).
+cdef enum:
+    HFH_DOT = 1                 # the last octet taken was "."
+    HFH_PORT = 2                # past the ":" before a port: the rest is not the name
+    HFH_BRACKET = 4             # inside an IPv6 literal's "[...]"
+    HFH_STARTED = 8
+
+# HttpFramer.pin_host: whether later requests must name the first request's host.
+cdef enum:
+    HF_PIN_OFF = 0
+    HF_PIN_FIRST = 1            # the next request head sets the connection's host
+    HF_PIN_SET = 2              # pinned_host holds it: a head with another gets 421
+
 # List-element scanner flags (HfSide.el_flags).
 cdef enum:
     HFE_L_WS = 1                # whitespace after the element's first octets
@@ -247,6 +261,9 @@ cdef struct HfSide:
     uint8_t el_flags
     uint8_t cl_len
     uint8_t lenient
+    uint8_t host_flags          # HFH_*: where the Host value's scan is
+    uint64_t host_key           # FNV-1a of the Host value as routes compare it (hf_host_octet)
+    uint64_t host_key_dot       # ... before its last ".", for a trailing dot
     char word[HF_WORD]
     char cl[HF_WORD]
 
@@ -275,6 +292,8 @@ cdef struct HttpFramer:
     uint8_t mode
     uint8_t reject              # REJECT owed once the ring is empty
     uint8_t deferred_reason     # an error found while speculating
+    uint8_t pin_host            # HF_PIN_*: a connection routed by its first request's Host
+    uint64_t pinned_host        # that host's key (0: the first request had no Host)
 
 
 cdef struct HfEvent:
@@ -598,7 +617,8 @@ cdef struct RelaySvc:
     # Written by the engine thread, read by the asyncio side (service_counts, instance_active).
     int64_t bytes[2]        # atomic: delivered to the instance (0) and to the client (1), live
     int64_t active          # atomic: connections the engine picked for that are up now
-    int64_t rejected[3]     # atomic: requests the engine answered itself: 400, 431, 408
+    int64_t rejected[4]     # atomic: requests the engine answered itself, by
+    #                         http_answer_index (HTTP_ANSWERS of them): 400, 431, 408, 421
     int64_t *inst_active    # stats: by instance id (p2c), engine-picked connections up now
     uint32_t inst_cap       # stats
     RelayTally *tally       # stats: connections counted per (instance, client IP)
@@ -750,7 +770,7 @@ cdef enum:
     HTTP_PENDING = 8                    # exchanges waiting for their last byte to be written
     HTTP_EXCHANGES_MAX = 1 << 18        # records queued for the asyncio side before dropping
     HTTP_EXCHANGES_WAKE = 2048          # wake the asyncio side when this many are queued
-    HTTP_ANSWERS = 3                    # the engine's own answers: 400, 431, 408
+    HTTP_ANSWERS = 4                    # the engine's own answers: 400, 431, 408, 421
     HTTP_EARLY_MAX = 256                # instance bytes kept before the client's first ones
     # An exchange cut short is recorded with who cut it in place of its status (real ones are
     # 100..999): flux.relay.HTTP_CUT_SIDES[status - 1] names them.
@@ -767,6 +787,8 @@ cdef inline int http_answer_index(uint16_t status) noexcept nogil:
         return 1
     if status == 408:
         return 2
+    if status == 421:
+        return 3
     return -1
 
 
@@ -890,6 +912,7 @@ cdef void hf_eof(HttpFramer *f, int side, uint64_t now, HfEvents *out) noexcept 
 cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_open_head(const HttpFramer *f) noexcept nogil
+cdef void hf_pin_host(HttpFramer *f) noexcept nogil
 
 # the HTTP/2 observer's calling protocol (_h2_observer.pxi)
 cdef H2Observer *h2_new(H2Names *names) noexcept nogil

@@ -65,11 +65,12 @@ class Drained(NamedTuple):
 
 
 class AnsweredCounts(NamedTuple):
-    """Requests the engine answered itself: 400, 431 and 408."""
+    """Requests the engine answered itself: 400, 431, 408 and 421."""
 
     bad_request: int
     too_large: int
     timeout: int
+    misdirected: int
 
 
 TALLY_OTHER_CLIENT: int
@@ -119,6 +120,7 @@ class SpliceEngine:
         http: bool = False,
         observe: bool = True,
         service: int = -1,
+        pin_host: bool = False,
     ) -> None: ...
 
     def connect(
@@ -130,6 +132,7 @@ class SpliceEngine:
         http: bool = False,
         observe: bool = True,
         service: int = -1,
+        pin_host: bool = False,
         preface: bytes | None = None,
     ) -> None: ...
 
@@ -220,7 +223,7 @@ HTTP_METHODS: tuple[str, ...]
 
 HTTP_ERROR_RESPONSES: dict[int, bytes]
 """The relay's own answers: malformed request (400), oversized head (431), head not received in
-time (408); each with Connection: close."""
+time (408), a host other than the connection's first (421); each with Connection: close."""
 
 
 class HttpEvent(NamedTuple):
@@ -247,6 +250,7 @@ class HttpFramerProbe:
 
     # The argument is taken by __cinit__, which Python sees as __new__.
     def __new__(cls, now: int = 0) -> Self: ...
+    def pin_host(self) -> None: ...
     def feed_once(self, side: _Side, data: _Bytes, now: int = 0) -> tuple[int, list[HttpEvent]]: ...
     def feed(self, side: _Side, data: _Bytes, now: int = 0) -> list[HttpEvent]: ...
     def skip(self, side: _Side, n: int, now: int = 0) -> list[HttpEvent]: ...

@@ -74,6 +74,11 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
   spec with only that field changed (``service`` replaces the whole definition, so a service
   redefined without ``--publish`` is no longer published); ``unpublish`` on a service that
   publishes nothing changes nothing and succeeds.
+- ``--hostname NAME`` (repeatable, with ``--publish`` and ``-p http``) lets http services
+  share a port, each chosen by its host names (``"hostnames"`` in the spec); ``service`` and
+  ``publish`` refuse what fluxd would refuse (exit status 1): a host name another service on
+  the port has, a tcp and an http service on one port, two services without host names on
+  one port.  ``info`` shows ``Host names:`` and, for one refused, its conflict.
 - ``service --proxy-protocol v1|v2`` (tcp services only: refused with ``-p http``) stores
   ``proxyProtocol`` in the spec; ``info`` and ``list -v`` show it as ``PROXY protocol: v1``,
   ``list -f {proxyProtocol}`` and ``-o json`` give it ("" when off).
@@ -105,6 +110,7 @@ from flux.model import (
     Service,
     ServiceInfo,
     encode_record,
+    normalise_hostname,
     parse_address,
     validate_name,
 )
@@ -128,8 +134,8 @@ COMMAND_TIMEOUT = 30.0
 _M = TypeVar("_M", bound=BaseModel)
 
 _SERVICE_FIELDS = (
-    "name", "address", "instancePort", "protocol", "publish", "proxyProtocol", "rules",
-    "instances",
+    "name", "address", "instancePort", "protocol", "publish", "hostnames", "proxyProtocol",
+    "rules", "instances",
 )
 _RULE_FIELDS = ("service", "name", "selector", "instancePort")
 _QUERY_FIELDS = ("service", "name", "state", "host", "containerRule", "address", "labels")
@@ -187,6 +193,27 @@ def _selector(args: argparse.Namespace) -> dict[str, str]:
     _pairs("--labels", args.labels)
     _pairs("--env", args.env)
     return make_selector(image=args.image, tag=args.tag, labels=args.labels, env=args.env)
+
+
+def _hostnames(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--hostname`` values, checked: each a host name, and only for a published http
+    service (tcp services are not routed by name)."""
+    names: list[str] = args.hostname or []
+    if not names:
+        return ()
+    for name in names:
+        try:
+            normalise_hostname(name)
+        except RecordError as exc:
+            raise _UsageError(f"--hostname: {exc}") from None
+    if args.publish is None:
+        raise _UsageError("--hostname needs --publish: host names choose a service on its port")
+    if args.protocol != "http":
+        raise _UsageError(
+            "--hostname needs -p http: a connection goes to the service its first request's"
+            " Host names (tcp services are not routed by host name)"
+        )
+    return tuple(names)
 
 
 def _record(cls: type[_M], what: str, **fields: Any) -> _M:
@@ -331,6 +358,7 @@ _SAMPLE_SERVICE = {
     "instancePort": 80,
     "protocol": "tcp",
     "publish": 8080,
+    "hostnames": ["example.com"],
     "proxyProtocol": "v2",
     "rules": {},
     "instances": {},
@@ -375,6 +403,7 @@ def _service_fields(info: ServiceInfo) -> dict[str, Any]:
         "instancePort": info.spec.instance_port,
         "protocol": info.spec.protocol,
         "publish": info.spec.publish,
+        "hostnames": list(info.spec.hostnames),
         "proxyProtocol": info.spec.proxy_protocol,
         "rules": {name: _stored(info.rules[name]) for name in sorted(info.rules)},
         "instances": {i: _instance_view(info.instances[i]) for i in sorted(info.instances)},
@@ -432,6 +461,8 @@ def _render_service_verbose(info: ServiceInfo) -> str:
         lines.append(f"  Protocol: {info.spec.protocol}")
     if info.spec.publish:
         lines.append(f"  Published port: {info.spec.publish}")
+    if info.spec.hostnames:
+        lines.append(f"  Host names: {', '.join(info.spec.hostnames)}")
     if info.spec.proxy_protocol:
         lines.append(f"  PROXY protocol: {info.spec.proxy_protocol}")
     return "".join(line + "\n" for line in lines)
@@ -551,6 +582,7 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
         instancePort=instance_port,
         protocol=args.protocol or "",
         publish=args.publish or 0,
+        hostnames=_hostnames(args),
         proxyProtocol=args.proxy_protocol or "",
     )
     selector = _selector(args)
@@ -571,7 +603,7 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
                     f'address {spec.address} is already used by service "{other}": give'
                     f' "{name}" another address, or move or remove "{other}" first'
                 )
-        await _refuse_taken_port(store, name, spec.publish)
+        await _refuse_port_conflict(store, name, spec)
         await store.add_service(name, spec)
         if rule is not None:
             await store.set_rule(name, DEFAULT_RULE, rule)
@@ -580,21 +612,50 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
     return run
 
 
-async def _refuse_taken_port(store: Store, name: str, port: int) -> None:
-    """Raise if another service already publishes ``port`` (naming the one fluxd serves)."""
-    if not port:
+async def _refuse_port_conflict(store: Store, name: str, spec: Service) -> None:
+    """Raise if fluxd would refuse ``name`` its published port with ``spec``: the port is
+    another service's, or shared by host name and ``spec`` clashes with it (as every fluxd
+    decides it, :func:`~flux.balancer.entrypoints.resolve_entry_points`)."""
+    from flux.balancer.entrypoints import PublishClaim, resolve_entry_points
+
+    if not spec.publish:
         return
-    claims = sorted(
-        (info.created, other)
-        for other, info in (await store.get_all_services()).items()
-        if other != name and info.spec.publish == port
+    services = await store.get_all_services()
+    claims = {
+        other: claim
+        for other, info in services.items()
+        if other != name
+        and (claim := PublishClaim.from_info(info)) is not None
+        and claim.port == spec.publish
+    }
+    # A new service's spec will be created after every other one.
+    created = (
+        services[name].created
+        if name in services
+        else max((info.created for info in services.values()), default=0) + 1
     )
-    if claims:
-        other = claims[0][1]
+    hostnames = spec.hostnames if spec.effective_protocol == "http" else ()
+    claims[name] = PublishClaim(spec.publish, spec.effective_protocol, {}, created, hostnames)
+    conflict = resolve_entry_points(claims)[1].get(name)
+    if conflict is None:
+        return
+    holder, port = conflict.holder, conflict.port
+    if conflict.hostname is not None:
         raise _CommandError(
-            f'port {port} is already published by service "{other}": publish "{name}" on'
-            f' another port, or unpublish or remove "{other}" first'
+            f'host name {conflict.hostname} on port {port} is already claimed by service'
+            f' "{holder}": give "{name}" other host names or another port, or remove the'
+            f' name from "{holder}" first'
         )
+    if conflict.protocol is not None:
+        raise _CommandError(
+            f'port {port} is published by {conflict.protocol} service "{holder}" (tcp and'
+            f' http services cannot share a port): publish "{name}" on another port, or'
+            f' unpublish or remove "{holder}" first'
+        )
+    raise _CommandError(
+        f'port {port} is already published by service "{holder}": publish "{name}" on'
+        f' another port, or unpublish or remove "{holder}" first'
+    )
 
 
 def _cmd_publish(args: argparse.Namespace) -> _Run:
@@ -603,9 +664,10 @@ def _cmd_publish(args: argparse.Namespace) -> _Run:
 
     async def run(store: Store) -> str:
         info = await _get_service(store, name)
-        await _refuse_taken_port(store, name, port)
+        spec = info.spec.model_copy(update={"publish": port})
+        await _refuse_port_conflict(store, name, spec)
         if info.spec.publish != port:
-            await store.add_service(name, info.spec.model_copy(update={"publish": port}))
+            await store.add_service(name, spec)
         return f"{name} {port}\n"
 
     return run
@@ -861,6 +923,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--publish", type=_port, metavar="PORT",
         help="publish the service on this port of every fluxd host (its -publish-ip)",
+    )
+    sub.add_argument(
+        "--hostname", action="append", metavar="NAME",
+        help="with --publish and -p http: a host name this service answers to on its"
+        " published port, which several services may then share (repeatable; *.example.com"
+        " matches one label)",
     )
     sub.add_argument(
         "--proxy-protocol", choices=("v1", "v2"),

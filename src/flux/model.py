@@ -54,6 +54,7 @@ __all__ = [
     "decode_record",
     "encode_record",
     "format_address",
+    "normalise_hostname",
     "parse_address",
     "shown",
     "validate_name",
@@ -166,6 +167,37 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 PublishedPort = Annotated[int, Field(strict=True, ge=0, le=65535)]
 
 
+# A host name a service answers to on a shared published port (``--hostname``): DNS labels of
+# letters, digits and '-', case-insensitive (kept in lower case, a trailing dot dropped);
+# ``*.`` first matches exactly one label (``*.example.com``: ``a.example.com``, not
+# ``example.com`` nor ``a.b.example.com``), as TLS certificates' wildcards do.
+_LABEL = r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)"
+_HOSTNAME_PATTERN = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
+MAX_HOSTNAME = 253
+
+
+def normalise_hostname(text: str) -> str:
+    """``text`` as a service's host name (lower case, no trailing dot), else raise
+    :class:`RecordError` naming it."""
+    if not isinstance(text, str):
+        raise RecordError(f"invalid host name {shown(text)}: expected text")
+    name = text.lower().removesuffix(".")
+    if len(name) > MAX_HOSTNAME or _HOSTNAME_PATTERN.fullmatch(name) is None:
+        raise RecordError(
+            f"invalid host name {shown(text)}: use DNS labels of letters, digits and '-'"
+            " separated by '.', optionally starting with '*.' (one label), at most"
+            f" {MAX_HOSTNAME} characters"
+        )
+    return name
+
+
+def _normalise_hostnames(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted({normalise_hostname(name) for name in names}))
+
+
+HostNames = Annotated[tuple[str, ...], AfterValidator(_normalise_hostnames)]
+
+
 class _Record(BaseModel):
     # extra="ignore": readers tolerate fields added by newer writers (SPEC §2).
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
@@ -176,15 +208,19 @@ class Service(_Record):
 
     ``publish`` (beyond the original, omitted when 0) is the port every fluxd listens on for
     the service's clients from outside, at its ``-publish-ip``; a service may have an address,
-    a published port, or both.  ``proxyProtocol`` (``v1`` or ``v2``, omitted when empty; tcp
-    services only) makes fluxd send the instance a PROXY protocol header naming the client
-    before the client's bytes, on VIP and published connections alike.
+    a published port, or both.  ``hostnames`` (``fluxctl --hostname``, omitted when empty)
+    let several http services share one published port: each connection goes to the service
+    named by its first request's ``Host`` (see :mod:`flux.balancer.entrypoints`).
+    ``proxyProtocol`` (``v1`` or ``v2``, omitted when empty; tcp services only) makes fluxd
+    send the instance a PROXY protocol header naming the client before the client's bytes, on
+    VIP and published connections alike.
     """
 
     address: Address | None = None
     instance_port: Port = Field(default=0, alias="instancePort")
     protocol: Protocol | Literal[""] = ""
     publish: PublishedPort = 0
+    hostnames: HostNames = ()
     proxy_protocol: ProxyProtocol | Literal[""] = Field(default="", alias="proxyProtocol")
 
     @model_validator(mode="after")

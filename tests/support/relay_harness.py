@@ -16,7 +16,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +97,13 @@ class Harness:
         http: bool = False,
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> Link:
         """A client connected through the relay to the test's server end.
 
         ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
         buffers is bounded and what the relay buffers can be told apart; ``info`` names the
-        service and instance in the connection's notices.
+        service and instance in the connection's notices; ``pin_host`` as for submit.
         """
         async with self.opening:
             client, relay_client = await self.pair(self.front)
@@ -117,11 +118,27 @@ class Harness:
             client,
             server,
             self.relay.submit(
-                relay_client, relay_upstream, http=http, observe=observe, info=info
+                relay_client,
+                relay_upstream,
+                http=http,
+                observe=observe,
+                info=info,
+                pin_host=pin_host,
             ),
         )
         self.links.append(link)
         return link
+
+    async def reported(self, seen: Sized, count: int, timeout: float = 5.0) -> None:
+        """Wait until an observer's ``seen`` holds ``count`` exchanges (a flush delivers the
+        engine's at once); flush once more after, so nothing reported late is pending."""
+        deadline = time.monotonic() + timeout
+        while len(seen) < count:
+            self.relay.flush()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(seen)} of {count} exchanges reported: {seen}")
+            await asyncio.sleep(0.01)
+        self.relay.flush()
 
     async def close(self) -> None:
         for sock in self.sockets:

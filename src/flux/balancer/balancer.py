@@ -68,6 +68,7 @@ from flux.balancer.services import (
 )
 from flux.model import ConnectionInfo, ServiceInfo, parse_address
 from flux.relay import ExchangeObserver, Relay, RelayResult
+from flux.relay.base import HTTP_HEADER_TIMEOUT
 from flux.store.base import ServiceUpdate, Store
 
 __all__ = ["Balancer", "BridgeError"]
@@ -108,6 +109,8 @@ class Balancer:
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         on_reset: Callable[[str, str], None] | None = None,
+        on_answered: Callable[[str, int], None] | None = None,
+        http_header_timeout: float = HTTP_HEADER_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -145,6 +148,8 @@ class Balancer:
                 balance=balance,
                 clock=clock,
                 rng=self._rng,
+                header_timeout=http_header_timeout,
+                on_answered=on_answered,
             )
 
     # -- the plug-in surface the daemon uses ------------------------------------------------

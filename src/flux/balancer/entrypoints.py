@@ -9,16 +9,33 @@ port is a real listening socket of this host, so there is no iptables rule and n
 an entry point with no live instance accepts and resets, as a VIP listener does when its last
 instance failed.
 
-An :class:`EntryPoint` is one published port and what it routes to.  Today that is one
-service, the port's holder; the entry point is the unit a later routing by host name (several
-services on one port, chosen by ``Host`` or TLS SNI) extends with a table, which is why the
-balancer keeps listeners per port and not per service.
+An :class:`EntryPoint` is one published port and what it routes to: its holder, and for an
+http port shared by host name a :class:`HostRoutes` table.  The balancer keeps listeners per
+port, not per service.
 
-Two services publishing one port cannot both be served without host names.
+Sharing a port by host name
+---------------------------
+Several **http** services may publish one port when they have host names (``hostnames``,
+``fluxctl --hostname``).  Each connection goes to the service named by its *first* request's
+``Host`` (:func:`request_host` reads it: case-insensitive, the port and a trailing dot
+dropped); an exact name wins over a wildcard (``*.example.com`` matches one label); a service on
+the port without host names is the *default*, for every host no other names.  Without one,
+an unknown or missing host is answered ``404`` by fluxd.  A **tcp** service's host names are
+not used here (routing tcp by TLS SNI is not built): a tcp port has one holder, as before.
+
 :func:`resolve_entry_points` decides as :func:`~flux.balancer.services.resolve_conflicts` does
-for addresses: the spec created first (etcd's create revision, the same on every host; then
-the name) holds the port, every other claimant is refused with a :class:`PortConflict` until
-the holder goes or moves.  The protocol is the holder's.
+for addresses: the specs claiming a port are taken in the order they were created (etcd's
+create revision, the same on every host; then the name), and each is admitted unless it
+clashes with one admitted before it:
+
+- its protocol differs from the port's (the first one's): tcp and http cannot share a port;
+- it is tcp and the port is held (a tcp port has one service);
+- it has no host names and the port already has a default (or a tcp holder);
+- one of its host names is already another admitted service's on that port.
+
+A service refused is refused whole (never two owners of a name, never half a service), with a
+:class:`PortConflict` naming the reason and the service that claimed it first, until that one
+goes or changes.
 """
 
 from __future__ import annotations
@@ -30,7 +47,14 @@ from typing import Literal
 
 from flux.model import Protocol, ProxyProtocol, ServiceInfo
 
-__all__ = ["EntryPoint", "PortConflict", "PublishClaim", "resolve_entry_points"]
+__all__ = [
+    "EntryPoint",
+    "HostRoutes",
+    "PortConflict",
+    "PublishClaim",
+    "request_host",
+    "resolve_entry_points",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +67,8 @@ class PublishClaim:
     protocol: Protocol
     instances: Mapping[str, str] = field(default_factory=dict)
     created: int = 0
-    proxy_protocol: ProxyProtocol | Literal[""] = ""
+    hostnames: tuple[str, ...] = ()  # http only (tcp is not routed by name)
+    proxy_protocol: ProxyProtocol | Literal[""] = ""  # tcp only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", MappingProxyType(dict(self.instances)))
@@ -59,30 +84,149 @@ class PublishClaim:
             if instance.receives_connections and instance.address is not None
         }
         spec = info.spec
-        return cls(spec.publish, spec.effective_protocol, live, info.created, spec.proxy_protocol)
+        protocol = spec.effective_protocol
+        hostnames = spec.hostnames if protocol == "http" else ()
+        return cls(spec.publish, protocol, live, info.created, hostnames, spec.proxy_protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoutes:
+    """Which service of a port shared by host name serves a request's host: ``names`` (exact
+    name or ``*.suffix`` -> service) and the ``default`` service (None: fluxd answers 404)."""
+
+    names: tuple[tuple[str, str], ...]
+    default: str | None = None
+
+    def pick(self, host: str | None) -> str | None:
+        """The service for ``host`` (as :func:`request_host` gives it; None: no Host)."""
+        if host:
+            table = dict(self.names)
+            service = table.get(host)
+            if service is not None:
+                return service
+            _, dot, parent = host.partition(".")
+            if dot and parent:
+                service = table.get("*." + parent)
+                if service is not None:
+                    return service
+        return self.default
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service the table routes to, in name order."""
+        named = {service for _, service in self.names}
+        if self.default is not None:
+            named.add(self.default)
+        return tuple(sorted(named))
+
+
+def request_host(head: bytes) -> str | None:
+    """The host a complete HTTP/1.x request head (start line through the empty line) names,
+    as routes compare it: its one ``Host`` field, lower case, without the port or a trailing
+    dot; None when it has none, several, or an empty one (the engine's framer judges the rest
+    of the head once the connection is relayed)."""
+    found: str | None = None
+    count = 0
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        if name.strip(b" \t\r").lower() == b"host":
+            count += 1
+            found = value.strip(b" \t\r").decode("latin-1")
+    if count != 1 or not found:
+        return None
+    return normalise_request_host(found)
+
+
+def normalise_request_host(value: str) -> str | None:
+    """A ``Host`` value (``name``, ``name:port``, ``[v6]:port``) as routes compare it."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        host = value[: end + 1] if end > 0 else value
+    else:
+        host = value.rpartition(":")[0] if ":" in value else value
+    host = host.removesuffix(".")
+    return host or None
 
 
 @dataclass(frozen=True, slots=True)
 class EntryPoint:
-    """One published port and the service it serves, with that service's protocol and PROXY
-    protocol (a change of either is a new listener)."""
+    """One published port and the service holding it, with that service's protocol; for an
+    http port shared by host name, ``routes`` (None: every connection goes to ``service``);
+    for a tcp port, the holder's PROXY protocol (a change of the service, the protocol or the
+    PROXY protocol is a new listener)."""
 
     port: int
     service: str
     protocol: Protocol
+    routes: HostRoutes | None = None
     proxy_protocol: ProxyProtocol | Literal[""] = ""
+
+    @property
+    def shared(self) -> bool:
+        """Connections are routed by host name (the port's listener reads the first head)."""
+        return self.routes is not None
 
 
 @dataclass(frozen=True, slots=True)
 class PortConflict:
-    """``service`` is refused published ``port`` because ``holder`` claimed it first."""
+    """``service`` is refused published ``port`` because ``holder`` claimed it first:
+    ``hostname`` is the name both claim, ``protocol`` the port's when theirs differ."""
 
     service: str
     port: int
     holder: str
+    hostname: str | None = None
+    protocol: Protocol | None = None
 
     def __str__(self) -> str:
+        if self.hostname is not None:
+            return (
+                f"host name {self.hostname} on port {self.port} is also claimed by service"
+                f" {self.holder}"
+            )
+        if self.protocol is not None:
+            return (
+                f"port {self.port} is published by {self.protocol} service {self.holder}"
+                " (tcp and http services cannot share a port)"
+            )
         return f"port {self.port} is also published by service {self.holder}"
+
+
+def _admit(
+    port: int, names: list[str], claims: Mapping[str, PublishClaim]
+) -> tuple[EntryPoint, dict[str, PortConflict]]:
+    """One port's entry point from its claimants in creation order (see the module header)."""
+    holder = names[0]
+    protocol = claims[holder].protocol
+    refused: dict[str, PortConflict] = {}
+    owners: dict[str, str] = {}  # host name -> service
+    default: str | None = None
+    for name in names:
+        claim = claims[name]
+        conflict: PortConflict | None = None
+        if claim.protocol != protocol:
+            conflict = PortConflict(name, port, holder, protocol=protocol)
+        elif name != holder and (protocol == "tcp" or not claim.hostnames):
+            if protocol == "tcp" or default is not None:
+                conflict = PortConflict(name, port, default or holder)
+        else:
+            taken = [host for host in claim.hostnames if host in owners]
+            if taken:
+                conflict = PortConflict(name, port, owners[taken[0]], hostname=taken[0])
+        if conflict is not None:
+            refused[name] = conflict
+            continue
+        if not claim.hostnames:
+            default = name
+        for host in claim.hostnames:
+            owners[host] = name
+    if not owners:
+        return EntryPoint(port, holder, protocol, None, claims[holder].proxy_protocol), refused
+    routes = HostRoutes(tuple(sorted(owners.items())), default)
+    return EntryPoint(port, holder, protocol, routes), refused
 
 
 def resolve_entry_points(
@@ -91,7 +235,8 @@ def resolve_entry_points(
     """The entry point of every claimed port, and the services refused theirs.
 
     Of the services that claim one port, the one whose spec was created first (lowest
-    ``created``, then the name) holds it.
+    ``created``, then the name) holds it; the others share it by host name or are refused
+    (see the module header).
     """
     by_port: dict[int, list[str]] = {}
     for name, claim in claims.items():
@@ -99,9 +244,7 @@ def resolve_entry_points(
     entries: dict[int, EntryPoint] = {}
     refused: dict[str, PortConflict] = {}
     for port, names in by_port.items():
-        holder, *others = sorted(names, key=lambda name: (claims[name].created, name))
-        claim = claims[holder]
-        entries[port] = EntryPoint(port, holder, claim.protocol, claim.proxy_protocol)
-        for name in others:
-            refused[name] = PortConflict(name, port, holder)
+        ordered = sorted(names, key=lambda name: (claims[name].created, name))
+        entries[port], conflicts = _admit(port, ordered, claims)
+        refused.update(conflicts)
     return entries, refused

@@ -64,6 +64,11 @@ counted in the next report), not once per retry.
 Closing a listener closes only the listening socket: connections it already handed to the
 relay carry on until they end.
 
+A published port shared by host name is accepted by a router instead
+(:mod:`flux.balancer.hostrouter`), which reads each client's first request head and gives the
+client to the chosen service's listener with :meth:`Listener.take`; that listener never
+opens a socket of its own, and goes on from step 1 above.
+
 Published ports
 ---------------
 A service's published port (:mod:`flux.balancer.entrypoints`) is a listener like any other,
@@ -112,7 +117,7 @@ from flux.relay import (
 )
 from flux.relay.proxy_protocol import PROXY_VERSIONS, proxy_header
 
-__all__ = ["ConnectionBudget", "Listener"]
+__all__ = ["ConnectionBudget", "Listener", "process_budget"]
 
 log = logging.getLogger("flux.balancer")
 
@@ -142,6 +147,7 @@ class _Connecting:
         "listener",
         "name",
         "parked_until",
+        "pinned",
         "tried",
         "up",
         "upstream",
@@ -162,6 +168,9 @@ class _Connecting:
         self.info: ConnectionInfo | None = None  # set when handed to the engine to connect
         self.up = False  # the engine connected it (and the instance counts it as active)
         self.parked_until = 0.0  # waiting for a descriptor: reset if still waiting then
+        # Routed by its first request's Host (Listener.take): the relay answers 421 to a later
+        # request naming another host.
+        self.pinned = False
 
     @property
     def client(self) -> socket.socket:
@@ -284,6 +293,11 @@ class ConnectionBudget:
 _BUDGET = ConnectionBudget()
 
 
+def process_budget() -> ConnectionBudget:
+    """The budget every listener of this process shares unless given another."""
+    return _BUDGET
+
+
 @functools.lru_cache(maxsize=4096)
 def _split(address: str) -> tuple[int, tuple[str, int], bytes]:
     # Cached: parsing with ipaddress on every connection showed in profiles of connection churn.
@@ -372,6 +386,18 @@ class Listener:
         self._loop.add_reader(sock.fileno(), self._accept)
         self._count_listening(1)
         return self.port
+
+    def take(self, client_fd: int, client_ip: str) -> None:
+        """Serve a client another socket accepted: a published port shared by host name,
+        whose router read the client's first request head (left unread in the socket) and
+        picked this service.  From here it goes as if this listener had accepted it (pick,
+        connect, retry, hand over); the router took it out of the budget, and this listener
+        gives it back when the connection ends.  The listener need not be open."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        c = _Connecting(self, client_fd, client_ip)
+        c.pinned = True
+        self._attempt(c)
 
     def _count_listening(self, n: int) -> None:
         """Take this listener's ``n`` listening sockets out of the connection budget."""
@@ -678,7 +704,9 @@ class Listener:
                 code = errno.ECONNREFUSED
             if code == 0:
                 self.pool.succeeded(choice.name)
-                self._hand_over(c.client, upstream, choice.name, choice.address, c.client_ip)
+                self._hand_over(
+                    c.client, upstream, choice.name, choice.address, c.client_ip, c.pinned
+                )
                 return
             if code != errno.EINPROGRESS:
                 upstream.close()
@@ -737,6 +765,7 @@ class Listener:
                 observe=observe,
                 service=self._sid,  # -1 unless the engine accepts for this listener
                 info=info,
+                pin_host=c.pinned,
                 preface=preface,
             )
         except RuntimeError:  # the relay is shutting down
@@ -792,7 +821,7 @@ class Listener:
             self._attempt(c)
             return
         self.pool.succeeded(c.name)
-        self._hand_over(c.client, upstream, c.name, c.address, c.client_ip)
+        self._hand_over(c.client, upstream, c.name, c.address, c.client_ip, c.pinned)
 
     def _timed_out(self, c: _Connecting) -> None:
         if c.upstream is None:
@@ -824,6 +853,7 @@ class Listener:
         name: str,
         address: str,
         client_ip: str,
+        pinned: bool = False,
     ) -> None:
         try:
             preface = self._preface(client)
@@ -845,10 +875,12 @@ class Listener:
                     observe=observe,
                     service=self._sid,
                     info=info,
+                    pin_host=pinned,
                 )
             else:
                 future = self._relay.submit(
-                    client, upstream, http=self._http, observe=observe, info=info
+                    client, upstream, http=self._http, observe=observe, info=info,
+                    pin_host=pinned,
                 )
         except RuntimeError:  # the relay is shutting down
             reset_and_close(client)

@@ -8,13 +8,22 @@ points (:func:`~flux.balancer.entrypoints.resolve_entry_points`: one holder per 
 others in conflict) and brings the listeners in line:
 
 - a port whose entry point is new, or now serves another service, protocol or PROXY protocol
-  (fluxctl --proxy-protocol), gets a new
-  listener on ``-publish-ip`` with a pool of its own (the old one is closed: stop accepting,
-  its connections carry on);
+  (fluxctl --proxy-protocol), gets a new listener on ``-publish-ip`` with a pool of its own
+  (the old one is closed: stop accepting, its connections carry on);
 - a port still held as before only has its pool updated with the live instances;
 - a port nobody claims any more is closed.
 
-A port that cannot be bound is logged once, naming the port and the service, shown in
+A port shared by host name (the entry point has routes) is accepted by a
+:class:`~flux.balancer.hostrouter.HostRouter` instead, with a pool and a listener (never
+opened: it takes the clients the router hands it) per service routed to.  Services joining or
+leaving such a port, or their host names changing, only change the router's table and the
+pools: the socket stays open.  A port that turns from one service into a shared one (or back)
+is closed and opened again, like any change of holder.
+
+A port closed here to be opened again in another form (one service <-> shared by host name)
+may still be held for a moment by the engine's shards, which close their sockets on their own
+thread: EADDRINUSE within ``RELEASE_GRACE`` of that close is retried quietly and quickly.
+Otherwise, a port that cannot be bound is logged once, naming the port and the service, shown in
 :meth:`status` as ``busy`` (another process holds it: EADDRINUSE) or ``failed`` (any other
 error: ``-publish-ip`` is not an address of this host, a port below 1024 without the
 capability) with the error, and tried again after 0.5 s, doubling up to 30 s,
@@ -32,7 +41,7 @@ import errno
 import logging
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flux.balancer.entrypoints import (
@@ -41,8 +50,11 @@ from flux.balancer.entrypoints import (
     PublishClaim,
     resolve_entry_points,
 )
+from flux.balancer.hostrouter import HostRouter
 from flux.balancer.listener import Listener
 from flux.balancer.pool import Balance, Pool, backoff
+from flux.relay.base import HTTP_HEADER_TIMEOUT
+from flux.relay.notices import NoticeLimiter
 from flux.store.base import ServiceUpdate
 
 __all__ = ["BIND_RETRY_BASE", "BIND_RETRY_CAP", "PublishedPorts", "entry_name"]
@@ -51,6 +63,11 @@ log = logging.getLogger("flux.balancer")
 
 BIND_RETRY_BASE = 0.5  # seconds before the first retry of a port that could not be bound
 BIND_RETRY_CAP = 30.0
+# A port this host closed to open it again in another form (one service <-> shared by host
+# name): the engine closes its shards' sockets on its own thread, a moment later, so a bind
+# may still find them.  EADDRINUSE that soon after is retried quietly every RELEASE_RETRY s.
+RELEASE_GRACE = 2.0
+RELEASE_RETRY = 0.02
 
 # (entry point, its pool) -> a listener not yet opened.
 MakeListener = Callable[[EntryPoint, Pool], Listener]
@@ -61,14 +78,36 @@ def entry_name(port: int) -> str:
     return f"published:{port}"
 
 
+def _kind(entry: EntryPoint | None) -> tuple[object, ...] | None:
+    """What a port's socket depends on: a change of it closes the socket and opens a new one
+    (a shared port's routes change in place)."""
+    if entry is None:
+        return None
+    return (
+        entry.port,
+        entry.protocol,
+        entry.shared,
+        None if entry.shared else entry.service,
+        entry.proxy_protocol,
+    )
+
+
+def _routed(entry: EntryPoint) -> tuple[str, ...]:
+    """The services an entry point's connections may go to."""
+    return entry.routes.services if entry.routes is not None else (entry.service,)
+
+
 @dataclass(slots=True, eq=False)
 class _Port:
-    """One entry point of this host: its listener when bound, else why not and when next."""
+    """One entry point of this host: its listener (or router) when bound, else why not and
+    when next; a pool per service it routes to, with the instances last given to it."""
 
     entry: EntryPoint
-    pool: Pool
-    instances: Mapping[str, str] = field(default_factory=dict)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    instances: dict[str, Mapping[str, str]] = field(default_factory=dict)
     listener: Listener | None = None
+    router: HostRouter | None = None
+    routed: dict[str, Listener] = field(default_factory=dict)  # shared: per service
     error: str | None = None
     busy: bool = False  # the last error was EADDRINUSE
     failures: int = 0
@@ -87,15 +126,23 @@ class PublishedPorts:
         balance: Balance = "random",
         clock: Callable[[], float],
         rng: random.Random,
+        header_timeout: float = HTTP_HEADER_TIMEOUT,
+        on_answered: Callable[[str, int], None] | None = None,
+        notices: NoticeLimiter | None = None,
     ) -> None:
         self.bind_ip = bind_ip
         self._make_listener = make_listener
+        self._header_timeout = header_timeout
+        self._on_answered = on_answered
+        self._notices = notices if notices is not None else NoticeLimiter()
+        self._notices_attached = False
         self._balance = balance
         self._clock = clock
         self._rng = rng
         self.claims: dict[str, PublishClaim] = {}
         self.conflicts: dict[str, PortConflict] = {}
         self.ports: dict[int, _Port] = {}
+        self._released: dict[int, float] = {}  # port -> when this host last closed it
         self._closed = False
 
     def apply(self, update: ServiceUpdate) -> None:
@@ -110,21 +157,49 @@ class PublishedPorts:
         entries, conflicts = resolve_entry_points(claims)
         self._report_conflicts(claims, conflicts)
         self.claims, self.conflicts = claims, conflicts
-        for port in [p for p, held in self.ports.items() if entries.get(p) != held.entry]:
+        for port in [
+            p for p, held in self.ports.items() if _kind(entries.get(p)) != _kind(held.entry)
+        ]:
             self._close(self.ports.pop(port))
         if self._closed:
             return
         for port, entry in sorted(entries.items()):
-            instances = claims[entry.service].instances
             held = self.ports.get(port)
             if held is None:
-                pool = Pool(now=self._clock, rng=self._rng, balance=self._balance)
-                pool.update(instances)
-                held = self.ports[port] = _Port(entry, pool, instances)
+                held = self.ports[port] = _Port(entry)
+                self._sync_pools(held, claims)
                 self._open(held)
-            elif held.instances != instances:
-                held.pool.update(instances)
-                held.instances = instances
+            else:
+                held.entry = entry
+                self._sync_pools(held, claims)
+                if held.router is not None and entry.routes is not None:
+                    held.router.update(entry.routes, held.routed)
+
+    def _sync_pools(self, held: _Port, claims: Mapping[str, PublishClaim]) -> None:
+        """A pool (and, shared, a listener) per service ``held`` routes to, with its live
+        instances; those of services no longer routed to are let go (their connections
+        carry on)."""
+        entry = held.entry
+        wanted = _routed(entry)
+        for gone in [name for name in held.pools if name not in wanted]:
+            del held.pools[gone]
+            del held.instances[gone]
+            held.routed.pop(gone, None)
+        for name in wanted:
+            instances = claims[name].instances
+            pool = held.pools.get(name)
+            if pool is None:
+                pool = Pool(now=self._clock, rng=self._rng, balance=self._balance)
+                held.pools[name] = pool
+                pool.update(instances)
+                held.instances[name] = instances
+                if entry.shared:
+                    # The port as this one service serves it: the router picked it.
+                    alone = replace(entry, service=name, routes=None)
+                    held.routed[name] = self._make_listener(alone, pool)
+            elif held.instances[name] != instances:
+                pool.update(instances)
+                held.instances[name] = instances
 
     def _report_conflicts(
         self, claims: Mapping[str, PublishClaim], conflicts: Mapping[str, PortConflict]
@@ -146,10 +221,35 @@ class PublishedPorts:
     def _open(self, held: _Port) -> None:
         held.retry = held.retry_at = None
         entry = held.entry
-        listener = self._make_listener(entry, held.pool)
+        opened: Listener | HostRouter
+        if entry.routes is not None:
+            if not self._notices_attached:
+                self._notices.attach(asyncio.get_running_loop())
+                self._notices_attached = True
+            opened = HostRouter(
+                self.bind_ip,
+                entry.port,
+                entry_name(entry.port),
+                entry.routes,
+                held.routed,
+                notices=self._notices,
+                header_timeout=self._header_timeout,
+                on_answered=self._on_answered,
+            )
+        else:
+            opened = self._make_listener(entry, held.pools[entry.service])
         try:
-            listener.open()
+            opened.open()
         except OSError as exc:
+            loop = asyncio.get_running_loop()
+            released = self._released.get(entry.port)
+            if (
+                exc.errno == errno.EADDRINUSE
+                and released is not None
+                and self._clock() - released < RELEASE_GRACE
+            ):
+                held.retry = loop.call_later(RELEASE_RETRY, self._retry, held)
+                return
             error = exc.strerror or str(exc)
             if held.error is None:
                 log.warning(
@@ -164,26 +264,32 @@ class PublishedPorts:
             delay = backoff(held.failures, base=BIND_RETRY_BASE, cap=BIND_RETRY_CAP)
             held.failures += 1
             held.retry_at = self._clock() + delay
-            held.retry = asyncio.get_running_loop().call_later(delay, self._retry, held)
+            held.retry = loop.call_later(delay, self._retry, held)
             return
+        self._released.pop(entry.port, None)
         if held.error is not None:
             log.info(
-                "service %s: published port %d on %s (%s) after %d failed attempts",
+                "service %s: published port %d on %s (%s%s) after %d failed attempts",
                 entry.service,
                 entry.port,
                 self.bind_ip,
                 entry.protocol,
+                ", by host name" if entry.shared else "",
                 held.failures,
             )
         else:
             log.info(
-                "service %s: published port %d on %s (%s)",
+                "service %s: published port %d on %s (%s%s)",
                 entry.service,
                 entry.port,
                 self.bind_ip,
                 entry.protocol,
+                ", by host name" if entry.shared else "",
             )
-        held.listener = listener
+        if isinstance(opened, HostRouter):
+            held.router = opened
+        else:
+            held.listener = opened
         held.error = None
         held.failures = 0
 
@@ -196,9 +302,15 @@ class PublishedPorts:
         if held.retry is not None:
             held.retry.cancel()
             held.retry = held.retry_at = None
-        if held.listener is not None:
-            held.listener.close()
-            held.listener = None
+        opened = held.listener or held.router
+        if opened is not None:
+            opened.close()
+            held.listener = held.router = None
+            now = self._clock()
+            self._released = {
+                port: at for port, at in self._released.items() if now - at < RELEASE_GRACE
+            }
+            self._released[held.entry.port] = now
             log.info(
                 "service %s: closed published port %d", held.entry.service, held.entry.port
             )
@@ -208,29 +320,39 @@ class PublishedPorts:
         self._closed = True
         for held in self.ports.values():
             self._close(held)
+        self._notices.close()
 
     def abort_connecting(self) -> None:
         """Reset clients still waiting for an instance connection (shutdown)."""
         for held in self.ports.values():
             if held.listener is not None:
                 held.listener.abort_connecting()
+            for listener in held.routed.values():
+                listener.abort_connecting()
 
     def status(self) -> dict[str, Any]:
         """Each service's published port as ``/status`` shows it."""
         shown: dict[str, Any] = {}
         for port, held in sorted(self.ports.items()):
-            entry: dict[str, Any] = {"port": port, "entry": entry_name(port)}
-            if held.listener is not None:
-                entry["state"] = "listening"
-                entry["listener"] = f"{self.bind_ip}:{port}"
-                entry["instances"] = held.pool.health_report()
-            else:
-                entry["state"] = "busy" if held.busy else "failed"
-                entry["error"] = held.error
-                entry["retry_in"] = (
-                    None if held.retry_at is None else max(0.0, held.retry_at - self._clock())
-                )
-            shown[held.entry.service] = entry
+            routes = held.entry.routes
+            for name in _routed(held.entry):
+                entry: dict[str, Any] = {"port": port, "entry": entry_name(port)}
+                if routes is not None:
+                    entry["hostnames"] = [host for host, to in routes.names if to == name]
+                    entry["default"] = routes.default == name
+                if held.listener is not None or held.router is not None:
+                    entry["state"] = "listening"
+                    entry["listener"] = f"{self.bind_ip}:{port}"
+                    entry["instances"] = held.pools[name].health_report()
+                else:
+                    entry["state"] = "busy" if held.busy else "failed"
+                    entry["error"] = held.error
+                    entry["retry_in"] = (
+                        None
+                        if held.retry_at is None
+                        else max(0.0, held.retry_at - self._clock())
+                    )
+                shown[name] = entry
         for name, conflict in sorted(self.conflicts.items()):
             shown[name] = {
                 "port": conflict.port,

@@ -40,12 +40,14 @@ client is counted under ``src="other"``, so 100,000 client addresses cost what 1
 engine folds likewise in its own tally (each shard names at most as many, the rest come as
 ``TALLY_OTHER_CLIENT``), and what it names is folded again here, into the same per-service set.
 
-What fluxd answered itself (400, 431, 408) is counted per service in
-``flux_http_rejected_total`` and per entry point in ``flux_entry_answered_total{service, entry,
-code}``: an edge host wants to see which door the bad requests come in by.  The same family
-counts the clients fluxd reset because no instance could take them (``code="reset"``: none
-live, as on a published port whose service has no instance, or every attempt failed; fed by
-the listener, :meth:`Metrics.on_reset`).
+What fluxd answered itself (400, 431, 408, and 421 on a connection routed by host name) is
+counted per service in ``flux_http_rejected_total`` and per entry point in
+``flux_entry_answered_total{service, entry, code}``: an edge host wants to see which door the
+bad requests come in by.  The same family counts the clients fluxd reset because no instance
+could take them (``code="reset"``: none live, as on a published port whose service has no
+instance, or every attempt failed; fed by the listener, :meth:`Metrics.on_reset`), and what the
+router of a port shared by host name answered before any service was chosen (404, 408, 431;
+``service=""``; fed by the router, :meth:`Metrics.on_entry_answered`).
 
 An HTTP/2 exchange that carried a gRPC call (the relay passes a :class:`~flux.relay.GrpcCall`)
 is also counted per gRPC method and code (``flux_grpc_total``, ``flux_grpc_duration_seconds``).
@@ -334,6 +336,10 @@ class Metrics:
         self.rejected: dict[tuple[str, str, str], int] = {}
         # Clients reset because no instance could take them, by (service, entry point).
         self.resets: dict[tuple[str, str], int] = {}
+        # What the router of a port shared by host name answered before any service was
+        # chosen, by (entry point, status): 404 (no service for the host), 408 / 431 (a first
+        # head not read in time, or too large).  Counted under service="".
+        self.unrouted: dict[tuple[str, str], int] = {}
         # Exchanges cut short, by (service, side): flux_http_aborted_total.
         self.aborted: dict[tuple[str, str], int] = {}
         # gRPC calls' total times by (service, grpc_service, grpc_method, code): their counts
@@ -396,6 +402,13 @@ class Metrics:
         if result.answered:
             key = (service, info.entry, str(result.answered))
             self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    def on_entry_answered(self, entry: str, status: int) -> None:
+        """The router of a port shared by host name answered a client at ``entry`` itself,
+        before any service was chosen (404, 408, 431).  A 421 is a service's, counted by
+        :meth:`on_done` as the relays' other answers are."""
+        key = (entry, str(status))
+        self.unrouted[key] = self.unrouted.get(key, 0) + 1
 
     def totals(
         self,
@@ -638,6 +651,8 @@ class FluxCollector(Collector):
             f.http_rejected.add_metric(answered, count)
         for service_entry, count in m.resets.items():
             f.entry_answered.add_metric((*service_entry, "reset"), count)
+        for entry_code, count in m.unrouted.items():
+            f.entry_answered.add_metric(("", *entry_code), count)
         engine = m.engine_counters()
         for name, count in sorted(engine.events.items()):
             f.engine_events.add_metric((name,), count)
@@ -743,14 +758,18 @@ class _Families:
         self.http_rejected = CounterMetricFamily(
             "flux_http_rejected_total",
             "HTTP requests fluxd answered itself and closed: 400 malformed, 431 head too large,"
-            " 408 head not received in time.",
+            " 408 head not received in time, 421 a later request for another host on a connection"
+            " routed by host name.",
             labels=("service", "code"),
         )
         self.entry_answered = CounterMetricFamily(
             "flux_entry_answered_total",
             "What fluxd answered itself, by the entry point it came in by (vip or"
-            " published:PORT): the requests of flux_http_rejected_total by status, and"
-            " code=\"reset\" for the clients reset because no instance could take them.",
+            " published:PORT): the requests of flux_http_rejected_total by status; code=\"reset\""
+            " for the clients reset because no instance could take them; and, with service=\"\","
+            " what the router of a port shared by host name answered before choosing a service:"
+            " 404 no service for the host, 408 / 431 a first request head not read in time or"
+            " too large.",
             labels=("service", "entry", "code"),
         )
         self.engine_events = CounterMetricFamily(

@@ -28,7 +28,9 @@ response fully written to the client.  A malformed request is answered ``400 Bad
 the connection is closed; a request head that takes longer than ``http_header_timeout`` gets
 ``408 Request Timeout`` (the first one is timed from the connection's start, and a client that
 sent nothing by then is closed without an answer); a keep-alive connection idle for
-``http_idle_timeout`` is closed (0 disables either).  ``RelayResult.answered`` names the status
+``http_idle_timeout`` is closed (0 disables either); with ``pin_host``, a request naming another
+host than the connection's first is answered ``421 Misdirected Request`` and the connection
+closed, as a malformed one is.  ``RelayResult.answered`` names the status
 the relay answered itself.  A connection that opens with the HTTP/2 preface is relayed
 untouched and observed as HTTP/2 (the instance's bytes from the first, even those sent before
 the preface ended; no HTTP timeouts apply): each client-initiated stream is an exchange, from
@@ -150,7 +152,7 @@ class RelayResult(NamedTuple):
     ``to_upstream`` / ``to_client``: bytes delivered each way.  ``error``: ``None`` when both
     directions ended with EOF, else the errno name (``"ECONNRESET"``, ``"EPIPE"``; ``"ECANCELED"``
     when ``close()`` cut it).  ``duration``: seconds from submission to close.  ``answered``:
-    for HTTP, the status the relay answered the client itself (400, 431, 408), else 0.
+    for HTTP, the status the relay answered the client itself (400, 431, 408, 421), else 0.
     """
 
     to_upstream: int
@@ -247,11 +249,16 @@ class Relay(Protocol):
         http: bool = False,
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Relay between two connected sockets; the relay owns (and will close) both.
 
         ``http``: follow HTTP/1.x framing and report each exchange to ``observe``; ``info``
         names the service and instance in the connection's notices (log lines).
+        ``pin_host`` (HTTP): the client was routed by its first request's ``Host`` (a
+        published port shared by host name; that request is still unread in its socket), so a
+        later request naming another host is answered ``421 Misdirected Request`` and the
+        connection closed, as a malformed one is answered 400.
         """
 
     def flush(self) -> None:
@@ -275,13 +282,14 @@ class Connector(Protocol):
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
         preface: bytes = b"",
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) within ``timeout`` s and relay the
         client (a descriptor, now the relay's) to it; ``handler`` hears what became of it.
         ``service``: an id from :meth:`Acceptor.listen`, whose byte counters count this
-        connection (-1: none); ``info`` as for :meth:`Relay.submit`; ``preface``: bytes the
-        instance gets before the client's (a PROXY protocol header)."""
+        connection (-1: none); ``info`` and ``pin_host`` as for :meth:`Relay.submit`;
+        ``preface``: bytes the instance gets before the client's (a PROXY protocol header)."""
 
 
 class Acceptor(Protocol):
@@ -348,6 +356,7 @@ class Acceptor(Protocol):
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """:meth:`Relay.submit`, with the bytes counted live for ``service`` (an id from
         :meth:`listen`; -1: none)."""

@@ -208,17 +208,24 @@ class SpliceRelay:
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Hand both sockets to the engine (they are detached: the engine closes them).
         ``service``: an id from :meth:`listen`, whose byte counters count this connection;
-        ``info``: what its notices name."""
+        ``info``: what its notices name; ``pin_host``: see :meth:`Relay.submit`."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
         self._next_token += 1
         future: asyncio.Future[RelayResult] = self._loop.create_future()
         self._shard().add(
-            client.fileno(), upstream.fileno(), token, http, observe is not None, service
+            client.fileno(),
+            upstream.fileno(),
+            token,
+            http,
+            observe is not None,
+            service,
+            pin_host,
         )
         if service >= 0:
             self._counted.add(token)
@@ -243,12 +250,13 @@ class SpliceRelay:
         observe: ExchangeObserver | None = None,
         service: int = -1,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
         preface: bytes = b"",
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
         (a descriptor, now the relay's) to it; ``handler`` hears what became of it; ``info``:
-        what its notices name; ``preface``: what the instance gets first (a PROXY protocol
-        header)."""
+        what its notices name; ``pin_host``: see :meth:`Relay.submit`; ``preface``: what the
+        instance gets first (a PROXY protocol header)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -261,6 +269,7 @@ class SpliceRelay:
             http,
             observe is not None,
             service,
+            pin_host,
             preface or None,
         )
         if service >= 0:
@@ -372,7 +381,7 @@ class SpliceRelay:
             service, protocol = self._services[sid]
             entry = (service, self._entries[sid])
             up = down = live = 0
-            answered = [0, 0, 0]
+            answered = [0, 0, 0, 0]
             for engine in self._engines:
                 counted = engine.service_counts(sid)
                 up += counted.to_instances
@@ -389,7 +398,7 @@ class SpliceRelay:
             for direction, n in (("to_instance", up), ("to_client", down)):
                 byte_counts[(service, direction)] = byte_counts.get((service, direction), 0) + n
             active[service] = active.get(service, 0) + live
-            for code, n in zip(("400", "431", "408"), answered, strict=True):
+            for code, n in zip(("400", "431", "408", "421"), answered, strict=True):
                 if n:
                     answer = (*entry, code)
                     rejected[answer] = rejected.get(answer, 0) + n

@@ -32,6 +32,7 @@ __all__ = [
     "NOTICE_BURST",
     "NOTICE_KINDS",
     "NOTICE_WINDOW",
+    "ROUTER_KINDS",
     "NoticeKind",
     "NoticeLimiter",
     "NoticeSubject",
@@ -100,6 +101,12 @@ def _cut(client: str, reason: str, status: int, count: int) -> str:
     return f"{count} {exchanges} with {client} cut short by {who}"
 
 
+def _misrouted(client: str, reason: str, status: int, count: int) -> str:
+    if status:
+        return f"answered {status} to {client} ({reason})"
+    return f"closed {client} ({reason})"
+
+
 def _h2_gave_up(client: str, reason: str, status: int, count: int) -> str:
     return f"stopped observing HTTP/2 from {client} ({reason})"
 
@@ -114,9 +121,16 @@ NOTICE_KINDS: dict[str, NoticeKind] = {
         NoticeKind("switched", "protocol switches", _switched),
         NoticeKind("cut", "connections with exchanges cut short", _cut),
         NoticeKind("h2-gave-up", "HTTP/2 give-ups", _h2_gave_up),
+        # Only from a published port shared by host name (flux.balancer.hostrouter), before
+        # any service is chosen: its "service" is the entry point.
+        NoticeKind("misrouted", "clients with no service for their host", _misrouted),
     )
 }
-"""Every kind of notice, by the engine's name (flux._splice.NOTICE_KINDS)."""
+"""Every kind of notice, by the engine's name (flux._splice.NOTICE_KINDS), and the kinds
+only Python writes (:data:`ROUTER_KINDS`)."""
+
+ROUTER_KINDS = frozenset({"misrouted"})
+"""The kinds only a published port's host router writes (no relay has a connection yet)."""
 
 
 def client_address(ip: str, port: int) -> str:

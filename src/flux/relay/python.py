@@ -105,11 +105,14 @@ class _HttpWatch:
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
     def __init__(self, observe: ExchangeObserver | None, notify: _Notify,
-                 h2_counters: H2Counters) -> None:
+                 h2_counters: H2Counters, pin_host: bool = False) -> None:
         from flux._splice import HttpFramerProbe
 
         opened = time.monotonic_ns()
         self.probe = HttpFramerProbe(opened)
+        if pin_host:
+            # The engine's framer judges the host too: 421 comes as a malformed request does.
+            self.probe.pin_host()
         self.observe = observe
         self.notify = notify
         self.reject_reason = ""  # why the request being answered was malformed
@@ -321,13 +324,16 @@ class _Flow:
         subject: NoticeSubject | None = None,
         notices: NoticeLimiter | None = None,
         h2_counters: H2Counters | None = None,
+        pin_host: bool = False,
     ) -> None:
         self.future = future
         # What this connection's notices name, and who writes them (HTTP only).
         self.subject = subject
         self.notices = notices
         self.http = (
-            _HttpWatch(observe, self.notice, h2_counters or H2Counters()) if http else None
+            _HttpWatch(observe, self.notice, h2_counters or H2Counters(), pin_host)
+            if http
+            else None
         )
         self.answered = 0
         self.lingering = False
@@ -649,9 +655,11 @@ class PythonRelay:
         http: bool = False,
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
+        pin_host: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Wrap both sockets in transports (which then own them) and relay between them;
-        ``info``: what the connection's notices name."""
+        ``info``: what the connection's notices name; ``pin_host``: see
+        :meth:`~flux.relay.base.Relay.submit`."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         for sock in (client, upstream):
@@ -661,7 +669,7 @@ class PythonRelay:
         future: asyncio.Future[RelayResult] = self._loop.create_future()
         subject = _subject(client, upstream, info) if http else None
         flow = _Flow(future, self._flows.discard, http, observe, subject, self._notices,
-                     self.h2_counters)
+                     self.h2_counters, pin_host)
         if http and self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self._flows.add(flow)
