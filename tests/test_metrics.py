@@ -1198,6 +1198,29 @@ def test_requests_answered_by_fluxd_are_counted_per_entry_point() -> None:
     assert value("flux_http_rejected_total", {"service": "web", "code": "408"}) == 1.0
 
 
+def test_a_shared_ports_answers_are_counted_under_the_router_or_the_service_chosen() -> None:
+    metrics = Metrics()
+    # The host router answers before any service is chosen: service="".
+    for status in (404, 404, 408, 431):
+        metrics.on_entry_answered("published:80", status)
+    # A 421 comes from the relay of the service the connection went to, once.
+    www = ConnectionInfo("www", "http", "c1", "10.0.0.2:80", "10.0.0.9", "published:80")
+    metrics.on_connection(www)
+    metrics.on_done(www, RelayResult(10, 20, None, 0.1, 421))
+    registry = CollectorRegistry()
+    registry.register(FluxCollector(metrics))
+    value = registry.get_sample_value
+    answered = "flux_entry_answered_total"
+    router = {"service": "", "entry": "published:80"}
+    assert value(answered, {**router, "code": "404"}) == 2.0
+    assert value(answered, {**router, "code": "408"}) == 1.0
+    assert value(answered, {**router, "code": "431"}) == 1.0
+    assert value(answered, {**router, "code": "421"}) is None
+    assert value(answered, {"service": "www", "entry": "published:80", "code": "421"}) == 1.0
+    assert value("flux_http_rejected_total", {"service": "www", "code": "421"}) == 1.0
+    assert value("flux_http_rejected_total", {"service": "", "code": "404"}) is None
+
+
 # -- client addresses: at most max_clients per service -------------------------------------------
 
 

@@ -434,6 +434,8 @@ def test_http_services_share_a_port_by_host_with_404_421_wildcards_and_a_default
         assert body_of(response).count(b"\n") == 1 and closed
     entry = f"published:{port}"
     assert published.total("flux_entry_answered_total", entry=entry, code="404") == 3
+    # The router answered them, before any service was chosen.
+    assert published.total("flux_entry_answered_total", service="", entry=entry, code="404") == 3
     published.daemon.wait_logged(
         f"http service {entry}: answered 404 to 127.0.0.1:"
     )
@@ -457,6 +459,8 @@ def test_http_services_share_a_port_by_host_with_404_421_wildcards_and_a_default
         "the 421 counted",
     )
     assert published.total("flux_http_rejected_total", service="www", code="421") == 1
+    # ... under the service whose relay answered it.
+    assert published.total("flux_entry_answered_total", service="www", code="421") == 1
     published.daemon.wait_logged("http service www: answered 421 to 127.0.0.1:")
 
     # A service without host names on the port is the default for every other host.
