@@ -43,7 +43,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from flux.balancer.coalesce import coalesced
 from flux.balancer.entrypoints import EntryPoint
@@ -66,7 +66,7 @@ from flux.balancer.services import (
     step,
     why_ignored,
 )
-from flux.model import ConnectionInfo, ServiceInfo, parse_address
+from flux.model import ConnectionInfo, ProxyProtocol, ServiceInfo, parse_address
 from flux.relay import ExchangeObserver, Relay, RelayResult
 from flux.relay.base import HTTP_HEADER_TIMEOUT
 from flux.store.base import ServiceUpdate, Store
@@ -287,12 +287,23 @@ class Balancer:
             return None
         return ServiceView.from_info(info)
 
-    def _published_listener(self, entry: EntryPoint, pool: Pool) -> Listener:
-        assert self.published is not None
+    def _listener(
+        self,
+        service: str,
+        protocol: str,
+        bind_ip: str,
+        pool: Pool,
+        *,
+        port: int = 0,
+        entry: str = "vip",
+        proxy_protocol: ProxyProtocol | Literal[""] = "",
+    ) -> Listener:
+        """A listener for ``service`` on this balancer's relay, with its callbacks; ``port``,
+        ``entry`` and ``proxy_protocol`` are the entry point's own (see :class:`Listener`)."""
         return Listener(
-            entry.service,
-            entry.protocol,
-            self.published.bind_ip,
+            service,
+            protocol,
+            bind_ip,
             pool,
             self.relay,
             connect_timeout=self._connect_timeout,
@@ -301,6 +312,18 @@ class Balancer:
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
             on_reset=self.on_reset,
+            port=port,
+            entry=entry,
+            proxy_protocol=proxy_protocol,
+        )
+
+    def _published_listener(self, entry: EntryPoint, pool: Pool) -> Listener:
+        assert self.published is not None
+        return self._listener(
+            entry.service,
+            entry.protocol,
+            self.published.bind_ip,
+            pool,
             port=entry.port,
             entry=entry_name(entry.port),
             proxy_protocol=entry.proxy_protocol,
@@ -308,18 +331,8 @@ class Balancer:
 
     def _new_listener(self, service: str, endpoint: Endpoint, pool: Pool) -> Listener | None:
         assert self._bind_ip is not None
-        listener = Listener(
-            service,
-            endpoint.protocol,
-            self._bind_ip,
-            pool,
-            self.relay,
-            connect_timeout=self._connect_timeout,
-            on_connection=self.on_connection,
-            on_done=self.on_done,
-            on_connect_failure=self.on_connect_failure,
-            on_exchange=self.on_exchange,
-            on_reset=self.on_reset,
+        listener = self._listener(
+            service, endpoint.protocol, self._bind_ip, pool,
             proxy_protocol=endpoint.proxy_protocol,
         )
         try:

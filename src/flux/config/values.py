@@ -86,8 +86,9 @@ _TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
-def parse_host_ip(raw: object) -> IPv4Address:
-    """The host's IPv4 address: unicast, not 0.0.0.0."""
+def _unicast_ipv4(raw: object, what: str, ipv6: str) -> IPv4Address:
+    """``raw`` as an IPv4 address that is neither multicast nor the broadcast address; ``what``
+    names what it must be and ``ipv6`` says why an IPv6 one is refused, in the errors."""
     if isinstance(raw, IPv4Address):
         address = raw
     elif isinstance(raw, str):
@@ -97,42 +98,35 @@ def parse_host_ip(raw: object) -> IPv4Address:
             try:
                 ipaddress.IPv6Address(raw)
             except ValueError:
-                raise ValueError("not an IP address") from None
-            # Instance addresses are written as "IP:port" and matched by iptables (not
-            # ip6tables), so an IPv6 host address would break both.
-            raise ValueError("IPv6 is not supported; give the host's IPv4 address") from None
+                raise ValueError(f"not {what}") from None
+            raise ValueError(ipv6) from None
     else:
-        raise ValueError("not an IP address")
-    if address.is_unspecified:
-        raise ValueError("0.0.0.0 is not an address other hosts can reach")
+        raise ValueError(f"not {what}")
     if address.is_multicast or address == IPv4Address("255.255.255.255"):
         raise ValueError("not a unicast address")
+    return address
+
+
+def parse_host_ip(raw: object) -> IPv4Address:
+    """The host's IPv4 address: unicast, not 0.0.0.0."""
+    # Instance addresses are written as "IP:port" and matched by iptables (not ip6tables), so
+    # an IPv6 host address would break both.
+    address = _unicast_ipv4(
+        raw, "an IP address", "IPv6 is not supported; give the host's IPv4 address"
+    )
+    if address.is_unspecified:
+        raise ValueError("0.0.0.0 is not an address other hosts can reach")
     return address
 
 
 def parse_publish_ip(raw: object) -> IPv4Address | None:
     """Where published ports listen: an IPv4 address (0.0.0.0 for every address of the host),
     or None for ``none`` (or an empty flag value): this host is not an entry point."""
-    if raw is None or isinstance(raw, IPv4Address):
-        address = raw
-    elif isinstance(raw, str):
-        if raw.strip().lower() in ("", "none"):
-            return None
-        try:
-            address = IPv4Address(raw)
-        except ValueError:
-            try:
-                ipaddress.IPv6Address(raw)
-            except ValueError:
-                raise ValueError('not an IP address or "none"') from None
-            raise ValueError("IPv6 is not supported; give an IPv4 address") from None
-    else:
-        raise ValueError('not an IP address or "none"')
-    if address is not None and (
-        address.is_multicast or address == IPv4Address("255.255.255.255")
-    ):
-        raise ValueError("not a unicast address")
-    return address
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none")):
+        return None
+    return _unicast_ipv4(
+        raw, 'an IP address or "none"', "IPv6 is not supported; give an IPv4 address"
+    )
 
 
 def whole(low: int, high: int, unit: str) -> Parser:
