@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import socket
 from typing import cast
 
 import pytest
@@ -159,6 +160,40 @@ async def test_a_new_proxy_protocol_reopens_the_published_port() -> None:
         EntryPoint(5432, "db", "tcp", proxy_protocol="v2"),
     ]
     ports.close()
+
+
+async def test_each_service_of_a_shared_tcp_port_has_its_own_proxy_protocol() -> None:
+    made: list[tuple[EntryPoint, _Unbindable]] = []
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        fake = _Unbindable(0)
+        made.append((entry, fake))
+        return cast(Listener, fake)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ports = PublishedPorts("127.0.0.1", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+
+    def tls(name: str, version: str, created: int) -> ServiceInfo:
+        spec = Service(publish=port, hostnames=(f"{name}.example.test",), proxyProtocol=version)
+        return ServiceInfo(name=name, spec=spec, created=created)
+
+    ports.apply(ServiceUpdate({"a": tls("a", "v1", 1), "b": tls("b", "", 2)}, reset=True))
+    ports.apply(ServiceUpdate({"a": tls("a", "v2", 1)}))  # a new listener for a
+    ports.apply(ServiceUpdate({"a": tls("a", "v2", 1)}))  # the same: kept
+    assert [entry for entry, _ in made] == [
+        EntryPoint(port, "a", "tcp", proxy_protocol="v1"),
+        EntryPoint(port, "b", "tcp"),
+        EntryPoint(port, "a", "tcp", proxy_protocol="v2"),
+    ]
+    router = ports.ports[port].router
+    assert router is not None and router.is_open and router.protocol == "tcp"
+    assert router.listeners == {"a": made[2][1], "b": made[1][1]}
+    assert ports.status()["b"]["hostnames"] == ["b.example.test"]
+    ports.close()
+    assert not router.is_open
 
 
 # -- ports shared by host name ---------------------------------------------------------------
