@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import socket
 from typing import cast
 
 import pytest
@@ -161,6 +162,40 @@ async def test_a_new_proxy_protocol_reopens_the_published_port() -> None:
     ports.close()
 
 
+async def test_each_service_of_a_shared_tcp_port_has_its_own_proxy_protocol() -> None:
+    made: list[tuple[EntryPoint, _Unbindable]] = []
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        fake = _Unbindable(0)
+        made.append((entry, fake))
+        return cast(Listener, fake)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ports = PublishedPorts("127.0.0.1", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+
+    def tls(name: str, version: str, created: int) -> ServiceInfo:
+        spec = Service(publish=port, hostnames=(f"{name}.example.test",), proxyProtocol=version)
+        return ServiceInfo(name=name, spec=spec, created=created)
+
+    ports.apply(ServiceUpdate({"a": tls("a", "v1", 1), "b": tls("b", "", 2)}, reset=True))
+    ports.apply(ServiceUpdate({"a": tls("a", "v2", 1)}))  # a new listener for a
+    ports.apply(ServiceUpdate({"a": tls("a", "v2", 1)}))  # the same: kept
+    assert [entry for entry, _ in made] == [
+        EntryPoint(port, "a", "tcp", proxy_protocol="v1"),
+        EntryPoint(port, "b", "tcp"),
+        EntryPoint(port, "a", "tcp", proxy_protocol="v2"),
+    ]
+    router = ports.ports[port].router
+    assert router is not None and router.is_open and router.protocol == "tcp"
+    assert router.listeners == {"a": made[2][1], "b": made[1][1]}
+    assert ports.status()["b"]["hostnames"] == ["b.example.test"]
+    ports.close()
+    assert not router.is_open
+
+
 # -- ports shared by host name ---------------------------------------------------------------
 
 
@@ -205,19 +240,49 @@ def test_http_services_with_host_names_share_a_port_and_the_first_created_wins_a
     assert "copy" not in conflicts
     assert entries[80].routes is not None
     assert entries[80].routes.pick("www.example.com") == "copy"
-    # A tcp port is held by one service, host names or not (tcp is not routed by name).
+    # Two tcp services without host names: one port, one holder.
     tcp = {
         "a": PublishClaim(443, "tcp", created=1),
         "b": PublishClaim(443, "tcp", created=2),
     }
     entries, conflicts = resolve_entry_points(tcp)
-    assert entries == {443: EntryPoint(443, "a", "tcp")} and set(conflicts) == {"b"}
+    assert entries == {443: EntryPoint(443, "a", "tcp")}
+    assert conflicts == {"b": PortConflict("b", 443, "a")}
 
 
-def test_a_tcp_spec_with_host_names_claims_its_port_without_them() -> None:
+def test_tcp_services_share_a_port_by_tls_server_name() -> None:
+    claims = {
+        "default": PublishClaim(443, "tcp", created=1, proxy_protocol="v1"),
+        "a": PublishClaim(443, "tcp", created=2, hostnames=("a.example.com",)),
+        "apps": PublishClaim(443, "tcp", created=3, hostnames=("*.apps.example.com",)),
+        # Refused: a name a has, a second default, an http service on a tcp port.
+        "copy": PublishClaim(443, "tcp", created=4, hostnames=("a.example.com",)),
+        "second": PublishClaim(443, "tcp", created=5),
+        "web": PublishClaim(443, "http", created=6, hostnames=("w.example.com",)),
+    }
+    entries, conflicts = resolve_entry_points(claims)
+    routes = HostRoutes((("*.apps.example.com", "apps"), ("a.example.com", "a")), default="default")
+    # A shared port's entry point has no PROXY protocol of its own: each service's listener
+    # has its service's.
+    assert entries == {443: EntryPoint(443, "default", "tcp", routes)}
+    assert conflicts == {
+        "copy": PortConflict("copy", 443, "a", hostname="a.example.com"),
+        "second": PortConflict("second", 443, "default"),
+        "web": PortConflict("web", 443, "default", protocol="tcp"),
+    }
+    # Without a default, names only: an unknown name has no service.
+    del claims["default"], claims["second"]
+    entries, conflicts = resolve_entry_points(claims)
+    assert entries[443].routes == HostRoutes(routes.names, default=None)
+    assert entries[443].routes.pick("x.apps.example.com") == "apps"
+    assert entries[443].routes.pick("b.example.com") is None
+
+
+def test_a_spec_with_host_names_claims_its_port_with_them() -> None:
     info = ServiceInfo(name="tls", spec=Service(publish=443, hostnames=("a.example.com",)))
     claim = PublishClaim.from_info(info)
-    assert claim is not None and claim.hostnames == ()
+    assert claim is not None and claim.protocol == "tcp"
+    assert claim.hostnames == ("a.example.com",)
     http = info.model_copy(update={"spec": Service(publish=80, protocol="http",
                                                    hostnames=("a.example.com",))})  # fmt: skip
     claim = PublishClaim.from_info(http)

@@ -1207,10 +1207,34 @@ def test_service_refuses_bad_hostnames(ctl: Ctl, argv: list[str], message: str) 
     assert message in ctl.refused(2, "service", "web", "--publish", "80", "-p", "http", *argv)
 
 
-def test_hostname_needs_a_published_http_service(ctl: Ctl) -> None:
+def test_hostname_needs_a_published_service(ctl: Ctl) -> None:
     assert "--hostname needs --publish" in ctl.refused(
         2, "service", "web", "-p", "http", "--hostname", "a.example"
     )
-    assert "--hostname needs -p http" in ctl.refused(
-        2, "service", "web", "--publish", "443", "--hostname", "a.example"
+    assert "--hostname needs --publish" in ctl.refused(
+        2, "service", "tls", "--hostname", "a.example"
+    )
+
+
+def test_tcp_services_share_a_port_by_tls_server_name(ctl: Ctl) -> None:
+    assert ctl.ok("service", "a", "--publish", "443", "--hostname", "A.example.com") == "a\n"
+    assert ctl.record(SERVICE + "a/spec") == {
+        "hostnames": ["a.example.com"],
+        "instancePort": 443,
+        "publish": 443,
+    }
+    ctl.ok("service", "b", "--publish", "443", "--hostname", "*.b.example.com")
+    ctl.ok("service", "fallback", "--publish", "443", "--proxy-protocol", "v2")
+    assert "b\n  Instance port: 443\n  Published port: 443\n  Host names: *.b.example.com\n" in (
+        ctl.ok("info")
+    )
+    assert ctl.refused(1, "service", "copy", "--publish", "443", "--hostname", "a.example.com") == (
+        'fluxctl: host name a.example.com on port 443 is already claimed by service "a":'
+        ' give "copy" other host names or another port, or remove the name from "a" first'
+    )
+    assert 'already published by service "fallback"' in ctl.refused(
+        1, "service", "second", "--publish", "443"
+    )
+    assert 'port 443 is published by tcp service "a"' in ctl.refused(
+        1, "service", "web", "--publish", "443", "-p", "http", "--hostname", "w.example.com"
     )

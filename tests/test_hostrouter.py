@@ -1,5 +1,5 @@
-"""flux.balancer.hostrouter: the first request head of a port shared by host name, on real
-loopback sockets, with listeners that only record the clients they are handed."""
+"""flux.balancer.hostrouter: the first request head (or TLS ClientHello) of a port shared by
+host name, on real loopback sockets, with listeners that only record the clients they are handed."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import cast
 import pytest
 
 from flux.balancer.entrypoints import HostRoutes
-from flux.balancer.hostrouter import HEAD_MAX, HostRouter
+from flux.balancer.hostrouter import HEAD_MAX, NO_SNI_MATCH, HostRouter
 from flux.balancer.listener import ConnectionBudget, Listener
+from flux.model import Protocol
 from flux.relay.notices import NoticeLimiter
+from tests.support.tls import client_hello, refragment
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -34,9 +36,9 @@ class _Taker:
 
 
 class Router:
-    def __init__(self, default: bool, timeout: float) -> None:
+    def __init__(self, default: bool, timeout: float, protocol: Protocol = "http") -> None:
         self.www, self.fallback = _Taker(), _Taker()
-        self.answered: list[tuple[str, int]] = []
+        self.answered: list[tuple[str, int | str]] = []
         self.budget = ConnectionBudget()
         listeners = {"www": cast(Listener, self.www), "fallback": cast(Listener, self.fallback)}
         with socket.socket() as probe:
@@ -52,6 +54,7 @@ class Router:
             header_timeout=timeout,
             on_answered=lambda entry, status: self.answered.append((entry, status)),
             budget=self.budget,
+            protocol=protocol,
         )
         self.router.open()
         self.clients: list[socket.socket] = []
@@ -87,8 +90,7 @@ async def wait_for(predicate: object, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 async def router(request: pytest.FixtureRequest) -> AsyncIterator[Router]:
-    default, timeout = getattr(request, "param", (False, 5.0))
-    made = Router(default, timeout)
+    made = Router(*getattr(request, "param", (False, 5.0)))
     yield made
     made.close()
     assert made.budget.held == 0
@@ -192,3 +194,69 @@ async def test_closing_the_router_closes_the_clients_it_reads(router: Router) ->
     with contextlib.suppress(ConnectionResetError):
         assert await read_to_eof(sock) == b""
     assert router.budget.held == 0
+
+
+# -- tcp: the TLS server name (SNI) ------------------------------------------------------------
+
+
+def _taken_whole(taker: _Taker, sent: bytes) -> None:
+    """``taker`` was handed one client whose bytes are all still unread."""
+    (taken,) = taker.taken
+    assert taken.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    taken.setblocking(True)
+    taken.settimeout(2)
+    data = b""
+    while len(data) < len(sent):
+        data += taken.recv(65536)
+    assert data == sent
+
+
+@pytest.mark.parametrize("router", [(False, 5.0, "tcp")], indirect=True)
+async def test_a_tls_client_is_handed_on_by_server_name_untouched(router: Router) -> None:
+    hello = refragment(client_hello("WWW.example.test"), 64)
+    sock = await router.client()
+    for at in range(0, len(hello), 200):
+        sock.send(hello[at : at + 200])
+        await asyncio.sleep(0.02)
+    await wait_for(lambda: router.www.taken)
+    _taken_whole(router.www, hello)
+    assert router.answered == []
+    router.budget.release()
+
+
+@pytest.mark.parametrize("router", [(False, 5.0, "tcp")], indirect=True)
+@pytest.mark.parametrize(
+    "first", [client_hello("nowhere.example.test"), client_hello(None), b"SSH-2.0-x\r\n"]
+)
+async def test_no_server_name_match_and_no_default_is_closed_and_counted(
+    router: Router, first: bytes
+) -> None:
+    sock = await router.client()
+    sock.send(first)
+    with contextlib.suppress(ConnectionResetError):
+        assert await read_to_eof(sock) == b""
+    assert router.answered == [(f"published:{router.port}", NO_SNI_MATCH)]
+    assert not router.www.taken and not router.fallback.taken
+
+
+@pytest.mark.parametrize("router", [(True, 5.0, "tcp")], indirect=True)
+async def test_the_default_takes_unknown_names_and_clients_without_tls(router: Router) -> None:
+    for first in (client_hello("nowhere.example.test"), client_hello(None), b"SSH-2.0-x\r\n"):
+        sock = await router.client()
+        sock.send(first)
+        await wait_for(lambda: router.fallback.taken)
+        _taken_whole(router.fallback, first)
+        router.budget.release()
+        router.fallback.taken.pop().close()
+    assert router.answered == [] and not router.www.taken
+
+
+@pytest.mark.parametrize("router", [(True, 0.3, "tcp")], indirect=True)
+async def test_an_incomplete_client_hello_is_closed_at_the_header_timeout(
+    router: Router,
+) -> None:
+    sock = await router.client()
+    sock.send(client_hello("www.example.test")[:20])
+    with contextlib.suppress(ConnectionResetError):
+        assert await read_to_eof(sock) == b""
+    assert router.answered == [] and not router.fallback.taken

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.support.fluxd_process import HOST, Fluxd, http_get, wait_until
 from tests.support.haproxy import haproxy_reading_proxy_headers
 from tests.support.http_backend import HttpBackend
 from tests.support.other_host import OtherHost, random_loopback_vip, rules_for
+from tests.support.tls import TlsServer, make_certificate, peer_common_name
 
 REQUESTS = 20  # per load loop: every loop here is bounded
 HELLO = "hello from the backend\n"  # what the backend answers on /
@@ -571,3 +573,106 @@ def test_a_port_of_one_service_becomes_shared_when_a_service_with_host_names_joi
     # Closed and opened again in another form each time, without a line about a busy port
     # (the engine's sockets close a moment later: retried quietly).
     assert not published.daemon.logged(f"cannot publish port {port}")
+
+
+# -- one port, many tcp services, by TLS server name (passthrough) ---------------------------
+
+
+def tls_ask(
+    ip: str, port: int, server_name: str, cafile: Path, *, check_name: bool = True
+) -> tuple[str, str]:
+    """A TLS handshake through ``ip:port`` asking for ``server_name``, verifying the server's
+    certificate against ``cafile`` (and that it holds the name, with ``check_name``): its
+    subject's CN and the line the server then sends."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.check_hostname = check_name
+    with (
+        socket.create_connection((ip, port), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname=server_name) as tls,
+    ):
+        subject = peer_common_name(tls)
+        line = b""
+        while chunk := tls.recv(4096):
+            line += chunk
+    return subject, line.decode()
+
+
+def tls_refused(ip: str, port: int, server_name: str | None) -> bool:
+    """A TLS client asking for ``server_name`` (None: none) is closed before any byte."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((ip, port), timeout=5) as sock:
+        try:
+            with context.wrap_socket(sock, server_hostname=server_name):
+                return False
+        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return True
+        except ssl.SSLError as exc:
+            return "EOF" in str(exc) or "reset" in str(exc)
+
+
+@pytest.fixture
+def tls_servers(tmp_path: Path) -> Iterator[tuple[dict[str, TlsServer], Path]]:
+    """Two TLS instances on loopback, each with a self-signed certificate of its own name, and
+    a CA file holding both (so that a client verifies whichever it reaches)."""
+    names = ("a.example.test", "b.example.test")
+    certificates = {name: make_certificate(tmp_path, name) for name in names}
+    cafile = tmp_path / "both.pem"
+    cafile.write_text("".join(cert.read_text() for cert, _ in certificates.values()))
+    servers = {name: TlsServer(name, *certificates[name]) for name in names}
+    yield servers, cafile
+    for server in servers.values():
+        server.close()
+
+
+def test_tcp_services_share_a_port_by_tls_server_name_passed_through(
+    published: Published, tls_servers: tuple[dict[str, TlsServer], Path]
+) -> None:
+    servers, cafile = tls_servers
+    a, b = servers["a.example.test"], servers["b.example.test"]
+    port = free_port(published.ip)
+    published.service("a", publish=port, instancePort=443, hostnames=["A.example.test"])
+    published.service("b", publish=port, instancePort=443, hostnames=["*.b.example.test"])
+    published.host.add_instance("a", "a-1", a.address)
+    published.host.add_instance("b", "b-1", b.address)
+    for name in ("a", "b"):
+        wait_until(
+            lambda name=name: len(published.published(name).get("instances", [])) == 1,
+            15,
+            f"{name}'s instance on the shared port",
+        )
+    assert published.published("b")["hostnames"] == ["*.b.example.test"]
+    assert published.daemon.logged(f"published port {port} on {published.ip} (tcp, by host name)")
+
+    # Each name reaches its instance, whose certificate the client verifies: the TLS bytes
+    # went through untouched (case-insensitive; a wildcard, one label).
+    for server_name, subject in (
+        ("a.example.test", "a.example.test"),
+        ("A.EXAMPLE.test", "a.example.test"),
+        ("x.b.example.test", "b.example.test"),  # its certificate names b.example.test only
+    ):
+        check_name = not server_name.startswith("x.")
+        assert tls_ask(published.ip, port, server_name, cafile, check_name=check_name) == (
+            subject,
+            subject + "\n",
+        ), server_name
+    assert (a.handshakes, b.handshakes) == (2, 1)
+
+    # An unknown name, none at all, or no TLS, with no default: closed, counted, noted.
+    entry = f"published:{port}"
+    assert tls_refused(published.ip, port, "nowhere.example.test")
+    assert tls_refused(published.ip, port, "a.b.b.example.test")
+    assert tls_refused(published.ip, port, None)
+    assert reset(published.ip, port)
+    assert (a.handshakes, b.handshakes) == (2, 1)
+    wait_until(
+        lambda: published.total(
+            "flux_entry_answered_total", service="", entry=entry, code="no-sni-match"
+        )
+        == 4,
+        10,
+        "the closed clients counted",
+    )
+    published.daemon.wait_logged(f"service {entry}: closed 127.0.0.1:")
+    assert published.daemon.logged("(unknown server name nowhere.example.test)")

@@ -74,8 +74,10 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
   spec with only that field changed (``service`` replaces the whole definition, so a service
   redefined without ``--publish`` is no longer published); ``unpublish`` on a service that
   publishes nothing changes nothing and succeeds.
-- ``--hostname NAME`` (repeatable, with ``--publish`` and ``-p http``) lets http services
-  share a port, each chosen by its host names (``"hostnames"`` in the spec); ``service`` and
+- ``--hostname NAME`` (repeatable, with ``--publish``) lets services share a port, each chosen
+  by its host names (``"hostnames"`` in the spec): http services by the ``Host`` of a
+  connection's first request, tcp services by the server name (SNI) of the client's TLS
+  ClientHello (TLS passthrough: the instance holds the certificate); ``service`` and
   ``publish`` refuse what fluxd would refuse (exit status 1): a host name another service on
   the port has, a tcp and an http service on one port, two services without host names on
   one port.  ``info`` shows ``Host names:`` and, for one refused, its conflict.
@@ -196,8 +198,8 @@ def _selector(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _hostnames(args: argparse.Namespace) -> tuple[str, ...]:
-    """``--hostname`` values, checked: each a host name, and only for a published http
-    service (tcp services are not routed by name)."""
+    """``--hostname`` values, checked: each a host name, and only for a published service
+    (http: chosen by the Host of the first request; tcp: by the TLS server name)."""
     names: list[str] = args.hostname or []
     if not names:
         return ()
@@ -208,11 +210,6 @@ def _hostnames(args: argparse.Namespace) -> tuple[str, ...]:
             raise _UsageError(f"--hostname: {exc}") from None
     if args.publish is None:
         raise _UsageError("--hostname needs --publish: host names choose a service on its port")
-    if args.protocol != "http":
-        raise _UsageError(
-            "--hostname needs -p http: a connection goes to the service its first request's"
-            " Host names (tcp services are not routed by host name)"
-        )
     return tuple(names)
 
 
@@ -634,8 +631,7 @@ async def _refuse_port_conflict(store: Store, name: str, spec: Service) -> None:
         if name in services
         else max((info.created for info in services.values()), default=0) + 1
     )
-    hostnames = spec.hostnames if spec.effective_protocol == "http" else ()
-    claims[name] = PublishClaim(spec.publish, spec.effective_protocol, {}, created, hostnames)
+    claims[name] = PublishClaim(spec.publish, spec.effective_protocol, {}, created, spec.hostnames)
     conflict = resolve_entry_points(claims)[1].get(name)
     if conflict is None:
         return
@@ -926,9 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--hostname", action="append", metavar="NAME",
-        help="with --publish and -p http: a host name this service answers to on its"
-        " published port, which several services may then share (repeatable; *.example.com"
-        " matches one label)",
+        help="with --publish: a host name this service answers to on its published port,"
+        " which several services may then share: http by the request's Host, tcp by the TLS"
+        " server name (SNI), passed through (repeatable; *.example.com matches one label)",
     )
     sub.add_argument(
         "--proxy-protocol", choices=("v1", "v2"),

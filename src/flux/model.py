@@ -209,8 +209,9 @@ class Service(_Record):
     ``publish`` (beyond the original, omitted when 0) is the port every fluxd listens on for
     the service's clients from outside, at its ``-publish-ip``; a service may have an address,
     a published port, or both.  ``hostnames`` (``fluxctl --hostname``, omitted when empty)
-    let several http services share one published port: each connection goes to the service
-    named by its first request's ``Host`` (see :mod:`flux.balancer.entrypoints`).
+    let several services share one published port: each connection goes to the service
+    named by its first request's ``Host`` (http) or by its TLS server name (tcp; see
+    :mod:`flux.balancer.entrypoints`).
     ``proxyProtocol`` (``v1`` or ``v2``, omitted when empty; tcp services only) makes fluxd
     send the instance a PROXY protocol header naming the client before the client's bytes, on
     VIP and published connections alike.

@@ -109,7 +109,7 @@ class Balancer:
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         on_reset: Callable[[str, str], None] | None = None,
-        on_answered: Callable[[str, int], None] | None = None,
+        on_answered: Callable[[str, int | str], None] | None = None,
         http_header_timeout: float = HTTP_HEADER_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,

@@ -15,13 +15,16 @@ port, not per service.
 
 Sharing a port by host name
 ---------------------------
-Several **http** services may publish one port when they have host names (``hostnames``,
-``fluxctl --hostname``).  Each connection goes to the service named by its *first* request's
-``Host`` (:func:`request_host` reads it: case-insensitive, the port and a trailing dot
-dropped); an exact name wins over a wildcard (``*.example.com`` matches one label); a service on
-the port without host names is the *default*, for every host no other names.  Without one,
-an unknown or missing host is answered ``404`` by fluxd.  A **tcp** service's host names are
-not used here (routing tcp by TLS SNI is not built): a tcp port has one holder, as before.
+Several services of one protocol may publish one port when they have host names
+(``hostnames``, ``fluxctl --hostname``).  On an **http** port each connection goes to the
+service named by its *first* request's ``Host`` (:func:`request_host` reads it:
+case-insensitive, the port and a trailing dot dropped); on a **tcp** port, to the service named
+by the server name (SNI) of the client's TLS ClientHello
+(:func:`~flux.balancer.clienthello.read_server_name`; the TLS bytes go on untouched).  An exact
+name wins over a wildcard (``*.example.com`` matches one label); a service on the port without
+host names is the *default*, for every name no other has (and, tcp, for clients that name
+none).  Without one, an unknown or missing host is answered ``404`` by fluxd (http) or the
+client is closed (tcp).
 
 :func:`resolve_entry_points` decides as :func:`~flux.balancer.services.resolve_conflicts` does
 for addresses: the specs claiming a port are taken in the order they were created (etcd's
@@ -29,8 +32,7 @@ create revision, the same on every host; then the name), and each is admitted un
 clashes with one admitted before it:
 
 - its protocol differs from the port's (the first one's): tcp and http cannot share a port;
-- it is tcp and the port is held (a tcp port has one service);
-- it has no host names and the port already has a default (or a tcp holder);
+- it has no host names and the port already has a default;
 - one of its host names is already another admitted service's on that port.
 
 A service refused is refused whole (never two owners of a name, never half a service), with a
@@ -67,7 +69,7 @@ class PublishClaim:
     protocol: Protocol
     instances: Mapping[str, str] = field(default_factory=dict)
     created: int = 0
-    hostnames: tuple[str, ...] = ()  # http only (tcp is not routed by name)
+    hostnames: tuple[str, ...] = ()
     proxy_protocol: ProxyProtocol | Literal[""] = ""  # tcp only
 
     def __post_init__(self) -> None:
@@ -84,21 +86,28 @@ class PublishClaim:
             if instance.receives_connections and instance.address is not None
         }
         spec = info.spec
-        protocol = spec.effective_protocol
-        hostnames = spec.hostnames if protocol == "http" else ()
-        return cls(spec.publish, protocol, live, info.created, hostnames, spec.proxy_protocol)
+        return cls(
+            spec.publish,
+            spec.effective_protocol,
+            live,
+            info.created,
+            spec.hostnames,
+            spec.proxy_protocol,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class HostRoutes:
-    """Which service of a port shared by host name serves a request's host: ``names`` (exact
-    name or ``*.suffix`` -> service) and the ``default`` service (None: fluxd answers 404)."""
+    """Which service of a port shared by host name serves a request's host (or a TLS
+    client's server name): ``names`` (exact name or ``*.suffix`` -> service) and the
+    ``default`` service (None: fluxd answers 404, or closes a tcp client)."""
 
     names: tuple[tuple[str, str], ...]
     default: str | None = None
 
     def pick(self, host: str | None) -> str | None:
-        """The service for ``host`` (as :func:`request_host` gives it; None: no Host)."""
+        """The service for ``host`` (as :func:`request_host` or
+        :func:`~flux.balancer.clienthello.read_server_name` gives it; None: none named)."""
         if host:
             table = dict(self.names)
             service = table.get(host)
@@ -153,10 +162,11 @@ def normalise_request_host(value: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class EntryPoint:
-    """One published port and the service holding it, with that service's protocol; for an
-    http port shared by host name, ``routes`` (None: every connection goes to ``service``);
-    for a tcp port, the holder's PROXY protocol (a change of the service, the protocol or the
-    PROXY protocol is a new listener)."""
+    """One published port and the service holding it, with that service's protocol; for a
+    port shared by host name, ``routes`` (None: every connection goes to ``service``); for a
+    tcp port held by one service, its PROXY protocol (a change of the service, the protocol or
+    the PROXY protocol is a new listener; on a shared port each service's listener has its
+    own)."""
 
     port: int
     service: str
@@ -209,9 +219,9 @@ def _admit(
         conflict: PortConflict | None = None
         if claim.protocol != protocol:
             conflict = PortConflict(name, port, holder, protocol=protocol)
-        elif name != holder and (protocol == "tcp" or not claim.hostnames):
-            if protocol == "tcp" or default is not None:
-                conflict = PortConflict(name, port, default or holder)
+        elif not claim.hostnames:
+            if default is not None:
+                conflict = PortConflict(name, port, default)
         else:
             taken = [host for host in claim.hostnames if host in owners]
             if taken:

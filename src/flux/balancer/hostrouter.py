@@ -34,6 +34,17 @@ entry point (``on_answered(entry, status)``; closes without an answer are not) a
 as a ``misrouted`` notice (``header-timeout`` for the timeouts; :mod:`flux.relay.notices`),
 rate-limited like the relays' own, under the entry point's name (``published:PORT``).
 
+A **tcp** port shared by host name (TLS passthrough) is read the same way, but for the
+client's TLS ClientHello instead of a request head
+(:func:`~flux.balancer.clienthello.read_server_name`, at most ``HELLO_MAX`` bytes, within the
+header timeout): the service is picked by the server
+name (SNI) the client asks for, and the untouched socket is handed on, so the instance does the
+TLS handshake with its own certificate.  A client that does not speak TLS or names no server
+goes to the port's default service; with none, or a name no service has and no default, the
+client is closed, counted as ``no-sni-match`` and written as a ``misrouted`` notice.  A client
+whose ClientHello is still incomplete at the header timeout is closed (a ``header-timeout``
+notice, not counted: nothing was answered).
+
 Clients count against the process's descriptor budget from accept; a spent budget pauses
 accepting (the kernel's backlog waits), as a listener's does.  Closing the router closes the
 listening socket and the clients it is still reading; clients handed on carry on.
@@ -48,6 +59,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 
+from flux.balancer.clienthello import HELLO_MAX, read_server_name
 from flux.balancer.entrypoints import HostRoutes, request_host
 from flux.balancer.listener import (
     ACCEPT_BATCH,
@@ -57,16 +69,18 @@ from flux.balancer.listener import (
     Listener,
     process_budget,
 )
+from flux.model import Protocol
 from flux.relay import reset_and_close
 from flux.relay.base import HTTP_HEADER_TIMEOUT
 from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
-__all__ = ["HEAD_MAX", "LINGER", "HostRouter", "answer_text"]
+__all__ = ["HEAD_MAX", "LINGER", "NO_SNI_MATCH", "HostRouter", "answer_text"]
 
 log = logging.getLogger("flux.balancer")
 
 HEAD_MAX = 64 * 1024  # the engine's HF_MAX_HEAD: a larger first head is answered 431
 LINGER = 2.0  # seconds an answered client may still send before it is closed
+NO_SNI_MATCH = "no-sni-match"  # how a tcp port counts a client closed for its server name
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
@@ -120,8 +134,9 @@ class HostRouter:
         *,
         notices: NoticeLimiter,
         header_timeout: float = HTTP_HEADER_TIMEOUT,
-        on_answered: Callable[[str, int], None] | None = None,
+        on_answered: Callable[[str, int | str], None] | None = None,
         budget: ConnectionBudget | None = None,
+        protocol: Protocol = "http",
     ) -> None:
         self.bind_ip = bind_ip
         self.port = port
@@ -132,6 +147,7 @@ class HostRouter:
         self._header_timeout = header_timeout
         self._on_answered = on_answered
         self._budget = budget or process_budget()
+        self.protocol = protocol
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading: set[_Reading] = set()
@@ -242,8 +258,9 @@ class HostRouter:
     # -- the first head ----------------------------------------------------------------------
 
     def _readable(self, r: _Reading) -> None:
+        tls = self.protocol == "tcp"
         try:
-            data = r.sock.recv(HEAD_MAX, socket.MSG_PEEK)
+            data = r.sock.recv(HELLO_MAX if tls else HEAD_MAX, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -255,6 +272,13 @@ class HostRouter:
             self._drop(r)
             return
         r.seen = len(data)
+        if tls:
+            done, name = read_server_name(data)
+            if done:
+                self._route_tls(r, name)
+            else:
+                self._wait_for_more(r)
+            return
         body = data.lstrip(b"\r\n")  # empty lines before a start line are ignored (RFC 9112)
         if _H2_PREFACE.startswith(body[: len(_H2_PREFACE)]):
             if len(body) < len(_H2_PREFACE):
@@ -286,6 +310,10 @@ class HostRouter:
             self._notice(r, "nothing-sent", 0, kind="header-timeout")
             self._drop(r, quietly=True)
             return
+        if self.protocol == "tcp":
+            self._notice(r, "hello-incomplete", 0, kind="header-timeout")
+            self._drop(r)
+            return
         self._answer(r, 408, "request timeout", "head-incomplete", kind="header-timeout")
 
     def _route(self, r: _Reading, host: str | None, *, http2: bool = False) -> None:
@@ -299,6 +327,22 @@ class HostRouter:
             reason = "no Host" if host is None else f"unknown host {_shown(host)}"
             self._answer(r, 404, _not_found_body(host, self.port), reason)
             return
+        self._hand_on(r, listener)
+
+    def _route_tls(self, r: _Reading, name: str | None) -> None:
+        service = self.routes.pick(name)
+        listener = self.listeners.get(service) if service is not None else None
+        if listener is None:
+            reason = "no server name" if name is None else f"unknown server name {_shown(name)}"
+            self._notice(r, reason, 0)
+            if self._on_answered is not None:
+                self._on_answered(self.entry, NO_SNI_MATCH)
+            self._drop(r)
+            return
+        self._hand_on(r, listener)
+
+    def _hand_on(self, r: _Reading, listener: Listener) -> None:
+        """Give ``r`` (its first bytes unread) to the listener of the service picked."""
         self._finish(r)
         try:
             r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

@@ -13,9 +13,10 @@ others in conflict) and brings the listeners in line:
 - a port still held as before only has its pool updated with the live instances;
 - a port nobody claims any more is closed.
 
-A port shared by host name (the entry point has routes) is accepted by a
-:class:`~flux.balancer.hostrouter.HostRouter` instead, with a pool and a listener (never
-opened: it takes the clients the router hands it) per service routed to.  Services joining or
+A port shared by host name (the entry point has routes: http services by ``Host``, tcp
+services by TLS server name) is accepted by a :class:`~flux.balancer.hostrouter.HostRouter`
+instead, with a pool and a listener (never opened: it takes the clients the router hands it,
+with its service's PROXY protocol, if any) per service routed to.  Services joining or
 leaving such a port, or their host names changing, only change the router's table and the
 pools: the socket stays open.  A port that turns from one service into a shared one (or back)
 is closed and opened again, like any change of holder.
@@ -108,6 +109,7 @@ class _Port:
     listener: Listener | None = None
     router: HostRouter | None = None
     routed: dict[str, Listener] = field(default_factory=dict)  # shared: per service
+    routed_proxy: dict[str, str] = field(default_factory=dict)  # their PROXY protocols
     error: str | None = None
     busy: bool = False  # the last error was EADDRINUSE
     failures: int = 0
@@ -127,7 +129,7 @@ class PublishedPorts:
         clock: Callable[[], float],
         rng: random.Random,
         header_timeout: float = HTTP_HEADER_TIMEOUT,
-        on_answered: Callable[[str, int], None] | None = None,
+        on_answered: Callable[[str, int | str], None] | None = None,
         notices: NoticeLimiter | None = None,
     ) -> None:
         self.bind_ip = bind_ip
@@ -185,6 +187,7 @@ class PublishedPorts:
             del held.pools[gone]
             del held.instances[gone]
             held.routed.pop(gone, None)
+            held.routed_proxy.pop(gone, None)
         for name in wanted:
             instances = claims[name].instances
             pool = held.pools.get(name)
@@ -193,13 +196,16 @@ class PublishedPorts:
                 held.pools[name] = pool
                 pool.update(instances)
                 held.instances[name] = instances
-                if entry.shared:
-                    # The port as this one service serves it: the router picked it.
-                    alone = replace(entry, service=name, routes=None)
-                    held.routed[name] = self._make_listener(alone, pool)
             elif held.instances[name] != instances:
                 pool.update(instances)
                 held.instances[name] = instances
+            proxy = claims[name].proxy_protocol
+            if entry.shared and (name not in held.routed or held.routed_proxy[name] != proxy):
+                # The port as this one service serves it (the router picked it), with the
+                # service's own PROXY protocol (tcp); a new one for a new PROXY protocol.
+                alone = replace(entry, service=name, routes=None, proxy_protocol=proxy)
+                held.routed[name] = self._make_listener(alone, pool)
+                held.routed_proxy[name] = proxy
 
     def _report_conflicts(
         self, claims: Mapping[str, PublishClaim], conflicts: Mapping[str, PortConflict]
@@ -235,6 +241,7 @@ class PublishedPorts:
                 notices=self._notices,
                 header_timeout=self._header_timeout,
                 on_answered=self._on_answered,
+                protocol=entry.protocol,
             )
         else:
             opened = self._make_listener(entry, held.pools[entry.service])

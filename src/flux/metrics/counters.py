@@ -403,9 +403,10 @@ class Metrics:
             key = (service, info.entry, str(result.answered))
             self.rejected[key] = self.rejected.get(key, 0) + 1
 
-    def on_entry_answered(self, entry: str, status: int) -> None:
+    def on_entry_answered(self, entry: str, status: int | str) -> None:
         """The router of a port shared by host name answered a client at ``entry`` itself,
-        before any service was chosen (404, 408, 431).  A 421 is a service's, counted by
+        before any service was chosen (404, 408, 431; ``no-sni-match`` for a TLS client
+        closed on a tcp port).  A 421 is a service's, counted by
         :meth:`on_done` as the relays' other answers are."""
         key = (entry, str(status))
         self.unrouted[key] = self.unrouted.get(key, 0) + 1

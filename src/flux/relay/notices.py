@@ -74,6 +74,8 @@ _HEADER_TIMEOUT = {
     "head-incomplete": "answered 408 to {} (header timeout)",
     "nothing-sent": "closed {} (header timeout, nothing sent)",
     "responses-owed": "reset {} (header timeout, responses owed)",
+    # Only from a published tcp port shared by host name (flux.balancer.hostrouter).
+    "hello-incomplete": "reset {} (header timeout, TLS ClientHello incomplete)",
 }
 
 
