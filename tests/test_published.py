@@ -674,5 +674,5 @@ def test_tcp_services_share_a_port_by_tls_server_name_passed_through(
         10,
         "the closed clients counted",
     )
-    published.daemon.wait_logged(f"service {entry}: closed 127.0.0.1:")
+    published.daemon.wait_logged(f"tcp service {entry}: closed 127.0.0.1:")
     assert published.daemon.logged("(unknown server name nowhere.example.test)")

@@ -374,7 +374,7 @@ class HostRouter:
     def _notice(self, r: _Reading, reason: str, status: int, *, kind: str = "misrouted") -> None:
         """Write the notice (its service: the entry point) and count an answer."""
         self._notices.notice(
-            NoticeSubject(self.entry, client_address(r.ip, r.port), ""),
+            NoticeSubject(self.entry, client_address(r.ip, r.port), "", self.protocol),
             kind,
             reason,
             status=status,

@@ -48,11 +48,13 @@ NOTICE_WINDOW = 60.0
 
 class NoticeSubject(NamedTuple):
     """Whom a notice is about: the service's name, the client's ``ip:port``, the instance
-    (``name at address``, or the address alone; shown under ``-debug``)."""
+    (``name at address``, or the address alone; shown under ``-debug``), and the protocol the
+    line names the service by (a tcp port shared by TLS server name writes notices too)."""
 
     service: str
     client: str
     instance: str
+    protocol: str = "http"
 
 
 class NoticeKind(NamedTuple):
@@ -141,10 +143,11 @@ def client_address(ip: str, port: int) -> str:
 
 
 class _Window:
-    __slots__ = ("logged", "start", "suppressed")
+    __slots__ = ("logged", "protocol", "start", "suppressed")
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, protocol: str) -> None:
         self.start = start
+        self.protocol = protocol
         self.logged = 0
         self.suppressed = 0
 
@@ -199,7 +202,7 @@ class NoticeLimiter:
             self._end(key, window, now)
             window = None
         if window is None:
-            window = self._windows[key] = _Window(now)
+            window = self._windows[key] = _Window(now, subject.protocol)
         if window.logged >= self._burst:
             window.suppressed += 1
             if window.suppressed == 1:
@@ -207,7 +210,7 @@ class NoticeLimiter:
             return
         window.logged += 1
         what = row.describe(subject.client, reason, status, count)
-        text = f"http service {subject.service}: {what}"
+        text = f"{subject.protocol} service {subject.service}: {what}"
         if self._log.isEnabledFor(logging.DEBUG):
             text += (
                 f" [instance {subject.instance or '?'}, {bytes_up} bytes to it, {bytes_down}"
@@ -243,7 +246,8 @@ class NoticeLimiter:
             service, kind = key
             seconds = round(min(now - window.start, self._window), 1)
             self._log.info(
-                "http service %s: … %d more %s in the last %gs",
+                "%s service %s: … %d more %s in the last %gs",
+                window.protocol,
                 service,
                 window.suppressed,
                 NOTICE_KINDS[kind].noun,
