@@ -63,10 +63,10 @@ from flux.balancer.clienthello import HELLO_MAX, read_server_name
 from flux.balancer.entrypoints import HostRoutes, request_host
 from flux.balancer.listener import (
     ACCEPT_BATCH,
-    BACKLOG,
     PAUSE_SECONDS,
     ConnectionBudget,
     Listener,
+    listening_socket,
     process_budget,
 )
 from flux.model import Protocol
@@ -167,15 +167,7 @@ class HostRouter:
     def open(self) -> int:
         """Bind and listen; raises OSError (EADDRINUSE: the port is taken) with nothing open."""
         self._loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.bind_ip, self.port))
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.bind_ip, self.port)
         self._sock = sock
         self._budget.listening += 1
         self._budget.refresh()

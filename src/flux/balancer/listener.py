@@ -306,6 +306,22 @@ def _split(address: str) -> tuple[int, tuple[str, int], bytes]:
     return family, (str(ip), port), packed_sockaddr(str(ip), port)
 
 
+
+def listening_socket(bind_ip: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket listening on ``bind_ip:port`` (an ephemeral port for 0).
+    Raises OSError (EADDRINUSE: the port is taken) with nothing left open."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_ip, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Listener:
     """One service's listening socket and its connection hand-over."""
 
@@ -372,15 +388,7 @@ class Listener:
         self._budget.refresh()
         if self._acceptor is not None:
             return self._open_in_engine(self._acceptor)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.bind_ip, self._wanted_port))
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self.bind_ip, self._wanted_port)
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._loop.add_reader(sock.fileno(), self._accept)
