@@ -14,7 +14,8 @@ from pathlib import Path
 from benchmarks.subjects import BASELINE_SUBJECTS, SUBJECTS  # light: no flux, no matplotlib
 
 WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-keepalive",
-             "http-close", "h2"]  # fmt: skip
+             "http-close", "h2", "edge-keepalive", "edge-close", "sni-keepalive",
+             "sni-close"]  # fmt: skip
 H2_MAX_STREAMS = 100  # nghttpd's and HAProxy's concurrent streams per connection
 
 
@@ -24,7 +25,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         description="Benchmark fluxd (TCP service) against direct connections, HAProxy 2.6 "
         "(mode tcp, with and without splice) and nginx stream: iperf3 bulk, wrk keep-alive and "
         "Connection: close (64 and 256 connections), idle connections, HTTP services against "
-        "HAProxy http and nginx proxy_pass, and HTTP/2 (h2load) against HAProxy h2.  Writes "
+        "HAProxy http and nginx proxy_pass, HTTP/2 (h2load) against HAProxy h2, and a published "
+        "port shared by 20 services by Host and by TLS server name against HAProxy and nginx.  "
+        "Writes "
         "benchmarks/results/latest.md, latest.png and latest.raw (the samples).",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 3-second loads")

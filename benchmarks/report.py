@@ -39,6 +39,10 @@ WORKLOADS: dict[str, str] = {
     "http-keepalive": "HTTP service, wrk keep-alive",
     "http-close": "HTTP service, wrk `Connection: close`",
     "h2": "HTTP/2 (h2c), h2load, many streams per connection",
+    "edge-keepalive": "published port, 20 http services by Host, wrk keep-alive",
+    "edge-close": "published port, 20 http services by Host, wrk `Connection: close`",
+    "sni-keepalive": "published port, 20 TLS services by server name, wrk keep-alive",
+    "sni-close": "published port, 20 TLS services by server name, `Connection: close`",
 }
 
 
@@ -60,6 +64,20 @@ _NEW_CONNECTIONS = [
     Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
     Metric("errors", "socket errors", False, 0),
 ]
+_REQUESTS = [
+    Metric("rate", "req/s", True, 0),
+    Metric("p50_ms", "p50 ms", False, 3),
+    Metric("p99_ms", "p99 ms", False, 3),
+    Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
+    Metric("errors", "socket errors", False, 0),
+]
+_CONNECTIONS = [
+    Metric("rate", "connections/s", True, 0),
+    Metric("p50_ms", "p50 ms", False, 3),
+    Metric("p99_ms", "p99 ms", False, 3),
+    Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
+    Metric("errors", "socket errors", False, 0),
+]
 METRICS: dict[str, list[Metric]] = {
     "bulk1": [
         Metric("gbit_s", "Gbit/s", True, 2),
@@ -69,29 +87,11 @@ METRICS: dict[str, list[Metric]] = {
         Metric("gbit_s", "Gbit/s", True, 2),
         Metric("cpu_s_per_gb", "proxy CPU s/GB", False, 3),
     ],
-    "keepalive": [
-        Metric("rate", "req/s", True, 0),
-        Metric("p50_ms", "p50 ms", False, 3),
-        Metric("p99_ms", "p99 ms", False, 3),
-        Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
-        Metric("errors", "socket errors", False, 0),
-    ],
+    "keepalive": _REQUESTS,
     "close": _NEW_CONNECTIONS,
     "close256": _NEW_CONNECTIONS,  # the same run with 4x the connections in flight
-    "http-keepalive": [
-        Metric("rate", "req/s", True, 0),
-        Metric("p50_ms", "p50 ms", False, 3),
-        Metric("p99_ms", "p99 ms", False, 3),
-        Metric("cpu_ms_per_1k", "proxy CPU ms/1k req", False, 1),
-        Metric("errors", "socket errors", False, 0),
-    ],
-    "http-close": [
-        Metric("rate", "connections/s", True, 0),
-        Metric("p50_ms", "p50 ms", False, 3),
-        Metric("p99_ms", "p99 ms", False, 3),
-        Metric("cpu_ms_per_1k", "proxy CPU ms/1k conn", False, 1),
-        Metric("errors", "socket errors", False, 0),
-    ],
+    "http-keepalive": _REQUESTS,
+    "http-close": _CONNECTIONS,
     "h2": [
         Metric("rate", "req/s", True, 0),
         Metric("p50_ms", "p50 ms", False, 3),
@@ -105,6 +105,10 @@ METRICS: dict[str, list[Metric]] = {
         Metric("kib_per_conn_open", "proxy RSS KiB/conn (never used)", False, 2),
         Metric("errors", "errors", False, 0),
     ],
+    "edge-keepalive": _REQUESTS,
+    "edge-close": _CONNECTIONS,
+    "sni-keepalive": _REQUESTS,
+    "sni-close": _CONNECTIONS,
 }
 
 
@@ -279,6 +283,46 @@ def targets(table: Table, idle_count: int) -> list[Target]:
     ratio_target(
         "HTTP/2 through an http service: req/s", "h2", "rate", "haproxy-h2", 1.0, True, "fluxd-http"
     )
+    # At the edge (issue 18): 20 http services on one published port by Host against HAProxy's
+    # host map, the published path against the VIP path of the same fluxd, and TLS
+    # passthrough by server name against HAProxy's req.ssl_sni (figures, no threshold).
+    ratio_target(
+        "published port, 20 services by Host, keep-alive: req/s", "edge-keepalive", "rate",
+        "haproxy-edge", 1.0, True, "fluxd-http",
+    )  # fmt: skip
+    ratio_target(
+        "published port, 20 services by Host, Connection: close: conn/s", "edge-close", "rate",
+        "haproxy-edge-2t", 1.0, True, "fluxd-http",
+    )  # fmt: skip
+    for edge, vip, label in (
+        ("edge-keepalive", "http-keepalive", "keep-alive req/s"),
+        ("edge-close", "http-close", "Connection: close conn/s"),
+    ):
+        published, floating = (
+            table.get((edge, "fluxd-http", "rate")),
+            table.get((vip, "fluxd-http", "rate")),
+        )
+        name = f"published path vs VIP path, same fluxd (http service): {label}"
+        if published is None or floating is None or floating.median == 0:
+            out.append(Target(name, "not measured", f"≥ 0.95{TIMES}", None))
+        else:
+            value = published.median / floating.median
+            out.append(Target(name, f"{value:.2f}{TIMES}", f"≥ 0.95{TIMES}", value >= 0.95))
+    for workload, peer, label in (
+        ("sni-keepalive", "haproxy-sni", "keep-alive req/s"),
+        ("sni-close", "haproxy-sni", "Connection: close conn/s"),
+        ("sni-close", "haproxy-sni-2t", "Connection: close conn/s"),
+    ):
+        value = _ratio(table, workload, "rate", "fluxd", peer)
+        out.append(
+            Target(
+                f"TLS passthrough by server name, 20 services: {label}",
+                "not measured" if value is None else f"{value:.2f}{TIMES}",
+                f"no target; fluxd ÷ {SUBJECTS[peer]}",
+                None,
+                informational=True,
+            )
+        )
     # Earlier issues' targets, still checked: the data path and HTTP services.
     ratio_target("bulk 4 streams: Gbit/s", "bulk4", "gbit_s", "haproxy-splice", 1.35, True)
     ratio_target("keep-alive: p99 vs the best TCP peer", "keepalive", "p99_ms", best, 1.0, False)
@@ -345,9 +389,7 @@ def noise(samples: Sequence[dict[str, Any]]) -> list[str]:
         runs = [(c, r) for c, r, w in counted if w == workload]
         # wrk stops counting at its deadline with up to one request per connection in flight;
         # h2load with up to its streams per connection.
-        tool, in_flight = (
-            ("h2load", "its streams") if workload == "h2" else ("wrk", "one request")
-        )
+        tool, in_flight = ("h2load", "its streams") if workload == "h2" else ("wrk", "one request")
         notes.append(
             f"fluxd (http service) metrics, {workload}: flux_http_total grew by "
             + ", ".join(f"{c:,.0f}" for c, _r in runs)
@@ -446,7 +488,7 @@ def render_markdown(
     http_peers = [s for s in subjects if s != "fluxd-http"]
     http_rows = [
         (workload, metric)
-        for workload in ("http-keepalive", "http-close", "h2")
+        for workload in ("http-keepalive", "http-close", "h2", "edge-keepalive", "edge-close")
         for metric in METRICS[workload]
         if metric.key != "errors" and (workload, "fluxd-http", metric.key) in table
     ]

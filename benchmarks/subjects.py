@@ -7,6 +7,11 @@ Backends (shared by every subject, so each competes for the same two cores in th
 - bulk: ``iperf3 -s``;
 - HTTP/2 (only when the h2 workload runs): ``nghttpd --no-tls``, one worker, answering every
   request on h2c (HTTP/2 with prior knowledge) with a 300-byte file.
+- the edge (only when an edge or sni workload runs): 20 more server blocks in the same nginx,
+  one plain HTTP and one TLS port per service ``svc01.bench`` .. ``svc20.bench``, answering as
+  the HTTP backend does; the TLS ones hold a wildcard certificate for ``*.bench`` (ECDSA P-256,
+  made with openssl for the run).  Clients always ask for ``svc07.bench`` (``EDGE_NAME``): the
+  router must look among 20 names, as a host map would.
 
 Subjects, each with one front address per backend:
 
@@ -28,6 +33,14 @@ Subjects, each with one front address per backend:
 - for HTTP/2: every fluxd subject has a third service for the h2c backend (``protocol tcp``, or
   ``protocol http`` for ``fluxd-http``), and ``haproxy-h2`` is HAProxy ``mode http`` with HTTP/2
   on both sides (``proto h2`` on its bind and on its server), one thread;
+- at the edge: ``fluxd-http`` also publishes 20 http services on one port at 127.0.0.1
+  (``-publish-ip``), one per ``svcNN.bench`` host name, and ``fluxd`` 20 tcp services on
+  another port, chosen by TLS server name (passthrough), and so do ``fluxd-http-base`` and
+  ``fluxd-base`` when that build has published ports; their peers are ``haproxy-edge`` /
+  ``haproxy-edge-2t`` (``mode http``, ``use_backend`` from a host map of 20 entries, 1 and 2
+  threads), ``nginx-edge`` (20 ``server_name`` blocks, each with its upstream keep-alive pool)
+  and ``haproxy-sni`` / ``haproxy-sni-2t`` (``mode tcp``, ``req.ssl_sni`` looked up in a map
+  after ``tcp-request inspect-delay``);
 - with ``--baseline DIR`` only: ``fluxd-base`` and ``fluxd-http-base``, the same two fluxd
   subjects run from another checkout (``PYTHONPATH=DIR/src``: its Python and its compiled
   engine), so a change to the engine is measured against the code before it in one run.
@@ -46,6 +59,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,6 +74,8 @@ from benchmarks.system import LOOPBACK, free_port, process_tree
 __all__ = [
     "BASELINE_SUBJECTS",
     "BODY",
+    "EDGE_NAME",
+    "EDGE_ONLY",
     "H2_BODY",
     "H2_ONLY",
     "SUBJECTS",
@@ -97,12 +113,28 @@ SUBJECTS: dict[str, str] = {
     "haproxy-http-2t": "HAProxy http, 2 threads",
     "nginx-http": "nginx proxy_pass",
     "haproxy-h2": "HAProxy h2",
+    "haproxy-edge": "HAProxy http, host map",
+    "haproxy-edge-2t": "HAProxy http, host map, 2 threads",
+    "nginx-edge": "nginx server_name",
+    "haproxy-sni": "HAProxy tcp, req.ssl_sni",
+    "haproxy-sni-2t": "HAProxy tcp, req.ssl_sni, 2 threads",
     # Only with --baseline: fluxd and its http service again, from another checkout's build.
     "fluxd-base": "fluxd, baseline build",
     "fluxd-http-base": "fluxd (http service), baseline build",
 }
 BASELINE_SUBJECTS = ("fluxd-base", "fluxd-http-base")
 H2_ONLY = ("haproxy-h2",)  # subjects that serve HTTP/2 only (no HTTP/1.1, no bulk front)
+# Subjects with only an edge front: 20 services by Host ("edge") or by TLS server name ("sni").
+EDGE_ONLY = {
+    "haproxy-edge": "edge",
+    "haproxy-edge-2t": "edge",
+    "nginx-edge": "edge",
+    "haproxy-sni": "sni",
+    "haproxy-sni-2t": "sni",
+}
+EDGE_SERVICES = 20
+EDGE_NAMES = tuple(f"svc{index:02d}.bench" for index in range(1, EDGE_SERVICES + 1))
+EDGE_NAME = EDGE_NAMES[6]  # the one every edge client asks for
 
 
 class Child:
@@ -233,6 +265,9 @@ class Backends:
     bulk: tuple[str, int]
     h2: tuple[str, int] | None = None
     children: list[Child] = field(default_factory=list)
+    # The edge services' backends, one per EDGE_NAMES entry (empty: not started).
+    edge: list[tuple[str, int]] = field(default_factory=list)
+    tls: list[tuple[str, int]] = field(default_factory=list)
 
     async def restart_bulk(self) -> None:
         """A fresh iperf3 server on the same port (after a run that left it confused)."""
@@ -274,21 +309,62 @@ http {{
         listen {host}:{port} backlog=4096;
         location / {{ default_type text/plain; return 200 "{body}"; }}
     }}
-}}
+{edge}}}
 """
 
+# One more server block per edge service: plain HTTP, or TLS with the wildcard certificate.
+BACKEND_EDGE = """\
+    server {{
+        listen {host}:{port} backlog=4096{tls};
+        location / {{ default_type text/plain; return 200 "{body}"; }}
+    }}
+"""
+BACKEND_TLS = """ ssl;
+        ssl_certificate {dir}/edge-cert.pem;
+        ssl_certificate_key {dir}/edge-key.pem;
+        ssl_session_cache off;
+        ssl_session_tickets off"""
 
-async def start_backends(stack: AsyncExitStack, workdir: Path, h2: bool = False) -> Backends:
-    """Start nginx (HTTP), iperf3 (bulk) and, with ``h2``, nghttpd (h2c) on free loopback
-    ports; stopped with ``stack``."""
+
+def _make_edge_certificate(workdir: Path) -> None:
+    """A self-signed ECDSA P-256 certificate for ``*.bench`` (the edge TLS backends')."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-subj", "/CN=*.bench", "-addext", "subjectAltName=DNS:*.bench",
+         "-keyout", str(workdir / "edge-key.pem"), "-out", str(workdir / "edge-cert.pem")],
+        capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+
+
+async def start_backends(
+    stack: AsyncExitStack, workdir: Path, h2: bool = False, edge: bool = False
+) -> Backends:
+    """Start nginx (HTTP, and with ``edge`` the edge services' plain and TLS ports), iperf3
+    (bulk) and, with ``h2``, nghttpd (h2c) on free loopback ports; stopped with ``stack``."""
     http_port, bulk_port = free_port(), free_port()
+    edge_ports = [free_port() for _ in EDGE_NAMES] if edge else []
+    tls_ports = [free_port() for _ in EDGE_NAMES] if edge else []
+    tls = BACKEND_TLS.format(dir=workdir)
+    blocks = [
+        BACKEND_EDGE.format(host=LOOPBACK, port=port, tls=secure, body=BODY)
+        for ports, secure in ((edge_ports, ""), (tls_ports, tls))
+        for port in ports
+    ]
+    if edge:
+        _make_edge_certificate(workdir)
     conf = workdir / "backend-nginx.conf"
-    conf.write_text(BACKEND_NGINX.format(dir=workdir, host=LOOPBACK, port=http_port, body=BODY))
+    conf.write_text(
+        BACKEND_NGINX.format(
+            dir=workdir, host=LOOPBACK, port=http_port, body=BODY, edge="".join(blocks)
+        )
+    )
     nginx = Child(
         "backend-nginx", ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)], workdir
     )
     iperf = Child("backend-iperf3", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(bulk_port)], workdir)
     backends = Backends((LOOPBACK, http_port), (LOOPBACK, bulk_port), children=[nginx, iperf])
+    backends.edge = [(LOOPBACK, port) for port in edge_ports]
+    backends.tls = [(LOOPBACK, port) for port in tls_ports]
     nghttpd = None
     if h2:
         docroot = workdir / "h2-docroot"
@@ -306,12 +382,36 @@ async def start_backends(stack: AsyncExitStack, workdir: Path, h2: bool = False)
         await child.start()
         stack.push_async_callback(child.stop)
     await wait_for("the HTTP backend", lambda: _serves_http(backends.http), nginx)
+    if backends.tls:
+        first = backends.tls[0]
+        await wait_for("the TLS backends", lambda: _serves_named(first, tls=True), nginx)
     await wait_for("the iperf3 backend", lambda: _accepts_quietly(iperf), iperf)
     if nghttpd is not None:
         h2_backend = backends.h2
         assert h2_backend is not None
         await wait_for("the HTTP/2 backend", lambda: _serves_h2(h2_backend), nghttpd)
     return backends
+
+
+def _serves_named(address: tuple[str, int], tls: bool) -> bool:
+    """One request for ``EDGE_NAME`` (by Host, and with ``tls`` by TLS server name too)
+    answered with the body."""
+    request = f"GET / HTTP/1.1\r\nHost: {EDGE_NAME}\r\nConnection: close\r\n\r\n".encode()
+    try:
+        with socket.create_connection(address, timeout=2.0) as raw:
+            sock: socket.socket = raw
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(raw, server_hostname=EDGE_NAME)
+            sock.sendall(request)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+    except OSError:
+        return False
+    return answer.startswith(b"HTTP/1.1 200") and answer.endswith(BODY.encode())
 
 
 @dataclass
@@ -323,6 +423,10 @@ class Subject:
     bulk: tuple[str, int]
     root_pid: int | None = None  # None: nothing in between (direct)
     h2: tuple[str, int] | None = None  # the HTTP/2 front (None: no HTTP/2 backend this run)
+    # The published port of 20 services by Host, and the one of 20 by TLS server name (None:
+    # this subject has none).
+    edge: tuple[str, int] | None = None
+    sni: tuple[str, int] | None = None
     # fluxd's engine threads as its configuration report gave them (None: not reported)
     engine_threads: int | None = None
     metrics: str | None = None  # fluxd's /metrics URL, when it serves one
@@ -338,10 +442,12 @@ class Subject:
         return [] if self.root_pid is None else process_tree(self.root_pid)
 
     def front(self, kind: str) -> tuple[str, int]:
-        if kind == "h2":
-            if self.h2 is None:
-                raise RuntimeError(f"{self.name} has no HTTP/2 front (no HTTP/2 backend started)")
-            return self.h2
+        """Where clients connect for ``kind``: http, bulk, h2, edge or sni."""
+        if kind in ("h2", "edge", "sni"):
+            address: tuple[str, int] | None = getattr(self, kind)
+            if address is None:
+                raise RuntimeError(f"{self.name} has no {kind} front (its backends not started)")
+            return address
         return self.http if kind == "http" else self.bulk
 
 
@@ -467,6 +573,138 @@ stream {{
 """
 
 
+# The edge peers: 20 services on one port, by Host (HTTP) or by TLS server name (passthrough).
+# HAProxy looks the name up in a map file of 20 lines (one per service, see _edge_map).
+HAPROXY_EDGE = """\
+global
+    nbthread {threads}
+    maxconn 8000
+defaults
+    mode {mode}
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    maxconn 8000
+    backlog 4096
+{extra_defaults}
+frontend edge_in
+    bind {host}:{front}
+{choose}
+{backends}"""
+HAPROXY_EDGE_HTTP = """\
+    option http-keep-alive
+    timeout http-request 10s
+    timeout http-keep-alive 600s"""
+HAPROXY_CHOOSE_BY_HOST = """\
+    use_backend %[req.hdr(host),field(1,:),lower,map({map})]"""
+HAPROXY_CHOOSE_BY_SNI = """\
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+    use_backend %[req.ssl_sni,lower,map({map})]"""
+
+NGINX_EDGE = """\
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {dir}/{name}.pid;
+error_log stderr error;
+events {{ worker_connections 16000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+{servers}}}
+"""
+NGINX_EDGE_SERVER = """\
+    upstream edge{index} {{
+        server {host}:{port};
+        keepalive 64;
+        keepalive_requests 1000000000;
+    }}
+    server {{
+        listen {host}:{front}{backlog};
+        server_name {hostname};
+        location / {{
+            proxy_pass http://edge{index};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+
+async def _start_edge_proxy(
+    stack: AsyncExitStack, name: str, workdir: Path, backends: Backends
+) -> Subject:
+    """One of the edge peers (``EDGE_ONLY``): 20 services on one front port."""
+    kind = EDGE_ONLY[name]
+    targets = backends.edge if kind == "edge" else backends.tls
+    if not targets:
+        raise RuntimeError(f"{name}: the edge backends were not started")
+    front = (LOOPBACK, free_port())
+    conf = workdir / f"{name}.conf"
+    if name == "nginx-edge":
+        servers = "".join(
+            NGINX_EDGE_SERVER.format(
+                index=index,
+                host=LOOPBACK,
+                port=port,
+                front=front[1],
+                hostname=hostname,
+                # Listen options go on the port's first server block only.
+                backlog=" backlog=4096" if index == 0 else "",
+            )
+            for index, (hostname, (_ip, port)) in enumerate(zip(EDGE_NAMES, targets, strict=True))
+        )
+        conf.write_text(NGINX_EDGE.format(dir=workdir, name=name, servers=servers))
+        argv = ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)]
+    else:
+        map_file = workdir / f"{name}.map"
+        map_file.write_text(
+            "".join(f"{hostname} edge{index}\n" for index, hostname in enumerate(EDGE_NAMES))
+        )
+        choose = HAPROXY_CHOOSE_BY_HOST if kind == "edge" else HAPROXY_CHOOSE_BY_SNI
+        conf.write_text(
+            HAPROXY_EDGE.format(
+                threads=2 if name.endswith("-2t") else 1,
+                mode="http" if kind == "edge" else "tcp",
+                extra_defaults=HAPROXY_EDGE_HTTP if kind == "edge" else "",
+                host=LOOPBACK,
+                front=front[1],
+                choose=choose.format(map=map_file),
+                backends="".join(
+                    f"backend edge{index}\n    server s{index} {LOOPBACK}:{port}\n"
+                    for index, (_ip, port) in enumerate(targets)
+                ),
+            )
+        )
+        argv = ["haproxy", "-db", "-f", str(conf)]
+    child = Child(name, argv, workdir)
+    subject = Subject(name, front, front, **{kind: front})  # type: ignore[arg-type]
+
+    async def ready() -> None:
+        subject.root_pid = child.pid
+        await wait_for(
+            f"{name} to serve {EDGE_NAME}", lambda: _serves_named(front, kind == "sni"), child
+        )
+
+    async def restart() -> None:
+        await child.stop()
+        await child.start()
+        await ready()
+
+    await child.start()
+    stack.push_async_callback(child.stop)
+    await ready()
+    subject.restart = restart
+    return subject
+
+
 async def _start_config_proxy(
     stack: AsyncExitStack, name: str, workdir: Path, backends: Backends
 ) -> Subject:
@@ -558,14 +796,18 @@ def _chain_has_dnat(chain: str, vips: list[str]) -> bool:
     return all(f"-d {vip}/32" in result.stdout and "DNAT" in result.stdout for vip in vips)
 
 
-@asynccontextmanager
-async def _instances(
-    endpoint: str, backends: Backends, services: dict[str, str], http_protocol: str = "tcp"
-) -> AsyncIterator[None]:
-    """Define the services and register the backends as another host's instances.
+def _publishes(tree: Path | None) -> bool:
+    """Whether the checkout ``tree`` has published ports shared by host name."""
+    return tree is not None and (tree / "src/flux/balancer/hostrouter.py").exists()
 
-    ``http_protocol`` is the protocol of the HTTP and HTTP/2 backends' services.
-    """
+
+# A service to define: its name, its spec's fields, and the backend its one instance is.
+Definition = tuple[str, dict[str, object], tuple[str, int]]
+
+
+@asynccontextmanager
+async def _instances(endpoint: str, definitions: list[Definition]) -> AsyncIterator[None]:
+    """Define the services and register each one's backend as another host's instance."""
     from flux.model import Host, HostRef, Instance, InstanceState, Service
     from flux.store.etcd import EtcdStore
 
@@ -575,16 +817,11 @@ async def _instances(
     try:
         await asyncio.wait_for(remote.wait_lease(), START_TIMEOUT)
         await remote.register_host(Host(address=REMOTE_HOST, version="bench"))
-        for kind, address in services.items():
-            name = f"bench-{kind}"
-            protocol = http_protocol if kind in ("http", "h2") else "tcp"
-            await admin.add_service(name, Service(address=address, protocol=protocol))
-            backend = {"http": backends.http, "bulk": backends.bulk, "h2": backends.h2}[kind]
-            assert backend is not None
-            ip, port = backend
+        for name, spec, (ip, port) in definitions:
+            await admin.add_service(name, Service.model_validate(spec))
             await remote.add_instance(
                 name,
-                f"bench-{kind}-backend",
+                f"{name}-backend",
                 Instance(
                     host=HostRef(address=REMOTE_HOST),
                     address=f"{ip}:{port}",
@@ -601,6 +838,20 @@ async def _instances(
         for store in (admin, remote):
             with contextlib.suppress(Exception):
                 await store.close()
+
+
+def _edge_definitions(
+    kind: str, protocol: str, backends: list[tuple[str, int]], port: int
+) -> list[Definition]:
+    """The 20 services published on ``port``, one per ``EDGE_NAMES`` host name."""
+    return [
+        (
+            f"bench-{kind}-{index:02d}",
+            {"protocol": protocol, "publish": port, "hostnames": [hostname]},
+            backend,
+        )
+        for index, (hostname, backend) in enumerate(zip(EDGE_NAMES, backends, strict=True), 1)
+    ]
 
 
 async def _start_fluxd(
@@ -638,6 +889,15 @@ async def _start_fluxd(
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
     if threads is not None:
         argv += ["-engine-threads", str(threads)]
+    # The edge services: fluxd-http publishes the 20 http ones, fluxd the 20 tls ones.
+    edge_kind = {"fluxd-http": "edge", "fluxd": "sni", "fluxd-http-base": "edge",
+                 "fluxd-base": "sni"}.get(name)  # fmt: skip
+    if name in BASELINE_SUBJECTS and not _publishes(baseline):
+        edge_kind = None  # a build from before published ports (issue 18)
+    edge_backends = {"edge": backends.edge, "sni": backends.tls}.get(edge_kind or "", [])
+    edge_front = (LOOPBACK, free_port()) if edge_backends else None
+    if edge_front is not None:
+        argv += ["-publish-ip", LOOPBACK]
     if http_protocol == "http":
         argv += ["-listen-prometheus", f"{LOOPBACK}:{metrics_port}"]
     child = Child(name, argv, workdir, env)
@@ -675,6 +935,17 @@ async def _start_fluxd(
         subject.h2 = (vips["h2"], 80)
     if http_protocol == "http":
         subject.metrics = f"http://{LOOPBACK}:{metrics_port}/metrics"
+    kinds = {"http": backends.http, "bulk": backends.bulk, "h2": backends.h2}
+    definitions: list[Definition] = []
+    for kind, address in services.items():
+        backend = kinds[kind]
+        assert backend is not None
+        protocol = http_protocol if kind in ("http", "h2") else "tcp"
+        definitions.append((f"bench-{kind}", {"address": address, "protocol": protocol}, backend))
+    if edge_kind is not None and edge_front is not None:
+        protocol = "http" if edge_kind == "edge" else "tcp"
+        definitions += _edge_definitions(edge_kind, protocol, edge_backends, edge_front[1])
+        setattr(subject, edge_kind, edge_front)
 
     async def ready() -> None:
         subject.root_pid = child.pid
@@ -689,6 +960,12 @@ async def _start_fluxd(
             await wait_for(
                 f"{name} to serve HTTP/2 on {services['h2']}", lambda: _serves_h2(h2_front), child
             )
+        if edge_front is not None:
+            await wait_for(
+                f"{name} to serve {EDGE_NAME} on its published port {edge_front[1]}",
+                lambda: _serves_named(edge_front, edge_kind == "sni"),
+                child,
+            )
 
     async def restart() -> None:
         # The services and the other host's instances stay in etcd, as across a real restart.
@@ -698,7 +975,7 @@ async def _start_fluxd(
 
     stack.push_async_callback(stop_and_clean)
     await boot()
-    await stack.enter_async_context(_instances(etcd.endpoint, backends, services, http_protocol))
+    await stack.enter_async_context(_instances(etcd.endpoint, definitions))
     await ready()
     subject.restart = restart
     return subject
@@ -716,7 +993,11 @@ async def start_subject(
     ``baseline`` is the checkout whose build the ``*-base`` subjects run.
     """
     if name == "direct":
-        return Subject(name, backends.http, backends.bulk, h2=backends.h2)
+        edge = backends.edge[EDGE_NAMES.index(EDGE_NAME)] if backends.edge else None
+        sni = backends.tls[EDGE_NAMES.index(EDGE_NAME)] if backends.tls else None
+        return Subject(name, backends.http, backends.bulk, h2=backends.h2, edge=edge, sni=sni)
+    if name in EDGE_ONLY:
+        return await _start_edge_proxy(stack, name, workdir, backends)
     if name.startswith("fluxd"):
         vip_net = _VIP_NET + _FLUXD_NETS.index(name)
         return await _start_fluxd(stack, name, workdir, backends, vip_net, baseline)

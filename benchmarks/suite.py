@@ -27,6 +27,7 @@ from typing import Any
 from benchmarks import report, workloads
 from benchmarks.subjects import (
     BASELINE_SUBJECTS,
+    EDGE_ONLY,
     H2_ONLY,
     NGINX_STREAM_MODULE,
     SUBJECTS,
@@ -78,7 +79,18 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
     # HTTP/2 (h2c, many streams per connection): the same backend through fluxd's tcp service
     # (relayed as bytes) and its http service (observed), and HAProxy with HTTP/2 on both sides.
     "h2": ["direct", "fluxd", "fluxd-http", "haproxy-h2", "fluxd-base", "fluxd-http-base"],
+    # At the edge (issue 18): a port shared by 20 services, by Host (fluxd-http's published
+    # http services) and by TLS server name (fluxd's published tcp services, passthrough).
+    # A baseline build from before published ports has no edge front and is left out.
+    "edge-keepalive": ["direct", "fluxd-http", "haproxy-edge", "nginx-edge", "fluxd-http-base"],
+    "edge-close": [
+        "direct", "fluxd-http", "haproxy-edge", "haproxy-edge-2t", "nginx-edge",
+        "fluxd-http-base",
+    ],
+    "sni-keepalive": ["direct", "fluxd", "haproxy-sni", "fluxd-base"],
+    "sni-close": ["direct", "fluxd", "haproxy-sni", "haproxy-sni-2t", "fluxd-base"],
 }
+EDGE_WORKLOADS = ("edge-keepalive", "edge-close", "sni-keepalive", "sni-close")
 
 # Kernel settings for the run, put back afterwards.  Under connection churn TIME_WAIT fills the
 # ephemeral port range; tcp_tw_reuse=2 (loopback only) lets connects reuse those ports.
@@ -155,6 +167,8 @@ def check_tools(settings: Settings) -> None:
     tools = ["wrk", "iperf3", "haproxy", "nginx", "etcd", "iptables"]
     if "h2" in settings.workloads:
         tools += ["h2load", "nghttpd"]
+    if set(EDGE_WORKLOADS) & set(settings.workloads):
+        tools.append("openssl")
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise SystemExit(
@@ -213,7 +227,10 @@ async def _measure(
     else:
         run = workloads.keepalive if workload.endswith("keepalive") else workloads.close
         connections = settings.wide_connections if workload == "close256" else settings.connections
-        values = await run(subject, workdir, settings.wrk_seconds, connections, settings.threads)
+        kind = workload.split("-")[0] if workload in EDGE_WORKLOADS else "http"
+        values = await run(
+            subject, workdir, settings.wrk_seconds, connections, settings.threads, kind
+        )
     if before is not None:
         after = await _http_counted(subject)
         if after is not None:
@@ -261,6 +278,13 @@ async def _wait_quiet(threshold: float = 0.25, patience: float = 5.0) -> float:
             return max(0.0, cores)
 
 
+def _has_front(subject: Subject, workload: str) -> bool:
+    """Whether ``subject`` can take ``workload`` (a baseline build may have no edge front)."""
+    if workload not in EDGE_WORKLOADS:
+        return True
+    return getattr(subject, workload.split("-")[0]) is not None
+
+
 def _rotated(names: Sequence[str], by: int) -> list[str]:
     if not names:
         return []
@@ -301,7 +325,12 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
     notes: list[str] = []
     wanted = {s for w in settings.workloads for s in WORKLOAD_SUBJECTS[w]} & set(settings.subjects)
     async with AsyncExitStack() as stack:
-        backends = await start_backends(stack, workdir, h2="h2" in settings.workloads)
+        backends = await start_backends(
+            stack,
+            workdir,
+            h2="h2" in settings.workloads,
+            edge=bool(set(EDGE_WORKLOADS) & set(settings.workloads)),
+        )
         running: dict[str, Subject] = {}
         for name in SUBJECTS:
             if name in wanted:
@@ -318,13 +347,22 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
                         subject, workdir, 1, settings.h2_connections, settings.h2_streams,
                         settings.threads,
                     )  # fmt: skip
+                elif subject.name in EDGE_ONLY:
+                    await workloads.keepalive(
+                        subject, workdir, 1, settings.connections, settings.threads,
+                        EDGE_ONLY[subject.name],
+                    )  # fmt: skip
                 else:
                     await workloads.keepalive(
                         subject, workdir, 1, settings.connections, settings.threads
                     )
         for repeat in range(settings.repeat):
             for workload in settings.workloads:
-                names = [s for s in WORKLOAD_SUBJECTS[workload] if s in running]
+                names = [
+                    s
+                    for s in WORKLOAD_SUBJECTS[workload]
+                    if s in running and _has_front(running[s], workload)
+                ]
                 for name in _rotated(names, repeat):
                     subject = running[name]
                     started = time.monotonic()

@@ -7,6 +7,10 @@
   proxy's CPU milliseconds per 1,000 requests.
 - ``close``: the same with ``Connection: close``, so every request is a new connection
   (through a proxy: two handshakes); connections/s.
+- both also at the edge (``kind`` "edge": plain HTTP to a port shared by 20 services, asking
+  for ``EDGE_NAME`` by Host; "sni": HTTPS, asking for it by TLS server name, the TLS ending at
+  the backend): wrk's URL names ``EDGE_NAME`` and a ``wrk.resolve`` of its script sends the
+  connections to the subject's front, so the name needs no resolver entry.
 - ``h2``: ``h2load`` over h2c (HTTP/2 with prior knowledge) for a fixed time, many streams in
   flight on each connection, 300-byte responses; requests/s, p50 and p99 latency (from
   h2load's per-request log), the proxy's CPU milliseconds per 1,000 requests.
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.subjects import BODY, Backends, Subject
+from benchmarks.subjects import BODY, EDGE_NAME, Backends, Subject
 from benchmarks.system import cpu_seconds, rss_kib, tcp_established
 
 __all__ = ["bulk", "close", "h2", "h2load_figures", "idle", "keepalive"]
@@ -104,18 +108,38 @@ async def bulk(
     return result
 
 
+# Connect to the front whatever the URL's host name says (the edge workloads' URLs name the
+# service, for its Host header and TLS server name).
+WRK_RESOLVE = """\
+wrk.resolve = function(host, service)
+  wrk.addrs = wrk.lookup("{host}", "{port}")
+end
+"""
+
+
 async def _wrk(
-    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int, close: bool
+    subject: Subject,
+    workdir: Path,
+    seconds: float,
+    connections: int,
+    threads: int,
+    close: bool,
+    kind: str = "http",
 ) -> dict[str, Any]:
+    host, port = subject.front(kind)
+    url = f"http://{host}:{port}/"
     script = workdir / "wrk-done.lua"
+    if kind != "http":
+        script = workdir / f"wrk-{kind}-{port}.lua"
+        url = f"{'https' if kind == 'sni' else 'http'}://{EDGE_NAME}:{port}/"
     if not script.exists():
-        script.write_text(WRK_DONE)
-    host, port = subject.front("http")
+        resolve = "" if kind == "http" else WRK_RESOLVE.format(host=host, port=port)
+        script.write_text(resolve + WRK_DONE)
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s",
             "-s", str(script)]  # fmt: skip
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{host}:{port}/")
+    argv.append(url)
     pids = subject.pids()
     cpu0 = cpu_seconds(pids)
     out = await _run(argv, seconds + 30)
@@ -142,17 +166,27 @@ async def _wrk(
 
 
 async def keepalive(
-    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int
+    subject: Subject,
+    workdir: Path,
+    seconds: float,
+    connections: int,
+    threads: int,
+    kind: str = "http",
 ) -> dict[str, Any]:
     """wrk over keep-alive connections: small responses, requests/s and latency."""
-    return await _wrk(subject, workdir, seconds, connections, threads, close=False)
+    return await _wrk(subject, workdir, seconds, connections, threads, close=False, kind=kind)
 
 
 async def close(
-    subject: Subject, workdir: Path, seconds: float, connections: int, threads: int
+    subject: Subject,
+    workdir: Path,
+    seconds: float,
+    connections: int,
+    threads: int,
+    kind: str = "http",
 ) -> dict[str, Any]:
     """wrk with ``Connection: close``: one new connection per request."""
-    return await _wrk(subject, workdir, seconds, connections, threads, close=True)
+    return await _wrk(subject, workdir, seconds, connections, threads, close=True, kind=kind)
 
 
 # h2load's summary: "finished in 6.00s, 41200.00 req/s, ..." and

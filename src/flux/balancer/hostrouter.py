@@ -13,6 +13,11 @@ a :class:`HostRouter` accepts on the event loop and, per client:
    ``SO_RCVLOWAT`` is set one byte past what is buffered, so epoll (level-triggered) wakes
    the loop only when more arrives, not for the bytes already peeked; it is set back to 1
    before the client is handed on.  Heads almost always come in one segment: one peek.
+   The listening socket defers accepts (``TCP_DEFER_ACCEPT``, ``DEFER_ACCEPT`` seconds), so
+   a client usually reaches ``accept`` with its head already in: it is peeked at once and
+   handed on without a reader, a timer or an epoll registration of its own.  A client silent
+   for longer is accepted anyway and waited for as above, so its header timeout starts up to
+   ``DEFER_ACCEPT`` seconds late.
    Bounded: at most ``HEAD_MAX`` bytes (more is answered ``431``), for at most the header
    timeout (``-http-header-timeout``: ``408`` when a head was started, else closed quietly,
    as the relays do);
@@ -80,6 +85,9 @@ log = logging.getLogger("flux.balancer")
 
 HEAD_MAX = 64 * 1024  # the engine's HF_MAX_HEAD: a larger first head is answered 431
 LINGER = 2.0  # seconds an answered client may still send before it is closed
+# TCP_DEFER_ACCEPT: the kernel completes a client's accept once it has sent something, or
+# after about this many seconds of silence (then it is accepted and waited for as before).
+DEFER_ACCEPT = 1
 NO_SNI_MATCH = "no-sni-match"  # how a tcp port counts a client closed for its server name
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -168,6 +176,9 @@ class HostRouter:
         """Bind and listen; raises OSError (EADDRINUSE: the port is taken) with nothing open."""
         self._loop = asyncio.get_running_loop()
         sock = listening_socket(self.bind_ip, self.port)
+        # Woken for a client once its first bytes (a request head, a ClientHello) are in, or
+        # after DEFER_ACCEPT seconds without any; see _accept.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         self._sock = sock
         self._budget.listening += 1
         self._budget.refresh()
@@ -224,6 +235,11 @@ class HostRouter:
             client.setblocking(False)
             r = _Reading(client, peer[0], peer[1])
             self._reading.add(r)
+            # Deferred accept: the first bytes are usually here already, and one peek routes
+            # the client with no reader, timer or epoll registration of its own.
+            self._readable(r)
+            if r not in self._reading:
+                continue
             if self._header_timeout > 0:
                 r.timer = loop.call_later(self._header_timeout, self._timed_out, r)
             loop.add_reader(client.fileno(), self._readable, r)
