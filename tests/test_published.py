@@ -289,6 +289,25 @@ def test_publish_ip_decides_whether_and_where_the_balancer_publishes(
         assert balancer.published is not None and balancer.published.bind_ip == bind_ip
 
 
+@pytest.mark.parametrize("published", [("-publish-ip", "none")], ids=["none"], indirect=True)
+def test_a_host_with_publish_ip_none_opens_no_published_port_and_still_serves_the_vip(
+    published: Published, backends: list[HttpBackend]
+) -> None:
+    # The fixture's -publish-ip is overridden by the later "none": this host is no entry point.
+    port, vip = free_port(), random_loopback_vip()
+    published.service("both", address=f"{vip}:80", publish=port, protocol="http")
+    published.host.add_instance("both", "both-1", backends[0].address)
+    wait_until(lambda: rules_for(published.daemon.chain, vip, "DNAT"), 15, "both's DNAT rule")
+    wait_until(lambda: http_get(f"http://{vip}/") == HELLO, 15, "the VIP to serve")
+    document = json.loads(http_get(f"http://{HOST}:{published.metrics_port}/status"))
+    assert document["balancer"]["publish_ip"] is None
+    assert "published" not in document["balancer"]["services"]["both"]
+    # Nothing listens on the published port, on the fixture's address or anywhere local.
+    for ip in (published.ip, HOST):
+        assert refused(ip, port)
+    assert published.total("flux_entry_connections_total", service="both", entry="vip") == 1
+
+
 def ask(ip: str, port: int) -> tuple[str, tuple[str, int]]:
     """One HTTP request to ``ip:port``: the answer's body and the client's own address."""
     with socket.create_connection((ip, port), timeout=5) as sock:
