@@ -69,7 +69,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.system import LOOPBACK, free_port, process_tree
+from benchmarks.system import LOOPBACK, free_port, free_ports, process_tree
 
 __all__ = [
     "BASELINE_SUBJECTS",
@@ -341,9 +341,10 @@ async def start_backends(
 ) -> Backends:
     """Start nginx (HTTP, and with ``edge`` the edge services' plain and TLS ports), iperf3
     (bulk) and, with ``h2``, nghttpd (h2c) on free loopback ports; stopped with ``stack``."""
-    http_port, bulk_port = free_port(), free_port()
-    edge_ports = [free_port() for _ in EDGE_NAMES] if edge else []
-    tls_ports = [free_port() for _ in EDGE_NAMES] if edge else []
+    ports = free_ports(3 + (2 * len(EDGE_NAMES) if edge else 0))  # all distinct
+    http_port, bulk_port, h2_port = ports[:3]
+    edge_ports = ports[3 : 3 + len(EDGE_NAMES)] if edge else []
+    tls_ports = ports[3 + len(EDGE_NAMES) :] if edge else []
     tls = BACKEND_TLS.format(dir=workdir)
     blocks = [
         BACKEND_EDGE.format(host=LOOPBACK, port=port, tls=secure, body=BODY)
@@ -370,7 +371,6 @@ async def start_backends(
         docroot = workdir / "h2-docroot"
         docroot.mkdir()
         (docroot / "index.html").write_text(H2_BODY)
-        h2_port = free_port()
         nghttpd = Child(
             "backend-nghttpd",
             ["nghttpd", "--no-tls", f"--address={LOOPBACK}", "-d", str(docroot), str(h2_port)],

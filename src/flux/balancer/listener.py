@@ -753,7 +753,8 @@ class Listener:
         self, connector: Connector, c: _Connecting, name: str, address: str, packed: bytes
     ) -> None:
         try:
-            preface = self._preface(c.client)
+            # No socket object for the client unless its header needs the addresses.
+            preface = self._preface(c.client) if self._proxy_protocol else b""
         except OSError:
             self._drop(c)  # reset by the client meanwhile
             return
