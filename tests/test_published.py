@@ -50,8 +50,11 @@ def publish_ip() -> str:
 class Published:
     """A fluxd with published ports on ``ip``, and what the tests ask of it."""
 
-    def __init__(self, daemon: Fluxd, ip: str, metrics_port: int, host: OtherHost) -> None:
+    def __init__(
+        self, daemon: Fluxd, ip: str, metrics_port: int, host: OtherHost, *, engine: bool = True
+    ) -> None:
         self.daemon = daemon
+        self.engine = engine  # the splice engine relays (else -relay python)
         self.ip = ip
         self.metrics_port = metrics_port
         self.host = host
@@ -119,7 +122,7 @@ def published(
         *extra,
     )
     daemon.wait_logged("installed (nat and filter)")
-    return Published(daemon, ip, metrics_port, other_host)
+    return Published(daemon, ip, metrics_port, other_host, engine="python" not in extra)
 
 
 def reset(ip: str, port: int) -> bool:
@@ -443,6 +446,9 @@ def test_http_services_share_a_port_by_host_with_404_421_wildcards_and_a_default
         (response,), _ = converse(published.ip, port, get_for(host, version="1.0"))
         assert body_of(response) == HELLO.encode(), response
         assert backend.requests == served, host
+    # With the engine, each of them was routed there, with no Python on its way.
+    routed = published.total("flux_engine_events_total", event="routed")
+    assert routed == (4 if published.engine else 0)
 
     # Unknown or missing host, no default: fluxd answers 404 naming the host, and closes.
     for request, named in (
@@ -455,6 +461,8 @@ def test_http_services_share_a_port_by_host_with_404_421_wildcards_and_a_default
         assert body_of(response).count(b"\n") == 1 and closed
     entry = f"published:{port}"
     assert published.total("flux_entry_answered_total", entry=entry, code="404") == 3
+    # The engine handed them to the router's Python side, which answered them.
+    assert published.total("flux_engine_events_total", event="routed") == routed
     # The router answered them, before any service was chosen.
     assert published.total("flux_entry_answered_total", service="", entry=entry, code="404") == 3
     published.daemon.wait_logged(

@@ -45,6 +45,21 @@
 # client's direction before the first pump (relay_preface), so it goes ahead of the client's
 # bytes, and a failed connect hands the client back with nothing read or sent.
 #
+# A published port shared by host name can be accepted here too: its service is a *router*
+# (route() gave it a table of host names, RelayRoutes), whose clients belong to no service until
+# their first request's Host is read.  The port's listening sockets defer accepts
+# (TCP_DEFER_ACCEPT, set by the caller), so a client usually reaches accept4() with its first
+# head already in; accept_by_host peeks at it (MSG_PEEK: the bytes stay for the relay to read),
+# and when it is a complete HTTP/1.x head of at most ROUTE_PEEK bytes with exactly one plain
+# Host naming a service of the table (exact name, then "*." and the parent, then the default),
+# the client goes on exactly as if that service had accepted it (accept_route), with its host
+# pinned (hf_pin_host: a later request naming another host is answered 421).  Everything else
+# (nothing read yet, a head in pieces, a larger one, HTTP/2's preface, no Host or several, a
+# name outside ASCII or in brackets, a host no service has) is handed over unread to the
+# router's handler, flux.balancer.hostrouter, which reads, routes or answers it in Python, the
+# behaviour oracle.  So the engine only ever takes the common case, and decides it as the
+# oracle would (request_host, HostRoutes.pick); tests hold both to the same answers.
+#
 # Services are never freed while the engine lives (a listener that closes leaves its counters
 # behind, as Prometheus counters must stay); their commands (listen, unlisten, new snapshot,
 # pause, resume) go through the same lock and wake-up as submissions.
@@ -379,8 +394,9 @@ cdef void accept_pause(RelayEngine *e, RelaySvc *s, int err) noexcept nogil:
 
 
 cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
-                       uint16_t port) noexcept nogil:
-    """A new client: connect it to a picked instance, or hand it to the asyncio side."""
+                       uint16_t port, bint pinned=False) noexcept nogil:
+    """A new client: connect it to a picked instance, or hand it to the asyncio side.
+    ``pinned``: a router picked ``s`` by the client's Host (hf_pin_host)."""
     cdef RelaySnap *snap = s.snap
     cdef RelayTarget *t
     cdef RelayConn *c
@@ -413,9 +429,145 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
             accept_hand_over(e, s, fd, ip, 0)
             return
         e.http_live += 1
+        if pinned:
+            hf_pin_host(&c.http.f)
     relay_start_connect(e, c)
     if s.proxy_protocol and not c.closed and accept_proxy_preface(e, c, s.proxy_protocol) < 0:
         relay_abort(e, c, ENOMEM)
+
+
+# ---- routing by Host -----------------------------------------------------------------------------
+
+cdef inline uint8_t route_lower(uint8_t ch) noexcept nogil:
+    return ch + 32 if 65 <= ch <= 90 else ch
+
+
+cdef inline bint route_blank(uint8_t ch) noexcept nogil:
+    return ch == 32 or ch == 9 or ch == 13
+
+
+cdef Py_ssize_t route_head_end(const uint8_t *b, Py_ssize_t start, Py_ssize_t n) noexcept nogil:
+    """Where the head starting at ``start`` ends: just past its first empty line (LF, an
+    optional CR, LF: the oracle's end, which also takes bare LFs), or -1."""
+    cdef Py_ssize_t i
+    for i in range(start, n - 1):
+        if b[i] == 10:
+            if b[i + 1] == 10:
+                return i + 2
+            if b[i + 1] == 13 and i + 2 < n and b[i + 2] == 10:
+                return i + 3
+    return -1
+
+
+cdef int route_host(const uint8_t *b, Py_ssize_t start, Py_ssize_t end,
+                    char *out) noexcept nogil:
+    """The one Host field of the head b[start:end] as routes compare it (lower case, no port,
+    no trailing dot) into ``out`` (ROUTE_NAME_MAX bytes); returns its length, or -1 for
+    anything the engine leaves to the asyncio side: no Host or several, an empty one, a
+    name in brackets (IPv6), a byte outside printable ASCII, one too long."""
+    cdef Py_ssize_t line = start, nl, colon, i, a, z, found_a = 0, found_z = 0
+    cdef int count = 0
+    cdef int n
+    # Skip the request line.
+    while line < end and b[line] != 10:
+        line += 1
+    line += 1
+    while line < end:
+        nl = line
+        while nl < end and b[nl] != 10:
+            nl += 1
+        colon = line
+        while colon < nl and b[colon] != 58:     # ':'
+            colon += 1
+        if colon < nl:
+            a = line
+            z = colon
+            while a < z and route_blank(b[a]):
+                a += 1
+            while z > a and route_blank(b[z - 1]):
+                z -= 1
+            if (z - a == 4 and route_lower(b[a]) == 104 and route_lower(b[a + 1]) == 111
+                    and route_lower(b[a + 2]) == 115 and route_lower(b[a + 3]) == 116):
+                count += 1
+                found_a = colon + 1
+                found_z = nl
+        line = nl + 1
+    if count != 1:
+        return -1
+    a = found_a
+    z = found_z
+    while a < z and route_blank(b[a]):
+        a += 1
+    while z > a and route_blank(b[z - 1]):
+        z -= 1
+    if a == z or b[a] == 91:                     # '['
+        return -1
+    for i in range(a, z):
+        if b[i] <= 32 or b[i] >= 127:
+            return -1
+    # Without the port: what follows the last ':'.
+    i = z
+    while i > a and b[i - 1] != 58:
+        i -= 1
+    if i > a:
+        z = i - 1
+    if z > a and b[z - 1] == 46:                 # a trailing '.'
+        z -= 1
+    n = <int>(z - a)
+    if n <= 0 or n >= ROUTE_NAME_MAX:
+        return -1
+    for i in range(n):
+        out[i] = <char>route_lower(b[a + i])
+    out[n] = 0
+    return n
+
+
+cdef RelaySvc *route_pick(const RelayRoutes *r, const char *name, int n) noexcept nogil:
+    """The service for host ``name``: its exact entry, else "*." and its parent, else the
+    default (HostRoutes.pick); NULL: none, or one the engine was not given (the asyncio side
+    answers 404, or serves it)."""
+    cdef size_t i
+    cdef int dot = 0
+    cdef const RelayRoute *x
+    for i in range(r.n):
+        x = &r.routes[i]
+        if not x.wildcard and x.len == n and memcmp(x.name, name, n) == 0:
+            return x.target
+    while dot < n and name[dot] != 46:
+        dot += 1
+    if dot < n - 1:
+        for i in range(r.n):
+            x = &r.routes[i]
+            if x.wildcard and x.len == n - dot and memcmp(x.name, name + dot, n - dot) == 0:
+                return x.target
+    return r.fallback
+
+
+cdef void accept_by_host(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
+                         uint16_t port) noexcept nogil:
+    """A router's new client: to the service its first request's Host names, if the head is
+    in and plain, else handed over unread (see the comment at the top)."""
+    cdef uint8_t buf[ROUTE_PEEK]
+    cdef char name[ROUTE_NAME_MAX]
+    cdef Py_ssize_t n, start = 0, end
+    cdef int size
+    cdef RelaySvc *target
+    n = recv(fd, buf, ROUTE_PEEK, MSG_PEEK)
+    if n > 0:
+        # Empty lines before a request line are ignored (RFC 9112), as the oracle does.
+        while start < n and (buf[start] == 13 or buf[start] == 10):
+            start += 1
+        end = route_head_end(buf, start, n)
+        # HTTP/2's preface ("PRI * HTTP/2.0") has no Host: the oracle sends it on.
+        if end > 0 and not (end - start >= 4 and memcmp(buf + start, b"PRI ", 4) == 0):
+            size = route_host(buf, start, end, name)
+            if size > 0:
+                target = route_pick(s.routes, name, size)
+                if target != NULL:
+                    relay_count(e, RC_ROUTED, 1)
+                    accept_route(e, target, fd, ip, port, True)
+                    return
+    accept_hand_over(e, s, fd, ip, 0)
 
 
 cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
@@ -442,7 +594,12 @@ cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
             accept_pause(e, s, errno)
             return
         flux_relay_add(&sh.held, 1)
-        if peer.sin_family == AF_INET:
+        if s.routes != NULL:
+            if peer.sin_family == AF_INET:
+                accept_by_host(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port))
+            else:
+                accept_by_host(e, s, fd, 0, 0)
+        elif peer.sin_family == AF_INET:
             accept_route(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port))
         else:
             accept_route(e, s, fd, 0, 0)
@@ -468,6 +625,12 @@ cdef void accept_run_ready(RelayEngine *e) noexcept nogil:
 
 
 # ---- commands -----------------------------------------------------------------------------------
+
+cdef void route_free(RelayRoutes *r) noexcept nogil:
+    if r != NULL:
+        free(r.routes)
+        free(r)
+
 
 cdef void accept_unregister(RelayEngine *e, RelaySvc *s) noexcept nogil:
     if s.fd >= 0:
@@ -503,6 +666,9 @@ cdef void accept_run_commands(RelayEngine *e, RelayCtl *ctl) noexcept nogil:
             if s.snap != NULL:
                 free(s.snap)
             s.snap = ctl.snap
+        elif ctl.kind == RELAY_CTL_ROUTES:
+            route_free(s.routes)
+            s.routes = ctl.routes
         elif ctl.kind == RELAY_CTL_PAUSE:
             s.paused = 1
         elif ctl.kind == RELAY_CTL_RESUME:
@@ -524,6 +690,8 @@ cdef void accept_free_services(RelayEngine *e) noexcept nogil:
             close(ctl.fd)
         if ctl.kind == RELAY_CTL_SNAP:
             free(ctl.snap)
+        if ctl.kind == RELAY_CTL_ROUTES:
+            route_free(ctl.routes)
         free(ctl)
         ctl = nxt
     e.ctl_head = NULL
@@ -535,6 +703,7 @@ cdef void accept_free_services(RelayEngine *e) noexcept nogil:
         if s.fd >= 0:
             close(s.fd)
         free(s.snap)
+        route_free(s.routes)
         free(s.tally)
         free(s.clients)
         free(s.inst_active)

@@ -13,7 +13,7 @@ RELAY_COUNTERS = (
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
     "http_h2", "http_h2_gave_up", "http_h2_untracked", "exchanges_dropped", "buffers_lent",
     "buffers_idle", "connects", "connect_failures", "accepted", "to_python", "accept_failures",
-    "http_switched", "notices_dropped",
+    "http_switched", "notices_dropped", "routed",
 )
 
 # The counters above that are levels (they go down as well as up: what is held now).  Every
@@ -392,7 +392,8 @@ cdef class SpliceEngine:
             return self.e.svcs[service]
         return NULL
 
-    cdef int _control(self, int kind, RelaySvc *s, int fd, RelaySnap *snap) except -1:
+    cdef int _control(self, int kind, RelaySvc *s, int fd, RelaySnap *snap,
+                      RelayRoutes *routes=NULL) except -1:
         cdef RelayEngine *e = self.e
         cdef RelayCtl *ctl
         cdef uint64_t one = 1
@@ -405,6 +406,7 @@ cdef class SpliceEngine:
         ctl.svc = s
         ctl.fd = fd
         ctl.snap = snap
+        ctl.routes = routes
         pthread_mutex_lock(&e.lock)
         if e.ctl_tail != NULL:
             e.ctl_tail.next = ctl
@@ -414,6 +416,68 @@ cdef class SpliceEngine:
         pthread_mutex_unlock(&e.lock)
         write(e.wake_fd, &one, sizeof(one))
         return 0
+
+    def serve(self, uint32_t service, bint http=False, bint observe=True,
+              double connect_timeout=3.0, int proxy_protocol=0):
+        """Make ``service`` ready to take the clients a router sends it (``route``) without a
+        listening socket of its own: what ``listen`` sets, without the socket."""
+        cdef RelaySvc *s
+        if not 0 <= proxy_protocol <= 2:
+            raise ValueError(f"proxy_protocol must be 0, 1 or 2, got {proxy_protocol}")
+        if not 0.0 < connect_timeout <= 86400.0:
+            raise ValueError(
+                f"connect_timeout must be 0..86400 seconds, got {connect_timeout}"
+            )
+        s = self._service(service)
+        # Read by the engine thread only once a ROUTES command names the service (the lock
+        # orders them).
+        s.http = http
+        s.observe = observe
+        s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
+        s.proxy_protocol = <uint8_t>proxy_protocol
+
+    def route(self, uint32_t service, list names not None, int fallback=-1):
+        """Make ``service`` (listening, see ``listen``) a router: each client goes to the
+        service its first request's Host names, by ``names``, a list of ``(host name, service
+        id)`` (a name as routes compare it, or ``*.suffix``; an id of -1: handed over), else to
+        ``fallback`` (-1: none), each made ready by ``serve``; anything else is handed over
+        (accept_by_host).
+        Thread-safe; never blocks on the engine."""
+        cdef Py_ssize_t n = len(names)
+        cdef RelayRoutes *r
+        cdef RelayRoute *x
+        cdef bytes name
+        cdef Py_ssize_t i, size
+        cdef RelaySvc *s = self._service(service)
+        r = <RelayRoutes *>calloc(1, sizeof(RelayRoutes))
+        if r == NULL:
+            raise MemoryError()
+        r.routes = <RelayRoute *>calloc(max(n, 1), sizeof(RelayRoute))
+        if r.routes == NULL:
+            free(r)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                text, target = names[i]
+                x = &r.routes[i]
+                name = text.encode("ascii")
+                if name.startswith(b"*."):
+                    x.wildcard = 1
+                    name = name[1:]
+                size = len(name)
+                if not 0 < size < ROUTE_NAME_MAX:
+                    raise ValueError(f"host names are 1..{ROUTE_NAME_MAX - 1} bytes: {text!r}")
+                memcpy(x.name, <const char *>name, size)
+                x.len = <uint16_t>size
+                # -1: a name whose service the engine has not got (handed over, as is).
+                x.target = self._service(<uint32_t>target) if target >= 0 else NULL
+            r.n = <size_t>n
+            if fallback >= 0:
+                r.fallback = self._service(<uint32_t>fallback)
+            self._control(RELAY_CTL_ROUTES, s, -1, NULL, r)
+        except BaseException:
+            route_free(r)
+            raise
 
     def listen(self, uint32_t service, int fd, bint http=False, bint observe=True,
                double connect_timeout=3.0, int proxy_protocol=0):
@@ -747,3 +811,53 @@ cdef class SpliceEngine:
         free(e.pool)
         free(e)
         self.e = NULL
+
+
+def route_probe(bytes data not None, list names not None, int fallback=-1):
+    """What a router in the engine does with a client whose first bytes are ``data``
+    (accept_by_host, without sockets): the id of the service it would send the client to, from
+    ``names`` (``(host name or *.suffix, id)``) and ``fallback`` (-1: none), or -1 when it
+    would hand the client over.  For tests against the Python oracle."""
+    cdef Py_ssize_t n = min(len(data), <Py_ssize_t>ROUTE_PEEK)
+    cdef Py_ssize_t count = len(names)
+    cdef RelaySvc *svcs = <RelaySvc *>calloc(count + 1, sizeof(RelaySvc))
+    cdef RelayRoutes r
+    cdef RelaySvc *picked
+    cdef const uint8_t *b = <const uint8_t *>(<const char *>data)
+    cdef char name[ROUTE_NAME_MAX]
+    cdef Py_ssize_t start = 0, end, i
+    cdef int size
+    cdef bytes text
+    if svcs == NULL:
+        raise MemoryError()
+    r.routes = <RelayRoute *>calloc(max(count, 1), sizeof(RelayRoute))
+    if r.routes == NULL:
+        free(svcs)
+        raise MemoryError()
+    try:
+        for i in range(count):
+            host, target = names[i]
+            text = host.encode("ascii")
+            if text.startswith(b"*."):
+                r.routes[i].wildcard = 1
+                text = text[1:]
+            memcpy(r.routes[i].name, <const char *>text, len(text))
+            r.routes[i].len = <uint16_t>len(text)
+            svcs[i].id = <uint32_t>target
+            r.routes[i].target = &svcs[i] if target >= 0 else NULL
+        r.n = <size_t>count
+        svcs[count].id = <uint32_t>fallback
+        r.fallback = &svcs[count] if fallback >= 0 else NULL
+        while start < n and (b[start] == 13 or b[start] == 10):
+            start += 1
+        end = route_head_end(b, start, n)
+        if end <= 0 or (end - start >= 4 and memcmp(b + start, b"PRI ", 4) == 0):
+            return -1
+        size = route_host(b, start, end, name)
+        if size <= 0:
+            return -1
+        picked = route_pick(&r, name, size)
+        return -1 if picked == NULL else <int>picked.id
+    finally:
+        free(r.routes)
+        free(svcs)

@@ -531,6 +531,7 @@ cdef enum:
     RC_ACCEPT_FAILURES      # accept4() errors other than EAGAIN (each pauses the service)
     RC_HTTP_SWITCHED        # HTTP connections switched to plain relaying (Upgrade, CONNECT)
     RC_NOTICES_DROPPED      # notice records lost because the queue was full (_relay_notice.pxi)
+    RC_ROUTED               # clients a router sent to a service by their Host (accept_by_host)
     RC_COUNT
 
 cdef enum:
@@ -600,6 +601,33 @@ cdef struct RelayTally:
     int64_t count
 
 
+cdef enum:
+    ROUTE_NAME_MAX = 254        # a host name's bytes (253) and a NUL
+    ROUTE_PEEK = 4096           # the most of a first head a router peeks at (a larger one is
+    #                             handed over, as is anything unusual: accept_by_host)
+
+
+cdef struct RelaySvc         # declared below; a route points to its target
+
+
+cdef struct RelayRoute:
+    # One host name of a port shared by host name (RelayRoutes): the name as routes compare it
+    # (lower case, no port, no trailing dot; a wildcard "*.suffix" is kept as ".suffix"), and
+    # the service its clients go to.
+    RelaySvc *target
+    uint16_t len
+    uint8_t wildcard
+    char name[ROUTE_NAME_MAX]
+
+
+cdef struct RelayRoutes:
+    # The host names of a router service (route()): built by the caller, then the engine
+    # thread's (RelaySvc.routes) until the next one replaces it.
+    size_t n
+    RelaySvc *fallback      # the default service (no host name), or NULL: hand the client over
+    RelayRoute *routes
+
+
 cdef struct RelaySvc:
     # A service the engine counts for, and accepts for once listen() gave it a socket.  Never
     # freed while the engine lives (its counters must stay).
@@ -613,6 +641,9 @@ cdef struct RelaySvc:
     uint8_t proxy_protocol  # caller, likewise: 0, or the PROXY protocol version (1, 2) whose
     #                         header each instance gets first (accept_proxy_preface)
     RelaySnap *snap         # engine (set by the SNAP command)
+    # engine (set by the ROUTES command): a router's host names; non-NULL makes this service a
+    # router, whose clients go to the service their first request's Host names (accept_by_host)
+    RelayRoutes *routes
     RelaySvc *accept_next   # engine: accept-ready list
     # Written by the engine thread, read by the asyncio side (service_counts, instance_active).
     int64_t bytes[2]        # atomic: delivered to the instance (0) and to the client (1), live
@@ -638,6 +669,7 @@ cdef struct RelayCtl:
     RelaySvc *svc
     int fd
     RelaySnap *snap
+    RelayRoutes *routes
     RelayCtl *next
 
 
@@ -761,6 +793,7 @@ cdef enum:
     RELAY_CTL_SNAP = 3
     RELAY_CTL_PAUSE = 4
     RELAY_CTL_RESUME = 5
+    RELAY_CTL_ROUTES = 6
     RELAY_ACCEPT_BATCH = 64     # clients accepted per service per turn
 
 

@@ -109,6 +109,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SHUT_RDWR
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_PEEK
         SOCK_STREAM
         SOCK_NONBLOCK
         SOCK_CLOEXEC

@@ -145,6 +145,7 @@ class Balancer:
             self.published = PublishedPorts(
                 publish_ip,
                 self._published_listener,
+                acceptor=relay.acceptor,
                 balance=balance,
                 clock=clock,
                 rng=self._rng,

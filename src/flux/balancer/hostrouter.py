@@ -73,10 +73,11 @@ from flux.balancer.listener import (
     Listener,
     listening_socket,
     process_budget,
+    shard_sockets,
 )
 from flux.model import Protocol
 from flux.relay import reset_and_close
-from flux.relay.base import HTTP_HEADER_TIMEOUT
+from flux.relay.base import HTTP_HEADER_TIMEOUT, Acceptor
 from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
 __all__ = ["HEAD_MAX", "LINGER", "NO_SNI_MATCH", "HostRouter", "answer_text"]
@@ -145,6 +146,7 @@ class HostRouter:
         on_answered: Callable[[str, int | str], None] | None = None,
         budget: ConnectionBudget | None = None,
         protocol: Protocol = "http",
+        acceptor: Acceptor | None = None,
     ) -> None:
         self.bind_ip = bind_ip
         self.port = port
@@ -162,19 +164,28 @@ class HostRouter:
         self._lingering: set[socket.socket] = set()
         self._paused = False
         self._resumer: asyncio.TimerHandle | None = None
+        # An http port is accepted and routed in the engine when the relay accepts (see "In
+        # the engine" in the module docstring): its id there, and its listening sockets.
+        self._acceptor = acceptor if protocol == "http" else None
+        self._sid = -1
+        self._listening = 0
 
     def update(self, routes: HostRoutes, listeners: Mapping[str, Listener]) -> None:
         """Route new clients by ``routes`` to ``listeners`` (clients handed on carry on)."""
         self.routes = routes
         self.listeners = dict(listeners)
+        if self._sid >= 0:
+            self._push_routes()
 
     @property
     def is_open(self) -> bool:
-        return self._sock is not None
+        return self._sock is not None or self._sid >= 0
 
     def open(self) -> int:
         """Bind and listen; raises OSError (EADDRINUSE: the port is taken) with nothing open."""
         self._loop = asyncio.get_running_loop()
+        if self._acceptor is not None:
+            return self._open_in_engine(self._acceptor)
         sock = listening_socket(self.bind_ip, self.port)
         # Woken for a client once its first bytes (a request head, a ClientHello) are in, or
         # after DEFER_ACCEPT seconds without any; see _accept.
@@ -185,19 +196,74 @@ class HostRouter:
         self._loop.add_reader(sock.fileno(), self._accept)
         return self.port
 
+    def _open_in_engine(self, relay: Acceptor) -> int:
+        """One listening socket per engine shard (SO_REUSEPORT), each deferring accepts, given
+        to the engine as a router's: it routes the plain clients itself (accept_by_host) and
+        hands the rest over (:meth:`handed_over`)."""
+        sockets = shard_sockets(self.bind_ip, self.port, relay.shards)
+        try:
+            for sock in sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+            self._budget.link(relay)
+            self._sid = relay.listen(
+                "", self.protocol, sockets, self, connect_timeout=1.0, entry=self.entry
+            )
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._listening = len(sockets)
+        self._budget.listening += self._listening
+        self._budget.refresh()
+        self._push_routes()
+        return self.port
+
+    def _push_routes(self) -> None:
+        """Give the engine the host names and the ids of the services they go to."""
+        assert self._acceptor is not None
+        ids = {name: listener.serve_routed() for name, listener in self.listeners.items()}
+        # A name whose service has no listener stays, as -1: the engine hands its clients over
+        # (to be answered 404 here), rather than sending them to a wildcard or the default.
+        names = [(host, ids.get(service, -1)) for host, service in self.routes.names]
+        default = self.routes.default
+        self._acceptor.route(self._sid, names, ids.get(default, -1) if default else -1)
+
+    def handed_over(self, client_fd: int, client_ip: str, instance: int, code: int) -> None:
+        """The engine's hand-over (:class:`flux.relay.AcceptHandler`): a client it did not
+        route (read here as if accepted here), or (-1) a shortage of descriptors."""
+        if client_fd < 0:
+            if self.is_open:
+                self._pause()
+            return
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=client_fd)
+        self._budget.acquire()
+        try:
+            port = client.getpeername()[1]
+        except OSError:
+            reset_and_close(client)
+            self._budget.release()
+            return
+        self._begin(client, client_ip, port)
+
     def close(self) -> None:
         """Stop accepting; close the clients whose first head is still awaited."""
+        if self._sid >= 0:
+            assert self._acceptor is not None
+            self._acceptor.unlisten(self._sid)
+            self._sid = -1
+            self._budget.listening -= self._listening
+            self._listening = 0
         sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        assert self._loop is not None
-        if not self._paused:
-            self._loop.remove_reader(sock.fileno())
+        if sock is not None:
+            assert self._loop is not None
+            if not self._paused:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+            self._budget.listening -= 1
         if self._resumer is not None:
             self._resumer.cancel()
             self._resumer = None
-        sock.close()
-        self._budget.listening -= 1
+        self._paused = False
         self._budget.refresh()
         for r in list(self._reading):
             self._finish(r)
@@ -232,34 +298,46 @@ class HostRouter:
                 self._pause()
                 return
             self._budget.acquire()
-            client.setblocking(False)
-            r = _Reading(client, peer[0], peer[1])
-            self._reading.add(r)
-            # Deferred accept: the first bytes are usually here already, and one peek routes
-            # the client with no reader, timer or epoll registration of its own.
-            self._readable(r)
-            if r not in self._reading:
-                continue
-            if self._header_timeout > 0:
-                r.timer = loop.call_later(self._header_timeout, self._timed_out, r)
-            loop.add_reader(client.fileno(), self._readable, r)
+            self._begin(client, peer[0], peer[1])
+
+    def _begin(self, client: socket.socket, ip: str, port: int) -> None:
+        """Read a new client's first head (or ClientHello)."""
+        assert self._loop is not None
+        client.setblocking(False)
+        r = _Reading(client, ip, port)
+        self._reading.add(r)
+        # Deferred accept: the first bytes are usually here already, and one peek routes the
+        # client with no reader, timer or epoll registration of its own.
+        self._readable(r)
+        if r not in self._reading:
+            return
+        if self._header_timeout > 0:
+            r.timer = self._loop.call_later(self._header_timeout, self._timed_out, r)
+        self._loop.add_reader(client.fileno(), self._readable, r)
 
     def _pause(self) -> None:
-        assert self._loop is not None and self._sock is not None
+        assert self._loop is not None and self.is_open
         if not self._paused:
             self._paused = True
-            self._loop.remove_reader(self._sock.fileno())
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            # In the engine, the engine paused itself before handing the shortage over.
         if self._resumer is None:
             self._resumer = self._loop.call_later(PAUSE_SECONDS, self._resume)
 
     def _resume(self) -> None:
         self._resumer = None
-        if self._sock is None or self._loop is None:
+        if not self.is_open or self._loop is None:
             return
         if self._budget.spent:
             self._resumer = self._loop.call_later(PAUSE_SECONDS, self._resume)
             return
         self._paused = False
+        if self._sid >= 0:
+            assert self._acceptor is not None
+            self._acceptor.resume(self._sid)
+            return
+        assert self._sock is not None
         self._loop.add_reader(self._sock.fileno(), self._accept)
         self._accept()
 

@@ -322,6 +322,41 @@ def listening_socket(bind_ip: str, port: int) -> socket.socket:
     return sock
 
 
+def shard_sockets(bind_ip: str, port: int, shards: int) -> list[socket.socket]:
+    """One listening socket per engine shard on ``bind_ip:port`` (an ephemeral port for 0),
+    all on one port with SO_REUSEPORT (the kernel spreads new connections over them).  Raises
+    OSError (EADDRINUSE: the port is taken) with nothing left open."""
+    sockets: list[socket.socket] = []
+    shared = shards > 1
+    if shared:
+        # The port comes from a plain bind: with SO_REUSEPORT set, the kernel may hand out
+        # (under port pressure) a port on which another process of the same user already
+        # listens with SO_REUSEPORT, and would then share this service's clients with it.
+        # A plain bind takes only a port nobody holds.
+        # A fixed (published) port is checked the same way: with SO_REUSEPORT alone the
+        # shards' bind would succeed beside another process's SO_REUSEPORT listener.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((bind_ip, port))
+            port = probe.getsockname()[1]
+    try:
+        for _ in range(shards):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((bind_ip, port))
+            port = sock.getsockname()[1]
+            sock.listen(BACKLOG)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class Listener:
     """One service's listening socket and its connection hand-over."""
 
@@ -377,6 +412,8 @@ class Listener:
         self._connector: Connector | None = relay.connector
         self._acceptor: Acceptor | None = relay.acceptor
         self._sid = -1  # the relay's id for this listener while the engine accepts for it
+        # Served by a router in the engine (serve_routed): its clients are pinned to their host.
+        self._routed = False
         self._push_due = False
         self._listening = 0  # listening sockets counted in the budget
         self.port = 0
@@ -416,31 +453,9 @@ class Listener:
     def _open_in_engine(self, relay: Acceptor) -> int:
         """One listening socket per engine shard on one port (SO_REUSEPORT: the kernel
         spreads new connections over them), handed to the engine to accept on."""
-        sockets: list[socket.socket] = []
-        port = self._wanted_port
-        shared = relay.shards > 1
-        if shared:
-            # The port comes from a plain bind: with SO_REUSEPORT set, the kernel may hand out
-            # (under port pressure) a port on which another process of the same user already
-            # listens with SO_REUSEPORT, and would then share this service's clients with it.
-            # A plain bind takes only a port nobody holds.
-            # A fixed (published) port is checked the same way: with SO_REUSEPORT alone the
-            # shards' bind would succeed beside another process's SO_REUSEPORT listener.
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                if port:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((self.bind_ip, port))
-                port = probe.getsockname()[1]
+        sockets = shard_sockets(self.bind_ip, self._wanted_port, relay.shards)
+        port = int(sockets[0].getsockname()[1])
         try:
-            for _ in range(relay.shards):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if shared:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self.bind_ip, port))
-                port = sock.getsockname()[1]
-                sock.listen(BACKLOG)
             self._budget.link(relay)
             self._sid = relay.listen(
                 self.service,
@@ -458,6 +473,37 @@ class Listener:
             raise
         self.port = port
         self._count_listening(len(sockets))
+        self._track_pool(relay)
+        return port
+
+    def serve_routed(self) -> int:
+        """This listener's id in the engine as a router's target (a service on a port shared
+        by host name, :class:`~flux.balancer.hostrouter.HostRouter`): ready there without a
+        socket of its own, its pool's snapshots pushed as a listening one's are, its clients
+        pinned to their host.  -1 when the relay does not accept (the router reads every
+        client in Python and calls :meth:`take`)."""
+        relay = self._acceptor
+        if relay is None:
+            return -1
+        if self._sid < 0:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._routed = True
+            self._budget.link(relay)
+            self._sid = relay.serve(
+                self.service,
+                self.protocol,
+                self,
+                connect_timeout=self._connect_timeout,
+                observers=self._observers if self._on_exchange is not None else None,
+                entry=self.entry,
+                proxy_protocol=self._proxy_protocol,
+            )
+            self._track_pool(relay)
+        return self._sid
+
+    def _track_pool(self, relay: Acceptor) -> None:
+        """Push the pool's snapshot to the engine now and whenever it changes."""
         self.pool.on_change = self._pool_changed
         pool = self.pool
         sid = self._sid
@@ -465,7 +511,6 @@ class Listener:
             sid, name, pool.address(name) or ""
         )
         self._push_pool()
-        return port
 
     def _observers(self, name: str, address: str, client_ip: str) -> ExchangeObserver:
         assert self._on_exchange is not None
@@ -512,6 +557,7 @@ class Listener:
             return
         self._budget.acquire()
         c = _Connecting(self, client_fd, client_ip)
+        c.pinned = self._routed
         if instance:
             assert self._acceptor is not None  # only the relay's Acceptor role hands over
             c.name, c.address = self._acceptor.instance(instance)

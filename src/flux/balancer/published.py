@@ -54,7 +54,7 @@ from flux.balancer.entrypoints import (
 from flux.balancer.hostrouter import HostRouter
 from flux.balancer.listener import Listener
 from flux.balancer.pool import Balance, Pool, backoff
-from flux.relay.base import HTTP_HEADER_TIMEOUT
+from flux.relay.base import HTTP_HEADER_TIMEOUT, Acceptor
 from flux.relay.notices import NoticeLimiter
 from flux.store.base import ServiceUpdate
 
@@ -125,6 +125,7 @@ class PublishedPorts:
         bind_ip: str,
         make_listener: MakeListener,
         *,
+        acceptor: Acceptor | None = None,
         balance: Balance = "random",
         clock: Callable[[], float],
         rng: random.Random,
@@ -134,6 +135,7 @@ class PublishedPorts:
     ) -> None:
         self.bind_ip = bind_ip
         self._make_listener = make_listener
+        self._acceptor = acceptor  # the relay's, when its engine accepts (routers route there)
         self._header_timeout = header_timeout
         self._on_answered = on_answered
         self._notices = notices if notices is not None else NoticeLimiter()
@@ -186,7 +188,9 @@ class PublishedPorts:
         for gone in [name for name in held.pools if name not in wanted]:
             del held.pools[gone]
             del held.instances[gone]
-            held.routed.pop(gone, None)
+            dropped = held.routed.pop(gone, None)
+            if dropped is not None:
+                dropped.close()  # out of the engine, if it was there (its connections go on)
             held.routed_proxy.pop(gone, None)
         for name in wanted:
             instances = claims[name].instances
@@ -204,6 +208,9 @@ class PublishedPorts:
                 # The port as this one service serves it (the router picked it), with the
                 # service's own PROXY protocol (tcp); a new one for a new PROXY protocol.
                 alone = replace(entry, service=name, routes=None, proxy_protocol=proxy)
+                replaced = held.routed.get(name)
+                if replaced is not None:
+                    replaced.close()
                 held.routed[name] = self._make_listener(alone, pool)
                 held.routed_proxy[name] = proxy
 
@@ -242,6 +249,7 @@ class PublishedPorts:
                 header_timeout=self._header_timeout,
                 on_answered=self._on_answered,
                 protocol=entry.protocol,
+                acceptor=self._acceptor,
             )
         else:
             opened = self._make_listener(entry, held.pools[entry.service])

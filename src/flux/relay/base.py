@@ -322,6 +322,25 @@ class Acceptor(Protocol):
         ``proxy_protocol`` (1, 2; 0: none): each instance gets that PROXY protocol header
         before the client's bytes.  Returns the service's id, which the other methods take."""
 
+    def serve(
+        self,
+        service: str,
+        protocol: str,
+        handler: AcceptHandler,
+        *,
+        connect_timeout: float,
+        observers: ObserverFactory | None = None,
+        entry: str = "vip",
+        proxy_protocol: int = 0,
+    ) -> int:
+        """Ready ``service`` for the clients a router sends it (:meth:`route`), as
+        :meth:`listen` without sockets; returns its id."""
+
+    def route(self, sid: int, names: list[tuple[str, int]], default: int) -> None:
+        """Make ``sid`` a router: a client goes to the service id its first request's Host
+        names in ``names`` (host name or ``*.suffix``, id), else ``default`` (-1: none); the
+        rest goes to ``sid``'s handler unread."""
+
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""
 

@@ -299,10 +299,40 @@ class SpliceRelay:
         :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take.
         ``proxy_protocol`` (1, 2; 0: none): the engine sends each instance that PROXY protocol
         header first."""
-        if self._loop is None or self._closing:
-            raise RuntimeError("the relay is not accepting connections (not started or closing)")
         if len(sockets) != len(self._engines):
             raise ValueError(f"need one listening socket per shard ({len(self._engines)})")
+        sid = self.serve(
+            service,
+            protocol,
+            handler,
+            connect_timeout=connect_timeout,
+            observers=observers,
+            entry=entry,
+            proxy_protocol=proxy_protocol,
+        )
+        for engine, sock in zip(self._engines, sockets, strict=True):
+            engine.listen(
+                sid, sock.fileno(), protocol == "http", observers is not None, connect_timeout,
+                proxy_protocol,
+            )  # fmt: skip
+            sock.detach()
+        return sid
+
+    def serve(
+        self,
+        service: str,
+        protocol: str,
+        handler: AcceptHandler,
+        *,
+        connect_timeout: float,
+        observers: ObserverFactory | None = None,
+        entry: str = "vip",
+        proxy_protocol: int = 0,
+    ) -> int:
+        """Make ``service`` ready for the clients a router sends it (:meth:`route`), as
+        :meth:`listen` does without sockets; returns its id."""
+        if self._loop is None or self._closing:
+            raise RuntimeError("the relay is not accepting connections (not started or closing)")
         sid = len(self._services)
         self._services.append((service, protocol))
         self._entries[sid] = entry
@@ -311,13 +341,18 @@ class SpliceRelay:
             self._observer_factories[sid] = observers
             if self._flusher is None:
                 self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
-        http = protocol == "http"
-        for engine, sock in zip(self._engines, sockets, strict=True):
-            engine.listen(
-                sid, sock.fileno(), http, observers is not None, connect_timeout, proxy_protocol
+        for engine in self._engines:
+            engine.serve(
+                sid, protocol == "http", observers is not None, connect_timeout, proxy_protocol
             )
-            sock.detach()
         return sid
+
+    def route(self, sid: int, names: list[tuple[str, int]], default: int) -> None:
+        """Make ``sid`` (listening) a router: each client goes to the service id its first
+        request's Host names in ``names`` (host name or ``*.suffix``, service id), else to
+        ``default`` (-1: none); the rest is handed to ``sid``'s handler unread."""
+        for engine in self._engines:
+            engine.route(sid, names, default)
 
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""
@@ -379,6 +414,8 @@ class SpliceRelay:
         instances = self._instances
         for sid in range(1, len(self._services)):
             service, protocol = self._services[sid]
+            if not service:
+                continue  # a router: it counts nothing of its own (see route)
             entry = (service, self._entries[sid])
             up = down = live = 0
             answered = [0, 0, 0, 0]
