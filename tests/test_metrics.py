@@ -298,7 +298,7 @@ def test_ipv6_instance_address_gives_a_bare_dst() -> None:
     ) == 1  # fmt: skip
 
 
-def test_connect_failures_and_iptables_sync_histogram() -> None:
+def test_connect_failures_iptables_sync_histogram_and_failures() -> None:
     metrics = Metrics()
     registry = CollectorRegistry()
     registry.register(FluxCollector(metrics))
@@ -322,6 +322,11 @@ def test_connect_failures_and_iptables_sync_histogram() -> None:
     assert (bucket("1.0"), bucket("2.5"), bucket("10.0"), bucket("+Inf")) == (3, 4, 4, 5)
     assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 5
     assert registry.get_sample_value("flux_iptables_sync_seconds_sum") == pytest.approx(32.0068)
+    assert registry.get_sample_value("flux_iptables_sync_failures_total") == 0
+    metrics.on_iptables_sync_failure()
+    metrics.on_iptables_sync_failure()
+    assert registry.get_sample_value("flux_iptables_sync_failures_total") == 2
+    assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 5
 
 
 def test_bucket_bounds_are_inclusive() -> None:

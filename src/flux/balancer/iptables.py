@@ -22,7 +22,10 @@ by a lock: each is read-plan-apply, which must not interleave with another.
 Failures raise :class:`IPTablesError` with one line: ``'<command>' failed: <stderr>``, control
 characters replaced by spaces and cut to 200 characters, plus the batch line iptables-restore
 complained about.  Sync durations go to the ``on_sync`` callable (the metrics code feeds
-``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`.
+``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`; a sync that raises
+calls ``on_sync_failure`` (``flux_iptables_sync_failures_total``) before the error goes up, so a
+sync that keeps failing (the balancer is restarted with backoff and tries again) shows as a
+rising counter, not only as log lines.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class IPTables:
         *,
         binary: str = "iptables",
         on_sync: Callable[[float], None] | None = None,
+        on_sync_failure: Callable[[], None] | None = None,
         lock_wait: int = 10,
         timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -85,6 +89,7 @@ class IPTables:
         self._save = binary + "-save"
         self._restore = binary + "-restore"
         self._on_sync = on_sync
+        self._on_sync_failure = on_sync_failure
         self._lock_wait = lock_wait
         self._timeout = timeout
         self._clock = clock
@@ -123,11 +128,16 @@ class IPTables:
             started = self._clock()
             snapshot = self._known if not read and self._known is not None else None
             self._known = None  # until this batch is known to have gone through
-            if snapshot is None:
-                snapshot = await self._snapshot()
-            plan = plan_sync(self.chain, snapshot, desired)
-            if plan.batch:
-                await self._apply(plan.batch)
+            try:
+                if snapshot is None:
+                    snapshot = await self._snapshot()
+                plan = plan_sync(self.chain, snapshot, desired)
+                if plan.batch:
+                    await self._apply(plan.batch)
+            except IPTablesError:
+                if self._on_sync_failure is not None:
+                    self._on_sync_failure()
+                raise
             self._known = applied(self.chain, snapshot, plan) if plan.batch else snapshot
             elapsed = self._clock() - started
             self.last_sync_seconds = elapsed
