@@ -452,9 +452,13 @@ async def test_a_failed_batch_raises_one_line_naming_the_line(started: IPTables)
 
 
 async def test_a_missing_binary_is_a_clear_error(chain: str) -> None:
-    tables = IPTables(chain, binary="/nonexistent/iptables")
+    failures: list[None] = []
+    tables = IPTables(
+        chain, binary="/nonexistent/iptables", on_sync_failure=lambda: failures.append(None)
+    )
     with pytest.raises(IPTablesError, match=r"^'iptables-save' could not be run: "):
         await tables.start()
+    assert failures == [None]  # a chain that cannot be set up counts as a failed sync
 
 
 def test_the_chain_name_is_validated() -> None:

@@ -22,10 +22,11 @@ by a lock: each is read-plan-apply, which must not interleave with another.
 Failures raise :class:`IPTablesError` with one line: ``'<command>' failed: <stderr>``, control
 characters replaced by spaces and cut to 200 characters, plus the batch line iptables-restore
 complained about.  Sync durations go to the ``on_sync`` callable (the metrics code feeds
-``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`; a sync that raises
-calls ``on_sync_failure`` (``flux_iptables_sync_failures_total``) before the error goes up, so a
-sync that keeps failing (the balancer is restarted with backoff and tries again) shows as a
-rising counter, not only as log lines.
+``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`; a sync or a
+start (the chains' setup) that raises calls ``on_sync_failure``
+(``flux_iptables_sync_failures_total``) before the error goes up, so rules that cannot be
+brought in line (the balancer is restarted with backoff and tries again) show as a rising
+counter, not only as log lines.
 """
 
 from __future__ import annotations
@@ -105,18 +106,26 @@ class IPTables:
         """Remove whatever a previous run left, then create both chains with their jumps."""
         async with self._lock:
             self._known = None
-            for attempt in range(1, _ATTEMPTS + 1):
-                snapshot = await self._snapshot()
-                # One block per table: the leftover chain is flushed, old jumps go, new jumps
-                # are inserted at the top — no moment with half a setup in a table.
-                try:
-                    await self._apply(plan_setup(self.chain, snapshot))
-                    return
-                except IPTablesError:
-                    # Someone changed a hook chain between our read and our batch (a jump we
-                    # meant to delete was gone): read again.  The last error is the answer.
-                    if attempt == _ATTEMPTS:
-                        raise
+            try:
+                await self._set_up()
+            except IPTablesError:
+                if self._on_sync_failure is not None:
+                    self._on_sync_failure()
+                raise
+
+    async def _set_up(self) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            snapshot = await self._snapshot()
+            # One block per table: the leftover chain is flushed, old jumps go, new jumps are
+            # inserted at the top — no moment with half a setup in a table.
+            try:
+                await self._apply(plan_setup(self.chain, snapshot))
+                return
+            except IPTablesError:
+                # Someone changed a hook chain between our read and our batch (a jump we meant
+                # to delete was gone): read again.  The last error is the answer.
+                if attempt == _ATTEMPTS:
+                    raise
 
     async def sync(self, desired: RuleSet, *, read: bool = True) -> SyncPlan:
         """Make the chains hold exactly ``desired``, in one batch; return what was done.

@@ -484,7 +484,8 @@ class Metrics:
         self.iptables_sync.observe(seconds)
 
     def on_iptables_sync_failure(self) -> None:
-        """One iptables sync failed (iptables-save or iptables-restore gave an error)."""
+        """One iptables sync or setup of the chains failed (iptables-save or -restore gave an
+        error)."""
         self.iptables_sync_failures += 1
 
     def record_exchange(
@@ -742,7 +743,8 @@ class _Families:
         )
         self.iptables_sync_failures = CounterMetricFamily(
             "flux_iptables_sync_failures_total",
-            "iptables syncs that failed (the balancer restarts with backoff and syncs again).",
+            "iptables syncs (and setups of the chains) that failed; the balancer restarts with"
+            " backoff and tries again.",
             labels=(),
         )
         self.http_total = CounterMetricFamily(
