@@ -892,6 +892,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     assert balancer.on_connect_failure == metrics.on_connect_failure
     assert balancer.on_reset == metrics.on_reset
     assert balancer.iptables._on_sync == metrics.on_iptables_sync
+    assert balancer.iptables._on_sync_failure == metrics.on_iptables_sync_failure
     assert plugin._listen == ("", 9100)
     assert plugin._advertise == "10.1.2.3:9100"  # derived: host IP + listen port
     assert plugin._balancer is balancer and plugin._agent is agent
@@ -899,6 +900,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     quiet = _build_plugins(Settings(host_ip="10.1.2.3", chain="FLUXTW"), store)
     assert [p.name for p in quiet] == ["agent", "balancer"]
     assert quiet[1].on_connection is None and quiet[1].iptables._on_sync is None
+    assert quiet[1].iptables._on_sync_failure is None
 
 
 # -- end to end: the real balancer ---------------------------------------------------------------
