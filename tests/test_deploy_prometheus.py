@@ -7,19 +7,20 @@ Prometheus server (Debian's ``prometheus``: the tests fail when it or promtool i
 scrapes a real :class:`~flux.metrics.MetricsPlugin` on a loopback port, every second, while the
 metrics hooks are fed the events the balancer and the relay report (connections, exchanges with
 2xx, 5xx and aborted ones, gRPC calls, connect failures, resets, iptables syncs and a failed
-one, instances in several states).  Every query of the dashboard, with its variables replaced
-as Grafana would, must be accepted by that server and return series, so the metric and label
-names it uses (``exported_instance`` for the container of a connect failure) are the ones a
-scrape really gives, and each series has the labels its legend names (a grouping by a label
-the series lack gives one nameless series, not an error); the variables' ``label_values``
-queries must find the services and hosts; and the rule file loaded into the server must
-evaluate every rule without an error.  Each metric name in the dashboard and the rules must be
-in what the plugin exports (or be ``up``).
+one, instances in several states).  Every query of the dashboard, with its variables replaced as
+Grafana would (all hosts and services, then one host and two services chosen), must be accepted
+by that server and return series, so the metric and label names it uses (``exported_instance``
+for the container of a connect failure) are the ones a scrape really gives, and each series has
+the labels its legend names (a grouping by a label the series lack gives one nameless series,
+not an error); the variables' ``label_values`` queries must find the services and hosts; and the
+rule file loaded into the server must evaluate every rule without an error.  Each metric name in
+the dashboard and the rules must be in what the plugin exports (or be ``up``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
@@ -45,9 +46,9 @@ RULE_TESTS = ROOT / "deploy" / "prometheus" / "flux-rules.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "flux.json"
 HOST = "127.0.0.1"
 
-# What Grafana puts in place of its variables: every host and service ("All" is ".*" in the
-# dashboard), and a rate interval of four scrapes at the test's 1 s interval.
-VARIABLES = {
+# What Grafana puts in place of its variables: a rate interval of four scrapes at the test's
+# 1 s interval, and every host and service ("All" is ".*" in the dashboard).
+EVERYTHING = {
     "$__rate_interval": "4s",
     "$host": ".*",
     "$service": ".*",
@@ -93,8 +94,15 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def substitute(expr: str) -> str:
-    for name, value in VARIABLES.items():
+def chosen(port: int) -> dict[str, str]:
+    """The variables with one host and two services chosen, as Grafana writes them into a
+    regex matcher: alternatives in parentheses, the host's dots escaped for the regex."""
+    host = f"{HOST}:{port}".replace(".", "\\\\.")
+    return {**EVERYTHING, "$host": f"({host})", "$service": "(web|api)"}
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    for name, value in variables.items():
         expr = expr.replace(name, value)
     assert "$" not in expr, f"a dashboard variable the test does not know: {expr}"
     return expr
@@ -348,22 +356,25 @@ async def test_every_query_runs_on_a_real_prometheus_scraping_fluxd(
         await wait_for(scraped, 90, "Prometheus to scrape the plugin six times")
 
         failures = []
-        for title, expr, legend in targets:
+        for (title, expr, legend), variables in itertools.product(
+            targets, (EVERYTHING, chosen(plugin.port))
+        ):
             names = metric_names(expr) - exported
             if names:
                 failures.append(f"{title}: {sorted(names)} not exported")
-            body = await api(session, f"{prometheus}/api/v1/query", query=substitute(expr))
+            query = substitute(expr, variables)
+            body = await api(session, f"{prometheus}/api/v1/query", query=query)
             if body["status"] != "success":
-                failures.append(f"{title}: {expr}: {body.get('error')}")
+                failures.append(f"{title}: {query}: {body.get('error')}")
                 continue
             if not body["data"]["result"]:
-                failures.append(f"{title}: {expr}: no series")
+                failures.append(f"{title}: {query}: no series")
             for series in body["data"]["result"]:
                 missing = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)) - set(series["metric"])
                 if missing:
-                    failures.append(f"{title}: {expr}: no {sorted(missing)} in {series['metric']}")
+                    failures.append(f"{title}: {query}: no {sorted(missing)} in {series['metric']}")
         for name, selector, label in variable_queries(model):
-            match = {"match[]": substitute(selector)}
+            match = {"match[]": substitute(selector, chosen(plugin.port))}
             body = await api(session, f"{prometheus}/api/v1/series", **match)
             values = {series.get(label) for series in body.get("data", [])}
             wanted = {"web", "api"} if label == "service" else {f"{HOST}:{plugin.port}"}
