@@ -23,6 +23,7 @@ The files are read once, at the first request, from the installed package
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -59,25 +60,24 @@ _HEADERS = {
 }
 
 
-class _Served:
+def _handler(page_file: PageFile) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The handler of one page file; the bytes are read from the package on first use."""
+    body: list[bytes] = []
 
-    def __init__(self, page_file: PageFile) -> None:
-        self._file = page_file
-        self._body: bytes | None = None
-
-    async def __call__(self, request: web.Request) -> web.Response:
-        if self._body is None:
+    async def serve(request: web.Request) -> web.Response:
+        if not body:
             page = resources.files("flux.metrics").joinpath("page")
-            self._body = page.joinpath(self._file.name).read_bytes()
+            body.append(page.joinpath(page_file.name).read_bytes())
         response = web.Response(
-            body=self._body, content_type=self._file.content_type, charset="utf-8", headers=_HEADERS
+            body=body[0], content_type=page_file.content_type, charset="utf-8", headers=_HEADERS
         )
         response.enable_compression()
         return response
+
+    return serve
 
 
 def add_page_routes(router: web.UrlDispatcher) -> None:
     """Serve the page's files (GET only) on ``router``."""
     for page_file in PAGE_FILES:
-        router.add_get(page_file.route, _Served(page_file))
+        router.add_get(page_file.route, _handler(page_file))

@@ -50,6 +50,10 @@ function setText(node, text) {
   if (node.textContent !== text) node.textContent = text;
 }
 
+function setAttr(node, name, value) {
+  if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+}
+
 function setClass(node, cls) {
   if (node.className !== cls) node.className = cls;
 }
@@ -571,9 +575,9 @@ function updateInstanceRow(view, instance) {
 
 function updateInstances(row) {
   const expanded = isExpanded(row);
-  row.toggle.setAttribute("aria-expanded", String(expanded));
+  setAttr(row.toggle, "aria-expanded", String(expanded));
   setText(row.toggle, expanded ? "▾" : "▸");
-  row.toggle.setAttribute("aria-label", `${expanded ? "collapse" : "expand"} ${row.service.name}`);
+  setAttr(row.toggle, "aria-label", `${expanded ? "collapse" : "expand"} ${row.service.name}`);
   if (!expanded) {
     if (row.head) {
       row.head.remove();
@@ -693,8 +697,8 @@ function updateSpark(row, hostKey) {
     errors.push(protocol === "http" && isNum(rate) ? rate : null);
   }
   const top = Math.max(1e-9, ...totals.filter(isNum));
-  spark.total.setAttribute("points", points(totals, top));
-  spark.errors.setAttribute("points", points(errors, top));
+  setAttr(spark.total, "points", points(totals, top));
+  setAttr(spark.errors, "points", points(errors, top));
   const what = protocol === "http" ? "requests/s (5xx in red)" : "connections/s";
   setText(spark.title, `${what}, last ${history.samples.length} samples, peak ${num(top)}`);
 }
