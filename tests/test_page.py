@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from importlib import resources
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -154,6 +155,20 @@ async def test_page_files_are_served_with_the_policy_headers_and_get_only() -> N
     finally:
         await plugin.close()
     assert CONTENT_SECURITY_POLICY == POLICY
+
+
+def test_the_page_files_are_package_data(tmp_path: Path) -> None:
+    """What the wheel and the image get: setuptools' build_py copies the files beside the code."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for page_file in PAGE_FILES:
+        built = tmp_path / "flux" / "metrics" / "page" / page_file.name
+        source = root / "src" / "flux" / "metrics" / "page" / page_file.name
+        assert built.read_bytes() == source.read_bytes(), page_file.name
 
 
 class _InlineFinder(HTMLParser):
