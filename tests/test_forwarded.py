@@ -6,7 +6,8 @@ through a listener as fluxd runs it, on each path a connection can take (the eng
 the engine connecting a client the listener picked for, the Python relay), with a plain socket
 as the instance that checks the exact bytes (pipelined requests, a head split over several
 sends, bodies, keep-alive, a service without the option) and a real HTTP server (the standard
-library's) that answers with the fields it parsed.  Everything listens on loopback only.
+library's) that answers with the fields it parsed; last a real fluxd with etcd, through a
+published port and a service address.  Everything listens on loopback only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import random
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -30,6 +31,10 @@ from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.relay import SpliceRelay, make_relay
 from flux.relay.forwarded import FORWARDED_GROWTH_MAX, forwarded_head
+from tests.support.etcd_server import EtcdServer
+from tests.support.fluxd_process import Fluxd, wait_until
+from tests.support.other_host import OtherHost, random_loopback_vip, rules_for
+from tests.support.published_fluxd import Published, free_port, start_published
 from tests.support.relay_harness import Harness, recv_exactly, run, send
 from tests.support.relay_harness import wait_until as wait_for_condition
 
@@ -517,3 +522,55 @@ async def test_a_real_server_sees_the_client_s_address_and_fluxd_s_proto_and_hos
         "body": b"abcde".hex(),
     }  # fmt: skip
     assert answers[2] == answers[0]
+
+
+# -- a real fluxd ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def published(
+    request: pytest.FixtureRequest,
+    etcd: EtcdServer,
+    fluxd_factory: Callable[..., Fluxd],
+    other_host: OtherHost,
+) -> Published:
+    """A fluxd publishing on a random loopback address (``request.param``: more flags)."""
+    return start_published(fluxd_factory, other_host, getattr(request, "param", ()))
+
+
+@pytest.mark.parametrize(
+    "published", [(), ("-relay", "python")], ids=["engine", "python-relay"], indirect=True
+)
+def test_fluxd_forwards_the_client_s_address_through_a_published_port_and_a_vip(
+    published: Published,
+) -> None:
+    """An http service with ``forwarded`` (and a tcp one with the PROXY protocol, for what
+    /status shows of both), its instance the standard library's HTTP server."""
+    web_port = free_port(published.ip)
+    vip = random_loopback_vip()
+    with echo_server() as (host, port):
+        published.service(
+            "web", address=f"{vip}:80", publish=web_port, instancePort=port, protocol="http",
+            forwarded=True,
+        )  # fmt: skip
+        published.service("db", address=f"{random_loopback_vip()}:5432", proxyProtocol="v1")
+        published.host.add_instance("web", "web-1", f"{host}:{port}")
+        published.wait_state("web", "listening")
+        wait_until(lambda: rules_for(published.daemon.chain, vip, "DNAT"), 15, "web's DNAT rule")
+        wait_until(
+            lambda: len(published.published("web").get("instances", [])) == 1, 10, "the instance"
+        )
+        spoofed = GET.replace(b"Accept", b"X-Forwarded-For: 6.6.6.6\r\nAccept")
+        for ip, target in [(published.ip, web_port), (vip, 80)]:
+            answers, client_ip = ask_echo(ip, target, GET, spoofed, POST)
+            assert [a["x-forwarded-for"] for a in answers] == [
+                [client_ip], [f"6.6.6.6, {client_ip}"], [client_ip]
+            ]
+            assert all(a["x-forwarded-proto"] == ["http"] for a in answers)
+            assert all(a["x-forwarded-host"] == ["web.example"] for a in answers)
+            assert answers[2]["body"] == b"hello world".hex()
+    status = published.status()
+    web, db = status["web"], status["db"]
+    assert isinstance(web, dict) and isinstance(db, dict)
+    assert (web["forwarded"], web["proxy_protocol"]) == (True, "")
+    assert (db["forwarded"], db["proxy_protocol"]) == (False, "v1")
