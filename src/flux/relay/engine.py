@@ -209,10 +209,12 @@ class SpliceRelay:
         service: int = -1,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Hand both sockets to the engine (they are detached: the engine closes them).
         ``service``: an id from :meth:`listen`, whose byte counters count this connection;
-        ``info``: what its notices name; ``pin_host``: see :meth:`Relay.submit`."""
+        ``info``: what its notices name; ``pin_host`` and ``forwarded``: see
+        :meth:`Relay.submit`."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -226,6 +228,7 @@ class SpliceRelay:
             observe is not None,
             service,
             pin_host,
+            forwarded,
         )
         if service >= 0:
             self._counted.add(token)
@@ -252,11 +255,12 @@ class SpliceRelay:
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
         preface: bytes = b"",
+        forwarded: bool = False,
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
         (a descriptor, now the relay's) to it; ``handler`` hears what became of it; ``info``:
-        what its notices name; ``pin_host``: see :meth:`Relay.submit`; ``preface``: what the
-        instance gets first (a PROXY protocol header)."""
+        what its notices name; ``pin_host`` and ``forwarded``: see :meth:`Relay.submit`;
+        ``preface``: what the instance gets first (a PROXY protocol header)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -271,6 +275,7 @@ class SpliceRelay:
             service,
             pin_host,
             preface or None,
+            forwarded,
         )
         if service >= 0:
             self._counted.add(token)
@@ -293,12 +298,14 @@ class SpliceRelay:
         observers: ObserverFactory | None = None,
         entry: str = "vip",
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> int:
         """Let the engine accept ``service``'s clients: one listening socket per shard (all
         bound to the same port with SO_REUSEPORT), detached here; returns the id that
         :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take.
         ``proxy_protocol`` (1, 2; 0: none): the engine sends each instance that PROXY protocol
-        header first."""
+        header first; ``forwarded`` (HTTP): it rewrites each request head for
+        X-Forwarded-For (see :meth:`Relay.submit`)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         if len(sockets) != len(self._engines):
@@ -314,7 +321,13 @@ class SpliceRelay:
         http = protocol == "http"
         for engine, sock in zip(self._engines, sockets, strict=True):
             engine.listen(
-                sid, sock.fileno(), http, observers is not None, connect_timeout, proxy_protocol
+                sid,
+                sock.fileno(),
+                http,
+                observers is not None,
+                connect_timeout,
+                proxy_protocol,
+                http and forwarded,
             )
             sock.detach()
         return sid
