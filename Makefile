@@ -32,11 +32,21 @@ build: deps
 	@flock $(VAR)/build.lock $(BIN)/python setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log >&2; exit 1; }
 	@$(BIN)/python -c 'import flux._splice, flux._histogram' || { echo "make: the compiled modules flux._splice and flux._histogram do not import" >&2; exit 1; }
 
-## Set up, start etcd and dockerd if needed, and run fluxd in the foreground.
+## Set up, start etcd and dockerd if needed, and run fluxd in the foreground, with the status
+## page (and /metrics) on $(RUN_PAGE) unless ARGS or FLUX_LISTEN_PROMETHEUS name a listener.
+RUN_PAGE ?= 127.0.0.1:9380
 run: build
 	@scripts/ensure-dockerd.sh
 	@scripts/ensure-etcd.sh
-	$(BIN)/fluxd $(ARGS)
+	@set -- $(ARGS); \
+	case " $$* " in *" -listen-prometheus"*|*" --listen-prometheus"*) listen=;; *) listen='$(RUN_PAGE)';; esac; \
+	if [ -n "$${FLUX_LISTEN_PROMETHEUS:-}" ]; then listen=; fi; \
+	if [ -n "$$listen" ]; then \
+		echo "make run: the status page will be at http://$$listen/ (open it in a browser)"; \
+		set -- -listen-prometheus "$$listen" "$$@"; \
+	fi; \
+	echo "$(BIN)/fluxd $$*"; \
+	exec $(BIN)/fluxd "$$@"
 
 ## Set up and run every test against the real parts (etcd, Docker, iptables).
 test: build

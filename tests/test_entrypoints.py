@@ -162,6 +162,61 @@ async def test_a_new_proxy_protocol_reopens_the_published_port() -> None:
     ports.close()
 
 
+async def test_forwarded_turned_on_or_off_reopens_the_published_port() -> None:
+    made: list[EntryPoint] = []
+    fake = _Unbindable(0)
+    fake.free = True
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        made.append(entry)
+        return cast(Listener, fake)
+
+    ports = PublishedPorts("127.0.0.9", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+    for forwarded in (False, True, True, False):
+        spec = Service(publish=8080, protocol="http", forwarded=forwarded)
+        ports.apply(ServiceUpdate({"web": ServiceInfo(name="web", spec=spec)}))
+    assert made == [
+        EntryPoint(8080, "web", "http"),
+        EntryPoint(8080, "web", "http", forwarded=True),
+        EntryPoint(8080, "web", "http"),
+    ]
+    ports.close()
+
+
+async def test_each_service_of_a_shared_http_port_has_its_own_forwarded() -> None:
+    made: list[tuple[EntryPoint, _Unbindable]] = []
+
+    def make(entry: EntryPoint, pool: Pool) -> Listener:
+        fake = _Unbindable(0)
+        made.append((entry, fake))
+        return cast(Listener, fake)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ports = PublishedPorts("127.0.0.1", make, clock=asyncio.get_running_loop().time,
+                           rng=random.Random(1))  # fmt: skip
+
+    def web(name: str, forwarded: bool, created: int) -> ServiceInfo:
+        spec = Service(publish=port, protocol="http", hostnames=(f"{name}.example.test",),
+                       forwarded=forwarded)  # fmt: skip
+        return ServiceInfo(name=name, spec=spec, created=created)
+
+    ports.apply(ServiceUpdate({"a": web("a", True, 1), "b": web("b", False, 2)}, reset=True))
+    ports.apply(ServiceUpdate({"b": web("b", True, 2)}))  # a new listener for b
+    ports.apply(ServiceUpdate({"b": web("b", True, 2)}))  # the same: kept
+    assert [entry for entry, _ in made] == [
+        EntryPoint(port, "a", "http", forwarded=True),
+        EntryPoint(port, "b", "http"),
+        EntryPoint(port, "b", "http", forwarded=True),
+    ]
+    router = ports.ports[port].router
+    assert router is not None and router.is_open and router.protocol == "http"
+    assert router.listeners == {"a": made[0][1], "b": made[2][1]}
+    ports.close()
+
+
 async def test_each_service_of_a_shared_tcp_port_has_its_own_proxy_protocol() -> None:
     made: list[tuple[EntryPoint, _Unbindable]] = []
 

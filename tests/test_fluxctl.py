@@ -1116,6 +1116,71 @@ def test_a_bad_proxy_protocol_written_by_another_tool_is_skipped_with_a_warning(
     assert "web/spec" in warnings[1] and "tcp services" in warnings[1]
 
 
+# -- X-Forwarded-For ------------------------------------------------------------------------------
+
+
+def test_service_forwarded_is_stored_and_shown(ctl: Ctl) -> None:
+    assert ctl.ok("service", "web", "--address", "10.128.0.7:80", "-p", "http",
+                  "--forwarded") == "web\n"  # fmt: skip
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.7:80",
+        "instancePort": 80,
+        "protocol": "http",
+        "forwarded": True,
+    }
+    ctl.ok("service", "site", "--publish", "8080", "-p", "http", "--forwarded")
+    ctl.ok("service", "plain", "--address", "10.128.0.8:80", "-p", "http")
+    assert ctl.ok("list", "-f", "{name} {forwarded}") == (
+        "plain False\nsite True\nweb True\n"
+    )
+    verbose = ctl.ok("list", "-v")
+    assert (
+        "web\n  Address: 10.128.0.7:80\n  Instance port: 80\n  Protocol: http\n"
+        "  Forwarded: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host\n"
+    ) in verbose
+    assert "plain\n  Address: 10.128.0.8:80\n  Instance port: 80\n  Protocol: http\n" in (
+        verbose
+    )
+    assert "Forwarded: X-Forwarded-For" not in verbose.split("plain\n")[1].split("site\n")[0]
+    assert "Forwarded: X-Forwarded-For" in ctl.ok("info", "-s", "site")
+    document = json.loads(ctl.ok("list", "-o", "json"))
+    assert document["services"]["web"]["spec"]["forwarded"] is True
+    assert "forwarded" not in document["services"]["plain"]["spec"]
+    # Redefining the service without the flag turns it off, as for every other field.
+    ctl.ok("service", "web", "--address", "10.128.0.7:80", "-p", "http")
+    assert ctl.record(SERVICE + "web/spec") == {
+        "address": "10.128.0.7:80", "instancePort": 80, "protocol": "http"
+    }
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--forwarded"], "invalid service: forwarded (X-Forwarded-For) is for http services,"
+                          " not tcp ones"),
+        (["-p", "tcp", "--forwarded"], "is for http services, not tcp ones"),
+        (["-p", "http", "--forwarded=yes"], "ignored explicit argument 'yes'"),
+    ],
+)  # fmt: skip
+def test_service_forwarded_refuses_bad_input(ctl: Ctl, argv: list[str], message: str) -> None:
+    assert message in ctl.refused(2, "service", "web", "--address", "10.0.0.1:80", *argv)
+
+
+def test_a_bad_forwarded_written_by_another_tool_is_skipped_with_a_warning(ctl: Ctl) -> None:
+    ctl.put(SERVICE + "good/spec", {"address": "10.0.0.1:80", "protocol": "http",
+                                    "forwarded": True})  # fmt: skip
+    ctl.put(SERVICE + "odd/spec", {"address": "10.0.0.2:80", "protocol": "http",
+                                   "forwarded": "yes"})  # fmt: skip
+    ctl.put(SERVICE + "db/spec", {"address": "10.0.0.3:80", "forwarded": True})
+    result = ctl("list")
+    assert result.status == 0
+    assert result.out.split() == ["good"]
+    warnings = result.err.splitlines()
+    assert len(warnings) == 2, result.err
+    assert "db/spec" in warnings[0] and "http services" in warnings[0]
+    assert "odd/spec" in warnings[1] and "forwarded" in warnings[1]
+
+
 # -- host names on a shared published port --------------------------------------------------------
 
 

@@ -184,6 +184,23 @@ async def test_syncs_without_reading_plan_from_their_own_batches(started: IPTabl
     assert (await started.sync(one)).added == one
 
 
+async def test_a_failed_sync_is_reported_and_not_timed(chain: str) -> None:
+    synced: list[float] = []
+    failures: list[None] = []
+    tables = IPTables(chain, on_sync=synced.append, on_sync_failure=lambda: failures.append(None))
+    await tables.start()  # the chain fixture removes what is left
+    one = desired_rules(chain, BRIDGE, [Interception("a", vip(), 80)])
+    await tables.sync(one)
+    assert (len(synced), failures) == (1, [])
+    # Rules removed behind flux's back make a batch planned without a read fail.
+    ipt("-t", "filter", "-F", chain)
+    with pytest.raises(IPTablesError):
+        await tables.sync(RuleSet(), read=False)
+    assert (len(synced), failures) == (1, [None])
+    await tables.sync(RuleSet())
+    assert (len(synced), failures) == (2, [None])
+
+
 async def test_foreign_rules_with_awkward_comments_read_back_and_delete(
     started: IPTables,
 ) -> None:
@@ -435,9 +452,13 @@ async def test_a_failed_batch_raises_one_line_naming_the_line(started: IPTables)
 
 
 async def test_a_missing_binary_is_a_clear_error(chain: str) -> None:
-    tables = IPTables(chain, binary="/nonexistent/iptables")
+    failures: list[None] = []
+    tables = IPTables(
+        chain, binary="/nonexistent/iptables", on_sync_failure=lambda: failures.append(None)
+    )
     with pytest.raises(IPTablesError, match=r"^'iptables-save' could not be run: "):
         await tables.start()
+    assert failures == [None]  # a chain that cannot be set up counts as a failed sync
 
 
 def test_the_chain_name_is_validated() -> None:

@@ -298,7 +298,7 @@ def test_ipv6_instance_address_gives_a_bare_dst() -> None:
     ) == 1  # fmt: skip
 
 
-def test_connect_failures_and_iptables_sync_histogram() -> None:
+def test_connect_failures_iptables_sync_histogram_and_failures() -> None:
     metrics = Metrics()
     registry = CollectorRegistry()
     registry.register(FluxCollector(metrics))
@@ -322,6 +322,11 @@ def test_connect_failures_and_iptables_sync_histogram() -> None:
     assert (bucket("1.0"), bucket("2.5"), bucket("10.0"), bucket("+Inf")) == (3, 4, 4, 5)
     assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 5
     assert registry.get_sample_value("flux_iptables_sync_seconds_sum") == pytest.approx(32.0068)
+    assert registry.get_sample_value("flux_iptables_sync_failures_total") == 0
+    metrics.on_iptables_sync_failure()
+    metrics.on_iptables_sync_failure()
+    assert registry.get_sample_value("flux_iptables_sync_failures_total") == 2
+    assert registry.get_sample_value("flux_iptables_sync_seconds_count") == 5
 
 
 def test_bucket_bounds_are_inclusive() -> None:
@@ -887,6 +892,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     assert balancer.on_connect_failure == metrics.on_connect_failure
     assert balancer.on_reset == metrics.on_reset
     assert balancer.iptables._on_sync == metrics.on_iptables_sync
+    assert balancer.iptables._on_sync_failure == metrics.on_iptables_sync_failure
     assert plugin._listen == ("", 9100)
     assert plugin._advertise == "10.1.2.3:9100"  # derived: host IP + listen port
     assert plugin._balancer is balancer and plugin._agent is agent
@@ -894,6 +900,7 @@ def test_build_plugins_wires_the_hooks_only_when_listening() -> None:
     quiet = _build_plugins(Settings(host_ip="10.1.2.3", chain="FLUXTW"), store)
     assert [p.name for p in quiet] == ["agent", "balancer"]
     assert quiet[1].on_connection is None and quiet[1].iptables._on_sync is None
+    assert quiet[1].iptables._on_sync_failure is None
 
 
 # -- end to end: the real balancer ---------------------------------------------------------------

@@ -114,6 +114,32 @@ def test_bad_service_records_give_one_line(text: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_forwarded_is_an_http_services_boolean_omitted_when_off() -> None:
+    spec = decode_record(Service, '{"address":"10.0.0.1:80","protocol":"http","forwarded":true}')
+    assert spec.forwarded is True
+    assert json.loads(encode_record(spec))["forwarded"] is True
+    assert decode_record(Service, '{"protocol":"http","forwarded":false}').forwarded is False
+    assert "forwarded" not in encode_record(Service(protocol="http", forwarded=False))
+    assert decode_record(Service, '{"protocol":"http"}').forwarded is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"forwarded":true}', "forwarded (X-Forwarded-For) is for http services, not tcp ones"),
+        ('{"protocol":"tcp","forwarded":true}', "is for http services, not tcp ones"),
+        ('{"protocol":"http","forwarded":"yes"}', "spec: forwarded:"),
+        ('{"protocol":"http","forwarded":1}', "spec: forwarded:"),
+        ('{"protocol":"http","forwarded":"true"}', "spec: forwarded:"),
+    ],
+)
+def test_bad_forwarded_records_give_one_line(text: str, message: str) -> None:
+    with pytest.raises(RecordError) as info:
+        decode_record(Service, text, key="spec")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_bad_rule_and_host_records() -> None:
     with pytest.raises(RecordError, match="selector"):
         decode_record(Rule, '{"selector":{"a":1}}')

@@ -186,6 +186,19 @@ def test_a_new_proxy_protocol_is_a_new_listener() -> None:
     assert transition("svc", rejecting(TCP), view(proxied)).actions == ()
 
 
+def test_forwarded_turned_on_or_off_is_a_new_listener() -> None:
+    """The relay rewrites the heads for the listener's connections, so X-Forwarded-For turned
+    on or off replaces the listener (its pool kept); a REJECT rule does not care."""
+    forwarded = Endpoint(VIP, "http", forwarded=True)
+    spec = Service(address=VIP, protocol="http", forwarded=True)
+    assert ServiceView.from_info(info(spec)) == ServiceView(forwarded, {})
+    for old, new in [(HTTP, forwarded), (forwarded, HTTP)]:
+        result = transition("svc", forwarding(old), view(new, ONE))
+        assert steps(result.actions)[0] == ("replace_listener", new)
+        assert result.state == ServiceState(State.FORWARDING, new, ONE)
+    assert transition("svc", rejecting(HTTP), view(forwarded)).actions == ()
+
+
 def test_the_original_services_scenario() -> None:
     """Reference TestServices: add, change address, drain, refill, delete, delete again."""
     state = ABSENT

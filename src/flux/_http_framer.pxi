@@ -40,6 +40,9 @@
 #                                       first request's Host (a published port shared by host
 #                                       name), so a later request naming another host is
 #                                       MALFORMED with status 421 (see Pinned host)
+#   hf_report_heads(f)                  before any byte: emit a HEAD event for each request
+#                                       head accepted (the engine rewrites them for
+#                                       X-Forwarded-For: _relay_forwarded.pxi)
 # `side` is HF_REQUEST (client -> instance bytes) or HF_RESPONSE (instance -> client).  Request
 # bytes must be shown before they are forwarded, so that a response can never be seen before
 # the request head it answers.  hf_skip and hf_eof need HF_EVENTS_RESERVE free event slots.
@@ -63,6 +66,9 @@
 #   OPAQUE     observation stopped (reason): bytes keep flowing, metrics for the rest of the
 #              connection are lost.  Malformed responses, responses nobody asked for, a broken
 #              hf_skip contract, a connection that opened with the HTTP/2 preface (H2_PREFACE).
+#   HEAD       (hf_report_heads only) a request head was read whole and accepted: start = the
+#              request-stream offset of its first octet (the method's), pos = the offset just
+#              after its empty line.  Comes before that request's REQUEST event, if both.
 #
 # Layers.  Two byte-level lexers (one per direction) share the field-line and chunked-body
 # states; decisions about messages (which body, when an exchange completes, when to switch
@@ -325,6 +331,11 @@ cdef void hf_pin_host(HttpFramer *f) noexcept nogil:
     f.pin_host = HF_PIN_FIRST
 
 
+cdef void hf_report_heads(HttpFramer *f) noexcept nogil:
+    """Report each request head accepted with a HEAD event (see Events)."""
+    f.report_heads = 1
+
+
 cdef void hf_init(HttpFramer *f, uint64_t now) noexcept nogil:
     """Start observing a new connection, opened at `now`."""
     memset(f, 0, sizeof(HttpFramer))
@@ -425,6 +436,7 @@ cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexc
     cdef HfSide *s = &f.side[HF_REQUEST]
     cdef uint32_t facts = s.facts
     cdef HfExchange *x
+    cdef HfEvent *e
     cdef uint8_t flags = 0
     if facts & HFF_CL_BAD:
         hf_fail(f, HF_REQUEST, HF_ERR_CONTENT_LENGTH, out)
@@ -460,6 +472,11 @@ cdef void hf_request_head_done(HttpFramer *f, uint64_t now, HfEvents *out) noexc
     x.method = s.method
     x.flags = flags
     f.n_requests += 1
+    if f.report_heads:
+        e = hf_event(out, HF_EV_HEAD)
+        e.start = s.head_pos
+        e.pos = s.pos
+        e.method = s.method
     if facts & HFF_TE:
         s.state = HS_CHUNK_SIZE
         s.head_bytes = 0
@@ -1204,7 +1221,7 @@ cdef int hf_request_phase(const HttpFramer *f) noexcept nogil:
 HTTP_METHODS = ("OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                 "PATCH")
 
-_HF_EVENT_KINDS = (None, "request", "exchange", "malformed", "reject", "opaque")
+_HF_EVENT_KINDS = (None, "request", "exchange", "malformed", "reject", "opaque", "head")
 _HF_REASONS = (
     "", "start-line", "field", "obs-fold", "head-too-large", "host", "content-length",
     "transfer-encoding", "te-with-content-length", "te-http10", "chunk", "chunk-ext-cr",
@@ -1219,7 +1236,8 @@ _HF_LENIENT = ((HFL_EMPTY_LINE, "empty-line"), (HFL_TE_LIST, "te-list"),
 HttpEvent = _namedtuple(
     "HttpEvent",
     "kind method status t_request_head t_response_head t_response_end pos close switched "
-    "speculative reason",
+    "speculative reason start",
+    defaults=(0,),
 )
 HttpEvent.__doc__ = "One event of the HTTP framer (see HttpFramerProbe)."
 
@@ -1251,6 +1269,10 @@ cdef class HttpFramerProbe:
         """Answer 421 to a request naming another host than the first (hf_pin_host)."""
         hf_pin_host(&self.f)
 
+    def report_heads(self):
+        """Report each request head accepted as a "head" event (hf_report_heads)."""
+        hf_report_heads(&self.f)
+
     cdef list _events(self):
         cdef list result = []
         cdef int i
@@ -1261,7 +1283,7 @@ cdef class HttpFramerProbe:
                 _HF_EVENT_KINDS[e.kind], HTTP_METHODS[e.method], e.status, e.t_request_head,
                 e.t_response_head, e.t_response_end, e.pos, bool(e.flags & HFE_CLOSE),
                 bool(e.flags & HFE_SWITCHED), bool(e.flags & HFE_SPECULATIVE),
-                _HF_REASONS[e.reason],
+                _HF_REASONS[e.reason], e.start,
             ))
         self.ev.count = 0
         return result

@@ -45,6 +45,10 @@
 # client's direction before the first pump (relay_preface), so it goes ahead of the client's
 # bytes, and a failed connect hands the client back with nothing read or sent.
 #
+# A --forwarded http service's connections carry the client's address as text from here on
+# (http_forward_attach: formatted from the accepted peer, no syscall for an IPv4 one), for the
+# X-Forwarded-For their request heads get (_relay_forwarded.pxi).
+#
 # A published port shared by host name can be accepted here too: its service is a *router*
 # (route() gave it a table of host names, RelayRoutes), whose clients belong to no service until
 # their first request's Host is read.  The port's listening sockets defer accepts
@@ -423,7 +427,9 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
     c.addr_len = t.addr_len
     c.connect_deadline_ns = c.started_ns + s.connect_timeout_ns
     if s.http:
-        if http_attach(c, s.observe) < 0:
+        if http_attach(c, s.observe) < 0 or (
+                s.forwarded and http_forward_attach(c, fd) < 0):
+            free(c.http)
             free(c)
             relay_count(e, RC_ACCEPTED, -1)
             accept_hand_over(e, s, fd, ip, 0)

@@ -239,7 +239,7 @@ cdef class SpliceEngine:
         write(self.e.wake_fd, &one, sizeof(one))
 
     def add(self, int client_fd, int upstream_fd, uint64_t token, bint http=False,
-            bint observe=True, int service=-1, bint pin_host=False):
+            bint observe=True, int service=-1, bint pin_host=False, bint forwarded=False):
         """Relay between two connected sockets; the engine now owns (and will close) both.
 
         ``token`` (> 0) comes back in the completion (and in exchange records).  ``http``:
@@ -247,21 +247,23 @@ cdef class SpliceEngine:
         ``observe`` queue one record per exchange).  ``service`` (>= 0): add the bytes relayed
         to that service's live byte counters (``service_counts``).  ``pin_host`` (HTTP): the
         client was routed by its first request's Host, so a later request naming another host
-        is answered 421 (hf_pin_host).  Thread-safe; never blocks on the engine.
+        is answered 421 (hf_pin_host).  ``forwarded`` (HTTP): every request head goes to the
+        instance rewritten for X-Forwarded-For (_relay_forwarded.pxi).  Thread-safe; never
+        blocks on the engine.
         """
         cdef RelayConn *c
         if upstream_fd < 0 or client_fd == upstream_fd:
             raise ValueError(
                 f"need two distinct open descriptors, got {client_fd} and {upstream_fd}"
             )
-        c = self._new_conn(client_fd, upstream_fd, token, http, observe, pin_host)
+        c = self._new_conn(client_fd, upstream_fd, token, http, observe, pin_host, forwarded)
         if service >= 0:
             c.svc = self._service(<uint32_t>service)
         self._submit(c)
 
     def connect(self, int client_fd, bytes address not None, uint64_t token, double timeout,
                 bint http=False, bint observe=True, int service=-1, bint pin_host=False,
-                bytes preface=None):
+                bytes preface=None, bint forwarded=False):
         """Connect to ``address`` (a packed ``struct sockaddr_in`` or ``sockaddr_in6``) and
         relay between it and ``client_fd``, which the engine now owns.
 
@@ -269,7 +271,8 @@ cdef class SpliceEngine:
         token is published on the established queue (``drain_all().established``).  If it fails
         or is still pending after ``timeout`` seconds, the completion carries the errno
         (ETIMEDOUT for the timeout) and, as its last field, the client descriptor: open,
-        unread and the caller's again.  ``pin_host`` as for add().  ``preface`` (up to 108
+        unread and the caller's again.  ``pin_host`` and ``forwarded`` as for add().
+        ``preface`` (up to 108
         bytes: a PROXY protocol header): what the instance gets before the client's bytes.
         Thread-safe; never blocks on the engine.
         """
@@ -289,7 +292,7 @@ cdef class SpliceEngine:
                 raise MemoryError()
             memcpy(ahead, <const char *>preface, m)
         try:
-            c = self._new_conn(client_fd, -1, token, http, observe, pin_host)
+            c = self._new_conn(client_fd, -1, token, http, observe, pin_host, forwarded)
             if service >= 0:
                 c.svc = self._service(<uint32_t>service)
         except BaseException:
@@ -303,7 +306,7 @@ cdef class SpliceEngine:
         self._submit(c)
 
     cdef RelayConn *_new_conn(self, int client_fd, int upstream_fd, uint64_t token, bint http,
-                              bint observe, bint pin_host) except NULL:
+                              bint observe, bint pin_host, bint forwarded) except NULL:
         cdef RelayConn *c
         cdef sockaddr_in peer
         cdef socklen_t size
@@ -335,6 +338,10 @@ cdef class SpliceEngine:
                     peer.sin_family == AF_INET):
                 c.client_ip = peer.sin_addr.s_addr
                 c.client_port = ntohs(peer.sin_port)
+            if forwarded and http_forward_attach(c, client_fd) < 0:
+                free(c.http)
+                free(c)
+                raise MemoryError()
         return c
 
     cdef void _submit(self, RelayConn *c) noexcept:
@@ -418,7 +425,7 @@ cdef class SpliceEngine:
         return 0
 
     def serve(self, uint32_t service, bint http=False, bint observe=True,
-              double connect_timeout=3.0, int proxy_protocol=0):
+              double connect_timeout=3.0, int proxy_protocol=0, bint forwarded=False):
         """Make ``service`` ready to take the clients a router sends it (``route``) without a
         listening socket of its own: what ``listen`` sets, without the socket."""
         cdef RelaySvc *s
@@ -435,6 +442,7 @@ cdef class SpliceEngine:
         s.observe = observe
         s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         s.proxy_protocol = <uint8_t>proxy_protocol
+        s.forwarded = http and forwarded
 
     def route(self, uint32_t service, list names not None, int fallback=-1):
         """Make ``service`` (listening, see ``listen``) a router: each client goes to the
@@ -480,12 +488,13 @@ cdef class SpliceEngine:
             raise
 
     def listen(self, uint32_t service, int fd, bint http=False, bint observe=True,
-               double connect_timeout=3.0, int proxy_protocol=0):
+               double connect_timeout=3.0, int proxy_protocol=0, bint forwarded=False):
         """Accept ``service``'s clients on the listening socket ``fd`` (the engine owns it
         from now on and closes it on ``unlisten``), pick an instance from the last
         ``set_pool`` snapshot and connect within ``connect_timeout`` seconds.  ``http`` and
         ``observe`` as for ``add``; ``proxy_protocol`` (1 or 2; 0: none): send each instance
-        that version's PROXY protocol header before the client's bytes.  Until a snapshot
+        that version's PROXY protocol header before the client's bytes; ``forwarded`` (HTTP):
+        rewrite each client's request heads for X-Forwarded-For.  Until a snapshot
         arrives every client is handed over.  Thread-safe; never blocks on the engine."""
         cdef RelaySvc *s
         if fd < 0:
@@ -504,6 +513,7 @@ cdef class SpliceEngine:
         s.observe = observe
         s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         s.proxy_protocol = <uint8_t>proxy_protocol
+        s.forwarded = http and forwarded
         self._control(RELAY_CTL_LISTEN, s, fd, NULL)
 
     def unlisten(self, uint32_t service):
@@ -804,6 +814,7 @@ cdef class SpliceEngine:
         pthread_mutex_destroy(&e.stats_lock)
         free(e.ex_local)
         free(e.ex_shared)
+        free(e.fwd_scratch)
         h2_names_free(&e.names)
         free(e.nt_local)
         free(e.nt_shared)
@@ -843,8 +854,9 @@ def route_probe(bytes data not None, list names not None, int fallback=-1):
                 text = text[1:]
             memcpy(r.routes[i].name, <const char *>text, len(text))
             r.routes[i].len = <uint16_t>len(text)
-            svcs[i].id = <uint32_t>target
-            r.routes[i].target = &svcs[i] if target >= 0 else NULL
+            if target >= 0:
+                svcs[i].id = <uint32_t>target
+                r.routes[i].target = &svcs[i]
         r.n = <size_t>count
         svcs[count].id = <uint32_t>fallback
         r.fallback = &svcs[count] if fallback >= 0 else NULL

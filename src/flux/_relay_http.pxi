@@ -159,6 +159,7 @@ cdef int http_attach(RelayConn *c, bint observe) noexcept nogil:
 cdef void http_release(RelayEngine *e, RelayConn *c) noexcept nogil:
     http_count_cut(e, c)
     h2_free(c.http.h2)
+    free(c.http.fwd)
     free(c.http)
     c.http = NULL
     e.http_live -= 1
@@ -438,6 +439,14 @@ cdef void http_events(RelayEngine *e, RelayConn *c) noexcept nogil:
             else:
                 relay_count(e, RC_HTTP_OPAQUE, 1)
                 relay_notice(e, c, NOTICE_OPAQUE, ev.reason, 0, 0)
+        elif ev.kind == HF_EV_HEAD:
+            # A --forwarded connection (no other framer reports heads): the head is rewritten
+            # once http_observe has said what goes (http_forward_heads).  At most HF_RING
+            # complete in one read (the ring's back-pressure), and each read's are rewritten
+            # before the next read is shown.
+            h.fwd.head_start[h.fwd.nheads] = ev.start
+            h.fwd.head_end[h.fwd.nheads] = ev.pos
+            h.fwd.nheads += 1
     e.ev.count = 0
 
 
@@ -488,6 +497,8 @@ cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
     limit = base + off
     if d == HF_REQUEST:
         h.unshown = <uint32_t>(n - off)
+        if h.fwd != NULL:
+            h.fwd.base = start
         head = hf_open_head(&h.f) if h.h2 == NULL else UINT64_MAX
         if head < limit:
             limit = head
@@ -499,17 +510,21 @@ cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
     return <size_t>(limit - start)
 
 
-cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
+cdef int http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil:
     """The ring has a free slot again: show the client bytes kept back (dir[0] has none
     buffered or held before them: the framer waited between requests); what may be forwarded
-    becomes its buffered bytes."""
+    becomes its buffered bytes (its heads rewritten, for a --forwarded service).  Returns
+    RELAY_AGAIN, or ENOMEM (the connection fails)."""
     cdef RelayDir *p = &c.dir[0]
     cdef size_t n = c.http.unshown
     c.http.unshown = 0
     c.http.ring_wait = 0
     n = http_observe(e, c, HF_REQUEST, p.buf + p.off, n)
+    if c.http.fwd != NULL and c.http.fwd.nheads and http_forward_heads(e, c, &n) != 0:
+        return ENOMEM
     p.length = <uint32_t>n
     relay_count(e, RC_INFLIGHT, <int64_t>n)
+    return RELAY_AGAIN
 
 
 cdef uint64_t http_may_skip(const RelayHttp *h, int d) noexcept nogil:

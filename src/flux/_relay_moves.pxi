@@ -193,17 +193,22 @@ cdef inline int relay_recv_into_buf(RelayEngine *e, RelayConn *c, int d,
     return errno
 
 
-cdef inline void relay_hold_buf(RelayEngine *e, RelayConn *c, int d, size_t n) noexcept nogil:
+cdef inline int relay_hold_buf(RelayEngine *e, RelayConn *c, int d, size_t n) noexcept nogil:
     """The n bytes relay_recv_into_buf just received become the direction's buffered bytes:
     shown to the HTTP framer first (so a response is never seen before its request), which
     may keep back what follows a malformed request, and hold a request head not complete
-    yet (with the held bytes before them, which then go too if it is)."""
+    yet (with the held bytes before them, which then go too if it is); the complete heads
+    among them rewritten for a --forwarded service (X-Forwarded-For: _relay_forwarded.pxi).
+    Returns RELAY_AGAIN, or ENOMEM when a rewrite found no memory (the connection fails)."""
     cdef RelayDir *p = &c.dir[d]
+    p.off = 0
     if c.http != NULL:
         n = http_observe(e, c, d, p.buf + p.held, n)
-    p.off = 0
+        if c.http.fwd != NULL and c.http.fwd.nheads and http_forward_heads(e, c, &n) != 0:
+            return ENOMEM
     p.length = <uint32_t>n
     relay_count(e, RC_INFLIGHT, <int64_t>n)
+    return RELAY_AGAIN
 
 
 cdef inline int relay_end_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
@@ -276,8 +281,7 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
                 if not c.http.unshown:
                     relay_rest(e, p)
                 return RELAY_WAIT
-            http_show_kept(e, c)
-            rc = RELAY_AGAIN
+            rc = http_show_kept(e, c)
         elif p.held and not http_holding(c.http):
             # HTTP: the held bytes are no longer a head to judge (the instance's response
             # switched protocols or was given up on, or the client ended its stream): they go.
@@ -314,7 +318,7 @@ cdef int relay_pump_dir(RelayEngine *e, RelayConn *c, int d) noexcept nogil:
                     p.bulk = 1
                     p.burst = 0
                     relay_count(e, RC_BULK_SWITCHES, 1)
-                relay_hold_buf(e, c, d, got)
+                rc = relay_hold_buf(e, c, d, got)
         if rc != RELAY_AGAIN:
             return rc
 

@@ -90,6 +90,7 @@ cdef enum:
     HF_EV_MALFORMED = 3
     HF_EV_REJECT = 4
     HF_EV_OPAQUE = 5
+    HF_EV_HEAD = 6              # a request head complete and accepted (hf_report_heads only)
 
     # event flags
     HFE_CLOSE = 1
@@ -294,6 +295,7 @@ cdef struct HttpFramer:
     uint8_t deferred_reason     # an error found while speculating
     uint8_t pin_host            # HF_PIN_*: a connection routed by its first request's Host
     uint64_t pinned_host        # that host's key (0: the first request had no Host)
+    uint8_t report_heads        # emit HEAD events (hf_report_heads)
 
 
 cdef struct HfEvent:
@@ -301,6 +303,7 @@ cdef struct HfEvent:
     uint64_t t_response_head
     uint64_t t_response_end
     uint64_t pos
+    uint64_t start              # HEAD: the request-stream offset of the head's first octet
     uint16_t status
     uint8_t kind
     uint8_t method
@@ -640,6 +643,7 @@ cdef struct RelaySvc:
     int64_t connect_timeout_ns  # caller, before the LISTEN command
     uint8_t proxy_protocol  # caller, likewise: 0, or the PROXY protocol version (1, 2) whose
     #                         header each instance gets first (accept_proxy_preface)
+    uint8_t forwarded       # caller, likewise: HTTP request heads rewritten for X-Forwarded-For
     RelaySnap *snap         # engine (set by the SNAP command)
     # engine (set by the ROUTES command): a router's host names; non-NULL makes this service a
     # router, whose clients go to the service their first request's Host names (accept_by_host)
@@ -781,6 +785,9 @@ cdef struct RelayEngine:
     RelayNotice *nt_shared      # lock: published, not yet drained
     size_t nt_shared_len
     size_t nt_shared_cap
+    # X-Forwarded-For (see _relay_forwarded.pxi): where rewritten heads are built.
+    char *fwd_scratch           # engine
+    size_t fwd_scratch_cap
     int64_t counters[RC_COUNT]  # atomic: RC_SUBMITTED by the caller, the others by the engine
 
 
@@ -851,6 +858,25 @@ cdef struct HttpPending:
     uint8_t method
 
 
+cdef enum:
+    FWD_IP_MAX = 48             # INET6_ADDRSTRLEN (46), rounded up
+    # What a head's rewrite adds beyond a copy of its Host value (flux.relay.forwarded's
+    # FORWARDED_GROWTH_MAX): the X-Forwarded-* lines with an IPv6 address at most.
+    FWD_GROWTH_MAX = 128
+
+
+cdef struct RelayForward:
+    # Engine thread (the caller fills ip before handing the connection over).
+    char ip[FWD_IP_MAX]         # the client's address as X-Forwarded-For names it
+    uint8_t ip_len
+    uint32_t nheads             # complete request heads shown and not yet rewritten ...
+    uint64_t head_start[HF_RING]    # ... their request-stream spans (at most HF_RING can
+    uint64_t head_end[HF_RING]      # complete in one read: the ring's back-pressure)
+    uint64_t base               # the request-stream offset of the first byte http_observe
+    #                             last returned as forwardable (where the spans are counted
+    #                             from in the buffer)
+
+
 cdef struct RelayHttp:
     # What an HTTP connection carries besides its RelayDir pair.  Allocated by whoever makes
     # the RelayConn (http_attach), then the engine thread's.
@@ -879,6 +905,9 @@ cdef struct RelayHttp:
     # but shown (to the framer or the HTTP/2 observer) only once that is decided.
     uint16_t early_len
     char early[HTTP_EARLY_MAX]
+    # A --forwarded service's connection: what rewriting its request heads needs (NULL for
+    # every other connection; _relay_forwarded.pxi).
+    RelayForward *fwd
 
 
 # ---- notices (_relay_notice.pxi) --------------------------------------------------------------
@@ -946,6 +975,7 @@ cdef int hf_request_phase(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_unanswered(const HttpFramer *f) noexcept nogil
 cdef uint64_t hf_open_head(const HttpFramer *f) noexcept nogil
 cdef void hf_pin_host(HttpFramer *f) noexcept nogil
+cdef void hf_report_heads(HttpFramer *f) noexcept nogil
 
 # the HTTP/2 observer's calling protocol (_h2_observer.pxi)
 cdef H2Observer *h2_new(H2Names *names) noexcept nogil
@@ -1007,7 +1037,7 @@ cdef bint http_publish_exchanges(RelayEngine *e) noexcept nogil
 cdef void http_written(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef size_t http_observe(RelayEngine *e, RelayConn *c, int d, const char *buf,
                          size_t n) noexcept nogil
-cdef void http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
+cdef int http_show_kept(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef bint http_holding(const RelayHttp *h) noexcept nogil
 cdef uint64_t http_may_skip(const RelayHttp *h, int d) noexcept nogil
 cdef void http_skipped(RelayEngine *e, RelayConn *c, int d, uint64_t n) noexcept nogil
@@ -1017,6 +1047,10 @@ cdef int http_answer(RelayEngine *e, RelayConn *c) noexcept nogil
 cdef int http_linger(RelayEngine *e, RelayConn *c, int budget) noexcept nogil
 cdef int http_sweep_wait_ms(RelayEngine *e) noexcept nogil
 cdef void http_sweep(RelayEngine *e) noexcept nogil
+
+# X-Forwarded-For (_relay_forwarded.pxi)
+cdef int http_forward_attach(RelayConn *c, int fd) noexcept nogil
+cdef int http_forward_heads(RelayEngine *e, RelayConn *c, size_t *n) noexcept nogil
 
 # notices (_relay_notice.pxi)
 cdef void relay_notice(RelayEngine *e, RelayConn *c, uint8_t kind, uint8_t reason,

@@ -121,6 +121,7 @@ class SpliceEngine:
         observe: bool = True,
         service: int = -1,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> None: ...
 
     def connect(
@@ -134,6 +135,7 @@ class SpliceEngine:
         service: int = -1,
         pin_host: bool = False,
         preface: bytes | None = None,
+        forwarded: bool = False,
     ) -> None: ...
 
     def listen(
@@ -144,6 +146,7 @@ class SpliceEngine:
         observe: bool = True,
         connect_timeout: float = 3.0,
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> None: ...
     def unlisten(self, service: int) -> None: ...
     def serve(
@@ -153,6 +156,7 @@ class SpliceEngine:
         observe: bool = True,
         connect_timeout: float = 3.0,
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> None: ...
     def route(self, service: int, names: list[tuple[str, int]], fallback: int = -1) -> None: ...
 
@@ -230,14 +234,21 @@ _Bytes = bytes | bytearray | memoryview
 HTTP_METHODS: tuple[str, ...]
 """Method labels by the framer's method number; methods it does not know are "OTHER"."""
 
+
+def forwarded_head(head: _Bytes, client_ip: str) -> bytes:
+    """The engine's rewrite of one complete request head for X-Forwarded-For (the twin of
+    flux.relay.forwarded.forwarded_head, for the tests)."""
+
+
 HTTP_ERROR_RESPONSES: dict[int, bytes]
 """The relay's own answers: malformed request (400), oversized head (431), head not received in
 time (408), a host other than the connection's first (421); each with Connection: close."""
 
 
 class HttpEvent(NamedTuple):
-    """One event of the HTTP framer: kind is "request", "exchange", "malformed", "reject" or
-    "opaque"; pos is a stream offset (see _http_framer.pxi for each kind's fields)."""
+    """One event of the HTTP framer: kind is "request", "exchange", "malformed", "reject",
+    "opaque" or "head"; pos is a stream offset (see _http_framer.pxi for each kind's fields);
+    start: a head's first octet's (0 for the other kinds)."""
 
     kind: str
     method: str
@@ -250,6 +261,7 @@ class HttpEvent(NamedTuple):
     switched: bool
     speculative: bool
     reason: str
+    start: int = 0
 
 
 @disjoint_base
@@ -260,6 +272,7 @@ class HttpFramerProbe:
     # The argument is taken by __cinit__, which Python sees as __new__.
     def __new__(cls, now: int = 0) -> Self: ...
     def pin_host(self) -> None: ...
+    def report_heads(self) -> None: ...
     def feed_once(self, side: _Side, data: _Bytes, now: int = 0) -> tuple[int, list[HttpEvent]]: ...
     def feed(self, side: _Side, data: _Bytes, now: int = 0) -> list[HttpEvent]: ...
     def skip(self, side: _Side, n: int, now: int = 0) -> list[HttpEvent]: ...

@@ -20,6 +20,8 @@ may be read in any order:
   pool's snapshot, connecting, counting, handing the unusual back to the asyncio side.
 - ``_relay_http.pxi``: what the engine does for HTTP services: shows relayed bytes to the
   framer, times exchanges, answers malformed requests and enforces the HTTP timeouts.
+- ``_relay_forwarded.pxi``: a --forwarded service's request heads rewritten on their way
+  out (X-Forwarded-For, -Proto, -Host).
 - ``_relay_notice.pxi``: what an HTTP connection's data path did on its own (an answer, a
   timeout, a switch, exchanges cut short), queued as small records for fluxd's log lines.
 - ``_relay_api.pxi``: the Python face, SpliceEngine, and the records it returns.
@@ -55,5 +57,6 @@ include "_relay_moves.pxi"
 include "_relay_loop.pxi"
 include "_relay_accept.pxi"
 include "_relay_http.pxi"
+include "_relay_forwarded.pxi"
 include "_relay_notice.pxi"
 include "_relay_api.pxi"

@@ -129,13 +129,24 @@ cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
         AF_INET
+        AF_INET6
     struct in_addr:
         uint32_t s_addr
     struct sockaddr_in:
         unsigned short sin_family
         unsigned short sin_port
         in_addr sin_addr
+    struct in6_addr:
+        pass
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
     uint16_t ntohs(uint16_t netshort)
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

@@ -233,7 +233,11 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
     balancer = Balancer(
         store,
         relay,
-        IPTables(settings.chain, on_sync=metrics.on_iptables_sync if metrics else None),
+        IPTables(
+            settings.chain,
+            on_sync=metrics.on_iptables_sync if metrics else None,
+            on_sync_failure=metrics.on_iptables_sync_failure if metrics else None,
+        ),
         bind_ip=bridge_ip,
         bridge=settings.bridge,
         publish_ip=None if settings.publish_ip is None else str(settings.publish_ip),

@@ -84,6 +84,10 @@ Decisions where the original (reference §5) was silent, buggy or contradictory:
 - ``service --proxy-protocol v1|v2`` (tcp services only: refused with ``-p http``) stores
   ``proxyProtocol`` in the spec; ``info`` and ``list -v`` show it as ``PROXY protocol: v1``,
   ``list -f {proxyProtocol}`` and ``-o json`` give it ("" when off).
+- ``service --forwarded`` (http services only: refused without ``-p http``) stores
+  ``"forwarded": true`` in the spec; ``info`` and ``list -v`` show ``Forwarded: X-Forwarded-For,
+  X-Forwarded-Proto, X-Forwarded-Host``, ``list -f {forwarded}`` and ``-o json`` give it
+  (false when off).
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ _M = TypeVar("_M", bound=BaseModel)
 
 _SERVICE_FIELDS = (
     "name", "address", "instancePort", "protocol", "publish", "hostnames", "proxyProtocol",
-    "rules", "instances",
+    "forwarded", "rules", "instances",
 )
 _RULE_FIELDS = ("service", "name", "selector", "instancePort")
 _QUERY_FIELDS = ("service", "name", "state", "host", "containerRule", "address", "labels")
@@ -357,6 +361,7 @@ _SAMPLE_SERVICE = {
     "publish": 8080,
     "hostnames": ["example.com"],
     "proxyProtocol": "v2",
+    "forwarded": False,
     "rules": {},
     "instances": {},
 }
@@ -402,6 +407,7 @@ def _service_fields(info: ServiceInfo) -> dict[str, Any]:
         "publish": info.spec.publish,
         "hostnames": list(info.spec.hostnames),
         "proxyProtocol": info.spec.proxy_protocol,
+        "forwarded": info.spec.forwarded,
         "rules": {name: _stored(info.rules[name]) for name in sorted(info.rules)},
         "instances": {i: _instance_view(info.instances[i]) for i in sorted(info.instances)},
     }
@@ -462,6 +468,8 @@ def _render_service_verbose(info: ServiceInfo) -> str:
         lines.append(f"  Host names: {', '.join(info.spec.hostnames)}")
     if info.spec.proxy_protocol:
         lines.append(f"  PROXY protocol: {info.spec.proxy_protocol}")
+    if info.spec.forwarded:
+        lines.append("  Forwarded: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host")
     return "".join(line + "\n" for line in lines)
 
 
@@ -581,6 +589,7 @@ def _cmd_service(args: argparse.Namespace) -> _Run:
         publish=args.publish or 0,
         hostnames=_hostnames(args),
         proxyProtocol=args.proxy_protocol or "",
+        forwarded=args.forwarded,
     )
     selector = _selector(args)
     rule: Rule | None = _record(Rule, "selector", selector=selector) if selector else None
@@ -930,6 +939,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy-protocol", choices=("v1", "v2"),
         help="send instances a PROXY protocol header (v1: text, v2: binary) with the client's"
         " address before its bytes (tcp services only)",
+    )
+    sub.add_argument(
+        "--forwarded", action="store_true",
+        help="add the client's address to every request's X-Forwarded-For and set"
+        " X-Forwarded-Proto and X-Forwarded-Host (http services only)",
     )
     _add_selector_flags(sub)
 

@@ -214,7 +214,10 @@ class Service(_Record):
     :mod:`flux.balancer.entrypoints`).
     ``proxyProtocol`` (``v1`` or ``v2``, omitted when empty; tcp services only) makes fluxd
     send the instance a PROXY protocol header naming the client before the client's bytes, on
-    VIP and published connections alike.
+    VIP and published connections alike.  ``forwarded`` (``true``, omitted when false; http
+    services only) makes fluxd add the client's address to every request head's
+    ``X-Forwarded-For`` and set ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (see
+    :mod:`flux.relay.forwarded`), likewise on both.
     """
 
     address: Address | None = None
@@ -223,15 +226,24 @@ class Service(_Record):
     publish: PublishedPort = 0
     hostnames: HostNames = ()
     proxy_protocol: ProxyProtocol | Literal[""] = Field(default="", alias="proxyProtocol")
+    # strict: a record written by another tool with "forwarded": "yes" or 1 is refused, not
+    # guessed at.
+    forwarded: bool = Field(default=False, strict=True)
 
     @model_validator(mode="after")
-    def _proxy_protocol_is_for_tcp(self) -> Service:
+    def _client_address_options_fit_protocol(self) -> Service:
         # An http service's instances read HTTP from the first byte; the client's address
-        # reaches them in X-Forwarded-For instead (fluxctl --forwarded).
+        # reaches them in X-Forwarded-For instead (fluxctl --forwarded), which a tcp
+        # service's bytes have no place for.
         if self.proxy_protocol and self.effective_protocol != "tcp":
             raise ValueError(
                 f"proxyProtocol {self.proxy_protocol} is for tcp services, not"
                 f" {self.protocol} ones"
+            )
+        if self.forwarded and self.effective_protocol != "http":
+            raise ValueError(
+                "forwarded (X-Forwarded-For) is for http services, not"
+                f" {self.effective_protocol} ones"
             )
         return self
 

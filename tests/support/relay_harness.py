@@ -98,12 +98,14 @@ class Harness:
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> Link:
         """A client connected through the relay to the test's server end.
 
         ``buffers`` pins SO_SNDBUF/SO_RCVBUF on all four sockets, so that what the kernel
         buffers is bounded and what the relay buffers can be told apart; ``info`` names the
-        service and instance in the connection's notices; ``pin_host`` as for submit.
+        service and instance in the connection's notices; ``pin_host`` and ``forwarded`` as
+        for submit.
         """
         async with self.opening:
             client, relay_client = await self.pair(self.front)
@@ -124,6 +126,7 @@ class Harness:
                 observe=observe,
                 info=info,
                 pin_host=pin_host,
+                forwarded=forwarded,
             ),
         )
         self.links.append(link)

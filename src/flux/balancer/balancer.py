@@ -298,9 +298,11 @@ class Balancer:
         port: int = 0,
         entry: str = "vip",
         proxy_protocol: ProxyProtocol | Literal[""] = "",
+        forwarded: bool = False,
     ) -> Listener:
         """A listener for ``service`` on this balancer's relay, with its callbacks; ``port``,
-        ``entry`` and ``proxy_protocol`` are the entry point's own (see :class:`Listener`)."""
+        ``entry``, ``proxy_protocol`` and ``forwarded`` are the entry point's own (see
+        :class:`Listener`)."""
         return Listener(
             service,
             protocol,
@@ -316,6 +318,7 @@ class Balancer:
             port=port,
             entry=entry,
             proxy_protocol=proxy_protocol,
+            forwarded=forwarded,
         )
 
     def _published_listener(self, entry: EntryPoint, pool: Pool) -> Listener:
@@ -328,6 +331,7 @@ class Balancer:
             port=entry.port,
             entry=entry_name(entry.port),
             proxy_protocol=entry.proxy_protocol,
+            forwarded=entry.forwarded,
         )
 
     def _new_listener(self, service: str, endpoint: Endpoint, pool: Pool) -> Listener | None:
@@ -335,6 +339,7 @@ class Balancer:
         listener = self._listener(
             service, endpoint.protocol, self._bind_ip, pool,
             proxy_protocol=endpoint.proxy_protocol,
+            forwarded=endpoint.forwarded,
         )
         try:
             port = listener.open()
@@ -397,13 +402,17 @@ class Balancer:
         return desired_rules(self.iptables.chain, self._bind_ip, interceptions)
 
     def status(self) -> Mapping[str, Any]:
-        """What ``/status`` shows of the balancer: each service's state and pool health."""
+        """What ``/status`` shows of the balancer: each service's state, what its instances get
+        of the client's address (``proxy_protocol``: "", "v1" or "v2"; ``forwarded``) and pool
+        health."""
         services: dict[str, Any] = {}
         for name, state in sorted(self.states.items()):
             entry: dict[str, Any] = {
                 "state": str(state.state),
                 "address": state.endpoint.address if state.endpoint else None,
                 "protocol": state.endpoint.protocol if state.endpoint else None,
+                "proxy_protocol": state.endpoint.proxy_protocol if state.endpoint else "",
+                "forwarded": state.endpoint.forwarded if state.endpoint else False,
             }
             if name in self.listeners:
                 _, listener = self.listeners[name]
@@ -411,10 +420,13 @@ class Balancer:
                 entry["instances"] = listener.pool.health_report()
             services[name] = entry
         for name, conflict in sorted(self.conflicts.items()):
+            wanted = self._wanted[name].endpoint
             services[name] = {
                 "state": "conflict",
                 "address": conflict.address,
-                "protocol": self._wanted[name].endpoint.protocol,
+                "protocol": wanted.protocol,
+                "proxy_protocol": wanted.proxy_protocol,
+                "forwarded": wanted.forwarded,
                 "conflict": str(conflict),
                 "holder": conflict.holder,
             }
@@ -426,7 +438,10 @@ class Balancer:
                 )
                 entry["published"] = published
                 if entry["protocol"] is None and name in self.published.claims:
-                    entry["protocol"] = self.published.claims[name].protocol
+                    claim = self.published.claims[name]
+                    entry["protocol"] = claim.protocol
+                    entry["proxy_protocol"] = claim.proxy_protocol
+                    entry["forwarded"] = claim.forwarded
         return {
             "services": services,
             "relay_active": self.relay.active,

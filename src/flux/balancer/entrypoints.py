@@ -62,8 +62,8 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class PublishClaim:
     """A service's claim on a published port: the port, its protocol, its live instances
-    (name -> address), the revision its spec was created at and the PROXY protocol header its
-    instances get first, if any."""
+    (name -> address), the revision its spec was created at, the PROXY protocol header its
+    instances get first, if any, and whether its request heads get X-Forwarded-For."""
 
     port: int
     protocol: Protocol
@@ -71,6 +71,7 @@ class PublishClaim:
     created: int = 0
     hostnames: tuple[str, ...] = ()
     proxy_protocol: ProxyProtocol | Literal[""] = ""  # tcp only
+    forwarded: bool = False  # http only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances", MappingProxyType(dict(self.instances)))
@@ -93,6 +94,7 @@ class PublishClaim:
             info.created,
             spec.hostnames,
             spec.proxy_protocol,
+            spec.forwarded,
         )
 
 
@@ -164,15 +166,16 @@ def normalise_request_host(value: str) -> str | None:
 class EntryPoint:
     """One published port and the service holding it, with that service's protocol; for a
     port shared by host name, ``routes`` (None: every connection goes to ``service``); for a
-    tcp port held by one service, its PROXY protocol (a change of the service, the protocol or
-    the PROXY protocol is a new listener; on a shared port each service's listener has its
-    own)."""
+    port held by one service, its PROXY protocol (tcp) and X-Forwarded-For (http) settings (a
+    change of the service, the protocol or either setting is a new listener; on a shared port
+    each service's listener has its own)."""
 
     port: int
     service: str
     protocol: Protocol
     routes: HostRoutes | None = None
     proxy_protocol: ProxyProtocol | Literal[""] = ""
+    forwarded: bool = False
 
     @property
     def shared(self) -> bool:
@@ -234,7 +237,10 @@ def _admit(
         for host in claim.hostnames:
             owners[host] = name
     if not owners:
-        return EntryPoint(port, holder, protocol, None, claims[holder].proxy_protocol), refused
+        claim = claims[holder]
+        return EntryPoint(
+            port, holder, protocol, None, claim.proxy_protocol, claim.forwarded
+        ), refused
     routes = HostRoutes(tuple(sorted(owners.items())), default)
     return EntryPoint(port, holder, protocol, routes), refused
 

@@ -22,7 +22,11 @@ by a lock: each is read-plan-apply, which must not interleave with another.
 Failures raise :class:`IPTablesError` with one line: ``'<command>' failed: <stderr>``, control
 characters replaced by spaces and cut to 200 characters, plus the batch line iptables-restore
 complained about.  Sync durations go to the ``on_sync`` callable (the metrics code feeds
-``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`.
+``flux_iptables_sync_seconds``) and to :attr:`IPTables.last_sync_seconds`; a sync or a
+start (the chains' setup) that raises calls ``on_sync_failure``
+(``flux_iptables_sync_failures_total``) before the error goes up, so rules that cannot be
+brought in line (the balancer is restarted with backoff and tries again) show as a rising
+counter, not only as log lines.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class IPTables:
         *,
         binary: str = "iptables",
         on_sync: Callable[[float], None] | None = None,
+        on_sync_failure: Callable[[], None] | None = None,
         lock_wait: int = 10,
         timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -85,6 +90,7 @@ class IPTables:
         self._save = binary + "-save"
         self._restore = binary + "-restore"
         self._on_sync = on_sync
+        self._on_sync_failure = on_sync_failure
         self._lock_wait = lock_wait
         self._timeout = timeout
         self._clock = clock
@@ -100,18 +106,26 @@ class IPTables:
         """Remove whatever a previous run left, then create both chains with their jumps."""
         async with self._lock:
             self._known = None
-            for attempt in range(1, _ATTEMPTS + 1):
-                snapshot = await self._snapshot()
-                # One block per table: the leftover chain is flushed, old jumps go, new jumps
-                # are inserted at the top — no moment with half a setup in a table.
-                try:
-                    await self._apply(plan_setup(self.chain, snapshot))
-                    return
-                except IPTablesError:
-                    # Someone changed a hook chain between our read and our batch (a jump we
-                    # meant to delete was gone): read again.  The last error is the answer.
-                    if attempt == _ATTEMPTS:
-                        raise
+            try:
+                await self._set_up()
+            except IPTablesError:
+                if self._on_sync_failure is not None:
+                    self._on_sync_failure()
+                raise
+
+    async def _set_up(self) -> None:
+        for attempt in range(1, _ATTEMPTS + 1):
+            snapshot = await self._snapshot()
+            # One block per table: the leftover chain is flushed, old jumps go, new jumps are
+            # inserted at the top — no moment with half a setup in a table.
+            try:
+                await self._apply(plan_setup(self.chain, snapshot))
+                return
+            except IPTablesError:
+                # Someone changed a hook chain between our read and our batch (a jump we meant
+                # to delete was gone): read again.  The last error is the answer.
+                if attempt == _ATTEMPTS:
+                    raise
 
     async def sync(self, desired: RuleSet, *, read: bool = True) -> SyncPlan:
         """Make the chains hold exactly ``desired``, in one batch; return what was done.
@@ -123,11 +137,16 @@ class IPTables:
             started = self._clock()
             snapshot = self._known if not read and self._known is not None else None
             self._known = None  # until this batch is known to have gone through
-            if snapshot is None:
-                snapshot = await self._snapshot()
-            plan = plan_sync(self.chain, snapshot, desired)
-            if plan.batch:
-                await self._apply(plan.batch)
+            try:
+                if snapshot is None:
+                    snapshot = await self._snapshot()
+                plan = plan_sync(self.chain, snapshot, desired)
+                if plan.batch:
+                    await self._apply(plan.batch)
+            except IPTablesError:
+                if self._on_sync_failure is not None:
+                    self._on_sync_failure()
+                raise
             self._known = applied(self.chain, snapshot, plan) if plan.batch else snapshot
             elapsed = self._clock() - started
             self.last_sync_seconds = elapsed

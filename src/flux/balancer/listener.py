@@ -89,6 +89,13 @@ listener picks for, it is made here (:func:`~flux.relay.proxy_protocol.proxy_hea
 client socket's peer and local addresses) and handed to the engine's connect to go first, or,
 when this listener connected the instance itself, sent on that fresh socket (a hundred bytes
 into an empty send buffer: whole, at once) before the relay takes it.
+
+X-Forwarded-For
+---------------
+An http service with ``forwarded`` (fluxctl ``--forwarded``) has its request heads rewritten
+by the relay (:mod:`flux.relay.forwarded`), which learns the client's address from the client
+socket itself: this listener only passes the flag on every path (``listen``, ``connect``,
+``submit``), for the engine's accepted clients and its own alike.
 """
 
 from __future__ import annotations
@@ -378,10 +385,12 @@ class Listener:
         port: int = 0,
         entry: str = "vip",
         proxy_protocol: ProxyProtocol | Literal[""] = "",
+        forwarded: bool = False,
     ) -> None:
         self.service = service
         self.entry = entry
         self._proxy_protocol = PROXY_VERSIONS.get(proxy_protocol, 0)
+        self._forwarded = forwarded and protocol == "http"
         self._wanted_port = port
         self.protocol = protocol
         self.bind_ip = bind_ip
@@ -466,6 +475,7 @@ class Listener:
                 observers=self._observers if self._on_exchange is not None else None,
                 entry=self.entry,
                 proxy_protocol=self._proxy_protocol,
+                forwarded=self._forwarded,
             )
         except BaseException:
             for sock in sockets:
@@ -498,6 +508,7 @@ class Listener:
                 observers=self._observers if self._on_exchange is not None else None,
                 entry=self.entry,
                 proxy_protocol=self._proxy_protocol,
+                forwarded=self._forwarded,
             )
             self._track_pool(relay)
         return self._sid
@@ -822,6 +833,7 @@ class Listener:
                 info=info,
                 pin_host=c.pinned,
                 preface=preface,
+                forwarded=self._forwarded,
             )
         except RuntimeError:  # the relay is shutting down
             c.fd = fd
@@ -931,11 +943,12 @@ class Listener:
                     service=self._sid,
                     info=info,
                     pin_host=pinned,
+                    forwarded=self._forwarded,
                 )
             else:
                 future = self._relay.submit(
                     client, upstream, http=self._http, observe=observe, info=info,
-                    pin_host=pinned,
+                    pin_host=pinned, forwarded=self._forwarded,
                 )
         except RuntimeError:  # the relay is shutting down
             reset_and_close(client)

@@ -7,8 +7,9 @@ service's :class:`~flux.balancer.entrypoints.PublishClaim`, resolves the claims 
 points (:func:`~flux.balancer.entrypoints.resolve_entry_points`: one holder per port, the
 others in conflict) and brings the listeners in line:
 
-- a port whose entry point is new, or now serves another service, protocol or PROXY protocol
-  (fluxctl --proxy-protocol), gets a new listener on ``-publish-ip`` with a pool of its own
+- a port whose entry point is new, or now serves another service, protocol, PROXY protocol
+  (fluxctl --proxy-protocol) or X-Forwarded-For setting (fluxctl --forwarded), gets a new
+  listener on ``-publish-ip`` with a pool of its own
   (the old one is closed: stop accepting, its connections carry on);
 - a port still held as before only has its pool updated with the live instances;
 - a port nobody claims any more is closed.
@@ -16,10 +17,10 @@ others in conflict) and brings the listeners in line:
 A port shared by host name (the entry point has routes: http services by ``Host``, tcp
 services by TLS server name) is accepted by a :class:`~flux.balancer.hostrouter.HostRouter`
 instead, with a pool and a listener (never opened: it takes the clients the router hands it,
-with its service's PROXY protocol, if any) per service routed to.  Services joining or
-leaving such a port, or their host names changing, only change the router's table and the
-pools: the socket stays open.  A port that turns from one service into a shared one (or back)
-is closed and opened again, like any change of holder.
+with its service's PROXY protocol or X-Forwarded-For, if any) per service routed to.
+Services joining or leaving such a port, or their host names changing, only change the
+router's table and the pools: the socket stays open.  A port that turns from one service
+into a shared one (or back) is closed and opened again, like any change of holder.
 
 A port closed here to be opened again in another form (one service <-> shared by host name)
 may still be held for a moment by the engine's shards, which close their sockets on their own
@@ -90,6 +91,7 @@ def _kind(entry: EntryPoint | None) -> tuple[object, ...] | None:
         entry.shared,
         None if entry.shared else entry.service,
         entry.proxy_protocol,
+        entry.forwarded,
     )
 
 
@@ -109,7 +111,8 @@ class _Port:
     listener: Listener | None = None
     router: HostRouter | None = None
     routed: dict[str, Listener] = field(default_factory=dict)  # shared: per service
-    routed_proxy: dict[str, str] = field(default_factory=dict)  # their PROXY protocols
+    # Their client address settings: (PROXY protocol, X-Forwarded-For).
+    routed_proxy: dict[str, tuple[str, bool]] = field(default_factory=dict)
     error: str | None = None
     busy: bool = False  # the last error was EADDRINUSE
     failures: int = 0
@@ -203,16 +206,24 @@ class PublishedPorts:
             elif held.instances[name] != instances:
                 pool.update(instances)
                 held.instances[name] = instances
-            proxy = claims[name].proxy_protocol
-            if entry.shared and (name not in held.routed or held.routed_proxy[name] != proxy):
+            claim = claims[name]
+            options = (claim.proxy_protocol, claim.forwarded)
+            if entry.shared and (name not in held.routed or held.routed_proxy[name] != options):
                 # The port as this one service serves it (the router picked it), with the
-                # service's own PROXY protocol (tcp); a new one for a new PROXY protocol.
-                alone = replace(entry, service=name, routes=None, proxy_protocol=proxy)
+                # service's own PROXY protocol (tcp) or X-Forwarded-For (http); a new one when
+                # either changes.
+                alone = replace(
+                    entry,
+                    service=name,
+                    routes=None,
+                    proxy_protocol=claim.proxy_protocol,
+                    forwarded=claim.forwarded,
+                )
                 replaced = held.routed.get(name)
                 if replaced is not None:
                     replaced.close()
                 held.routed[name] = self._make_listener(alone, pool)
-                held.routed_proxy[name] = proxy
+                held.routed_proxy[name] = options
 
     def _report_conflicts(
         self, claims: Mapping[str, PublishClaim], conflicts: Mapping[str, PortConflict]

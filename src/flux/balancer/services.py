@@ -119,12 +119,14 @@ _PHASES = {
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """What a listener and a rule serve: the service address and the protocol, and the PROXY
-    protocol header its instances get first, if any (a change of it is a new listener)."""
+    """What a listener and a rule serve: the service address and the protocol, the PROXY
+    protocol header its instances get first, if any, and whether its request heads get
+    X-Forwarded-For (a change of either is a new listener)."""
 
     address: str
     protocol: Protocol
     proxy_protocol: ProxyProtocol | Literal[""] = ""
+    forwarded: bool = False
 
 
 def _frozen(instances: Mapping[str, str]) -> Mapping[str, str]:
@@ -151,14 +153,15 @@ class ServiceView:
         """The view of ``info``, or None when the balancer ignores it (:func:`why_ignored`)."""
         if why_ignored(info) is not None:
             return None
-        assert info.spec.address is not None
         live = {
             name: instance.address
             for name, instance in info.instances.items()
             if instance.receives_connections and instance.address is not None
         }
+        spec = info.spec
+        assert spec.address is not None
         endpoint = Endpoint(
-            info.spec.address, info.spec.effective_protocol, info.spec.proxy_protocol
+            spec.address, spec.effective_protocol, spec.proxy_protocol, spec.forwarded
         )
         return cls(endpoint, live, info.created)
 

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The balancer, the iptables adapter and the relay report events through plain callables:
 :meth:`Metrics.on_connection`, :meth:`Metrics.on_done`, :meth:`Metrics.on_connect_failure`,
-:meth:`Metrics.on_iptables_sync`, and per HTTP exchange the observer that
+:meth:`Metrics.on_iptables_sync` (and ``_failure``), and per HTTP exchange the observer that
 :meth:`Metrics.exchange_observer` makes for each connection.  Each one updates Python dicts of
 integers (or one :class:`~flux.metrics.summary.SlidingSummary` per HTTP label set): no
 prometheus_client object, no lock and no string formatting on the connection path.  All of
@@ -330,6 +330,7 @@ class Metrics:
         self.active: dict[str, int] = {}
         self.connect_failures: dict[tuple[str, str], int] = {}
         self.iptables_sync = BucketCounts(IPTABLES_SYNC_BUCKETS)
+        self.iptables_sync_failures = 0
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         # Requests fluxd answered itself, by (service, entry point, status).
@@ -482,6 +483,11 @@ class Metrics:
         """One iptables sync (read, plan, apply) took ``seconds``."""
         self.iptables_sync.observe(seconds)
 
+    def on_iptables_sync_failure(self) -> None:
+        """One iptables sync or setup of the chains failed (iptables-save or -restore gave an
+        error)."""
+        self.iptables_sync_failures += 1
+
     def record_exchange(
         self,
         connection: ConnectionInfo,
@@ -629,6 +635,7 @@ class FluxCollector(Collector):
             for service_state, count in _count_instances(self.instances()):
                 f.instances.add_metric(service_state, count)
         f.iptables_sync.add_metric((), m.iptables_sync.buckets(), m.iptables_sync.sum)
+        f.iptables_sync_failures.add_metric((), m.iptables_sync_failures)
         quantile_names = [_label_float(q) for q in QUANTILES]
         for exchange, summaries in m.exchanges.items():
             f.http_total.add_metric(exchange, summaries.roundtrip.count)
@@ -734,6 +741,12 @@ class _Families:
             "Time to bring the iptables chains in line (read, plan, apply).",
             labels=(),
         )
+        self.iptables_sync_failures = CounterMetricFamily(
+            "flux_iptables_sync_failures_total",
+            "iptables syncs (and setups of the chains) that failed; the balancer restarts with"
+            " backoff and tries again.",
+            labels=(),
+        )
         self.http_total = CounterMetricFamily(
             "flux_http_total",
             "HTTP request/response exchanges.",
@@ -819,6 +832,7 @@ class _Families:
             self.connect_failures,
             self.instances,
             self.iptables_sync,
+            self.iptables_sync_failures,
             self.http_total,
             self.http_roundtrip,
             self.http_total_usec,

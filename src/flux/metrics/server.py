@@ -1,10 +1,11 @@
-"""The metrics plugin: ``/metrics``, ``/healthz`` and ``/status`` on ``-listen-prometheus``.
+"""The metrics plugin: the status page, ``/metrics``, ``/healthz`` and ``/status``.
 
 Theory of operation
 -------------------
 :class:`MetricsPlugin` is a daemon plugin (``flux.daemon.Plugin``) with one supervised
 component, ``metrics``: it binds the listener, advertises the target in etcd, and serves until
-cancelled.
+cancelled.  ``/`` is the status page (:mod:`flux.metrics.statuspage`: static files that read
+``/status`` from the browser).
 
 The server is an aiohttp ``web.Application`` of our own rather than prometheus-async's
 ``start_http_server``: that one serves only ``/metrics`` (and ``/``) from the *global*
@@ -48,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from flux import __version__
 from flux.metrics.counters import FluxCollector, Metrics
+from flux.metrics.statuspage import add_page_routes
 from flux.model import Instance, RecordError
 from flux.store.base import Store, StoreError, StoreUnavailable
 
@@ -64,7 +66,6 @@ log = logging.getLogger("flux.metrics")
 
 # A scraper holding a keep-alive connection must not hold up fluxd's shutdown.
 _SHUTDOWN_TIMEOUT = 1.0
-_INDEX = "fluxd metrics endpoint: /metrics /healthz /status\n"
 
 
 class MetricsListenError(OSError):
@@ -213,7 +214,7 @@ class MetricsPlugin:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         log.info(
-            "serving /metrics, /healthz and /status on %s",
+            "serving the status page, /metrics, /healthz and /status on %s",
             _show((host, self.port)),
         )
         return self.port
@@ -280,14 +281,11 @@ class MetricsPlugin:
 
     def _application(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/", self._handle_index)
+        add_page_routes(app.router)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)
         app.router.add_get("/status", self._handle_status)
         return app
-
-    async def _handle_index(self, request: web.Request) -> web.Response:
-        return web.Response(text=_INDEX)
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -250,6 +250,7 @@ class Relay(Protocol):
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Relay between two connected sockets; the relay owns (and will close) both.
 
@@ -258,7 +259,10 @@ class Relay(Protocol):
         ``pin_host`` (HTTP): the client was routed by its first request's ``Host`` (a
         published port shared by host name; that request is still unread in its socket), so a
         later request naming another host is answered ``421 Misdirected Request`` and the
-        connection closed, as a malformed one is answered 400.
+        connection closed, as a malformed one is answered 400.  ``forwarded`` (HTTP): every
+        request head goes to the instance with the client's address appended to
+        ``X-Forwarded-For`` and ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` set
+        (:mod:`flux.relay.forwarded`).
         """
 
     def flush(self) -> None:
@@ -284,11 +288,13 @@ class Connector(Protocol):
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
         preface: bytes = b"",
+        forwarded: bool = False,
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) within ``timeout`` s and relay the
         client (a descriptor, now the relay's) to it; ``handler`` hears what became of it.
         ``service``: an id from :meth:`Acceptor.listen`, whose byte counters count this
-        connection (-1: none); ``info`` and ``pin_host`` as for :meth:`Relay.submit`;
+        connection (-1: none); ``info``, ``pin_host`` and ``forwarded`` as for
+        :meth:`Relay.submit`;
         ``preface``: bytes the instance gets before the client's (a PROXY protocol header)."""
 
 
@@ -316,11 +322,13 @@ class Acceptor(Protocol):
         observers: ObserverFactory | None = None,
         entry: str = "vip",
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> int:
         """Accept ``service``'s clients on ``sockets`` (now the relay's); ``handler`` gets
         what is unusual; ``entry`` names the entry point they come in by, for the counts;
         ``proxy_protocol`` (1, 2; 0: none): each instance gets that PROXY protocol header
-        before the client's bytes.  Returns the service's id, which the other methods take."""
+        before the client's bytes; ``forwarded`` (HTTP) as for :meth:`Relay.submit`.
+        Returns the service's id, which the other methods take."""
 
     def serve(
         self,
@@ -332,6 +340,7 @@ class Acceptor(Protocol):
         observers: ObserverFactory | None = None,
         entry: str = "vip",
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> int:
         """Ready ``service`` for the clients a router sends it (:meth:`route`), as
         :meth:`listen` without sockets; returns its id."""
@@ -376,6 +385,7 @@ class Acceptor(Protocol):
         service: int = -1,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """:meth:`Relay.submit`, with the bytes counted live for ``service`` (an id from
         :meth:`listen`; -1: none)."""

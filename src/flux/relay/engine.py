@@ -209,10 +209,12 @@ class SpliceRelay:
         service: int = -1,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Hand both sockets to the engine (they are detached: the engine closes them).
         ``service``: an id from :meth:`listen`, whose byte counters count this connection;
-        ``info``: what its notices name; ``pin_host``: see :meth:`Relay.submit`."""
+        ``info``: what its notices name; ``pin_host`` and ``forwarded``: see
+        :meth:`Relay.submit`."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -226,6 +228,7 @@ class SpliceRelay:
             observe is not None,
             service,
             pin_host,
+            forwarded,
         )
         if service >= 0:
             self._counted.add(token)
@@ -252,11 +255,12 @@ class SpliceRelay:
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
         preface: bytes = b"",
+        forwarded: bool = False,
     ) -> None:
         """Connect to ``address`` (:func:`packed_sockaddr`) in the engine and relay the client
         (a descriptor, now the relay's) to it; ``handler`` hears what became of it; ``info``:
-        what its notices name; ``pin_host``: see :meth:`Relay.submit`; ``preface``: what the
-        instance gets first (a PROXY protocol header)."""
+        what its notices name; ``pin_host`` and ``forwarded``: see :meth:`Relay.submit`;
+        ``preface``: what the instance gets first (a PROXY protocol header)."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
         token = self._next_token
@@ -271,6 +275,7 @@ class SpliceRelay:
             service,
             pin_host,
             preface or None,
+            forwarded,
         )
         if service >= 0:
             self._counted.add(token)
@@ -293,12 +298,14 @@ class SpliceRelay:
         observers: ObserverFactory | None = None,
         entry: str = "vip",
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> int:
         """Let the engine accept ``service``'s clients: one listening socket per shard (all
         bound to the same port with SO_REUSEPORT), detached here; returns the id that
         :meth:`set_pool`, :meth:`pause`, :meth:`resume` and :meth:`unlisten` take.
         ``proxy_protocol`` (1, 2; 0: none): the engine sends each instance that PROXY protocol
-        header first."""
+        header first; ``forwarded`` (HTTP): it rewrites each request head for
+        X-Forwarded-For (see :meth:`Relay.submit`)."""
         if len(sockets) != len(self._engines):
             raise ValueError(f"need one listening socket per shard ({len(self._engines)})")
         sid = self.serve(
@@ -309,12 +316,19 @@ class SpliceRelay:
             observers=observers,
             entry=entry,
             proxy_protocol=proxy_protocol,
+            forwarded=forwarded,
         )
+        http = protocol == "http"
         for engine, sock in zip(self._engines, sockets, strict=True):
             engine.listen(
-                sid, sock.fileno(), protocol == "http", observers is not None, connect_timeout,
+                sid,
+                sock.fileno(),
+                http,
+                observers is not None,
+                connect_timeout,
                 proxy_protocol,
-            )  # fmt: skip
+                http and forwarded,
+            )
             sock.detach()
         return sid
 
@@ -328,6 +342,7 @@ class SpliceRelay:
         observers: ObserverFactory | None = None,
         entry: str = "vip",
         proxy_protocol: int = 0,
+        forwarded: bool = False,
     ) -> int:
         """Make ``service`` ready for the clients a router sends it (:meth:`route`), as
         :meth:`listen` does without sockets; returns its id."""
@@ -341,10 +356,12 @@ class SpliceRelay:
             self._observer_factories[sid] = observers
             if self._flusher is None:
                 self._flusher = self._loop.call_later(_FLUSH_INTERVAL, self._tick)
+        http = protocol == "http"
         for engine in self._engines:
             engine.serve(
-                sid, protocol == "http", observers is not None, connect_timeout, proxy_protocol
-            )
+                sid, http, observers is not None, connect_timeout, proxy_protocol,
+                http and forwarded,
+            )  # fmt: skip
         return sid
 
     def route(self, sid: int, names: list[tuple[str, int]], default: int) -> None:

@@ -11,6 +11,10 @@ only the :class:`~flux.relay.base.Relay` role: the listener accepts and connects
 event loop.  It is the fallback too (``-relay python``), and for comparison and debugging.
 Its notices (:mod:`flux.relay.notices`) come from the same events as the engine's, each where
 the engine's hook is (``_relay_notice.pxi`` lists them), through a limiter of the same kind.
+A ``forwarded`` connection's request heads go out rewritten by
+:func:`~flux.relay.forwarded.forwarded_head` (the framer reports where each complete head lies
+in the client's stream: its "head" events), as the engine's ``_relay_forwarded.pxi`` rewrites
+them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from flux.relay.base import (
     set_reset_linger,
     wait_bounded,
 )
+from flux.relay.forwarded import forwarded_head
 from flux.relay.h2watch import PREFACE, H2Counters, H2Watch, grpc_call
 from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 
@@ -95,17 +100,19 @@ class _HttpWatch:
 
     :meth:`show` is called with bytes just read and returns the part that may be forwarded
     (a request head goes only once complete: until then it is ``held``, as the engine holds
-    it); the flow reports writes with :meth:`written` so exchanges end when their bytes are out.
+    it; with ``forwarded``, the client's address, complete heads go rewritten); the flow
+    reports writes with :meth:`written` so exchanges end when their bytes are out.
     """
 
-    __slots__ = ("answer", "cut_side", "early", "exchanges", "h2", "h2_counters", "held",
-                 "kept", "last_active", "notify", "observe", "paused", "probe", "reject_reason",
-                 "stop")
+    __slots__ = ("answer", "cut_side", "early", "exchanges", "forwarded", "h2", "h2_counters",
+                 "heads", "held", "kept", "last_active", "notify", "observe", "paused", "probe",
+                 "reject_reason", "stop")
 
     _SIDES: ClassVar[tuple[Literal["request", "response"], ...]] = ("request", "response")
 
     def __init__(self, observe: ExchangeObserver | None, notify: _Notify,
-                 h2_counters: H2Counters, pin_host: bool = False) -> None:
+                 h2_counters: H2Counters, pin_host: bool = False,
+                 forwarded: str | None = None) -> None:
         from flux._splice import HttpFramerProbe
 
         opened = time.monotonic_ns()
@@ -113,6 +120,12 @@ class _HttpWatch:
         if pin_host:
             # The engine's framer judges the host too: 421 comes as a malformed request does.
             self.probe.pin_host()
+        # The client's address for X-Forwarded-For (None: heads go as they came), and the
+        # request-stream spans (start, end) of the complete heads shown and not forwarded yet.
+        self.forwarded = forwarded
+        self.heads: list[tuple[int, int]] = []
+        if forwarded is not None:
+            self.probe.report_heads()
         self.observe = observe
         self.notify = notify
         self.reject_reason = ""  # why the request being answered was malformed
@@ -155,6 +168,8 @@ class _HttpWatch:
             elif ev.kind == "reject":
                 self.stop[1] = ev.pos
                 self.answer = ev.status
+            elif ev.kind == "head":
+                self.heads.append((ev.start, ev.pos))
 
     def show(self, index: int, data: bytes) -> bytes:
         self.last_active = now = time.monotonic_ns()
@@ -208,10 +223,28 @@ class _HttpWatch:
                 end = min(end, head)
         limit = self.stop[index]
         if limit is not None:
-            return data[: max(0, min(end, limit) - base)]  # the rest never goes
-        if index == 0:
+            end = min(end, limit)  # the rest never goes
+        elif index == 0:
             self.held = data[max(0, end - base) :]
-        return data[: max(0, end - base)]
+        data = data[: max(0, end - base)]
+        if index == 0 and self.heads:
+            data = self._rewrite_heads(data, base)
+        return data
+
+    def _rewrite_heads(self, data: bytes, base: int) -> bytes:
+        """``data`` (client bytes from request-stream offset ``base``, about to be forwarded)
+        with the complete heads in it rewritten for X-Forwarded-For (every head the framer
+        reported lies in it whole: it was held until complete)."""
+        assert self.forwarded is not None
+        heads, self.heads = self.heads, []
+        parts: list[bytes] = []
+        at = 0
+        for start, end in heads:
+            parts.append(data[at : start - base])
+            parts.append(forwarded_head(data[start - base : end - base], self.forwarded))
+            at = end - base
+        parts.append(data[at:])
+        return b"".join(parts)
 
     def releases(self) -> bool:
         """Held bytes are no longer a head to judge (a switch, a give-up, an end): they go."""
@@ -325,13 +358,14 @@ class _Flow:
         notices: NoticeLimiter | None = None,
         h2_counters: H2Counters | None = None,
         pin_host: bool = False,
+        forwarded: str | None = None,
     ) -> None:
         self.future = future
         # What this connection's notices name, and who writes them (HTTP only).
         self.subject = subject
         self.notices = notices
         self.http = (
-            _HttpWatch(observe, self.notice, h2_counters or H2Counters(), pin_host)
+            _HttpWatch(observe, self.notice, h2_counters or H2Counters(), pin_host, forwarded)
             if http
             else None
         )
@@ -577,6 +611,16 @@ def _same(side: _Side) -> _Side:
     return side
 
 
+def forwarded_for(client: socket.socket) -> str:
+    """The address X-Forwarded-For names for ``client``: its peer's IP as the socket gives it
+    (the engine's inet_ntop writes the same), or ``unknown`` when it is gone already or not
+    an IP socket (RFC 7239's word for it)."""
+    if client.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            return str(client.getpeername()[0])
+    return "unknown"
+
+
 def _subject(
     client: socket.socket, upstream: socket.socket, info: ConnectionInfo | None
 ) -> NoticeSubject:
@@ -656,9 +700,10 @@ class PythonRelay:
         observe: ExchangeObserver | None = None,
         info: ConnectionInfo | None = None,
         pin_host: bool = False,
+        forwarded: bool = False,
     ) -> asyncio.Future[RelayResult]:
         """Wrap both sockets in transports (which then own them) and relay between them;
-        ``info``: what the connection's notices name; ``pin_host``: see
+        ``info``: what the connection's notices name; ``pin_host`` and ``forwarded``: see
         :meth:`~flux.relay.base.Relay.submit`."""
         if self._loop is None or self._closing:
             raise RuntimeError("the relay is not accepting connections (not started or closing)")
@@ -669,7 +714,8 @@ class PythonRelay:
         future: asyncio.Future[RelayResult] = self._loop.create_future()
         subject = _subject(client, upstream, info) if http else None
         flow = _Flow(future, self._flows.discard, http, observe, subject, self._notices,
-                     self.h2_counters, pin_host)
+                     self.h2_counters, pin_host,
+                     forwarded_for(client) if http and forwarded else None)
         if http and self._sweeper is None:
             self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
         self._flows.add(flow)
