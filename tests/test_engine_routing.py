@@ -43,9 +43,12 @@ HOSTS = st.sampled_from([
     "www.example.test", "WWW.Example.TEST", "www.example.test.", "www.example.test:8080",
     "www.example.test.:80", "api.example.test", "x.apps.example.test", "a.b.apps.example.test",
     "apps.example.test", ".apps.example.test", "nowhere.test", "", " ", "[::1]:80", "[::1]",
-    "www.example.test:", ":80", "ünïcode.test", "www.example.test\x0b", "a" * 300, "*.apps.example.test",
+    "www.example.test:", ":80", "ünïcode.test", "www.example.test\x0b", "a" * 300,
+    "*.apps.example.test",
 ])  # fmt: skip
-FIELD_NAMES = st.sampled_from(["Host", "host", "HOST", " Host", "Host ", "X-Host", "Hostx", "ost"])
+FIELD_NAMES = st.sampled_from(
+    ["Host", "host", "HOST", " Host", "Host ", "X-Host", "Hostx", "ost"]
+)
 OTHER = st.sampled_from(["User-Agent: t", "Accept: */*", "X: y:z", "no colon", ""])
 ENDS = st.sampled_from(["\r\n", "\n"])
 
