@@ -15,7 +15,7 @@ from benchmarks.subjects import BASELINE_SUBJECTS, SUBJECTS  # light: no flux, n
 
 WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-keepalive",
              "http-close", "h2", "edge-keepalive", "edge-close", "sni-keepalive",
-             "sni-close"]  # fmt: skip
+             "sni-close", "http-keepalive-page"]  # fmt: skip
 H2_MAX_STREAMS = 100  # nghttpd's and HAProxy's concurrent streams per connection
 
 

@@ -43,6 +43,7 @@ WORKLOADS: dict[str, str] = {
     "edge-close": "published port, 20 http services by Host, wrk `Connection: close`",
     "sni-keepalive": "published port, 20 TLS services by server name, wrk keep-alive",
     "sni-close": "published port, 20 TLS services by server name, `Connection: close`",
+    "http-keepalive-page": "HTTP service, wrk keep-alive, status page open (fetched every 2 s)",
 }
 
 
@@ -109,6 +110,12 @@ METRICS: dict[str, list[Metric]] = {
     "edge-close": _CONNECTIONS,
     "sni-keepalive": _REQUESTS,
     "sni-close": _CONNECTIONS,
+    "http-keepalive-page": [
+        *_REQUESTS,
+        Metric("page_fetches", "status fetches", True, 0),
+        Metric("page_kib", "status KiB read", True, 0),
+        Metric("page_errors", "status fetches failed", False, 0),
+    ],
 }
 
 
@@ -308,6 +315,20 @@ def targets(table: Table, idle_count: int) -> list[Target]:
         else:
             value = published.median / floating.median
             out.append(Target(name, f"{value:.2f}{TIMES}", f"≥ 0.95{TIMES}", value >= 0.95))
+    # The status page (issue 19): keep-alive with it open against without, the same fluxd.
+    opened = table.get(("http-keepalive-page", "fluxd-http", "rate"))
+    closed = table.get(("http-keepalive", "fluxd-http", "rate"))
+    out.append(
+        Target(
+            "status page open (fetched every 2 s): HTTP keep-alive req/s, with vs without",
+            "not measured"
+            if opened is None or closed is None or closed.median == 0
+            else f"{opened.median / closed.median:.2f}{TIMES}",
+            "no target; within the run's noise",
+            None,
+            informational=True,
+        )
+    )
     for workload, peer, label in (
         ("sni-keepalive", "haproxy-sni", "keep-alive req/s"),
         ("sni-close", "haproxy-sni", "Connection: close conn/s"),

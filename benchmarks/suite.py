@@ -89,6 +89,9 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
     ],
     "sni-keepalive": ["direct", "fluxd", "haproxy-sni", "fluxd-base"],
     "sni-close": ["direct", "fluxd", "haproxy-sni", "haproxy-sni-2t", "fluxd-base"],
+    # The status page's cost (issue 19): HTTP keep-alive through fluxd's http service while its
+    # /status and /status/history are fetched every 2 s, as an open page does.
+    "http-keepalive-page": ["fluxd-http"],
 }
 EDGE_WORKLOADS = ("edge-keepalive", "edge-close", "sni-keepalive", "sni-close")
 
@@ -217,6 +220,8 @@ async def _measure(
         return await workloads.bulk(subject, backends, streams, settings.bulk_seconds)
     if workload == "idle":
         return await workloads.idle(subject, backends, settings.idle_count)
+    if workload == "http-keepalive-page":
+        return await _with_page_open(subject, workdir, settings)
     # The HTTP loads: fluxd's metrics are scraped around each, to check what they counted.
     before = await _http_counted(subject)
     if workload == "h2":
@@ -235,6 +240,50 @@ async def _measure(
         after = await _http_counted(subject)
         if after is not None:
             values["counted"] = after - before
+    return values
+
+
+PAGE_REFRESH = 2.0  # seconds between the status page's fetches (its own refresh)
+
+
+async def _with_page_open(subject: Subject, workdir: Path, settings: Settings) -> dict[str, Any]:
+    """HTTP keep-alive while ``/status`` and ``/status/history?since=`` are fetched every
+    ``PAGE_REFRESH`` seconds (what an open status page does); adds the fetches made, the bytes
+    they read and the fetches that failed."""
+    if subject.metrics is None:
+        raise workloads.RunError(f"{subject.name} serves no status page (no metrics listener)")
+    base = subject.metrics.removesuffix("/metrics")
+    fetched = {"fetches": 0, "bytes": 0, "errors": 0}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def fetch(url: str) -> None:
+        try:
+            with opener.open(url, timeout=5) as response:
+                fetched["bytes"] += len(response.read())
+                fetched["fetches"] += 1
+        except OSError:
+            fetched["errors"] += 1
+
+    async def poll() -> None:
+        since = 0.0
+        while True:
+            await asyncio.to_thread(fetch, f"{base}/status")
+            await asyncio.to_thread(fetch, f"{base}/status/history?since={since:.3f}")
+            since = time.time()
+            await asyncio.sleep(PAGE_REFRESH)
+
+    poller = asyncio.create_task(poll())
+    try:
+        values = await workloads.keepalive(
+            subject, workdir, settings.wrk_seconds, settings.connections, settings.threads
+        )
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await poller
+    values["page_fetches"] = fetched["fetches"]
+    values["page_kib"] = fetched["bytes"] / 1024
+    values["page_errors"] = fetched["errors"]
     return values
 
 

@@ -388,3 +388,13 @@ def test_a_subject_without_an_edge_front_sits_out_the_edge_workloads() -> None:
     assert [suite._has_front(s, "edge-close") for s in (old, new)] == [False, True]
     assert suite._has_front(old, "http-close")
     assert set(suite.EDGE_WORKLOADS) <= set(WORKLOADS)
+
+
+def test_the_status_page_figure_is_keepalive_with_the_page_open_against_without() -> None:
+    table = report.summarise(samples_of({
+        ("http-keepalive", "fluxd-http"): {"rate": 30000.0},
+        ("http-keepalive-page", "fluxd-http"): {"rate": 29400.0, "page_fetches": 6.0},
+    }))  # fmt: skip
+    (page,) = [t for t in report.targets(table, 5000) if t.name.startswith("status page open")]
+    assert (page.measured, page.informational) == (f"0.98{X}", True)
+    assert "http-keepalive-page" in suite.WORKLOAD_SUBJECTS and "http-keepalive-page" in WORKLOADS
