@@ -1,5 +1,6 @@
-"""Routing by Host in the engine (``accept_by_host``, through ``route_probe``) against its
-oracle, the host router's Python reading (``request_host`` and ``HostRoutes.pick``).
+"""Routing by Host, and by TLS server name, in the engine (``accept_by_host``, through
+``route_probe``) against its oracle, the host router's Python reading (``request_host``,
+``read_server_name`` and ``HostRoutes.pick``).
 
 The engine may hand any client over (the Python router then decides), but whenever it routes a
 client itself it must pick the service the oracle picks; and the plain case (a complete head
@@ -13,8 +14,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flux._splice import route_probe
+from flux.balancer.clienthello import read_server_name
 from flux.balancer.entrypoints import HostRoutes, request_host
 from flux.balancer.hostrouter import _H2_PREFACE, _HEAD_END
+from tests.support.tls import client_hello, refragment
 
 SERVICES = ("www", "api", "apps", "fallback")
 IDS = {name: index + 1 for index, name in enumerate(SERVICES)}
@@ -124,3 +127,70 @@ def test_a_name_whose_service_the_engine_lacks_is_handed_over_not_defaulted() ->
     assert route_probe(head, [("*.example.test", -1)], IDS["fallback"]) == -1
     other = b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"
     assert route_probe(other, [("*.example.test", -1)], IDS["fallback"]) == IDS["fallback"]
+
+
+# ---- TLS passthrough: by the server name of a ClientHello ----------------------------------------
+
+TLS_NAMES = (("db.example.test", "www"), ("*.apps.example.test", "apps"))
+TLS_TABLES = [HostRoutes(TLS_NAMES), HostRoutes(TLS_NAMES, "fallback")]
+
+
+def tls_oracle(data: bytes, routes: HostRoutes) -> str | None:
+    done, name = read_server_name(data)
+    return routes.pick(name) if done else None
+
+
+def tls_engine(data: bytes, routes: HostRoutes) -> str | None:
+    default = IDS[routes.default] if routes.default else -1
+    names = [(host, IDS[service]) for host, service in routes.names]
+    picked = route_probe(data, names, default, tls=True)
+    return None if picked < 0 else SERVICES[picked - 1]
+
+
+SERVER_NAMES = ["db.example.test", "DB.Example.Test", "db.example.test.", "x.apps.example.test",
+                "a.b.apps.example.test", "nowhere.test", ".".join(["d" * 60] * 4)]  # fmt: skip
+# One real ClientHello per name (and TLS 1.3 only), made once: making them is the slow part.
+HELLOS = {(name, only13): client_hello(name, tls13_only=only13)
+          for name in SERVER_NAMES for only13 in (False, True)}  # fmt: skip
+
+
+@st.composite
+def client_hellos(draw: st.DrawFn) -> bytes:
+    hello = HELLOS[(draw(st.sampled_from(SERVER_NAMES)), draw(st.booleans()))]
+    if draw(st.booleans()):
+        hello = refragment(hello, draw(st.integers(1, 600)))
+    data = bytearray(hello)
+    for _ in range(draw(st.integers(0, 3))):  # a few bytes changed anywhere
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=client_hellos(), table=st.sampled_from(TLS_TABLES))
+def test_what_the_engine_routes_by_server_name_it_routes_where_the_oracle_would(
+    data: bytes, table: HostRoutes
+) -> None:
+    picked = tls_engine(data, table)
+    if picked is not None:
+        assert picked == tls_oracle(data, table), data
+
+
+@pytest.mark.parametrize(
+    ("name", "service"),
+    [("db.example.test", "www"), ("DB.Example.Test.", "www"), ("x.apps.example.test", "apps"),
+     ("nowhere.test", "fallback")],
+)  # fmt: skip
+def test_a_whole_client_hello_is_routed_in_the_engine(name: str, service: str) -> None:
+    for only13 in (False, True):
+        hello = HELLOS.get((name, only13)) or client_hello(name, tls13_only=only13)
+        table = HostRoutes(TLS_NAMES, "fallback")
+        assert tls_engine(hello, table) == service == tls_oracle(hello, table)
+
+
+def test_a_client_hello_over_several_records_or_without_a_name_is_handed_over() -> None:
+    table = HostRoutes(TLS_NAMES, "fallback")
+    split = refragment(HELLOS[("db.example.test", False)], 100)
+    assert tls_oracle(split, table) == "www" and tls_engine(split, table) is None
+    bare = client_hello(None)
+    assert tls_oracle(bare, table) == "fallback" and tls_engine(bare, table) is None
+    assert tls_engine(b"GET / HTTP/1.1\r\nHost: db.example.test\r\n\r\n", table) is None

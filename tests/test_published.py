@@ -614,6 +614,8 @@ def test_tcp_services_share_a_port_by_tls_server_name_passed_through(
             subject + "\n",
         ), server_name
     assert (a.handshakes, b.handshakes) == (2, 1)
+    # The engine read each ClientHello's server name and sent the client on itself.
+    assert published.total("flux_engine_events_total", event="routed") == 3
 
     # An unknown name, none at all, or no TLS, with no default: closed, counted, noted.
     entry = f"published:{port}"
@@ -632,3 +634,5 @@ def test_tcp_services_share_a_port_by_tls_server_name_passed_through(
     )
     published.daemon.wait_logged(f"tcp service {entry}: closed 127.0.0.1:")
     assert published.daemon.logged("(unknown server name nowhere.example.test)")
+    # ... those by the router's Python side, which the engine handed them to.
+    assert published.total("flux_engine_events_total", event="routed") == 3

@@ -63,6 +63,10 @@
 # router's handler, flux.balancer.hostrouter, which reads, routes or answers it in Python, the
 # behaviour oracle.  So the engine only ever takes the common case, and decides it as the
 # oracle would (request_host, HostRoutes.pick); tests hold both to the same answers.
+# A tcp port shared by TLS server name is routed the same way (RelayRoutes.tls): the name comes
+# from the server_name extension of a ClientHello that fits its first TLS record
+# (route_server_name; a ClientHello over several records, or without a name, is handed over),
+# and the client goes to its service untouched, as TLS passthrough wants.
 #
 # Services are never freed while the engine lives (a listener that closes leaves its counters
 # behind, as Prometheus counters must stay); their commands (listen, unlisten, new snapshot,
@@ -528,6 +532,81 @@ cdef int route_host(const uint8_t *b, Py_ssize_t start, Py_ssize_t end,
     return n
 
 
+cdef inline int route_u16(const uint8_t *b) noexcept nogil:
+    return (<int>b[0] << 8) | b[1]
+
+
+cdef int route_server_name(const uint8_t *b, Py_ssize_t n, char *out) noexcept nogil:
+    """The server name of the TLS ClientHello at the start of b[:n] as routes compare it
+    (lower case, no trailing dot) into ``out`` (ROUTE_NAME_MAX bytes); returns its length, or
+    -1 for anything the engine leaves to the asyncio side (clienthello.read_server_name, the
+    oracle): not a handshake record, a ClientHello not whole in the first record (or not in
+    yet), a malformed one, none or an empty name, a byte outside printable ASCII."""
+    cdef Py_ssize_t record, end, at, ext_end, kind, size, names_end, name_len, i
+    cdef int length
+    if n < 9 or b[0] != 22 or b[1] != 3 or b[2] > 4:
+        return -1
+    record = route_u16(b + 3)
+    if record == 0 or 5 + record > n or b[5] != 1:
+        return -1
+    length = (<int>b[6] << 16) | (<int>b[7] << 8) | b[8]
+    if 4 + length > record:
+        return -1
+    end = 9 + length
+    # legacy_version and random, then the session id, cipher suites and compression vectors.
+    at = 9 + 34
+    if at + 1 > end:
+        return -1
+    at += 1 + b[at]
+    if at + 2 > end:
+        return -1
+    at += 2 + route_u16(b + at)
+    if at + 1 > end:
+        return -1
+    at += 1 + b[at]
+    if at + 2 > end:
+        return -1
+    ext_end = at + 2 + route_u16(b + at)
+    at += 2
+    if ext_end > end:
+        return -1
+    while at + 4 <= ext_end:
+        kind = route_u16(b + at)
+        size = route_u16(b + at + 2)
+        at += 4
+        if at + size > ext_end:
+            return -1
+        if kind != 0:
+            at += size
+            continue
+        if size < 2:
+            return -1
+        names_end = at + 2 + route_u16(b + at)
+        if names_end > at + size:
+            return -1
+        at += 2
+        # The list's first host_name entry (type 0) is the name.
+        while at + 3 <= names_end:
+            name_len = route_u16(b + at + 1)
+            if at + 3 + name_len > names_end:
+                return -1
+            if b[at] == 0:
+                at += 3
+                if name_len > 0 and b[at + name_len - 1] == 46:     # a trailing '.'
+                    name_len -= 1
+                if name_len <= 0 or name_len >= ROUTE_NAME_MAX:
+                    return -1
+                for i in range(name_len):
+                    if b[at + i] <= 32 or b[at + i] >= 127:
+                        return -1
+                    out[i] = <char>route_lower(b[at + i])
+                out[name_len] = 0
+                return <int>name_len
+            at += 3 + name_len
+        return -1
+    return -1
+
+
 cdef RelaySvc *route_pick(const RelayRoutes *r, const char *name, int n) noexcept nogil:
     """The service for host ``name``: its exact entry, else "*." and its parent, else the
     default (HostRoutes.pick); NULL: none, or one the engine was not given (the asyncio side
@@ -559,7 +638,15 @@ cdef void accept_by_host(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
     cdef int size
     cdef RelaySvc *target
     n = recv(fd, buf, ROUTE_PEEK, MSG_PEEK)
-    if n > 0:
+    if n > 0 and s.routes.tls:
+        size = route_server_name(buf, n, name)
+        if size > 0:
+            target = route_pick(s.routes, name, size)
+            if target != NULL:
+                relay_count(e, RC_ROUTED, 1)
+                accept_route(e, target, fd, ip, port)
+                return
+    elif n > 0:
         # Empty lines before a request line are ignored (RFC 9112), as the oracle does.
         while start < n and (buf[start] == 13 or buf[start] == 10):
             start += 1

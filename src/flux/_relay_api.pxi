@@ -444,12 +444,13 @@ cdef class SpliceEngine:
         s.proxy_protocol = <uint8_t>proxy_protocol
         s.forwarded = http and forwarded
 
-    def route(self, uint32_t service, list names not None, int fallback=-1):
+    def route(self, uint32_t service, list names not None, int fallback=-1, bint tls=False):
         """Make ``service`` (listening, see ``listen``) a router: each client goes to the
         service its first request's Host names, by ``names``, a list of ``(host name, service
         id)`` (a name as routes compare it, or ``*.suffix``; an id of -1: handed over), else to
         ``fallback`` (-1: none), each made ready by ``serve``; anything else is handed over
-        (accept_by_host).
+        (accept_by_host).  ``tls``: by the server name of the client's TLS ClientHello
+        instead (a tcp port, passthrough).
         Thread-safe; never blocks on the engine."""
         cdef Py_ssize_t n = len(names)
         cdef RelayRoutes *r
@@ -480,6 +481,7 @@ cdef class SpliceEngine:
                 # -1: a name whose service the engine has not got (handed over, as is).
                 x.target = self._service(<uint32_t>target) if target >= 0 else NULL
             r.n = <size_t>n
+            r.tls = tls
             if fallback >= 0:
                 r.fallback = self._service(<uint32_t>fallback)
             self._control(RELAY_CTL_ROUTES, s, -1, NULL, r)
@@ -824,11 +826,12 @@ cdef class SpliceEngine:
         self.e = NULL
 
 
-def route_probe(bytes data not None, list names not None, int fallback=-1):
+def route_probe(bytes data not None, list names not None, int fallback=-1, bint tls=False):
     """What a router in the engine does with a client whose first bytes are ``data``
     (accept_by_host, without sockets): the id of the service it would send the client to, from
     ``names`` (``(host name or *.suffix, id)``) and ``fallback`` (-1: none), or -1 when it
-    would hand the client over.  For tests against the Python oracle."""
+    would hand the client over; ``tls``: by the server name of a TLS ClientHello.  For tests
+    against the Python oracle."""
     cdef Py_ssize_t n = min(len(data), <Py_ssize_t>ROUTE_PEEK)
     cdef Py_ssize_t count = len(names)
     cdef RelaySvc *svcs = <RelaySvc *>calloc(count + 1, sizeof(RelaySvc))
@@ -860,6 +863,12 @@ def route_probe(bytes data not None, list names not None, int fallback=-1):
         r.n = <size_t>count
         svcs[count].id = <uint32_t>fallback
         r.fallback = &svcs[count] if fallback >= 0 else NULL
+        if tls:
+            size = route_server_name(b, n, name)
+            if size <= 0:
+                return -1
+            picked = route_pick(&r, name, size)
+            return -1 if picked == NULL else <int>picked.id
         while start < n and (b[start] == 13 or b[start] == 10):
             start += 1
         end = route_head_end(b, start, n)

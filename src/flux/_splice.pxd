@@ -628,6 +628,7 @@ cdef struct RelayRoutes:
     # thread's (RelaySvc.routes) until the next one replaces it.
     size_t n
     RelaySvc *fallback      # the default service (no host name), or NULL: hand the client over
+    uint8_t tls             # by the server name of a TLS ClientHello (tcp), not an HTTP Host
     RelayRoute *routes
 
 

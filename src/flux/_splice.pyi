@@ -159,7 +159,10 @@ class SpliceEngine:
         proxy_protocol: int = 0,
         forwarded: bool = False,
     ) -> None: ...
-    def route(self, service: int, names: list[tuple[str, int]], fallback: int = -1) -> None: ...
+
+    def route(
+        self, service: int, names: list[tuple[str, int]], fallback: int = -1, tls: bool = False
+    ) -> None: ...
 
     def set_pool(
         self,
@@ -334,4 +337,6 @@ class H2ObserverProbe:
     def observing(self) -> bool: ...
 
 
-def route_probe(data: bytes, names: list[tuple[str, int]], fallback: int = -1) -> int: ...
+def route_probe(
+    data: bytes, names: list[tuple[str, int]], fallback: int = -1, tls: bool = False
+) -> int: ...

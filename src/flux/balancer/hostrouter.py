@@ -50,6 +50,20 @@ client is closed, counted as ``no-sni-match`` and written as a ``misrouted`` not
 whose ClientHello is still incomplete at the header timeout is closed (a ``header-timeout``
 notice, not counted: nothing was answered).
 
+In the engine
+-------------
+With a relay that accepts (the splice engine), the port's listening sockets (one per shard,
+``SO_REUSEPORT``, deferring accepts) are the engine's, as a *router* service: the router gives
+the engine its table of host names with the engine ids of the services' listeners
+(:meth:`Listener.serve_routed`: ready there without sockets of their own, their pools' snapshots
+pushed), and the engine routes the plain clients itself, with no Python at all: a complete
+HTTP/1.x head of at most 4 KiB with one plain ``Host``, or a TLS ClientHello whole in its first
+record with a server name, naming a service it has.  Every other client is handed over unread
+(:meth:`handed_over`) and read here exactly as above; this reading is the oracle the engine's
+is held to (``tests/test_engine_routing.py``).  A descriptor shortage pauses the engine's
+accepts for the port and is handed over as well: the router resumes them once the budget has
+room.  With the Python relay the router accepts on the event loop itself.
+
 Clients count against the process's descriptor budget from accept; a spent budget pauses
 accepting (the kernel's backlog waits), as a listener's does.  Closing the router closes the
 listening socket and the clients it is still reading; clients handed on carry on.
@@ -164,9 +178,9 @@ class HostRouter:
         self._lingering: set[socket.socket] = set()
         self._paused = False
         self._resumer: asyncio.TimerHandle | None = None
-        # An http port is accepted and routed in the engine when the relay accepts (see "In
-        # the engine" in the module docstring): its id there, and its listening sockets.
-        self._acceptor = acceptor if protocol == "http" else None
+        # The port is accepted and routed in the engine when the relay accepts (see "In the
+        # engine" in the module docstring): its id there, and its listening sockets.
+        self._acceptor = acceptor
         self._sid = -1
         self._listening = 0
 
@@ -226,7 +240,9 @@ class HostRouter:
         # (to be answered 404 here), rather than sending them to a wildcard or the default.
         names = [(host, ids.get(service, -1)) for host, service in self.routes.names]
         default = self.routes.default
-        self._acceptor.route(self._sid, names, ids.get(default, -1) if default else -1)
+        self._acceptor.route(
+            self._sid, names, ids.get(default, -1) if default else -1, tls=self.protocol == "tcp"
+        )
 
     def handed_over(self, client_fd: int, client_ip: str, instance: int, code: int) -> None:
         """The engine's hand-over (:class:`flux.relay.AcceptHandler`): a client it did not

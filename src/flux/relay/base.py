@@ -345,7 +345,9 @@ class Acceptor(Protocol):
         """Ready ``service`` for the clients a router sends it (:meth:`route`), as
         :meth:`listen` without sockets; returns its id."""
 
-    def route(self, sid: int, names: list[tuple[str, int]], default: int) -> None:
+    def route(
+        self, sid: int, names: list[tuple[str, int]], default: int, *, tls: bool = False
+    ) -> None:
         """Make ``sid`` a router: a client goes to the service id its first request's Host
         names in ``names`` (host name or ``*.suffix``, id), else ``default`` (-1: none); the
         rest goes to ``sid``'s handler unread."""

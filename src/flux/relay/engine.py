@@ -364,12 +364,14 @@ class SpliceRelay:
             )  # fmt: skip
         return sid
 
-    def route(self, sid: int, names: list[tuple[str, int]], default: int) -> None:
+    def route(
+        self, sid: int, names: list[tuple[str, int]], default: int, *, tls: bool = False
+    ) -> None:
         """Make ``sid`` (listening) a router: each client goes to the service id its first
         request's Host names in ``names`` (host name or ``*.suffix``, service id), else to
         ``default`` (-1: none); the rest is handed to ``sid``'s handler unread."""
         for engine in self._engines:
-            engine.route(sid, names, default)
+            engine.route(sid, names, default, tls)
 
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""
