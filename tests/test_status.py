@@ -567,10 +567,17 @@ async def test_the_sampler_is_a_component_that_samples_on_a_schedule() -> None:
 
 async def test_only_get_routes(plugin) -> None:
     plugin, _ = plugin
-    async with aiohttp.ClientSession() as session:
+    plugin.sample()
+    base = f"http://127.0.0.1:{plugin.port}"
+    async with aiohttp.ClientSession() as session:  # one keep-alive connection throughout
         for path in ("/status", "/status/history", "/metrics", "/healthz"):
-            async with session.post(f"http://127.0.0.1:{plugin.port}{path}") as response:
+            async with session.post(base + path) as response:
                 assert response.status == 405, path
+            # HEAD is GET without the body, and leaves the connection usable.
+            async with session.head(base + path) as response:
+                assert response.status == 200, path
+            async with session.get(base + path) as response:
+                assert response.status == 200 and await response.read(), path
 
 
 # -- the cluster scope against a real etcd -------------------------------------------------------

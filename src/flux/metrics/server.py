@@ -477,6 +477,10 @@ class MetricsPlugin:
         the whole ring of a thousand services is tens of MB of JSON, seconds to build."""
         response = web.StreamResponse(headers=_JSON_HEADERS)
         response.content_type = "application/json"
+        if request.method == "HEAD":  # the headers alone: a written body would break the stream
+            await response.prepare(request)
+            await response.write_eof()
+            return response
         response.enable_compression()
         await response.prepare(request)
         head = json.dumps(
