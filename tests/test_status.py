@@ -30,6 +30,7 @@ from flux.metrics.history import (
     COUNTERS,
     SAMPLE_FIELDS,
     History,
+    InstanceP99,
     Tally,
     bucket_quantile,
     tally,
@@ -60,6 +61,14 @@ def make_tally(
     for index, n in (buckets or {}).items():
         latency[index] = n
     return Tally(counts, latency, open_now, http, instances)
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # -- quantiles from buckets ----------------------------------------------------------------------
@@ -309,6 +318,35 @@ def test_tally_reads_the_counters_a_scrape_reads() -> None:
     assert list(tallies["idle"].counts) == [0] * COUNTERS and tallies["idle"].instances is None
 
 
+def test_instance_quantiles_merge_an_instances_label_sets_over_the_window() -> None:
+    clock = Clock(0.0)
+    metrics = Metrics(clock=clock)
+    a = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.1.0.1")
+    b = ConnectionInfo("web", "http", "c1", "10.0.0.2:80", "10.1.0.2")
+    other = ConnectionInfo("web", "http", "c2", "10.0.0.3:80", "10.1.0.1")
+    observe_a, observe_b = metrics.exchange_observer(a), metrics.exchange_observer(b)
+    observe_a("GET", 200, [100] * 99, [1000] * 99)
+    observe_b("GET", 500, [100], [90_000])  # another client and code: the slowest one
+    metrics.exchange_observer(other)("GET", 200, [100], [5000])
+    both = [("web", "c1"), ("web", "c2")]
+    p99 = metrics.instance_quantile(0.99, both)
+    assert p99[("web", "c1")] == pytest.approx(0.001, rel=0.02)
+    assert metrics.instance_quantile(1.0, both)[("web", "c1")] == pytest.approx(0.09, rel=0.02)
+    assert p99[("web", "c2")] == pytest.approx(0.005, rel=0.02)
+    assert metrics.instance_quantile(0.99, [("web", "c9")]) == {}
+    # Refreshed a slice at a time: a budget of one label set takes one instance per call
+    # (c1's two label sets go together, over the budget).
+    slices = InstanceP99(budget=1)
+    slices.refresh(metrics)
+    assert set(slices.values) == {("web", "c1")}
+    slices.refresh(metrics)
+    assert slices.values == pytest.approx(p99)
+    clock.now = 700.0  # past the 10 min window: nothing left to tell
+    slices.refresh(metrics)
+    slices.refresh(metrics)
+    assert slices.values == {}
+
+
 # -- the service rows ----------------------------------------------------------------------------
 
 
@@ -360,6 +398,7 @@ def test_service_rows_join_the_balancer_the_records_the_agent_and_the_history() 
         local,
         {"c4": "busybox"},
         history,
+        {("web", "c1"): 0.002, ("dup", "c1"): 0.5},
         now=1000.0,
     )
     assert [row["name"] for row in rows] == ["bare", "dup", "six", "web"]
@@ -383,11 +422,11 @@ def test_service_rows_join_the_balancer_the_records_the_agent_and_the_history() 
     assert c1 == {
         "name": "c1", "host": "10.0.0.1", "address": "10.0.0.1:32768", "state": "live",
         "reason": None, "retry_at": None, "container_id": "c1", "image": "nginx:1.25",
-        "active": 3, "failures": 0, "req_rate": pytest.approx(10.0), "p99": None,
+        "active": 3, "failures": 0, "req_rate": pytest.approx(10.0), "p99": 0.002,
     }  # fmt: skip
     assert c2["state"] == "backoff" and c2["retry_at"] == pytest.approx(1004.0)
     assert c2["failures"] == 3 and c2["host"] == "10.0.0.2" and "3 failed" in c2["reason"]
-    assert c2["req_rate"] == 0.0
+    assert c2["req_rate"] == 0.0 and c2["p99"] is None
     assert c3["state"] == "paused" and c3["address"] is None and c3["image"] is None
     assert c4["state"] == "draining" and c4["image"] == "busybox"  # the container's own
     # A tcp service has no request rate per instance.
@@ -459,14 +498,6 @@ class Agent:
         self.containers = {"c1": Container(id="c1", image="nginx:1.25")}
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 async def plugin() -> AsyncIterator[tuple[MetricsPlugin, Clock]]:
     clock = Clock()
@@ -521,6 +552,7 @@ async def test_status_has_the_fluxd_block_and_the_service_rows(plugin) -> None:
     [c1] = row["instances"]
     assert c1["image"] == "nginx:1.25"  # no image label in the record: the container's
     assert c1["req_rate"] == pytest.approx(10.0) and c1["active"] == 1
+    assert c1["p99"] == pytest.approx(0.0007, rel=0.02)  # 700 µs, at the summaries' 1 %
 
 
 async def test_history_serves_the_samples_after_since(plugin) -> None:

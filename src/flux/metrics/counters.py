@@ -333,6 +333,8 @@ class Metrics:
         self.retries: dict[str, int] = {}
         self.iptables_sync = BucketCounts(IPTABLES_SYNC_BUCKETS)
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
+        # The same summaries by (service, instance), for its quantiles (instance_quantile).
+        self.instance_exchanges: dict[tuple[str, str], list[_Exchanges]] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         # Requests fluxd answered itself, by (service, entry point, status).
         self.rejected: dict[tuple[str, str, str], int] = {}
@@ -477,6 +479,23 @@ class Metrics:
                 levels[name] = levels.get(name, 0) + n
         return RelayCounters(events, levels)
 
+    def instance_quantile(
+        self, q: float, instances: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], float]:
+        """The ``q`` quantile of the total times, in seconds, of each of ``instances``
+        ((service, instance) pairs) over the summaries' sliding window, its label sets
+        (clients, methods, codes) merged; an instance with nothing in the window is left out.
+        Not for the record path: one histogram merge per busy label set."""
+        scratch = self._scratch
+        result = {}
+        for instance in instances:
+            scratch.reset()
+            for exchanges in self.instance_exchanges.get(instance, ()):
+                exchanges.total.add_window_to(scratch)
+            if scratch.count:
+                result[instance] = scratch.value_at_quantile(q) / 1e6
+        return result
+
     def on_reset(self, service: str, entry: str) -> None:
         """A client of ``service`` that came in by ``entry`` was reset: no instance could take
         it."""
@@ -569,6 +588,7 @@ class Metrics:
         exchanges = self.exchanges.get(key)
         if exchanges is None:
             exchanges = self.exchanges[key] = _Exchanges(self._summary(), self._summary())
+            self.instance_exchanges.setdefault((service, base[0]), []).append(exchanges)
         duration_key = (service, method, code)
         durations = self.http_durations.get(duration_key)
         if durations is None:

@@ -28,6 +28,9 @@ Two things are kept:
   inside a bucket as ``histogram_quantile`` does).  A request rate per instance comes from the
   short window's marks only; older marks drop their per-instance counts.
 
+Each instance's p99 is not kept per sample: :class:`InstanceP99` merges the sliding summaries
+of its label sets (8 to 10 minutes), a bounded slice of instances per sample.
+
 Rates are differences of cumulative counters divided by the time between them.  A counter
 that went *down* was reset (fluxd's counters are not, but the engine's are per shard and a
 relay can be replaced): the difference is then its new value, as Prometheus takes it.  A service
@@ -53,9 +56,11 @@ __all__ = [
     "CHECKPOINT",
     "INTERVAL",
     "LONG_WINDOW",
+    "P99_LABEL_SETS",
     "SAMPLE_FIELDS",
     "SHORT_WINDOW",
     "History",
+    "InstanceP99",
     "Tally",
     "bucket_quantile",
     "tally",
@@ -66,6 +71,8 @@ CAPACITY = 180
 SHORT_WINDOW = 10.0
 LONG_WINDOW = 300.0
 CHECKPOINT = 30.0
+# Label sets merged per sample for the instances' p99 (see InstanceP99): about 15 ms.
+P99_LABEL_SETS = 2000
 
 # Status classes of requests, by the first digit of the code.
 CLASSES = ("2xx", "3xx", "4xx", "5xx")
@@ -488,3 +495,38 @@ class History:
             if old is not None and end.t > mark.t:
                 return new, old, end.t - mark.t
         return None
+
+
+class InstanceP99:
+    """Each HTTP instance's p99 over its summaries' sliding window
+    (:meth:`~flux.metrics.counters.Metrics.instance_quantile`), refreshed a slice at a time.
+
+    A merge costs a few microseconds per busy label set (instance x client x method x code),
+    and they can number hundreds of thousands; so each :meth:`refresh` (one per sample) merges
+    about ``budget`` label sets, taking the instances in turn, and an instance's figure is at
+    most ``label sets / budget`` samples old (it covers 8 to 10 minutes anyway).
+    """
+
+    def __init__(self, budget: int = P99_LABEL_SETS) -> None:
+        self.budget = budget
+        self.values: dict[tuple[str, str], float] = {}
+        self._due: deque[tuple[str, str]] = deque()
+
+    def refresh(self, metrics: Metrics) -> None:
+        """Work out the next slice of instances (a new round once every one was done)."""
+        if not self._due:
+            self._due.extend(metrics.instance_exchanges)
+        batch = []
+        spent = 0
+        while self._due and spent < self.budget:
+            key = self._due.popleft()
+            batch.append(key)
+            spent += len(metrics.instance_exchanges.get(key, ()))
+        found = metrics.instance_quantile(0.99, batch)
+        for key in batch:
+            value = found.get(key)
+            if value is None:
+                self.values.pop(key, None)
+            else:
+                self.values[key] = value
+

@@ -65,7 +65,7 @@ from flux import __version__
 from flux.agent.enrol import Container
 from flux.metrics.cluster import HostAnswer, ask_hosts, merge
 from flux.metrics.counters import FluxCollector, Metrics
-from flux.metrics.history import History, tally
+from flux.metrics.history import History, InstanceP99, tally
 from flux.metrics.status import service_rows
 from flux.model import Instance, RecordError, ServiceInfo
 from flux.store.base import Store, StoreError, StoreUnavailable
@@ -195,6 +195,7 @@ class MetricsPlugin:
         self._clock = clock
         self.started_at = clock()
         self._targets_error: str | None = None  # the last failure to read the targets
+        self.instance_p99 = InstanceP99()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.advertised: str | None = None
@@ -240,7 +241,8 @@ class MetricsPlugin:
             await asyncio.sleep(due - loop.time())
 
     def sample(self) -> None:
-        """Take one history sample of the services known now."""
+        """Take one history sample of the services known now, and refresh a slice of the
+        instances' p99."""
         services: dict[str, str | None] = {}
         if self._balancer is not None:
             services = {
@@ -248,6 +250,7 @@ class MetricsPlugin:
                 for name, info in self._balancer.infos.items()
             }
         self.history.record(self._clock(), tally(self.metrics, services))
+        self.instance_p99.refresh(self.metrics)
 
     async def start(self) -> int:
         """Open the listener (once); return the port it is bound to."""
@@ -382,6 +385,7 @@ class MetricsPlugin:
             agent.instances if agent is not None else {},
             {cid: c.image for cid, c in agent.containers.items()} if agent is not None else {},
             self.history,
+            self.instance_p99.values,
             now=now,
         )
 

@@ -15,7 +15,8 @@ JSON"):
 - the agent's view of this host's instances, which is newer than the records it wrote, and the
   images of the containers Docker reported;
 - the history (:class:`~flux.metrics.history.History`): the figures over the last 10 s and
-  5 min, and the request rate per instance.
+  5 min, and the request rate per instance; and each instance's p99 over the sliding window
+  of its summaries (:meth:`~flux.metrics.counters.Metrics.instance_quantile`).
 
 An instance's state is its record's, except that a live instance one of whose pools holds it
 back after failed connects is ``backoff`` (with the time of its next try, Unix seconds).
@@ -112,6 +113,7 @@ def _instance_row(
     image: str | None,
     http: bool,
     rates: Mapping[str, float] | None,
+    p99: float | None,
     now: float,
 ) -> dict[str, Any]:
     state = instance.effective_state
@@ -136,7 +138,7 @@ def _instance_row(
         "active": sum(int(h["active"]) for h in health),
         "failures": failures,
         "req_rate": (rates.get(name, 0.0) if rates is not None else None) if http else None,
-        "p99": None,
+        "p99": p99 if http else None,
     }
 
 
@@ -146,13 +148,15 @@ def service_rows(
     local: Mapping[tuple[str, str], Instance],
     container_images: Mapping[str, str],
     history: History,
+    instance_p99: Mapping[tuple[str, str], float],
     *,
     now: float,
 ) -> list[dict[str, Any]]:
     """One row per service known to the balancer's watch, its state, or the agent, sorted
     by name (see the module docstring).  ``balancer``: the ``services`` of the balancer's
     status; ``local``: this host's instances by (service, instance); ``container_images``:
-    image by container ID; ``now``: Unix time."""
+    image by container ID; ``instance_p99``: seconds by (service, instance); ``now``: Unix
+    time."""
     mine: dict[str, dict[str, Instance]] = {}
     for (service, name), instance in local.items():
         mine.setdefault(service, {})[name] = instance
@@ -177,6 +181,7 @@ def service_rows(
                 image=_image(instance, container_images.get(name)),
                 http=http,
                 rates=rates,
+                p99=instance_p99.get((service, name)),
                 now=now,
             )
             for name, instance in sorted(records.items())
