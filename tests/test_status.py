@@ -39,6 +39,7 @@ from flux.metrics.status import INSTANCE_STATES, service_rows
 from flux.model import ConnectionInfo, HostRef, Instance, InstanceState, Service, ServiceInfo
 from flux.relay import RelayResult
 from flux.store.etcd import EtcdStore
+from flux.store.memory import MemoryStore
 from tests.support.etcd_server import EtcdServer
 
 BUCKETS = len(HTTP_DURATION_BUCKETS) + 1
@@ -610,6 +611,29 @@ async def test_only_get_routes(plugin) -> None:
                 assert response.status == 200, path
             async with session.get(base + path) as response:
                 assert response.status == 200 and await response.read(), path
+
+
+async def test_without_the_advertised_endpoints_the_cluster_is_this_host_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    plugin = MetricsPlugin(
+        Metrics(), listen=("127.0.0.1", 0), host_address="127.0.0.1", store=store,
+        balancer=Balancer(), agent=Agent(),
+    )  # fmt: skip
+    await plugin.start()
+    try:
+        store.inject_error()
+        for _ in range(3):
+            status, _, merged = await get(plugin.port, "/status?scope=cluster")
+            assert status == 200
+            [own] = merged["hosts"]
+            assert own["host"] == "127.0.0.1" and own["reachable"] is True
+            assert own["endpoint"] == f"127.0.0.1:{plugin.port}"  # not advertised: the listener
+        assert caplog.text.count("cannot read the advertised endpoints") == 1
+    finally:
+        store.clear_error()
+        await plugin.close()
 
 
 # -- the cluster scope against a real etcd -------------------------------------------------------

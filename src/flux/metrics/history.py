@@ -6,8 +6,8 @@ Every ``interval`` seconds (5 by default) the metrics plugin reads the cumulativ
 :class:`~flux.metrics.counters.Metrics` into one :class:`Tally` per service (:func:`tally`:
 connections, requests by status class, bytes, connect failures, retries, the latency histogram's
 bucket counts, connections open, and HTTP requests per instance) and hands them to
-:meth:`History.record` with the time.  Everything here is pure: the time is an argument, so the
-ring is tested with a fake clock and made-up tallies.
+:meth:`History.record` with the time.  The ring itself is pure: the time is an argument, so
+it is tested with a fake clock and made-up tallies.
 
 Two things are kept:
 
@@ -32,8 +32,8 @@ Each instance's p99 is not kept per sample: :class:`InstanceP99` merges the slid
 of its label sets (8 to 10 minutes), a bounded slice of instances per sample.
 
 Rates are differences of cumulative counters divided by the time between them.  A counter
-that went *down* was reset (fluxd's counters are not, but the engine's are per shard and a
-relay can be replaced): the difference is then its new value, as Prometheus takes it.  A service
+that went *down* was reset (fluxd's own only grow, but a reset read as a difference would be
+a huge negative rate): the difference is then its new value, as Prometheus takes it.  A service
 new since the older mark is measured from the first mark that has it, never from zero (its
 counters may predate its appearance: label sets are kept for good).  A span of no time (the
 clock stood still or stepped back) gives no rates at all rather than infinite ones.
@@ -101,7 +101,7 @@ class Tally:
     """One service's cumulative counts at one instant (what a mark holds).
 
     ``counts``: :data:`COUNTERS` cumulative counters (connections, requests 2xx..5xx, bytes
-    both ways, connect failures, retries); ``retries`` is -1 when nothing counts them.
+    both ways, connect failures, retries).
     ``buckets``: requests per latency bucket (:data:`HTTP_DURATION_BUCKETS` then +Inf, not
     cumulative over buckets).  ``http``: the service speaks HTTP (else request figures are
     null).  ``instances``: HTTP requests per instance name.
@@ -251,7 +251,7 @@ def _span(new: Tally, old: Tally, seconds: float) -> dict[str, Any]:
         "p99": bucket_quantile(0.99, buckets) if http else None,
         "bytes_rate": rate[_BYTES],
         "connect_failures_rate": rate[_FAILURES],
-        "retries_rate": None if c[_RETRIES] < 0 else rate[_RETRIES],
+        "retries_rate": rate[_RETRIES],
     }
 
 
