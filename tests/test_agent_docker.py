@@ -375,10 +375,13 @@ async def test_periodic_reconcile_repairs_missed_events() -> None:
     engine.containers = {"a": inspect_json("a")}
     async with watching(engine, reconcile_interval=0.2) as (watcher, updates):
         await updates.next()
+        first = watcher.last_reconcile
+        assert first is not None and first <= time.time()
         engine.containers["b"] = inspect_json("b")  # no event: Docker dropped it
         update = await updates.next(timeout=2.0)
         assert update.reset and set(update.containers) == {"a", "b"}
         assert watcher.snapshots == 2 and watcher.connections == 1
+        assert watcher.last_reconcile is not None and watcher.last_reconcile >= first
 
 
 async def test_reconcile_on_request() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from flux.store import StoreUnavailable
 from flux.store.etcd import EtcdStore
 from flux.store.memory import MemoryStore
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
-from tests.support.etcd_server import EtcdServer
+from tests.support.etcd_server import EtcdServer, free_port
 from tests.support.fluxd_process import (
     EXPECTED_JUMPS,
     HOST,
@@ -260,15 +261,24 @@ def test_host_client_reaches_containers_through_the_floating_address(
     web_containers: Callable[[str], str],
 ) -> None:
     vip = f"127.42.200.{secrets.randbelow(200) + 1}"
-    daemon = fluxd_factory("-host-ttl", "10")
+    metrics_port = free_port()
+    daemon = fluxd_factory("-host-ttl", "10", "-listen-prometheus", f"{HOST}:{metrics_port}")
     daemon.wait_logged("installed (nat and filter)")
     tag = web_containers.tag  # type: ignore[attr-defined]
     fluxctl = [sys.executable, "-m", "flux.fluxctl"]
     env = {**os.environ, "ETCD_ADDRESS": etcd.endpoint}
     subprocess.run(
-        [*fluxctl, "service", "web", "--address", f"{vip}:80", "--labels", f"e2e={tag}"],
+        [*fluxctl, "service", "web", "--address", f"{vip}:80", "--protocol", "http",
+         "--labels", f"e2e={tag}"],
         env=env, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        return dict(json.loads(http_get(f"http://{HOST}:{metrics_port}/status")))
+
+    def web_row() -> dict[str, Any]:
+        return next(row for row in status()["services"] if row["name"] == "web")
+
     # No instance yet: refused at once.
     wait_until(lambda: any(vip in line and "REJECT" in line for line in chain_lines(daemon.chain)))
     started = time.monotonic()
@@ -290,6 +300,38 @@ def test_host_client_reaches_containers_through_the_floating_address(
     wait_until(lambda: live_instances() == 3, 15, "three live instances")
     seen = {http_get(f"http://{vip}/") for _ in range(30)}
     assert seen == {"site0", "site1", "site2"}
+    # /status: this fluxd, and the service with its instances and figures that move (the
+    # history samples every 5 s).
+    fluxd = status()["fluxd"]
+    assert fluxd["host_ip"] == HOST and fluxd["uptime"] > 0
+    assert fluxd["etcd"]["reachable"] is True and fluxd["etcd"]["endpoint"] == etcd.endpoint
+    assert fluxd["docker"]["connected"] is True and fluxd["docker"]["last_reconcile"] > 0
+    assert fluxd["engine"]["threads"] >= 1 and fluxd["engine"]["fds_used"] > 0
+    row = web_row()
+    assert row["state"] == "forwarding" and row["protocol"] == "http"
+    assert row["instances_by_state"]["live"] == 3
+    assert sorted(i["container_id"] for i in row["instances"]) == sorted(ids)
+    assert {i["image"] for i in row["instances"]} == {BUSYBOX_IMAGE}
+    assert {i["host"] for i in row["instances"]} == {HOST}
+    # Traffic after the service's first sample (before it, it would be the baseline).
+    wait_until(lambda: web_row()["figures"]["now"]["conn_rate"] is not None, 15, "a sample")
+    assert {http_get(f"http://{vip}/") for _ in range(30)} == {"site0", "site1", "site2"}
+    moved: list[dict[str, Any]] = []
+
+    def request_rate_moved() -> bool:
+        figures = web_row()["figures"]["now"]
+        moved.append(figures)
+        return bool((figures["req_rate"] or {}).get("2xx", 0) > 0)
+
+    wait_until(request_rate_moved, 15, "the request rate to move")
+    now = moved[-1]
+    assert now["conn_rate"] > 0 and now["bytes_rate"] > 0
+    assert 0 < now["p50"] <= now["p99"]
+    history = json.loads(http_get(f"http://{HOST}:{metrics_port}/status/history"))
+    assert any(
+        (s["services"].get("web", {}).get("req_rate") or {}).get("2xx", 0) > 0
+        for s in history["samples"]
+    )
     # One instance dies in the middle of a request loop: no request fails.
     failures = 0
     for i in range(60):
@@ -301,5 +343,9 @@ def test_host_client_reaches_containers_through_the_floating_address(
             failures += 1
     assert failures == 0
     wait_until(lambda: live_instances() == 2, 15, "the dead instance to go")
+    wait_until(
+        lambda: ids[1] not in [i["container_id"] for i in web_row()["instances"]], 15,
+        "the dead instance's row to go",
+    )
     assert daemon.signal(signal.SIGTERM) == 0
     assert chain_lines(daemon.chain) == []

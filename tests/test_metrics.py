@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from flux._splice import HTTP_ERROR_RESPONSES, RELAY_COUNTERS, RELAY_LEVELS
+from flux.agent.enrol import Container
 from flux.balancer.balancer import Balancer
 from flux.balancer.iptables import IPTables
 from flux.balancer.listener import ConnectionBudget, Listener
@@ -65,7 +66,15 @@ from flux.metrics.counters import (
     grpc_method_labels,
 )
 from flux.metrics.summary import SUMMARY_HIGHEST_US
-from flux.model import ConnectionInfo, Host, HostRef, Instance, InstanceState, Service
+from flux.model import (
+    ConnectionInfo,
+    Host,
+    HostRef,
+    Instance,
+    InstanceState,
+    Service,
+    ServiceInfo,
+)
 from flux.relay import (
     HTTP_CUT_SIDES,
     OTHER_CLIENT,
@@ -205,6 +214,10 @@ def test_summary_refuses_bad_configuration() -> None:
 class FakeBalancer:
     def __init__(self) -> None:
         self.ready = True
+        self.infos: dict[str, ServiceInfo] = {}
+
+    def engine_status(self) -> Mapping[str, int]:
+        return {"threads": 2, "open_connections": 1}
 
     def status(self) -> Mapping[str, Any]:
         return {
@@ -241,6 +254,8 @@ class FakeBalancer:
 class FakeAgent:
     def __init__(self) -> None:
         self.docker_connected = True
+        self.last_reconcile: float | None = None
+        self.containers: dict[str, Container] = {}
         host = HostRef(address="10.0.0.1")
         self.instances: dict[tuple[str, str], Instance] = {
             ("web", "c1"): Instance(host=host, address="10.0.0.1:32768", container_rule="r1"),
@@ -797,7 +812,7 @@ def test_no_listen_address_means_no_component() -> None:
     plugin = MetricsPlugin(Metrics(), listen=None, host_address="10.0.0.1")
     assert plugin.components() == []
     listening = MetricsPlugin(Metrics(), listen=("", 9000), host_address="10.0.0.1")
-    assert [name for name, _ in listening.components()] == ["metrics"]
+    assert [name for name, _ in listening.components()] == ["metrics", "metrics-history"]
 
 
 # -- advertisement -------------------------------------------------------------------------------
@@ -974,6 +989,7 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
         on_connection=metrics.on_connection,
         on_done=metrics.on_done,
         on_connect_failure=metrics.on_connect_failure,
+        on_retry=metrics.on_retry,
     )
     plugin = MetricsPlugin(
         metrics, listen=("127.0.0.1", 0), host_address="127.0.0.1", balancer=balancer
@@ -1002,6 +1018,8 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
         gone = Instance(host=HostRef(address="127.0.0.1"), address=f"127.0.0.1:{closed_port()}")
         await host.add_instance("echo", "e0", live)
         await host.add_instance("dead", "d0", gone)
+        also_gone = gone.model_copy(update={"address": f"127.0.0.1:{closed_port()}"})
+        await host.add_instance("dead", "d1", also_gone)
         await until(
             lambda: f"-d {vip}/32" in nat_rules(chain) and f"-d {dead_vip}/32" in nat_rules(chain)
         )
@@ -1011,7 +1029,12 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
         await until(lambda: metrics.totals()[2].get("echo") == 0)
         with pytest.raises(OSError):
             await exchange(dead_vip, 7000, b"hello")
-        await until(lambda: metrics.connect_failures.get(("dead", "d0"), 0) >= 1)
+        # Both instances were tried: one failed connect, then one retry on the other.
+        await until(
+            lambda: metrics.retries.get("dead", 0) >= 1
+            and metrics.connect_failures.get(("dead", "d0"), 0) >= 1
+            and metrics.connect_failures.get(("dead", "d1"), 0) >= 1
+        )
 
         _, _, body = await fetch(plugin.port, "/metrics")
         registry = plugin.registry
@@ -1030,6 +1053,7 @@ async def test_real_connections_through_the_balancer_are_counted() -> None:
             )
             >= 1
         )
+        assert registry.get_sample_value("flux_connect_retries_total", {"service": "dead"}) >= 1
         assert registry.get_sample_value("flux_iptables_sync_seconds_count") >= 2
         assert 'flux_connections_total{dst="127.0.0.1",individual="e0"' in body
         assert (await fetch(plugin.port, "/healthz"))[0] == 200

@@ -242,6 +242,29 @@ async def test_ping(store: Store) -> None:
     await store.ping()
 
 
+async def test_reachable_and_the_age_of_the_lease(hosts: Cluster) -> None:
+    store = hosts.store()
+    assert store.lease_age() is None  # no lease yet
+    await store.ping()
+    assert store.reachable is True
+    await with_lease(hosts, store, ttl=6)
+    age = store.lease_age()
+    assert age is not None and 0 <= age < 6
+
+    async def older() -> bool:
+        now = store.lease_age()
+        return now is not None and now >= 1.0
+
+    async def kept_alive() -> bool:  # every TTL/3: the age starts again
+        now = store.lease_age()
+        return now is not None and now < 1.0
+
+    await eventually(older)
+    await eventually(kept_alive)
+    await store.revoke_lease()
+    assert store.lease_age() is None
+
+
 async def test_services(store: Store) -> None:
     await store.add_service("svc", SPEC)
     assert await store.get_service("svc") == info()

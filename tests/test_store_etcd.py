@@ -397,6 +397,7 @@ async def test_an_unreachable_etcd_is_one_clear_error() -> None:
         message = str(caught.value)
         assert message.startswith(f"etcd is unreachable: {dead}: ")
         assert "\n" not in message
+        assert store.reachable is False and store.endpoint == dead
         with pytest.raises(StoreUnavailable):
             await store.run_lease(5)
     finally:
@@ -509,10 +510,17 @@ async def test_run_lease_raises_while_etcd_is_down_then_keeps_the_same_lease(
     keeper = asyncio.create_task(store.run_lease(6))
     await asyncio.wait_for(store.wait_lease(), 5)
     lease = store.lease_id
+    assert store.reachable is True
+    age = store.lease_age()
+    assert age is not None and 0 <= age < 6
 
     with etcd_stopped(etcd):
         with pytest.raises(StoreUnavailable, match="etcd is unreachable"):
             await asyncio.wait_for(keeper, 10)
+        assert store.reachable is False
+        # The lease is still held as far as this store knows, and ages.
+        outage_age = store.lease_age()
+        assert outage_age is not None and outage_age > age
         # A write during the outage fails, but is kept and written once etcd is back.
         with pytest.raises(StoreUnavailable):
             await store.register_host(Host(address="10.0.0.1"))
@@ -524,6 +532,9 @@ async def test_run_lease_raises_while_etcd_is_down_then_keeps_the_same_lease(
 
         await eventually(host_written)
         assert store.lease_id == lease, "a short outage keeps the lease"
+        assert store.reachable is True
+        fresh = store.lease_age()
+        assert fresh is not None and fresh < outage_age
         lease_of = json.loads(etcd.etcdctl("get", INSTANCE_KEY, "-w", "json"))["kvs"][0]["lease"]
         assert lease_of == lease
     finally:

@@ -249,6 +249,7 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
         on_exchange=metrics.exchange_observer if metrics else None,
         on_reset=metrics.on_reset if metrics else None,
         on_answered=metrics.on_entry_answered if metrics else None,
+        on_retry=metrics.on_retry if metrics else None,
         http_header_timeout=settings.http_header_timeout,
     )
     agent = Agent(

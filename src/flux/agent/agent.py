@@ -35,7 +35,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from flux.agent.docker import AiodockerClient, DockerClient, DockerWatcher
-from flux.agent.enrol import ContainerUpdate, Enroller, InstanceKey, InstanceUpdate
+from flux.agent.enrol import Container, ContainerUpdate, Enroller, InstanceKey, InstanceUpdate
 from flux.agent.publish import Publisher
 from flux.model import Instance
 from flux.store.base import ServiceUpdate, Store, StoreUnavailable
@@ -92,6 +92,16 @@ class Agent:
     def docker_connected(self) -> bool:
         """True while the Docker event stream is up and its snapshot was taken."""
         return self.docker.connected
+
+    @property
+    def last_reconcile(self) -> float | None:
+        """Unix time of the last full listing of Docker's containers (None before one)."""
+        return self.docker.last_reconcile
+
+    @property
+    def containers(self) -> Mapping[str, Container]:
+        """This host's running containers by ID, as last reported by Docker."""
+        return self.docker.containers
 
     @property
     def in_sync(self) -> bool:

@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -271,6 +272,8 @@ class DockerWatcher:
         self.snapshots = 0
         self.connections = 0
         self.last_error: str | None = None
+        # time.time() when the running containers were last listed and inspected.
+        self.last_reconcile: float | None = None
 
     @property
     def containers(self) -> Mapping[str, Container]:
@@ -400,6 +403,7 @@ class DockerWatcher:
             snapshot[cid] = container
         self._known = snapshot
         self.snapshots += 1
+        self.last_reconcile = time.time()
         emit(ContainerUpdate(dict(snapshot), reset=True))
 
     async def _handle(

@@ -110,6 +110,7 @@ class Balancer:
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         on_reset: Callable[[str, str], None] | None = None,
         on_answered: Callable[[str, int | str], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
         http_header_timeout: float = HTTP_HEADER_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -126,6 +127,7 @@ class Balancer:
         self.on_connect_failure = on_connect_failure
         self.on_exchange = on_exchange
         self.on_reset = on_reset
+        self.on_retry = on_retry
         self._clock = clock
         self._rng = rng or random.Random()
         self.states: dict[str, ServiceState] = {}
@@ -133,6 +135,9 @@ class Balancer:
         # address because another one claimed it first (see services.resolve_conflicts).
         self._wanted: dict[str, ServiceView] = {}
         self.conflicts: dict[str, Conflict] = {}
+        # Every service as the watch last gave it, with every host's instance records in
+        # every state (references to the store's decoded records, for /status).
+        self.infos: dict[str, ServiceInfo] = {}
         self.listeners: dict[str, tuple[Endpoint, Listener]] = {}
         self._retiring: dict[tuple[str, Endpoint], Listener] = {}
         self._bind_ip: str | None = None
@@ -215,6 +220,13 @@ class Balancer:
         """Bring listeners, pools and rules in line with one watch update."""
         if self.published is not None:
             self.published.apply(update)
+        infos = {} if update.reset else self.infos
+        for name, info in update.services.items():
+            if info is None:
+                infos.pop(name, None)
+            else:
+                infos[name] = info
+        self.infos = infos
         views = {name: self._view(name, info) for name, info in update.services.items()}
         wanted = {} if update.reset else dict(self._wanted)
         for name, view in views.items():
@@ -315,6 +327,7 @@ class Balancer:
             on_connect_failure=self.on_connect_failure,
             on_exchange=self.on_exchange,
             on_reset=self.on_reset,
+            on_retry=self.on_retry,
             port=port,
             entry=entry,
             proxy_protocol=proxy_protocol,
@@ -400,6 +413,15 @@ class Balancer:
                 listener_port = self.listeners[name][1].port
             interceptions.append(_interception(name, state.endpoint.address, listener_port))
         return desired_rules(self.iptables.chain, self._bind_ip, interceptions)
+
+    def engine_status(self) -> dict[str, int]:
+        """The relay as ``/status`` shows it: its native threads (0 for the Python relay)
+        and the connections it relays now."""
+        acceptor = self.relay.acceptor
+        return {
+            "threads": 0 if acceptor is None else acceptor.shards,
+            "open_connections": self.relay.active,
+        }
 
     def status(self) -> Mapping[str, Any]:
         """What ``/status`` shows of the balancer: each service's state, what its instances get

@@ -381,6 +381,7 @@ class Listener:
         on_connect_failure: Callable[[str, str], None] | None = None,
         on_exchange: Callable[[ConnectionInfo], ExchangeObserver] | None = None,
         on_reset: Callable[[str, str], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
         budget: ConnectionBudget | None = None,
         port: int = 0,
         entry: str = "vip",
@@ -402,6 +403,8 @@ class Listener:
         self._on_connect_failure = on_connect_failure
         # (service, entry): a client reset because no instance could take it.
         self._on_reset = on_reset
+        # (service): another instance tried after a failed connect.
+        self._on_retry = on_retry
         self._on_exchange = on_exchange if protocol == "http" else None
         self._http = protocol == "http"
         self._sock: socket.socket | None = None
@@ -749,6 +752,9 @@ class Listener:
             choice = self.pool.pick(exclude=c.tried)
             if choice is None:
                 break
+            if c.tried and self._on_retry is not None:
+                # c.tried holds only attempts that failed (a parked one is taken out).
+                self._on_retry(self.service)
             c.tried.add(choice.name)
             try:
                 family, target, packed = _split(choice.address)

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 The balancer, the iptables adapter and the relay report events through plain callables:
 :meth:`Metrics.on_connection`, :meth:`Metrics.on_done`, :meth:`Metrics.on_connect_failure`,
-:meth:`Metrics.on_iptables_sync` (and ``_failure``), and per HTTP exchange the observer that
+:meth:`Metrics.on_retry`, :meth:`Metrics.on_iptables_sync` (and ``_failure``), and per HTTP
+exchange the observer that
 :meth:`Metrics.exchange_observer` makes for each connection.  Each one updates Python dicts of
 integers (or one :class:`~flux.metrics.summary.SlidingSummary` per HTTP label set): no
 prometheus_client object, no lock and no string formatting on the connection path.  All of
@@ -329,9 +330,13 @@ class Metrics:
         self.bytes: dict[tuple[str, str], int] = {}
         self.active: dict[str, int] = {}
         self.connect_failures: dict[tuple[str, str], int] = {}
+        # Connects tried on another instance after a failed one, by service.
+        self.retries: dict[str, int] = {}
         self.iptables_sync = BucketCounts(IPTABLES_SYNC_BUCKETS)
         self.iptables_sync_failures = 0
         self.exchanges: dict[tuple[str, str, str, str, str, str], _Exchanges] = {}
+        # The same summaries by (service, instance), for its quantiles (instance_quantile).
+        self.instance_exchanges: dict[tuple[str, str], list[_Exchanges]] = {}
         self.http_durations: dict[tuple[str, str, str], BucketCounts] = {}
         # Requests fluxd answered itself, by (service, entry point, status).
         self.rejected: dict[tuple[str, str, str], int] = {}
@@ -424,12 +429,8 @@ class Metrics:
         object's counts plus the engine's, the engine's clients folded as :meth:`on_connection`
         folds them."""
         connections = dict(self.connections)
-        byte_counts = dict(self.bytes)
-        active = dict(self.active)
-        rejected = dict(self.rejected)
         for source in self.counters:
-            counts = source()
-            for (service, protocol, name, address, client), n in counts.connections.items():
+            for (service, protocol, name, address, client), n in source().connections.items():
                 key = (
                     name,
                     self.client_label(service, client),
@@ -438,13 +439,25 @@ class Metrics:
                     service,
                 )
                 connections[key] = connections.get(key, 0) + n
+        return connections, *self.service_totals()
+
+    def service_totals(
+        self,
+    ) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[tuple[str, str, str], int]]:
+        """Bytes, active and rejected as :meth:`totals` gives them, without the connections
+        by client (the costly part; the history reads these every few seconds)."""
+        byte_counts = dict(self.bytes)
+        active = dict(self.active)
+        rejected = dict(self.rejected)
+        for source in self.counters:
+            counts = source()
             for key2, n in counts.bytes.items():
                 byte_counts[key2] = byte_counts.get(key2, 0) + n
             for service, n in counts.active.items():
                 active[service] = active.get(service, 0) + n
             for key3, n in counts.rejected.items():
                 rejected[key3] = rejected.get(key3, 0) + n
-        return connections, byte_counts, active, rejected
+        return byte_counts, active, rejected
 
     def entry_totals(self) -> dict[tuple[str, str], int]:
         """Connections by (service, entry point): this object's counts plus the engine's."""
@@ -468,6 +481,23 @@ class Metrics:
                 levels[name] = levels.get(name, 0) + n
         return RelayCounters(events, levels)
 
+    def instance_quantile(
+        self, q: float, instances: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], float]:
+        """The ``q`` quantile of the total times, in seconds, of each of ``instances``
+        ((service, instance) pairs) over the summaries' sliding window, its label sets
+        (clients, methods, codes) merged; an instance with nothing in the window is left out.
+        Not for the record path: one histogram merge per busy label set."""
+        scratch = self._scratch
+        result = {}
+        for instance in instances:
+            scratch.reset()
+            for exchanges in self.instance_exchanges.get(instance, ()):
+                exchanges.total.add_window_to(scratch)
+            if scratch.count:
+                result[instance] = scratch.value_at_quantile(q) / 1e6
+        return result
+
     def on_reset(self, service: str, entry: str) -> None:
         """A client of ``service`` that came in by ``entry`` was reset: no instance could take
         it."""
@@ -478,6 +508,10 @@ class Metrics:
         """Connecting to ``instance`` failed (refused, unreachable or timed out)."""
         key = (service, instance)
         self.connect_failures[key] = self.connect_failures.get(key, 0) + 1
+
+    def on_retry(self, service: str) -> None:
+        """A client of ``service`` is tried on another instance after a failed connect."""
+        self.retries[service] = self.retries.get(service, 0) + 1
 
     def on_iptables_sync(self, seconds: float) -> None:
         """One iptables sync (read, plan, apply) took ``seconds``."""
@@ -561,6 +595,7 @@ class Metrics:
         exchanges = self.exchanges.get(key)
         if exchanges is None:
             exchanges = self.exchanges[key] = _Exchanges(self._summary(), self._summary())
+            self.instance_exchanges.setdefault((service, base[0]), []).append(exchanges)
         duration_key = (service, method, code)
         durations = self.http_durations.get(duration_key)
         if durations is None:
@@ -631,6 +666,8 @@ class FluxCollector(Collector):
             f.active.add_metric((service,), active)
         for target, count in m.connect_failures.items():
             f.connect_failures.add_metric(target, count)
+        for service, count in m.retries.items():
+            f.connect_retries.add_metric((service,), count)
         if self.instances is not None:
             for service_state, count in _count_instances(self.instances()):
                 f.instances.add_metric(service_state, count)
@@ -731,6 +768,12 @@ class _Families:
             "Failed attempts to connect to an instance (refused, unreachable, timed out).",
             labels=("service", "instance"),
         )
+        self.connect_retries = CounterMetricFamily(
+            "flux_connect_retries_total",
+            "Connects tried on another instance after a failed one (each also counted in"
+            " flux_connect_failures_total).",
+            labels=("service",),
+        )
         self.instances = GaugeMetricFamily(
             "flux_instances",
             "This host's instances, per service and state.",
@@ -830,6 +873,7 @@ class _Families:
             self.bytes,
             self.active,
             self.connect_failures,
+            self.connect_retries,
             self.instances,
             self.iptables_sync,
             self.iptables_sync_failures,

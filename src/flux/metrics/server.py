@@ -30,6 +30,18 @@ the lease is revoked at shutdown or expires after a crash.  prometheus-async's
 service-discovery hook is called by its own ``start_http_server`` only, which we do not use
 (see above), so the target is written here directly; a store error is logged and never takes
 the endpoint down.
+
+``/status`` and its history (the README's "Status JSON" is the contract): the ``fluxd`` block
+reads what the parts already keep (the store's endpoint, reachability and lease age, the
+Docker watcher's last listing, the relay's threads and connections, the process's
+descriptors); the ``services`` rows are joined by :func:`flux.metrics.status.service_rows`.
+A second supervised component, ``metrics-history``, takes a sample every
+:data:`~flux.metrics.history.INTERVAL` seconds into :class:`~flux.metrics.history.History`:
+it reads the counters as a scrape does, on the event loop between two events, and adds nothing
+to the connection path.  ``/status/history?since=T`` serves the ring (``&service=NAME``,
+repeatable, only those services' records).  With
+``?scope=cluster`` either one asks every other advertised fluxd for its own document and merges
+(:mod:`flux.metrics.cluster`).  Every route is a GET: nothing here changes fluxd.
 """
 
 from __future__ import annotations
@@ -37,7 +49,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import resource
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -48,9 +63,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from flux import __version__
+from flux.agent.enrol import Container
+from flux.metrics.cluster import HostAnswer, ask_hosts, merge
 from flux.metrics.counters import FluxCollector, Metrics
+from flux.metrics.history import History, InstanceP99, tally
+from flux.metrics.status import service_rows
 from flux.metrics.statuspage import add_page_routes
-from flux.model import Instance, RecordError
+from flux.model import Instance, RecordError, ServiceInfo
 from flux.store.base import Store, StoreError, StoreUnavailable
 
 __all__ = [
@@ -66,6 +85,7 @@ log = logging.getLogger("flux.metrics")
 
 # A scraper holding a keep-alive connection must not hold up fluxd's shutdown.
 _SHUTDOWN_TIMEOUT = 1.0
+_JSON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
 class MetricsListenError(OSError):
@@ -78,7 +98,12 @@ class BalancerView(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def infos(self) -> Mapping[str, ServiceInfo]: ...
+
     def status(self) -> Mapping[str, Any]: ...
+
+    def engine_status(self) -> Mapping[str, int]: ...
 
 
 class AgentView(Protocol):
@@ -89,6 +114,12 @@ class AgentView(Protocol):
 
     @property
     def instances(self) -> Mapping[tuple[str, str], Instance]: ...
+
+    @property
+    def last_reconcile(self) -> float | None: ...
+
+    @property
+    def containers(self) -> Mapping[str, Container]: ...
 
 
 def build_registry(
@@ -149,6 +180,8 @@ class MetricsPlugin:
         agent: AgentView | None = None,
         registry: CollectorRegistry | None = None,
         version: str = __version__,
+        history: History | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = metrics
         self.registry = registry if registry is not None else build_registry(metrics, agent)
@@ -159,6 +192,11 @@ class MetricsPlugin:
         self._balancer = balancer
         self._agent = agent
         self._version = version
+        self.history = history if history is not None else History()
+        self._clock = clock
+        self.started_at = clock()
+        self._targets_error: str | None = None  # the last failure to read the targets
+        self.instance_p99 = InstanceP99()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.advertised: str | None = None
@@ -166,8 +204,10 @@ class MetricsPlugin:
     # -- the plug-in surface the daemon uses ------------------------------------------------
 
     def components(self) -> Sequence[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
-        """The HTTP server, when there is a listen address."""
-        return [] if self._listen is None else [("metrics", self.serve)]
+        """The HTTP server and the history's sampler, when there is a listen address."""
+        if self._listen is None:
+            return []
+        return [("metrics", self.serve), ("metrics-history", self.sample_forever)]
 
     async def stop_accepting(self) -> None:
         """Close the listener (a scrape in progress gets up to a second to finish)."""
@@ -189,6 +229,29 @@ class MetricsPlugin:
             await asyncio.Event().wait()
         finally:
             await self.close()
+
+    async def sample_forever(self) -> None:
+        """Take a history sample now and every ``interval`` seconds after, until cancelled."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            self.sample()
+            # On a schedule, not "interval after the last one": a slow sample does not make
+            # the samples drift apart.
+            due = max(due + self.history.interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+
+    def sample(self) -> None:
+        """Take one history sample of the services known now, and refresh a slice of the
+        instances' p99."""
+        services: dict[str, str | None] = {}
+        if self._balancer is not None:
+            services = {
+                name: str(info.spec.effective_protocol)
+                for name, info in self._balancer.infos.items()
+            }
+        self.history.record(self._clock(), tally(self.metrics, services))
+        self.instance_p99.refresh(self.metrics)
 
     async def start(self) -> int:
         """Open the listener (once); return the port it is bound to."""
@@ -255,14 +318,18 @@ class MetricsPlugin:
     def status(self) -> dict[str, Any]:
         """The ``/status`` document."""
         problems = self.problems()
+        now = self._clock()
+        balancer = self._balancer.status() if self._balancer is not None else None
         document: dict[str, Any] = {
             "host": self._host_address,
             "version": self._version,
             "healthy": not problems,
             "problems": problems,
+            "fluxd": self.fluxd_status(now),
+            "services": self._services(now, balancer["services"] if balancer else {}),
         }
-        if self._balancer is not None:
-            document["balancer"] = {"ready": self._balancer.ready, **self._balancer.status()}
+        if self._balancer is not None and balancer is not None:
+            document["balancer"] = {"ready": self._balancer.ready, **balancer}
         if self._agent is not None:
             document["agent"] = {
                 "docker_connected": self._agent.docker_connected,
@@ -279,12 +346,82 @@ class MetricsPlugin:
             }
         return document
 
+    def fluxd_status(self, now: float) -> dict[str, Any]:
+        """``/status``'s ``fluxd`` block: this process and what it depends on."""
+        store = self._store
+        engine = self._balancer.engine_status() if self._balancer is not None else None
+        fds_used, fds_budget = _descriptors()
+        return {
+            "version": self._version,
+            "started_at": self.started_at,
+            "uptime": max(0.0, now - self.started_at),
+            "host_ip": self._host_address,
+            "now": now,
+            "etcd": {
+                "reachable": store is not None and store.reachable,
+                "endpoint": None if store is None else store.endpoint,
+                "lease_age": None if store is None else store.lease_age(),
+            },
+            "docker": {
+                "connected": self._agent is not None and self._agent.docker_connected,
+                "last_reconcile": None if self._agent is None else self._agent.last_reconcile,
+            },
+            "engine": {
+                "threads": 0 if engine is None else engine["threads"],
+                "open_connections": 0 if engine is None else engine["open_connections"],
+                "fds_used": fds_used,
+                "fds_budget": fds_budget,
+            },
+        }
+
+    def _services(
+        self, now: float, balancer_services: Mapping[str, Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``/status``'s ``services`` rows (see :mod:`flux.metrics.status`)."""
+        balancer = self._balancer
+        agent = self._agent
+        return service_rows(
+            balancer_services,
+            balancer.infos if balancer is not None else {},
+            agent.instances if agent is not None else {},
+            {cid: c.image for cid, c in agent.containers.items()} if agent is not None else {},
+            self.history,
+            self.instance_p99.values,
+            now=now,
+        )
+
+    async def cluster(
+        self, path: str, params: Sequence[tuple[str, str]], own: dict[str, Any]
+    ) -> Any:
+        """Every host's answer to ``path``: the others asked over HTTP (from their advertised
+        targets), this one's ``own`` document from memory (see :mod:`flux.metrics.cluster`)."""
+        targets: dict[str, str] = {}
+        answers: dict[str, HostAnswer] = {}
+        if self._store is not None:
+            try:
+                targets = await self._store.get_prometheus_targets()
+            except StoreError as exc:
+                # Once per outage, not at every refresh of a page showing the cluster.
+                if str(exc) != self._targets_error:
+                    log.warning("cluster status: cannot read the advertised endpoints: %s", exc)
+                self._targets_error = str(exc)
+            else:
+                self._targets_error = None
+        targets.pop(self._host_address, None)
+        answers.update(await ask_hosts(targets, path, params))
+        endpoint = self.advertised
+        if endpoint is None and self._listen is not None and self.port is not None:
+            endpoint = _show((self._listen[0] or self._host_address, self.port))
+        answers[self._host_address] = HostAnswer(endpoint or "", document=own)
+        return merge(self._clock(), answers)
+
     def _application(self) -> web.Application:
         app = web.Application()
         add_page_routes(app.router)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/healthz", self._handle_healthz)
         app.router.add_get("/status", self._handle_status)
+        app.router.add_get("/status/history", self._handle_history)
         return app
 
     async def _handle_metrics(self, request: web.Request) -> web.Response:
@@ -307,5 +444,88 @@ class MetricsPlugin:
         return web.Response(text="ok\n")
 
     async def _handle_status(self, request: web.Request) -> web.Response:
-        body = json.dumps(self.status(), indent=2, sort_keys=True, default=str)
-        return web.Response(text=body + "\n", content_type="application/json")
+        scope = _scope(request)
+        document = self.status()
+        if scope == "cluster":
+            return _json(await self.cluster("/status", [], document))
+        return _json(document)
+
+    async def _handle_history(self, request: web.Request) -> web.StreamResponse:
+        scope = _scope(request)
+        text = request.query.get("since")
+        since = None
+        if text is not None:
+            try:
+                since = float(text)
+            except ValueError:
+                since = math.nan
+            if not math.isfinite(since):
+                raise web.HTTPBadRequest(
+                    text=f"since must be a time in Unix seconds, got {text[:40]!r}\n"
+                )
+        names = request.query.getall("service", [])
+        services = set(names) if names else None
+        if scope == "cluster":
+            document = self.history.document(self._clock(), since, services)
+            params = [("since", text)] if text is not None else []
+            params += [("service", name) for name in names]
+            return _json(await self.cluster("/status/history", params, document))
+        return await self._stream_history(request, since, services)
+
+    async def _stream_history(
+        self, request: web.Request, since: float | None, services: set[str] | None
+    ) -> web.StreamResponse:
+        """The history document written sample by sample, the event loop free in between:
+        the whole ring of a thousand services is tens of MB of JSON, seconds to build."""
+        response = web.StreamResponse(headers=_JSON_HEADERS)
+        response.content_type = "application/json"
+        if request.method == "HEAD":  # the headers alone: a written body would break the stream
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        response.enable_compression()
+        await response.prepare(request)
+        head = json.dumps(
+            {"interval": self.history.interval, "capacity": self.history.capacity,
+             "now": self._clock()},
+            separators=(",", ":"),
+        )  # fmt: skip
+        # The head's object stays open for the samples: '{"interval":5.0,...' + ',"samples":['
+        await response.write(head[:-1].encode() + b',"samples":[')
+        for i, sample in enumerate(self.history.iter_samples(since, services)):
+            text = json.dumps(sample, separators=(",", ":"), default=str)
+            await response.write((b"," if i else b"") + text.encode())
+            await asyncio.sleep(0)
+        await response.write(b"]}\n")
+        await response.write_eof()
+        return response
+
+
+def _scope(request: web.Request) -> str:
+    """The ``scope`` asked for: ``host`` (the default) or ``cluster``; 400 for anything else."""
+    scope = request.query.get("scope", "host")
+    if scope not in ("host", "cluster"):
+        raise web.HTTPBadRequest(text=f"scope must be host or cluster, got {scope[:40]!r}\n")
+    return scope
+
+
+def _json(document: Any) -> web.Response:
+    """A JSON answer (compact: a thousand services are megabytes), compressed when the client
+    takes it."""
+    body = json.dumps(document, separators=(",", ":"), default=str)
+    response = web.Response(
+        text=body + "\n", content_type="application/json", headers=_JSON_HEADERS
+    )
+    response.enable_compression()
+    return response
+
+
+def _descriptors() -> tuple[int | None, int | None]:
+    """Descriptors this process holds now, and the most it may (RLIMIT_NOFILE's soft
+    limit); None where the system cannot tell."""
+    try:
+        used: int | None = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except OSError:
+        used = None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return used, None if soft == resource.RLIM_INFINITY else soft

@@ -155,12 +155,17 @@ class SlidingSummary:
         self.sum += sum(values)
 
     def _merge_into(self, target: Histogram) -> Histogram:
-        self._rotate()
         target.reset()
+        self.add_window_to(target)
+        return target
+
+    def add_window_to(self, target: Histogram) -> None:
+        """Add the observations now in the window to ``target`` (a histogram of the same
+        configuration, such as :func:`scratch_histogram`'s), to merge several summaries."""
+        self._rotate()
         for bucket in self._buckets:
             if bucket is not None:
                 target.add(bucket)
-        return target
 
     def window_histogram(self) -> Histogram:
         """A new histogram holding the observations now in the window."""

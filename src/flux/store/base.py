@@ -173,6 +173,23 @@ class Store(abc.ABC):
     def lease_id(self) -> int | None:
         """The lease held now, if any."""
 
+    @abc.abstractmethod
+    def lease_age(self) -> float | None:
+        """Seconds since the lease was last granted or kept alive; None while none is held.
+        (Approaching the TTL means the keep-alives are not getting through.)"""
+
+    # -- what /status shows of the store ------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> str | None:
+        """Where requests go now (an etcd URL); None for a store with no such place."""
+
+    @property
+    @abc.abstractmethod
+    def reachable(self) -> bool:
+        """Whether the last request got an answer (False before the first one)."""
+
     # -- watches ------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -240,6 +240,7 @@ class EtcdStore(LeasedStore):
         self._watch_idle = watch_idle
         self._problems = Problems()
         self._client: AioClient | None = None
+        self._reachable = False  # the last request got an answer (see reachable)
         self._current = 0
         self._connect_lock = asyncio.Lock()
         # Host-owned records and the lease; see the module docstring.
@@ -312,6 +313,10 @@ class EtcdStore(LeasedStore):
                 await client.close()
                 raise
 
+    @property
+    def reachable(self) -> bool:
+        return self._reachable
+
     async def _rpc(
         self,
         call: Callable[[AioClient], Awaitable[_T]],
@@ -322,8 +327,31 @@ class EtcdStore(LeasedStore):
         """Run one request, failing over to the next endpoint when one cannot be reached.
 
         ``timeout`` is the time limit ``call`` gives its request when that is not the store's
-        (for the error text).
+        (for the error text).  Whether etcd answered (even with a refusal) is remembered for
+        :attr:`reachable`.
         """
+        try:
+            result = await self._request(call, passthrough=passthrough, timeout=timeout)
+        except StoreUnavailable:
+            self._reachable = False
+            raise
+        except StoreError:
+            self._reachable = True  # etcd answered, with a refusal
+            raise
+        except passthrough:
+            self._reachable = True
+            raise
+        self._reachable = True
+        return result
+
+    async def _request(
+        self,
+        call: Callable[[AioClient], Awaitable[_T]],
+        *,
+        passthrough: tuple[type[BaseException], ...],
+        timeout: float | None,
+    ) -> _T:
+        """:meth:`_rpc` without the bookkeeping."""
         client = await self._connected()
         failures = []
         for _ in range(len(self._endpoints)):
@@ -475,9 +503,12 @@ class EtcdStore(LeasedStore):
                 stream.close()
 
         try:
-            return await self._rpc(call, passthrough=(ErrLeaseNotFound,), timeout=timeout)
+            ttl = await self._rpc(call, passthrough=(ErrLeaseNotFound,), timeout=timeout)
         except ErrLeaseNotFound:
             return 0
+        if ttl > 0 and self._lease == lease:
+            self._lease_refreshed()
+        return ttl
 
     async def _write_all(self) -> None:
         """Write the whole desired state on the lease (lock held)."""
@@ -512,6 +543,7 @@ class EtcdStore(LeasedStore):
         if self._lease is None:
             response = await self._rpc(lambda c: c.lease_grant(ttl))
             self._lease = int(response.ID)
+            self._lease_refreshed()
             self._dirty = True
             log.info("holding lease %x (TTL %d s)", self._lease, int(response.TTL or ttl))
         if self._dirty:

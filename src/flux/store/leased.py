@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 
 from flux.model import Host, Instance, encode_record
 from flux.store.base import Store
@@ -22,6 +23,8 @@ class LeasedStore(Store):
 
     _lease: int | None
     _ready: asyncio.Event
+    # time.monotonic() when the lease was last granted or kept alive (see lease_age).
+    _lease_kept: float | None = None
 
     @abc.abstractmethod
     async def _keep(self, key: str, value: str) -> None:
@@ -51,9 +54,19 @@ class LeasedStore(Store):
     def lease_id(self) -> int | None:
         return self._lease
 
+    def lease_age(self) -> float | None:
+        if self._lease is None or self._lease_kept is None:
+            return None
+        return max(0.0, time.monotonic() - self._lease_kept)
+
     async def wait_lease(self) -> None:
         await self._ready.wait()
 
+    def _lease_refreshed(self) -> None:
+        """The lease was just granted or kept alive."""
+        self._lease_kept = time.monotonic()
+
     def _drop_lease(self) -> None:
         self._lease = None
+        self._lease_kept = None
         self._ready.clear()

@@ -288,6 +288,7 @@ class MemoryStore(LeasedStore):
     def __init__(self, backend: MemoryBackend | None = None) -> None:
         self.backend = backend if backend is not None else MemoryBackend()
         self._error: BaseException | None = None
+        self._reachable = False  # the last call found no outage (see Store.reachable)
         self._desired: dict[str, str] = {}
         self._stale: set[str] = set()
         self._dirty = False
@@ -316,12 +317,21 @@ class MemoryStore(LeasedStore):
     async def _enter(self) -> None:
         # Every call yields once, as a network call would, so tasks interleave as with etcd.
         await asyncio.sleep(0)
+        self._reachable = self._error is None
         self._check()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def ping(self) -> None:
         await self._enter()
+
+    @property
+    def endpoint(self) -> None:
+        return None
+
+    @property
+    def reachable(self) -> bool:
+        return self._reachable
 
     async def close(self) -> None:
         await asyncio.sleep(0)
@@ -415,11 +425,15 @@ class MemoryStore(LeasedStore):
         self._dirty = False
 
     def _establish(self, ttl: int) -> None:
-        if self._lease is not None and self.backend.keepalive(self._lease) <= 0:
-            log.warning("lease %x has expired; granting a new one", self._lease)
-            self._drop_lease()
+        if self._lease is not None:
+            if self.backend.keepalive(self._lease) > 0:
+                self._lease_refreshed()
+            else:
+                log.warning("lease %x has expired; granting a new one", self._lease)
+                self._drop_lease()
         if self._lease is None:
             self._lease = self.backend.grant(ttl, on_lost=self._wake.set)
+            self._lease_refreshed()
             self._dirty = True
             log.info("holding lease %x (TTL %d s)", self._lease, ttl)
         if self._dirty:
@@ -453,6 +467,7 @@ class MemoryStore(LeasedStore):
                     )
                     self._drop_lease()
                     break
+                self._lease_refreshed()
                 if self._dirty:
                     self._write_all()
 
