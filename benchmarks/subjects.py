@@ -524,7 +524,8 @@ backend h2_out
     server h2 {host}:{h2_port} proto h2
 """
 
-NGINX_HTTP = """\
+# nginx as an HTTP proxy (nginx-http, nginx-edge): one worker, its temporary paths, keep-alive.
+NGINX_HTTP_TOP = """\
 worker_processes 1;
 worker_rlimit_nofile 20000;
 daemon off;
@@ -540,6 +541,9 @@ http {{
     fastcgi_temp_path {dir}/{name}-fastcgi;
     uwsgi_temp_path {dir}/{name}-uwsgi;
     scgi_temp_path {dir}/{name}-scgi;
+"""
+
+NGINX_HTTP = NGINX_HTTP_TOP + """\
     upstream backend {{
         server {host}:{http_port};
         keepalive 64;
@@ -602,22 +606,7 @@ HAPROXY_CHOOSE_BY_SNI = """\
     tcp-request content accept if {{ req.ssl_hello_type 1 }}
     use_backend %[req.ssl_sni,lower,map({map})]"""
 
-NGINX_EDGE = """\
-worker_processes 1;
-worker_rlimit_nofile 20000;
-daemon off;
-pid {dir}/{name}.pid;
-error_log stderr error;
-events {{ worker_connections 16000; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000000;
-    keepalive_timeout 600s;
-    client_body_temp_path {dir}/{name}-body;
-    proxy_temp_path {dir}/{name}-proxy;
-    fastcgi_temp_path {dir}/{name}-fastcgi;
-    uwsgi_temp_path {dir}/{name}-uwsgi;
-    scgi_temp_path {dir}/{name}-scgi;
+NGINX_EDGE = NGINX_HTTP_TOP + """\
 {servers}}}
 """
 NGINX_EDGE_SERVER = """\

@@ -187,6 +187,9 @@ def test_the_first_service_keeps_an_address_and_the_second_takes_over_when_it_go
         "protocol": "tcp",
         "conflict": f"address {vip}:80 is also used by service web",
         "holder": "web",
+        # Its settings, as for every service (the refused one keeps them for when it is in).
+        "proxy_protocol": "",
+        "forwarded": False,
     }
     assert status(port)["web"]["state"] == "rejecting"
     conflict = [line for line in daemon.lines if "is also used by" in line]

@@ -109,7 +109,7 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypedDict
 
 from flux.balancer.pool import Pool
 from flux.model import ConnectionInfo, ProxyProtocol, parse_address
@@ -122,6 +122,7 @@ from flux.relay import (
     packed_sockaddr,
     reset_and_close,
 )
+from flux.relay.base import ObserverFactory
 from flux.relay.proxy_protocol import PROXY_VERSIONS, proxy_header
 
 __all__ = ["ConnectionBudget", "Listener", "process_budget"]
@@ -329,6 +330,14 @@ def listening_socket(bind_ip: str, port: int) -> socket.socket:
     return sock
 
 
+class _EngineOptions(TypedDict):
+    connect_timeout: float
+    observers: ObserverFactory | None
+    entry: str
+    proxy_protocol: int
+    forwarded: bool
+
+
 def shard_sockets(bind_ip: str, port: int, shards: int) -> list[socket.socket]:
     """One listening socket per engine shard on ``bind_ip:port`` (an ephemeral port for 0),
     all on one port with SO_REUSEPORT (the kernel spreads new connections over them).  Raises
@@ -470,15 +479,7 @@ class Listener:
         try:
             self._budget.link(relay)
             self._sid = relay.listen(
-                self.service,
-                self.protocol,
-                sockets,
-                self,
-                connect_timeout=self._connect_timeout,
-                observers=self._observers if self._on_exchange is not None else None,
-                entry=self.entry,
-                proxy_protocol=self._proxy_protocol,
-                forwarded=self._forwarded,
+                self.service, self.protocol, sockets, self, **self._engine_options()
             )
         except BaseException:
             for sock in sockets:
@@ -503,18 +504,19 @@ class Listener:
                 self._loop = asyncio.get_running_loop()
             self._routed = True
             self._budget.link(relay)
-            self._sid = relay.serve(
-                self.service,
-                self.protocol,
-                self,
-                connect_timeout=self._connect_timeout,
-                observers=self._observers if self._on_exchange is not None else None,
-                entry=self.entry,
-                proxy_protocol=self._proxy_protocol,
-                forwarded=self._forwarded,
-            )
+            self._sid = relay.serve(self.service, self.protocol, self, **self._engine_options())
             self._track_pool(relay)
         return self._sid
+
+    def _engine_options(self) -> _EngineOptions:
+        """What the engine needs of this listener's service, listening or routed to."""
+        return {
+            "connect_timeout": self._connect_timeout,
+            "observers": self._observers if self._on_exchange is not None else None,
+            "entry": self.entry,
+            "proxy_protocol": self._proxy_protocol,
+            "forwarded": self._forwarded,
+        }
 
     def _track_pool(self, relay: Acceptor) -> None:
         """Push the pool's snapshot to the engine now and whenever it changes."""
