@@ -13,6 +13,9 @@ leader killed, every etcd member stopped, the member fluxd talks to hung (SIGSTO
 runs ``-network-mode global``: containers on two Docker bridge networks per host, the hosts
 routing each other's container subnets (inside the namespaces).  Timings are printed (``-s``)
 for the record; the assertions are about what happened, with bounds from the TTL.
+
+The status page's cluster view is checked here too, in chromium, on host 1's listener: every
+host listed, a killed one shown unreachable.
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
 
+from tests.support.browser import chromium, console_errors, wait_for, wait_renders
 from tests.support.fluxd_process import wait_until
-from tests.support.multihost import CONNECT_TIMEOUT, TTL, ClientLoop, Fabric, HostNode, vip
-from tests.support.netns import socket_in
+from tests.support.multihost import (
+    CONNECT_TIMEOUT,
+    METRICS_PORT,
+    TTL,
+    ClientLoop,
+    Fabric,
+    HostNode,
+    vip,
+)
+from tests.support.netns import PortForward, socket_in
 from tests.support.spread import FALSE_FAILURE, min_count_bound
 
 pytestmark = [pytest.mark.etcd, pytest.mark.docker, pytest.mark.iptables]
@@ -492,3 +507,81 @@ def test_a_client_outside_every_host_is_served_through_host1s_published_port(
     assert result.failures == []
     assert result.requests > served_before_gone
     assert set(result.served) == {"h1", "h2"}
+
+
+# -- the status page's cluster view ------------------------------------------------------------
+
+PAGE_TTL = 10  # long enough for the page to see the killed host before its lease lapses
+
+
+def page_hosts(driver: WebDriver) -> list[tuple[str, str, str]]:
+    """The page's host cards: (title, class, text) each, in order."""
+    cards: list[list[str]] = driver.execute_script(
+        "return [...document.querySelectorAll('#hosts .card')].map((card) =>"
+        " [card.querySelector('h2').textContent, card.className, card.textContent])"
+    )
+    return [(title, kind, text) for title, kind, text in cards]
+
+
+def page_services(driver: WebDriver) -> list[tuple[str, str, str, list[str]]]:
+    """The page's service rows: (name, host, state, the hosts of its instances) each."""
+    rows: list[list[Any]] = driver.execute_script(
+        "return [...document.querySelectorAll('tbody.svc')].map((body) => {"
+        " const row = body.querySelector('tr.service');"
+        " return [row.querySelector('td.name .name').textContent,"
+        "  row.querySelector('td.col-host').textContent,"
+        "  row.querySelector('td.state .line').textContent,"
+        "  [...body.querySelectorAll('tr.instance')].map((tr) => tr.cells[4].textContent)];"
+        "})"
+    )
+    return [(name, host, state, sorted(hosts)) for name, host, state, hosts in rows]
+
+
+def test_the_status_page_of_host1_shows_every_host_and_a_killed_one_unreachable(
+    fabric: Fabric,
+) -> None:
+    """Host 1's page switched to "whole cluster" (``/status?scope=cluster``) lists both hosts,
+    each host's row of the service labelled with it; host 2's fluxd SIGKILLed, its card says
+    unreachable at the next refresh, without a reload, until its lease lapses and it leaves.
+
+    The browser runs in the test's own namespace and reaches host 1's listener
+    (198.19.0.1:9000, inside host 1's namespace) through a :class:`PortForward`.
+    """
+    h1, h2 = fabric[1], fabric[2]
+    fabric.start_fluxds("-host-ttl", str(PAGE_TTL))
+    web_service(fabric, "paged", 16)
+    for host in fabric.hosts:
+        host.httpd(INSTANCE_PORT, f"h{host.index}", "app=paged")
+    fabric.wait_pools("paged", [instance_on(host) for host in fabric.hosts])
+    cards = [f"host {h1.ip}", f"host {h2.ip}"]
+    with PortForward(h1.netns, h1.ip, METRICS_PORT) as forward, chromium() as browser:
+        browser.get(forward.url)
+        wait_renders(browser)
+        browser.execute_script("window.notReloaded = true")
+        assert [title for title, _, _ in page_hosts(browser)] == ["this host"]
+        browser.find_element(By.ID, "scope-cluster").click()
+        wait_for(browser, lambda d: [title for title, _, _ in page_hosts(d)] == cards, 20,
+                 "a card for each host")  # fmt: skip
+        assert all("unreachable" not in kind for _, kind, _ in page_hosts(browser))
+        both = [h1.ip, h2.ip]
+        wait_for(browser, lambda d: page_services(d) == [
+            ("paged", h1.ip, "forwarding", both), ("paged", h2.ip, "forwarding", both)],
+            20, "each host's row of paged with both instances")  # fmt: skip
+
+        h2.kill_fluxd()
+        killed = time.monotonic()
+        wait_for(browser, lambda d: "unreachable" in page_hosts(d)[-1][1], PAGE_TTL + 10,
+                 "host 2 shown unreachable")  # fmt: skip
+        seen_after = time.monotonic() - killed
+        title, _, text = page_hosts(browser)[-1]
+        assert title == f"host {h2.ip}"
+        assert f"unreachable ({h2.ip}:{METRICS_PORT}): cannot connect: Connection refused" in text
+        assert "unreachable" not in page_hosts(browser)[0][1]
+        # Its lease lapses: host 2 is no longer part of the cluster, and leaves the page.
+        wait_for(browser, lambda d: [title for title, _, _ in page_hosts(d)] == cards[:1],
+                 PAGE_TTL + 15, "host 2 gone with its lease")  # fmt: skip
+        gone_after = time.monotonic() - killed
+        assert browser.execute_script("return window.notReloaded") is True
+        assert console_errors(browser) == []
+    print(f"cluster page: host 2 unreachable on the page {seen_after:.1f} s after the kill, "
+          f"gone with its lease after {gone_after:.1f} s (TTL {PAGE_TTL} s)")

@@ -9,8 +9,9 @@ Two kinds of server are behind the page here:
   updates in place;
 - a real fluxd (``-listen-prometheus`` on a free loopback port, the session's etcd) with real
   busybox httpd containers as instances, to check the page against what fluxd serves today:
-  states, a killed instance, connections held open, the filter, the headers, and the stale
-  marker when fluxd stops.
+  states, requests/s appearing as requests go through, gzip-compressed JSON, a killed
+  instance, connections held open, the filter, the headers, and the stale marker when fluxd
+  stops.
 
 Every wait has a deadline; nothing asserts on timings.
 """
@@ -25,14 +26,17 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -42,8 +46,18 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 
 from flux.metrics import Metrics, MetricsPlugin
-from flux.metrics.statuspage import CONTENT_SECURITY_POLICY, PAGE_FILES
-from tests.support.browser import chromium, console_errors, wait_for
+from flux.metrics.statuspage import CONTENT_SECURITY_POLICY, PAGE_FILES, accepts_gzip
+from tests.support.browser import (
+    cell,
+    chromium,
+    console_errors,
+    exchanges,
+    instance_rows,
+    renders,
+    service_rows,
+    wait_for,
+    wait_renders,
+)
 from tests.support.docker_images import BUSYBOX_IMAGE, ensure_busybox_image
 from tests.support.etcd_server import EtcdServer
 from tests.support.fluxd_process import HOST, Fluxd, docker, wait_until
@@ -63,47 +77,34 @@ POLICY = (
 # -- helpers --------------------------------------------------------------------------------
 
 
-def renders(driver: WebDriver) -> int:
-    return int(driver.execute_script("return document.body.dataset.renders || '0'"))
+def history_asks(requests: list[str]) -> list[tuple[float | None, list[str]]]:
+    """The page's ``/status/history`` requests among ``requests``: (since, services) each."""
+    asks = []
+    for request in requests:
+        url = urllib.parse.urlsplit(request)
+        if url.path == "/status/history":
+            query = urllib.parse.parse_qs(url.query)
+            since = float(query["since"][0]) if "since" in query else None
+            asks.append((since, query.get("service", [])))
+    return asks
 
 
-def wait_renders(driver: WebDriver, more_than: int = 0, timeout: float = 15.0) -> int:
-    wait_for(driver, lambda d: renders(d) > more_than, timeout, f"render number {more_than + 1}")
-    return renders(driver)
+def transfers(driver: WebDriver) -> list[tuple[str, int, int]]:
+    """The JSON the page fetched since the last call, from its resource timing: (path and
+    query, bytes on the wire, bytes decoded) each."""
+    entries: list[list[Any]] = driver.execute_script(TRANSFERS)
+    return [(str(path), int(wire), int(decoded)) for path, wire, decoded in entries]
 
 
-def service_rows(driver: WebDriver) -> dict[str, WebElement]:
-    """The visible and hidden service rows (their <tbody>), by service name, read at once."""
-    rows: dict[str, WebElement] = driver.execute_script(SERVICE_ROWS)
-    return rows
-
-
-SERVICE_ROWS = """
-const rows = {};
-for (const tbody of document.querySelectorAll('tbody.svc')) {
-  rows[tbody.querySelector('tr.service td.name .name').textContent] = tbody;
-}
-return rows;
-"""
-
-
-def cell(tbody: WebElement, name: str) -> str:
-    found = tbody.find_element(By.CSS_SELECTOR, f"tr.service td.{name}")
-    return str(found.get_attribute("textContent"))
-
-
-def instance_rows(tbody: WebElement) -> dict[str, list[str]]:
-    """Instance name -> the texts of its row's cells, read at once."""
-    rows: dict[str, list[str]] = tbody.parent.execute_script(INSTANCE_ROWS, tbody)
-    return rows
-
-
-INSTANCE_ROWS = """
-const rows = {};
-for (const tr of arguments[0].querySelectorAll('tr.instance')) {
-  rows[tr.querySelector('.name').textContent] = [...tr.cells].map((td) => td.textContent);
-}
-return rows;
+TRANSFERS = """
+const entries = performance.getEntriesByType('resource')
+  .filter((e) => new URL(e.name).pathname.startsWith('/status'))
+  .map((e) => {
+    const url = new URL(e.name);
+    return [url.pathname + url.search, e.encodedBodySize, e.decodedBodySize];
+  });
+performance.clearResourceTimings();
+return entries;
 """
 
 
@@ -155,6 +156,37 @@ async def test_page_files_are_served_with_the_policy_headers_and_get_only() -> N
     finally:
         await plugin.close()
     assert CONTENT_SECURITY_POLICY == POLICY
+
+
+async def test_every_route_answers_gzip_to_a_browser() -> None:
+    """A browser accepts gzip, deflate, br and zstd: fluxd answers gzip, on every route."""
+    plugin = MetricsPlugin(Metrics(), listen=("127.0.0.1", 0), host_address="10.0.0.1")
+    plugin.sample()
+    port = await plugin.start()
+    codings = {
+        "gzip, deflate, br, zstd": "gzip",  # chromium's
+        "deflate, gzip": "gzip",
+        "deflate": "deflate",
+        "gzip;q=0, deflate": "deflate",
+        "br, zstd": None,
+        "identity": None,
+    }
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            for path in ("/", "/page/app.js", "/status", "/status?scope=cluster",
+                         "/status/history", "/status/history?since=0&service=x", "/metrics"):
+                for accepted, coding in codings.items():
+                    url = f"http://127.0.0.1:{port}{path}"
+                    async with session.get(url, headers={"Accept-Encoding": accepted}) as answer:
+                        body = await answer.read()
+                        assert answer.status == 200, path
+                        assert answer.headers.get("Content-Encoding") == coding, (path, accepted)
+                        if coding == "gzip":
+                            assert gzip.decompress(body)
+    finally:
+        await plugin.close()
+    assert accepts_gzip("x-gzip") and accepts_gzip("GZIP; q=0.5")
+    assert not accepts_gzip("gzip;q=0") and not accepts_gzip("gzip;q=x") and not accepts_gzip("")
 
 
 def test_the_page_files_are_package_data(tmp_path: Path) -> None:
@@ -247,13 +279,13 @@ def test_every_field_of_the_full_document_is_shown(browser: WebDriver) -> None:
         assert cell(rows["svc-0001"], "req") == DASH * 2  # a tcp service has no request figures
         points = web.find_element(By.CSS_SELECTOR, "svg.spark polyline.total")
         assert len(str(points.get_attribute("points")).split()) == 180
-        # The second refresh asks only for samples newer than the last one it has.
+        # The history is asked for the charted services only: the first time whole, then
+        # only the samples newer than the last one the page holds.
         wait_renders(browser, first)
-        last = document["fluxd"]["now"]
-        assert f"/status/history?since={last:g}" in [
-            re.sub(r"since=([0-9.]+)", lambda m: f"since={float(m[1]):g}", r)
-            for r in server.requests
-        ]
+        asked = history_asks(server.requests)
+        names = ["svc-0000", "svc-0001", "svc-0002"]
+        assert asked[0] == (None, names)
+        assert (document["fluxd"]["now"], names) in asked[1:]
         assert "stale" not in str(browser.find_element(By.ID, "asof").get_attribute("class"))
         assert console_errors(browser) == []
 
@@ -439,31 +471,70 @@ def test_a_thousand_services_and_five_thousand_instances(browser: WebDriver) -> 
         browser.get(server.url)
         first = wait_renders(browser, 0, timeout=60)
         first_render = float(browser.execute_script("return document.body.dataset.renderMs"))
-        size = int(browser.execute_script("return document.body.dataset.jsonBytes"))
+        first_fetched = transfers(browser)
         # Collapsed past the threshold: no instance row is built until asked for.
         assert len(service_rows(browser)) == 1000
         assert browser.find_elements(By.CSS_SELECTOR, "tr.instance") == []
-        steady = []
+        # Only the rows on screen are charted, their history asked for whole once.
+        charted = int(browser.execute_script("return document.body.dataset.charted"))
+        (asked,) = history_asks(server.requests)
+        assert asked[0] is None and len(asked[1]) == charted
+        assert 10 <= charted <= 50 and asked[1][0] == "svc-0000"
+        steady, later_fetched = [], []
         count = first
-        for _ in range(3):
-            server.document = status_document(1000, 5, figures=1.0 + 0.1 * len(steady))
+        for step in range(1, 4):
+            # fluxd moves on: new figures, and one more sample in the ring.
+            now = document["fluxd"]["now"] + 5 * step
+            server.document = status_document(1000, 5, figures=1 + 0.1 * step, now=now)
+            sample = history_document(server.document, samples=1)["samples"]
+            server.history = {**history, "samples": server.history["samples"][1:] + sample}
             count = wait_renders(browser, count, timeout=60)
             steady.append(float(browser.execute_script("return document.body.dataset.renderMs")))
+            later_fetched += transfers(browser)
         refresh = float(browser.execute_script("return document.body.dataset.refreshMs"))
+        # Each later ask is the new samples of services charted already, or the whole history
+        # of services newly on screen (a row's height may change with its figures).
+        known = set(asked[1])
+        for since, names in history_asks(server.requests)[1:]:
+            assert 0 < len(names) <= 50
+            if since is None:
+                assert known.isdisjoint(names), names
+                known.update(names)
+            else:
+                assert known.issuperset(names), names
+        assert any(since is not None for since, _ in history_asks(server.requests))
+        # Scrolled to the middle: the rows now on screen are charted within a refresh or so.
+        row = service_rows(browser)["svc-0500"]
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", row)
+        wait_for(browser, lambda d: len(str(service_rows(d)["svc-0500"].find_element(
+            By.CSS_SELECTOR, "svg.spark polyline.total").get_attribute("points")).split()) == 180,
+            30, "svc-0500 charted once on screen")  # fmt: skip
         toggle = service_rows(browser)["svc-0500"].find_element(By.CSS_SELECTOR, "button.toggle")
         toggle.click()
         assert len(instance_rows(service_rows(browser)["svc-0500"])) == 5
-        compact = json.dumps(server.document, indent=2, sort_keys=True).encode()
-        history_bytes = len(json.dumps(history, indent=2, sort_keys=True))
-        one = {**history, "samples": history["samples"][-1:]}
-        increment = len(json.dumps(one, indent=2, sort_keys=True))
+
+        def sizes(fetched: list[tuple[str, int, int]], path: str, since: bool = False
+                  ) -> tuple[float, float]:  # fmt: skip
+            mine = [(wire, decoded) for url, wire, decoded in fetched
+                    if url.split("?")[0] == path and ("since=" in url) == since]  # fmt: skip
+            assert mine, (path, fetched)
+            return (sum(w for w, _ in mine) / len(mine), sum(d for _, d in mine) / len(mine))
+
+        status_wire, status_json = sizes(first_fetched + later_fetched, "/status")
+        first_wire, first_json = sizes(first_fetched, "/status/history")
+        next_wire, next_json = sizes(later_fetched, "/status/history", since=True)
+        assert status_wire < status_json / 5  # gzip, as the browser asked
+        whole = json.dumps(history, separators=(",", ":")).encode()
         print(
-            f"\n1,000 services / 5,000 instances: /status {size / 1e6:.2f} MB per refresh "
-            f"({len(gzip.compress(compact)) / 1e3:.0f} kB gzipped), "
-            f"/status/history {history_bytes / 1e6:.2f} MB the first time "
-            f"and {increment / 1e3:.0f} kB per new sample; first render {first_render:.0f} ms, "
-            f"later renders {', '.join(f'{ms:.0f}' for ms in steady)} ms, "
-            f"a whole refresh (fetch, parse, render) {refresh:.0f} ms"
+            f"\n1,000 services / 5,000 instances: /status {status_json / 1e6:.2f} MB per "
+            f"refresh ({status_wire / 1e3:.0f} kB gzipped); /status/history of the {charted} "
+            f"services charted: {first_json / 1e3:.0f} kB the first time "
+            f"({first_wire / 1e3:.0f} kB gzipped), {next_json / 1e3:.1f} kB per refresh with a "
+            f"new sample ({next_wire / 1e3:.1f} kB gzipped); the whole ring of all 1,000 "
+            f"services would be {len(whole) / 1e6:.1f} MB ({len(gzip.compress(whole)) / 1e6:.1f}"
+            f" MB gzipped); first render {first_render:.0f} ms, later renders "
+            f"{', '.join(f'{ms:.0f}' for ms in steady)} ms, a whole refresh (fetch, parse, "
+            f"render, charts) {refresh:.0f} ms"
         )
         assert console_errors(browser) == []
 
@@ -536,6 +607,45 @@ def status_of(url: str) -> int:
         return int(exc.code)
 
 
+def send_requests(url: str, count: int, codes: Counter[int]) -> None:
+    """``count`` GETs of ``url`` one after another, 0.1 s apart; their statuses into ``codes``."""
+    for _ in range(count):
+        codes[status_of(url)] += 1
+        time.sleep(0.1)
+
+
+def lines(tbody: WebElement, name: str) -> list[str]:
+    """The lines (10 s, 5 min) of the service row's two-line cell of class ``name``."""
+    found: list[str] = tbody.parent.execute_script(
+        "return [...arguments[0].querySelectorAll(`tr.service td.${arguments[1]} .line`)]"
+        ".map((line) => line.textContent)", tbody, name)  # fmt: skip
+    return found
+
+
+def class_rate(line: str, code: str) -> float:
+    """The rate of class ``code`` in a line such as ``2xx 0 3xx 0 4xx 3.2 5xx 0``."""
+    match = re.search(rf"{code} ([0-9.e+-]+)", line)
+    assert match is not None, (code, line)
+    return float(match[1])
+
+
+def web_requests_shown(driver: WebDriver, cids: tuple[str, ...]) -> bool:
+    """The web row shows 4xx requests/s over the last 10 s, each instance of ``cids`` a
+    non-zero req/s, and its chart a non-zero peak."""
+    row = service_rows(driver)["web"]
+    now = lines(row, "req")[0]
+    if now == DASH or class_rate(now, "4xx") == 0:
+        return False
+    instances = instance_rows(row)
+    for cid in cids:
+        texts = instance_named(instances, cid)
+        if texts is None or texts[9] in (DASH, "0"):
+            return False
+    title = row.find_element(By.CSS_SELECTOR, "svg.spark title").get_attribute("textContent")
+    peak = re.search(r"peak ([0-9.e+-]+)$", str(title))
+    return peak is not None and float(peak[1]) > 0
+
+
 def hold_connections(vip: str, count: int) -> list[socket.socket]:
     """Connections to the service's address that send nothing yet (the relay holds them)."""
     return [socket.create_connection((vip, 80), timeout=5) for _ in range(count)]
@@ -587,10 +697,31 @@ def test_the_page_follows_a_real_fluxd_and_its_containers(
     assert no_alert(browser) and browser.find_elements(By.CSS_SELECTOR, "img") == []
     assert console_errors(browser) == []
 
-    # 200 requests, then ten connections held open: the page follows without a reload.
+    # 200 requests, paced over 20 s or so: the figures of the last 10 s (fluxd samples every
+    # 5 s) turn non-zero on the page while they go, those of 5 minutes stay so after, and the
+    # chart has a peak; all without a reload.
     wait_until(lambda: rules_for(daemon.chain, web, "DNAT"), 15, "the DNAT rule for web")
-    codes = Counter(status_of(f"http://{web}/missing") for _ in range(200))
+    codes: Counter[int] = Counter()
+    sender = threading.Thread(target=send_requests, args=(f"http://{web}/missing", 200, codes))
+    sender.start()
+    try:
+        wait_for(browser, lambda d: web_requests_shown(d, (first, second)), 60,
+                 "4xx requests/s, the instances' req/s and a chart peak for web")  # fmt: skip
+    finally:
+        sender.join(120)
+    assert not sender.is_alive()
     assert codes == {404: 200}  # the image holds no site: busybox httpd answers 404
+    rates = lines(service_rows(browser)["web"], "req")
+    assert class_rate(rates[1], "4xx") > 0 and class_rate(rates[1], "2xx") == 0, rates
+    # Every answer of fluxd's JSON came gzip-compressed, as chromium asked.
+    answers = [x for x in exchanges(browser) if urllib.parse.urlsplit(x.url).path in (
+        "/status", "/status/history")]  # fmt: skip
+    assert {urllib.parse.urlsplit(x.url).path for x in answers} == {"/status", "/status/history"}
+    for answer in answers:
+        assert "gzip" in answer.sent["accept-encoding"], answer
+        assert answer.received.get("content-encoding") == "gzip", answer
+
+    # Ten connections held open.
     held = hold_connections(web, 10)
     try:
         wait_for(browser, lambda d: cell(service_rows(d)["web"], "open") == "10", 20,

@@ -4,17 +4,23 @@ A socket belongs to the network namespace of the thread that created it, for its
 :func:`socket_in` creates one in a short-lived thread that first joins the namespace (setns
 applies to the calling thread only), so the test can then connect, send and receive from any
 thread while its traffic stays inside that namespace.
+
+:class:`PortForward` builds on it for a program that cannot be put into a namespace as easily
+as a socket (a browser driven over a local port by its driver): a listener on 127.0.0.1 here
+whose every connection is relayed, byte for byte, to one address inside the namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import subprocess
 import threading
+from types import TracebackType
 
-__all__ = ["add_netns", "delete_netns", "netns_prefix", "netns_run", "socket_in"]
+__all__ = ["PortForward", "add_netns", "delete_netns", "netns_prefix", "netns_run", "socket_in"]
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -76,3 +82,84 @@ def socket_in(netns: str, family: int = socket.AF_INET,
     if failed:
         raise failed[0]
     return made[0]
+
+
+class PortForward:
+    """127.0.0.1:``port`` in the test's own namespace, relayed to ``address:target_port``
+    inside ``netns``: each accepted connection gets a socket of its own in the namespace and
+    two threads copying bytes (a half-close passed on).  Closing it closes every connection.
+
+    Only loopback clients reach it, and only the one address in the namespace is ever
+    connected to, so no traffic leaves the namespaces the test made.
+    """
+
+    def __init__(self, netns: str, address: str, target_port: int) -> None:
+        self.netns = netns
+        self.target = (address, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self._acceptor = threading.Thread(target=self._accept, name=f"forward-{netns}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self) -> PortForward:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            sockets, self._sockets = self._sockets, []
+        with contextlib.suppress(OSError):  # wakes the acceptor up
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # not connected, or already shut
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._acceptor.join(10)
+        for thread in self._threads:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket_in(self.netns)
+                upstream.settimeout(5.0)
+                upstream.connect(self.target)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._closing:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
+                for source, sink in ((client, upstream), (upstream, client)):
+                    thread = threading.Thread(target=_copy, args=(source, sink), daemon=True)
+                    self._threads.append(thread)
+                    thread.start()
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    """Bytes from ``source`` to ``sink`` until ``source`` ends; then end ``sink``'s side."""
+    with contextlib.suppress(OSError):  # a side closed: the connection is over
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)

@@ -5,9 +5,10 @@
 shifts the rates so a later document differs from an earlier one in every figure, as fluxd's
 would from one refresh to the next.  :func:`history_document` makes the matching
 ``/status/history``.  :class:`FixtureServer` serves the page's real files (the same routes as
-fluxd, :func:`flux.metrics.statuspage.add_page_routes`) with these documents on 127.0.0.1, in
-a thread with its own event loop, so a synchronous Selenium test can change what it serves or
-make it fail.
+fluxd, :func:`flux.metrics.statuspage.add_page_routes`) with these documents on 127.0.0.1
+(compact and gzip-compressed as fluxd sends them, the history's ``since`` and ``service``
+applied), in a thread with its own event loop, so a synchronous Selenium test can change what
+it serves or make it fail.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flux.metrics.statuspage import add_page_routes
+from flux.metrics.statuspage import add_page_routes, compress
 
 __all__ = ["FixtureServer", "history_document", "status_document"]
 
@@ -187,21 +188,31 @@ class FixtureServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _json(self, document: dict[str, Any] | None) -> web.Response:
+    def _json(self, request: web.Request, document: dict[str, Any] | None) -> web.Response:
         if self.failing or document is None:
             return web.Response(status=503, text="gone\n")
-        # Serialized as fluxd serializes /status, so sizes measured here are fluxd's.
-        body = json.dumps(document, indent=2, sort_keys=True)
-        return web.Response(text=body + "\n", content_type="application/json")
+        # Serialized and compressed as fluxd does, so sizes measured here are fluxd's.
+        body = json.dumps(document, separators=(",", ":"))
+        response = web.Response(text=body + "\n", content_type="application/json")
+        compress(request, response)
+        return response
 
     async def _status(self, request: web.Request) -> web.Response:
         self.requests.append(request.path_qs)
-        return self._json(self.document)
+        return self._json(request, self.document)
 
     async def _history(self, request: web.Request) -> web.Response:
+        """The history as fluxd answers it: ``since`` and ``service`` (repeatable) apply."""
         self.requests.append(request.path_qs)
         since = request.query.get("since")
-        if since is None:
-            return self._json(self.history)
-        newer = [s for s in self.history.get("samples", []) if s["t"] > float(since)]
-        return self._json({**self.history, "samples": newer})
+        names = set(request.query.getall("service", []))
+        samples = self.history.get("samples", [])
+        if since is not None:
+            samples = [sample for sample in samples if sample["t"] > float(since)]
+        if names:
+            samples = [
+                {**sample, "services": {name: record for name, record
+                                        in sample["services"].items() if name in names}}
+                for sample in samples
+            ]  # fmt: skip
+        return self._json(request, {**self.history, "samples": samples})

@@ -68,7 +68,7 @@ from flux.metrics.cluster import HostAnswer, ask_hosts, merge
 from flux.metrics.counters import FluxCollector, Metrics
 from flux.metrics.history import History, InstanceP99, tally
 from flux.metrics.status import service_rows
-from flux.metrics.statuspage import add_page_routes
+from flux.metrics.statuspage import add_page_routes, compress
 from flux.model import Instance, RecordError, ServiceInfo
 from flux.store.base import Store, StoreError, StoreUnavailable
 
@@ -434,7 +434,7 @@ class MetricsPlugin:
         response = web.Response(body=await asyncio.to_thread(encoder, families))
         # Set as a header: aiohttp's content_type argument refuses parameters such as version.
         response.headers["Content-Type"] = content_type
-        response.enable_compression()
+        compress(request, response)
         return response
 
     async def _handle_healthz(self, request: web.Request) -> web.Response:
@@ -447,8 +447,8 @@ class MetricsPlugin:
         scope = _scope(request)
         document = self.status()
         if scope == "cluster":
-            return _json(await self.cluster("/status", [], document))
-        return _json(document)
+            return _json(request, await self.cluster("/status", [], document))
+        return _json(request, document)
 
     async def _handle_history(self, request: web.Request) -> web.StreamResponse:
         scope = _scope(request)
@@ -469,7 +469,7 @@ class MetricsPlugin:
             document = self.history.document(self._clock(), since, services)
             params = [("since", text)] if text is not None else []
             params += [("service", name) for name in names]
-            return _json(await self.cluster("/status/history", params, document))
+            return _json(request, await self.cluster("/status/history", params, document))
         return await self._stream_history(request, since, services)
 
     async def _stream_history(
@@ -483,7 +483,7 @@ class MetricsPlugin:
             await response.prepare(request)
             await response.write_eof()
             return response
-        response.enable_compression()
+        compress(request, response)
         await response.prepare(request)
         head = json.dumps(
             {"interval": self.history.interval, "capacity": self.history.capacity,
@@ -509,14 +509,14 @@ def _scope(request: web.Request) -> str:
     return scope
 
 
-def _json(document: Any) -> web.Response:
-    """A JSON answer (compact: a thousand services are megabytes), compressed when the client
-    takes it."""
+def _json(request: web.Request, document: Any) -> web.Response:
+    """A JSON answer (compact: a thousand services are megabytes), gzip-compressed when the
+    client takes it."""
     body = json.dumps(document, separators=(",", ":"), default=str)
     response = web.Response(
         text=body + "\n", content_type="application/json", headers=_JSON_HEADERS
     )
-    response.enable_compression()
+    compress(request, response)
     return response
 
 

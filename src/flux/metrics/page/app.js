@@ -1,11 +1,18 @@
 // fluxd's status page (served by flux/metrics/statuspage.py; see its theory of operation).
 //
-// Every two seconds the page reads /status (or /status?scope=cluster) and, when fluxd keeps a
-// history, the samples of /status/history newer than the last one it has (?since=).  It turns
-// either JSON shape (the full one of README "The status page", or the older one with only
-// `balancer` and `agent`) into one model, then updates the DOM in place: one <tbody> per
-// service keyed by host and name, its cells' text set only when it changed, instance rows built
-// only for expanded services.  Any field may be missing or null and shows as "–".
+// Every two seconds the page reads /status (or /status?scope=cluster).  It turns either JSON
+// shape (the full one of README "The status page", or the older one with only `balancer` and
+// `agent`) into one model, then updates the DOM in place: one <tbody> per service keyed by host
+// and name, its cells' text set only when it changed, instance rows built only for expanded
+// services.  Any field may be missing or null and shows as "–".
+//
+// Charts: only the rows a person can see are charted, the ones on screen (and not hidden by the
+// filter) and the expanded ones, at most CHART_UP_TO.  After each render, and soon after a
+// scroll or a change of the filter, the page asks /status/history for those services only
+// (&service=NAME, repeated): a service charted already with ?since= the last sample it holds,
+// one newly charted without it (its whole 15 minutes).  A service that stops being charted
+// drops its samples.  So at 1,000 services a refresh costs fluxd the history of a few dozen,
+// not of all of them.
 //
 // Safety: every string from the JSON goes into the DOM through textContent or an attribute
 // set with setAttribute on a non-executable attribute; nothing is ever parsed as markup.
@@ -15,6 +22,9 @@ const REFRESH_MS = 2000;
 const FETCH_TIMEOUT_MS = 5000;
 const STALE_MS = 3 * REFRESH_MS + 500;
 const EXPAND_UP_TO = 20; // services: with more, rows start collapsed
+const CHART_UP_TO = 50; // services charted at once (those on screen, then expanded ones)
+const ON_SCREEN_MARGIN = 200; // px above and below the window that count as on screen
+const RECHART_MS = 300; // after a scroll or a filter change, chart the rows then shown
 const DASH = "–";
 const SVG = "http://www.w3.org/2000/svg";
 const CLASSES = ["2xx", "3xx", "4xx", "5xx"];
@@ -28,8 +38,12 @@ const state = {
   filter: "",
   expanded: new Map(), // row key -> the user's choice
   rows: new Map(), // row key -> ServiceRow
+  order: [], // the ServiceRows in table order
   cards: new Map(), // host key -> host card
-  history: new Map(), // host key -> {last, capacity, samples, version}
+  history: new Map(), // host key -> {capacity, series: name -> {last, samples, version}}
+  charted: new Set(), // row keys charted now
+  model: null, // the last model rendered
+  rechartTimer: null,
   lastOk: 0,
   asOf: null,
   error: null,
@@ -462,12 +476,15 @@ function makeServiceRow(key) {
     head: null,
     instances: new Map(),
     service: null,
+    hostKey: null,
+    hasHistory: false,
     search: "",
   };
   cells.chart.append(row.spark.svg);
   toggle.addEventListener("click", () => {
     state.expanded.set(key, !isExpanded(row));
     updateInstances(row);
+    rechartSoon();
   });
   tbody.append(tr);
   return row;
@@ -531,7 +548,8 @@ function updateServiceRow(row, host, service) {
     ...service.instances.flatMap((one) => [one.name, one.address, one.host, one.image,
       one.container_id])]
     .filter((part) => typeof part === "string").join("\n").toLowerCase();
-  updateSpark(row, host.key);
+  row.hostKey = host.key;
+  row.hasHistory = host.hasHistory;
   updateInstances(row);
 }
 
@@ -620,6 +638,7 @@ function renderServices(model) {
   collapsedByDefault = all.length > EXPAND_UP_TO;
   ui.table.classList.toggle("cluster", model.cluster);
   const seen = new Set();
+  const order = [];
   let previous = ui.table.tHead;
   for (const [host, service] of all) {
     const key = `${host.key}\u0000${service.name}`;
@@ -632,7 +651,9 @@ function renderServices(model) {
     if (previous.nextSibling !== row.tbody) ui.table.insertBefore(row.tbody, previous.nextSibling);
     previous = row.tbody;
     updateServiceRow(row, host, service);
+    order.push(row);
   }
+  state.order = order;
   for (const [key, row] of state.rows) {
     if (!seen.has(key)) {
       row.tbody.remove();
@@ -672,26 +693,24 @@ function points(values, top) {
     .join(" ");
 }
 
-function updateSpark(row, hostKey) {
-  const history = state.history.get(hostKey);
-  const spark = row.spark;
-  if (!history) {
-    if (spark.version !== -1) {
-      spark.total.setAttribute("points", "");
-      spark.errors.setAttribute("points", "");
-      spark.version = -1;
-    }
-    setText(spark.title, "no history from this fluxd");
-    return;
+function clearSpark(spark, why) {
+  if (spark.version !== -1) {
+    spark.total.setAttribute("points", "");
+    spark.errors.setAttribute("points", "");
+    spark.version = -1;
   }
-  if (spark.version === history.version) return;
-  spark.version = history.version;
-  const name = row.service.name;
+  setText(spark.title, why);
+}
+
+function updateSpark(row, series) {
+  const spark = row.spark;
+  if (spark.version === series.version) return;
+  spark.version = series.version;
   const protocol = row.service.protocol;
   const totals = [];
   const errors = [];
-  for (const sample of history.samples) {
-    const figures = obj(obj(sample.services)[name]);
+  for (const sample of series.samples) {
+    const figures = obj(sample.figures);
     totals.push(sampleValue(figures, protocol));
     const rate = obj(figures.req_rate)["5xx"];
     errors.push(protocol === "http" && isNum(rate) ? rate : null);
@@ -700,7 +719,7 @@ function updateSpark(row, hostKey) {
   setAttr(spark.total, "points", points(totals, top));
   setAttr(spark.errors, "points", points(errors, top));
   const what = protocol === "http" ? "requests/s (5xx in red)" : "connections/s";
-  setText(spark.title, `${what}, last ${history.samples.length} samples, peak ${num(top)}`);
+  setText(spark.title, `${what}, last ${series.samples.length} samples, peak ${num(top)}`);
 }
 
 async function getJson(url) {
@@ -723,51 +742,149 @@ async function getJson(url) {
   }
 }
 
+// The rows to chart, in table order: those shown on screen, then expanded ones elsewhere.
+function rowsToChart() {
+  const onScreen = [];
+  const expanded = [];
+  const bottom = window.innerHeight + ON_SCREEN_MARGIN;
+  let below = false;
+  for (const row of state.order) {
+    if (row.tbody.hidden || !row.hasHistory) continue;
+    if (!below) {
+      const box = row.tr.getBoundingClientRect();
+      if (box.top > bottom) below = true;
+      else if (box.bottom >= -ON_SCREEN_MARGIN) {
+        onScreen.push(row);
+        continue;
+      }
+    }
+    if (isExpanded(row)) expanded.push(row);
+  }
+  return [...onScreen, ...expanded].slice(0, CHART_UP_TO);
+}
+
 function historyOf(hostKey) {
   let history = state.history.get(hostKey);
   if (!history) {
-    history = { last: null, capacity: HISTORY_SAMPLES, samples: [], version: 0 };
+    history = { capacity: HISTORY_SAMPLES, series: new Map() };
     state.history.set(hostKey, history);
   }
   return history;
 }
 
-function addSamples(hostKey, rawHistory) {
+function addSamples(hostKey, rawHistory, names) {
   const doc = obj(rawHistory);
   const history = historyOf(hostKey);
   if (isNum(doc.capacity) && doc.capacity > 0) history.capacity = doc.capacity;
-  let added = false;
-  for (const raw of arr(doc.samples)) {
-    const sample = obj(raw);
-    if (!isNum(sample.t) || (history.last !== null && sample.t <= history.last)) continue;
-    history.samples.push(sample);
-    history.last = sample.t;
-    added = true;
+  for (const name of names) {
+    let series = history.series.get(name);
+    if (!series) {
+      series = { last: null, samples: [], version: 0 };
+      history.series.set(name, series);
+    }
+    let added = false;
+    for (const raw of arr(doc.samples)) {
+      const sample = obj(raw);
+      if (!isNum(sample.t) || (series.last !== null && sample.t <= series.last)) continue;
+      series.samples.push({ t: sample.t, figures: obj(sample.services)[name] ?? null });
+      series.last = sample.t;
+      added = true;
+    }
+    if (series.samples.length > history.capacity) {
+      series.samples.splice(0, series.samples.length - history.capacity);
+    }
+    if (added) series.version += 1;
   }
-  if (history.samples.length > history.capacity) {
-    history.samples.splice(0, history.samples.length - history.capacity);
-  }
-  if (added) history.version += 1;
 }
 
-async function refreshHistory(model) {
-  const wanted = model.hosts.filter((host) => host.reachable && host.hasHistory);
-  if (!wanted.length) return;
-  const lasts = wanted.map((host) => historyOf(host.key).last);
+// One request for the services named: with since (what is newer than it) or without (all).
+async function askHistory(cluster, names, since) {
   const params = new URLSearchParams();
-  if (model.cluster) params.set("scope", "cluster");
-  if (lasts.every(isNum)) params.set("since", String(Math.min(...lasts)));
-  const query = params.toString();
-  const { body } = await getJson(`/status/history${query ? `?${query}` : ""}`);
-  if (!model.cluster) {
-    addSamples(wanted[0].key, body);
-    return;
+  if (cluster) params.set("scope", "cluster");
+  if (since !== null) params.set("since", String(since));
+  for (const name of names) params.append("service", name);
+  const { body, size } = await getJson(`/status/history?${params.toString()}`);
+  const answers = new Map();
+  if (!cluster) {
+    answers.set(null, body);
+  } else {
+    for (const raw of arr(obj(body).hosts)) {
+      const item = obj(raw);
+      if (item.reachable !== false) answers.set(text(item.host), item.history ?? item.status);
+    }
   }
-  for (const raw of arr(obj(body).hosts)) {
-    const item = obj(raw);
-    if (item.reachable === false) continue;
-    addSamples(text(item.host), item.history ?? item.status);
+  return { answers, size };
+}
+
+// Fetch what the charted rows lack, drop the series of rows no longer charted, redraw.
+async function updateCharts(model) {
+  const rows = rowsToChart();
+  const wanted = new Map(); // host key -> names charted there
+  for (const row of rows) {
+    if (!wanted.has(row.hostKey)) wanted.set(row.hostKey, new Set());
+    wanted.get(row.hostKey).add(row.service.name);
   }
+  const known = new Set();
+  const fresh = new Set();
+  let since = null;
+  for (const [hostKey, names] of wanted) {
+    const series = historyOf(hostKey).series;
+    for (const name of names) {
+      const last = series.has(name) ? series.get(name).last : null;
+      if (last === null) fresh.add(name);
+      else {
+        known.add(name);
+        since = since === null ? last : Math.min(since, last);
+      }
+    }
+  }
+  let size = 0;
+  const asks = [];
+  if (known.size) asks.push([[...known], since]);
+  if (fresh.size) asks.push([[...fresh], null]);
+  for (const [names, after] of asks) {
+    const { answers, size: got } = await askHistory(model.cluster, names, after);
+    size += got;
+    for (const [hostKey, doc] of answers) {
+      const key = hostKey ?? model.hosts[0].key;
+      const charted = wanted.get(key);
+      if (charted) addSamples(key, doc, names.filter((name) => charted.has(name)));
+    }
+  }
+  for (const [hostKey, history] of state.history) {
+    const names = wanted.get(hostKey);
+    for (const name of history.series.keys()) {
+      if (!names || !names.has(name)) history.series.delete(name);
+    }
+    if (!history.series.size) state.history.delete(hostKey);
+  }
+  const drawn = new Set();
+  for (const row of rows) {
+    const series = historyOf(row.hostKey).series.get(row.service.name);
+    if (!series) continue;
+    updateSpark(row, series);
+    drawn.add(row.key);
+  }
+  for (const row of state.order) {
+    if (drawn.has(row.key)) continue;
+    clearSpark(row.spark, row.hasHistory
+      ? `charted when on screen or expanded (${CHART_UP_TO} at most)`
+      : "no history from this fluxd");
+  }
+  state.charted = drawn;
+  return size;
+}
+
+function rechartSoon() {
+  clearTimeout(state.rechartTimer);
+  state.rechartTimer = setTimeout(async () => {
+    if (!state.model) return;
+    try {
+      await updateCharts(state.model);
+    } catch (error) {
+      console.warn(`history: ${error.message}`);
+    }
+  }, RECHART_MS);
 }
 
 // -- the refresh loop and the "as of" marker -----------------------------------------------
@@ -798,21 +915,26 @@ async function refresh() {
     } else {
       ui.notice.hidden = true;
     }
+    const rendering = performance.now();
+    renderCards(model);
+    renderServices(model);
+    state.model = model;
+    const rendered = performance.now();
+    let historyBytes = 0;
     try {
-      await refreshHistory(model);
+      historyBytes = await updateCharts(model);
     } catch (error) {
       console.warn(`history: ${error.message}`);
     }
     if (generation !== state.generation) return;
-    const rendering = performance.now();
-    renderCards(model);
-    renderServices(model);
     const done = performance.now();
     const stats = document.body.dataset;
     stats.renders = String(Number(stats.renders ?? 0) + 1);
-    stats.renderMs = (done - rendering).toFixed(1);
+    stats.renderMs = (rendered - rendering).toFixed(1);
     stats.refreshMs = (done - started).toFixed(1);
     stats.jsonBytes = String(size);
+    stats.historyBytes = String(historyBytes);
+    stats.charted = String(state.charted.size);
     state.lastOk = Date.now();
     state.asOf = model.now;
     state.error = null;
@@ -855,7 +977,10 @@ function start() {
     sessionStorage.setItem("flux.filter", ui.filter.value);
     state.filter = ui.filter.value.trim().toLowerCase();
     applyFilter();
+    rechartSoon();
   });
+  window.addEventListener("scroll", rechartSoon, { passive: true });
+  window.addEventListener("resize", rechartSoon, { passive: true });
   for (const [button, scope] of [[ui.scopeHost, "host"], [ui.scopeCluster, "cluster"]]) {
     button.addEventListener("click", () => {
       if (state.scope === scope) return;
