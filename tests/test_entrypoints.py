@@ -184,7 +184,9 @@ async def test_forwarded_turned_on_or_off_reopens_the_published_port() -> None:
     ports.close()
 
 
-async def test_each_service_of_a_shared_http_port_has_its_own_forwarded() -> None:
+def recording_ports() -> tuple[PublishedPorts, int, list[tuple[EntryPoint, _Unbindable]]]:
+    """Published ports on a free loopback port whose listeners are fakes, recorded as made
+    with the entry point each was made for (call from a running event loop)."""
     made: list[tuple[EntryPoint, _Unbindable]] = []
 
     def make(entry: EntryPoint, pool: Pool) -> Listener:
@@ -197,6 +199,11 @@ async def test_each_service_of_a_shared_http_port_has_its_own_forwarded() -> Non
         port = probe.getsockname()[1]
     ports = PublishedPorts("127.0.0.1", make, clock=asyncio.get_running_loop().time,
                            rng=random.Random(1))  # fmt: skip
+    return ports, port, made
+
+
+async def test_each_service_of_a_shared_http_port_has_its_own_forwarded() -> None:
+    ports, port, made = recording_ports()
 
     def web(name: str, forwarded: bool, created: int) -> ServiceInfo:
         spec = Service(publish=port, protocol="http", hostnames=(f"{name}.example.test",),
@@ -218,18 +225,7 @@ async def test_each_service_of_a_shared_http_port_has_its_own_forwarded() -> Non
 
 
 async def test_each_service_of_a_shared_tcp_port_has_its_own_proxy_protocol() -> None:
-    made: list[tuple[EntryPoint, _Unbindable]] = []
-
-    def make(entry: EntryPoint, pool: Pool) -> Listener:
-        fake = _Unbindable(0)
-        made.append((entry, fake))
-        return cast(Listener, fake)
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ports = PublishedPorts("127.0.0.1", make, clock=asyncio.get_running_loop().time,
-                           rng=random.Random(1))  # fmt: skip
+    ports, port, made = recording_ports()
 
     def tls(name: str, version: str, created: int) -> ServiceInfo:
         spec = Service(publish=port, hostnames=(f"{name}.example.test",), proxyProtocol=version)
