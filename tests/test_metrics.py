@@ -216,8 +216,8 @@ class FakeBalancer:
         self.ready = True
         self.infos: dict[str, ServiceInfo] = {}
 
-    def engine_status(self) -> Mapping[str, int]:
-        return {"threads": 2, "open_connections": 1}
+    def engine_status(self) -> Mapping[str, Any]:
+        return {"threads": 2, "open_connections": 1, "shard_accepted": [5, 7]}
 
     def status(self) -> Mapping[str, Any]:
         return {
@@ -1398,6 +1398,7 @@ async def test_100000_real_client_addresses_through_the_engine_leave_memory_flat
     metrics = Metrics(max_clients=100)
     metrics.sources.append(relay.flush)
     metrics.counters.append(relay.counts)
+    metrics.relay_counters.append(relay.engine_counters)
     registry = CollectorRegistry()
     registry.register(FluxCollector(metrics))
     instance = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -1459,6 +1460,14 @@ async def test_100000_real_client_addresses_through_the_engine_leave_memory_flat
         assert counted == total
         for engine in relay.engines:  # each shard named at most 100 clients, plus "other"
             assert len(engine.service_counts(1).tally) <= 101
+        # Every client was accepted by one shard or the other (those handed over too), and
+        # SO_REUSEPORT spread them: each shard's count is exported under its number.
+        shards = [
+            registry.get_sample_value("flux_engine_shard_accepted_total", {"shard": str(i)})
+            for i in range(3)
+        ]
+        assert shards[2] is None and sum(shards[:2]) == total, shards
+        assert min(shards[:2]) > total * 0.3, shards
         assert rss_end - rss_warm < 8 * 1024 * 1024, (rss_warm, rss_end)
     finally:
         accepting.clear()

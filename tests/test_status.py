@@ -487,8 +487,8 @@ class Balancer:
             "publish_ip": None,
         }  # fmt: skip
 
-    def engine_status(self) -> Mapping[str, int]:
-        return {"threads": 2, "open_connections": 1}
+    def engine_status(self) -> Mapping[str, Any]:
+        return {"threads": 2, "open_connections": 1, "shard_accepted": [5, 7]}
 
 
 class Agent:
@@ -544,6 +544,7 @@ async def test_status_has_the_fluxd_block_and_the_service_rows(plugin) -> None:
     assert fluxd["docker"] == {"connected": True, "last_reconcile": 990.0}
     engine = fluxd["engine"]
     assert engine["threads"] == 2 and engine["open_connections"] == 1
+    assert engine["shard_accepted"] == [5, 7]
     assert 0 < engine["fds_used"] < engine["fds_budget"]
     [row] = document["services"]
     assert row["name"] == "web" and row["state"] == "forwarding" and row["reason"] is None

@@ -414,13 +414,15 @@ class Balancer:
             interceptions.append(_interception(name, state.endpoint.address, listener_port))
         return desired_rules(self.iptables.chain, self._bind_ip, interceptions)
 
-    def engine_status(self) -> dict[str, int]:
-        """The relay as ``/status`` shows it: its native threads (0 for the Python relay)
-        and the connections it relays now."""
+    def engine_status(self) -> dict[str, Any]:
+        """The relay as ``/status`` shows it: its native threads (0 for the Python relay),
+        the connections it relays now and the clients each thread accepted itself."""
         acceptor = self.relay.acceptor
+        counters = self.relay.engine_counters()
         return {
             "threads": 0 if acceptor is None else acceptor.shards,
             "open_connections": self.relay.active,
+            "shard_accepted": [] if counters is None else list(counters.shard_accepted),
         }
 
     def status(self) -> Mapping[str, Any]:

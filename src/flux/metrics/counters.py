@@ -471,6 +471,7 @@ class Metrics:
         """The relays' own counters (:attr:`relay_counters`), summed by name."""
         events: dict[str, int] = {}
         levels: dict[str, int] = {}
+        shards: tuple[int, ...] = ()
         for source in self.relay_counters:
             counted = source()
             if counted is None:
@@ -479,7 +480,8 @@ class Metrics:
                 events[name] = events.get(name, 0) + n
             for name, n in counted.levels.items():
                 levels[name] = levels.get(name, 0) + n
-        return RelayCounters(events, levels)
+            shards += counted.shard_accepted
+        return RelayCounters(events, levels, shards)
 
     def instance_quantile(
         self, q: float, instances: Iterable[tuple[str, str]]
@@ -703,6 +705,8 @@ class FluxCollector(Collector):
             f.engine_events.add_metric((name,), count)
         for name, level in sorted(engine.levels.items()):
             f.engine_levels.add_metric((name,), level)
+        for shard, count in enumerate(engine.shard_accepted):
+            f.engine_shard_accepted.add_metric((str(shard),), count)
         for cut, count in m.aborted.items():
             f.http_aborted.add_metric(cut, count)
         grpc_durations: dict[tuple[str, str, str], BucketCounts] = {}
@@ -841,6 +845,12 @@ class _Families:
             " copy buffers, bytes in flight).",
             labels=("level",),
         )
+        self.engine_shard_accepted = CounterMetricFamily(
+            "flux_engine_shard_accepted_total",
+            "Clients each engine thread (shard) accepted itself, by shard number: how the"
+            " kernel spreads new connections over the shards.",
+            labels=("shard",),
+        )
         self.http_aborted = CounterMetricFamily(
             "flux_http_aborted_total",
             "HTTP exchanges cut short (also in flux_http_total as code=\"aborted\"), by who cut"
@@ -885,6 +895,7 @@ class _Families:
             self.entry_answered,
             self.engine_events,
             self.engine_levels,
+            self.engine_shard_accepted,
             self.http_aborted,
             self.grpc_total,
             self.grpc_duration,

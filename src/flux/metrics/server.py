@@ -369,6 +369,7 @@ class MetricsPlugin:
             "engine": {
                 "threads": 0 if engine is None else engine["threads"],
                 "open_connections": 0 if engine is None else engine["open_connections"],
+                "shard_accepted": [] if engine is None else engine["shard_accepted"],
                 "fds_used": fds_used,
                 "fds_budget": fds_budget,
             },

@@ -186,10 +186,13 @@ class RelayCounters(NamedTuple):
     submitted, HTTP header timeouts, idle closes, opaque switches, exchange records dropped,
     ...); ``levels`` are what it holds now (idle pipes, in-flight bytes, ...).  Which name is
     which is the engine's to say (``flux._splice.RELAY_LEVELS``); a name it does not list as a
-    level is an event."""
+    level is an event.  ``shard_accepted``: the clients each shard (engine thread) accepted
+    itself so far, in shard order, to show how the kernel spreads new connections over them
+    (empty for a relay that accepts nothing)."""
 
     events: dict[str, int]
     levels: dict[str, int]
+    shard_accepted: tuple[int, ...] = ()
 
 
 class ConnectHandler(Protocol):

@@ -465,14 +465,17 @@ class SpliceRelay:
         the levels ``RELAY_LEVELS`` names apart, every other one an event (so a counter the
         engine gains is exported as an event without an edit here)."""
         totals = dict.fromkeys(self._counter_names, 0)
+        accepted = []
         for engine in self._engines:
             stats = engine.stats()
             for name in totals:
                 totals[name] += stats[name]
+            accepted.append(stats["accepted"])
         levels = self._level_names
         return RelayCounters(
             {name: n for name, n in totals.items() if name not in levels},
             {name: n for name, n in totals.items() if name in levels},
+            tuple(accepted),
         )
 
     def _observe(self, token: int, observe: ExchangeObserver) -> None:
