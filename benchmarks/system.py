@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -43,14 +44,39 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+# Servers in the run (backends, proxies' front ports) listen below the kernel's ephemeral
+# range, as real services do (80, 8080, 5201...): a port inside it is also a source port the
+# kernel hands to connect(), and fluxd checks its upstream connections for meeting themselves
+# only where that can happen (a local address, a port in the range).
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now (held
-    together while picked: one at a time, the kernel may hand the same one out twice)."""
+    """``count`` distinct TCP ports on 127.0.0.1, below the ephemeral range, that nothing
+    listens on right now (held together while picked, so none is picked twice).  Falls back to
+    the kernel's pick when the range leaves no room below it."""
+    top = _ephemeral_low() - 1
+    rng = random.Random()
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        tries = 0
+        while len(ports) < count:
             sock = stack.enter_context(socket.socket())
-            sock.bind((LOOPBACK, 0))
+            tries += 1
+            port = rng.randint(_LOWEST_PORT, top) if top - _LOWEST_PORT > 4 * count else 0
+            if tries > 1000:
+                port = 0
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue  # taken (or in TIME_WAIT): another one
             ports.append(int(sock.getsockname()[1]))
         return ports
 

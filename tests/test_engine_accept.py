@@ -9,17 +9,20 @@ that the metric totals equal what the clients did, with several shards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import os
 import random
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from flux._splice import SpliceEngine
+from flux._splice import SpliceEngine, _may_meet_itself
 from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.metrics.counters import Metrics
@@ -308,6 +311,42 @@ def test_shards_share_the_new_connections(engines: Callable[..., Engines], echo:
     assert min(per_shard) >= 60, per_shard
 
 
+def _own_sockets_facing(peer: tuple[str, int]) -> list[socket.socket]:
+    """Duplicates of this process's TCP sockets connected to ``peer`` (the engine's side of
+    its connections: the engine runs in this process), found among /proc/self/fd."""
+    found: dict[str, socket.socket] = {}  # by inode: a duplicate names the same socket
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            inode = os.readlink(f"/proc/self/fd/{name}")
+            if not inode.startswith("socket:") or inode in found:
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+            with contextlib.suppress(OSError):
+                if sock.family == socket.AF_INET and sock.getpeername() == peer:
+                    found[inode] = sock
+                    continue
+            sock.close()
+    return list(found.values())
+
+
+def test_both_sides_of_an_accepted_connection_send_without_delay(
+    engines: Callable[..., Engines], echo: Echo
+) -> None:
+    """TCP_NODELAY on the engine's client socket (inherited from the listening socket, no
+    setsockopt per client) and on the upstream it connects: small messages go out at once."""
+    group = engines(1)
+    group.set_pool([(3, echo.packed)])
+    with socket.create_connection((LOCAL, group.port), timeout=5) as client:
+        client.sendall(b"ping")
+        assert client.recv(4) == b"ping"
+        client_side = _own_sockets_facing(client.getsockname())
+        upstream = _own_sockets_facing((LOCAL, echo.port))
+        assert len(client_side) == 1 and len(upstream) == 1, (client_side, upstream)
+        for sock in client_side + upstream:
+            with sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_a_spent_budget_pauses_accepting_and_says_so_once(
     engines: Callable[..., Engines], echo: Echo
 ) -> None:
@@ -480,10 +519,42 @@ engine.stop()
 """
 
 
+# The same for a client the engine accepted itself: the snapshot's target is 127.0.0.1:40000,
+# so set_pool marks it for the check.  The listening socket and the client use ports outside
+# the one-port range, which stays free for the upstream.
+_SELF_CONNECT_ACCEPTED = """
+import errno, socket, sys, time
+from flux._splice import SpliceEngine
+from flux.relay import packed_sockaddr
+engine = SpliceEngine()
+engine.start()
+server = socket.create_server(("127.0.0.1", 30001))
+engine.set_pool(1, [(5, packed_sockaddr("127.0.0.1", int(sys.argv[1])))], False, 0)
+engine.listen(1, server.detach(), connect_timeout=2.0)
+client = socket.socket()
+client.bind(("127.0.0.2", 30002))
+client.connect(("127.0.0.1", 30001))
+client.sendall(b"x")
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    drained = engine.drain_all()
+    if drained.established:
+        print("established")
+        break
+    if drained.handed:
+        handed = drained.handed[0]
+        print("handed back", errno.errorcode.get(handed.errno, handed.errno), "to", handed.instance)
+        break
+    time.sleep(0.01)
+engine.stop()
+"""
+
+
 def test_an_upstream_connected_to_itself_is_a_failed_connect() -> None:
     """With one source port left (40000) and nobody listening on it, a connect to
     127.0.0.1:40000 connects the socket to itself (TCP simultaneous open): every byte would
-    come back to the client.  The engine must see a failed connect, not an instance."""
+    come back to the client.  The engine must see a failed connect, not an instance, both for
+    a connection the caller submits and for a client the engine accepted itself."""
     name = f"fluxself{random.randrange(1 << 20):x}"
     add_netns(name)
     try:
@@ -491,5 +562,21 @@ def test_an_upstream_connected_to_itself_is_a_failed_connect() -> None:
         netns_run(name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000")
         result = netns_run(name, sys.executable, "-c", _SELF_CONNECT, "40000")
         assert result.stdout.strip() == "handed back ECONNREFUSED True", result
+        # The first one left port 40000 in TIME_WAIT: the second gets a port of its own.
+        netns_run(name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40001 40001")
+        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT_ACCEPTED, "40001")
+        assert result.stdout.strip() == "handed back ECONNREFUSED to 5", result
     finally:
         delete_netns(name)
+
+
+def test_only_targets_that_could_meet_themselves_are_checked() -> None:
+    """set_pool marks a target for the self-connect check (a getsockname() per connection)
+    only when it is an IPv4 address of this host on a port of the ephemeral range."""
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert _may_meet_itself(packed_sockaddr("127.0.0.1", low))
+    assert _may_meet_itself(packed_sockaddr("127.3.4.5", high))  # all of 127/8 is local
+    assert not _may_meet_itself(packed_sockaddr("127.0.0.1", low - 1))
+    assert high == 65535 or not _may_meet_itself(packed_sockaddr("127.0.0.1", high + 1))
+    assert not _may_meet_itself(packed_sockaddr("192.0.2.7", low))  # TEST-NET-1: never local
+    assert not _may_meet_itself(packed_sockaddr("::1", low))  # the check looks at IPv4 only

@@ -429,6 +429,7 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
     c.started_ns = relay_now_ns()
     memcpy(c.addr, t.addr, t.addr_len)
     c.addr_len = t.addr_len
+    c.self_check = t.self_check
     c.connect_deadline_ns = c.started_ns + s.connect_timeout_ns
     if s.http:
         if http_attach(c, s.observe) < 0 or (
@@ -746,6 +747,9 @@ cdef void accept_run_commands(RelayEngine *e, RelayCtl *ctl) noexcept nogil:
             s.paused = 0
             # The engine thread must never block in accept4().
             ioctl(s.fd, FIONBIO, &one)
+            # Accepted sockets inherit TCP_NODELAY from the listening one: set here, once,
+            # it saves a setsockopt() per client (relay_register skips theirs).
+            setsockopt(s.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             ev.events = EPOLLIN | EPOLLET
             ev.data.u64 = <uint64_t><uintptr_t>s | <uint64_t>RELAY_LISTEN_TAG
             if epoll_ctl(e.epfd, EPOLL_CTL_ADD, s.fd, &ev) < 0:

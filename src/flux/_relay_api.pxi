@@ -2,6 +2,7 @@
 # _splice.pyx).  Everything here runs on the caller's thread, with the GIL.
 
 import os as _os
+import sys as _sys
 from collections import namedtuple as _namedtuple
 
 # The engine's counters by name (RC_* in _splice.pxd, same order): what stats() returns and
@@ -73,6 +74,54 @@ accepted: active now, AnsweredCounts, TallyEntries."""
 for _record in (Completion, ExchangeGroup, HandOver, Drained, AnsweredCounts, TallyEntry,
                 ServiceCounts):
     _record.__module__ = __name__
+
+
+# ---- where a connect could meet itself ------------------------------------------------------------
+
+_IP_BIND_ADDRESS_NO_PORT = 24   # <linux/in.h>: bind() checks the address, takes no port
+_PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _ephemeral_ports():
+    """The kernel's ephemeral port range (it picks connect()'s source ports from it); the
+    whole port space if it cannot be read, so every target is checked."""
+    try:
+        with open(_PORT_RANGE_FILE) as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 1, 65535
+
+
+def _is_local_address(str ip):
+    """Whether ``ip`` is an address of this host (bind() takes it without IP_FREEBIND).
+    Unsure (any other error) counts as local, so the check is kept."""
+    import errno as _errno
+    import socket as _socket
+    probe = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(_socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        probe.bind((ip, 0))
+    except OSError as error:
+        return error.errno != _errno.EADDRNOTAVAIL
+    finally:
+        probe.close()
+    return True
+
+
+def _may_meet_itself(bytes address not None):
+    """Whether a connect to the packed sockaddr ``address`` could come out connected to itself
+    (relay_self_connected): only to an IPv4 address of this host, on a port the kernel could
+    also pick as the source port.  Instances in containers, or on other hosts, never can, so
+    their connections skip the getsockname() the check costs."""
+    import socket as _socket
+    if len(address) < 8 or int.from_bytes(address[:2], _sys.byteorder) != _socket.AF_INET:
+        return False    # relay_self_connected only looks at IPv4
+    port = int.from_bytes(address[2:4], "big")
+    low, high = _ephemeral_ports()
+    if not low <= port <= high:
+        return False
+    return _is_local_address(_socket.inet_ntoa(address[4:8]))
 
 
 cdef int _raise_errno(str what) except -1:
@@ -302,6 +351,7 @@ cdef class SpliceEngine:
         c.preface_len = <uint8_t>m
         memcpy(c.addr, <const char *>address, n)
         c.addr_len = <uint8_t>n
+        c.self_check = 1
         c.connect_deadline_ns = c.started_ns + <int64_t>(timeout * 1e9)
         self._submit(c)
 
@@ -553,6 +603,7 @@ cdef class SpliceEngine:
                     raise ValueError(f"instance ids are 1..{(1 << 32) - 1}, got {instance}")
                 t = &snap.targets[i]
                 t.id = <uint32_t>instance
+                t.self_check = _may_meet_itself(address)
                 t.addr_len = <uint8_t>size
                 memcpy(t.addr, <const char *>address, size)
             snap.n = <int>n

@@ -107,8 +107,10 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
                 c.fd[s], FIONBIO, &one) < 0:
             relay_abort(e, c, errno)
             return
-        # Not TCP (e.g. a Unix socket in a test) is fine: the option just does not apply.
-        setsockopt(c.fd[s], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        # Not TCP (e.g. a Unix socket in a test) is fine: the option just does not apply.  A
+        # client the engine accepted has it already, from its listening socket.
+        if s == 1 or c.token != 0:
+            setsockopt(c.fd[s], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     c.next = e.live
     c.prev = NULL
     if e.live != NULL:

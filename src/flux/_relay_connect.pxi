@@ -25,7 +25,7 @@ cdef void relay_start_connect(RelayEngine *e, RelayConn *c) noexcept nogil:
         if e.connecting == 0:
             e.next_connect_sweep_ns = relay_now_ns() + RELAY_CONNECT_SWEEP_NS
         e.connecting += 1
-    elif relay_self_connected(c):
+    elif c.self_check and relay_self_connected(c):
         relay_connect_failed(e, c, ECONNREFUSED)
         return
     else:
@@ -37,7 +37,10 @@ cdef bint relay_self_connected(RelayConn *c) noexcept nogil:
     """The upstream socket is connected to itself: a connect to a local port nobody listens
     on can pick that very port as its source (TCP simultaneous open), and then every byte
     sent comes back.  Needs a port where nothing listens and an ephemeral range pressed
-    hard enough to offer that port (the namespace test makes one)."""
+    hard enough to offer that port (the namespace test makes one).  So the check (a
+    getsockname() per connection) runs only where it can: c.self_check, set for a target
+    on an address of this host with its port in the ephemeral range (set_pool works that out
+    once per snapshot) and for every connection the caller submits."""
     cdef sockaddr_in local
     cdef sockaddr_in *target = <sockaddr_in *>c.addr
     cdef socklen_t size = sizeof(local)

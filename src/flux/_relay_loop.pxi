@@ -77,7 +77,7 @@ cdef void relay_on_event(RelayEngine *e, RelayConn *c, int s, uint32_t events) n
                 err = ECONNREFUSED
             relay_connect_failed(e, c, err)
             return
-        if relay_self_connected(c):
+        if c.self_check and relay_self_connected(c):
             relay_connect_failed(e, c, ECONNREFUSED)
             return
         relay_established(e, c)

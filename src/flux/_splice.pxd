@@ -586,6 +586,7 @@ cdef struct RelayShared:
 cdef struct RelayTarget:
     # caller: written once into a snapshot before it is handed over, read-only afterwards.
     uint32_t id             # the asyncio side's instance id (> 0)
+    uint8_t self_check      # a connect here could meet itself (see relay_self_connected)
     uint8_t addr_len
     char addr[RELAY_ADDR_MAX]
 
@@ -691,6 +692,8 @@ cdef struct RelayConn:
     uint8_t closed
     uint8_t queued          # on the ready list
     uint8_t connecting      # the engine is connecting fd[1]: nothing moves until it is up
+    uint8_t self_check      # once connected, ask whether fd[1] met itself (see
+    #                         relay_self_connected): only where the kernel could pick that port
     uint8_t handed_back     # fd[0] goes back to the caller, still open (a failed connect,
     #                         or a client the engine accepted and hands over)
     uint8_t addr_len
