@@ -382,6 +382,10 @@ SCALING_FIGURES = [
     ("engine threads: new connections/s, fluxd on its default vs 1 engine thread", "close",
      "fluxd-1t"),
     ("new connection per request, 256 connections: conn/s", "close256", "haproxy-tcp-2t"),
+    ("engine threads steered by CPU: new connections/s, fluxd on its default vs"
+     " -engine-steer cpu", "close", "fluxd-steer"),
+    ("engine threads steered by CPU, 256 connections: conn/s, fluxd on its default vs"
+     " -engine-steer cpu", "close256", "fluxd-steer"),
 ]  # fmt: skip
 
 

@@ -19,7 +19,9 @@ Subjects, each with one front address per backend:
 - ``fluxd`` / ``fluxd-python``: a real fluxd (``python -m flux``) with the Cython splice engine,
   or with the pure-Python fallback relay (``-relay python``), each against its own private
   etcd; ``fluxd-1t`` is ``fluxd`` with ``-engine-threads 1`` (the others run fluxd's default,
-  one engine thread per usable CPU), so what the engine gains from more threads shows.
+  one engine thread per usable CPU), so what the engine gains from more threads shows, and
+  ``fluxd-steer`` is ``fluxd`` with ``-engine-steer cpu`` (threads pinned, new connections
+  steered by CPU).
   Services get floating addresses in 127.42.0.0/16 and the backends are registered as
   instances *of another host* (127.0.0.2, on that host's own lease), the way a remote fluxd's
   agent would write them, so neither Docker nor its userland proxy is in the path;
@@ -96,13 +98,15 @@ START_TIMEOUT = 30.0
 # Floating addresses are 127.42.<net>.1 and .2; one random <net> per run, the next ones for the
 # other fluxd subjects.
 _VIP_NET = 20 + secrets.randbelow(200)
-_FLUXD_NETS = ("fluxd", "fluxd-python", "fluxd-http", "fluxd-1t", "fluxd-base", "fluxd-http-base")
+_FLUXD_NETS = ("fluxd", "fluxd-python", "fluxd-http", "fluxd-1t", "fluxd-base", "fluxd-http-base",
+               "fluxd-steer")
 
 # name -> how the report labels it
 SUBJECTS: dict[str, str] = {
     "direct": "direct",
     "fluxd": "fluxd",
     "fluxd-1t": "fluxd, 1 engine thread",
+    "fluxd-steer": "fluxd, -engine-steer cpu",
     "fluxd-python": "fluxd (Python relay)",
     "haproxy-tcp": "HAProxy tcp",
     "haproxy-splice": "HAProxy splice",
@@ -869,6 +873,7 @@ async def _start_fluxd(
     # The flags below decide, not whatever the caller's environment says.
     env.pop("FLUX_RELAY", None)
     env.pop("FLUX_ENGINE_THREADS", None)
+    env.pop("FLUX_ENGINE_STEER", None)
     if name in BASELINE_SUBJECTS:
         if baseline is None:
             raise RuntimeError(f"{name}: no baseline checkout given (--baseline DIR)")
@@ -878,6 +883,8 @@ async def _start_fluxd(
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
     if threads is not None:
         argv += ["-engine-threads", str(threads)]
+    if name == "fluxd-steer":
+        argv += ["-engine-steer", "cpu"]  # threads pinned, connections steered by CPU
     # The edge services: fluxd-http publishes the 20 http ones, fluxd the 20 tls ones.
     edge_kind = {"fluxd-http": "edge", "fluxd": "sni", "fluxd-http-base": "edge",
                  "fluxd-base": "sni"}.get(name)  # fmt: skip

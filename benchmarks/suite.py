@@ -64,8 +64,10 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
     "bulk1": [*_ALL, "fluxd-1t", "fluxd-base"],
     "bulk4": _ALL,
     "keepalive": [*_ALL, "fluxd-1t", "fluxd-base"],
-    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t", "fluxd-base"],
-    "close256": ["direct", "fluxd", "fluxd-1t", "haproxy-tcp", "haproxy-tcp-2t", "nginx"],
+    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t", "fluxd-steer", "fluxd-base"],
+    "close256": [
+        "direct", "fluxd", "fluxd-1t", "fluxd-steer", "haproxy-tcp", "haproxy-tcp-2t", "nginx",
+    ],
     "idle": [s for s in _ALL if s != "direct"],
     # HTTP services: fluxd with the service marked http (framing and metrics), the same traffic
     # through fluxd's tcp service (what the metrics cost), and the HTTP-aware peers.
@@ -363,7 +365,9 @@ def engine_threads_line(reported: dict[str, int | None]) -> str:
                 "no engine-threads, its default is the usable CPUs)"
             )
         else:
-            how = "-engine-threads 1" if name == "fluxd-1t" else "the default"
+            how = {"fluxd-1t": "-engine-threads 1", "fluxd-steer": "-engine-steer cpu"}.get(
+                name, "the default"
+            )
             parts.append(f"{SUBJECTS[name]}: {threads} ({how}, as fluxd reported it)")
     return "; ".join(parts)
 
@@ -439,7 +443,7 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
     threads = {
         name: subject.engine_threads
         for name, subject in running.items()
-        if name in ("fluxd", "fluxd-1t", "fluxd-http", *BASELINE_SUBJECTS)
+        if name in ("fluxd", "fluxd-1t", "fluxd-steer", "fluxd-http", *BASELINE_SUBJECTS)
     }
     return Measured(samples, notes, threads)
 

@@ -110,6 +110,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.balance == "random"
     assert s.relay == "splice"
     assert s.engine_threads == len(os.sched_getaffinity(0))
+    assert s.engine_steer == "hash"
     assert s.publish_ip == IPv4Address("0.0.0.0")
     assert s.metrics_max_clients == 100
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)
@@ -176,6 +177,8 @@ FLAG_CASES = [
     ("relay", "splice", "relay", "splice", []),
     ("engine-threads", "1", "engine_threads", 1, []),
     ("engine-threads", "256", "engine_threads", 256, []),
+    ("engine-steer", "cpu", "engine_steer", "cpu", []),
+    ("engine-steer", "hash", "engine_steer", "hash", []),
     ("publish-ip", "127.0.0.7", "publish_ip", IPv4Address("127.0.0.7"), []),
     ("publish-ip", "0.0.0.0", "publish_ip", IPv4Address("0.0.0.0"), []),
     ("publish-ip", "none", "publish_ip", None, []),
@@ -271,6 +274,7 @@ ENV_CASES = [
     ("FLUX_BALANCE", "p2c", "balance", "p2c"),
     ("FLUX_RELAY", "python", "relay", "python"),
     ("FLUX_ENGINE_THREADS", "3", "engine_threads", 3),
+    ("FLUX_ENGINE_STEER", "cpu", "engine_steer", "cpu"),
     ("FLUX_PUBLISH_IP", "10.1.2.3", "publish_ip", IPv4Address("10.1.2.3")),
     ("FLUX_PUBLISH_IP", "none", "publish_ip", None),
     ("FLUX_METRICS_MAX_CLIENTS", "250", "metrics_max_clients", 250),
@@ -672,6 +676,7 @@ BAD_FLAG_VALUES = [
     ("balance", "roundrobin", 'must be "random" or "p2c"'),
     ("relay", "copy", 'must be "splice" or "python"'),
     ("engine-threads", "0", "must be a whole number of threads from 1 to 256"),
+    ("engine-steer", "rss", 'must be "cpu" or "hash"'),
     ("engine-threads", "257", "must be a whole number of threads from 1 to 256"),
     ("engine-threads", "two", "must be a whole number of threads from 1 to 256"),
     ("engine-threads", "1.5", "must be a whole number of threads from 1 to 256"),

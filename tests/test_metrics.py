@@ -217,7 +217,12 @@ class FakeBalancer:
         self.infos: dict[str, ServiceInfo] = {}
 
     def engine_status(self) -> Mapping[str, Any]:
-        return {"threads": 2, "open_connections": 1, "shard_accepted": [5, 7]}
+        return {
+            "threads": 2,
+            "open_connections": 1,
+            "shard_accepted": [5, 7],
+            "steering": [[0], [1]],
+        }
 
     def status(self) -> Mapping[str, Any]:
         return {

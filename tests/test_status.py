@@ -488,7 +488,12 @@ class Balancer:
         }  # fmt: skip
 
     def engine_status(self) -> Mapping[str, Any]:
-        return {"threads": 2, "open_connections": 1, "shard_accepted": [5, 7]}
+        return {
+            "threads": 2,
+            "open_connections": 1,
+            "shard_accepted": [5, 7],
+            "steering": [[0], [1]],
+        }
 
 
 class Agent:
@@ -544,7 +549,7 @@ async def test_status_has_the_fluxd_block_and_the_service_rows(plugin) -> None:
     assert fluxd["docker"] == {"connected": True, "last_reconcile": 990.0}
     engine = fluxd["engine"]
     assert engine["threads"] == 2 and engine["open_connections"] == 1
-    assert engine["shard_accepted"] == [5, 7]
+    assert engine["shard_accepted"] == [5, 7] and engine["steering"] == [[0], [1]]
     assert 0 < engine["fds_used"] < engine["fds_budget"]
     [row] = document["services"]
     assert row["name"] == "web" and row["state"] == "forwarding" and row["reason"] is None

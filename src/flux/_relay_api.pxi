@@ -14,7 +14,7 @@ RELAY_COUNTERS = (
     "http_exchanges", "http_answered", "http_header_timeouts", "http_idle_closed", "http_opaque",
     "http_h2", "http_h2_gave_up", "http_h2_untracked", "exchanges_dropped", "buffers_lent",
     "buffers_idle", "connects", "connect_failures", "accepted", "to_python", "accept_failures",
-    "http_switched", "notices_dropped", "routed",
+    "http_switched", "notices_dropped", "routed", "pin_failures",
 )
 
 # The counters above that are levels (they go down as well as up: what is held now).  Every
@@ -76,7 +76,7 @@ for _record in (Completion, ExchangeGroup, HandOver, Drained, AnsweredCounts, Ta
     _record.__module__ = __name__
 
 
-# ---- where a connect could meet itself ------------------------------------------------------------
+# ---- where a connect could meet itself ---------------------------------------------------------
 
 _IP_BIND_ADDRESS_NO_PORT = 24   # <linux/in.h>: bind() checks the address, takes no port
 _PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
@@ -167,8 +167,12 @@ cdef class SpliceEngine:
     def __init__(self, size_t pipe_size=1 << 20, int max_idle_pipes=64,
                  size_t small_buffer=16384, int budget=32, double header_timeout=0.0,
                  double idle_timeout=0.0, SpliceEngine shard_of=None,
-                 uint32_t max_clients=100):
+                 uint32_t max_clients=100, cpus=None):
         cdef RelayEngine *e
+        cdef list pinned = sorted(set(cpus)) if cpus is not None else []
+        if cpus is not None and (not pinned or pinned[0] < 0
+                                 or pinned[len(pinned) - 1] >= RELAY_CPU_WORDS * 64):
+            raise ValueError(f"cpus must name CPUs 0..{RELAY_CPU_WORDS * 64 - 1}, got {cpus!r}")
         if pipe_size < 4096 or pipe_size > (1 << 30):
             raise ValueError(f"pipe_size must be 4096..1073741824 bytes, got {pipe_size}")
         if small_buffer < 512 or small_buffer > (1 << 24):
@@ -204,6 +208,9 @@ cdef class SpliceEngine:
         e.small_buffer = small_buffer
         e.budget = budget
         e.max_clients = max_clients
+        for cpu in pinned:
+            e.cpu_mask[cpu // 64] |= (<uint64_t>1) << (cpu % 64)
+        e.pinned = bool(pinned)
         if shard_of is not None:
             if shard_of.e == NULL:
                 raise ValueError("shard_of must be an initialised SpliceEngine")

@@ -166,6 +166,7 @@ cdef void *relay_main(void *arg) noexcept nogil:
     cdef int wait
     cdef uint64_t tag
     cdef RelayConn *c
+    relay_pin_self(e)
     while not stop:
         if e.ready != NULL or e.accept_ready != NULL:
             timeout = 0

@@ -535,7 +535,11 @@ cdef enum:
     RC_HTTP_SWITCHED        # HTTP connections switched to plain relaying (Upgrade, CONNECT)
     RC_NOTICES_DROPPED      # notice records lost because the queue was full (_relay_notice.pxi)
     RC_ROUTED               # clients a router sent to a service by their Host (accept_by_host)
+    RC_PIN_FAILURES         # the thread could not be pinned to its CPUs (_relay_steer.pxi)
     RC_COUNT
+
+cdef enum:
+    RELAY_CPU_WORDS = 16    # cpu_mask's 64-bit words: CPUs 0..1023, as glibc's cpu_set_t
 
 cdef enum:
     RELAY_CMD_CUT = 1       # reset every connection, keep running
@@ -792,6 +796,9 @@ cdef struct RelayEngine:
     # X-Forwarded-For (see _relay_forwarded.pxi): where rewritten heads are built.
     char *fwd_scratch           # engine
     size_t fwd_scratch_cap
+    # Steering (see _relay_steer.pxi): the CPUs the thread pins itself to as it starts.
+    uint8_t pinned              # caller, at creation: cpu_mask is set
+    uint64_t cpu_mask[RELAY_CPU_WORDS]  # caller, at creation: one bit per CPU
     int64_t counters[RC_COUNT]  # atomic: RC_SUBMITTED by the caller, the others by the engine
 
 

@@ -108,6 +108,7 @@ class SpliceEngine:
         idle_timeout: float = 0.0,
         shard_of: SpliceEngine | None = None,
         max_clients: int = 100,
+        cpus: list[int] | None = None,
     ) -> None: ...
 
     def start(self) -> None: ...
@@ -335,6 +336,12 @@ class H2ObserverProbe:
     def open_streams(self) -> list[int]: ...
     @property
     def observing(self) -> bool: ...
+
+
+def steer_by_cpu(fd: int, shard_of_cpu: list[tuple[int, int]]) -> None: ...
+
+
+def _may_meet_itself(address: bytes) -> bool: ...
 
 
 def route_probe(

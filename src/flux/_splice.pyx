@@ -15,6 +15,8 @@ may be read in any order:
 - ``_relay_connect.pxi``: the engine connecting the upstream itself, and its timeouts.
 - ``_relay_moves.pxi``: the data path: the four moves (send, splice out of the pipe, splice
   into it, recv) and the copy/splice policy above them.
+- ``_relay_steer.pxi``: steering new connections by CPU: pinning a shard's thread and the
+  reuseport group's BPF program that picks the shard of the CPU a connection arrived on.
 - ``_relay_loop.pxi``: the engine thread's epoll loop and the publication of its results.
 - ``_relay_accept.pxi``: the engine accepting a service's clients itself: picking from the
   pool's snapshot, connecting, counting, handing the unusual back to the asyncio side.
@@ -54,6 +56,7 @@ include "_relay_pipes.pxi"
 include "_relay_conn.pxi"
 include "_relay_connect.pxi"
 include "_relay_moves.pxi"
+include "_relay_steer.pxi"
 include "_relay_loop.pxi"
 include "_relay_accept.pxi"
 include "_relay_http.pxi"

@@ -47,6 +47,7 @@ from flux.supervise import Supervisor
 
 if TYPE_CHECKING:
     from flux.config import ParsedCommand, Settings
+    from flux.relay.base import Relay
 
 __all__ = ["WATCH_COMPONENTS", "WATCH_MAX_BACKOFF", "Daemon", "Plugin", "main",
            "raise_descriptor_limit"]
@@ -198,6 +199,31 @@ def _open_store(settings: Settings) -> Store:
     )
 
 
+def _log_steering(relay: Relay, settings: Settings) -> None:
+    """Say once how the engine threads share new connections (-engine-steer)."""
+    from flux.config.settings import usable_cpus
+
+    acceptor = relay.acceptor
+    if acceptor is None:
+        return
+    plan = acceptor.steering
+    if plan is not None:
+        cpus = " | ".join(",".join(str(cpu) for cpu in shard) for shard in plan)
+        log.info(
+            "engine: %d threads pinned to CPUs %s; each takes the new connections that arrive"
+            " on its CPUs (-engine-steer cpu)",
+            len(plan),
+            cpus,
+        )
+    elif settings.engine_steer == "cpu" and acceptor.shards > 1:
+        log.info(
+            "engine: %d threads for %d CPUs: -engine-steer cpu needs at most one thread per"
+            " CPU, so new connections are spread by the hash of their addresses",
+            acceptor.shards,
+            usable_cpus(),
+        )
+
+
 def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
     """The parts of fluxd beside the lease keeper, in start order."""
     from flux.agent.agent import Agent
@@ -224,7 +250,9 @@ def _build_plugins(settings: Settings, store: Store) -> list[Plugin]:
         http_idle_timeout=settings.http_idle_timeout,
         shards=settings.engine_threads,
         max_clients=settings.metrics_max_clients,
+        **({"steer": settings.engine_steer == "cpu"} if settings.relay == "splice" else {}),
     )
+    _log_steering(relay, settings)
     if metrics is not None:
         metrics.sources.append(relay.flush)
         metrics.relay_counters.append(relay.engine_counters)

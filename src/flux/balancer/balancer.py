@@ -423,6 +423,7 @@ class Balancer:
             "threads": 0 if acceptor is None else acceptor.shards,
             "open_connections": self.relay.active,
             "shard_accepted": [] if counters is None else list(counters.shard_accepted),
+            "steering": None if acceptor is None else acceptor.steering,
         }
 
     def status(self) -> Mapping[str, Any]:

@@ -102,6 +102,7 @@ METRICS_MAX_CLIENTS_LIMIT = 100_000
 
 NetworkMode = Literal["local", "global"]
 Balance = Literal["random", "p2c"]
+EngineSteer = Literal["cpu", "hash"]
 RelayKind = Literal["splice", "python"]
 
 
@@ -210,6 +211,12 @@ OPTIONS: tuple[Option, ...] = (
            f" 1 to {ENGINE_THREADS_MAX}; each has its own epoll loop and its own listening"
            " socket per service",
            default_doc="the number of CPUs fluxd may run on"),
+    Option("engine_steer",         "engine-steer",         "FLUX_ENGINE_STEER",         "string",
+           choice(EngineSteer),
+           'how new connections are shared out among the engine threads: "cpu" (each thread'
+           " is pinned to CPUs of its own and takes the connections that arrive on them; needs"
+           ' 2 or more threads, at most one per CPU) or "hash" (by the kernel\'s hash of their'
+           " addresses, threads not pinned)"),
     Option("publish_ip",           "publish-ip",           "FLUX_PUBLISH_IP",           "string",
            parse_publish_ip,
            "IPv4 address to listen on for services' published ports (fluxctl --publish), or"
@@ -371,6 +378,7 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         default_factory=usable_cpus, validation_alias=env_name("engine_threads")
     )
+    engine_steer: EngineSteer = Field(default="hash", validation_alias=env_name("engine_steer"))
     publish_ip: IPv4Address | None = Field(
         default=IPv4Address("0.0.0.0"), validation_alias=env_name("publish_ip")
     )

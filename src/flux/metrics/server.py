@@ -370,6 +370,7 @@ class MetricsPlugin:
                 "threads": 0 if engine is None else engine["threads"],
                 "open_connections": 0 if engine is None else engine["open_connections"],
                 "shard_accepted": [] if engine is None else engine["shard_accepted"],
+                "steering": None if engine is None else engine["steering"],
                 "fds_used": fds_used,
                 "fds_budget": fds_budget,
             },

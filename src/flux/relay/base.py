@@ -311,6 +311,11 @@ class Acceptor(Protocol):
         """How many listening sockets :meth:`listen` takes (one per shard, one port)."""
 
     @property
+    def steering(self) -> list[list[int]] | None:
+        """Each shard's CPUs when new connections go to the shard of the CPU they arrive on
+        (its thread pinned to them), or None when the kernel's hash spreads them."""
+
+    @property
     def held(self) -> int:
         """Connections it accepted and holds now (they count against the budget)."""
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -64,7 +66,9 @@ from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
 if TYPE_CHECKING:
     from flux._splice import ExchangeGroup, Notice, SpliceEngine
 
-__all__ = ["SpliceRelay"]
+__all__ = ["SpliceRelay", "cpu_plan"]
+
+log = logging.getLogger("flux.relay")
 
 # Exchange observations wait at most this long for a batch (a scrape flushes them at once).
 _FLUSH_INTERVAL = 1.0
@@ -72,6 +76,22 @@ _FLUSH_INTERVAL = 1.0
 # client IP).  Clients from outside are unbounded, so past this many the cache starts over (an
 # observer is only a shortcut to its label sets, which the metrics keep, folded).
 _LABEL_OBSERVERS_MAX = 4096
+
+
+def cpu_plan(shards: int, allowed: set[int] | None = None) -> list[list[int]] | None:
+    """Each shard's CPUs for steering: the CPUs this process may run on (``allowed``, by
+    default its affinity mask), dealt out in turn (shard i gets the i-th, the i+n-th...); None
+    when steering cannot apply: fewer than two shards, or more shards than CPUs (a shard with
+    no CPU of its own would get no connection)."""
+    if allowed is None:
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            return None
+    cpus = sorted(allowed)
+    if shards < 2 or shards > len(cpus):
+        return None
+    return [cpus[i::shards] for i in range(shards)]
 
 
 class SpliceRelay:
@@ -84,6 +104,10 @@ class SpliceRelay:
     engine's notices (a :class:`~flux.relay.notices.NoticeLimiter` of its own by default).
     ``max_clients``: how many client addresses each shard names per service in its tally (the
     rest are counted as ``"other"``; see :class:`~flux.relay.base.EngineCounts`).
+    ``steer``: give each shard its own CPUs (:func:`cpu_plan`; its thread is pinned to them)
+    and send each new connection to the shard owning the CPU it arrived on (``_relay_steer.pxi``)
+    instead of by the hash of its addresses; it applies when there are at least two shards
+    and no more than the CPUs this process may run on (:attr:`steering` says whether it does).
     """
 
     def __init__(
@@ -97,6 +121,7 @@ class SpliceRelay:
         shards: int = 1,
         notices: NoticeLimiter | None = None,
         max_clients: int = 100,
+        steer: bool = False,
     ) -> None:
         from flux._splice import (
             HTTP_METHODS,
@@ -108,8 +133,9 @@ class SpliceRelay:
 
         if not 1 <= shards <= 256:
             raise ValueError(f"shards must be 1..256, got {shards}")
+        plan = cpu_plan(shards) if steer else None
 
-        def shard(shard_of: SpliceEngine | None) -> SpliceEngine:
+        def shard(index: int, shard_of: SpliceEngine | None) -> SpliceEngine:
             return SpliceEngine(
                 pipe_size=pipe_size,
                 max_idle_pipes=max_idle_pipes,
@@ -118,10 +144,13 @@ class SpliceRelay:
                 idle_timeout=http_idle_timeout,
                 shard_of=shard_of,
                 max_clients=max_clients,
+                cpus=None if plan is None else plan[index],
             )
 
-        first = shard(None)
-        self._engines = [first] + [shard(first) for _ in range(shards - 1)]
+        first = shard(0, None)
+        self._engines = [first] + [shard(i, first) for i in range(1, shards)]
+        self._plan = plan
+        self._steer_refused: str | None = None
         self._engine = first
         self._methods: tuple[str, ...] = HTTP_METHODS
         self._counter_names: tuple[str, ...] = RELAY_COUNTERS
@@ -162,6 +191,14 @@ class SpliceRelay:
     @property
     def shards(self) -> int:
         return len(self._engines)
+
+    @property
+    def steering(self) -> list[list[int]] | None:
+        """Each shard's CPUs when new connections are steered by CPU (``steer``), else None
+        (spread by the hash of their addresses)."""
+        if self._plan is None or self._steer_refused is not None:
+            return None
+        return [list(cpus) for cpus in self._plan]
 
     @property
     def connector(self) -> SpliceRelay:
@@ -319,6 +356,7 @@ class SpliceRelay:
             forwarded=forwarded,
         )
         http = protocol == "http"
+        self._steer(sockets)
         for engine, sock in zip(self._engines, sockets, strict=True):
             engine.listen(
                 sid,
@@ -331,6 +369,24 @@ class SpliceRelay:
             )
             sock.detach()
         return sid
+
+    def _steer(self, sockets: list[socket.socket]) -> None:
+        """Attach the steering program to the port's reuseport group (sockets in shard order);
+        a kernel that refuses it leaves the hash, said once in the log and in :attr:`steering`."""
+        if self._plan is None or self._steer_refused is not None or len(sockets) < 2:
+            return
+        from flux._splice import steer_by_cpu
+
+        pairs = [(cpu, index) for index, cpus in enumerate(self._plan) for cpu in cpus]
+        try:
+            steer_by_cpu(sockets[0].fileno(), pairs)
+        except OSError as error:
+            self._steer_refused = str(error)
+            log.warning(
+                "engine: steering new connections by CPU refused (%s); they are spread by"
+                " the hash of their addresses from now on",
+                error,
+            )
 
     def serve(
         self,

@@ -1,0 +1,182 @@
+"""Steering new connections by CPU (-engine-steer cpu): each engine thread is pinned to CPUs of
+its own, and a BPF program on the port's SO_REUSEPORT group sends a new connection to the
+thread owning the CPU it arrived on.  A loopback client's SYN is processed on the client's own
+CPU, so a client pinned to a CPU must reach exactly the shard that owns it (through the real
+listener, kernel and engine; the shards' own accept counts say which)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import threading
+
+import pytest
+
+from flux.balancer.listener import ConnectionBudget, Listener
+from flux.balancer.pool import Pool
+from flux.relay.engine import SpliceRelay, cpu_plan
+
+LOCAL = "127.0.0.1"
+
+
+def test_cpu_plan_deals_the_cpus_out_in_turn() -> None:
+    assert cpu_plan(2, {0, 1}) == [[0], [1]]
+    assert cpu_plan(2, {0, 1, 2, 3, 4}) == [[0, 2, 4], [1, 3]]
+    assert cpu_plan(3, {7, 2, 5}) == [[2], [5], [7]]  # by number, whatever the set's order
+    assert cpu_plan(1, {0, 1}) is None  # one shard: nothing to steer
+    assert cpu_plan(3, {0, 1}) is None  # a shard without a CPU of its own would starve
+
+
+def _connect_from(cpu: int, port: int, count: int) -> None:
+    """``count`` connections to ``port`` from a thread pinned to ``cpu``, each echoed once."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            for i in range(count):
+                with socket.create_connection((LOCAL, port), timeout=5) as client:
+                    client.sendall(b"%d" % i)
+                    assert client.recv(16) == b"%d" % i
+        except BaseException as error:  # re-raised in the caller
+            failure.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and not failure, failure
+
+
+def _echo_server() -> tuple[socket.socket, threading.Event]:
+    server = socket.create_server((LOCAL, 0), backlog=256)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = conn.recv(16)
+                conn.sendall(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, stop
+
+
+async def _steered_counts(relay: SpliceRelay, clients: list[tuple[int, int]]) -> list[list[int]]:
+    """Per client CPU (cpu, count): how many of its connections each shard accepted."""
+    await relay.start()
+    server, stop = _echo_server()
+    loop = asyncio.get_running_loop()
+    pool = Pool(now=loop.time, rng=random.Random(3))
+    pool.update({"i0": f"{LOCAL}:{server.getsockname()[1]}"})
+    listener = Listener("steered", "tcp", LOCAL, pool, relay, connect_timeout=5.0,
+                        budget=ConnectionBudget())  # fmt: skip
+    port = listener.open()
+    try:
+        seen = []
+        for cpu, count in clients:
+            before = relay.engine_counters().shard_accepted
+            await asyncio.to_thread(_connect_from, cpu, port, count)
+            after = relay.engine_counters().shard_accepted
+            seen.append([b - a for a, b in zip(before, after, strict=True)])
+        return seen
+    finally:
+        listener.close()
+        await relay.close(1.0)
+        stop.set()
+        server.close()
+
+
+def _usable() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, f"steering needs 2 CPUs to show anything; this process may use {cpus}"
+    return cpus
+
+
+async def test_a_connection_goes_to_the_shard_that_owns_the_cpu_it_arrived_on() -> None:
+    cpus = _usable()[:2]
+    relay = SpliceRelay(shards=2, steer=True)
+    plan = relay.steering
+    assert plan is not None and sorted(c for shard in plan for c in shard) == sorted(
+        os.sched_getaffinity(0)
+    )
+    owner = {cpu: index for index, shard in enumerate(plan) for cpu in shard}
+    clients = [(cpus[0], 30), (cpus[1], 30), (cpus[0], 10)]
+    seen = await _steered_counts(relay, clients)
+    for (cpu, count), counts in zip(clients, seen, strict=True):
+        expected = [0, 0]
+        expected[owner[cpu]] = count
+        assert counts == expected, (cpu, counts, plan)
+
+
+async def test_the_engine_threads_are_pinned_to_their_cpus() -> None:
+    _usable()
+    relay = SpliceRelay(shards=2, steer=True)
+    plan = relay.steering
+    assert plan is not None
+    own = set(os.listdir("/proc/self/task"))
+    await relay.start()
+    try:
+        new = set(os.listdir("/proc/self/task")) - own
+        pinned = sorted(sorted(os.sched_getaffinity(int(tid))) for tid in new)
+        assert pinned == sorted(plan), (pinned, plan)
+    finally:
+        await relay.close(1.0)
+
+
+async def test_without_steering_the_hash_spreads_one_cpus_clients_over_both_shards() -> None:
+    cpus = _usable()
+    relay = SpliceRelay(shards=2, steer=False)
+    assert relay.steering is None
+    [counts] = await _steered_counts(relay, [(cpus[0], 60)])
+    assert sum(counts) == 60 and min(counts) > 0, counts
+
+
+def test_steering_applies_only_with_two_shards_and_a_cpu_for_each() -> None:
+    assert SpliceRelay(shards=1, steer=True).steering is None
+    too_many = len(os.sched_getaffinity(0)) + 1
+    assert SpliceRelay(shards=too_many, steer=True).steering is None
+
+
+@pytest.mark.parametrize("cpus", [[], [-1], [1024], [0, 5000]])
+def test_an_engine_refuses_cpus_it_cannot_pin_to(cpus: list[int]) -> None:
+    from flux._splice import SpliceEngine
+
+    with pytest.raises(ValueError, match="cpus must name CPUs"):
+        SpliceEngine(cpus=cpus)
+
+
+def test_fluxd_says_at_start_how_the_threads_share_new_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+
+    from flux.daemon import _log_steering
+
+    cpus = _usable()
+    caplog.set_level(logging.INFO, logger="flux.daemon")
+    _log_steering(SpliceRelay(shards=2, steer=True), SimpleNamespace(engine_steer="cpu"))
+    plan = cpu_plan(2)
+    assert plan is not None
+    expected = " | ".join(",".join(map(str, shard)) for shard in plan)
+    assert f"engine: 2 threads pinned to CPUs {expected};" in caplog.text
+    caplog.clear()
+    threads = len(cpus) + 1
+    _log_steering(SpliceRelay(shards=threads, steer=True), SimpleNamespace(engine_steer="cpu"))
+    assert (
+        f"engine: {threads} threads for {len(cpus)} CPUs: -engine-steer cpu needs at most one"
+        " thread per CPU" in caplog.text
+    )
+    caplog.clear()
+    _log_steering(SpliceRelay(shards=2), SimpleNamespace(engine_steer="hash"))
+    assert caplog.text == ""  # the default says nothing
