@@ -145,7 +145,10 @@ def test_bad_records_are_logged_once_and_the_good_services_served(
     huge = skipped(daemon, f"{SERVICE}huge/spec")[0]
     assert "bytes, more than the 262144 a record may hold" in huge and len(huge) < 300
     assert "its host 127.0.0.3 is not registered" in skipped(daemon, "instances/stray")[0]
-    assert all(len(line) < 600 for line in daemon.lines)
+    # No record, however large, makes a long line; the start-up line listing every setting
+    # is long by design (one name=value per setting) and is held to its own bound.
+    assert all(len(line) < 600 for line in daemon.lines if "effective configuration" not in line)
+    assert all(len(line) < 1000 for line in daemon.lines)
 
     # The same bad value again: silent; another bad value: one more line.
     put(etcd, f"{SERVICE}badjson/spec", "{not json")

@@ -213,10 +213,11 @@ OPTIONS: tuple[Option, ...] = (
            default_doc="the number of CPUs fluxd may run on"),
     Option("engine_steer",         "engine-steer",         "FLUX_ENGINE_STEER",         "string",
            choice(EngineSteer),
-           'how new connections are shared out among the engine threads: "cpu" (each thread'
-           " is pinned to CPUs of its own and takes the connections that arrive on them; needs"
-           ' 2 or more threads, at most one per CPU) or "hash" (by the kernel\'s hash of their'
-           " addresses, threads not pinned)"),
+           'how new connections are shared out among the engine threads: "hash" (by the'
+           " kernel's hash of their addresses, threads not pinned) or \"cpu\" (each thread is"
+           " pinned to CPUs of its own and takes the connections that arrive on them, steered"
+           " by a BPF program on each port's SO_REUSEPORT group; with 2 or more threads and at"
+           " most one per CPU, else fluxd says so at start and keeps the hash)"),
     Option("publish_ip",           "publish-ip",           "FLUX_PUBLISH_IP",           "string",
            parse_publish_ip,
            "IPv4 address to listen on for services' published ports (fluxctl --publish), or"
