@@ -94,13 +94,16 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def listening_sockets(count: int) -> list[socket.socket]:
-    """``count`` listening sockets on one port (SO_REUSEPORT), as the listener makes them."""
+def listening_sockets(count: int, *, nodelay: bool = True) -> list[socket.socket]:
+    """``count`` listening sockets on one port (SO_REUSEPORT), as the listener makes them
+    (with TCP_NODELAY set before they listen, unless ``nodelay`` is false)."""
     sockets: list[socket.socket] = []
     port = 0
     for _ in range(count):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if nodelay:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.bind((LOCAL, port))
         port = s.getsockname()[1]
         s.listen(1024)
@@ -111,13 +114,13 @@ def listening_sockets(count: int) -> list[socket.socket]:
 class Engines:
     """``n`` started shards listening for service 1 on one port."""
 
-    def __init__(self, n: int, *, limit: int = 10_000) -> None:
+    def __init__(self, n: int, *, limit: int = 10_000, nodelay: bool = True) -> None:
         first = SpliceEngine()
         self.engines = [first] + [SpliceEngine(shard_of=first) for _ in range(n - 1)]
         for engine in self.engines:
             engine.start()
         first.set_budget(limit, 0)
-        sockets = listening_sockets(n)
+        sockets = listening_sockets(n, nodelay=nodelay)
         self.port = sockets[0].getsockname()[1]
         for engine, sock in zip(self.engines, sockets, strict=True):
             engine.listen(1, sock.detach(), connect_timeout=1.0)
@@ -329,12 +332,14 @@ def _own_sockets_facing(peer: tuple[str, int]) -> list[socket.socket]:
     return list(found.values())
 
 
+@pytest.mark.parametrize("listener_nodelay", [True, False])
 def test_both_sides_of_an_accepted_connection_send_without_delay(
-    engines: Callable[..., Engines], echo: Echo
+    engines: Callable[..., Engines], echo: Echo, listener_nodelay: bool
 ) -> None:
-    """TCP_NODELAY on the engine's client socket (inherited from the listening socket, no
-    setsockopt per client) and on the upstream it connects: small messages go out at once."""
-    group = engines(1)
+    """TCP_NODELAY on the engine's client socket and on the upstream it connects: small
+    messages go out at once.  The client inherits it from a listening socket that had it
+    before it listened (no setsockopt per client); from any other, the engine sets it."""
+    group = engines(1, nodelay=listener_nodelay)
     group.set_pool([(3, echo.packed)])
     with socket.create_connection((LOCAL, group.port), timeout=5) as client:
         client.sendall(b"ping")

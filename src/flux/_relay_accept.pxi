@@ -402,9 +402,10 @@ cdef void accept_pause(RelayEngine *e, RelaySvc *s, int err) noexcept nogil:
 
 
 cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
-                       uint16_t port, bint pinned=False) noexcept nogil:
+                       uint16_t port, bint nodelay, bint pinned=False) noexcept nogil:
     """A new client: connect it to a picked instance, or hand it to the asyncio side.
-    ``pinned``: a router picked ``s`` by the client's Host (hf_pin_host)."""
+    ``nodelay``: the client has TCP_NODELAY already (its listening socket's, see
+    RelaySvc.nodelay); ``pinned``: a router picked ``s`` by the client's Host (hf_pin_host)."""
     cdef RelaySnap *snap = s.snap
     cdef RelayTarget *t
     cdef RelayConn *c
@@ -430,6 +431,7 @@ cdef void accept_route(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
     memcpy(c.addr, t.addr, t.addr_len)
     c.addr_len = t.addr_len
     c.self_check = t.self_check
+    c.client_nodelay = nodelay
     c.connect_deadline_ns = c.started_ns + s.connect_timeout_ns
     if s.http:
         if http_attach(c, s.observe) < 0 or (
@@ -645,7 +647,7 @@ cdef void accept_by_host(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
             target = route_pick(s.routes, name, size)
             if target != NULL:
                 relay_count(e, RC_ROUTED, 1)
-                accept_route(e, target, fd, ip, port)
+                accept_route(e, target, fd, ip, port, s.nodelay)
                 return
     elif n > 0:
         # Empty lines before a request line are ignored (RFC 9112), as the oracle does.
@@ -659,7 +661,7 @@ cdef void accept_by_host(RelayEngine *e, RelaySvc *s, int fd, uint32_t ip,
                 target = route_pick(s.routes, name, size)
                 if target != NULL:
                     relay_count(e, RC_ROUTED, 1)
-                    accept_route(e, target, fd, ip, port, True)
+                    accept_route(e, target, fd, ip, port, s.nodelay, True)
                     return
     accept_hand_over(e, s, fd, ip, 0)
 
@@ -694,9 +696,9 @@ cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
             else:
                 accept_by_host(e, s, fd, 0, 0)
         elif peer.sin_family == AF_INET:
-            accept_route(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port))
+            accept_route(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port), s.nodelay)
         else:
-            accept_route(e, s, fd, 0, 0)
+            accept_route(e, s, fd, 0, 0, s.nodelay)
     accept_queue(e, s)      # more may be waiting: after the other services' events
 
 
@@ -747,9 +749,6 @@ cdef void accept_run_commands(RelayEngine *e, RelayCtl *ctl) noexcept nogil:
             s.paused = 0
             # The engine thread must never block in accept4().
             ioctl(s.fd, FIONBIO, &one)
-            # Accepted sockets inherit TCP_NODELAY from the listening one: set here, once,
-            # it saves a setsockopt() per client (relay_register skips theirs).
-            setsockopt(s.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             ev.events = EPOLLIN | EPOLLET
             ev.data.u64 = <uint64_t><uintptr_t>s | <uint64_t>RELAY_LISTEN_TAG
             if epoll_ctl(e.epfd, EPOLL_CTL_ADD, s.fd, &ev) < 0:

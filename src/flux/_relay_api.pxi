@@ -1,8 +1,11 @@
 # The engine's Python face: SpliceEngine, and the records it hands back (included by
 # _splice.pyx).  Everything here runs on the caller's thread, with the GIL.
 
+import errno as _errno
 import os as _os
+import socket as _socket
 import sys as _sys
+import time as _time
 from collections import namedtuple as _namedtuple
 
 # The engine's counters by name (RC_* in _splice.pxd, same order): what stats() returns and
@@ -80,6 +83,11 @@ for _record in (Completion, ExchangeGroup, HandOver, Drained, AnsweredCounts, Ta
 
 _IP_BIND_ADDRESS_NO_PORT = 24   # <linux/in.h>: bind() checks the address, takes no port
 _PORT_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# What _may_meet_itself found, by packed address, and until when it holds (the port range and the
+# host's addresses can change; snapshots are pushed to every shard, so each answer is reused).
+_SELF_CHECK_TTL = 10.0
+_SELF_CHECK_MAX = 4096
+_self_check_seen = {}
 
 
 def _ephemeral_ports():
@@ -96,8 +104,6 @@ def _ephemeral_ports():
 def _is_local_address(str ip):
     """Whether ``ip`` is an address of this host (bind() takes it without IP_FREEBIND).
     Unsure (any other error) counts as local, so the check is kept."""
-    import errno as _errno
-    import socket as _socket
     probe = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
         probe.setsockopt(_socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
@@ -113,15 +119,22 @@ def _may_meet_itself(bytes address not None):
     """Whether a connect to the packed sockaddr ``address`` could come out connected to itself
     (relay_self_connected): only to an IPv4 address of this host, on a port the kernel could
     also pick as the source port.  Instances in containers, or on other hosts, never can, so
-    their connections skip the getsockname() the check costs."""
-    import socket as _socket
+    their connections skip the getsockname() the check costs.  Answers are kept for
+    _SELF_CHECK_TTL seconds."""
+    now = _time.monotonic()
+    seen = _self_check_seen.get(address)
+    if seen is not None and seen[1] > now:
+        return seen[0]
     if len(address) < 8 or int.from_bytes(address[:2], _sys.byteorder) != _socket.AF_INET:
-        return False    # relay_self_connected only looks at IPv4
-    port = int.from_bytes(address[2:4], "big")
-    low, high = _ephemeral_ports()
-    if not low <= port <= high:
-        return False
-    return _is_local_address(_socket.inet_ntoa(address[4:8]))
+        answer = False  # relay_self_connected only looks at IPv4
+    else:
+        port = int.from_bytes(address[2:4], "big")
+        low, high = _ephemeral_ports()
+        answer = low <= port <= high and _is_local_address(_socket.inet_ntoa(address[4:8]))
+    if len(_self_check_seen) >= _SELF_CHECK_MAX:
+        _self_check_seen.clear()
+    _self_check_seen[address] = (answer, now + _SELF_CHECK_TTL)
+    return answer
 
 
 cdef int _raise_errno(str what) except -1:
@@ -556,6 +569,8 @@ cdef class SpliceEngine:
         rewrite each client's request heads for X-Forwarded-For.  Until a snapshot
         arrives every client is handed over.  Thread-safe; never blocks on the engine."""
         cdef RelaySvc *s
+        cdef int nodelay = 0
+        cdef socklen_t size = sizeof(nodelay)
         if fd < 0:
             raise ValueError(f"need an open listening descriptor, got {fd}")
         if not 0 <= proxy_protocol <= 2:
@@ -573,6 +588,10 @@ cdef class SpliceEngine:
         s.connect_timeout_ns = <int64_t>(connect_timeout * 1e9)
         s.proxy_protocol = <uint8_t>proxy_protocol
         s.forwarded = http and forwarded
+        # Clients inherit TCP_NODELAY from the listening socket, but only those accepted by
+        # the kernel after it was set: so the option counts only if the caller set it before
+        # listen() (shard_sockets does), and then no client costs a setsockopt() of its own.
+        s.nodelay = getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, &size) == 0 and nodelay
         self._control(RELAY_CTL_LISTEN, s, fd, NULL)
 
     def unlisten(self, uint32_t service):

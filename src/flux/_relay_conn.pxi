@@ -108,8 +108,8 @@ cdef void relay_register(RelayEngine *e, RelayConn *c) noexcept nogil:
             relay_abort(e, c, errno)
             return
         # Not TCP (e.g. a Unix socket in a test) is fine: the option just does not apply.  A
-        # client the engine accepted has it already, from its listening socket.
-        if s == 1 or c.token != 0:
+        # client accepted from a listening socket that had it has it already (inherited).
+        if s == 1 or not c.client_nodelay:
             setsockopt(c.fd[s], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
     c.next = e.live
     c.prev = NULL

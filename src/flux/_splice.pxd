@@ -650,6 +650,8 @@ cdef struct RelaySvc:
     uint8_t proxy_protocol  # caller, likewise: 0, or the PROXY protocol version (1, 2) whose
     #                         header each instance gets first (accept_proxy_preface)
     uint8_t forwarded       # caller, likewise: HTTP request heads rewritten for X-Forwarded-For
+    uint8_t nodelay         # caller, likewise: the listening socket had TCP_NODELAY when handed
+    #                         over, so its clients have it (accept_route; relay_register)
     RelaySnap *snap         # engine (set by the SNAP command)
     # engine (set by the ROUTES command): a router's host names; non-NULL makes this service a
     # router, whose clients go to the service their first request's Host names (accept_by_host)
@@ -696,6 +698,7 @@ cdef struct RelayConn:
     uint8_t closed
     uint8_t queued          # on the ready list
     uint8_t connecting      # the engine is connecting fd[1]: nothing moves until it is up
+    uint8_t client_nodelay  # fd[0] has TCP_NODELAY already (from its listening socket)
     uint8_t self_check      # once connected, ask whether fd[1] met itself (see
     #                         relay_self_connected): only where the kernel could pick that port
     uint8_t handed_back     # fd[0] goes back to the caller, still open (a failed connect,

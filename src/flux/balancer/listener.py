@@ -361,6 +361,9 @@ def shard_sockets(bind_ip: str, port: int, shards: int) -> list[socket.socket]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Before listen(): every client accepted from it inherits the option, so the engine
+            # sets none of its own (SpliceEngine.listen checks it is there).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if shared:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((bind_ip, port))
