@@ -501,14 +501,28 @@ async def test_an_instance_on_probation_is_probed_by_the_pool(echo: Echo) -> Non
         await loop.create_task(relay.close(1.0))
 
 
+# argv: the port of the one-port ephemeral range, and who connects: "submitted" (the caller
+# hands the engine a client to connect) or "accepted" (the engine accepts the client itself and
+# its snapshot's target is that port, so set_pool marks it for the check; the listening socket
+# and the client use ports outside the range, which stays free for the upstream).
 _SELF_CONNECT = """
 import errno, socket, sys, time
 from flux._splice import SpliceEngine
 from flux.relay import packed_sockaddr
 engine = SpliceEngine()
 engine.start()
-client, other = socket.socketpair()
-engine.connect(client.detach(), packed_sockaddr("127.0.0.1", int(sys.argv[1])), 1, 2.0)
+target = packed_sockaddr("127.0.0.1", int(sys.argv[1]))
+if sys.argv[2] == "submitted":
+    client, other = socket.socketpair()
+    engine.connect(client.detach(), target, 1, 2.0)
+else:
+    server = socket.create_server(("127.0.0.1", 30001))
+    engine.set_pool(1, [(5, target)], False, 0)
+    engine.listen(1, server.detach(), connect_timeout=2.0)
+    client = socket.socket()
+    client.bind(("127.0.0.2", 30002))
+    client.connect(("127.0.0.1", 30001))
+    client.sendall(b"x")
 deadline = time.monotonic() + 5
 while time.monotonic() < deadline:
     drained = engine.drain_all()
@@ -518,33 +532,6 @@ while time.monotonic() < deadline:
     if drained.completions:
         ended = drained.completions[0]
         print("handed back", errno.errorcode[ended.errno], ended.client_fd >= 0)
-        break
-    time.sleep(0.01)
-engine.stop()
-"""
-
-
-# The same for a client the engine accepted itself: the snapshot's target is 127.0.0.1:40000,
-# so set_pool marks it for the check.  The listening socket and the client use ports outside
-# the one-port range, which stays free for the upstream.
-_SELF_CONNECT_ACCEPTED = """
-import errno, socket, sys, time
-from flux._splice import SpliceEngine
-from flux.relay import packed_sockaddr
-engine = SpliceEngine()
-engine.start()
-server = socket.create_server(("127.0.0.1", 30001))
-engine.set_pool(1, [(5, packed_sockaddr("127.0.0.1", int(sys.argv[1])))], False, 0)
-engine.listen(1, server.detach(), connect_timeout=2.0)
-client = socket.socket()
-client.bind(("127.0.0.2", 30002))
-client.connect(("127.0.0.1", 30001))
-client.sendall(b"x")
-deadline = time.monotonic() + 5
-while time.monotonic() < deadline:
-    drained = engine.drain_all()
-    if drained.established:
-        print("established")
         break
     if drained.handed:
         handed = drained.handed[0]
@@ -565,11 +552,11 @@ def test_an_upstream_connected_to_itself_is_a_failed_connect() -> None:
     try:
         netns_run(name, "ip", "link", "set", "lo", "up")
         netns_run(name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000")
-        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT, "40000")
+        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT, "40000", "submitted")
         assert result.stdout.strip() == "handed back ECONNREFUSED True", result
         # The first one left port 40000 in TIME_WAIT: the second gets a port of its own.
         netns_run(name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40001 40001")
-        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT_ACCEPTED, "40001")
+        result = netns_run(name, sys.executable, "-c", _SELF_CONNECT, "40001", "accepted")
         assert result.stdout.strip() == "handed back ECONNREFUSED to 5", result
     finally:
         delete_netns(name)
