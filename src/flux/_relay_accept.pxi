@@ -675,13 +675,17 @@ cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
     for i in range(RELAY_ACCEPT_BATCH):
         if s.fd < 0 or s.paused:
             return
-        if (flux_relay_load(&sh.held) + flux_relay_load(&sh.python_held)
-                >= flux_relay_load(&sh.limit)):
+        # Take the client's place in the budget before accepting it: with a check first and
+        # a count after, two shards could both take the last place.
+        if (flux_relay_add_fetch(&sh.held, 1) + flux_relay_load(&sh.python_held)
+                > flux_relay_load(&sh.limit)):
+            flux_relay_add(&sh.held, -1)
             accept_pause(e, s, 0)
             return
         size = sizeof(peer)
         fd = accept4(s.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
+            flux_relay_add(&sh.held, -1)
             if errno == EAGAIN:
                 return
             if errno == EINTR or errno == ECONNABORTED or errno == EPROTO or errno == EPERM:
@@ -689,7 +693,6 @@ cdef void accept_service(RelayEngine *e, RelaySvc *s) noexcept nogil:
             relay_count(e, RC_ACCEPT_FAILURES, 1)
             accept_pause(e, s, errno)
             return
-        flux_relay_add(&sh.held, 1)
         if s.routes != NULL:
             if peer.sin_family == AF_INET:
                 accept_by_host(e, s, fd, peer.sin_addr.s_addr, ntohs(peer.sin_port))

@@ -38,6 +38,9 @@ cdef extern from *:
     static inline void flux_relay_add(int64_t *p, int64_t v) {
         __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
     }
+    static inline int64_t flux_relay_add_fetch(int64_t *p, int64_t v) {
+        return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
+    }
     static inline void flux_relay_store(int64_t *p, int64_t v) {
         __atomic_store_n(p, v, __ATOMIC_RELAXED);
     }
@@ -50,6 +53,7 @@ cdef extern from *:
     int64_t flux_relay_load(const int64_t *p) nogil
     void flux_relay_bump(int64_t *p, int64_t v) nogil
     void flux_relay_add(int64_t *p, int64_t v) nogil
+    int64_t flux_relay_add_fetch(int64_t *p, int64_t v) nogil
     void flux_relay_store(int64_t *p, int64_t v) nogil
     int FLUX_RELAY_DEBUG
 
