@@ -89,6 +89,7 @@ from flux.relay import (
 from flux.store.memory import MemoryBackend, MemoryStore
 from tests.support.etcd_server import EtcdServer
 from tests.support.relay_harness import Harness, recv_exactly, recv_to_eof, run, send
+from tests.support.status_fixture import ENGINE_STATUS
 
 QS = (0.5, 0.9, 0.99, 0.999)
 
@@ -217,12 +218,7 @@ class FakeBalancer:
         self.infos: dict[str, ServiceInfo] = {}
 
     def engine_status(self) -> Mapping[str, Any]:
-        return {
-            "threads": 2,
-            "open_connections": 1,
-            "shard_accepted": [5, 7],
-            "steering": [[0], [1]],
-        }
+        return ENGINE_STATUS
 
     def status(self) -> Mapping[str, Any]:
         return {

@@ -41,6 +41,7 @@ from flux.relay import RelayResult
 from flux.store.etcd import EtcdStore
 from flux.store.memory import MemoryStore
 from tests.support.etcd_server import EtcdServer
+from tests.support.status_fixture import ENGINE_STATUS
 
 BUCKETS = len(HTTP_DURATION_BUCKETS) + 1
 
@@ -488,12 +489,7 @@ class Balancer:
         }  # fmt: skip
 
     def engine_status(self) -> Mapping[str, Any]:
-        return {
-            "threads": 2,
-            "open_connections": 1,
-            "shard_accepted": [5, 7],
-            "steering": [[0], [1]],
-        }
+        return ENGINE_STATUS
 
 
 class Agent:

@@ -23,7 +23,16 @@ from aiohttp import web
 
 from flux.metrics.statuspage import add_page_routes, compress
 
-__all__ = ["FixtureServer", "history_document", "status_document"]
+__all__ = ["ENGINE_STATUS", "FixtureServer", "history_document", "status_document"]
+
+# What a fake balancer's engine_status() answers in the tests of /status and of the metrics
+# endpoint: two engine threads, one connection, each thread's accepts, steered by CPU.
+ENGINE_STATUS: dict[str, Any] = {
+    "threads": 2,
+    "open_connections": 1,
+    "shard_accepted": [5, 7],
+    "steering": [[0], [1]],
+}
 
 STATES = ("live", "live", "live", "backoff", "draining", "paused", "unhealthy", "no-address")
 
