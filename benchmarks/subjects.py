@@ -20,8 +20,8 @@ Subjects, each with one front address per backend:
   or with the pure-Python fallback relay (``-relay python``), each against its own private
   etcd; ``fluxd-1t`` is ``fluxd`` with ``-engine-threads 1`` (the others run fluxd's default,
   one engine thread per usable CPU), so what the engine gains from more threads shows, and
-  ``fluxd-steer`` is ``fluxd`` with ``-engine-steer cpu`` (threads pinned, new connections
-  steered by CPU).
+  ``fluxd-hash`` is ``fluxd`` with ``-engine-steer hash`` (new connections spread by the
+  kernel's hash, threads not pinned; the default steers them by CPU).
   Services get floating addresses in 127.42.0.0/16 and the backends are registered as
   instances *of another host* (127.0.0.2, on that host's own lease), the way a remote fluxd's
   agent would write them, so neither Docker nor its userland proxy is in the path;
@@ -99,14 +99,14 @@ START_TIMEOUT = 30.0
 # other fluxd subjects.
 _VIP_NET = 20 + secrets.randbelow(200)
 _FLUXD_NETS = ("fluxd", "fluxd-python", "fluxd-http", "fluxd-1t", "fluxd-base", "fluxd-http-base",
-               "fluxd-steer")
+               "fluxd-hash")
 
 # name -> how the report labels it
 SUBJECTS: dict[str, str] = {
     "direct": "direct",
     "fluxd": "fluxd",
     "fluxd-1t": "fluxd, 1 engine thread",
-    "fluxd-steer": "fluxd, -engine-steer cpu",
+    "fluxd-hash": "fluxd, -engine-steer hash",
     "fluxd-python": "fluxd (Python relay)",
     "haproxy-tcp": "HAProxy tcp",
     "haproxy-splice": "HAProxy splice",
@@ -883,8 +883,8 @@ async def _start_fluxd(
             "-host-ttl", "30", "-relay", relay]  # fmt: skip
     if threads is not None:
         argv += ["-engine-threads", str(threads)]
-    if name == "fluxd-steer":
-        argv += ["-engine-steer", "cpu"]  # threads pinned, connections steered by CPU
+    if name == "fluxd-hash":
+        argv += ["-engine-steer", "hash"]  # spread by the kernel's hash, threads not pinned
     # The edge services: fluxd-http publishes the 20 http ones, fluxd the 20 tls ones.
     edge_kind = {"fluxd-http": "edge", "fluxd": "sni", "fluxd-http-base": "edge",
                  "fluxd-base": "sni"}.get(name)  # fmt: skip

@@ -64,9 +64,9 @@ WORKLOAD_SUBJECTS: dict[str, list[str]] = {
     "bulk1": [*_ALL, "fluxd-1t", "fluxd-base"],
     "bulk4": _ALL,
     "keepalive": [*_ALL, "fluxd-1t", "fluxd-base"],
-    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t", "fluxd-steer", "fluxd-base"],
+    "close": [*_ALL, "haproxy-tcp-2t", "fluxd-1t", "fluxd-hash", "fluxd-base"],
     "close256": [
-        "direct", "fluxd", "fluxd-1t", "fluxd-steer", "haproxy-tcp", "haproxy-tcp-2t", "nginx",
+        "direct", "fluxd", "fluxd-1t", "fluxd-hash", "haproxy-tcp", "haproxy-tcp-2t", "nginx",
     ],
     "idle": [s for s in _ALL if s != "direct"],
     # HTTP services: fluxd with the service marked http (framing and metrics), the same traffic
@@ -365,7 +365,7 @@ def engine_threads_line(reported: dict[str, int | None]) -> str:
                 "no engine-threads, its default is the usable CPUs)"
             )
         else:
-            how = {"fluxd-1t": "-engine-threads 1", "fluxd-steer": "-engine-steer cpu"}.get(
+            how = {"fluxd-1t": "-engine-threads 1", "fluxd-hash": "-engine-steer hash"}.get(
                 name, "the default"
             )
             parts.append(f"{SUBJECTS[name]}: {threads} ({how}, as fluxd reported it)")
@@ -443,7 +443,7 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
     threads = {
         name: subject.engine_threads
         for name, subject in running.items()
-        if name in ("fluxd", "fluxd-1t", "fluxd-steer", "fluxd-http", *BASELINE_SUBJECTS)
+        if name in ("fluxd", "fluxd-1t", "fluxd-hash", "fluxd-http", *BASELINE_SUBJECTS)
     }
     return Measured(samples, notes, threads)
 

@@ -110,7 +110,7 @@ def test_defaults_without_flags_or_environment() -> None:
     assert s.balance == "random"
     assert s.relay == "splice"
     assert s.engine_threads == len(os.sched_getaffinity(0))
-    assert s.engine_steer == "hash"
+    assert s.engine_steer == "cpu"
     assert s.publish_ip == IPv4Address("0.0.0.0")
     assert s.metrics_max_clients == 100
     assert s.etcd_endpoints == (EtcdEndpoint("http", "127.0.0.1", 2379),)

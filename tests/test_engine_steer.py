@@ -7,17 +7,20 @@ listener, kernel and engine; the shards' own accept counts say which)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
 import threading
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from flux.balancer.listener import ConnectionBudget, Listener
 from flux.balancer.pool import Pool
 from flux.relay.engine import SpliceRelay, cpu_plan
+from flux.relay.spread import SpreadWatch
 
 LOCAL = "127.0.0.1"
 
@@ -72,29 +75,46 @@ def _echo_server() -> tuple[socket.socket, threading.Event]:
     return server, stop
 
 
-async def _steered_counts(relay: SpliceRelay, clients: list[tuple[int, int]]) -> list[list[int]]:
-    """Per client CPU (cpu, count): how many of its connections each shard accepted."""
+@contextlib.asynccontextmanager
+async def _serving(relay: SpliceRelay) -> AsyncIterator[Callable[[], int]]:
+    """Start ``relay`` and an echo server; yields what opens another port (a listener in the
+    relay, the echo server its one instance) and returns its number.  Closes it all."""
     await relay.start()
     server, stop = _echo_server()
     loop = asyncio.get_running_loop()
     pool = Pool(now=loop.time, rng=random.Random(3))
     pool.update({"i0": f"{LOCAL}:{server.getsockname()[1]}"})
-    listener = Listener("steered", "tcp", LOCAL, pool, relay, connect_timeout=5.0,
-                        budget=ConnectionBudget())  # fmt: skip
-    port = listener.open()
+    listeners: list[Listener] = []
+
+    def open_port() -> int:
+        listener = Listener(f"steered{len(listeners)}", "tcp", LOCAL, pool, relay,
+                            connect_timeout=5.0, budget=ConnectionBudget())  # fmt: skip
+        listeners.append(listener)
+        return listener.open()
+
     try:
-        seen = []
-        for cpu, count in clients:
-            before = relay.engine_counters().shard_accepted
-            await asyncio.to_thread(_connect_from, cpu, port, count)
-            after = relay.engine_counters().shard_accepted
-            seen.append([b - a for a, b in zip(before, after, strict=True)])
-        return seen
+        yield open_port
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
         await relay.close(1.0)
         stop.set()
         server.close()
+
+
+async def _split(relay: SpliceRelay, port: int, cpu: int, count: int) -> list[int]:
+    """How many of ``count`` connections from ``cpu`` to ``port`` each shard accepted."""
+    before = relay.engine_counters().shard_accepted
+    await asyncio.to_thread(_connect_from, cpu, port, count)
+    after = relay.engine_counters().shard_accepted
+    return [b - a for a, b in zip(before, after, strict=True)]
+
+
+async def _steered_counts(relay: SpliceRelay, clients: list[tuple[int, int]]) -> list[list[int]]:
+    """Per client CPU (cpu, count): how many of its connections each shard accepted."""
+    async with _serving(relay) as open_port:
+        port = open_port()
+        return [await _split(relay, port, cpu, count) for cpu, count in clients]
 
 
 def _usable() -> list[int]:
@@ -189,3 +209,47 @@ def test_fluxd_says_at_start_how_the_threads_share_new_connections(
     caplog.clear()
     _log_steering(SpliceRelay(shards=2), SimpleNamespace(engine_steer="hash"))
     assert caplog.text == ""  # the default says nothing
+
+
+async def test_when_one_thread_takes_most_new_connections_steering_stops_for_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every client on one CPU (one NIC queue, one client process): steered, one pinned thread
+    would take them all.  The watch sees it, and the relay takes the program off the port and
+    unpins the threads: the same clients are then spread by the hash, on any port."""
+    cpus = _usable()
+    caplog.set_level(logging.WARNING, logger="flux.relay")
+    watch = SpreadWatch(2, window=0.2, min_connections=20, windows=2)
+    relay = SpliceRelay(shards=2, steer=True, spread=watch)
+    plan = relay.steering
+    assert plan is not None and relay.steering_off is None
+    owner = next(index for index, shard in enumerate(plan) if cpus[0] in shard)
+    async with _serving(relay) as open_port:
+        port = open_port()
+        assert await _split(relay, port, cpus[0], 20) == [20 if i == owner else 0 for i in (0, 1)]
+        assert relay.engine_counters().events["steering_stopped"] == 0
+        deadline = asyncio.get_running_loop().time() + 10.0  # 3 windows of 0.2 s are enough
+        while relay.steering is not None and asyncio.get_running_loop().time() < deadline:
+            await _split(relay, port, cpus[0], 10)
+        assert relay.steering is None
+        reason = relay.steering_off
+        assert reason is not None and reason.startswith(f"engine thread {owner} took 100% of"), (
+            reason
+        )
+        assert relay.engine_counters().events["steering_stopped"] == 1
+        assert f"engine: steering new connections by CPU stopped: {reason};" in caplog.text
+        assert "not undone" not in caplog.text
+        for engine in relay.engines:
+            assert engine.thread_id > 0
+            assert os.sched_getaffinity(engine.thread_id) == set(cpus)
+        # One CPU's clients now reach both threads, on the steered port and on a new one.
+        for target in (port, open_port()):
+            counts = await _split(relay, target, cpus[0], 60)
+            assert sum(counts) == 60 and min(counts) > 0, (target, counts)
+        assert relay.engine_counters().events["steering_stopped"] == 1
+
+
+def test_a_relay_that_does_not_steer_has_nothing_to_stop() -> None:
+    relay = SpliceRelay(shards=2, steer=False)
+    assert relay.steering is None and relay.steering_off is None
+    assert relay.engine_counters().events["steering_stopped"] == 0

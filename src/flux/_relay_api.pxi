@@ -816,6 +816,11 @@ cdef class SpliceEngine:
         self._close_fds()
 
     @property
+    def thread_id(self) -> int:
+        """The engine thread's id (a Linux TID, for sched_setaffinity), 0 until it runs."""
+        return flux_relay_load(&self.e.tid) if self.e != NULL else 0
+
+    @property
     def eventfd(self) -> int:
         """A descriptor that becomes readable when completions are queued (-1 when stopped)."""
         return self.e.done_fd

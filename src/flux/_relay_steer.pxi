@@ -17,15 +17,22 @@ cdef extern from *:
     """
     #include <sched.h>
     #include <linux/filter.h>
+    #include <sys/syscall.h>
     #ifndef SO_ATTACH_REUSEPORT_CBPF
     #define SO_ATTACH_REUSEPORT_CBPF 51
     #endif
-    static int flux_pin_thread(const unsigned long long *mask, int words) {
+    #ifndef SO_DETACH_REUSEPORT_BPF
+    #define SO_DETACH_REUSEPORT_BPF 68
+    #endif
+    static int32_t flux_gettid(void) {
+        return (int32_t)syscall(SYS_gettid);
+    }
+    static int flux_pin_thread(const uint64_t *mask, int words) {
         cpu_set_t set;
         int i;
         CPU_ZERO(&set);
         for (i = 0; i < words * 64 && i < CPU_SETSIZE; i++)
-            if ((mask[i / 64] >> (i % 64)) & 1ULL)
+            if ((mask[i / 64] >> (i % 64)) & 1u)
                 CPU_SET(i, &set);
         return sched_setaffinity(0, sizeof(set), &set);
     }
@@ -50,14 +57,30 @@ cdef extern from *:
         free(code);
         return rc;
     }
+    /* Take the program off the group; a kernel without SO_DETACH_REUSEPORT_BPF (before 5.8)
+       gets one that names no socket, which leaves every connection to the hash. */
+    static int flux_unsteer(int fd) {
+        int zero = 0;
+        struct sock_filter hash = BPF_STMT(BPF_RET | BPF_K, 0xFFFFFFFFu);
+        struct sock_fprog prog = {1, &hash};
+        if (setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &zero, sizeof(zero)) == 0)
+            return 0;
+        if (errno != ENOPROTOOPT)
+            return -1;
+        return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog));
+    }
     """
     int flux_pin_thread(const uint64_t *mask, int words) nogil
     int flux_steer_by_cpu(int fd, const uint32_t *cpus, const uint32_t *shards, int n) nogil
+    int flux_unsteer(int fd) nogil
+    int32_t flux_gettid() nogil
 
 
 cdef void relay_pin_self(RelayEngine *e) noexcept nogil:
     """Pin the engine thread to its CPUs (SpliceEngine's cpus), if it was given any; a refusal
-    (a CPU taken away meanwhile) leaves it where the scheduler puts it, counted."""
+    (a CPU taken away meanwhile) leaves it where the scheduler puts it, counted.  The thread
+    says its id first (SpliceEngine.thread_id), so that fluxd can unpin it later."""
+    flux_relay_store(&e.tid, flux_gettid())
     if e.pinned and flux_pin_thread(e.cpu_mask, RELAY_CPU_WORDS) < 0:
         relay_count(e, RC_PIN_FAILURES, 1)
 
@@ -92,3 +115,11 @@ def steer_by_cpu(int fd, list shard_of_cpu not None):
     finally:
         free(cpus)
         free(shards)
+
+
+def unsteer(int fd):
+    """Take the steering program off the reuseport group of listening socket ``fd``: from now
+    on the kernel's hash picks each new connection's socket.  Raises OSError if it cannot."""
+    if flux_unsteer(fd) < 0:
+        raise OSError(errno, f"relay engine: SO_DETACH_REUSEPORT_BPF failed: "
+                             f"{_os.strerror(errno)}")

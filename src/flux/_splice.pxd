@@ -806,6 +806,7 @@ cdef struct RelayEngine:
     # Steering (see _relay_steer.pxi): the CPUs the thread pins itself to as it starts.
     uint8_t pinned              # caller, at creation: cpu_mask is set
     uint64_t cpu_mask[RELAY_CPU_WORDS]  # caller, at creation: one bit per CPU
+    int64_t tid                 # atomic: the engine thread's id, set as it starts (0 before)
     int64_t counters[RC_COUNT]  # atomic: RC_SUBMITTED by the caller, the others by the engine
 
 

@@ -211,7 +211,8 @@ def _log_steering(relay: Relay, settings: Settings) -> None:
         cpus = " | ".join(",".join(str(cpu) for cpu in shard) for shard in plan)
         log.info(
             "engine: %d threads pinned to CPUs %s; each takes the new connections that arrive"
-            " on its CPUs (-engine-steer cpu)",
+            " on its CPUs (-engine-steer cpu; given back to the hash if one thread takes most"
+            " of them)",
             len(plan),
             cpus,
         )

@@ -32,6 +32,7 @@ ENGINE_STATUS: dict[str, Any] = {
     "open_connections": 1,
     "shard_accepted": [5, 7],
     "steering": [[0], [1]],
+    "steering_off": None,
 }
 
 STATES = ("live", "live", "live", "backoff", "draining", "paused", "unhealthy", "no-address")

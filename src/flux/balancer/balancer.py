@@ -424,6 +424,7 @@ class Balancer:
             "open_connections": self.relay.active,
             "shard_accepted": [] if counters is None else list(counters.shard_accepted),
             "steering": None if acceptor is None else acceptor.steering,
+            "steering_off": None if acceptor is None else acceptor.steering_off,
         }
 
     def status(self) -> Mapping[str, Any]:

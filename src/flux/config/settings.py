@@ -213,11 +213,12 @@ OPTIONS: tuple[Option, ...] = (
            default_doc="the number of CPUs fluxd may run on"),
     Option("engine_steer",         "engine-steer",         "FLUX_ENGINE_STEER",         "string",
            choice(EngineSteer),
-           'how new connections are shared out among the engine threads: "hash" (by the'
-           " kernel's hash of their addresses, threads not pinned) or \"cpu\" (each thread is"
+           'how new connections are shared out among the engine threads: "cpu" (each thread is'
            " pinned to CPUs of its own and takes the connections that arrive on them, steered"
            " by a BPF program on each port's SO_REUSEPORT group; with 2 or more threads and at"
-           " most one per CPU, else fluxd says so at start and keeps the hash)"),
+           " most one per CPU, else fluxd says so at start and keeps the hash; fluxd goes back"
+           " to the hash for good if one thread takes most new connections for 15 s) or"
+           " \"hash\" (by the kernel's hash of their addresses, threads not pinned)"),
     Option("publish_ip",           "publish-ip",           "FLUX_PUBLISH_IP",           "string",
            parse_publish_ip,
            "IPv4 address to listen on for services' published ports (fluxctl --publish), or"
@@ -379,7 +380,7 @@ class Settings(BaseSettings):
     engine_threads: int = Field(
         default_factory=usable_cpus, validation_alias=env_name("engine_threads")
     )
-    engine_steer: EngineSteer = Field(default="hash", validation_alias=env_name("engine_steer"))
+    engine_steer: EngineSteer = Field(default="cpu", validation_alias=env_name("engine_steer"))
     publish_ip: IPv4Address | None = Field(
         default=IPv4Address("0.0.0.0"), validation_alias=env_name("publish_ip")
     )

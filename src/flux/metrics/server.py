@@ -371,6 +371,7 @@ class MetricsPlugin:
                 "open_connections": 0 if engine is None else engine["open_connections"],
                 "shard_accepted": [] if engine is None else engine["shard_accepted"],
                 "steering": None if engine is None else engine["steering"],
+                "steering_off": None if engine is None else engine["steering_off"],
                 "fds_used": fds_used,
                 "fds_budget": fds_budget,
             },

@@ -316,6 +316,11 @@ class Acceptor(Protocol):
         (its thread pinned to them), or None when the kernel's hash spreads them."""
 
     @property
+    def steering_off(self) -> str | None:
+        """Why steering by CPU, asked for, is not in effect (refused by the kernel, or stopped
+        because one thread took most new connections), else None."""
+
+    @property
     def held(self) -> int:
         """Connections it accepted and holds now (they count against the budget)."""
 

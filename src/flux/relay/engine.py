@@ -62,6 +62,7 @@ from flux.relay.base import (
     wait_bounded,
 )
 from flux.relay.notices import NoticeLimiter, NoticeSubject, client_address
+from flux.relay.spread import SpreadWatch
 
 if TYPE_CHECKING:
     from flux._splice import ExchangeGroup, Notice, SpliceEngine
@@ -108,6 +109,8 @@ class SpliceRelay:
     and send each new connection to the shard owning the CPU it arrived on (``_relay_steer.pxi``)
     instead of by the hash of its addresses; it applies when there are at least two shards
     and no more than the CPUs this process may run on (:attr:`steering` says whether it does).
+    ``spread``: what decides that steering does harm (one thread taking most new connections),
+    whereupon the relay gives them back to the hash for good (:mod:`flux.relay.spread`).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class SpliceRelay:
         notices: NoticeLimiter | None = None,
         max_clients: int = 100,
         steer: bool = False,
+        spread: SpreadWatch | None = None,
     ) -> None:
         from flux._splice import (
             HTTP_METHODS,
@@ -150,7 +154,17 @@ class SpliceRelay:
         first = shard(0, None)
         self._engines = [first] + [shard(i, first) for i in range(1, shards)]
         self._plan = plan
-        self._steer_refused: str | None = None
+        # Why steering asked for is off (the kernel refused it, or the spread watch stopped
+        # it), and what it needs to be taken back: each steered port's first socket (by
+        # service id; the engine owns them until unlisten) and the CPUs to unpin threads to.
+        self._steer_off: str | None = None
+        self._steer_stops = 0
+        self._steered: dict[int, int] = {}
+        self._allowed: set[int] = set(os.sched_getaffinity(0)) if plan is not None else set()
+        if plan is not None and spread is None:
+            spread = SpreadWatch(shards)
+        self._spread = spread if plan is not None else None
+        self._spread_timer: asyncio.TimerHandle | None = None
         self._engine = first
         self._methods: tuple[str, ...] = HTTP_METHODS
         self._counter_names: tuple[str, ...] = RELAY_COUNTERS
@@ -196,9 +210,15 @@ class SpliceRelay:
     def steering(self) -> list[list[int]] | None:
         """Each shard's CPUs when new connections are steered by CPU (``steer``), else None
         (spread by the hash of their addresses)."""
-        if self._plan is None or self._steer_refused is not None:
+        if self._plan is None or self._steer_off is not None:
             return None
         return [list(cpus) for cpus in self._plan]
+
+    @property
+    def steering_off(self) -> str | None:
+        """Why steering by CPU, asked for, is not in effect (the kernel refused it, or fluxd
+        stopped it because one thread took most new connections); None otherwise."""
+        return self._steer_off
 
     @property
     def connector(self) -> SpliceRelay:
@@ -227,6 +247,8 @@ class SpliceRelay:
         for engine in self._engines:
             engine.start()
             self._loop.add_reader(engine.eventfd, self._flush_one, engine)
+        if self._spread is not None:
+            self._spread_timer = self._loop.call_later(self._spread.window, self._watch_spread)
 
     def _shard(self) -> SpliceEngine:
         engines = self._engines
@@ -356,7 +378,8 @@ class SpliceRelay:
             forwarded=forwarded,
         )
         http = protocol == "http"
-        self._steer(sockets)
+        if self._steer(sockets):
+            self._steered[sid] = sockets[0].fileno()
         for engine, sock in zip(self._engines, sockets, strict=True):
             engine.listen(
                 sid,
@@ -370,23 +393,66 @@ class SpliceRelay:
             sock.detach()
         return sid
 
-    def _steer(self, sockets: list[socket.socket]) -> None:
+    def _steer(self, sockets: list[socket.socket]) -> bool:
         """Attach the steering program to the port's reuseport group (sockets in shard order);
-        a kernel that refuses it leaves the hash, said once in the log and in :attr:`steering`."""
-        if self._plan is None or self._steer_refused is not None or len(sockets) < 2:
-            return
+        a kernel that refuses it leaves the hash, said once in the log and in :attr:`steering`.
+        True if the program is on."""
+        if self._plan is None or self._steer_off is not None or len(sockets) < 2:
+            return False
         from flux._splice import steer_by_cpu
 
         pairs = [(cpu, index) for index, cpus in enumerate(self._plan) for cpu in cpus]
         try:
             steer_by_cpu(sockets[0].fileno(), pairs)
         except OSError as error:
-            self._steer_refused = str(error)
-            log.warning(
-                "engine: steering new connections by CPU refused (%s); they are spread by"
-                " the hash of their addresses from now on",
-                error,
-            )
+            self._stop_steering(f"the kernel refused it ({error})")
+            return False
+        return True
+
+    def _watch_spread(self) -> None:
+        """Every window: stop steering if one thread has been taking most new connections."""
+        self._spread_timer = None
+        if self._spread is None or self._loop is None or self._closing:
+            return
+        accepted = [int(engine.stats()["accepted"]) for engine in self._engines]
+        reason = self._spread.observe(accepted)
+        if reason is not None:
+            self._stop_steering(reason)
+            return
+        self._spread_timer = self._loop.call_later(self._spread.window, self._watch_spread)
+
+    def _stop_steering(self, reason: str) -> None:
+        """Give new connections back to the hash for good: take the program off every steered
+        port and let each thread run on any CPU this process may use; said once in the log, in
+        ``steering_stopped`` and in :attr:`steering_off`."""
+        from flux._splice import unsteer
+
+        self._steer_off = reason
+        self._steer_stops += 1
+        self._spread = None
+        if self._spread_timer is not None:
+            self._spread_timer.cancel()
+            self._spread_timer = None
+        failures = []
+        for sid, fd in sorted(self._steered.items()):
+            try:
+                unsteer(fd)
+            except OSError as error:
+                failures.append(f"service {self._services[sid][0] or sid}: {error}")
+        self._steered.clear()
+        for index, engine in enumerate(self._engines):
+            tid = engine.thread_id
+            try:
+                if tid:
+                    os.sched_setaffinity(tid, self._allowed)
+            except OSError as error:
+                failures.append(f"thread {index}: {error}")
+        log.warning(
+            "engine: steering new connections by CPU stopped: %s; from now on they are spread"
+            " by the hash of their addresses over threads free to run on any CPU%s",
+            reason,
+            "" if not failures else " (not undone: " + "; ".join(failures) + ")",
+        )
 
     def serve(
         self,
@@ -432,6 +498,7 @@ class SpliceRelay:
     def unlisten(self, sid: int) -> None:
         """Stop accepting for ``sid`` and close its sockets; its connections carry on."""
         self._accepting.pop(sid, None)
+        self._steered.pop(sid, None)  # the engine closes the socket
         for engine in self._engines:
             engine.unlisten(sid)
 
@@ -519,7 +586,8 @@ class SpliceRelay:
     def engine_counters(self) -> RelayCounters:
         """Every counter in the engine's table (``RELAY_COUNTERS``), summed over the shards:
         the levels ``RELAY_LEVELS`` names apart, every other one an event (so a counter the
-        engine gains is exported as an event without an edit here)."""
+        engine gains is exported as an event without an edit here); and one event of the
+        relay's own, ``steering_stopped`` (steering by CPU given back to the hash)."""
         totals = dict.fromkeys(self._counter_names, 0)
         accepted = []
         for engine in self._engines:
@@ -528,6 +596,7 @@ class SpliceRelay:
                 totals[name] += stats[name]
             accepted.append(stats["accepted"])
         levels = self._level_names
+        totals["steering_stopped"] = self._steer_stops
         return RelayCounters(
             {name: n for name, n in totals.items() if name not in levels},
             {name: n for name, n in totals.items() if name in levels},
@@ -666,6 +735,9 @@ class SpliceRelay:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._spread_timer is not None:
+            self._spread_timer.cancel()
+            self._spread_timer = None
         for engine in self._engines:
             engine.stop()
         self.flush()
