@@ -253,3 +253,34 @@ def test_a_relay_that_does_not_steer_has_nothing_to_stop() -> None:
     relay = SpliceRelay(shards=2, steer=False)
     assert relay.steering is None and relay.steering_off is None
     assert relay.engine_counters().events["steering_stopped"] == 0
+
+
+async def test_a_thread_that_cannot_pin_itself_is_counted_and_named_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU gone between the plan and the thread's start (here: CPU 1023, which this machine
+    has not got): the thread runs unpinned, `pin_failures` counts it, one line names it."""
+    import flux.relay.engine as engine_module
+
+    cpus = _usable()
+    monkeypatch.setattr(engine_module, "cpu_plan", lambda shards: [[cpus[0]], [1023]])
+    caplog.set_level(logging.WARNING, logger="flux.relay")
+    relay = SpliceRelay(shards=2, steer=True, spread=SpreadWatch(2, window=0.05))
+    await relay.start()
+    try:
+        for _ in range(100):  # the first window's check, a few hundredths of a second away
+            if "could not pin" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert relay.engine_counters().events["pin_failures"] == 1
+        expected = (
+            "engine: thread 1 could not pin itself to CPUs 1023 (this process may use CPUs"
+            f" {','.join(map(str, cpus))} now); it runs wherever the scheduler puts it, still"
+            " taking the new connections that arrive on CPUs 1023"
+        )
+        assert caplog.text.count("could not pin") == 1 and expected in caplog.text
+        assert os.sched_getaffinity(relay.engines[0].thread_id) == {cpus[0]}
+        await asyncio.sleep(0.2)  # more windows: said once
+        assert caplog.text.count("could not pin") == 1
+    finally:
+        await relay.close(1.0)

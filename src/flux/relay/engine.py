@@ -165,6 +165,7 @@ class SpliceRelay:
             spread = SpreadWatch(shards)
         self._spread = spread if plan is not None else None
         self._spread_timer: asyncio.TimerHandle | None = None
+        self._pins_checked = False
         self._engine = first
         self._methods: tuple[str, ...] = HTTP_METHODS
         self._counter_names: tuple[str, ...] = RELAY_COUNTERS
@@ -414,12 +415,35 @@ class SpliceRelay:
         self._spread_timer = None
         if self._spread is None or self._loop is None or self._closing:
             return
-        accepted = [int(engine.stats()["accepted"]) for engine in self._engines]
+        stats = [engine.stats() for engine in self._engines]
+        if not self._pins_checked:
+            self._pins_checked = True
+            self._say_pin_failures([int(counted["pin_failures"]) for counted in stats])
+        accepted = [int(counted["accepted"]) for counted in stats]
         reason = self._spread.observe(accepted)
         if reason is not None:
             self._stop_steering(reason)
             return
         self._spread_timer = self._loop.call_later(self._spread.window, self._watch_spread)
+
+    def _say_pin_failures(self, failures: list[int]) -> None:
+        """Once, a window after start: name each thread that could not pin itself (a CPU
+        taken away between the plan and the start); it runs wherever the scheduler puts it,
+        and the connections that arrive on its CPUs still reach it."""
+        if self._plan is None:
+            return
+        for index, count in enumerate(failures):
+            if count:
+                cpus = ",".join(map(str, self._plan[index]))
+                log.warning(
+                    "engine: thread %d could not pin itself to CPUs %s (this process may use"
+                    " CPUs %s now); it runs wherever the scheduler puts it, still taking the"
+                    " new connections that arrive on CPUs %s",
+                    index,
+                    cpus,
+                    ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+                    cpus,
+                )
 
     def _stop_steering(self, reason: str) -> None:
         """Give new connections back to the hash for good: take the program off every steered
