@@ -17,6 +17,13 @@ WORKLOADS = ["bulk1", "bulk4", "keepalive", "close", "close256", "idle", "http-k
              "http-close", "h2", "edge-keepalive", "edge-close", "sni-keepalive",
              "sni-close", "http-keepalive-page"]  # fmt: skip
 H2_MAX_STREAMS = 100  # nghttpd's and HAProxy's concurrent streams per connection
+# --pair: the tcp service's workloads, and the subjects that serve them.
+PAIR_WORKLOADS = ["close", "close256", "keepalive", "bulk1", "bulk4"]
+PAIR_SUBJECTS = [
+    s for s in SUBJECTS
+    if s not in ("fluxd-http", "fluxd-http-base")
+    and not s.startswith(("haproxy-http", "haproxy-h2", "haproxy-edge", "haproxy-sni", "nginx-"))
+]  # fmt: skip
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -125,6 +132,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         metavar="DIR",
         help="where to write the results (default benchmarks/results)",
     )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        choices=PAIR_SUBJECTS,
+        default=None,
+        metavar=("A", "B"),
+        help="paired runs instead of the full suite: only A and B, both up at once, short runs "
+        "alternating; per workload the median of the ratios A ÷ B and its interquartile range, "
+        "in paired.md (--repeat pairs, default 8; 3-second loads; workloads "
+        f"{' '.join(PAIR_WORKLOADS)}, default all but bulk4; subjects {' '.join(PAIR_SUBJECTS)})",
+    )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib)")
     parser.add_argument(
         "--report-only",
@@ -132,6 +150,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="rebuild latest.md and latest.png from latest.raw, measuring nothing",
     )
     args = parser.parse_args(argv)
+    if args.pair is not None:
+        a, b = args.pair
+        if a == b:
+            parser.error(f"--pair needs two different subjects, got {a} twice")
+        if args.workloads is WORKLOADS:
+            args.workloads = [w for w in PAIR_WORKLOADS if w != "bulk4"]
+        other = [w for w in args.workloads if w not in PAIR_WORKLOADS]
+        if other:
+            parser.error(f"--pair measures {' '.join(PAIR_WORKLOADS)}, not {' '.join(other)}")
     for name in ("repeat", "connections", "threads", "idle", "h2_connections", "h2_streams"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             flag = name.replace("_", "-")
@@ -151,14 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports (flux, matplotlib) only once the arguments are known good.
     from benchmarks.suite import RESULTS, Settings, command_line, report_only, run
 
-    quick = args.quick
-    subjects = args.subjects or [
+    quick = args.quick or args.pair is not None
+    subjects = args.pair or args.subjects or [
         s for s in SUBJECTS if args.baseline is not None or s not in BASELINE_SUBJECTS
     ]
     if args.baseline is None and set(subjects) & set(BASELINE_SUBJECTS):
         raise SystemExit("benchmarks: the *-base subjects need --baseline DIR")
     settings = Settings(
-        repeat=args.repeat or (1 if quick else 3),
+        repeat=args.repeat or (8 if args.pair else 1 if quick else 3),
         bulk_seconds=args.bulk_seconds or (3.0 if quick else 6.0),
         wrk_seconds=args.wrk_seconds or (3.0 if quick else 6.0),
         h2_seconds=args.h2_seconds or (3.0 if quick else 6.0),
@@ -176,6 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.report_only:
         return report_only(settings)
+    if args.pair is not None:
+        from benchmarks.paired import run_pairs
+
+        settings.chart = False
+        return run_pairs(settings, *args.pair)
     return run(settings)
 
 

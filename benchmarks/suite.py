@@ -470,14 +470,19 @@ def write_report(
     return markdown
 
 
+def sysctls_on() -> contextlib.AbstractContextManager[dict[str, str]]:
+    """The kernel settings a run needs (``_SYSCTLS_IF_OFF``), set while it runs where off."""
+    changes = {k: v for k, v in _SYSCTLS_IF_OFF.items()
+               if Path("/proc/sys", *k.split(".")).read_text().strip() == "0"}  # fmt: skip
+    return sysctls(changes)
+
+
 def run(settings: Settings) -> int:
     """The whole suite; exit status 0 when every run produced a figure."""
     check_tools(settings)
     machine = describe_machine()
-    changes = {k: v for k, v in _SYSCTLS_IF_OFF.items()
-               if Path("/proc/sys", *k.split(".")).read_text().strip() == "0"}  # fmt: skip
     began = time.monotonic()
-    with sysctls(changes) as changed, tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
+    with sysctls_on() as changed, tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
         notes = [f"kernel setting for the run: {k} {v}" for k, v in changed.items()]
         import uvloop
 
