@@ -219,7 +219,7 @@ async def test_when_one_thread_takes_most_new_connections_steering_stops_for_goo
     unpins the threads: the same clients are then spread by the hash, on any port."""
     cpus = _usable()
     caplog.set_level(logging.WARNING, logger="flux.relay")
-    watch = SpreadWatch(2, window=0.2, min_connections=20, windows=2)
+    watch = SpreadWatch(2, window=0.2, min_connections=20, min_busy=1000.0, windows=2)
     relay = SpliceRelay(shards=2, steer=True, spread=watch)
     plan = relay.steering
     assert plan is not None and relay.steering_off is None
@@ -284,3 +284,65 @@ async def test_a_thread_that_cannot_pin_itself_is_counted_and_named_once(
         assert caplog.text.count("could not pin") == 1
     finally:
         await relay.close(1.0)
+
+
+async def test_when_one_thread_does_most_of_the_work_steering_stops_for_good(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One long connection carrying most of the bytes (a bulk stream): its thread is busy while
+    the other idles, and pinned it cannot move off its CPU.  The watch sees the threads' CPU
+    time and gives the connections back to the hash, the threads unpinned."""
+    cpus = _usable()
+    caplog.set_level(logging.WARNING, logger="flux.relay")
+    watch = SpreadWatch(2, window=0.2, min_connections=10**9, min_busy=0.05, windows=2)
+    relay = SpliceRelay(shards=2, steer=True, spread=watch)
+    plan = relay.steering
+    assert plan is not None
+    owner = next(index for index, shard in enumerate(plan) if cpus[0] in shard)
+    sink = socket.create_server((LOCAL, 0))
+    stop = threading.Event()
+    received = [0]
+
+    def drain() -> None:
+        conn, _ = sink.accept()
+        with conn:
+            while chunk := conn.recv(1 << 20):
+                received[0] += len(chunk)
+
+    def pump(port: int) -> None:
+        os.sched_setaffinity(0, {cpus[0]})  # this thread only: its SYN arrives on cpus[0]
+        chunk = b"x" * (1 << 20)
+        with socket.create_connection((LOCAL, port), timeout=10) as client:
+            for _ in range(20_000):  # at most about 20 GB, and at most as long as the test waits
+                if stop.is_set():
+                    return
+                client.sendall(chunk)
+
+    loop = asyncio.get_running_loop()
+    pool = Pool(now=loop.time, rng=random.Random(3))
+    pool.update({"i0": f"{LOCAL}:{sink.getsockname()[1]}"})
+    threading.Thread(target=drain, daemon=True).start()
+    await relay.start()
+    listener = Listener("bulk", "tcp", LOCAL, pool, relay, connect_timeout=5.0,
+                        budget=ConnectionBudget())  # fmt: skip
+    port = listener.open()
+    pumping = threading.Thread(target=pump, args=(port,), daemon=True)
+    pumping.start()
+    try:
+        deadline = loop.time() + 15.0
+        while relay.steering is not None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        reason = relay.steering_off
+        assert reason is not None and reason.startswith(f"engine thread {owner} did"), reason
+        assert "% of the engine's work in the last 0.4 s (" in reason, reason
+        assert relay.engine_counters().events["steering_stopped"] == 1
+        assert f"engine: steering new connections by CPU stopped: {reason};" in caplog.text
+        for engine in relay.engines:
+            assert os.sched_getaffinity(engine.thread_id) == set(cpus)
+        assert relay.engine_counters().shard_accepted[owner] == 1
+    finally:
+        stop.set()
+        pumping.join(10)
+        listener.close()
+        await relay.close(1.0)
+        sink.close()

@@ -1,6 +1,7 @@
 """SpreadWatch, the pure part of fluxd's guard on steering by CPU: when one engine thread takes
-far more than its share of new connections for several windows running, steering stops.  (The
-relay's side, on real sockets and threads, is in test_engine_steer.)"""
+far more than its share of new connections, or does far more than its share of the work, for
+several windows running, steering stops.  (The relay's side, on real sockets and threads, is in
+test_engine_steer.)"""
 
 from __future__ import annotations
 
@@ -67,5 +68,44 @@ def test_the_limit_is_a_multiple_of_an_even_share() -> None:
 def test_it_refuses_a_single_thread_and_a_count_of_the_wrong_length() -> None:
     with pytest.raises(ValueError, match="2 or more threads, got 1"):
         SpreadWatch(1)
-    with pytest.raises(ValueError, match="need 2 counts, got 3"):
+    with pytest.raises(ValueError, match="need 2 figures, got 3"):
         SpreadWatch(2).observe([1, 2, 3])
+    with pytest.raises(ValueError, match="need 2 figures, got 1"):
+        SpreadWatch(2).observe([1, 2], [0.5])
+
+
+def _feed_busy(watch: SpreadWatch, windows: list[list[float]]) -> list[str | None]:
+    """Feed per-window CPU seconds per thread (and no new connections at all)."""
+    total = [0.0] * watch.shards
+    said = [watch.observe([0] * watch.shards, total)]
+    for window in windows:
+        total = [t + n for t, n in zip(total, window, strict=True)]
+        said.append(watch.observe([0] * watch.shards, total))
+    return said
+
+
+def test_one_thread_doing_most_of_the_work_stops_it_too() -> None:
+    # One bulk stream: thread 1 busy a third of a core, thread 0 idle, three windows running.
+    watch = SpreadWatch(2)
+    said = _feed_busy(watch, [[0.01, 1.65], [0.02, 1.70], [0.0, 1.60]])
+    assert said[:3] == [None, None, None]
+    assert said[3] == (
+        "engine thread 1 did 99% of the engine's work in the last 15 s (4.9 of 5.0 CPU"
+        " seconds; an even share is 50%)"
+    )
+
+
+def test_work_spread_evenly_or_too_little_of_it_says_nothing() -> None:
+    watch = SpreadWatch(2)
+    assert _feed_busy(watch, [[1.0, 1.1], [2.0, 1.7], [0.6, 0.5]] * 3) == [None] * 10
+    # Less than a quarter of a core in all (1.25 CPU seconds in 5 s): one thread copes.
+    assert _feed_busy(SpreadWatch(2), [[1.2, 0.0]] * 5) == [None] * 6
+
+
+def test_either_measure_may_stop_it_whichever_runs_long_enough_first() -> None:
+    watch = SpreadWatch(2, windows=2)
+    # Connections lopsided only in the first window, work in both: the work says why.
+    assert watch.observe([0, 0], [0.0, 0.0]) is None
+    assert watch.observe([2000, 0], [2.0, 0.1]) is None
+    said = watch.observe([3000, 1000], [4.0, 0.2])
+    assert said is not None and said.startswith("engine thread 0 did 95% of the engine's work")

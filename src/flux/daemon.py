@@ -212,7 +212,7 @@ def _log_steering(relay: Relay, settings: Settings) -> None:
         log.info(
             "engine: %d threads pinned to CPUs %s; each takes the new connections that arrive"
             " on its CPUs (-engine-steer cpu; given back to the hash if one thread takes most"
-            " of them)",
+            " of them or does most of the work)",
             len(plan),
             cpus,
         )

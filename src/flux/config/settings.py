@@ -217,7 +217,8 @@ OPTIONS: tuple[Option, ...] = (
            " pinned to CPUs of its own and takes the connections that arrive on them, steered"
            " by a BPF program on each port's SO_REUSEPORT group; with 2 or more threads and at"
            " most one per CPU, else fluxd says so at start and keeps the hash; fluxd goes back"
-           " to the hash for good if one thread takes most new connections for 15 s) or"
+           " to the hash for good if one thread takes most new connections, or does most of the"
+           " work, for 15 s) or"
            " \"hash\" (by the kernel's hash of their addresses, threads not pinned)"),
     Option("publish_ip",           "publish-ip",           "FLUX_PUBLISH_IP",           "string",
            parse_publish_ip,

@@ -109,7 +109,8 @@ class SpliceRelay:
     and send each new connection to the shard owning the CPU it arrived on (``_relay_steer.pxi``)
     instead of by the hash of its addresses; it applies when there are at least two shards
     and no more than the CPUs this process may run on (:attr:`steering` says whether it does).
-    ``spread``: what decides that steering does harm (one thread taking most new connections),
+    ``spread``: what decides that steering does harm (one thread taking most new connections or
+    doing most of the work),
     whereupon the relay gives them back to the hash for good (:mod:`flux.relay.spread`).
     """
 
@@ -411,7 +412,8 @@ class SpliceRelay:
         return True
 
     def _watch_spread(self) -> None:
-        """Every window: stop steering if one thread has been taking most new connections."""
+        """Every window: stop steering if one thread has been taking most new connections, or
+        doing most of the work (:mod:`flux.relay.spread`)."""
         self._spread_timer = None
         if self._spread is None or self._loop is None or self._closing:
             return
@@ -420,7 +422,9 @@ class SpliceRelay:
             self._pins_checked = True
             self._say_pin_failures([int(counted["pin_failures"]) for counted in stats])
         accepted = [int(counted["accepted"]) for counted in stats]
-        reason = self._spread.observe(accepted)
+        used = [_thread_cpu(engine.thread_id) for engine in self._engines]
+        busy = None if None in used else [float(seconds or 0.0) for seconds in used]
+        reason = self._spread.observe(accepted, busy)
         if reason is not None:
             self._stop_steering(reason)
             return
@@ -782,6 +786,24 @@ class SpliceRelay:
         await wait_bounded(list(self._pending.values()), timeout)
         while (self._handlers or self.held) and self._loop.time() < deadline:
             await asyncio.sleep(0.02)
+
+
+def _thread_cpu(tid: int) -> float | None:
+    """The CPU seconds thread ``tid`` of this process has used so far (None if unknown): the
+    scheduler's nanoseconds where it keeps them, else the tick counts of its stat line."""
+    if tid <= 0:
+        return None
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as schedstat:
+            return int(schedstat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @functools.lru_cache(maxsize=4096)
