@@ -20,6 +20,17 @@ def _feed(watch: SpreadWatch, windows: list[list[int]]) -> list[str | None]:
     return said
 
 
+def _feed_busy(watch: SpreadWatch, windows: list[list[float]]) -> list[str | None]:
+    """The same with per-window CPU seconds per thread, and no new connections at all."""
+    idle = [0] * watch.shards
+    busy = [0.0] * watch.shards
+    said = [watch.observe(idle, busy)]
+    for window in windows:
+        busy = [t + n for t, n in zip(busy, window, strict=True)]
+        said.append(watch.observe(idle, busy))
+    return said
+
+
 def test_an_even_spread_never_stops_steering() -> None:
     watch = SpreadWatch(2)
     assert _feed(watch, [[5000, 5100], [4800, 5300], [7400, 2600]] * 5) == [None] * 16
@@ -72,16 +83,6 @@ def test_it_refuses_a_single_thread_and_a_count_of_the_wrong_length() -> None:
         SpreadWatch(2).observe([1, 2, 3])
     with pytest.raises(ValueError, match="need 2 figures, got 1"):
         SpreadWatch(2).observe([1, 2], [0.5])
-
-
-def _feed_busy(watch: SpreadWatch, windows: list[list[float]]) -> list[str | None]:
-    """Feed per-window CPU seconds per thread (and no new connections at all)."""
-    total = [0.0] * watch.shards
-    said = [watch.observe([0] * watch.shards, total)]
-    for window in windows:
-        total = [t + n for t, n in zip(total, window, strict=True)]
-        said.append(watch.observe([0] * watch.shards, total))
-    return said
 
 
 def test_one_thread_doing_most_of_the_work_stops_it_too() -> None:
