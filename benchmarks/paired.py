@@ -11,6 +11,7 @@ the results directory; the full run's ``latest.*`` are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import statistics
@@ -24,15 +25,7 @@ from typing import Any
 
 from benchmarks import report, workloads
 from benchmarks.subjects import SUBJECTS, start_backends, start_subject
-from benchmarks.suite import (
-    Settings,
-    _brief,
-    _measure,
-    _progress,
-    _wait_quiet,
-    check_tools,
-    sysctls_on,
-)
+from benchmarks.suite import Settings, _progress, check_tools, run_once, sysctls_on
 
 # The figures compared, per workload: (values key, label, higher is better).
 _FIGURES = {
@@ -144,24 +137,15 @@ async def measure_pairs(
         for pair in range(settings.repeat):
             for workload in settings.workloads:
                 for name in (a, b) if pair % 2 == 0 else (b, a):
-                    started = time.monotonic()
-                    await _wait_quiet()
-                    try:
-                        values = await _measure(
-                            workload, running[name], backends, settings, workdir
+                    values = await run_once(
+                        workload, running[name], backends, settings, workdir, notes,
+                        f"pair {pair + 1}", f"pair {pair + 1}/{settings.repeat}",
+                    )  # fmt: skip
+                    if values is not None:
+                        samples.append(
+                            {"subject": name, "workload": workload, "pair": pair, "values": values}
                         )
-                    except workloads.RunError as exc:
-                        note = f"{workload} through {name} (pair {pair + 1}) failed: {exc}"
-                        _progress(note)
-                        notes.append(note)
-                        continue
-                    samples.append(
-                        {"subject": name, "workload": workload, "pair": pair, "values": values}
-                    )
-                    _progress(
-                        f"[pair {pair + 1}/{settings.repeat}] {workload:9} {name:15} "
-                        f"{_brief(workload, values)}  ({time.monotonic() - started:.1f} s)"
-                    )
+                    await asyncio.sleep(0.5)  # let the last connections close
     return samples, notes
 
 

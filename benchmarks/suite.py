@@ -372,6 +372,39 @@ def engine_threads_line(reported: dict[str, int | None]) -> str:
     return "; ".join(parts)
 
 
+async def run_once(
+    workload: str,
+    subject: Subject,
+    backends: Backends,
+    settings: Settings,
+    workdir: Path,
+    notes: list[str],
+    which: str,
+    step: str,
+) -> dict[str, Any] | None:
+    """One run of ``workload`` through ``subject`` once the machine is quiet, with the engine's
+    counters and a progress line; a run that fails is a note (``which`` names it) and None."""
+    started = time.monotonic()
+    if workload == "idle" and subject.restart is not None:
+        await subject.restart()  # memory pooled by earlier runs would hide growth
+    quiet = await _wait_quiet()
+    counters = Counters()
+    try:
+        values = await _measure(workload, subject, backends, settings, workdir)
+    except workloads.RunError as exc:
+        note = f"{workload} through {subject.name} ({which}) failed: {exc}"
+        _progress(note)
+        notes.append(note)
+        return None
+    values.update(counters.read())
+    values["other_cores_before"] = quiet
+    _progress(
+        f"[{step}] {workload:9} {subject.name:15} "
+        f"{_brief(workload, values)}  ({time.monotonic() - started:.1f} s)"
+    )
+    return values
+
+
 async def measure_all(settings: Settings, workdir: Path) -> Measured:
     """Start everything, run every workload ``repeat`` times; the samples and any notes."""
     samples: list[dict[str, Any]] = []
@@ -417,28 +450,15 @@ async def measure_all(settings: Settings, workdir: Path) -> Measured:
                     if s in running and _has_front(running[s], workload)
                 ]
                 for name in _rotated(names, repeat):
-                    subject = running[name]
-                    started = time.monotonic()
-                    if workload == "idle" and subject.restart is not None:
-                        await subject.restart()  # memory pooled by earlier runs would hide growth
-                    quiet = await _wait_quiet()
-                    counters = Counters()
-                    try:
-                        values = await _measure(workload, subject, backends, settings, workdir)
-                        values.update(counters.read())
-                        values["other_cores_before"] = quiet
-                    except workloads.RunError as exc:
-                        note = f"{workload} through {name} (repeat {repeat + 1}) failed: {exc}"
-                        _progress(note)
-                        notes.append(note)
-                        continue
-                    samples.append(
-                        {"subject": name, "workload": workload, "repeat": repeat, "values": values}
-                    )
-                    _progress(
-                        f"[{repeat + 1}/{settings.repeat}] {workload:9} {name:15} "
-                        f"{_brief(workload, values)}  ({time.monotonic() - started:.1f} s)"
-                    )
+                    values = await run_once(
+                        workload, running[name], backends, settings, workdir, notes,
+                        f"repeat {repeat + 1}", f"{repeat + 1}/{settings.repeat}",
+                    )  # fmt: skip
+                    if values is not None:
+                        samples.append(
+                            {"subject": name, "workload": workload, "repeat": repeat,
+                             "values": values}
+                        )  # fmt: skip
                     await asyncio.sleep(0.5)  # let the last connections close
     threads = {
         name: subject.engine_threads
