@@ -159,7 +159,6 @@ class SpliceRelay:
         # it), and what it needs to be taken back: each steered port's first socket (by
         # service id; the engine owns them until unlisten) and the CPUs to unpin threads to.
         self._steer_off: str | None = None
-        self._steer_stops = 0
         self._steered: dict[int, int] = {}
         self._allowed: set[int] = set(os.sched_getaffinity(0)) if plan is not None else set()
         if plan is not None and spread is None:
@@ -423,7 +422,8 @@ class SpliceRelay:
             self._say_pin_failures([int(counted["pin_failures"]) for counted in stats])
         accepted = [int(counted["accepted"]) for counted in stats]
         used = [_thread_cpu(engine.thread_id) for engine in self._engines]
-        busy = None if None in used else [float(seconds or 0.0) for seconds in used]
+        known = [seconds for seconds in used if seconds is not None]
+        busy = known if len(known) == len(used) else None
         reason = self._spread.observe(accepted, busy)
         if reason is not None:
             self._stop_steering(reason)
@@ -456,7 +456,6 @@ class SpliceRelay:
         from flux._splice import unsteer
 
         self._steer_off = reason
-        self._steer_stops += 1
         self._spread = None
         if self._spread_timer is not None:
             self._spread_timer.cancel()
@@ -624,7 +623,7 @@ class SpliceRelay:
                 totals[name] += stats[name]
             accepted.append(stats["accepted"])
         levels = self._level_names
-        totals["steering_stopped"] = self._steer_stops
+        totals["steering_stopped"] = int(self._steer_off is not None)
         return RelayCounters(
             {name: n for name, n in totals.items() if name not in levels},
             {name: n for name, n in totals.items() if name in levels},
